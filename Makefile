@@ -1,0 +1,45 @@
+# The README's two commands: `make demo` and `make test`. Both work on a fresh clone: they create
+# .venv, install the pinned CPU build of torch FIRST (an unpinned torch would pull a CUDA build of
+# several GB), then the project. pip's default upgrade strategy (only-if-needed) keeps that torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+
+.PHONY: demo test lint typecheck unit clean
+
+demo: $(VENV)/.installed-examples
+	$(BIN)/python examples/digits/demo.py
+
+test: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+unit: $(VENV)/.installed-dev
+	$(BIN)/pytest
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_SPEC)
+
+$(VENV)/.installed-examples: $(BIN)/python pyproject.toml
+	$(PIP) install -e '.[examples]'
+	touch $@
+
+$(VENV)/.installed-dev: $(BIN)/python pyproject.toml
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis results
