@@ -1,0 +1,871 @@
+"""``Brain``: the training loop, driven by ``compute_forward`` and ``compute_objectives``.
+
+The loop itself is kept thin: numerics live in ``_numerics``, data loaders in ``_data``, the
+phase logic in ``_phases``, options in ``_options``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, ExitStack
+from typing import Any, Final, Generic, cast, overload
+
+import attrs
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import TypeVar, Unpack
+
+from typedbrain._data import (
+    DataSource,
+    LoaderKwargs,
+    loader_length,
+    make_dataloader,
+    set_loader_epoch,
+)
+from typedbrain._distributed import default_device, if_main_process, is_distributed
+from typedbrain._errors import (
+    ConfigurationError,
+    HookContractError,
+    NonFiniteLossError,
+    ReentrantCallError,
+)
+from typedbrain._hparams import Hparams, hparams_items
+from typedbrain._numerics import (
+    autocast,
+    clip_grad_norm,
+    grad_scaler_for,
+    gradient_norm,
+    optimized_parameters,
+    scale_gradients,
+    vector_weight_decay_groups,
+)
+from typedbrain._options import RunOptionAttributes, RunOptions, RunOptionsDict
+from typedbrain._phases import Phase, PhaseMachine, PhaseObserver, Stage
+from typedbrain._progress import StageProgress
+from typedbrain._protocols import CheckpointerLike, OptimizerFactory
+from typedbrain._state import TrainingProgress, converter, structure_state
+
+__all__ = ["BatchT", "Brain", "HparamsT", "PredT"]
+
+logger = logging.getLogger(__name__)
+
+BatchT = TypeVar("BatchT")
+"""The type of one batch, as the data loader yields it."""
+PredT = TypeVar("PredT")
+"""The type ``compute_forward`` returns and ``compute_objectives`` receives."""
+HparamsT = TypeVar("HparamsT", default=Hparams)
+"""The type of ``brain.hparams``: an attrs class of yours, or :class:`Hparams` for a mapping."""
+
+_NO_CONTEXT: Final = contextlib.nullcontext()
+
+
+class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
+    """A training loop you specialise by overriding hooks, as with SpeechBrain's ``Brain``.
+
+    Override :meth:`compute_forward` and :meth:`compute_objectives`; call :meth:`fit` to train
+    and :meth:`evaluate` to test. The type parameters make the hooks typed: ``BatchT`` is what
+    the data loader yields, ``PredT`` what ``compute_forward`` returns, ``HparamsT`` the type of
+    ``self.hparams`` (an attrs class of yours, or :class:`Hparams` when you pass a mapping)::
+
+        class Regressor(Brain[Batch, Tensor, MyHparams]):
+            def compute_forward(self, batch: Batch, stage: Stage) -> Tensor:
+                return self.hparams.model(batch.inputs)
+
+            def compute_objectives(self, predictions: Tensor, batch: Batch, stage: Stage) -> Tensor:
+                return F.mse_loss(predictions, batch.targets)
+
+    Args:
+        modules: the trainable modules by name; they become ``self.modules``, a
+            ``torch.nn.ModuleDict`` moved to ``self.device``.
+        opt_class: builds the optimizer from the modules' parameters in :meth:`init_optimizers`.
+        hparams: hyperparameters, as ``self.hparams``. A mapping is wrapped in
+            :class:`Hparams` (``hp.lr`` and ``hp["lr"]`` both work); any other object (an attrs
+            instance, typically) is kept as it is. Keys named like a run option set it.
+        run_opts: run options (see :class:`RunOptions`); they override the ones in ``hparams``.
+        checkpointer: where to register recoverables and recover from in ``on_fit_start`` and
+            ``on_evaluate_start``.
+
+    Attributes:
+        modules: the modules, as a ``ModuleDict``.
+        hparams: the hyperparameters.
+        run_opts: the run options in force; each is also an attribute (``self.debug``...).
+        optimizers_dict: every optimizer by name; ``optimizers_step`` steps them.
+        scaler: the fp16 grad scaler, or ``None``.
+        step: batches run so far in the current stage.
+        optimizer_step: optimizer steps taken so far.
+        avg_train_loss: mean of this epoch's finite training losses so far.
+        nonfinite_count: non-finite training losses in this epoch.
+        train_sampler: the training loader's sampler, once ``fit`` has made it.
+        profiler: the ``torch.profiler`` profile of the last training stage, when
+            ``profile_training`` is set.
+    """
+
+    @overload
+    def __init__(
+        self: Brain[BatchT, PredT, Hparams],
+        modules: Mapping[str, torch.nn.Module] | None = None,
+        opt_class: OptimizerFactory | None = None,
+        hparams: Mapping[str, object] | None = None,
+        run_opts: RunOptionsDict | None = None,
+        checkpointer: CheckpointerLike | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        modules: Mapping[str, torch.nn.Module] | None = None,
+        opt_class: OptimizerFactory | None = None,
+        *,
+        hparams: HparamsT,
+        run_opts: RunOptionsDict | None = None,
+        checkpointer: CheckpointerLike | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        modules: Mapping[str, torch.nn.Module] | None,
+        opt_class: OptimizerFactory | None,
+        hparams: HparamsT,
+        run_opts: RunOptionsDict | None = None,
+        checkpointer: CheckpointerLike | None = None,
+    ) -> None: ...
+    def __init__(
+        self,
+        modules: Mapping[str, torch.nn.Module] | None = None,
+        opt_class: OptimizerFactory | None = None,
+        hparams: HparamsT | Mapping[str, object] | None = None,
+        run_opts: RunOptionsDict | None = None,
+        checkpointer: CheckpointerLike | None = None,
+    ) -> None:
+        wrapped = Hparams(hparams) if hparams is None or isinstance(hparams, Mapping) else hparams
+        self.hparams = cast(HparamsT, wrapped)
+        options = RunOptions.from_sources(
+            hparams_items(hparams), cast(Mapping[str, object] | None, run_opts)
+        )
+        if options.device is None:
+            options = attrs.evolve(options, device=default_device())
+        self.run_opts = options
+        self._device = torch.device(self.device)
+        self.modules = torch.nn.ModuleDict(dict(modules or {})).to(self._device)
+        self.opt_class = opt_class
+        self.checkpointer = checkpointer
+        self.optimizers_dict: dict[str, torch.optim.Optimizer] = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+        self.scaler = grad_scaler_for(self._device, options.precision)
+        self.step = 0
+        self.optimizer_step = 0
+        self.avg_train_loss = 0.0
+        self.nonfinite_count = 0
+        self.train_sampler: object | None = None
+        self.profiler: torch.profiler.profile | None = None
+        self._machine = PhaseMachine()
+        self._epoch: int | None = None
+        self._averaged = 0  # losses in the current stage's running average
+        self._skipped = 0  # non-finite losses left out of it
+        self._window = 0  # finite backward passes since the last optimizer step
+        self._stage_batches: int | None = None  # batches the current stage will run, if known
+        self._compiled: set[str] = set()
+        self._ddp_modules: list[torch.nn.parallel.DistributedDataParallel] = []
+        self._wrapped = False
+        if checkpointer is not None:
+            checkpointer.add_recoverable("brain", _BrainProgress(self))
+            if self.scaler is not None:
+                checkpointer.add_recoverable("scaler", self.scaler)
+
+    # ----------------------------------------------------------------------------------------
+    # Observable state
+
+    @property
+    def device(self) -> str:
+        """The device the modules live on, e.g. ``"cpu"`` or ``"cuda:0"``."""
+        return cast(str, self.run_opts.device)
+
+    @property
+    def phase(self) -> Phase:
+        """What the brain is doing now; see :class:`Phase` and ``TRANSITIONS``."""
+        return self._machine.phase
+
+    def add_phase_observer(self, observer: PhaseObserver) -> None:
+        """Have ``observer.on_phase_change(old, new)`` called after every phase change."""
+        self._machine.subscribe(observer)
+
+    def remove_phase_observer(self, observer: PhaseObserver) -> None:
+        """Stop notifying ``observer``; raises ``ValueError`` if it was not added."""
+        self._machine.unsubscribe(observer)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer built from ``opt_class`` by :meth:`init_optimizers`.
+
+        Raises:
+            ConfigurationError: there is none yet (no ``opt_class``, or ``fit`` has not
+                started); an override of ``init_optimizers`` may assign one.
+        """
+        if self._optimizer is None:
+            raise ConfigurationError(
+                "this brain has no optimizer: pass opt_class to Brain() (it is built when fit() "
+                "starts), or assign self.optimizer in an init_optimizers() override"
+            )
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+
+    # ----------------------------------------------------------------------------------------
+    # Hooks to override
+
+    def compute_forward(self, batch: BatchT, stage: Stage) -> PredT:
+        """Compute the predictions for one batch. Override this.
+
+        Runs under autocast when ``precision`` (training) or ``eval_precision`` (validation,
+        test) asks for it, and under ``torch.no_grad`` outside training.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must override compute_forward()")
+
+    def compute_objectives(self, predictions: PredT, batch: BatchT, stage: Stage) -> Tensor:
+        """Compute the loss (a scalar tensor) from the predictions. Override this."""
+        raise NotImplementedError(f"{type(self).__name__} must override compute_objectives()")
+
+    def on_stage_start(self, stage: Stage, epoch: int | None = None) -> None:
+        """Called when a stage starts; ``epoch`` is ``None`` for the test stage."""
+
+    def on_stage_end(self, stage: Stage, stage_loss: float, epoch: int | None = None) -> None:
+        """Called when a stage ends with its mean loss: log, schedule, checkpoint here."""
+
+    def on_fit_start(self) -> None:
+        """Prepare for training: compile, wrap for distribution, build optimizers, recover.
+
+        Override to add set-up, calling ``super().on_fit_start()`` first.
+        """
+        self._compile_jit()
+        self._wrap_distributed()
+        self.init_optimizers()
+        if self.checkpointer is not None:
+            self.checkpointer.recover_if_possible(device=self._device)
+
+    def init_optimizers(self) -> None:
+        """Build ``self.optimizer`` from ``opt_class`` and register it with the checkpointer.
+
+        Override to build several optimizers: put each in ``self.optimizers_dict`` (and
+        register them with the checkpointer) so ``optimizers_step`` steps them all.
+        """
+        if self.opt_class is None:
+            return
+        if self.remove_vector_weight_decay:
+            self.optimizer = self.opt_class(vector_weight_decay_groups(self.modules))
+        else:
+            self.optimizer = self.opt_class(self.modules.parameters())
+        self.optimizers_dict = {"opt_class": self.optimizer}
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("optimizer", self.optimizer)
+
+    def on_evaluate_start(self, max_key: str | None = None, min_key: str | None = None) -> None:
+        """Before testing: recover the best checkpoint by ``max_key`` / ``min_key`` if any."""
+        if self.checkpointer is not None:
+            self.checkpointer.recover_if_possible(
+                max_key=max_key, min_key=min_key, device=self._device
+            )
+
+    def make_dataloader(
+        self,
+        dataset: DataSource,
+        stage: Stage,
+        ckpt_prefix: str | None = "dataloader-",
+        **loader_kwargs: Unpack[LoaderKwargs],
+    ) -> DataLoader[object]:
+        """Turn a dataset into the data loader a stage iterates over.
+
+        Args:
+            dataset: a torch ``Dataset`` or any sequence of examples; a ``DataLoader`` is
+                returned as it is.
+            stage: the stage the loader is for.
+            ckpt_prefix: the loader's recoverable name prefix (checkpointed loaders come with
+                resumable sampling).
+            loader_kwargs: ``DataLoader`` options (``batch_size``, ``shuffle``...).
+        """
+        del ckpt_prefix  # resumable loaders are registered here once they exist
+        loader = (
+            dataset
+            if isinstance(dataset, DataLoader)
+            else make_dataloader(dataset, **loader_kwargs)
+        )
+        if stage is Stage.TRAIN:
+            self.train_sampler = loader.batch_sampler or loader.sampler
+        return loader
+
+    def on_fit_batch_start(self, batch: BatchT, should_step: bool) -> None:
+        """Called before each training batch; ``should_step`` says whether it ends a step."""
+
+    def on_fit_batch_end(
+        self, batch: BatchT, outputs: PredT, loss: Tensor, should_step: bool
+    ) -> None:
+        """Called after each training batch with its predictions and loss."""
+
+    def fit_batch(self, batch: BatchT) -> Tensor:
+        """Train on one batch; returns its loss, detached, on the CPU.
+
+        Accumulates gradients over ``grad_accumulation_factor`` batches (each loss divided by
+        the factor, DDP gradient sync skipped until the last one) and steps the optimizers on
+        the last one, or on the last batch of the epoch. A non-finite loss skips its backward
+        pass. A step applies the mean gradient of the finite batches it covers.
+        """
+        should_step = self._should_step()
+        self.on_fit_batch_start(batch, should_step)
+        with self.no_sync(not should_step):
+            with autocast(self._device, self.precision):
+                outputs = self.compute_forward(batch, Stage.TRAIN)
+                loss = self.compute_objectives(outputs, batch, Stage.TRAIN)
+            if self.check_loss_isfinite(loss):
+                self._backward(loss)
+        if should_step:
+            self._close_window()
+        self.on_fit_batch_end(batch, outputs, loss, should_step)
+        return loss.detach().cpu()
+
+    def check_loss_isfinite(self, loss: Tensor) -> bool:
+        """Whether ``loss`` is finite; counts a non-finite one against ``nonfinite_patience``.
+
+        Raises:
+            NonFiniteLossError: this epoch has now seen more than ``nonfinite_patience``
+                non-finite losses.
+            HookContractError: ``loss`` is not a one-element tensor.
+        """
+        if math.isfinite(_loss_value(loss)):
+            return True
+        self.nonfinite_count += 1
+        if self.nonfinite_count > self.nonfinite_patience:
+            raise NonFiniteLossError(
+                epoch=self._epoch,
+                step=self.step,
+                count=self.nonfinite_count,
+                patience=self.nonfinite_patience,
+            )
+        logger.warning(
+            "non-finite loss at epoch %s, step %d: its backward pass and optimizer step are "
+            "skipped (%d of %d tolerated this epoch)",
+            self._epoch,
+            self.step,
+            self.nonfinite_count,
+            self.nonfinite_patience,
+        )
+        return False
+
+    def check_gradients(self, loss: Tensor | None = None) -> bool:
+        """Check and clip the gradients before a step; ``False`` means: do not step.
+
+        Clips the total gradient norm over every parameter of every optimizer's groups to
+        ``max_grad_norm`` (unless it is 0 or less). With ``skip_nonfinite_grads``, non-finite
+        gradients are dropped and ``False`` returned.
+
+        Args:
+            loss: when given (the style of older recipes), it is checked first with
+                :meth:`check_loss_isfinite`.
+        """
+        if loss is not None and not self.check_loss_isfinite(loss):
+            return False
+        parameters = self._gradient_parameters()
+        if not parameters:
+            return True
+        max_norm = self.max_grad_norm
+        if max_norm > 0:
+            norm = clip_grad_norm(parameters, max_norm)
+        elif self.skip_nonfinite_grads:
+            norm = gradient_norm(parameters)
+        else:
+            return True
+        if self.skip_nonfinite_grads and not math.isfinite(norm.item()):
+            for parameter in parameters:
+                parameter.grad = None
+            logger.warning(
+                "non-finite gradients at epoch %s, step %d: optimizer step skipped",
+                self._epoch,
+                self.step,
+            )
+            return False
+        return True
+
+    def freeze_optimizers(
+        self, optimizers: Mapping[str, torch.optim.Optimizer]
+    ) -> Mapping[str, torch.optim.Optimizer]:
+        """Choose the optimizers to step now (all of them by default).
+
+        Override to alternate optimizers (a GAN's generator and discriminator, say).
+        """
+        return optimizers
+
+    def optimizers_step(self) -> None:
+        """Step the optimizers chosen by :meth:`freeze_optimizers` and clear their gradients.
+
+        Unscales fp16 gradients, calls :meth:`check_gradients`, steps (through the grad scaler
+        for fp16) and counts the step in ``optimizer_step`` if it was taken.
+        """
+        optimizers = tuple(self.freeze_optimizers(self.optimizers_dict).values())
+        scaler = self.scaler
+        if scaler is not None:
+            for optimizer in optimizers:
+                scaler.unscale_(optimizer)
+        stepped = self.check_gradients()
+        if stepped:
+            for optimizer in optimizers:
+                if scaler is not None:
+                    scaler.step(optimizer)
+                else:
+                    optimizer.step()
+        if scaler is not None and optimizers:
+            scaler.update()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if stepped:
+            self.optimizer_step += 1
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Clear the gradients of the optimizers chosen by :meth:`freeze_optimizers`."""
+        for optimizer in self.freeze_optimizers(self.optimizers_dict).values():
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def evaluate_batch(self, batch: BatchT, stage: Stage) -> Tensor:
+        """Compute one validation or test batch's loss (under ``torch.no_grad``), on the CPU."""
+        with autocast(self._device, self.eval_precision):
+            outputs = self.compute_forward(batch, stage)
+            loss = self.compute_objectives(outputs, batch, stage)
+        return loss.detach().cpu()
+
+    def update_average(self, loss: Tensor | float, avg_loss: float) -> float:
+        """Fold ``loss`` into the stage's running mean ``avg_loss``; returns the new mean.
+
+        Non-finite losses are left out (and counted: validation and test warn about them at
+        the end of the stage), so the mean is over the finite losses of the stage.
+        """
+        value = float(loss)
+        if not math.isfinite(value):
+            self._skipped += 1
+            return avg_loss
+        self._averaged += 1
+        return avg_loss + (value - avg_loss) / self._averaged
+
+    def no_sync(self, use: bool = True) -> AbstractContextManager[object]:
+        """A context in which DDP does not synchronise gradients (when ``use`` is true).
+
+        Without distributed modules (or with ``use`` false) this is a no-op context.
+        """
+        if not use or not self._ddp_modules:
+            return _NO_CONTEXT
+        stack = ExitStack()
+        for module in self._ddp_modules:
+            stack.enter_context(module.no_sync())
+        return stack
+
+    # ----------------------------------------------------------------------------------------
+    # Entry points
+
+    def fit(
+        self,
+        epoch_counter: Iterable[int],
+        train_set: DataSource,
+        valid_set: DataSource | None = None,
+        progressbar: bool | None = None,
+        train_loader_kwargs: LoaderKwargs | None = None,
+        valid_loader_kwargs: LoaderKwargs | None = None,
+    ) -> None:
+        """Train for the epochs ``epoch_counter`` yields, validating after each one.
+
+        The hooks run in this order (phases in brackets)::
+
+            if test_only: return
+            [FIT_START]
+            train_loader = make_dataloader(train_set, Stage.TRAIN, **train_loader_kwargs)
+            valid_loader = make_dataloader(valid_set, Stage.VALID, **valid_loader_kwargs)
+            on_fit_start()          # _compile_jit, _wrap_distributed, init_optimizers, recover
+            for epoch in epoch_counter:
+                [TRAIN]
+                on_stage_start(Stage.TRAIN, epoch)
+                zero_grad()
+                for batch in train_loader:             # until optimizer_step_limit
+                    fit_batch(batch):
+                        on_fit_batch_start(batch, should_step)
+                        outputs = compute_forward(batch, Stage.TRAIN)
+                        loss = compute_objectives(outputs, batch, Stage.TRAIN)
+                        check_loss_isfinite(loss)     # then backward, unless non-finite
+                        if should_step:
+                            optimizers_step():
+                                freeze_optimizers(optimizers_dict)
+                                check_gradients()      # clip; then step each optimizer
+                        on_fit_batch_end(batch, outputs, loss, should_step)
+                    avg_train_loss = update_average(loss, avg_train_loss)
+                zero_grad(set_to_none=True)
+                on_stage_end(Stage.TRAIN, avg_train_loss, epoch)
+                if valid_set is not None:
+                    [VALID]
+                    on_stage_start(Stage.VALID, epoch)
+                    for batch in valid_loader:         # under torch.no_grad()
+                        loss = evaluate_batch(batch, Stage.VALID)
+                        avg_valid_loss = update_average(loss, avg_valid_loss)
+                    on_stage_end(Stage.VALID, avg_valid_loss, epoch)
+            [IDLE]                                     # [FAILED] if anything raised
+
+        ``should_step`` is true every ``grad_accumulation_factor`` batches and on the last
+        batch of the epoch; when the loader's length is unknown, gradients left over at the end
+        of an epoch are stepped after the loop, so none is dropped. In debug mode each stage
+        stops after ``debug_batches`` batches and ``fit`` after ``debug_epochs`` epochs.
+
+        Args:
+            epoch_counter: yields the epoch numbers, e.g. ``range(1, 11)`` or an
+                :class:`EpochCounter` (which a checkpointer can resume).
+            train_set: the training data: a ``DataLoader``, or a dataset for
+                :meth:`make_dataloader`.
+            valid_set: the validation data, or ``None`` to skip validation.
+            progressbar: show progress bars; ``None`` follows the ``noprogressbar`` option.
+            train_loader_kwargs: ``DataLoader`` options for ``train_set``.
+            valid_loader_kwargs: ``DataLoader`` options for ``valid_set``.
+
+        Raises:
+            ReentrantCallError: called while ``fit`` or ``evaluate`` is running.
+            NonFiniteLossError: an epoch saw more than ``nonfinite_patience`` non-finite losses.
+        """
+        if self.test_only:
+            logger.info("test_only is set: fit() returns without training")
+            return
+        self._check_can_start("fit", Phase.FIT_START)
+        try:
+            self._machine.move(Phase.FIT_START)
+            train_loader = self._loader(train_set, Stage.TRAIN, train_loader_kwargs)
+            valid_loader = (
+                None
+                if valid_set is None
+                else self._loader(valid_set, Stage.VALID, valid_loader_kwargs)
+            )
+            self.on_fit_start()
+            show = self._progress_enabled(progressbar)
+            for epochs_run, epoch in enumerate(epoch_counter, start=1):
+                self._train_stage(train_loader, epoch, show)
+                if valid_loader is not None:
+                    self._valid_stage(valid_loader, epoch, show)
+                if self.debug and epochs_run >= self.debug_epochs:
+                    break
+                if self._step_limit_reached():
+                    logger.info("optimizer_step_limit=%s reached", self.optimizer_step_limit)
+                    break
+            self._epoch = None
+            self._machine.move(Phase.IDLE)
+        except BaseException:
+            self._fail()
+            raise
+
+    def evaluate(
+        self,
+        test_set: DataSource,
+        max_key: str | None = None,
+        min_key: str | None = None,
+        progressbar: bool | None = None,
+        test_loader_kwargs: LoaderKwargs | None = None,
+    ) -> float:
+        """Test the model; returns the mean test loss.
+
+        The hooks run in this order (phases in brackets)::
+
+            [TEST]
+            test_loader = make_dataloader(test_set, Stage.TEST, **test_loader_kwargs)
+            on_evaluate_start(max_key, min_key)   # recovers the best checkpoint, if any
+            on_stage_start(Stage.TEST, None)
+            for batch in test_loader:             # under torch.no_grad()
+                loss = evaluate_batch(batch, Stage.TEST)
+                avg_test_loss = update_average(loss, avg_test_loss)
+            on_stage_end(Stage.TEST, avg_test_loss, None)
+            [IDLE]                                # [FAILED] if anything raised
+
+        Args:
+            test_set: a ``DataLoader``, or a dataset for :meth:`make_dataloader`.
+            max_key: recover the checkpoint with the highest value of this meta key.
+            min_key: recover the checkpoint with the lowest value of this meta key.
+            progressbar: show a progress bar; ``None`` follows the ``noprogressbar`` option.
+            test_loader_kwargs: ``DataLoader`` options for ``test_set``.
+
+        Raises:
+            ReentrantCallError: called while ``fit`` or ``evaluate`` is running.
+        """
+        self._check_can_start("evaluate", Phase.TEST)
+        try:
+            self._machine.move(Phase.TEST)
+            test_loader = self._loader(test_set, Stage.TEST, test_loader_kwargs)
+            self.on_evaluate_start(max_key=max_key, min_key=min_key)
+            self._start_stage(Stage.TEST, None)
+            self.modules.eval()
+            avg_test_loss = self._evaluate_loader(
+                test_loader, Stage.TEST, self._progress_enabled(progressbar), "test"
+            )
+            self.on_stage_end(Stage.TEST, avg_test_loss, None)
+            self.step = 0
+            self._machine.move(Phase.IDLE)
+        except BaseException:
+            self._fail()
+            raise
+        return avg_test_loss
+
+    # ----------------------------------------------------------------------------------------
+    # Preparation (names kept from SpeechBrain: recipes override on_fit_start with them)
+
+    def _compile_jit(self) -> None:
+        """``torch.compile`` / ``torch.jit.script`` the modules the run options name."""
+        if self.compile:
+            for key in self._module_keys("compile_module_keys", self.compile_module_keys):
+                if key in self._compiled:
+                    continue
+                compiled = torch.compile(
+                    self.modules[key],
+                    mode=self.compile_mode,
+                    fullgraph=self.compile_using_fullgraph,
+                    dynamic=self.compile_using_dynamic_shape_tracing,
+                )
+                self.modules[key] = cast(torch.nn.Module, compiled)
+                self._compiled.add(key)
+        if self.jit:
+            for key in self._module_keys("jit_module_keys", self.jit_module_keys):
+                if key in self._compiled:
+                    continue
+                self.modules[key] = torch.jit.script(self.modules[key])
+                self._compiled.add(key)
+
+    def _wrap_distributed(self) -> None:
+        """Wrap trainable modules in DDP (under a process group) or DataParallel, once."""
+        if self._wrapped:
+            return
+        if is_distributed():
+            device_ids = [self._device.index] if self._device.type == "cuda" else None
+            for key, module in self.modules.items():
+                if any(p.requires_grad for p in module.parameters()):
+                    wrapped = torch.nn.parallel.DistributedDataParallel(
+                        module,
+                        device_ids=device_ids,
+                        find_unused_parameters=self.find_unused_parameters,
+                    )
+                    self.modules[key] = wrapped
+                    self._ddp_modules.append(wrapped)
+        elif self.data_parallel_backend:
+            for key, module in self.modules.items():
+                if any(p.requires_grad for p in module.parameters()):
+                    self.modules[key] = torch.nn.DataParallel(module)
+        self._wrapped = True
+
+    def _module_keys(self, option: str, keys: tuple[str, ...] | None) -> tuple[str, ...]:
+        if keys is None:
+            return tuple(self.modules.keys())
+        for key in keys:
+            if key not in self.modules:
+                known = ", ".join(self.modules.keys()) or "none"
+                raise ConfigurationError(
+                    f"run option {option!r} names {key!r}, which is not one of the modules "
+                    f"({known})"
+                )
+        return keys
+
+    # ----------------------------------------------------------------------------------------
+    # The loop's inner workings
+
+    def _check_can_start(self, entry_point: str, target: Phase) -> None:
+        if not self._machine.can_move(target):
+            raise ReentrantCallError(entry_point, self.phase, target, self._machine.allowed)
+
+    def _fail(self) -> None:
+        try:
+            self._machine.move(Phase.FAILED)
+        except Exception:  # an observer failed on FAILED: keep the original error going
+            logger.exception("a phase observer raised while the brain moved to FAILED")
+
+    def _loader(
+        self, data: DataSource, stage: Stage, loader_kwargs: LoaderKwargs | None
+    ) -> DataLoader[object]:
+        if isinstance(data, DataLoader):
+            if stage is Stage.TRAIN:
+                self.train_sampler = data.batch_sampler or data.sampler
+            return data
+        # ** unpacks into a fresh dict: the caller's kwargs are never modified.
+        return self.make_dataloader(data, stage, **(loader_kwargs or LoaderKwargs()))
+
+    def _progress_enabled(self, progressbar: bool | None) -> bool:
+        enabled = not self.noprogressbar if progressbar is None else progressbar
+        return enabled and if_main_process()
+
+    def _step_limit_reached(self) -> bool:
+        limit = self.optimizer_step_limit
+        return limit is not None and self.optimizer_step >= limit
+
+    def _planned_batches(self, loader: DataLoader[object]) -> int | None:
+        length = loader_length(loader)
+        if self.debug:
+            return self.debug_batches if length is None else min(length, self.debug_batches)
+        return length
+
+    def _should_step(self) -> bool:
+        return self.step % self.grad_accumulation_factor == 0 or self.step == self._stage_batches
+
+    def _backward(self, loss: Tensor) -> None:
+        factor = self.grad_accumulation_factor
+        if factor > 1:
+            loss = loss / factor
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        torch.autograd.backward(loss)
+        self._window += 1
+
+    def _close_window(self) -> None:
+        """Step the optimizers with the mean gradient of the window's finite batches."""
+        backward_passes, self._window = self._window, 0
+        if backward_passes == 0:
+            return  # every loss of the window was non-finite: nothing to apply
+        factor = self.grad_accumulation_factor
+        if backward_passes < factor:
+            scale_gradients(self._gradient_parameters(), factor / backward_passes)
+        self.optimizers_step()
+
+    def _gradient_parameters(self) -> list[Tensor]:
+        if self.optimizers_dict:
+            return optimized_parameters(self.optimizers_dict.values())
+        return [p for p in self.modules.parameters() if p.grad is not None]
+
+    def _start_stage(self, stage: Stage, epoch: int | None) -> None:
+        self._epoch = epoch
+        self._averaged = 0
+        self._skipped = 0
+        self.on_stage_start(stage, epoch)
+
+    def _train_stage(self, loader: DataLoader[object], epoch: int, show: bool) -> None:
+        self._machine.move(Phase.TRAIN)
+        self._start_stage(Stage.TRAIN, epoch)
+        self.modules.train()
+        self.zero_grad()
+        self.nonfinite_count = 0
+        self._window = 0
+        set_loader_epoch(loader, epoch)
+        self._stage_batches = self._planned_batches(loader)
+        with ExitStack() as stack:
+            profiler = self._enter_profiler(stack)
+            batches = stack.enter_context(
+                StageProgress(
+                    loader,
+                    enabled=show,
+                    description=f"epoch {epoch} train",
+                    total=self._stage_batches,
+                    colour="green" if self.tqdm_colored_bar else None,
+                )
+            )
+            for batch in batches:
+                if self._step_limit_reached():
+                    break
+                self.step += 1
+                loss = self.fit_batch(batch)
+                self.avg_train_loss = self.update_average(loss, self.avg_train_loss)
+                batches.show_loss("train_loss", self.avg_train_loss)
+                if profiler is not None:
+                    profiler.step()
+                if self.debug and self.step >= self.debug_batches:
+                    break
+        if self._window > 0:
+            logger.info(
+                "epoch %d ended with %d accumulated batches: stepping them",
+                epoch,
+                self._window,
+            )
+            self._close_window()
+        self.zero_grad(set_to_none=True)
+        self.on_stage_end(Stage.TRAIN, self.avg_train_loss, epoch)
+        self.avg_train_loss = 0.0
+        self.step = 0
+        self._stage_batches = None
+
+    def _valid_stage(self, loader: DataLoader[object], epoch: int, show: bool) -> None:
+        self._machine.move(Phase.VALID)
+        self._start_stage(Stage.VALID, epoch)
+        self.modules.eval()
+        avg_valid_loss = self._evaluate_loader(loader, Stage.VALID, show, f"epoch {epoch} valid")
+        self.on_stage_end(Stage.VALID, avg_valid_loss, epoch)
+        self.step = 0
+
+    def _evaluate_loader(
+        self, loader: DataLoader[object], stage: Stage, show: bool, description: str
+    ) -> float:
+        avg_loss = 0.0
+        with (
+            torch.no_grad(),
+            StageProgress(
+                loader,
+                enabled=show,
+                description=description,
+                total=self._planned_batches(loader),
+                colour="blue" if self.tqdm_colored_bar else None,
+            ) as batches,
+        ):
+            for batch in batches:
+                self.step += 1
+                loss = self.evaluate_batch(batch, stage)
+                avg_loss = self.update_average(loss, avg_loss)
+                batches.show_loss(f"{stage.value}_loss", avg_loss)
+                if self.debug and self.step >= self.debug_batches:
+                    break
+        if self._skipped:
+            logger.warning(
+                "%s: %d non-finite losses were left out of the mean loss",
+                stage.name,
+                self._skipped,
+            )
+        return avg_loss
+
+    def _enter_profiler(self, stack: ExitStack) -> torch.profiler.profile | None:
+        if not self.profile_training:
+            return None
+        profiler = torch.profiler.profile(
+            schedule=torch.profiler.schedule(
+                wait=0, warmup=self.profile_warmup, active=self.profile_steps, repeat=1
+            ),
+        )
+        self.profiler = stack.enter_context(profiler)
+        stack.callback(self._log_profile, profiler)
+        return profiler
+
+    @staticmethod
+    def _log_profile(profiler: torch.profiler.profile) -> None:
+        if logger.isEnabledFor(logging.INFO):
+            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+            logger.info("training profile:\n%s", table)
+
+
+def _loss_value(loss: object) -> float:
+    """The loss as a Python float, with a clear error when it is not a one-element tensor."""
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise HookContractError(
+            f"compute_objectives() must return a one-element tensor (the loss), got {shape}"
+        )
+    return float(loss.detach().item())
+
+
+class _BrainProgress:
+    """The brain's training counters as a recoverable (registered as ``"brain"``)."""
+
+    def __init__(self, brain: Brain[Any, Any, Any]) -> None:
+        self._brain = brain
+
+    def snapshot(self) -> TrainingProgress:
+        brain = self._brain
+        return TrainingProgress(
+            step=brain.step,
+            optimizer_step=brain.optimizer_step,
+            avg_train_loss=brain.avg_train_loss,
+            averaged=brain._averaged,
+            nonfinite_count=brain.nonfinite_count,
+        )
+
+    def state_dict(self) -> dict[str, object]:
+        return cast(dict[str, object], converter.unstructure(self.snapshot()))
+
+    def load_state_dict(self, state_dict: Mapping[str, object], /) -> None:
+        progress = structure_state(state_dict, TrainingProgress, source="the brain's state")
+        brain = self._brain
+        brain.step = progress.step
+        brain.optimizer_step = progress.optimizer_step
+        brain.avg_train_loss = progress.avg_train_loss
+        brain._averaged = progress.averaged
+        brain.nonfinite_count = progress.nonfinite_count

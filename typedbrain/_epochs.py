@@ -1,0 +1,173 @@
+"""Epoch counters: what ``fit`` iterates over, resumable, optionally with early stopping."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal, Self, final
+
+from typedbrain._errors import ConfigurationError
+
+__all__ = ["EpochCounter", "EpochCounterWithStopper"]
+
+
+def _require_int(owner: str, key: str, value: object, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigurationError(
+            f"{owner}: {key!r} must be an integer of at least {minimum}, got {value!r}"
+        )
+    return value
+
+
+class EpochCounter:
+    """Yields the epoch numbers ``1 .. limit`` and remembers where it is.
+
+    Pass it to ``Brain.fit``; save it with a checkpointer (it is ``Stateful``) so that a resumed
+    run continues after the last finished epoch::
+
+        counter = EpochCounter(limit=10)
+        brain.fit(counter, train_set)
+
+    Args:
+        limit: the number of the last epoch.
+
+    Attributes:
+        current: the epoch most recently started (0 before the first).
+        limit: the number of the last epoch.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = _require_int(type(self).__name__, "limit", limit, 0)
+        self.current = 0
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> int:
+        if self.current >= self.limit or self._stop_early():
+            raise StopIteration
+        self.current += 1
+        return self.current
+
+    def _stop_early(self) -> bool:
+        return False
+
+    def state_dict(self) -> dict[str, object]:
+        """The counter's position, as plain data."""
+        return {"current": self.current}
+
+    def load_state_dict(self, state_dict: Mapping[str, object], /) -> None:
+        """Restore a position saved by :meth:`state_dict`.
+
+        Raises:
+            ConfigurationError: the state is missing ``current`` or it is not an integer
+                between 0 and ``limit``.
+        """
+        owner = f"{type(self).__name__} state"
+        if "current" not in state_dict:
+            raise ConfigurationError(f"{owner}: missing key 'current'")
+        current = _require_int(owner, "current", state_dict["current"], 0)
+        if current > self.limit:
+            raise ConfigurationError(
+                f"{owner}: 'current' is {current}, beyond this counter's limit of {self.limit}"
+            )
+        self.current = current
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(limit={self.limit}, current={self.current})"
+
+
+@final
+class EpochCounterWithStopper(EpochCounter):
+    """An epoch counter that also stops once a metric has not improved for a while.
+
+    Report the metric once per epoch (usually from ``on_stage_end`` for ``Stage.VALID``) with
+    :meth:`update_metric`; iteration stops after ``limit_to_stop`` epochs without improvement,
+    or at ``limit``.
+
+    Args:
+        limit: the number of the last epoch.
+        limit_to_stop: epochs without improvement after which training stops (at least 1).
+        limit_warmup: metrics reported in epochs ``1 .. limit_warmup`` are ignored.
+        direction: ``"min"`` if lower is better (a loss or an error rate), ``"max"`` if higher
+            is better (an accuracy).
+        min_delta: how much better than the best so far a value must be to count as an
+            improvement.
+
+    Attributes:
+        best_value: the best metric seen after warm-up, or ``None``.
+        best_epoch: the epoch that reported ``best_value`` (0 before any).
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        limit_to_stop: int,
+        limit_warmup: int = 0,
+        direction: Literal["min", "max"] = "min",
+        min_delta: float = 0.0,
+    ) -> None:
+        super().__init__(limit)
+        name = type(self).__name__
+        self.limit_to_stop = _require_int(name, "limit_to_stop", limit_to_stop, 1)
+        self.limit_warmup = _require_int(name, "limit_warmup", limit_warmup, 0)
+        if direction not in ("min", "max"):
+            raise ConfigurationError(
+                f"{name}: 'direction' must be 'min' or 'max', got {direction!r}"
+            )
+        if not min_delta >= 0:
+            raise ConfigurationError(f"{name}: 'min_delta' must be 0 or more, got {min_delta!r}")
+        self.direction: Literal["min", "max"] = direction
+        self.min_delta = float(min_delta)
+        self.best_value: float | None = None
+        self.best_epoch = 0
+
+    def update_metric(self, value: float) -> None:
+        """Report this epoch's metric. NaN never counts as an improvement."""
+        if self.current <= self.limit_warmup or math.isnan(value):
+            return
+        if self.best_value is None or self._improves(value, self.best_value):
+            self.best_value = float(value)
+            self.best_epoch = self.current
+
+    def _improves(self, value: float, best: float) -> bool:
+        if self.direction == "min":
+            return value < best - self.min_delta
+        return value > best + self.min_delta
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether the last ``limit_to_stop`` epochs brought no improvement."""
+        return self.best_value is not None and self.current - self.best_epoch >= self.limit_to_stop
+
+    def _stop_early(self) -> bool:
+        return self.should_stop
+
+    def state_dict(self) -> dict[str, object]:
+        """The position and the best metric so far, as plain data."""
+        return {
+            "current": self.current,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, object], /) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Raises:
+            ConfigurationError: a key is missing or has a wrong type.
+        """
+        super().load_state_dict(state_dict)
+        owner = f"{type(self).__name__} state"
+        for key in ("best_value", "best_epoch"):
+            if key not in state_dict:
+                raise ConfigurationError(f"{owner}: missing key {key!r}")
+        best_value = state_dict["best_value"]
+        if best_value is not None and (
+            not isinstance(best_value, int | float) or isinstance(best_value, bool)
+        ):
+            raise ConfigurationError(
+                f"{owner}: 'best_value' must be a number or None, got {best_value!r}"
+            )
+        self.best_epoch = _require_int(owner, "best_epoch", state_dict["best_epoch"], 0)
+        self.best_value = None if best_value is None else float(best_value)

@@ -1,0 +1,76 @@
+"""Hyperparameters given as a mapping, readable both as ``hp.lr`` and as ``hp["lr"]``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import final
+
+import attrs
+
+__all__ = ["Hparams", "hparams_items"]
+
+
+@final
+class Hparams(Mapping[str, object]):
+    """A read-only view of hyperparameters with attribute and item access.
+
+    A brain wraps a mapping passed as ``hparams`` in one of these, so recipes written for
+    SpeechBrain (``self.hparams.lr``) and code that wants a mapping (``self.hparams["lr"]``,
+    ``dict(self.hparams)``) both work. Values are typed ``object``: for typed access, pass an
+    attrs class as ``hparams`` instead and give it as the brain's third type parameter.
+
+    Args:
+        values: the hyperparameters; copied (shallowly), so later changes to it do not show.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, object] | None = None, /) -> None:
+        self._values: dict[str, object] = dict(values or {})
+
+    def __getitem__(self, key: str) -> object:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, name: str) -> object:
+        # Only called when normal lookup fails; dunder lookups (copy, pickle) must not recurse.
+        if name.startswith("__") or name == "_values":
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            known = ", ".join(sorted(self._values)) or "none"
+            raise AttributeError(f"no hyperparameter {name!r}; the keys are: {known}") from None
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *self._values})
+
+    def __repr__(self) -> str:
+        return f"Hparams({self._values!r})"
+
+
+def hparams_items(hparams: object) -> Mapping[str, object]:
+    """The top-level name -> value pairs of hyperparameters of any supported kind.
+
+    Mappings, attrs instances and dataclass instances are read field by field; ``None`` has no
+    items. Other objects are read through ``vars()`` when they have a ``__dict__``.
+    """
+    if hparams is None:
+        return {}
+    if isinstance(hparams, Mapping):
+        return {str(key): value for key, value in hparams.items()}
+    cls = type(hparams)
+    if attrs.has(cls):
+        return {field.name: getattr(hparams, field.name) for field in attrs.fields(cls)}
+    if dataclasses.is_dataclass(hparams) and not isinstance(hparams, type):
+        return {field.name: getattr(hparams, field.name) for field in dataclasses.fields(hparams)}
+    try:
+        return dict(vars(hparams))
+    except TypeError:
+        return {}

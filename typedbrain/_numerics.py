@@ -1,0 +1,96 @@
+"""Numerics of a training step: autocast, grad scaling, clipping, parameter groups."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import Final
+
+import torch
+
+from typedbrain._options import Precision
+
+__all__ = [
+    "PRECISION_DTYPES",
+    "autocast",
+    "clip_grad_norm",
+    "grad_scaler_for",
+    "gradient_norm",
+    "optimized_parameters",
+    "scale_gradients",
+    "vector_weight_decay_groups",
+]
+
+# The autocast dtype of each precision; fp32 runs without autocast.
+PRECISION_DTYPES: Final[Mapping[Precision, torch.dtype | None]] = {
+    "fp32": None,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+_NO_CONTEXT: Final = contextlib.nullcontext()
+
+
+def autocast(device: torch.device, precision: Precision) -> AbstractContextManager[object]:
+    """The context to run forward passes in: ``torch.autocast`` for fp16/bf16, nothing for fp32.
+
+    fp32 returns a shared no-op context, so the common case costs nothing per step.
+    """
+    dtype = PRECISION_DTYPES[precision]
+    if dtype is None:
+        return _NO_CONTEXT
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler_for(device: torch.device, precision: Precision) -> torch.amp.GradScaler | None:
+    """A grad scaler for fp16 training on ``device``, or ``None`` when none is needed.
+
+    bf16 has fp32's exponent range and needs no loss scaling.
+    """
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def optimized_parameters(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    """Every parameter of every group of ``optimizers`` that has a gradient, each once."""
+    found: dict[torch.Tensor, None] = {}
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    found[param] = None
+    return list(found)
+
+
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the total 2-norm of the gradients of ``parameters`` to ``max_norm``, in place.
+
+    Returns:
+        The total norm before clipping (non-finite if any gradient is).
+    """
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+def gradient_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
+    """The total 2-norm of the gradients of ``parameters``."""
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
+def scale_gradients(parameters: list[torch.Tensor], factor: float) -> None:
+    """Multiply the gradients of ``parameters`` by ``factor``, in place."""
+    grads = [param.grad for param in parameters if param.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor)
+
+
+def vector_weight_decay_groups(module: torch.nn.Module) -> list[dict[str, object]]:
+    """Parameter groups that exempt 1-D parameters (biases, norm scales) from weight decay.
+
+    Returns two groups: the other parameters, with the optimizer's own weight decay, and the
+    1-D ones with ``weight_decay=0``. Parameters that do not require gradients are left out.
+    """
+    matrices = [p for p in module.parameters() if p.requires_grad and p.ndim != 1]
+    vectors = [p for p in module.parameters() if p.requires_grad and p.ndim == 1]
+    return [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}]

@@ -1,0 +1,77 @@
+"""A brain's run state as frozen attrs classes, and the cattrs converter that owns their format.
+
+State objects are snapshots: the training loop keeps its hot counters as plain attributes (an
+``attrs.evolve`` per batch would cost more than a small model's step) and builds a snapshot
+when the state is saved.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final, TypeVar, final
+
+import attrs
+import cattrs
+
+from typedbrain._errors import ConfigurationError
+
+__all__ = ["TrainingProgress", "converter", "structure_state"]
+
+_StateT = TypeVar("_StateT")
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    del instance
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be 0 or more, got {value}")
+
+
+def _finite(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    del instance
+    if not math.isfinite(value):
+        raise ValueError(f"{attribute.name} must be finite, got {value}")
+
+
+@final
+@attrs.frozen(kw_only=True)
+class TrainingProgress:
+    """Where training stands: the counters a resumed run continues from.
+
+    Attributes:
+        step: batches run in the current stage.
+        optimizer_step: optimizer steps taken since the start of training.
+        avg_train_loss: mean of the finite training losses of the current epoch so far.
+        averaged: how many losses ``avg_train_loss`` is the mean of.
+        nonfinite_count: non-finite training losses in the current epoch.
+    """
+
+    step: int = attrs.field(default=0, validator=_non_negative)
+    optimizer_step: int = attrs.field(default=0, validator=_non_negative)
+    avg_train_loss: float = attrs.field(default=0.0, validator=_finite)
+    averaged: int = attrs.field(default=0, validator=_non_negative)
+    nonfinite_count: int = attrs.field(default=0, validator=_non_negative)
+
+
+converter: Final = cattrs.Converter(forbid_extra_keys=True)
+"""The converter that turns every state object into plain data (and back).
+
+Plain data (dicts, lists, str, int, float, bool, None) is what ``torch.load(weights_only=True)``
+and JSON accept, so a checkpoint never needs pickled classes.
+"""
+
+
+def structure_state(data: object, cls: type[_StateT], *, source: str) -> _StateT:
+    """Build a ``cls`` from plain data, with one clear error naming ``source`` if it is bad.
+
+    Raises:
+        ConfigurationError: ``data`` does not describe a valid ``cls``; the message lists every
+            problem cattrs found.
+    """
+    try:
+        return converter.structure(data, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError) as error:
+        if isinstance(error, cattrs.BaseValidationError):
+            details = "; ".join(cattrs.transform_error(error))
+        else:
+            details = str(error)
+        raise ConfigurationError(f"invalid {cls.__name__} in {source}: {details}") from error
