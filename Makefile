@@ -11,7 +11,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 .PHONY: demo test lint typecheck unit clean
 
 demo: $(VENV)/.installed-examples
-	$(BIN)/python examples/digits/demo.py
+	$(BIN)/python examples/digits/train.py
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -11,7 +11,8 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, ExitStack
-from typing import Any, Final, Generic, cast, overload
+from typing import Any, Final, Generic, cast, get_args, get_origin, overload
+from typing import TypeVar as TypeVarType
 
 import attrs
 import torch
@@ -33,7 +34,7 @@ from typedbrain._errors import (
     NonFiniteLossError,
     ReentrantCallError,
 )
-from typedbrain._hparams import Hparams, hparams_items
+from typedbrain._hparams import Hparams, hparams_items, resolve_hparams
 from typedbrain._numerics import (
     autocast,
     clip_grad_norm,
@@ -73,7 +74,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
         class Regressor(Brain[Batch, Tensor, MyHparams]):
             def compute_forward(self, batch: Batch, stage: Stage) -> Tensor:
-                return self.hparams.model(batch.inputs)
+                predictions: Tensor = self.modules["model"](batch.inputs)
+                return predictions
 
             def compute_objectives(self, predictions: Tensor, batch: Batch, stage: Stage) -> Tensor:
                 return F.mse_loss(predictions, batch.targets)
@@ -140,8 +142,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         run_opts: RunOptionsDict | None = None,
         checkpointer: CheckpointerLike | None = None,
     ) -> None:
-        wrapped = Hparams(hparams) if hparams is None or isinstance(hparams, Mapping) else hparams
-        self.hparams = cast(HparamsT, wrapped)
+        resolved = resolve_hparams(hparams, _declared_hparams(type(self)), type(self).__name__)
+        self.hparams = cast(HparamsT, resolved)
         options = RunOptions.from_sources(
             hparams_items(hparams), cast(Mapping[str, object] | None, run_opts)
         )
@@ -159,7 +161,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self.optimizer_step = 0
         self.avg_train_loss = 0.0
         self.nonfinite_count = 0
-        self.train_sampler: object | None = None
+        self.train_sampler: Iterable[object] | None = None
         self.profiler: torch.profiler.profile | None = None
         self._machine = PhaseMachine()
         self._epoch: int | None = None
@@ -598,7 +600,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 test_loader, Stage.TEST, self._progress_enabled(progressbar), "test"
             )
             self.on_stage_end(Stage.TEST, avg_test_loss, None)
-            self.step = 0
+            self._end_stage()
             self._machine.move(Phase.IDLE)
         except BaseException:
             self._fail()
@@ -732,6 +734,12 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._skipped = 0
         self.on_stage_start(stage, epoch)
 
+    def _end_stage(self) -> None:
+        self.step = 0
+        self._averaged = 0
+        self._skipped = 0
+        self._stage_batches = None
+
     def _train_stage(self, loader: DataLoader[object], epoch: int, show: bool) -> None:
         self._machine.move(Phase.TRAIN)
         self._start_stage(Stage.TRAIN, epoch)
@@ -773,8 +781,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self.zero_grad(set_to_none=True)
         self.on_stage_end(Stage.TRAIN, self.avg_train_loss, epoch)
         self.avg_train_loss = 0.0
-        self.step = 0
-        self._stage_batches = None
+        self._end_stage()
 
     def _valid_stage(self, loader: DataLoader[object], epoch: int, show: bool) -> None:
         self._machine.move(Phase.VALID)
@@ -782,7 +789,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self.modules.eval()
         avg_valid_loss = self._evaluate_loader(loader, Stage.VALID, show, f"epoch {epoch} valid")
         self.on_stage_end(Stage.VALID, avg_valid_loss, epoch)
-        self.step = 0
+        self._end_stage()
 
     def _evaluate_loader(
         self, loader: DataLoader[object], stage: Stage, show: bool, description: str
@@ -830,6 +837,17 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if logger.isEnabledFor(logging.INFO):
             table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
             logger.info("training profile:\n%s", table)
+
+
+def _declared_hparams(cls: type[object]) -> object:
+    """The hparams type argument ``cls`` gives ``Brain``, or ``None`` if it names none."""
+    for klass in cls.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()):
+            if get_origin(base) is Brain:
+                arguments = get_args(base)
+                declared = arguments[2] if len(arguments) == 3 else None
+                return None if isinstance(declared, TypeVarType) else declared
+    return None
 
 
 def _loss_value(loss: object) -> float:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Iterator, Mapping
 from typing import final
 
 import attrs
 
-__all__ = ["Hparams", "hparams_items"]
+from typedbrain._errors import ConfigurationError
+
+__all__ = ["Hparams", "hparams_items", "resolve_hparams"]
 
 
 @final
@@ -74,3 +77,35 @@ def hparams_items(hparams: object) -> Mapping[str, object]:
         return dict(vars(hparams))
     except TypeError:
         return {}
+
+
+def resolve_hparams(hparams: object, declared: object, owner: str) -> object:
+    """What ``brain.hparams`` becomes, checked against the brain's declared hparams type.
+
+    A mapping (or ``None``) becomes an :class:`Hparams`, unless the brain declares a mapping
+    type the value already has (a ``dict`` for ``dict[str, float]``), in which case it is kept.
+    Anything else is kept as it is.
+
+    Args:
+        hparams: what was passed as ``hparams``.
+        declared: the brain's declared hparams type argument, or ``None`` when it does not name
+            a concrete type (a type variable, or no type arguments).
+        owner: the brain class's name, for the error message.
+
+    Raises:
+        ConfigurationError: the brain declares a hparams class (an attrs class, say) but got a
+            mapping or nothing: its hooks would read attributes that are not there.
+    """
+    if hparams is not None and not isinstance(hparams, Mapping):
+        return hparams
+    if declared is None or declared is Hparams or declared is typing.Any:
+        return Hparams(hparams)
+    origin = typing.get_origin(declared) or declared
+    if isinstance(origin, type) and isinstance(hparams, origin):
+        return hparams
+    given = "no hparams" if hparams is None else f"a {type(hparams).__name__}"
+    name = getattr(declared, "__name__", repr(declared))
+    raise ConfigurationError(
+        f"{owner} declares its hparams type as {name}, but was given {given}: pass "
+        f"hparams={name}(...)"
+    )

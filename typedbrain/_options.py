@@ -283,22 +283,21 @@ def _normalize(value: object, tp: object) -> object:
     """Accept the spellings a mapping naturally has: lists for tuples, ints for floats."""
     if isinstance(value, list) and _accepts_tuple(tp):
         return tuple(value)
-    if (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and _matches(0.5, tp)
-        and not _matches(0, tp)
-    ):
+    arms = _arms(tp)
+    if isinstance(value, int) and not isinstance(value, bool) and float in arms and int not in arms:
         return float(value)
     return value
 
 
+def _arms(tp: object) -> tuple[object, ...]:
+    """The alternatives of a union type, or the type itself."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return get_args(tp)
+    return (tp,)
+
+
 def _accepts_tuple(tp: object) -> bool:
-    if get_origin(tp) is tuple:
-        return True
-    return get_origin(tp) in (typing.Union, types.UnionType) and any(
-        _accepts_tuple(arg) for arg in get_args(tp)
-    )
+    return any(get_origin(arm) is tuple for arm in _arms(tp))
 
 
 attrs.resolve_types(RunOptions)

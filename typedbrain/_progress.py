@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, Never, TypeVar
 
 from tqdm import tqdm
 
@@ -33,15 +33,22 @@ class StageProgress(Generic[_T]):
         colour: str | None = None,
     ) -> None:
         self._batches = batches
-        self._bar: tqdm[_T] | None = None
+        self._bar: tqdm[Never] | None = None  # a bar counted by hand, iterating nothing
         if enabled:
-            self._bar = tqdm(
-                batches, desc=description, total=total, dynamic_ncols=True, colour=colour
-            )
+            self._bar = tqdm(desc=description, total=total, dynamic_ncols=True, colour=colour)
         self._next_postfix = 0.0
+        self._pending: tuple[str, float] | None = None
 
     def __iter__(self) -> Iterator[_T]:
-        return iter(self._bar if self._bar is not None else self._batches)
+        bar = self._bar
+        if bar is None:
+            yield from self._batches
+            return
+        # Counted by hand rather than by iterating tqdm, which closes the bar as soon as the
+        # batches run out, before the last loss can be shown.
+        for batch in self._batches:
+            yield batch
+            bar.update(1)
 
     def show_loss(self, name: str, value: float) -> None:
         """Show ``name=value`` next to the bar (throttled)."""
@@ -51,10 +58,16 @@ class StageProgress(Generic[_T]):
         if now >= self._next_postfix:
             self._next_postfix = now + _POSTFIX_INTERVAL_S
             self._bar.set_postfix({name: f"{value:.4g}"}, refresh=False)
+            self._pending = None
+        else:
+            self._pending = (name, value)
 
     def __enter__(self) -> StageProgress[_T]:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self._bar is not None:
+            if self._pending is not None:  # the final value, which throttling held back
+                name, value = self._pending
+                self._bar.set_postfix({name: f"{value:.4g}"}, refresh=False)
             self._bar.close()

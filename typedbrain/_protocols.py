@@ -46,7 +46,7 @@ class CheckpointerLike(Protocol):
     by ``max_key`` / ``min_key`` in ``on_evaluate_start``.
     """
 
-    def add_recoverable(self, name: str, obj: object) -> None:
+    def add_recoverable(self, name: str, obj: Stateful) -> None:
         """Save and restore ``obj`` under ``name`` with every checkpoint."""
         ...
 

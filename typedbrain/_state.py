@@ -71,7 +71,15 @@ def structure_state(data: object, cls: type[_StateT], *, source: str) -> _StateT
         return converter.structure(data, cls)
     except (cattrs.BaseValidationError, ValueError, TypeError) as error:
         if isinstance(error, cattrs.BaseValidationError):
-            details = "; ".join(cattrs.transform_error(error))
+            details = "; ".join(cattrs.transform_error(error, format_exception=_describe))
         else:
             details = str(error)
         raise ConfigurationError(f"invalid {cls.__name__} in {source}: {details}") from error
+
+
+def _describe(exception: BaseException, expected: type | None) -> str:
+    """Describe an error as cattrs does, with our validators' message where cattrs has none."""
+    description = cattrs.v.format_exception(exception, expected)
+    if description == "invalid value" and str(exception):
+        return f"invalid value ({exception})"
+    return description

@@ -1,0 +1,1 @@
+# A partial stub of scikit-learn: only what the examples use (the digits data and its split).
