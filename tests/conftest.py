@@ -1,0 +1,21 @@
+"""Shared test configuration: hypothesis profiles and torch settings for fast, stable tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+# "ci" (the default, used by `make test`) keeps property tests quick; "dev" digs deeper.
+settings.register_profile(
+    "ci",
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=300, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Small tensors run fastest on one thread, and two test processes share two cores.
+torch.set_num_threads(1)

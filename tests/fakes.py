@@ -1,0 +1,26 @@
+"""A recording stand-in for a checkpointer, to check what the brain asks of one."""
+
+from __future__ import annotations
+
+import torch
+
+
+class RecordingCheckpointer:
+    """Implements ``CheckpointerLike`` by recording every call."""
+
+    def __init__(self) -> None:
+        self.recoverables: dict[str, object] = {}
+        self.recoveries: list[dict[str, object]] = []
+
+    def add_recoverable(self, name: str, obj: object) -> None:
+        self.recoverables[name] = obj
+
+    def recover_if_possible(
+        self,
+        *,
+        max_key: str | None = None,
+        min_key: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> object:
+        self.recoveries.append({"max_key": max_key, "min_key": min_key, "device": device})
+        return None

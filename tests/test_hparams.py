@@ -1,0 +1,123 @@
+"""Hyperparameters given as a mapping: attribute and item access, read-only, clear errors."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+
+import attrs
+import pytest
+
+from typedbrain import Brain, ConfigurationError, Hparams
+from typedbrain._hparams import hparams_items
+
+
+def test_values_read_as_attributes_and_items() -> None:
+    hparams = Hparams({"lr": 0.1, "layers": 3})
+    assert hparams.lr == 0.1
+    assert hparams["layers"] == 3
+    assert dict(hparams) == {"lr": 0.1, "layers": 3}
+    assert len(hparams) == 2
+    assert "lr" in hparams
+
+
+def test_missing_attribute_names_the_key_and_lists_the_known_ones() -> None:
+    with pytest.raises(AttributeError) as caught:
+        _ = Hparams({"lr": 0.1, "batch_size": 8}).learning_rate
+    assert str(caught.value) == "no hyperparameter 'learning_rate'; the keys are: batch_size, lr"
+    assert not hasattr(Hparams({}), "lr")
+
+
+def test_missing_item_is_a_key_error() -> None:
+    with pytest.raises(KeyError, match="lr"):
+        _ = Hparams({})["lr"]
+
+
+def test_hparams_are_a_copy_and_read_only() -> None:
+    source = {"lr": 0.1}
+    hparams = Hparams(source)
+    source["lr"] = 0.2
+    assert hparams.lr == 0.1
+    with pytest.raises(AttributeError):
+        hparams.lr = 0.3  # type: ignore[attr-defined]  # read-only by design: nothing to set
+    with pytest.raises(TypeError):
+        hparams["lr"] = 0.3  # type: ignore[operator]  # a Mapping has no __setitem__
+
+
+def test_hparams_copy_and_pickle() -> None:
+    hparams = Hparams({"lr": 0.1})
+    assert dict(copy.deepcopy(hparams)) == {"lr": 0.1}
+    assert dict(pickle.loads(pickle.dumps(hparams))) == {"lr": 0.1}
+
+
+def test_dir_lists_the_keys_for_completion() -> None:
+    assert {"lr", "keys"} <= set(dir(Hparams({"lr": 0.1})))
+
+
+@attrs.frozen
+class AttrsHparams:
+    lr: float
+    debug: bool
+
+
+@dataclasses.dataclass
+class DataclassHparams:
+    lr: float
+    debug: bool
+
+
+class PlainHparams:
+    def __init__(self) -> None:
+        self.lr = 0.1
+        self.debug = True
+
+
+@pytest.mark.parametrize(
+    "hparams",
+    [
+        {"lr": 0.1, "debug": True},
+        AttrsHparams(0.1, True),
+        DataclassHparams(0.1, True),
+        PlainHparams(),
+    ],
+    ids=["mapping", "attrs", "dataclass", "object"],
+)
+def test_items_of_every_supported_hparams_kind(hparams: object) -> None:
+    assert dict(hparams_items(hparams)) == {"lr": 0.1, "debug": True}
+
+
+def test_items_of_none_and_slotted_objects_are_empty() -> None:
+    assert hparams_items(None) == {}
+    assert hparams_items(3) == {}
+
+
+class TypedBrain(Brain[object, object, AttrsHparams]):
+    """Declares an attrs hparams class."""
+
+
+class DictBrain(Brain[object, object, dict[str, float]]):
+    """Declares a plain dict of floats."""
+
+
+def test_brain_declaring_a_hparams_class_refuses_a_mapping() -> None:
+    # mypy cannot catch this call (it ignores constructor self-types once type arguments are
+    # fixed), so the brain checks it when it is built.
+    with pytest.raises(ConfigurationError) as caught:
+        TypedBrain(hparams={"lr": 0.1, "debug": True})  # the gap under test
+    assert str(caught.value) == (
+        "TypedBrain declares its hparams type as AttrsHparams, but was given a dict: pass "
+        "hparams=AttrsHparams(...)"
+    )
+    with pytest.raises(ConfigurationError, match="was given no hparams"):
+        TypedBrain()
+
+
+def test_brain_declaring_a_mapping_type_keeps_a_mapping_of_that_type() -> None:
+    values = {"lr": 0.1}
+    assert DictBrain(hparams=values).hparams is values
+
+
+def test_brain_declaring_a_hparams_class_keeps_its_instance() -> None:
+    hparams = AttrsHparams(0.1, True)
+    assert TypedBrain(hparams=hparams).hparams is hparams

@@ -1,0 +1,162 @@
+"""What the loop does around the hooks: progress bars, data loaders, epochs, profiling."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+from tests.helpers import RegressionBrain, batches, examples, ready_loader, regression_brain, sgd
+from typedbrain import ConfigurationError, RunOptionsDict, Stage
+
+
+def progress_brain(run_opts: RunOptionsDict | None = None) -> RegressionBrain:
+    torch.manual_seed(0)
+    return RegressionBrain({"model": torch.nn.Linear(4, 2)}, sgd(), run_opts=run_opts)
+
+
+def test_progress_bars_are_shown_by_default_with_the_running_loss(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    brain = progress_brain()
+    brain.fit(range(1, 3), ready_loader(batches(3, 4)), ready_loader(batches(2, 4)))
+    brain.evaluate(ready_loader(batches(2, 4)))
+    err = capsys.readouterr().err
+    for label in ("epoch 1 train", "epoch 2 train", "epoch 1 valid", "epoch 2 valid", "test"):
+        assert label in err
+    assert "3/3" in err
+    assert re.search(r"train_loss=\d", err)
+    assert re.search(r"valid_loss=\d", err)
+
+
+@pytest.mark.parametrize(
+    ("run_opts", "progressbar"),
+    [({"noprogressbar": True}, None), ({}, False)],
+    ids=["noprogressbar-option", "progressbar-argument"],
+)
+def test_progress_bars_can_be_turned_off(
+    capsys: pytest.CaptureFixture[str], run_opts: RunOptionsDict, progressbar: bool | None
+) -> None:
+    brain = progress_brain(run_opts)
+    brain.fit(range(1, 2), ready_loader(batches(2, 4)), progressbar=progressbar)
+    brain.evaluate(ready_loader(batches(2, 4)), progressbar=progressbar)
+    assert capsys.readouterr().err == ""
+
+
+def test_progressbar_argument_overrides_the_option(capsys: pytest.CaptureFixture[str]) -> None:
+    brain = progress_brain({"noprogressbar": True})
+    brain.fit(range(1, 2), ready_loader(batches(2, 4)), progressbar=True)
+    assert "epoch 1 train" in capsys.readouterr().err
+
+
+def test_only_the_main_process_shows_progress_bars(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RANK", "1")
+    brain = progress_brain()
+    brain.fit(range(1, 2), ready_loader(batches(2, 4)))
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_bar_ends_showing_the_final_mean_loss(capsys: pytest.CaptureFixture[str]) -> None:
+    class Recording(RegressionBrain):
+        final = 0.0
+
+        def on_stage_end(self, stage: Stage, stage_loss: float, epoch: int | None = None) -> None:
+            self.final = stage_loss
+
+    torch.manual_seed(0)
+    brain = Recording({"model": torch.nn.Linear(4, 2)}, sgd())
+    brain.evaluate(ready_loader(batches(5, 4)))
+    last_line = capsys.readouterr().err.strip().split("\r")[-1]
+    assert f"test_loss={brain.final:.4g}" in last_line
+
+
+def test_unknown_loader_option_is_an_error_that_suggests_the_right_one() -> None:
+    brain = regression_brain()
+    with pytest.raises(ConfigurationError) as caught:
+        brain.fit(range(1, 2), examples(4), train_loader_kwargs={"bach_size": 2})  # type: ignore[typeddict-unknown-key]  # the mistake under test
+    assert str(caught.value) == "unknown DataLoader option 'bach_size'; did you mean 'batch_size'?"
+
+
+class EpochAwareSampler(Sampler[int]):
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.size))
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class EpochAwareBatchSampler(BatchSampler):
+    def __init__(self, sampler: Sampler[int], batch_size: int) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+
+def test_set_epoch_reaches_both_sampler_and_batch_sampler_once_per_epoch() -> None:
+    sampler = EpochAwareSampler(8)
+    batch_sampler = EpochAwareBatchSampler(sampler, 4)
+    loader = DataLoader(examples(8), batch_sampler=batch_sampler)  # type: ignore[arg-type]  # a list is a map-style dataset
+    brain = regression_brain()
+    brain.fit(range(1, 4), loader)
+    assert sampler.epochs == [1, 2, 3]
+    assert batch_sampler.epochs == [1, 2, 3]
+    assert brain.train_sampler is batch_sampler
+
+
+def test_train_sampler_of_a_made_loader_is_its_batch_sampler() -> None:
+    brain = regression_brain()
+    brain.fit(range(1, 2), examples(8), train_loader_kwargs={"batch_size": 4})
+    assert isinstance(brain.train_sampler, BatchSampler)
+
+
+def test_profile_training_profiles_and_logs_the_training_stage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    brain = regression_brain(
+        run_opts={"profile_training": True, "profile_warmup": 1, "profile_steps": 2}
+    )
+    with caplog.at_level(logging.INFO, logger="typedbrain"):
+        brain.fit(range(1, 2), ready_loader(batches(5, 4)))
+    assert brain.profiler is not None
+    events = brain.profiler.key_averages()
+    assert any("aten::mm" in event.key or "aten::addmm" in event.key for event in events)
+    assert "training profile:" in caplog.text
+
+
+def test_modules_are_in_train_mode_for_training_and_eval_mode_otherwise() -> None:
+    class ModeSeeing(RegressionBrain):
+        modes: list[tuple[Stage, bool, bool]]
+
+        def on_stage_start(self, stage: Stage, epoch: int | None = None) -> None:
+            del epoch
+            # Recorded from the first batch: stage hooks run before the mode is set.
+
+        def compute_forward(self, batch: object, stage: Stage) -> torch.Tensor:  # type: ignore[override]  # same call, looser annotation for the spy
+            self.modes.append((stage, self.modules.training, torch.is_grad_enabled()))
+            return super().compute_forward(batch, stage)  # type: ignore[arg-type]  # forwarded unchanged
+
+    torch.manual_seed(0)
+    brain = ModeSeeing({"model": torch.nn.Linear(4, 2)}, sgd(), run_opts={"noprogressbar": True})
+    brain.modes = []
+    brain.fit(range(1, 2), ready_loader(batches(1, 4)), ready_loader(batches(1, 4)))
+    brain.evaluate(ready_loader(batches(1, 4)))
+    assert brain.modes == [
+        (Stage.TRAIN, True, True),
+        (Stage.VALID, False, False),
+        (Stage.TEST, False, False),
+    ]

@@ -1,0 +1,261 @@
+"""Run options: SpeechBrain's names and defaults, precedence, validation, brain attributes."""
+
+from __future__ import annotations
+
+import math
+import typing
+
+import attrs
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.helpers import RegressionBrain, regression_brain, sgd
+from tests.strategies import RUN_OPTION_VALUES, run_option_mappings
+from typedbrain import Brain, Hparams, RunOptions, RunOptionsDict, RunOptionsError
+
+# The defaults of SpeechBrain 1.x, as listed in speechbrain-brain-surface.md.
+SPEECHBRAIN_DEFAULTS: dict[str, object] = {
+    "test_only": False,
+    "debug": False,
+    "debug_batches": 2,
+    "debug_epochs": 2,
+    "debug_persistently": False,
+    "device": None,
+    "data_parallel_backend": False,
+    "distributed_backend": "nccl",
+    "distributed_launch": False,
+    "find_unused_parameters": False,
+    "jit": False,
+    "jit_module_keys": None,
+    "compile": False,
+    "compile_module_keys": None,
+    "compile_mode": "default",
+    "compile_using_fullgraph": False,
+    "compile_using_dynamic_shape_tracing": False,
+    "precision": "fp32",
+    "eval_precision": "fp32",
+    "max_grad_norm": 5.0,
+    "skip_nonfinite_grads": False,
+    "nonfinite_patience": 3,
+    "noprogressbar": False,
+    "ckpt_interval_minutes": 0,
+    "ckpt_interval_steps": 0,
+    "grad_accumulation_factor": 1,
+    "optimizer_step_limit": None,
+    "tqdm_colored_bar": False,
+    "remove_vector_weight_decay": False,
+    "profile_training": False,
+    "profile_warmup": 5,
+    "profile_steps": 5,
+}
+
+
+def test_every_speechbrain_option_exists_with_its_default() -> None:
+    assert attrs.asdict(RunOptions()) == SPEECHBRAIN_DEFAULTS
+
+
+def test_precedence_is_defaults_then_hparams_then_run_opts() -> None:
+    options = RunOptions.from_sources(
+        hparams={"max_grad_norm": 1.0, "debug_batches": 7, "lr": 0.1},
+        run_opts={"max_grad_norm": 2.0},
+    )
+    assert options.max_grad_norm == 2.0  # run_opts beat hparams
+    assert options.debug_batches == 7  # hparams beat the default
+    assert options.nonfinite_patience == 3  # the default otherwise
+
+
+@given(hparams=run_option_mappings(), run_opts=run_option_mappings())
+def test_precedence_holds_for_any_valid_options(
+    hparams: dict[str, object], run_opts: dict[str, object]
+) -> None:
+    if (hparams | run_opts).get("ckpt_interval_minutes", 0) and (hparams | run_opts).get(
+        "ckpt_interval_steps", 0
+    ):
+        with pytest.raises(RunOptionsError, match="ckpt_interval_steps"):
+            RunOptions.from_sources(hparams, run_opts)
+        return
+    options = RunOptions.from_sources(hparams, run_opts)
+    for name in RunOptions.names():
+        expected = run_opts.get(name, hparams.get(name, SPEECHBRAIN_DEFAULTS[name]))
+        assert getattr(options, name) == expected, name
+
+
+def test_hparams_keys_that_are_not_options_are_ignored() -> None:
+    options = RunOptions.from_sources(hparams={"lr": "anything", "model": object()})
+    assert options == RunOptions()
+
+
+def test_unknown_run_option_is_an_error_that_suggests_the_closest_name() -> None:
+    with pytest.raises(RunOptionsError) as caught:
+        RunOptions.from_sources(run_opts={"max_grad_nrom": 1.0})
+    assert caught.value.key == "max_grad_nrom"
+    assert str(caught.value) == (
+        "run option 'max_grad_nrom': no such run option; did you mean 'max_grad_norm'?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "key", "value", "message"),
+    [
+        (
+            "run_opts",
+            "optimizer_step_limit",
+            "5",
+            "expected an integer or None, got str '5' (from run_opts)",
+        ),
+        ("hparams", "debug", 1, "expected true or false, got int 1 (from hparams)"),
+        ("run_opts", "debug_batches", True, "expected an integer, got bool True (from run_opts)"),
+        (
+            "run_opts",
+            "precision",
+            "fp64",
+            "expected one of 'fp32', 'fp16', 'bf16', got str 'fp64' (from run_opts)",
+        ),
+        (
+            "hparams",
+            "compile_module_keys",
+            "model",
+            "expected a list of strings or None, got str 'model' (from hparams)",
+        ),
+        ("run_opts", "grad_accumulation_factor", 0, "expected at least 1, got 0 (from run_opts)"),
+        (
+            "run_opts",
+            "max_grad_norm",
+            math.nan,
+            "expected a number (0 or less disables clipping), not NaN, got nan (from run_opts)",
+        ),
+        (
+            "run_opts",
+            "device",
+            "gpu:0",
+            "expected a torch device such as 'cpu', got 'gpu:0' (from run_opts)",
+        ),
+    ],
+)
+def test_bad_value_is_an_error_naming_key_value_and_source(
+    source: str, key: str, value: object, message: str
+) -> None:
+    with pytest.raises(RunOptionsError) as caught:
+        RunOptions.from_sources(**{source: {key: value}})
+    assert caught.value.key == key
+    assert str(caught.value) == f"run option {key!r}: {message}"
+
+
+def test_mapping_spellings_are_normalised() -> None:
+    options = RunOptions.from_sources(
+        run_opts={"compile_module_keys": ["model"], "max_grad_norm": 3, "ckpt_interval_minutes": 1}
+    )
+    assert options.compile_module_keys == ("model",)
+    assert options.max_grad_norm == 3.0
+    assert isinstance(options.max_grad_norm, float)
+    assert isinstance(options.ckpt_interval_minutes, float)
+
+
+def test_direct_construction_validates_too() -> None:
+    with pytest.raises(
+        RunOptionsError, match=r"run option 'nonfinite_patience': expected at least 0"
+    ):
+        RunOptions(nonfinite_patience=-1)
+
+
+def test_both_checkpoint_intervals_is_an_error() -> None:
+    with pytest.raises(RunOptionsError) as caught:
+        RunOptions(ckpt_interval_minutes=15.0, ckpt_interval_steps=100)
+    assert caught.value.key == "ckpt_interval_steps"
+    assert "cannot be set together with ckpt_interval_minutes" in str(caught.value)
+
+
+@given(
+    st.sampled_from(sorted(RUN_OPTION_VALUES)).flatmap(
+        lambda n: st.tuples(st.just(n), RUN_OPTION_VALUES[n])
+    )
+)
+def test_every_valid_value_is_accepted(name_value: tuple[str, object]) -> None:
+    name, value = name_value
+    assert getattr(RunOptions.from_sources(run_opts={name: value}), name) == value
+
+
+def test_typed_dict_declares_the_same_options_and_types() -> None:
+    hints = typing.get_type_hints(RunOptionsDict)
+    fields = {field.name: field.type for field in attrs.fields(RunOptions)}
+    assert set(hints) == set(fields)
+    for name, field_type in fields.items():
+        declared = hints[name]
+        # Mappings may spell a tuple of module keys as a list.
+        if name.endswith("_module_keys"):
+            assert declared == tuple[str, ...] | list[str] | None, name
+        else:
+            assert declared == field_type, name
+
+
+def test_brain_exposes_every_option_as_an_attribute() -> None:
+    brain = regression_brain(run_opts={"debug_batches": 9, "precision": "bf16"})
+    for name in RunOptions.names():
+        assert getattr(brain, name) == getattr(brain.run_opts, name), name
+    assert brain.debug_batches == 9
+    assert brain.precision == "bf16"
+
+
+def test_setting_an_option_attribute_validates_and_replaces_run_opts() -> None:
+    brain = regression_brain()
+    before = brain.run_opts
+    brain.max_grad_norm = 1.5
+    assert brain.run_opts.max_grad_norm == 1.5
+    assert before.max_grad_norm == 5.0  # the old options object is unchanged (frozen)
+    with pytest.raises(RunOptionsError, match="'debug_batches': expected at least 1"):
+        brain.debug_batches = 0
+    assert brain.debug_batches == 2
+
+
+def test_device_defaults_to_cuda_when_available_else_cpu() -> None:
+    brain = regression_brain()
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert brain.device == expected
+    assert brain.run_opts.device == expected
+    assert {p.device for p in brain.modules.parameters()} == {torch.device(expected)}
+
+
+def test_explicit_device_moves_the_modules() -> None:
+    brain = regression_brain(run_opts={"device": "meta"})
+    assert brain.device == "meta"
+    assert {p.device.type for p in brain.modules.parameters()} == {"meta"}
+
+
+@attrs.frozen
+class TypedHparams:
+    lr: float
+    nonfinite_patience: int
+
+
+def test_attrs_hparams_set_run_options_and_stay_typed() -> None:
+    hparams = TypedHparams(lr=0.5, nonfinite_patience=9)
+    brain: Brain[object, object, TypedHparams] = Brain(hparams=hparams)
+    assert brain.hparams is hparams
+    assert brain.nonfinite_patience == 9
+
+
+def test_mapping_hparams_set_run_options_and_read_both_ways() -> None:
+    brain = RegressionBrain(
+        {"model": torch.nn.Linear(4, 2)}, sgd(), hparams={"lr": 0.5, "debug": True}
+    )
+    assert isinstance(brain.hparams, Hparams)
+    assert brain.hparams.lr == 0.5
+    assert brain.hparams["lr"] == 0.5
+    assert brain.debug is True
+
+
+def test_run_opts_from_the_constructor_beat_hparams() -> None:
+    brain = RegressionBrain(
+        {"model": torch.nn.Linear(4, 2)},
+        sgd(),
+        hparams={"debug": True},
+        run_opts={"debug": False},
+    )
+    assert brain.debug is False
+
+
+def test_bad_hparams_run_option_fails_the_constructor() -> None:
+    with pytest.raises(RunOptionsError, match=r"'precision'.*\(from hparams\)"):
+        RegressionBrain({"model": torch.nn.Linear(4, 2)}, sgd(), hparams={"precision": "fp8"})

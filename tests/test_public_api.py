@@ -1,0 +1,61 @@
+"""The public API is exactly what ``typedbrain.__all__`` lists, each name documented."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import inspect
+import pkgutil
+
+import typedbrain
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    public = {name for name in vars(typedbrain) if not name.startswith("_")}
+    # Submodules appear as attributes once imported; they are private (underscored) or not ours.
+    public -= {name for name in public if inspect.ismodule(getattr(typedbrain, name))}
+    assert set(typedbrain.__all__) - {"__version__"} == public
+
+
+def test_all_has_no_duplicates() -> None:
+    assert len(set(typedbrain.__all__)) == len(typedbrain.__all__)
+
+
+def test_every_module_of_the_package_is_private() -> None:
+    names = [module.name for module in pkgutil.iter_modules(typedbrain.__path__)]
+    assert names
+    assert all(name.startswith("_") for name in names), names
+
+
+def test_every_public_class_and_function_has_a_docstring() -> None:
+    for name in typedbrain.__all__:
+        value = getattr(typedbrain, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert inspect.getdoc(value), name
+
+
+def test_public_names_come_from_their_defining_module() -> None:
+    for name in typedbrain.__all__:
+        value = getattr(typedbrain, name)
+        module = getattr(value, "__module__", None)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert module is not None
+            assert module.startswith("typedbrain._"), (name, module)
+            assert getattr(importlib.import_module(module), name) is value
+
+
+def test_every_public_method_of_brain_is_documented() -> None:
+    for name, member in inspect.getmembers(typedbrain.Brain):
+        if not name.startswith("_") and (
+            inspect.isfunction(member) or isinstance(member, property)
+        ):
+            assert inspect.getdoc(member), name
+
+
+def test_package_ships_its_type_information() -> None:
+    assert importlib.resources.files("typedbrain").joinpath("py.typed").is_file()
+
+
+def test_version_is_a_string() -> None:
+    assert isinstance(typedbrain.__version__, str)
+    assert typedbrain.__version__[0].isdigit()
