@@ -1,0 +1,1 @@
+"""Runnable examples of typedbrain; each folder is one recipe with its README."""

@@ -1,0 +1,1 @@
+"""Digits: a typed Brain trains an MLP on scikit-learn's handwritten digits."""
