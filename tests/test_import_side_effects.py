@@ -109,6 +109,7 @@ def test_importing_every_private_module_changes_nothing_global() -> None:
             "_distributed",
             "_epochs",
             "_hparams",
+            "_modules",
             "_numerics",
             "_options",
             "_phases",

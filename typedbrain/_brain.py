@@ -27,7 +27,7 @@ from typedbrain._data import (
     make_dataloader,
     set_loader_epoch,
 )
-from typedbrain._distributed import default_device, if_main_process, is_distributed
+from typedbrain._distributed import default_device, if_main_process
 from typedbrain._errors import (
     ConfigurationError,
     HookContractError,
@@ -35,6 +35,7 @@ from typedbrain._errors import (
     ReentrantCallError,
 )
 from typedbrain._hparams import Hparams, hparams_items, resolve_hparams
+from typedbrain._modules import compile_modules, wrap_modules
 from typedbrain._numerics import (
     autocast,
     clip_grad_norm,
@@ -611,58 +612,14 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     # Preparation (names kept from SpeechBrain: recipes override on_fit_start with them)
 
     def _compile_jit(self) -> None:
-        """``torch.compile`` / ``torch.jit.script`` the modules the run options name."""
-        if self.compile:
-            for key in self._module_keys("compile_module_keys", self.compile_module_keys):
-                if key in self._compiled:
-                    continue
-                compiled = torch.compile(
-                    self.modules[key],
-                    mode=self.compile_mode,
-                    fullgraph=self.compile_using_fullgraph,
-                    dynamic=self.compile_using_dynamic_shape_tracing,
-                )
-                self.modules[key] = cast(torch.nn.Module, compiled)
-                self._compiled.add(key)
-        if self.jit:
-            for key in self._module_keys("jit_module_keys", self.jit_module_keys):
-                if key in self._compiled:
-                    continue
-                self.modules[key] = torch.jit.script(self.modules[key])
-                self._compiled.add(key)
+        """``torch.compile`` / ``torch.jit.script`` the modules the run options name, once."""
+        compile_modules(self.modules, self.run_opts, self._compiled)
 
     def _wrap_distributed(self) -> None:
         """Wrap trainable modules in DDP (under a process group) or DataParallel, once."""
-        if self._wrapped:
-            return
-        if is_distributed():
-            device_ids = [self._device.index] if self._device.type == "cuda" else None
-            for key, module in self.modules.items():
-                if any(p.requires_grad for p in module.parameters()):
-                    wrapped = torch.nn.parallel.DistributedDataParallel(
-                        module,
-                        device_ids=device_ids,
-                        find_unused_parameters=self.find_unused_parameters,
-                    )
-                    self.modules[key] = wrapped
-                    self._ddp_modules.append(wrapped)
-        elif self.data_parallel_backend:
-            for key, module in self.modules.items():
-                if any(p.requires_grad for p in module.parameters()):
-                    self.modules[key] = torch.nn.DataParallel(module)
-        self._wrapped = True
-
-    def _module_keys(self, option: str, keys: tuple[str, ...] | None) -> tuple[str, ...]:
-        if keys is None:
-            return tuple(self.modules.keys())
-        for key in keys:
-            if key not in self.modules:
-                known = ", ".join(self.modules.keys()) or "none"
-                raise ConfigurationError(
-                    f"run option {option!r} names {key!r}, which is not one of the modules "
-                    f"({known})"
-                )
-        return keys
+        if not self._wrapped:
+            self._ddp_modules = wrap_modules(self.modules, self.run_opts, self._device)
+            self._wrapped = True
 
     # ----------------------------------------------------------------------------------------
     # The loop's inner workings

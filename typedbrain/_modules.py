@@ -1,0 +1,86 @@
+"""Preparing a brain's modules for training: compiling, scripting, wrapping for parallelism."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from typedbrain._distributed import is_distributed
+from typedbrain._errors import ConfigurationError
+from typedbrain._options import RunOptions
+
+__all__ = ["compile_modules", "wrap_modules"]
+
+
+def _selected(
+    modules: torch.nn.ModuleDict, option: str, keys: tuple[str, ...] | None
+) -> tuple[str, ...]:
+    """The module names a ``*_module_keys`` option selects: all of them when it is ``None``."""
+    if keys is None:
+        return tuple(modules.keys())
+    for key in keys:
+        if key not in modules:
+            known = ", ".join(modules.keys()) or "none"
+            raise ConfigurationError(
+                f"run option {option!r} names {key!r}, which is not one of the modules ({known})"
+            )
+    return keys
+
+
+def compile_modules(modules: torch.nn.ModuleDict, options: RunOptions, done: set[str]) -> None:
+    """``torch.compile`` (then ``torch.jit.script``) the modules the options name, in place.
+
+    A module is compiled or scripted once: its name is added to ``done``, and names already in
+    ``done`` are skipped (``fit`` may run several times). ``compile`` wins over ``jit`` for a
+    module both select.
+
+    Raises:
+        ConfigurationError: an option names a module that does not exist.
+    """
+    if options.compile:
+        for key in _selected(modules, "compile_module_keys", options.compile_module_keys):
+            if key not in done:
+                compiled = torch.compile(
+                    modules[key],
+                    mode=options.compile_mode,
+                    fullgraph=options.compile_using_fullgraph,
+                    dynamic=options.compile_using_dynamic_shape_tracing,
+                )
+                modules[key] = cast(torch.nn.Module, compiled)
+                done.add(key)
+    if options.jit:
+        for key in _selected(modules, "jit_module_keys", options.jit_module_keys):
+            if key not in done:
+                modules[key] = torch.jit.script(modules[key])
+                done.add(key)
+
+
+def wrap_modules(
+    modules: torch.nn.ModuleDict, options: RunOptions, device: torch.device
+) -> list[DistributedDataParallel]:
+    """Wrap each module with trainable parameters for parallel training, in place.
+
+    Under a ``torch.distributed`` process group the modules are wrapped in
+    ``DistributedDataParallel``; otherwise, with ``data_parallel_backend``, in ``DataParallel``.
+    Modules without trainable parameters are left alone.
+
+    Returns:
+        The DDP wrappers (for ``no_sync``); empty without a process group.
+    """
+    wrappers: list[DistributedDataParallel] = []
+    for key, module in modules.items():
+        if not any(p.requires_grad for p in module.parameters()):
+            continue
+        if is_distributed():
+            wrapper = DistributedDataParallel(
+                module,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=options.find_unused_parameters,
+            )
+            modules[key] = wrapper
+            wrappers.append(wrapper)
+        elif options.data_parallel_backend:
+            modules[key] = torch.nn.DataParallel(module)
+    return wrappers
