@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import typing
+from pathlib import Path
 
 import attrs
 import pytest
@@ -259,3 +260,15 @@ def test_run_opts_from_the_constructor_beat_hparams() -> None:
 def test_bad_hparams_run_option_fails_the_constructor() -> None:
     with pytest.raises(RunOptionsError, match=r"'precision'.*\(from hparams\)"):
         RegressionBrain({"model": torch.nn.Linear(4, 2)}, sgd(), hparams={"precision": "fp8"})
+
+
+def test_reference_page_lists_every_option_with_its_default() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "run-options.md").read_text()
+    rows = {
+        line.split("|")[1].strip().strip("`"): line.split("|")[3].strip().strip("`")
+        for line in page.splitlines()
+        if line.startswith("| `")
+    }
+    assert set(rows) == RunOptions.names()
+    for field in attrs.fields(RunOptions):
+        assert rows[field.name] == repr(field.default), field.name

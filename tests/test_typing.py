@@ -20,6 +20,7 @@ import ast
 import contextlib
 import io
 import re
+import runpy
 import tokenize
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -252,3 +253,19 @@ def test_snippet_is_valid_python_and_not_collected(path: Path) -> None:
     assert not collected, f"{_relative(path)}: pytest would collect this snippet as a test module"
     if path in PASS_FILES:
         assert not markers(path), f"{_relative(path)}: a pass snippet has '# E:' markers"
+
+
+@pytest.mark.parametrize(
+    ("page", "snippet"),
+    [("docs/typing.md", "docs_typing_example.py"), ("README.md", "readme_example.py")],
+)
+def test_documented_example_is_a_checked_pass_snippet(page: str, snippet: str) -> None:
+    """The first Python block of each page is type-checked (and run) as a pass snippet."""
+    text = (Path(__file__).resolve().parent.parent / page).read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert (SNIPPETS / "pass" / snippet).read_text() == block
+
+
+@pytest.mark.parametrize("snippet", ["docs_typing_example.py", "readme_example.py"])
+def test_documented_example_runs(snippet: str) -> None:
+    runpy.run_path(str(SNIPPETS / "pass" / snippet))
