@@ -38,15 +38,14 @@ from typedbrain._hparams import Hparams, hparams_items, resolve_hparams
 from typedbrain._modules import compile_modules, wrap_modules
 from typedbrain._numerics import (
     autocast,
-    clip_grad_norm,
     grad_scaler_for,
     gradient_norm,
-    optimized_parameters,
     scale_gradients,
     vector_weight_decay_groups,
 )
 from typedbrain._options import RunOptionAttributes, RunOptions, RunOptionsDict
 from typedbrain._phases import Phase, PhaseMachine, PhaseObserver, Stage
+from typedbrain._plan import StepPlan, unique_parameters
 from typedbrain._progress import StageProgress
 from typedbrain._protocols import CheckpointerLike, OptimizerFactory
 from typedbrain._state import TrainingProgress, converter, structure_state
@@ -63,6 +62,18 @@ HparamsT = TypeVar("HparamsT", default=Hparams)
 """The type of ``brain.hparams``: an attrs class of yours, or :class:`Hparams` for a mapping."""
 
 _NO_CONTEXT: Final = contextlib.nullcontext()
+
+# The hooks a training batch calls; when none is overridden, a plain step runs them inline.
+_PER_BATCH_HOOKS: Final = (
+    "fit_batch",
+    "on_fit_batch_start",
+    "on_fit_batch_end",
+    "check_loss_isfinite",
+    "optimizers_step",
+    "freeze_optimizers",
+    "check_gradients",
+    "update_average",
+)
 
 
 class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
@@ -150,12 +161,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         )
         if options.device is None:
             options = attrs.evolve(options, device=default_device())
+        self._plan: StepPlan | None = None
         self.run_opts = options
-        self._device = torch.device(self.device)
+        self._device = torch.device(cast(str, options.device))
         self.modules = torch.nn.ModuleDict(dict(modules or {})).to(self._device)
         self.opt_class = opt_class
         self.checkpointer = checkpointer
-        self.optimizers_dict: dict[str, torch.optim.Optimizer] = {}
+        self.optimizers_dict = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self.scaler = grad_scaler_for(self._device, options.precision)
         self.step = 0
@@ -170,6 +182,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._skipped = 0  # non-finite losses left out of it
         self._window = 0  # finite backward passes since the last optimizer step
         self._stage_batches: int | None = None  # batches the current stage will run, if known
+        self._read_tensor: Tensor | None = None  # the last loss read from its device ...
+        self._read_value = 0.0  # ... and its value
         self._compiled: set[str] = set()
         self._ddp_modules: list[torch.nn.parallel.DistributedDataParallel] = []
         self._wrapped = False
@@ -184,7 +198,27 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     @property
     def device(self) -> str:
         """The device the modules live on, e.g. ``"cpu"`` or ``"cuda:0"``."""
-        return cast(str, self.run_opts.device)
+        return self.run_opts.device or str(self._device)
+
+    @property
+    def run_opts(self) -> RunOptions:
+        """The run options in force; each one is also an attribute of the brain."""
+        return self._run_opts
+
+    @run_opts.setter
+    def run_opts(self, options: RunOptions) -> None:
+        self._run_opts = options
+        self._plan = None
+
+    @property
+    def optimizers_dict(self) -> dict[str, torch.optim.Optimizer]:
+        """Every optimizer by name, for :meth:`optimizers_step` to step."""
+        return self._optimizers
+
+    @optimizers_dict.setter
+    def optimizers_dict(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self._optimizers = optimizers
+        self._plan = None
 
     @property
     def phase(self) -> Phase:
@@ -316,18 +350,31 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         the last one, or on the last batch of the epoch. A non-finite loss skips its backward
         pass. A step applies the mean gradient of the finite batches it covers.
         """
-        should_step = self._should_step()
-        self.on_fit_batch_start(batch, should_step)
-        with self.no_sync(not should_step):
-            with autocast(self._device, self.precision):
+        plan = self._plan or self._current_plan()
+        step = self.step
+        should_step = step % plan.accumulation == 0 or step == self._stage_batches
+        if plan.call_batch_start:
+            self.on_fit_batch_start(batch, should_step)
+        with _NO_CONTEXT if should_step or not self._ddp_modules else self.no_sync():
+            with plan.train_context:
                 outputs = self.compute_forward(batch, Stage.TRAIN)
                 loss = self.compute_objectives(outputs, batch, Stage.TRAIN)
             if self.check_loss_isfinite(loss):
-                self._backward(loss)
-        if should_step:
-            self._close_window()
-        self.on_fit_batch_end(batch, outputs, loss, should_step)
-        return loss.detach().cpu()
+                scaled = loss / plan.accumulation if plan.accumulation > 1 else loss
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                torch.autograd.backward(scaled)
+                self._window += 1
+        if should_step and self._window:  # a window without finite losses has nothing to step
+            self._close_window(plan)
+        if plan.call_batch_end:
+            self.on_fit_batch_end(batch, outputs, loss, should_step)
+        result = loss.detach()
+        if not result.is_cpu:
+            result = result.cpu()
+        if loss is self._read_tensor:  # update_average will want the value read for loss
+            self._read_tensor = result
+        return result
 
     def check_loss_isfinite(self, loss: Tensor) -> bool:
         """Whether ``loss`` is finite; counts a non-finite one against ``nonfinite_patience``.
@@ -337,7 +384,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 non-finite losses.
             HookContractError: ``loss`` is not a one-element tensor.
         """
-        if math.isfinite(_loss_value(loss)):
+        try:
+            value = float(loss.item())
+        except (AttributeError, RuntimeError) as error:
+            raise _not_a_loss(loss) from error
+        # Kept for update_average, so that the loss is read from its device once per batch.
+        self._read_tensor, self._read_value = loss, value
+        if math.isfinite(value):
             return True
         self.nonfinite_count += 1
         if self.nonfinite_count > self.nonfinite_patience:
@@ -362,7 +415,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
         Clips the total gradient norm over every parameter of every optimizer's groups to
         ``max_grad_norm`` (unless it is 0 or less). With ``skip_nonfinite_grads``, non-finite
-        gradients are dropped and ``False`` returned.
+        gradients are dropped and ``False`` returned. The parameters are collected when a stage
+        starts and whenever ``run_opts`` or ``optimizers_dict`` is assigned.
 
         Args:
             loss: when given (the style of older recipes), it is checked first with
@@ -370,17 +424,16 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         """
         if loss is not None and not self.check_loss_isfinite(loss):
             return False
-        parameters = self._gradient_parameters()
-        if not parameters:
+        plan = self._plan or self._current_plan()
+        max_norm, skip_nonfinite = plan.clip_norm, plan.skip_nonfinite_grads
+        if max_norm <= 0 and not skip_nonfinite:
             return True
-        max_norm = self.max_grad_norm
+        parameters = plan.parameters
         if max_norm > 0:
-            norm = clip_grad_norm(parameters, max_norm)
-        elif self.skip_nonfinite_grads:
-            norm = gradient_norm(parameters)
+            norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         else:
-            return True
-        if self.skip_nonfinite_grads and not math.isfinite(norm.item()):
+            norm = gradient_norm(parameters)
+        if skip_nonfinite and not math.isfinite(norm.item()):
             for parameter in parameters:
                 parameter.grad = None
             logger.warning(
@@ -406,20 +459,27 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         Unscales fp16 gradients, calls :meth:`check_gradients`, steps (through the grad scaler
         for fp16) and counts the step in ``optimizer_step`` if it was taken.
         """
-        optimizers = tuple(self.freeze_optimizers(self.optimizers_dict).values())
+        plan = self._plan or self._current_plan()
+        optimizers = (
+            tuple(self.freeze_optimizers(self.optimizers_dict).values())
+            if plan.call_freeze
+            else plan.optimizers
+        )
         scaler = self.scaler
-        if scaler is not None:
+        if scaler is None:
+            stepped = self.check_gradients()
+            if stepped:
+                for optimizer in optimizers:
+                    optimizer.step()
+        else:
             for optimizer in optimizers:
                 scaler.unscale_(optimizer)
-        stepped = self.check_gradients()
-        if stepped:
-            for optimizer in optimizers:
-                if scaler is not None:
+            stepped = self.check_gradients()
+            if stepped:
+                for optimizer in optimizers:
                     scaler.step(optimizer)
-                else:
-                    optimizer.step()
-        if scaler is not None and optimizers:
-            scaler.update()
+            if optimizers:
+                scaler.update()
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         if stepped:
@@ -432,10 +492,11 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
     def evaluate_batch(self, batch: BatchT, stage: Stage) -> Tensor:
         """Compute one validation or test batch's loss (under ``torch.no_grad``), on the CPU."""
-        with autocast(self._device, self.eval_precision):
+        with (self._plan or self._current_plan()).eval_context:
             outputs = self.compute_forward(batch, stage)
             loss = self.compute_objectives(outputs, batch, stage)
-        return loss.detach().cpu()
+        result = loss.detach()
+        return result if result.is_cpu else result.cpu()
 
     def update_average(self, loss: Tensor | float, avg_loss: float) -> float:
         """Fold ``loss`` into the stage's running mean ``avg_loss``; returns the new mean.
@@ -443,7 +504,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         Non-finite losses are left out (and counted: validation and test warn about them at
         the end of the stage), so the mean is over the finite losses of the stage.
         """
-        value = float(loss)
+        if loss is self._read_tensor:
+            value = self._read_value
+        else:
+            value = _loss_value(loss) if isinstance(loss, Tensor) else float(loss)
         if not math.isfinite(value):
             self._skipped += 1
             return avg_loss
@@ -658,34 +722,81 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             return self.debug_batches if length is None else min(length, self.debug_batches)
         return length
 
-    def _should_step(self) -> bool:
-        return self.step % self.grad_accumulation_factor == 0 or self.step == self._stage_batches
-
-    def _backward(self, loss: Tensor) -> None:
-        factor = self.grad_accumulation_factor
-        if factor > 1:
-            loss = loss / factor
-        if self.scaler is not None:
-            loss = self.scaler.scale(loss)
-        torch.autograd.backward(loss)
-        self._window += 1
-
-    def _close_window(self) -> None:
+    def _close_window(self, plan: StepPlan) -> None:
         """Step the optimizers with the mean gradient of the window's finite batches."""
         backward_passes, self._window = self._window, 0
-        if backward_passes == 0:
-            return  # every loss of the window was non-finite: nothing to apply
-        factor = self.grad_accumulation_factor
-        if backward_passes < factor:
-            scale_gradients(self._gradient_parameters(), factor / backward_passes)
+        if backward_passes < plan.accumulation:
+            scale_gradients(plan.parameters, plan.accumulation / backward_passes)
         self.optimizers_step()
 
-    def _gradient_parameters(self) -> list[Tensor]:
-        if self.optimizers_dict:
-            return optimized_parameters(self.optimizers_dict.values())
-        return [p for p in self.modules.parameters() if p.grad is not None]
+    def _inline_step(self, batch: BatchT, plan: StepPlan) -> None:
+        """One training batch as the default hooks would run it, without calling them.
+
+        Used when none of the per-batch hooks is overridden and the step is a plain one (see
+        ``StepPlan.inline_steps``): it is ``fit_batch`` -> ``check_loss_isfinite`` ->
+        ``optimizers_step`` -> ``check_gradients`` -> ``update_average`` with the calls (a fifth
+        of a small model's step) taken out. tests/test_inline_steps.py checks that both ways end
+        bit for bit in the same state.
+        """
+        with plan.train_context:
+            outputs = self.compute_forward(batch, Stage.TRAIN)
+            loss = self.compute_objectives(outputs, batch, Stage.TRAIN)
+        value = _loss_value(loss)
+        if not math.isfinite(value):
+            self.check_loss_isfinite(loss)  # counts it, warns or raises NonFiniteLossError
+            self._skipped += 1
+            return
+        torch.autograd.backward(loss)
+        if plan.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(plan.parameters, plan.clip_norm)
+        for optimizer in plan.optimizers:
+            optimizer.step()
+        for optimizer in plan.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.optimizer_step += 1
+        self._averaged += 1
+        self.avg_train_loss += (value - self.avg_train_loss) / self._averaged
+
+    def _current_plan(self) -> StepPlan:
+        plan = self._plan
+        if plan is None:
+            plan = self._plan = self._make_plan()
+        return plan
+
+    def _make_plan(self) -> StepPlan:
+        options = self.run_opts
+        optimizers = tuple(self.optimizers_dict.values())
+        inline_steps = (
+            options.grad_accumulation_factor == 1
+            and self.scaler is None
+            and not self._ddp_modules
+            and not options.skip_nonfinite_grads
+            and not any(self._overrides(hook) for hook in _PER_BATCH_HOOKS)
+        )
+        return StepPlan(
+            accumulation=options.grad_accumulation_factor,
+            train_context=autocast(self._device, options.precision),
+            eval_context=autocast(self._device, options.eval_precision),
+            step_limit=options.optimizer_step_limit,
+            batch_limit=options.debug_batches if options.debug else None,
+            clip_norm=options.max_grad_norm,
+            skip_nonfinite_grads=options.skip_nonfinite_grads,
+            parameters=(
+                unique_parameters(optimizers) if optimizers else tuple(self.modules.parameters())
+            ),
+            call_batch_start=self._overrides("on_fit_batch_start"),
+            call_batch_end=self._overrides("on_fit_batch_end"),
+            call_freeze=self._overrides("freeze_optimizers"),
+            optimizers=optimizers,
+            inline_steps=inline_steps,
+        )
+
+    def _overrides(self, hook: str) -> bool:
+        """Whether ``hook`` is not the base class's own (on this instance or its class)."""
+        return hook in vars(self) or getattr(type(self), hook) is not getattr(Brain, hook)
 
     def _start_stage(self, stage: Stage, epoch: int | None) -> None:
+        self._plan = None  # rebuilt for this stage, after on_stage_start's changes
         self._epoch = epoch
         self._averaged = 0
         self._skipped = 0
@@ -718,15 +829,21 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 )
             )
             for batch in batches:
-                if self._step_limit_reached():
+                plan = self._plan or self._current_plan()
+                if plan.step_limit is not None and self.optimizer_step >= plan.step_limit:
                     break
                 self.step += 1
-                loss = self.fit_batch(batch)
-                self.avg_train_loss = self.update_average(loss, self.avg_train_loss)
-                batches.show_loss("train_loss", self.avg_train_loss)
+                if plan.inline_steps:
+                    self._inline_step(batch, plan)
+                else:
+                    self._read_tensor = None  # a loss is read once per batch, not across batches
+                    loss = self.fit_batch(batch)
+                    self.avg_train_loss = self.update_average(loss, self.avg_train_loss)
+                if show:
+                    batches.show_loss("train_loss", self.avg_train_loss)
                 if profiler is not None:
                     profiler.step()
-                if self.debug and self.step >= self.debug_batches:
+                if plan.batch_limit is not None and self.step >= plan.batch_limit:
                     break
         if self._window > 0:
             logger.info(
@@ -734,7 +851,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 epoch,
                 self._window,
             )
-            self._close_window()
+            self._close_window(self._plan or self._current_plan())
         self.zero_grad(set_to_none=True)
         self.on_stage_end(Stage.TRAIN, self.avg_train_loss, epoch)
         self.avg_train_loss = 0.0
@@ -764,10 +881,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         ):
             for batch in batches:
                 self.step += 1
+                self._read_tensor = None
                 loss = self.evaluate_batch(batch, stage)
                 avg_loss = self.update_average(loss, avg_loss)
-                batches.show_loss(f"{stage.value}_loss", avg_loss)
-                if self.debug and self.step >= self.debug_batches:
+                if show:
+                    batches.show_loss(f"{stage.value}_loss", avg_loss)
+                batch_limit = self._current_plan().batch_limit
+                if batch_limit is not None and self.step >= batch_limit:
                     break
         if self._skipped:
             logger.warning(
@@ -807,14 +927,19 @@ def _declared_hparams(cls: type[object]) -> object:
     return None
 
 
-def _loss_value(loss: object) -> float:
+def _loss_value(loss: Tensor) -> float:
     """The loss as a Python float, with a clear error when it is not a one-element tensor."""
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise HookContractError(
-            f"compute_objectives() must return a one-element tensor (the loss), got {shape}"
-        )
-    return float(loss.detach().item())
+    try:
+        return float(loss.item())
+    except (AttributeError, RuntimeError) as error:
+        raise _not_a_loss(loss) from error
+
+
+def _not_a_loss(loss: object) -> HookContractError:
+    shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+    return HookContractError(
+        f"compute_objectives() must return a one-element tensor (the loss), got {shape}"
+    )
 
 
 class _BrainProgress:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Final
 
@@ -14,10 +14,8 @@ from typedbrain._options import Precision
 __all__ = [
     "PRECISION_DTYPES",
     "autocast",
-    "clip_grad_norm",
     "grad_scaler_for",
     "gradient_norm",
-    "optimized_parameters",
     "scale_gradients",
     "vector_weight_decay_groups",
 ]
@@ -53,32 +51,12 @@ def grad_scaler_for(device: torch.device, precision: Precision) -> torch.amp.Gra
     return torch.amp.GradScaler(device.type)
 
 
-def optimized_parameters(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.Tensor]:
-    """Every parameter of every group of ``optimizers`` that has a gradient, each once."""
-    found: dict[torch.Tensor, None] = {}
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    found[param] = None
-    return list(found)
-
-
-def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip the total 2-norm of the gradients of ``parameters`` to ``max_norm``, in place.
-
-    Returns:
-        The total norm before clipping (non-finite if any gradient is).
-    """
-    return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-
-
-def gradient_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
+def gradient_norm(parameters: Sequence[torch.Tensor]) -> torch.Tensor:
     """The total 2-norm of the gradients of ``parameters``."""
     return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
-def scale_gradients(parameters: list[torch.Tensor], factor: float) -> None:
+def scale_gradients(parameters: Sequence[torch.Tensor], factor: float) -> None:
     """Multiply the gradients of ``parameters`` by ``factor``, in place."""
     grads = [param.grad for param in parameters if param.grad is not None]
     if grads:

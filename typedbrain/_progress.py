@@ -41,9 +41,9 @@ class StageProgress(Generic[_T]):
 
     def __iter__(self) -> Iterator[_T]:
         bar = self._bar
-        if bar is None:
-            yield from self._batches
-            return
+        return iter(self._batches) if bar is None else self._counted(bar)
+
+    def _counted(self, bar: tqdm[Never]) -> Iterator[_T]:
         # Counted by hand rather than by iterating tqdm, which closes the bar as soon as the
         # batches run out, before the last loss can be shown.
         for batch in self._batches:
