@@ -1,0 +1,426 @@
+"""A sampler whose order is a pure function of (seed, epoch, rank, world size), and can resume.
+
+``ResumableSampler`` replaces ``shuffle=True`` in the loaders that ``make_dataloader`` builds: it
+derives each epoch's order from its seed and the epoch alone, never from the global RNG, so a new
+process rebuilds exactly the order an interrupted run was following, and ``start_at`` skips the
+samples already consumed without loading them. ``Positionable`` is the one-method protocol that
+lets your own samplers and batch samplers opt in to the same skipping.
+
+``set_loader_epoch`` and ``position_loader`` prepare any ``DataLoader`` for an epoch (and, on a
+resume, position it); ``find_resumable_sampler`` finds the sampler whose state a checkpoint keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sized
+from dataclasses import dataclass
+from typing import Protocol, cast, runtime_checkable
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler
+
+from typedbrain._errors import ConfigurationError, ResumeWarning
+
+__all__ = [
+    "Positionable",
+    "ResumableSampler",
+    "check_int",
+    "find_resumable_sampler",
+    "mix_seed",
+    "position_loader",
+    "register_loader_seeding",
+    "set_loader_epoch",
+]
+
+logger = logging.getLogger(__name__)
+
+_SEED_BITS = 63
+"""Derived seeds are non-negative 63-bit integers: every RNG we seed accepts them."""
+
+
+def mix_seed(purpose: str, *values: int | str) -> int:
+    """A well-mixed, non-negative 63-bit seed derived from ``purpose`` and ``values``.
+
+    The same arguments give the same seed in every process, platform and Python version (it is a
+    BLAKE2b digest, not Python's salted ``hash``), and nearby inputs (seed 1 and 2, epoch 3 and 4)
+    give unrelated seeds, which ``seed + epoch`` would not. ``purpose`` separates the streams
+    derived from one seed (the sampler order, the worker seeds...).
+
+    Args:
+        purpose: a short tag naming what the seed is for.
+        values: what the seed depends on: integers (any size, any sign) or strings (``1`` and
+            ``"1"`` give different seeds).
+
+    Returns:
+        An integer in ``[0, 2**63)``.
+    """
+    text = ",".join([repr(purpose), *(repr(value) for value in values)])
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> (64 - _SEED_BITS)
+
+
+@runtime_checkable
+class Positionable(Protocol):
+    """A sampler or batch sampler that can start its next iteration part-way through.
+
+    Implement ``start_at`` on your own sampler (counted in samples) or batch sampler (counted in
+    batches) and a resumed run skips what was consumed without loading it; without it, the loader
+    is fast-forwarded by drawing batches (see :func:`position_loader`).
+    """
+
+    def start_at(self, position: int) -> None:
+        """Make the next iteration start at ``position`` (0-based) of the epoch's sequence.
+
+        The position applies to the next iteration only; the one after starts from 0 again.
+        """
+
+
+def check_int(name: str, value: object, *, minimum: int | None) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``.
+
+    Raises:
+        ConfigurationError: it is not, naming ``name`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigurationError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+class ResumableSampler(Sampler[int]):
+    """Indices of a map-style dataset, in an order fixed by (seed, epoch, rank, world size).
+
+    Each epoch's order is a permutation of ``range(n)`` drawn by a private ``torch.Generator``
+    seeded from a hash of (seed, epoch), or ``0 .. n-1`` without shuffling; the global RNG is
+    never used. With ``world_size > 1`` the permutation is padded by repeating it from the start
+    to a multiple of ``world_size``, and rank ``r`` takes positions ``r, r + world_size, ...``
+    (``DistributedSampler``'s layout), so the ranks partition the padded epoch.
+
+    Example:
+        >>> sampler = ResumableSampler(10, shuffle=True, seed=7)
+        >>> sampler.set_epoch(3)
+        >>> full = list(sampler)
+        >>> sampler.start_at(4)  # e.g. 2 batches of 2 were consumed before an interruption
+        >>> list(sampler) == full[4:]
+        True
+        >>> list(sampler) == full  # the position applied once
+        True
+
+    Args:
+        data_source: the dataset (only its length is used, read at each iteration) or the
+            number of samples.
+        shuffle: draw a new permutation each epoch; ``False`` keeps ``0 .. n-1``.
+        seed: the seed the orders derive from; the same seed gives the same orders anywhere.
+        rank: this process's rank, ``0 <= rank < world_size``.
+        world_size: the number of ranks sharing the epoch.
+
+    Raises:
+        ConfigurationError: an argument of the wrong type or out of range (the message names it
+            and the value).
+    """
+
+    def __init__(
+        self,
+        data_source: Sized | int,
+        *,
+        shuffle: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if isinstance(data_source, int) and not isinstance(data_source, bool):
+            check_int("data_source", data_source, minimum=0)
+        elif not isinstance(data_source, Sized):
+            raise ConfigurationError(
+                f"data_source must be a sized dataset or an int, got {type(data_source).__name__}"
+            )
+        if not isinstance(shuffle, bool):
+            raise ConfigurationError(f"shuffle must be a bool, got {shuffle!r}")
+        check_int("seed", seed, minimum=None)
+        check_int("world_size", world_size, minimum=1)
+        check_int("rank", rank, minimum=0)
+        if rank >= world_size:
+            raise ConfigurationError(f"rank must be < world_size={world_size}, got {rank!r}")
+        self._source = data_source
+        self._shuffle = shuffle
+        self._seed = seed
+        self._rank = rank
+        self._world_size = world_size
+        self._epoch = 0
+        self._position = 0
+
+    @property
+    def seed(self) -> int:
+        """The seed every epoch's order derives from."""
+        return self._seed
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose order the next iteration yields (0 until ``set_epoch``)."""
+        return self._epoch
+
+    @property
+    def shuffle(self) -> bool:
+        """Whether each epoch draws a new permutation."""
+        return self._shuffle
+
+    @property
+    def rank(self) -> int:
+        """This process's rank among ``world_size``."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks sharing each epoch."""
+        return self._world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration yields, and drop any pending ``start_at``.
+
+        Raises:
+            ConfigurationError: ``epoch`` is negative or not an int.
+        """
+        self._epoch = check_int("epoch", epoch, minimum=0)
+        self._position = 0
+
+    def start_at(self, position: int) -> None:
+        """Make the next iteration start at ``position`` of this rank's sequence (in samples).
+
+        Positions count from 0; ``position == len(self)`` makes the next iteration empty. The
+        position applies to the next iteration only (and ``set_epoch`` cancels it). Skipping
+        costs the same at any position: the epoch's order is sliced, nothing skipped is visited.
+
+        Raises:
+            ConfigurationError: ``position`` is negative, not an int, or beyond ``len(self)``.
+        """
+        check_int("position", position, minimum=0)
+        length = len(self)
+        if position > length:
+            raise ConfigurationError(
+                f"position must be <= {length} (this rank's samples per epoch), got {position!r}"
+            )
+        self._position = position
+
+    def _size(self) -> int:
+        return self._source if isinstance(self._source, int) else len(self._source)
+
+    def __len__(self) -> int:
+        """The number of indices this rank yields per epoch, padding included."""
+        return (self._size() + self._world_size - 1) // self._world_size
+
+    def epoch_order(self) -> torch.Tensor:
+        """This rank's full index sequence for the current epoch, as a 1-D int64 tensor.
+
+        It ignores any pending ``start_at`` and changes no state.
+        """
+        size = self._size()
+        if size == 0:
+            return torch.empty(0, dtype=torch.int64)
+        if self._shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(mix_seed("typedbrain.sampler", self._seed, self._epoch))
+            order = torch.randperm(size, generator=generator)
+        else:
+            order = torch.arange(size, dtype=torch.int64)
+        if self._world_size == 1:
+            return order
+        total = len(self) * self._world_size
+        if total > size:
+            order = order.repeat(-(-total // size))[:total]
+        return order[self._rank :: self._world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        """The current epoch's indices from the pending position (then the position resets)."""
+        position, self._position = self._position, 0
+        order = self.epoch_order()[position:]
+        return iter(order.tolist())
+
+    def state_dict(self) -> dict[str, int]:
+        """The seed and epoch: with the constructor arguments, all that fixes the order."""
+        return {"seed": self._seed, "epoch": self._epoch}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore a ``state_dict``: seed and epoch (a pending ``start_at`` is dropped).
+
+        Raises:
+            ConfigurationError: ``state`` lacks ``seed`` or ``epoch``, or one is not an int.
+        """
+        for key in ("seed", "epoch"):
+            if key not in state:
+                raise ConfigurationError(f"sampler state lacks {key!r}; it has {sorted(state)!r}")
+        seed = check_int("seed", state["seed"], minimum=None)
+        self.set_epoch(state["epoch"])
+        self._seed = seed
+        logger.debug("sampler state loaded: seed=%d epoch=%d", seed, self._epoch)
+
+
+# --- positioning loaders -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LoaderSeeding:
+    """What ``make_dataloader`` installed on a loader, to be reseeded for each epoch."""
+
+    seed: int
+    generator: torch.Generator | None
+    set_dataset_epoch: Callable[[int], None] | None
+
+
+_SEEDINGS: weakref.WeakKeyDictionary[DataLoader[object], _LoaderSeeding] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def register_loader_seeding(
+    loader: DataLoader[object],
+    *,
+    seed: int,
+    generator: torch.Generator | None,
+    set_dataset_epoch: Callable[[int], None] | None,
+) -> None:
+    """Record what ``make_dataloader`` installed, for :func:`set_loader_epoch` to reseed.
+
+    Args:
+        loader: the loader just built (held weakly: registering keeps nothing alive).
+        seed: the loader's seed.
+        generator: the loader's own generator, reseeded from (seed, epoch) each epoch; ``None``
+            when the user supplied one (it is left alone).
+        set_dataset_epoch: tells the worker-seeding dataset wrapper the epoch, if there is one.
+    """
+    _SEEDINGS[loader] = _LoaderSeeding(seed, generator, set_dataset_epoch)
+
+
+def _samplers(loader: DataLoader[object]) -> list[object]:
+    """The loader's sampler, batch sampler and batch sampler's sampler, each once."""
+    batch_sampler = loader.batch_sampler
+    found: list[object] = []
+    for candidate in (loader.sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+        if candidate is not None and all(candidate is not seen for seen in found):
+            found.append(candidate)
+    return found
+
+
+def set_loader_epoch(loader: DataLoader[object], epoch: int) -> None:
+    """Prepare ``loader`` for ``epoch``: tell its samplers, reseed what ``make_dataloader`` added.
+
+    Samplers with a ``set_epoch`` method (``ResumableSampler``, ``DistributedSampler``, your
+    own) use it to draw the epoch's order. The sampler, the batch sampler and the sampler inside
+    the batch sampler are each told once, so your batch samplers hear of the epoch too (which
+    SpeechBrain omits). A loader built by ``make_dataloader`` also gets its generator
+    reseeded from (seed, epoch) and, with workers, its dataset wrapper's epoch set. Call it
+    before ``iter(loader)``.
+    """
+    for candidate in _samplers(loader):
+        set_epoch = getattr(candidate, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+    seeding = _SEEDINGS.get(loader)
+    if seeding is not None:
+        if seeding.generator is not None:
+            seeding.generator.manual_seed(mix_seed("typedbrain.loader", seeding.seed, epoch))
+        if seeding.set_dataset_epoch is not None:
+            seeding.set_dataset_epoch(epoch)
+
+
+def _batch_count(batcher: object) -> int | None:
+    try:
+        return len(cast(Sized, batcher))
+    except TypeError:
+        return None
+
+
+def _check_batches_done(batches_done: int, available: int | None) -> None:
+    if available is not None and batches_done > available:
+        raise ConfigurationError(
+            f"batches_done must be <= {available} (the loader's batches per epoch), "
+            f"got {batches_done!r}"
+        )
+
+
+def position_loader(loader: DataLoader[object], *, epoch: int, batches_done: int) -> bool:
+    """Prepare ``loader`` for ``epoch`` so its next iteration skips ``batches_done`` batches.
+
+    It calls :func:`set_loader_epoch`, then arranges for the skip without loading anything:
+
+    - a torch ``BatchSampler`` (what ``batch_size=...`` builds) over a
+      :class:`Positionable` sampler: the sampler starts at
+      ``batches_done * batch_size``;
+    - a ``Positionable`` batch sampler: it starts at ``batches_done``;
+    - no automatic batching (``batch_size=None``) and a ``Positionable`` sampler: it starts at
+      ``batches_done``.
+
+    The position applies to the next iteration only. Anything else (a sampler without
+    ``start_at``, an ``IterableDataset``) cannot be positioned: with ``batches_done > 0`` this
+    warns and returns ``False``, and the caller fast-forwards by drawing and discarding
+    ``batches_done`` batches.
+
+    Args:
+        loader: the loader the epoch iterates over.
+        epoch: the epoch about to run.
+        batches_done: how many of the epoch's batches were consumed before the interruption
+            (0 for a fresh epoch).
+
+    Returns:
+        ``True`` when the next iteration starts at batch ``batches_done`` (always so for 0),
+        ``False`` when the caller must skip the batches itself.
+
+    Raises:
+        ConfigurationError: ``batches_done`` is negative or more than the epoch's batches.
+
+    Warns:
+        ResumeWarning: the loader cannot be positioned and ``batches_done > 0``.
+    """
+    check_int("batches_done", batches_done, minimum=0)
+    set_loader_epoch(loader, epoch)
+    # Typed as object: mypy cannot intersect torch's declared types with Positionable.
+    batch_sampler: object = loader.batch_sampler
+    sampler: object = loader.sampler
+    if isinstance(batch_sampler, Positionable):
+        _check_batches_done(batches_done, _batch_count(batch_sampler))
+        batch_sampler.start_at(batches_done)
+        return True
+    if type(batch_sampler) is BatchSampler and isinstance(batch_sampler.sampler, Positionable):
+        _check_batches_done(batches_done, _batch_count(batch_sampler))
+        position = batches_done * batch_sampler.batch_size
+        samples = _batch_count(batch_sampler.sampler)
+        # The last partial batch may be shorter: skipping all the batches skips all samples.
+        batch_sampler.sampler.start_at(position if samples is None else min(position, samples))
+        return True
+    if batch_sampler is None and isinstance(sampler, Positionable):
+        _check_batches_done(batches_done, _batch_count(sampler))
+        sampler.start_at(batches_done)
+        return True
+    if batches_done == 0:
+        return True
+    if isinstance(loader.dataset, IterableDataset):
+        culprit = f"the IterableDataset {type(loader.dataset).__qualname__}"
+    elif batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+        culprit = f"the batch sampler {type(batch_sampler).__qualname__}"
+    else:
+        culprit = f"the sampler {type(sampler).__qualname__}"
+    warnings.warn(
+        f"cannot skip the {batches_done} batches already consumed in epoch {epoch} without "
+        f"loading them: {culprit} has no start_at method (see typedbrain's Positionable); "
+        f"the loader will be fast-forwarded by drawing and discarding {batches_done} batches, "
+        "which loads their data and is slower",
+        ResumeWarning,
+        stacklevel=2,
+    )
+    return False
+
+
+def find_resumable_sampler(loader: DataLoader[object]) -> ResumableSampler | None:
+    """The loader's :class:`ResumableSampler`, if it has one.
+
+    It looks at the sampler, the batch sampler and the batch sampler's sampler, in that order.
+    The training loop saves and restores the sampler's ``state_dict`` through it.
+    """
+    for candidate in _samplers(loader):
+        if isinstance(candidate, ResumableSampler):
+            return candidate
+    return None
