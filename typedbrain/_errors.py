@@ -9,13 +9,19 @@ if TYPE_CHECKING:
     from typedbrain._phases import Phase
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointWarning",
     "ConfigurationError",
+    "CorruptCheckpointError",
     "HookContractError",
     "NonFiniteLossError",
     "PhaseTransitionError",
     "ReentrantCallError",
+    "ResumeWarning",
     "RunOptionsError",
+    "TrainingInterruptedError",
     "TypedBrainError",
+    "UnsafeCheckpointError",
 ]
 
 
@@ -33,7 +39,11 @@ class ConfigurationError(TypedBrainError, ValueError):
 
 @final
 class HookContractError(TypedBrainError, TypeError):
-    """A hook returned something the training loop cannot use (a loss that is not a scalar)."""
+    """A hook breaks its contract.
+
+    It returned something the loop cannot use (a loss that is not a scalar), or a checkpoint
+    hook has the wrong signature.
+    """
 
 
 @final
@@ -129,3 +139,84 @@ class NonFiniteLossError(TypedBrainError, FloatingPointError):
         self.step = step
         self.count = count
         self.patience = patience
+
+
+class CheckpointError(TypedBrainError):
+    """A checkpoint could not be written, found or loaded; the message names the folder or file."""
+
+
+@final
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint folder failed verification and is not loaded.
+
+    The manifest is missing or unreadable, a file is missing, its size or checksum is wrong, or
+    it does not load.
+
+    Attributes:
+        path: the checkpoint folder (or file) at fault.
+        reason: what is wrong with it, in words.
+    """
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"checkpoint {path} is not usable: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@final
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file was refused because loading it would mean unpickling arbitrary objects.
+
+    Nothing from the file ran: it was read with ``weights_only=True``, which rejects code and
+    classes outside torch's allow-list.
+
+    Attributes:
+        path: the file that was refused.
+    """
+
+    def __init__(self, path: object, detail: str) -> None:
+        super().__init__(
+            f"refused to load {path}: it holds objects that loading with weights_only=True does "
+            f"not allow, and typedbrain never unpickles arbitrary objects ({detail})"
+        )
+        self.path = path
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint folder was skipped (uncommitted or corrupt) in favour of an older good one."""
+
+
+class ResumeWarning(UserWarning):
+    """A run resumes in a way that may be slow or inexact; the message says why.
+
+    For instance a data loader whose sampler cannot be positioned is fast-forwarded by drawing
+    (and loading) the batches already consumed.
+    """
+
+
+@final
+class TrainingInterruptedError(TypedBrainError, SystemExit):
+    """``fit`` stopped on SIGTERM or SIGINT after finishing its current batch.
+
+    With a checkpointer, an intra-epoch checkpoint was saved first: running the same script
+    again resumes where this run stopped. Left uncaught, it ends the process with exit status
+    ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), the status a shell reports for a process
+    the signal killed, so job schedulers see a preempted run.
+
+    Attributes:
+        signal: the signal's number.
+        code: the exit status (``SystemExit``'s attribute).
+        checkpoint_saved: whether a checkpoint was saved before stopping.
+    """
+
+    def __init__(self, signal: int, *, checkpoint_saved: bool) -> None:
+        saved = (
+            "a checkpoint was saved: run again to resume"
+            if checkpoint_saved
+            else "no checkpoint was saved at this point: a run started again resumes from the "
+            "last committed checkpoint, if there is one"
+        )
+        super().__init__(f"training stopped by signal {signal}; {saved}")
+        self.signal = signal
+        self.code = 128 + signal
+        self.checkpoint_saved = checkpoint_saved

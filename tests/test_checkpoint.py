@@ -1,0 +1,682 @@
+"""Checkpointer: round trips, keep/find policies, partial loads, averaging, meta, commit order."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from typedbrain._checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    average_checkpoints,
+    ckpt_recency,
+    verify_checkpoint,
+)
+from typedbrain._epochs import EpochCounter
+from typedbrain._errors import CheckpointError, ConfigurationError
+from typedbrain._protocols import CheckpointerLike
+
+
+def assert_state_equal(actual: object, expected: object, where: str = "$") -> None:
+    """Deep equality of state dicts: tensors with torch.equal (same dtype), the rest with ==."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), where
+        assert actual.dtype == expected.dtype, where
+        assert torch.equal(actual, expected), where
+    elif isinstance(expected, Mapping):
+        assert isinstance(actual, Mapping), where
+        assert set(actual) == set(expected), where
+        for key in expected:
+            assert_state_equal(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, list | tuple):
+        assert isinstance(actual, list | tuple), where
+        assert len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_state_equal(a, e, f"{where}[{index}]")
+    else:
+        assert actual == expected, where
+
+
+class _Training:
+    """A model, two optimizers, two schedulers, a scaler and a counter, a few steps in."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        torch.manual_seed(seed)
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)
+        )
+        self.sgd = torch.optim.SGD(self.model[0].parameters(), lr=0.1, momentum=0.9)
+        self.adam = torch.optim.Adam(self.model[2].parameters(), lr=0.01)
+        self.step_lr = torch.optim.lr_scheduler.StepLR(self.sgd, step_size=2, gamma=0.5)
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(self.adam, patience=0)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        self.counter = EpochCounter(limit=10)
+        for step in range(steps):
+            loss = self.model(torch.randn(5, 4)).pow(2).mean()
+            self.scaler.scale(loss).backward()
+            for optimizer in (self.sgd, self.adam):
+                self.scaler.step(optimizer)
+                optimizer.zero_grad()
+            self.scaler.update()
+            self.step_lr.step()
+            self.plateau.step(1.0 + step)  # never improves: the LR is cut
+            next(self.counter)
+
+    def recoverables(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "sgd": self.sgd,
+            "adam": self.adam,
+            "step_lr": self.step_lr,
+            "plateau": self.plateau,
+            "scaler": self.scaler,
+            "counter": self.counter,
+        }
+
+    def states(self) -> dict[str, object]:
+        return {
+            name: obj.state_dict()  # type: ignore[attr-defined]  # every recoverable is Stateful
+            for name, obj in self.recoverables().items()
+        }
+
+
+def test_round_trip_restores_module_optimizers_schedulers_scaler_and_counter_exactly(
+    tmp_path: Path,
+) -> None:
+    trained = _Training(seed=0, steps=3)
+    Checkpointer(tmp_path, trained.recoverables()).save_checkpoint()
+    fresh = _Training(seed=1, steps=0)
+    assert fresh.counter.current == 0
+
+    checkpoint = Checkpointer(tmp_path, fresh.recoverables()).recover_if_possible(device="cpu")
+
+    assert checkpoint is not None
+    assert_state_equal(fresh.states(), trained.states())
+    assert fresh.counter.current == 3
+    assert fresh.scaler.get_scale() == trained.scaler.get_scale()
+    assert fresh.plateau.num_bad_epochs == trained.plateau.num_bad_epochs
+
+
+def test_round_trip_negative_control_detects_a_different_state(tmp_path: Path) -> None:
+    trained = _Training(seed=0, steps=3)
+    fresh = _Training(seed=1, steps=0)
+    with pytest.raises(AssertionError):
+        assert_state_equal(fresh.states(), trained.states())
+
+
+def test_recover_without_any_checkpoint_returns_none_and_changes_nothing(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert Checkpointer(tmp_path / "missing", {"model": model}).recover_if_possible() is None
+    assert_state_equal(model.state_dict(), before)
+
+
+def test_checkpoint_folder_holds_one_file_per_recoverable_and_a_manifest(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(
+        tmp_path, {"model": torch.nn.Linear(2, 2), "counter": EpochCounter(3)}
+    )
+    checkpoint = checkpointer.save_checkpoint(meta={"loss": 0.5}, end_of_epoch=False)
+
+    assert checkpoint.path.parent == tmp_path
+    assert checkpoint.path.name.startswith("CKPT+")
+    assert sorted(p.name for p in checkpoint.path.iterdir()) == [
+        "MANIFEST.json",
+        "counter.ckpt",
+        "model.ckpt",
+    ]
+    assert checkpoint.paramfiles == {
+        "model": checkpoint.path / "model.ckpt",
+        "counter": checkpoint.path / "counter.ckpt",
+    }
+    manifest = json.loads((checkpoint.path / "MANIFEST.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["sequence"] == 1
+    assert manifest["end_of_epoch"] is False
+    assert manifest["meta"] == {"loss": 0.5}
+    assert manifest["torch_version"] == str(torch.__version__)
+    assert set(manifest["typedbrain_version"]) <= set("0123456789.abcdevr+")
+    for name, record in manifest["files"].items():
+        assert record["size"] == (checkpoint.path / f"{name}.ckpt").stat().st_size
+    # What save_checkpoint returns is what the folder says.
+    assert verify_checkpoint(checkpoint.path) == checkpoint
+    assert checkpointer.list_checkpoints() == [checkpoint]
+
+
+def test_sequence_numbers_increase_and_define_recency(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    first = checkpointer.save_checkpoint(name="zzz-first")
+    second = checkpointer.save_checkpoint(name="aaa-second")
+    assert (first.sequence, second.sequence) == (1, 2)
+    # Recency is the sequence number, not the folder name or the clock.
+    assert checkpointer.find_checkpoint() == second
+    assert checkpointer.list_checkpoints() == [first, second]
+
+
+def test_checkpoints_saved_within_one_second_get_distinct_default_names(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    paths = {checkpointer.save_checkpoint().path for _ in range(3)}
+    assert len(paths) == 3
+
+
+def test_a_given_name_that_exists_or_is_not_a_plain_name_is_refused(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    checkpointer.save_checkpoint(name="best")
+    with pytest.raises(CheckpointError, match="best"):
+        checkpointer.save_checkpoint(name="best")
+    for bad in ("../escape", "a/b", ".hidden", ""):
+        with pytest.raises(ConfigurationError, match="plain folder name"):
+            checkpointer.save_checkpoint(name=bad)
+    assert [c.path.name for c in checkpointer.list_checkpoints()] == ["best"]
+
+
+def test_recoverable_names_must_be_plain_file_names(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path)
+    for bad in ("../model", "a/b", ".model", ""):
+        with pytest.raises(ConfigurationError, match="plain file name"):
+            checkpointer.add_recoverable(bad, torch.nn.Linear(1, 1))
+
+
+def test_watched_phase_is_recorded_in_the_manifest(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    assert checkpointer.save_checkpoint().phase is None
+    phases = iter(["TRAIN", None])
+    checkpointer.watch_phase(lambda: next(phases))
+    assert checkpointer.save_checkpoint().phase == "TRAIN"
+    assert checkpointer.save_checkpoint().phase is None
+    assert [c.phase for c in checkpointer.list_checkpoints()] == [None, "TRAIN", None]
+
+
+def test_re_adding_a_name_replaces_the_object(tmp_path: Path) -> None:
+    first, second = EpochCounter(5), EpochCounter(5)
+    second.current = 4
+    checkpointer = Checkpointer(tmp_path, {"counter": first})
+    checkpointer.add_recoverable("counter", second)
+    assert checkpointer.recoverables == {"counter": second}
+    checkpointer.save_checkpoint()
+    restored = EpochCounter(5)
+    Checkpointer(tmp_path, {"counter": restored}).recover_if_possible()
+    assert restored.current == 4
+
+
+def test_an_object_neither_stateful_nor_hooked_is_refused_at_registration(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"recoverable 'vocab'.*list"):
+        Checkpointer(tmp_path, {"vocab": ["a", "b"]})
+
+
+def test_checkpointer_satisfies_checkpointer_like(tmp_path: Path) -> None:
+    # The annotation is the test: mypy checks the structural match.
+    checkpointer: CheckpointerLike = Checkpointer(tmp_path)
+    checkpointer.add_recoverable("counter", EpochCounter(2))
+    assert checkpointer.recover_if_possible(min_key="loss") is None
+
+
+def test_checkpoints_are_hashable_and_compare_by_content(tmp_path: Path) -> None:
+    checkpoint = Checkpointer(tmp_path, {"counter": EpochCounter(2)}).save_checkpoint(
+        meta={"a": [1, {"b": None}]}
+    )
+    assert {checkpoint, verify_checkpoint(checkpoint.path)} == {checkpoint}
+
+
+# ---------------------------------------------------------------------------- meta
+
+
+def test_meta_accepts_json_data_and_converts_scalars(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    checkpoint = checkpointer.save_checkpoint(
+        meta={
+            "loss": torch.tensor(0.25),
+            "steps": torch.tensor(7),
+            "np_float": np.float32(1.5),
+            "np_int": np.int64(3),
+            "np_bool": np.bool_(True),
+            "nested": {"list": [1, 2.5, "x", None, (True, False)]},
+            "inf": float("inf"),
+        }
+    )
+    expected = {
+        "loss": 0.25,
+        "steps": 7,
+        "np_float": 1.5,
+        "np_int": 3,
+        "np_bool": True,
+        "nested": {"list": [1, 2.5, "x", None, [True, False]]},
+        "inf": float("inf"),
+    }
+    assert checkpoint.meta == expected
+    (listed,) = checkpointer.list_checkpoints()
+    assert listed.meta == expected
+    assert type(listed.meta["np_int"]) is int
+    assert type(listed.meta["np_float"]) is float
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ({"vocab": {"a", "b"}}, r"meta 'vocab': 'vocab' is a set"),
+        ({"loss": torch.tensor([1.0, 2.0])}, r"meta 'loss'.*tensor of shape \(2,\)"),
+        ({"stats": {"errors": [1, object()]}}, r"meta 'stats': 'stats'\['errors'\]\[1\]"),
+        ({"stats": {3: 1}}, r"meta 'stats'.*key 3, not a string"),
+        ({7: 1}, r"meta key 7 is not a string"),
+        ({"when": np.datetime64("2024-01-01")}, r"meta 'when'"),
+    ],
+)
+def test_meta_that_is_not_json_data_is_refused_naming_the_key(
+    tmp_path: Path, meta: Mapping[str, object], message: str
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    with pytest.raises(ConfigurationError, match=message):
+        checkpointer.save_checkpoint(meta=meta)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------- keep/find policy
+
+
+def _save_losses(
+    checkpointer: Checkpointer, losses: list[float | None], **keep: object
+) -> list[Checkpoint]:
+    saved = []
+    for loss in losses:
+        meta = {} if loss is None else {"loss": loss}
+        saved.append(checkpointer.save_and_keep_only(meta=meta, **keep))  # type: ignore[arg-type]  # test passes the keep options through
+    return saved
+
+
+def _surviving(checkpointer: Checkpointer, saved: list[Checkpoint]) -> list[int]:
+    """1-based positions in ``saved`` of the checkpoints still on disk."""
+    alive = {c.sequence for c in checkpointer.list_checkpoints()}
+    return [index + 1 for index, c in enumerate(saved) if c.sequence in alive]
+
+
+def test_keep_recent_keeps_the_num_to_keep_most_recent(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    saved = _save_losses(checkpointer, [None] * 4, num_to_keep=2)
+    assert _surviving(checkpointer, saved) == [3, 4]
+
+
+def test_min_key_keeps_the_best_and_the_most_recent(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    saved = _save_losses(checkpointer, [3.0, 1.0, 2.0, 4.0], min_keys=["loss"])
+    assert _surviving(checkpointer, saved) == [2, 4]
+    assert checkpointer.find_checkpoint(min_key="loss") == saved[1]
+    assert checkpointer.find_checkpoint() == saved[3]
+
+
+def test_max_key_keeps_the_highest(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    saved = [
+        checkpointer.save_and_keep_only(meta={"acc": acc}, max_keys=["acc"], keep_recent=False)
+        for acc in (0.5, 0.9, 0.7, 0.6)
+    ]
+    # The one just saved is always kept; of the others only the best survives.
+    assert _surviving(checkpointer, saved) == [2, 4]
+    assert checkpointer.find_checkpoint(max_key="acc") == saved[1]
+
+
+def test_num_to_keep_applies_per_key(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    saved = _save_losses(
+        checkpointer, [5.0, 1.0, 4.0, 2.0, 3.0, 6.0], num_to_keep=2, min_keys=["loss"]
+    )
+    # best two losses: #2 (1.0), #4 (2.0); two most recent: #5, #6.
+    assert _surviving(checkpointer, saved) == [2, 4, 5, 6]
+
+
+def test_ties_go_to_the_most_recent(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    saved = _save_losses(checkpointer, [1.0, 1.0], min_keys=["loss"], keep_recent=False)
+    assert _surviving(checkpointer, saved) == [2]
+    checkpointer.save_checkpoint(meta={"loss": 1.0})
+    assert checkpointer.find_checkpoint(min_key="loss") == checkpointer.list_checkpoints()[-1]
+    assert checkpointer.find_checkpoints(min_key="loss") == checkpointer.list_checkpoints()[::-1]
+
+
+def test_checkpoints_without_the_key_are_neither_candidates_nor_deleted(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    saved = _save_losses(checkpointer, [None, 2.0, 1.0, 3.0], min_keys=["loss"], keep_recent=False)
+    assert _surviving(checkpointer, saved) == [1, 3, 4]
+    assert checkpointer.find_checkpoints(min_key="loss") == [saved[2], saved[3]]
+    assert checkpointer.find_checkpoint(max_key="missing") is None
+
+
+def test_without_keys_and_without_keep_recent_nothing_is_deleted(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    saved = _save_losses(checkpointer, [None] * 3, keep_recent=False)
+    assert _surviving(checkpointer, saved) == [1, 2, 3]
+
+
+def test_num_to_keep_zero_still_keeps_the_checkpoint_just_saved(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    saved = _save_losses(checkpointer, [None] * 3, num_to_keep=0)
+    assert _surviving(checkpointer, saved) == [3]
+
+
+def test_custom_importance_key(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+
+    def oldest_first(checkpoint: Checkpoint) -> float:
+        return -ckpt_recency(checkpoint)
+
+    saved = [
+        checkpointer.save_and_keep_only(importance_keys=[oldest_first], keep_recent=False)
+        for _ in range(3)
+    ]
+    assert _surviving(checkpointer, saved) == [1, 3]
+    assert checkpointer.find_checkpoint(importance_key=oldest_first) == saved[0]
+
+
+def test_predicate_limits_deletion_so_intra_epoch_checkpoints_replace_only_each_other(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+
+    def intra(checkpoint: Checkpoint) -> bool:
+        return checkpoint.meta.get("typedbrain_intra_epoch") is True
+
+    def not_intra(checkpoint: Checkpoint) -> bool:
+        return not intra(checkpoint)
+
+    def save(kind: str) -> Checkpoint:
+        if kind == "I":
+            return checkpointer.save_and_keep_only(
+                meta={"typedbrain_intra_epoch": True}, end_of_epoch=False, ckpt_predicate=intra
+            )
+        return checkpointer.save_and_keep_only(ckpt_predicate=not_intra)
+
+    saved = [save(kind) for kind in "EIIEI"]
+    assert _surviving(checkpointer, saved) == [4, 5]
+    assert checkpointer.find_checkpoint(ckpt_predicate=not_intra) == saved[3]
+    saved.append(save("I"))
+    assert _surviving(checkpointer, saved) == [4, 6]
+
+
+def test_delete_checkpoints_keeps_the_most_recent_by_default(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    saved = [checkpointer.save_checkpoint() for _ in range(3)]
+    deleted = checkpointer.delete_checkpoints(num_to_keep=1)
+    assert deleted == saved[:2]
+    assert checkpointer.list_checkpoints() == [saved[2]]
+    assert not saved[0].path.exists()
+
+
+def test_find_checkpoints_ranks_and_limits(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    for loss in (3, 1, float("nan"), 2):
+        checkpointer.save_checkpoint(meta={"loss": loss})
+
+    def sequences(found: list[Checkpoint]) -> list[int]:
+        return [checkpoint.sequence for checkpoint in found]
+
+    # NaN ranks last whichever the direction.
+    assert sequences(checkpointer.find_checkpoints(min_key="loss")) == [2, 4, 1, 3]
+    assert sequences(checkpointer.find_checkpoints(max_key="loss")) == [1, 4, 2, 3]
+    assert sequences(checkpointer.find_checkpoints(max_key="loss", max_num_checkpoints=2)) == [1, 4]
+    assert sequences(checkpointer.find_checkpoints()) == [4, 3, 2, 1]
+
+
+def test_find_refuses_two_keys_and_non_numeric_values(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    checkpointer.save_checkpoint(meta={"loss": "low"})
+    with pytest.raises(ConfigurationError, match="at most one"):
+        checkpointer.find_checkpoint(max_key="a", min_key="b")
+    with pytest.raises(ConfigurationError, match="meta 'loss' is 'low', not a number"):
+        checkpointer.find_checkpoint(min_key="loss")
+
+
+def test_negative_num_to_keep_is_refused_before_saving(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    with pytest.raises(ConfigurationError, match="num_to_keep"):
+        checkpointer.save_and_keep_only(num_to_keep=-1)
+    assert checkpointer.list_checkpoints() == []
+
+
+def test_recover_picks_the_best_by_min_key_and_the_newest_by_default(tmp_path: Path) -> None:
+    counter = EpochCounter(10)
+    checkpointer = Checkpointer(tmp_path, {"counter": counter})
+    for epoch, loss in enumerate([0.5, 0.1, 0.3], start=1):
+        counter.current = epoch
+        checkpointer.save_checkpoint(meta={"loss": loss})
+    restored = EpochCounter(10)
+    other = Checkpointer(tmp_path, {"counter": restored})
+    best = other.recover_if_possible(min_key="loss")
+    assert best is not None
+    assert best.meta == {"loss": 0.1}
+    assert restored.current == 2
+    assert other.recover_if_possible() is not None
+    assert restored.current == 3
+
+
+# A model of the keep policy written from SpeechBrain's rules, over (sequence, loss) pairs: for
+# each key (the loss, recency) the checkpoints it ranks are candidates and its num_to_keep best
+# are protected; the checkpoint just saved is always protected (typedbrain's addition).
+def _model_survivors(
+    existing: list[tuple[int, float | None]],
+    num_to_keep: int,
+    keep_recent: bool,
+    use_loss: bool,
+) -> set[int]:
+    rankings: list[list[int]] = []
+    if use_loss:
+        with_loss = [(seq, loss) for seq, loss in existing if loss is not None]
+        rankings.append([seq for seq, _ in sorted(with_loss, key=lambda p: (p[1], -p[0]))])
+    if keep_recent:
+        rankings.append(sorted((seq for seq, _ in existing), reverse=True))
+    candidates = {seq for ranking in rankings for seq in ranking}
+    protected = {seq for ranking in rankings for seq in ranking[:num_to_keep]}
+    protected.add(max(seq for seq, _ in existing))
+    return {seq for seq, _ in existing if seq not in candidates or seq in protected}
+
+
+_saves = st.lists(
+    st.tuples(
+        st.none() | st.sampled_from([0.0, 1.0, 2.0]),  # loss (ties likely)
+        st.integers(min_value=0, max_value=2),  # num_to_keep
+        st.booleans(),  # keep_recent
+        st.booleans(),  # min_keys=["loss"]
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=20, deadline=None)
+@given(_saves)
+def test_after_any_saves_the_newest_exists_and_the_policy_matches_the_model(
+    saves: list[tuple[float | None, int, bool, bool]],
+) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        checkpointer = Checkpointer(directory, {"counter": EpochCounter(2)})
+        model: list[tuple[int, float | None]] = []
+        for loss, num_to_keep, keep_recent, use_loss in saves:
+            saved = checkpointer.save_and_keep_only(
+                meta={} if loss is None else {"loss": loss},
+                num_to_keep=num_to_keep,
+                keep_recent=keep_recent,
+                min_keys=["loss"] if use_loss else (),
+            )
+            assert saved.path.is_dir()
+            assert checkpointer.find_checkpoint() == saved
+            model.append((saved.sequence, loss))
+            survivors = _model_survivors(model, num_to_keep, keep_recent, use_loss)
+            model = [(seq, loss) for seq, loss in model if seq in survivors]
+            assert [c.sequence for c in checkpointer.list_checkpoints()] == sorted(survivors)
+
+
+# ---------------------------------------------------------------------------- partial load
+
+
+def test_a_registered_recoverable_missing_from_the_checkpoint_is_an_error_naming_it(
+    tmp_path: Path,
+) -> None:
+    Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)}).save_checkpoint()
+    model, counter = torch.nn.Linear(2, 2), EpochCounter(3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpointer = Checkpointer(tmp_path, {"model": model, "counter": counter})
+    (checkpoint,) = checkpointer.list_checkpoints()
+    with pytest.raises(CheckpointError, match=r"has no recoverable 'counter'") as caught:
+        checkpointer.recover_if_possible()
+    assert str(checkpoint.path) in str(caught.value)
+    # Nothing was loaded, not even the recoverables that were present.
+    assert_state_equal(model.state_dict(), before)
+
+
+def test_optional_load_skips_a_missing_recoverable(tmp_path: Path) -> None:
+    saved_model = torch.nn.Linear(2, 2)
+    Checkpointer(tmp_path, {"model": saved_model}).save_checkpoint()
+    model, counter = torch.nn.Linear(2, 2), EpochCounter(3)
+    counter.current = 2
+    checkpointer = Checkpointer(tmp_path, {"model": model})
+    checkpointer.add_recoverable("counter", counter, optional_load=True)
+    assert checkpointer.recover_if_possible() is not None
+    assert_state_equal(model.state_dict(), saved_model.state_dict())
+    assert counter.current == 2
+
+
+def test_allow_partial_load_skips_every_missing_recoverable(tmp_path: Path) -> None:
+    saved_model = torch.nn.Linear(2, 2)
+    Checkpointer(tmp_path, {"model": saved_model}).save_checkpoint()
+    model = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer(
+        tmp_path, {"model": model, "counter": EpochCounter(3)}, allow_partial_load=True
+    )
+    assert checkpointer.recover_if_possible() is not None
+    assert_state_equal(model.state_dict(), saved_model.state_dict())
+
+
+def test_a_file_without_a_registered_recoverable_is_ignored(tmp_path: Path) -> None:
+    counter = EpochCounter(3)
+    counter.current = 1
+    Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2), "counter": counter}).save_checkpoint()
+    restored = EpochCounter(3)
+    assert Checkpointer(tmp_path, {"counter": restored}).recover_if_possible() is not None
+    assert restored.current == 1
+
+
+# ---------------------------------------------------------------------------- averaging
+
+
+def test_average_checkpoints_averages_floating_tensors_and_keeps_the_last_counters(
+    tmp_path: Path,
+) -> None:
+    norm = torch.nn.BatchNorm1d(2)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), norm)
+    checkpointer = Checkpointer(tmp_path, {"model": model})
+    saved = []
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(value)
+        assert norm.num_batches_tracked is not None
+        norm.num_batches_tracked.fill_(int(value))
+        saved.append(checkpointer.save_checkpoint())
+
+    averaged = average_checkpoints(saved, "model")
+
+    assert set(averaged) == set(model.state_dict())
+    assert torch.equal(averaged["0.weight"], torch.full((2, 2), 3.0))
+    assert averaged["0.weight"].dtype == torch.float32
+    assert torch.equal(averaged["1.num_batches_tracked"], torch.tensor(6))
+    fresh = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    fresh.load_state_dict(averaged)
+
+
+def test_average_checkpoints_refuses_mismatched_state_dicts(tmp_path: Path) -> None:
+    first = Checkpointer(tmp_path / "a", {"model": torch.nn.Linear(2, 2)}).save_checkpoint()
+    wider = Checkpointer(tmp_path / "b", {"model": torch.nn.Linear(2, 3)}).save_checkpoint()
+    other = Checkpointer(
+        tmp_path / "c", {"model": torch.nn.Linear(2, 2, bias=False)}
+    ).save_checkpoint()
+    with pytest.raises(CheckpointError, match=r"'weight' is torch.float32 \(3, 2\)"):
+        average_checkpoints([first, wider], "model")
+    with pytest.raises(CheckpointError, match=r"keys differ \(\['bias'\]\)"):
+        average_checkpoints([first, other], "model")
+    with pytest.raises(CheckpointError, match="no recoverable 'encoder'"):
+        average_checkpoints([first], "encoder")
+    with pytest.raises(CheckpointError, match="at least one"):
+        average_checkpoints([], "model")
+
+
+# ---------------------------------------------------------------------------- commit order
+
+
+def test_a_failure_before_the_manifest_rename_commits_nothing_and_the_previous_is_recovered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typedbrain import _manifest
+
+    model = torch.nn.Linear(3, 3)
+    checkpointer = Checkpointer(tmp_path, {"model": model, "counter": EpochCounter(3)})
+    good = checkpointer.save_checkpoint()
+    good_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+
+    real_write = _manifest.write_temp_manifest
+    seen: list[Path] = []
+
+    def write_then_crash(folder: Path, text: str) -> Path:
+        # Every data file is complete before the manifest is written...
+        for name in ("model", "counter"):
+            assert (folder / f"{name}.ckpt").stat().st_size > 0
+        assert not (folder / "MANIFEST.json").exists()
+        real_write(folder, text)
+        seen.append(folder)
+        # ...and the process dies before the rename.
+        raise OSError("simulated crash before the manifest rename")
+
+    monkeypatch.setattr(_manifest, "write_temp_manifest", write_then_crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        checkpointer.save_checkpoint()
+    monkeypatch.undo()
+
+    assert len(seen) == 1
+    assert checkpointer.list_checkpoints() == [good]
+    fresh = torch.nn.Linear(3, 3)
+    recovered = Checkpointer(tmp_path, {"model": fresh, "counter": EpochCounter(3)})
+    assert recovered.recover_if_possible() == good
+    assert_state_equal(fresh.state_dict(), good_state)
+
+
+def test_save_and_keep_only_does_not_delete_when_the_save_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typedbrain import _manifest
+
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    good = checkpointer.save_and_keep_only()
+
+    def crash(folder: Path, text: str) -> Path:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_manifest, "write_temp_manifest", crash)
+    with pytest.raises(OSError, match="disk full"):
+        checkpointer.save_and_keep_only(num_to_keep=0)
+    assert checkpointer.list_checkpoints() == [good]
+
+
+def test_save_hook_callables_are_typed(tmp_path: Path) -> None:
+    # A typed per-object hook pair type-checks against the object's type (checked by mypy).
+    def save(obj: dict[str, int], path: Path) -> None:
+        path.write_text(json.dumps(obj))
+
+    def load(obj: dict[str, int], path: Path, end_of_epoch: bool) -> None:
+        obj.update(json.loads(path.read_text()))
+
+    saver: Callable[[dict[str, int], Path], None] = save
+    state = {"a": 1}
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.add_recoverable("state", state, custom_save_hook=saver, custom_load_hook=load)
+    checkpointer.save_checkpoint()
+    state["a"] = 5
+    checkpointer.recover_if_possible()
+    assert state == {"a": 1}

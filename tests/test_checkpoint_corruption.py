@@ -1,0 +1,363 @@
+"""Damaged, uncommitted and planted checkpoints are detected, named, skipped or refused."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+
+from typedbrain import _manifest
+from typedbrain._checkpoint import Checkpoint, Checkpointer, verify_checkpoint
+from typedbrain._epochs import EpochCounter
+from typedbrain._errors import CheckpointWarning, CorruptCheckpointError, UnsafeCheckpointError
+
+
+@attrs.define
+class Saved:
+    """Two checkpoints of one model: ``good`` (older) and ``newer``, with their weights."""
+
+    good: Checkpoint
+    newer: Checkpoint
+    good_weight: torch.Tensor
+    newer_weight: torch.Tensor
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Saved:
+    model = torch.nn.Linear(4, 4)
+    checkpointer = Checkpointer(tmp_path, {"model": model, "counter": EpochCounter(5)})
+    good = checkpointer.save_checkpoint(meta={"loss": 1.0})
+    good_weight = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.mul_(2.0)
+    newer = checkpointer.save_checkpoint(meta={"loss": 0.5})
+    return Saved(good, newer, good_weight, model.weight.detach().clone())
+
+
+def _truncate(checkpoint: Checkpoint) -> None:
+    path = checkpoint.paramfiles["model"]
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _flip_byte(checkpoint: Checkpoint) -> None:
+    path = checkpoint.paramfiles["model"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _remove_manifest(checkpoint: Checkpoint) -> None:
+    # What a crash between writing the files and committing leaves behind.
+    (checkpoint.path / "MANIFEST.json").unlink()
+
+
+def _remove_file(checkpoint: Checkpoint) -> None:
+    checkpoint.paramfiles["model"].unlink()
+
+
+def _garble_manifest(checkpoint: Checkpoint) -> None:
+    manifest = checkpoint.path / "MANIFEST.json"
+    manifest.write_text(manifest.read_text()[:40])
+
+
+def _future_format(checkpoint: Checkpoint) -> None:
+    manifest = checkpoint.path / "MANIFEST.json"
+    data = json.loads(manifest.read_text())
+    data["format_version"] = 99
+    manifest.write_text(json.dumps(data))
+
+
+def _escaping_file_name(checkpoint: Checkpoint) -> None:
+    manifest = checkpoint.path / "MANIFEST.json"
+    data = json.loads(manifest.read_text())
+    data["files"]["model"]["file"] = "../../outside.ckpt"
+    manifest.write_text(json.dumps(data))
+
+
+DAMAGES: dict[str, tuple[Callable[[Checkpoint], None], str]] = {
+    "truncated file": (_truncate, r"model\.ckpt \(recoverable 'model'\) has \d+ bytes"),
+    "flipped byte": (_flip_byte, r"model\.ckpt \(recoverable 'model'\) fails its SHA-256"),
+    "missing manifest": (_remove_manifest, "no MANIFEST.json: the save was interrupted"),
+    "missing file": (_remove_file, r"model\.ckpt \(recoverable 'model'\) is missing"),
+    "unparseable manifest": (_garble_manifest, "MANIFEST.json is not JSON"),
+    "unknown format version": (_future_format, "format version 99"),
+    "file outside the folder": (_escaping_file_name, "'files.model.file'"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_recover_skips_a_damaged_checkpoint_with_a_warning_naming_it_and_loads_the_previous(
+    saved: Saved, damage: str
+) -> None:
+    corrupt, reason = DAMAGES[damage]
+    corrupt(saved.newer)
+    model = torch.nn.Linear(4, 4)
+    checkpointer = Checkpointer(
+        saved.good.path.parent, {"model": model, "counter": EpochCounter(5)}
+    )
+
+    with pytest.warns(CheckpointWarning) as caught:
+        recovered = checkpointer.recover_if_possible()
+
+    assert recovered == saved.good
+    assert torch.equal(model.weight, saved.good_weight)
+    messages = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert any(str(saved.newer.path) in m and re.search(reason, m) for m in messages), messages
+    # The damaged folder is left on disk for a person to look at.
+    assert saved.newer.path.is_dir()
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_verify_checkpoint_raises_the_reason(saved: Saved, damage: str) -> None:
+    corrupt, reason = DAMAGES[damage]
+    assert verify_checkpoint(saved.newer.path) == saved.newer
+    corrupt(saved.newer)
+    with pytest.raises(CorruptCheckpointError, match=reason) as caught:
+        verify_checkpoint(saved.newer.path)
+    assert caught.value.path == saved.newer.path
+    assert verify_checkpoint(saved.good.path) == saved.good
+
+
+@pytest.mark.parametrize("damage", ["truncated file", "flipped byte", "missing file"])
+def test_loading_an_explicitly_given_damaged_checkpoint_raises_and_changes_nothing(
+    saved: Saved, damage: str
+) -> None:
+    corrupt, reason = DAMAGES[damage]
+    corrupt(saved.newer)
+    model, counter = torch.nn.Linear(4, 4), EpochCounter(5)
+    counter.current = 3
+    before = model.weight.detach().clone()
+    checkpointer = Checkpointer(saved.good.path.parent, {"counter": counter, "model": model})
+    with pytest.raises(CorruptCheckpointError, match=reason):
+        checkpointer.load_checkpoint(saved.newer)
+    assert torch.equal(model.weight, before)
+    assert counter.current == 3  # listed first, but not loaded: files are checked before any load
+
+
+def test_an_uncommitted_folder_is_reported_once_per_checkpointer_and_never_deleted(
+    saved: Saved,
+) -> None:
+    _remove_manifest(saved.newer)
+    checkpointer = Checkpointer(saved.good.path.parent, {"counter": EpochCounter(5)})
+    with pytest.warns(CheckpointWarning, match="interrupted"):
+        assert checkpointer.list_checkpoints() == [saved.good]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpointer.list_checkpoints()
+        checkpointer.save_and_keep_only(num_to_keep=0)
+    assert saved.newer.path.is_dir()
+    assert not saved.good.path.exists()
+    # A new checkpointer reports it again.
+    with pytest.warns(CheckpointWarning, match=str(saved.newer.path.name).replace("+", r"\+")):
+        Checkpointer(saved.good.path.parent).list_checkpoints()
+
+
+def test_when_every_checkpoint_is_damaged_nothing_is_loaded(saved: Saved) -> None:
+    _flip_byte(saved.newer)
+    _truncate(saved.good)
+    model = torch.nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    checkpointer = Checkpointer(
+        saved.good.path.parent, {"model": model, "counter": EpochCounter(5)}
+    )
+    with pytest.warns(CheckpointWarning):
+        assert checkpointer.recover_if_possible() is None
+    assert torch.equal(model.weight, before)
+
+
+def test_recover_by_min_key_falls_back_to_the_next_best(saved: Saved) -> None:
+    _flip_byte(saved.newer)  # the best loss (0.5)
+    model = torch.nn.Linear(4, 4)
+    checkpointer = Checkpointer(
+        saved.good.path.parent, {"model": model, "counter": EpochCounter(5)}
+    )
+    with pytest.warns(CheckpointWarning, match="SHA-256"):
+        assert checkpointer.recover_if_possible(min_key="loss") == saved.good
+    assert torch.equal(model.weight, saved.good_weight)
+
+
+# ---------------------------------------------------------------------------- security
+
+
+def _write_marker(path: str) -> None:
+    """What the planted payload would run on unpickling: harmless, but visible."""
+    Path(path).write_text("the payload ran")
+
+
+@attrs.define
+class _Payload:
+    marker: str
+
+    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
+        return (_write_marker, (self.marker,))
+
+
+def _replant(checkpoint: Checkpoint, name: str, data: bytes) -> None:
+    """Replace a file and re-commit the manifest with its matching size and checksum."""
+    path = checkpoint.paramfiles[name]
+    path.write_bytes(data)
+    files = dict(checkpoint.files)
+    files[name] = _manifest.hash_file_readonly(path)
+    (checkpoint.path / "MANIFEST.json").unlink()
+    _manifest.commit_manifest(attrs.evolve(checkpoint, files=files))
+
+
+def test_the_payload_is_real(tmp_path: Path) -> None:
+    # Negative control: plain unpickling of the planted bytes does run the payload.
+    marker = tmp_path / "control"
+    pickle.loads(pickle.dumps({"weight": _Payload(str(marker))}))  # the control
+    assert marker.read_text() == "the payload ran"
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_planted_pickle_with_a_valid_checksum_is_refused_and_never_runs(
+    saved: Saved, tmp_path: Path, writer: str
+) -> None:
+    marker = tmp_path / "marker"
+    payload = {"weight": _Payload(str(marker))}
+    if writer == "pickle":
+        data = pickle.dumps(payload, protocol=2)
+    else:
+        planted = tmp_path / "planted.pt"
+        torch.save(payload, planted)
+        data = planted.read_bytes()
+    _replant(saved.newer, "model", data)
+    assert verify_checkpoint(saved.newer.path).files["model"].size == len(data)
+    model = torch.nn.Linear(4, 4)
+    checkpointer = Checkpointer(
+        saved.good.path.parent, {"model": model, "counter": EpochCounter(5)}
+    )
+
+    with pytest.raises(UnsafeCheckpointError) as caught:
+        checkpointer.recover_if_possible()
+
+    assert caught.value.path == saved.newer.paramfiles["model"]
+    assert str(saved.newer.paramfiles["model"]) in str(caught.value)
+    assert isinstance(caught.value.__cause__, pickle.UnpicklingError)
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpointError):
+        checkpointer.load_checkpoint(verify_checkpoint(saved.newer.path))
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------- verify before load
+
+
+class _Spy:
+    """A Stateful that records every state handed to it."""
+
+    def __init__(self) -> None:
+        self.value = 1.0
+        self.loaded: list[dict[str, object]] = []
+
+    def state_dict(self) -> dict[str, object]:
+        return {"value": torch.tensor([self.value] * 64)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.loaded.append(state)
+
+
+def _replace_same_size(path: Path, old: bytes, new: bytes) -> None:
+    assert len(old) == len(new)
+    data = path.read_bytes()
+    assert data.count(old) == 1, "the bytes to replace must occur once"
+    path.write_bytes(data.replace(old, new))
+
+
+@pytest.mark.parametrize(
+    ("where", "old", "new"),
+    [
+        # Tensor bytes: the file still decodes; only its checksum tells.
+        (
+            "tensor data",
+            torch.tensor([2.0] * 64).numpy().tobytes(),
+            torch.tensor([3.0] * 64).numpy().tobytes(),
+        ),
+        # The pickle: the file no longer decodes under weights_only (an UnpicklingError, which
+        # alone would read as a planted file); the checksum mismatch is the reason reported.
+        ("pickle", b"collections\nOrderedDict", b"collections\nOrderedDicX"),
+    ],
+)
+def test_a_damaged_later_file_of_the_same_size_leaves_every_recoverable_unchanged(
+    tmp_path: Path, where: str, old: bytes, new: bytes
+) -> None:
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    spy = _Spy()
+    checkpointer = Checkpointer(tmp_path, {"model": model, "optimizer": optimizer, "spy": spy})
+    good = checkpointer.save_checkpoint()
+    good_weight = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    spy.value = 2.0
+    newer = checkpointer.save_checkpoint()
+    file = newer.paramfiles["spy"]
+    if where == "pickle":
+        # torch.save writes the pickle of a plain dict without OrderedDict: use the module's.
+        file = newer.paramfiles["model"]
+    _replace_same_size(file, old, new)
+    assert file.stat().st_size == newer.files[file.stem].size
+    # Change the live objects so that any load from ``newer`` would show.
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    weight_before = model.weight.detach().clone()
+    optimizer_before = optimizer.state_dict()
+    momentum_before = optimizer_before["state"][0]["momentum_buffer"].clone()
+
+    with pytest.raises(CorruptCheckpointError, match="fails its SHA-256 check") as caught:
+        checkpointer.load_checkpoint(newer)
+
+    assert caught.value.path == newer.path
+    assert torch.equal(model.weight, weight_before)
+    assert torch.equal(optimizer.state_dict()["state"][0]["momentum_buffer"], momentum_before)
+    assert spy.loaded == []
+    # recover_if_possible skips it with a warning (not an UnsafeCheckpointError) and loads the
+    # previous checkpoint.
+    with pytest.warns(CheckpointWarning, match="fails its SHA-256 check"):
+        assert checkpointer.recover_if_possible() == good
+    assert torch.equal(model.weight, good_weight)
+    assert len(spy.loaded) == 1
+    assert torch.equal(spy.loaded[0]["value"], torch.tensor([1.0] * 64))  # type: ignore[arg-type]
+
+
+def test_a_truncated_file_is_reported_without_being_decoded(
+    saved: Saved, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _truncate(saved.newer)
+    loaded: list[object] = []
+    real_load = torch.load
+
+    def spy_load(*args: object, **kwargs: object) -> object:
+        loaded.append(args[0])
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "load", spy_load)
+    checkpointer = Checkpointer(
+        saved.good.path.parent, {"model": torch.nn.Linear(4, 4), "counter": EpochCounter(5)}
+    )
+    with pytest.raises(CorruptCheckpointError, match=r"has \d+ bytes"):
+        checkpointer.load_checkpoint(saved.newer)
+    assert loaded == []
+
+
+def test_threaded_hashing_writer_records_the_files_size_and_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    with (
+        ThreadPoolExecutor(1) as hasher,
+        path.open("wb") as raw,
+    ):
+        writer = _manifest.HashingWriter(raw, hasher)
+        for size in (3, 2 << 20, 10, 5 << 20, 1):
+            writer.write(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+        writer.flush()
+    assert writer.record("file") == _manifest.hash_file_readonly(path)

@@ -1,0 +1,219 @@
+"""Custom checkpoint hooks: per object, per class (decorators), MRO lookup, signature checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from typedbrain._checkpoint import (
+    Checkpointer,
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
+from typedbrain._errors import CheckpointError, ConfigurationError, HookContractError
+
+
+@register_checkpoint_hooks
+class Vocabulary:
+    """A non-Stateful object saved as JSON by class hooks; records how it was loaded."""
+
+    def __init__(self, words: list[str]) -> None:
+        self.words = words
+        self.loaded_end_of_epoch: bool | None = None
+
+    @mark_as_saver
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"kind": "vocabulary", "words": self.words}))
+
+    @mark_as_loader
+    def load(self, path: Path, end_of_epoch: bool) -> None:
+        data = json.loads(path.read_text())
+        assert data["kind"] == "vocabulary"
+        self.words = data["words"]
+        self.loaded_end_of_epoch = end_of_epoch
+
+
+class SubVocabulary(Vocabulary):
+    """Inherits Vocabulary's hooks through the MRO."""
+
+
+@register_checkpoint_hooks
+class UpperVocabulary(Vocabulary):
+    """Overrides the saver only; the loader is still Vocabulary's."""
+
+    @mark_as_saver
+    def save_upper(self, path: Path) -> None:
+        path.write_text(
+            json.dumps({"kind": "vocabulary", "words": [w.upper() for w in self.words]})
+        )
+
+
+@register_checkpoint_hooks
+class HookedModule(torch.nn.Linear):
+    """Stateful, but its class hooks win over the state_dict default."""
+
+    @mark_as_saver
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"bias": self.bias.tolist()}))
+
+    @mark_as_loader
+    def load(self, path: Path, end_of_epoch: bool) -> None:
+        with torch.no_grad():
+            self.bias.copy_(torch.tensor(json.loads(path.read_text())["bias"]))
+
+
+def test_class_hooks_save_and_load_with_the_end_of_epoch_flag(tmp_path: Path) -> None:
+    Checkpointer(tmp_path, {"vocab": Vocabulary(["a", "b"])}).save_checkpoint(end_of_epoch=False)
+    restored = Vocabulary([])
+    checkpoint = Checkpointer(tmp_path, {"vocab": restored}).recover_if_possible()
+    assert checkpoint is not None
+    assert restored.words == ["a", "b"]
+    assert restored.loaded_end_of_epoch is False
+    assert json.loads(checkpoint.paramfiles["vocab"].read_text())["kind"] == "vocabulary"
+
+
+def test_a_subclass_uses_the_hooks_found_along_its_mro(tmp_path: Path) -> None:
+    Checkpointer(tmp_path, {"vocab": SubVocabulary(["x"])}).save_checkpoint()
+    restored = SubVocabulary([])
+    Checkpointer(tmp_path, {"vocab": restored}).recover_if_possible()
+    assert restored.words == ["x"]
+    assert restored.loaded_end_of_epoch is True
+
+
+def test_a_registered_subclass_overrides_only_the_hooks_it_marks(tmp_path: Path) -> None:
+    Checkpointer(tmp_path, {"vocab": UpperVocabulary(["x", "y"])}).save_checkpoint()
+    restored = UpperVocabulary([])
+    Checkpointer(tmp_path, {"vocab": restored}).recover_if_possible()
+    assert restored.words == ["X", "Y"]  # saved by the subclass's saver
+    assert restored.loaded_end_of_epoch is True  # loaded by the parent's loader
+
+
+def test_class_hooks_win_over_state_dict(tmp_path: Path) -> None:
+    module = HookedModule(2, 2)
+    checkpoint = Checkpointer(tmp_path, {"module": module}).save_checkpoint()
+    assert set(json.loads(checkpoint.paramfiles["module"].read_text())) == {"bias"}
+    restored = HookedModule(2, 2)
+    Checkpointer(tmp_path, {"module": restored}).recover_if_possible()
+    assert torch.equal(restored.bias, module.bias)
+    assert not torch.equal(restored.weight, module.weight)
+
+
+def test_per_object_hooks_win_over_class_hooks(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def save(vocab: Vocabulary, path: Path) -> None:
+        calls.append("save")
+        path.write_text(",".join(vocab.words))
+
+    def load(vocab: Vocabulary, path: Path, end_of_epoch: bool) -> None:
+        calls.append(f"load end_of_epoch={end_of_epoch}")
+        vocab.words = path.read_text().split(",")
+
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.add_recoverable(
+        "vocab", Vocabulary(["p", "q"]), custom_save_hook=save, custom_load_hook=load
+    )
+    checkpoint = checkpointer.save_checkpoint()
+    assert checkpoint.paramfiles["vocab"].read_text() == "p,q"
+    restored = Vocabulary([])
+    reader = Checkpointer(tmp_path)
+    reader.add_recoverable("vocab", restored, custom_save_hook=save, custom_load_hook=load)
+    reader.recover_if_possible()
+    assert restored.words == ["p", "q"]
+    assert restored.loaded_end_of_epoch is None  # the class loader did not run
+    assert calls == ["save", "load end_of_epoch=True"]
+
+
+def test_per_object_hooks_make_any_object_recoverable(tmp_path: Path) -> None:
+    def save(words: list[str], path: Path) -> None:
+        path.write_text("\n".join(words))
+
+    def load(words: list[str], path: Path, end_of_epoch: bool) -> None:
+        words[:] = path.read_text().split("\n")
+
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.add_recoverable("words", ["a", "b"], custom_save_hook=save, custom_load_hook=load)
+    checkpointer.save_checkpoint()
+    restored: list[str] = []
+    reader = Checkpointer(tmp_path)
+    reader.add_recoverable("words", restored, custom_save_hook=save, custom_load_hook=load)
+    reader.recover_if_possible()
+    assert restored == ["a", "b"]
+
+
+def test_an_object_with_only_a_save_hook_is_refused_naming_the_recoverable(
+    tmp_path: Path,
+) -> None:
+    def save(words: list[str], path: Path) -> None:
+        path.write_text("")
+
+    with pytest.raises(ConfigurationError, match=r"recoverable 'words': cannot load a list"):
+        Checkpointer(tmp_path).add_recoverable("words", [], custom_save_hook=save)
+
+
+def test_a_save_hook_that_writes_nothing_fails_the_save_and_commits_nothing(
+    tmp_path: Path,
+) -> None:
+    def save(words: list[str], path: Path) -> None:
+        del words, path
+
+    def load(words: list[str], path: Path, end_of_epoch: bool) -> None:
+        del words, path, end_of_epoch
+
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.add_recoverable("words", [], custom_save_hook=save, custom_load_hook=load)
+    with pytest.raises(CheckpointError, match="save hook of recoverable 'words' wrote no file"):
+        checkpointer.save_checkpoint()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_saver_with_the_wrong_signature_is_refused_at_decoration_naming_it() -> None:
+    def save_nothing(self: object) -> None:
+        del self
+
+    with pytest.raises(HookContractError, match=r"saver 'test_a_saver.*save_nothing'"):
+        mark_as_saver(save_nothing)  # type: ignore[type-var]  # the wrong signature is the test
+
+
+def test_a_loader_without_end_of_epoch_is_refused_at_decoration_naming_it() -> None:
+    with pytest.raises(HookContractError, match=r"loader '.*Broken.load' .*end_of_epoch"):
+
+        class Broken:
+            @mark_as_loader  # type: ignore[type-var]  # the wrong signature is the test
+            def load(self, path: Path) -> None:
+                del path
+
+
+def test_a_hook_that_is_not_a_function_is_refused() -> None:
+    with pytest.raises(HookContractError, match="plain function"):
+        mark_as_saver(staticmethod(print))
+
+
+def test_hook_contract_error_is_a_type_error() -> None:
+    assert issubclass(HookContractError, TypeError)
+
+
+def test_registering_a_class_without_marked_methods_is_refused() -> None:
+    with pytest.raises(HookContractError, match=r"Plain' marks no method"):
+
+        @register_checkpoint_hooks
+        class Plain:
+            pass
+
+
+def test_registering_a_class_with_two_savers_is_refused() -> None:
+    with pytest.raises(HookContractError, match=r"several savers \('a', 'b'\)"):
+
+        @register_checkpoint_hooks
+        class Twice:
+            @mark_as_saver
+            def a(self, path: Path) -> None:
+                del path
+
+            @mark_as_saver
+            def b(self, path: Path) -> None:
+                del path

@@ -1,0 +1,799 @@
+"""Checkpointer: saves and restores named objects in committed, verified checkpoint folders.
+
+Each checkpoint is a folder ``<checkpoints_dir>/CKPT+YYYY-MM-DD+HH-MM-SS+NN`` with one
+``<name>.ckpt`` per recoverable and a ``MANIFEST.json`` written last and renamed into place
+atomically (see :mod:`typedbrain._manifest`). Loading checks sizes and SHA-256 checksums first
+and never unpickles anything but plain data and tensors (``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import pickle
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any, Final, TypeAlias, TypeVar, cast, final
+
+import attrs
+import torch
+from torch import Tensor
+
+from typedbrain._ckpt_hooks import (
+    LoadHook,
+    SaveHook,
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+    resolve_hooks,
+)
+from typedbrain._errors import (
+    CheckpointError,
+    CheckpointWarning,
+    ConfigurationError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+)
+from typedbrain._manifest import (
+    MANIFEST_NAME,
+    WRITE_BUFFER,
+    Checkpoint,
+    CheckpointFile,
+    HashingWriter,
+    JsonValue,
+    check_present,
+    commit_manifest,
+    hash_file,
+    is_plain_name,
+    read_manifest,
+    sync_and_close,
+    sync_directory,
+    to_json_meta,
+    verify_checkpoint,
+    verify_file,
+)
+from typedbrain._protocols import Stateful
+from typedbrain._version import __version__
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointFile",
+    "CheckpointPredicate",
+    "Checkpointer",
+    "ImportanceKey",
+    "JsonValue",
+    "LoadHook",
+    "SaveHook",
+    "average_checkpoints",
+    "ckpt_recency",
+    "mark_as_loader",
+    "mark_as_saver",
+    "register_checkpoint_hooks",
+    "verify_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+ImportanceKey: TypeAlias = Callable[[Checkpoint], float]
+"""Ranks checkpoints: the higher the value, the more important the checkpoint."""
+
+CheckpointPredicate: TypeAlias = Callable[[Checkpoint], bool]
+"""Selects the checkpoints a search (or a deletion) considers."""
+
+Device: TypeAlias = torch.device | str | None
+
+_SUFFIX: Final = ".ckpt"
+
+
+def ckpt_recency(checkpoint: Checkpoint) -> float:
+    """The importance key that ranks checkpoints by recency (their commit sequence number)."""
+    return float(checkpoint.sequence)
+
+
+@final
+@attrs.frozen
+class _Recoverable:
+    obj: object
+    # None means the Stateful default: torch.save(state_dict()) / load_state_dict(torch.load()).
+    saver: Callable[[Any, Path], None] | None
+    loader: Callable[[Any, Path, bool], None] | None
+    optional_load: bool
+
+
+class Checkpointer:
+    """Saves named objects (recoverables) together as checkpoints, and restores them.
+
+    Anything ``Stateful`` (modules, optimizers, LR schedulers, grad scalers, epoch counters, your
+    own objects with ``state_dict`` / ``load_state_dict``) needs no more than a name; other
+    objects need save and load hooks (per object, or per class with
+    :func:`register_checkpoint_hooks`).
+
+    Example::
+
+        checkpointer = Checkpointer("results/save", {"model": model, "counter": counter})
+        checkpointer.recover_if_possible()
+        for epoch in counter:
+            ...
+            checkpointer.save_and_keep_only(meta={"loss": valid_loss}, min_keys=["loss"])
+
+    Args:
+        checkpoints_dir: the folder holding the checkpoint folders (created when needed).
+        recoverables: name -> object, registered as by :meth:`add_recoverable`.
+        allow_partial_load: load checkpoints that lack some registered recoverables (those keep
+            their current state) instead of raising.
+
+    Attributes:
+        checkpoints_dir: the folder holding the checkpoint folders.
+        allow_partial_load: see Args.
+    """
+
+    def __init__(
+        self,
+        checkpoints_dir: str | os.PathLike[str],
+        recoverables: Mapping[str, object] | None = None,
+        *,
+        allow_partial_load: bool = False,
+    ) -> None:
+        self.checkpoints_dir = Path(checkpoints_dir)
+        self.allow_partial_load = allow_partial_load
+        self._recoverables: dict[str, _Recoverable] = {}
+        self._phase_source: Callable[[], str | None] | None = None
+        self._reported: set[Path] = set()
+        if recoverables is not None:
+            self.add_recoverables(recoverables)
+
+    # ------------------------------------------------------------------ registration
+
+    @property
+    def recoverables(self) -> Mapping[str, object]:
+        """Name -> object of everything saved with each checkpoint (a read-only view)."""
+        return {name: entry.obj for name, entry in self._recoverables.items()}
+
+    def add_recoverable(
+        self,
+        name: str,
+        obj: _T,
+        *,
+        custom_save_hook: SaveHook[_T] | None = None,
+        custom_load_hook: LoadHook[_T] | None = None,
+        optional_load: bool = False,
+    ) -> None:
+        """Save and restore ``obj`` under ``name`` with every checkpoint.
+
+        Registering a name again replaces the object (and its hooks). How ``obj`` is saved:
+        the custom hooks given here, else the hooks of the first class in its MRO decorated
+        with :func:`register_checkpoint_hooks`, else ``torch.save(obj.state_dict())``.
+
+        Args:
+            name: the recoverable's name; its file is ``<name>.ckpt``, so it must be a plain
+                file name (no path separator, not starting with a dot).
+            obj: the object.
+            custom_save_hook: called as ``hook(obj, path)`` to write ``obj`` to ``path``.
+            custom_load_hook: called as ``hook(obj, path, end_of_epoch)`` to restore it.
+            optional_load: a checkpoint without this recoverable still loads (``obj`` keeps its
+                state) instead of raising.
+
+        Raises:
+            ConfigurationError: ``name`` is not a usable file name, or ``obj`` can be neither
+                saved nor loaded (not ``Stateful`` and no hooks); the message names it.
+        """
+        if not is_plain_name(name) or not is_plain_name(f"{name}{_SUFFIX}"):
+            raise ConfigurationError(
+                f"recoverable name {name!r} must be a non-empty plain file name (no path "
+                "separator or colon, not starting with a dot)"
+            )
+        hooks = resolve_hooks(name, obj, custom_save_hook, custom_load_hook)
+        self._recoverables[name] = _Recoverable(
+            obj=obj, saver=hooks.saver, loader=hooks.loader, optional_load=optional_load
+        )
+
+    def add_recoverables(self, recoverables: Mapping[str, object]) -> None:
+        """Register every ``name -> object`` of ``recoverables`` (see :meth:`add_recoverable`)."""
+        for name, obj in recoverables.items():
+            self.add_recoverable(name, obj)
+
+    def watch_phase(self, source: Callable[[], str | None]) -> None:
+        """Record ``source()`` (the current phase's name, say) in each checkpoint's manifest."""
+        self._phase_source = source
+
+    # ------------------------------------------------------------------ saving
+
+    def save_checkpoint(
+        self,
+        meta: Mapping[str, object] | None = None,
+        end_of_epoch: bool = True,
+        name: str | None = None,
+    ) -> Checkpoint:
+        """Save every recoverable as a new, committed checkpoint.
+
+        The files are written and synced first; the checkpoint exists only once its manifest
+        has been renamed into place. If saving fails, the partial folder is removed and the
+        error propagates.
+
+        Args:
+            meta: JSON data stored with the checkpoint (validation metrics, say); 0-d tensors
+                and NumPy scalars are stored as Python numbers.
+            end_of_epoch: whether this checkpoint is saved at the end of an epoch.
+            name: the folder's name; by default ``CKPT+<date>+<time>+<NN>``.
+
+        Returns:
+            The new checkpoint.
+
+        Raises:
+            ConfigurationError: ``meta`` is not JSON data (the message names the key) or
+                ``name`` is not a plain folder name.
+            CheckpointError: a folder named ``name`` already exists, or a save hook wrote no
+                file.
+        """
+        clean_meta = to_json_meta(meta)
+        phase = self._phase_source() if self._phase_source is not None else None
+        if phase is not None and not isinstance(phase, str):
+            raise ConfigurationError(
+                f"the watched phase source returned {phase!r}, not a string or None"
+            )
+        folder = self._new_folder(name)
+        try:
+            # Each file's fsync (and a hook's file's hashing) runs in the background while the
+            # next one is written; all are done before the manifest commits. Leaving the
+            # ``with`` joins them, on failure too, before the folder is removed.
+            with (
+                ThreadPoolExecutor(1, "typedbrain-hash") as hasher,
+                ThreadPoolExecutor(1, "typedbrain-sync") as syncer,
+            ):
+                pending = {
+                    recoverable: self._save_one(recoverable, entry, folder, hasher, syncer)
+                    for recoverable, entry in self._recoverables.items()
+                }
+                files = {recoverable: done.result() for recoverable, done in pending.items()}
+            checkpoint = Checkpoint(
+                path=folder,
+                sequence=self._next_sequence(),
+                unixtime=time.time(),
+                end_of_epoch=end_of_epoch,
+                phase=phase,
+                meta=clean_meta,
+                files=files,
+                typedbrain_version=__version__,
+                torch_version=str(torch.__version__),
+            )
+            commit_manifest(checkpoint)
+        except BaseException:
+            if not (folder / MANIFEST_NAME).exists():
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        sync_directory(self.checkpoints_dir)
+        logger.info("saved checkpoint %s", folder)
+        return checkpoint
+
+    def _new_folder(self, name: str | None) -> Path:
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        if name is not None:
+            if not is_plain_name(name):
+                raise ConfigurationError(
+                    f"checkpoint name {name!r} must be a plain folder name (no path separator "
+                    "or colon, not starting with a dot)"
+                )
+            folder = self.checkpoints_dir / name
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                raise CheckpointError(f"cannot save checkpoint {folder}: it exists") from None
+            return folder
+        stamp = time.strftime("%Y-%m-%d+%H-%M-%S", time.localtime())
+        for index in itertools.count():
+            folder = self.checkpoints_dir / f"CKPT+{stamp}+{index:02d}"
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            return folder
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _save_one(
+        self, name: str, entry: _Recoverable, folder: Path, hasher: Executor, syncer: Executor
+    ) -> Future[CheckpointFile]:
+        """Write recoverable ``name``'s file; the future gives its record once it is synced."""
+        path = folder / f"{name}{_SUFFIX}"
+        if entry.saver is not None:
+            entry.saver(entry.obj, path)
+            if not path.is_file():
+                raise CheckpointError(
+                    f"the save hook of recoverable {name!r} wrote no file at {path}"
+                )
+            return syncer.submit(hash_file, path)
+        state = cast(Stateful, entry.obj).state_dict()
+        raw = path.open("wb", buffering=WRITE_BUFFER)
+        try:
+            writer = HashingWriter(raw, hasher)
+            # cast: torch.save only calls write() and flush() on a stream.
+            torch.save(state, cast(IO[bytes], writer))
+            raw.flush()
+        except BaseException:
+            raw.close()
+            raise
+        return syncer.submit(sync_and_close, raw, writer.record(path.name))
+
+    def _next_sequence(self) -> int:
+        return max((c.sequence for c in self._scan(report=False)), default=0) + 1
+
+    def save_and_keep_only(
+        self,
+        meta: Mapping[str, object] | None = None,
+        end_of_epoch: bool = True,
+        name: str | None = None,
+        num_to_keep: int = 1,
+        keep_recent: bool = True,
+        importance_keys: Sequence[ImportanceKey] = (),
+        max_keys: Sequence[str] = (),
+        min_keys: Sequence[str] = (),
+        ckpt_predicate: CheckpointPredicate | None = None,
+    ) -> Checkpoint:
+        """Save a checkpoint, then delete the older ones that no keep policy protects.
+
+        Saving comes first, so the newest committed checkpoint is never removed before its
+        successor is committed, and the checkpoint just saved is always kept. Which of the
+        others are kept follows :meth:`delete_checkpoints`, with recency added to the
+        importance keys when ``keep_recent``.
+
+        Args:
+            meta: see :meth:`save_checkpoint`.
+            end_of_epoch: see :meth:`save_checkpoint`.
+            name: see :meth:`save_checkpoint`.
+            num_to_keep: how many checkpoints to keep per key.
+            keep_recent: also keep the ``num_to_keep`` most recent checkpoints.
+            importance_keys: functions ranking checkpoints (higher is better).
+            max_keys: meta keys for which higher values are better.
+            min_keys: meta keys for which lower values are better.
+            ckpt_predicate: only checkpoints it accepts are considered for deletion.
+
+        Returns:
+            The checkpoint just saved.
+        """
+        _check_num_to_keep(num_to_keep)
+        checkpoint = self.save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=name)
+        keys = (*importance_keys, ckpt_recency) if keep_recent else tuple(importance_keys)
+        self._delete(
+            num_to_keep=num_to_keep,
+            importance_keys=keys,
+            max_keys=max_keys,
+            min_keys=min_keys,
+            ckpt_predicate=ckpt_predicate,
+            keep=checkpoint.path,
+        )
+        return checkpoint
+
+    # ------------------------------------------------------------------ listing and finding
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        """Every committed checkpoint in ``checkpoints_dir``, oldest first (reads manifests only).
+
+        A folder without a readable manifest (an interrupted save, or damage) is skipped with a
+        :class:`CheckpointWarning` (once per folder for this checkpointer) and left on disk.
+        """
+        return self._scan(report=True)
+
+    def _scan(self, *, report: bool) -> list[Checkpoint]:
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found: list[Checkpoint] = []
+        for entry in sorted(self.checkpoints_dir.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            try:
+                found.append(read_manifest(entry))
+            except CorruptCheckpointError as error:
+                if report and entry not in self._reported:
+                    self._reported.add(entry)
+                    warnings.warn(
+                        f"ignoring checkpoint folder {entry}: {error.reason}; it is left on disk",
+                        CheckpointWarning,
+                        stacklevel=3,
+                    )
+        found.sort(key=lambda c: (c.sequence, c.unixtime, c.path.name))
+        return found
+
+    def find_checkpoints(
+        self,
+        importance_key: ImportanceKey | None = None,
+        max_key: str | None = None,
+        min_key: str | None = None,
+        ckpt_predicate: CheckpointPredicate | None = None,
+        max_num_checkpoints: int | None = None,
+    ) -> list[Checkpoint]:
+        """The checkpoints ranked by one key, best first; the most recent first by default.
+
+        Give at most one of ``importance_key``, ``max_key`` and ``min_key``. With ``max_key``
+        (``min_key``) the checkpoints whose meta has that key rank by its value, highest
+        (lowest) first; the others are left out. Ties go to the most recent checkpoint.
+
+        Args:
+            importance_key: ranks checkpoints, higher first.
+            max_key: a meta key; higher values rank first.
+            min_key: a meta key; lower values rank first.
+            ckpt_predicate: only checkpoints it accepts are returned.
+            max_num_checkpoints: return at most this many.
+
+        Raises:
+            ConfigurationError: more than one key was given, or a checkpoint's meta value for
+                ``max_key`` / ``min_key`` is not a number.
+        """
+        return _rank(
+            self.list_checkpoints(),
+            importance_key=importance_key,
+            max_key=max_key,
+            min_key=min_key,
+            ckpt_predicate=ckpt_predicate,
+            max_num_checkpoints=max_num_checkpoints,
+        )
+
+    def find_checkpoint(
+        self,
+        importance_key: ImportanceKey | None = None,
+        max_key: str | None = None,
+        min_key: str | None = None,
+        ckpt_predicate: CheckpointPredicate | None = None,
+    ) -> Checkpoint | None:
+        """The best checkpoint by one key (see :meth:`find_checkpoints`), or ``None``."""
+        ranked = self.find_checkpoints(
+            importance_key, max_key, min_key, ckpt_predicate, max_num_checkpoints=1
+        )
+        return ranked[0] if ranked else None
+
+    # ------------------------------------------------------------------ deleting
+
+    def delete_checkpoints(
+        self,
+        *,
+        num_to_keep: int = 1,
+        importance_keys: Sequence[ImportanceKey] = (ckpt_recency,),
+        max_keys: Sequence[str] = (),
+        min_keys: Sequence[str] = (),
+        ckpt_predicate: CheckpointPredicate | None = None,
+    ) -> list[Checkpoint]:
+        """Delete the checkpoints that no key protects; return the deleted ones.
+
+        For each key (each importance key, max key and min key) the checkpoints it ranks are
+        candidates for deletion, and its ``num_to_keep`` best are protected. A checkpoint is
+        deleted if it is a candidate for some key and protected by none. Checkpoints that no key
+        ranks (a meta without any of the keys) and those ``ckpt_predicate`` rejects are kept.
+
+        Raises:
+            ConfigurationError: ``num_to_keep`` is negative.
+        """
+        _check_num_to_keep(num_to_keep)
+        return self._delete(
+            num_to_keep=num_to_keep,
+            importance_keys=tuple(importance_keys),
+            max_keys=max_keys,
+            min_keys=min_keys,
+            ckpt_predicate=ckpt_predicate,
+            keep=None,
+        )
+
+    def _delete(
+        self,
+        *,
+        num_to_keep: int,
+        importance_keys: Sequence[ImportanceKey],
+        max_keys: Sequence[str],
+        min_keys: Sequence[str],
+        ckpt_predicate: CheckpointPredicate | None,
+        keep: Path | None,
+    ) -> list[Checkpoint]:
+        checkpoints = self.list_checkpoints()
+        rankings: list[list[Checkpoint]] = [
+            _rank(checkpoints, importance_key=key, ckpt_predicate=ckpt_predicate)
+            for key in importance_keys
+        ]
+        rankings += [
+            _rank(checkpoints, max_key=key, ckpt_predicate=ckpt_predicate) for key in max_keys
+        ]
+        rankings += [
+            _rank(checkpoints, min_key=key, ckpt_predicate=ckpt_predicate) for key in min_keys
+        ]
+        candidates = {c.path for ranking in rankings for c in ranking}
+        protected = {c.path for ranking in rankings for c in ranking[:num_to_keep]}
+        if keep is not None:
+            protected.add(keep)
+        deleted = [c for c in checkpoints if c.path in candidates and c.path not in protected]
+        for checkpoint in deleted:
+            _delete_folder(checkpoint.path)
+        return deleted
+
+    # ------------------------------------------------------------------ loading
+
+    def load_checkpoint(self, checkpoint: Checkpoint, device: Device = None) -> None:
+        """Restore every recoverable from ``checkpoint`` (after checking its files).
+
+        Every file is checked against the manifest (size and SHA-256) and decoded before any
+        recoverable is changed, so a damaged checkpoint leaves all of them as they were. The
+        checks run in worker threads while this thread decodes the files; a decoded state is
+        handed to its recoverable only once every file has passed.
+
+        Args:
+            checkpoint: the checkpoint to load.
+            device: where tensors are loaded (``map_location``); by default where they were.
+
+        Raises:
+            CorruptCheckpointError: a file is missing, has the wrong size or checksum, or does
+                not decode.
+            UnsafeCheckpointError: a file holds objects that ``weights_only`` loading refuses.
+            CheckpointError: a registered recoverable is not in the checkpoint (and neither
+                ``allow_partial_load`` nor its ``optional_load`` is set); the message names it.
+        """
+        present: dict[str, _Recoverable] = {}
+        for name, entry in self._recoverables.items():
+            if name in checkpoint.files:
+                present[name] = entry
+            elif self.allow_partial_load or entry.optional_load:
+                logger.info(
+                    "checkpoint %s has no %r; it keeps its current state", checkpoint.path, name
+                )
+            else:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint.path} has no recoverable {name!r} (it holds: "
+                    f"{', '.join(sorted(checkpoint.files)) or 'nothing'}); pass "
+                    "allow_partial_load=True to the Checkpointer or optional_load=True to "
+                    "add_recoverable to load it anyway"
+                )
+        states = _verified_states(
+            checkpoint,
+            present,
+            decode=[name for name, entry in present.items() if entry.loader is None],
+            device=device,
+        )
+        # Nothing above changed any recoverable; from here on every file has passed its checks.
+        for name, entry in present.items():
+            path = checkpoint.paramfiles[name]
+            if entry.loader is not None:
+                entry.loader(entry.obj, path, checkpoint.end_of_epoch)
+            else:
+                cast(Stateful, entry.obj).load_state_dict(states[name])
+            logger.debug("restored %r from %s", name, path)
+        logger.info("loaded checkpoint %s", checkpoint.path)
+
+    def recover_if_possible(
+        self,
+        importance_key: ImportanceKey | None = None,
+        max_key: str | None = None,
+        min_key: str | None = None,
+        ckpt_predicate: CheckpointPredicate | None = None,
+        device: Device = None,
+    ) -> Checkpoint | None:
+        """Load the best usable checkpoint (the most recent by default); return it, or None.
+
+        Candidates are ranked as by :meth:`find_checkpoints`. A candidate that fails
+        verification is skipped with a :class:`CheckpointWarning` naming its folder and the
+        reason, and the next one is tried; with no usable checkpoint nothing is loaded.
+
+        Raises:
+            UnsafeCheckpointError: a verified file holds objects ``weights_only`` loading
+                refuses (a planted file: this is not skipped silently).
+            CheckpointError: a registered recoverable is missing from the chosen checkpoint.
+        """
+        candidates = self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate)
+        for checkpoint in candidates:
+            try:
+                self.load_checkpoint(checkpoint, device=device)
+            except CorruptCheckpointError as error:
+                warnings.warn(
+                    f"skipping checkpoint {checkpoint.path}: {error.reason}; trying an older one",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+                continue
+            return checkpoint
+        logger.info("no checkpoint to recover in %s", self.checkpoints_dir)
+        return None
+
+
+def _check_num_to_keep(num_to_keep: object) -> None:
+    if isinstance(num_to_keep, bool) or not isinstance(num_to_keep, int) or num_to_keep < 0:
+        raise ConfigurationError(f"num_to_keep must be an integer >= 0, got {num_to_keep!r}")
+
+
+def _metric(checkpoint: Checkpoint, key: str) -> float:
+    value = checkpoint.meta[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(
+            f"checkpoint {checkpoint.path.name}: meta {key!r} is {value!r}, not a number"
+        )
+    return float(value)
+
+
+def _rank(
+    checkpoints: Sequence[Checkpoint],
+    *,
+    importance_key: ImportanceKey | None = None,
+    max_key: str | None = None,
+    min_key: str | None = None,
+    ckpt_predicate: CheckpointPredicate | None = None,
+    max_num_checkpoints: int | None = None,
+) -> list[Checkpoint]:
+    if sum(key is not None for key in (importance_key, max_key, min_key)) > 1:
+        raise ConfigurationError(
+            "give at most one of importance_key, max_key and min_key, got "
+            f"importance_key={importance_key!r}, max_key={max_key!r}, min_key={min_key!r}"
+        )
+    key: ImportanceKey
+    if max_key is not None:
+        name = max_key
+
+        def key(checkpoint: Checkpoint) -> float:
+            value = _metric(checkpoint, name)
+            return -math.inf if math.isnan(value) else value
+
+    elif min_key is not None:
+        name = min_key
+
+        def key(checkpoint: Checkpoint) -> float:
+            value = _metric(checkpoint, name)
+            return -math.inf if math.isnan(value) else -value
+
+    else:
+        key = importance_key if importance_key is not None else ckpt_recency
+    selected = [
+        checkpoint
+        for checkpoint in checkpoints
+        if (max_key is None or max_key in checkpoint.meta)
+        and (min_key is None or min_key in checkpoint.meta)
+        and (ckpt_predicate is None or ckpt_predicate(checkpoint))
+    ]
+    # Ties go to the most recent: sequence numbers are unique within a folder.
+    selected.sort(key=lambda checkpoint: (key(checkpoint), checkpoint.sequence), reverse=True)
+    return selected if max_num_checkpoints is None else selected[:max_num_checkpoints]
+
+
+def _delete_folder(folder: Path) -> None:
+    # Uncommit first: a deletion cut short leaves an uncommitted folder, never a committed
+    # checkpoint with files missing.
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    sync_directory(folder)
+    shutil.rmtree(folder)
+    logger.info("deleted checkpoint %s", folder)
+
+
+_HASH_WORKERS: Final = 4
+"""At most this many files are hashed at once while loading (and one fewer than the CPUs)."""
+
+
+def _verified_states(
+    checkpoint: Checkpoint, names: Iterable[str], decode: Sequence[str], device: Device
+) -> dict[str, dict[str, Any]]:
+    """Check the files of ``names`` against the manifest; return the decoded ``decode`` ones.
+
+    Sizes are checked first (a stat each), so a truncated file is never decoded. Then worker
+    threads hash the files while this thread decodes those in ``decode`` (``torch.load`` with
+    ``weights_only=True``, which unpickles only plain data and tensors). Nothing is returned
+    unless every file's SHA-256 matches: a damaged file's decoded state is dropped unused.
+
+    Raises:
+        CorruptCheckpointError: a file fails its checks (the first in ``names`` order), or, all
+            checks passed, a file does not decode. A checksum mismatch wins over a decoding
+            error, which damage causes too.
+        UnsafeCheckpointError: every file passed its checks, and one in ``decode`` holds
+            objects that ``weights_only`` loading refuses.
+    """
+    names = list(names)
+    paths = {name: check_present(checkpoint, name) for name in names}
+    if not names:
+        return {}
+    workers = min(len(names), _HASH_WORKERS, max(1, (os.cpu_count() or 1) - 1))
+    states: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(workers, "typedbrain-verify") as pool:
+        checks = [pool.submit(verify_file, checkpoint, name) for name in names]
+        try:
+            for name in decode:
+                try:
+                    states[name] = _decode(paths[name], device)
+                except Exception:
+                    # Damage makes files undecodable too: report it as such if it is.
+                    for check in checks:
+                        check.result()
+                    raise
+            for check in checks:
+                check.result()
+        except BaseException:
+            for check in checks:
+                check.cancel()
+            raise
+    return states
+
+
+def _decode(path: Path, device: Device) -> dict[str, Any]:
+    """``torch.load`` a checkpoint file with ``weights_only=True``; plain data only."""
+    try:
+        state: object = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafeCheckpointError(path, str(error).splitlines()[0]) from error
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise CorruptCheckpointError(path.parent, f"{path.name} does not load: {error}") from error
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(
+            path.parent, f"{path.name} holds a {type(state).__name__}, not a state dict"
+        )
+    return state
+
+
+def average_checkpoints(
+    checkpoints: Sequence[Checkpoint], recoverable_name: str, device: Device = None
+) -> dict[str, Tensor]:
+    """Average a module's parameters over several checkpoints (checkpoint averaging).
+
+    Floating-point tensors are averaged (in float64, then cast back to their dtype); other
+    entries (integer counters such as BatchNorm's ``num_batches_tracked``) are taken from the
+    last checkpoint given. Load the result with ``module.load_state_dict``.
+
+    Args:
+        checkpoints: the checkpoints to average (each file is verified first).
+        recoverable_name: the module's recoverable name.
+        device: where to load the tensors.
+
+    Raises:
+        CheckpointError: no checkpoint was given, one lacks ``recoverable_name``, or the state
+            dicts differ in keys, shapes or dtypes (the message names the checkpoint and key).
+        CorruptCheckpointError: a file fails verification.
+    """
+    if not checkpoints:
+        raise CheckpointError("average_checkpoints needs at least one checkpoint")
+    sums: dict[str, Tensor] = {}
+    result: dict[str, Tensor] = {}
+    reference: Checkpoint | None = None
+    for checkpoint in checkpoints:
+        if recoverable_name not in checkpoint.files:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} has no recoverable {recoverable_name!r}"
+            )
+        path = checkpoint.paramfiles[recoverable_name]
+        state = _verified_states(checkpoint, [recoverable_name], [recoverable_name], device)[
+            recoverable_name
+        ]
+        if reference is None:
+            reference = checkpoint
+            for key, value in state.items():
+                if not isinstance(value, Tensor):
+                    raise CheckpointError(
+                        f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
+                        "only module state dicts can be averaged"
+                    )
+                result[key] = value
+                if value.is_floating_point():
+                    sums[key] = value.to(torch.float64)
+            continue
+        if set(state) != set(result):
+            difference = sorted(set(state) ^ set(result))
+            raise CheckpointError(
+                f"cannot average {path} with {reference.path}: their keys differ ({difference})"
+            )
+        for key, value in state.items():
+            first = result[key]
+            if (
+                not isinstance(value, Tensor)
+                or value.shape != first.shape
+                or value.dtype != first.dtype
+            ):
+                described = (
+                    f"{value.dtype} {tuple(value.shape)}"
+                    if isinstance(value, Tensor)
+                    else type(value).__name__
+                )
+                raise CheckpointError(
+                    f"cannot average {path} with {reference.path}: {key!r} is {described} "
+                    f"there and {first.dtype} {tuple(first.shape)} in the first"
+                )
+            if key in sums:
+                sums[key] += value.to(torch.float64)
+            else:
+                result[key] = value
+    count = len(checkpoints)
+    for key, total in sums.items():
+        result[key] = (total / count).to(result[key].dtype)
+    return result

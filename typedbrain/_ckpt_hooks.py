@@ -1,0 +1,207 @@
+"""How a checkpointer saves and loads an object: per-object hooks, class hooks, or ``Stateful``.
+
+A class opts into custom checkpointing with :func:`register_checkpoint_hooks` and marks one
+method with :func:`mark_as_saver` and (or) one with :func:`mark_as_loader`. Hooks are looked up
+per object first, then along the class's MRO, then the ``Stateful`` default applies.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, Literal, Never, TypeAlias, TypeVar, final
+
+import attrs
+
+from typedbrain._errors import ConfigurationError, HookContractError
+from typedbrain._protocols import Stateful
+
+__all__ = [
+    "LoadHook",
+    "SaveHook",
+    "mark_as_loader",
+    "mark_as_saver",
+    "register_checkpoint_hooks",
+]
+
+_T = TypeVar("_T")
+_ClassT = TypeVar("_ClassT", bound=type)
+
+SaveHook: TypeAlias = Callable[[_T, Path], None]
+"""Writes ``obj`` to ``path``: called as ``hook(obj, path)``.
+
+A method marked with :func:`mark_as_saver` (``def save(self, path: Path) -> None``) has this
+shape, and so does a ``custom_save_hook`` given to ``Checkpointer.add_recoverable``.
+"""
+
+LoadHook: TypeAlias = Callable[[_T, Path, bool], None]
+"""Restores ``obj`` from ``path``: called as ``hook(obj, path, end_of_epoch)``.
+
+``end_of_epoch`` is the flag the checkpoint was saved with. A method marked with
+:func:`mark_as_loader` (``def load(self, path: Path, end_of_epoch: bool) -> None``) has this
+shape, and so does a ``custom_load_hook``.
+"""
+
+# Bounds that accept every saver / loader whatever its first argument (parameters are
+# contravariant, so ``Never`` there is the widest type), keeping the decorated function's type.
+_SaverT = TypeVar("_SaverT", bound=Callable[[Never, Path], None])
+_LoaderT = TypeVar("_LoaderT", bound=Callable[[Never, Path, bool], None])
+
+_Role: TypeAlias = Literal["saver", "loader"]
+_MARK: Final = "__typedbrain_checkpoint_hook__"
+
+# Internally a hook is called with the object it was registered for; its first parameter's type
+# was checked where it was registered, so here the object is passed as ``Any``.
+_AnySaver: TypeAlias = Callable[[Any, Path], None]
+_AnyLoader: TypeAlias = Callable[[Any, Path, bool], None]
+
+
+@final
+@attrs.frozen
+class _ClassHooks:
+    saver: _AnySaver | None
+    loader: _AnyLoader | None
+
+
+# Classes decorated with register_checkpoint_hooks; weak so that decorated classes defined in
+# functions (tests, notebooks) can be collected.
+_CLASS_HOOKS: Final[weakref.WeakKeyDictionary[type, _ClassHooks]] = weakref.WeakKeyDictionary()
+
+
+def _describe(function: object) -> str:
+    name = getattr(function, "__qualname__", None) or getattr(function, "__name__", None)
+    return repr(name) if name else repr(function)
+
+
+def _check_signature(function: object, role: _Role, arguments: tuple[object, ...]) -> None:
+    expected = (
+        "(self, path: Path) -> None"
+        if role == "saver"
+        else "(self, path: Path, end_of_epoch: bool) -> None"
+    )
+    if not inspect.isfunction(function):
+        raise HookContractError(
+            f"mark_as_{role} expects a plain function defined in a class body, "
+            f"got {_describe(function)}"
+        )
+    try:
+        inspect.signature(function).bind(*arguments)
+    except TypeError as error:
+        raise HookContractError(
+            f"checkpoint {role} {_describe(function)} must have the signature {expected}: {error}"
+        ) from None
+
+
+def mark_as_saver(method: _SaverT) -> _SaverT:
+    """Mark a method as its class's checkpoint saver; it must be ``(self, path: Path) -> None``.
+
+    The class must also be decorated with :func:`register_checkpoint_hooks`. The saver writes
+    the object's state to ``path`` (one file; the checkpointer records its size and checksum).
+
+    Raises:
+        HookContractError: ``method`` cannot be called as ``method(obj, path)``; the message
+            names it.
+    """
+    _check_signature(method, "saver", (object(), Path("checkpoint.ckpt")))
+    vars(method)[_MARK] = "saver"
+    return method
+
+
+def mark_as_loader(method: _LoaderT) -> _LoaderT:
+    """Mark a method as its class's checkpoint loader: ``(self, path, end_of_epoch) -> None``.
+
+    The class must also be decorated with :func:`register_checkpoint_hooks`. ``end_of_epoch`` is
+    the flag the checkpoint was saved with.
+
+    Raises:
+        HookContractError: ``method`` cannot be called as ``method(obj, path, end_of_epoch)``;
+            the message names it.
+    """
+    _check_signature(method, "loader", (object(), Path("checkpoint.ckpt"), True))
+    vars(method)[_MARK] = "loader"
+    return method
+
+
+def register_checkpoint_hooks(cls: _ClassT) -> _ClassT:
+    """Class decorator: save and load instances with the methods marked in the class body.
+
+    Example::
+
+        @register_checkpoint_hooks
+        class Vocabulary:
+            @mark_as_saver
+            def save(self, path: Path) -> None: ...
+
+            @mark_as_loader
+            def load(self, path: Path, end_of_epoch: bool) -> None: ...
+
+    Subclasses inherit the hooks (the lookup walks the MRO); a subclass decorated itself
+    overrides the hooks it marks.
+
+    Raises:
+        HookContractError: the class marks no method, or more than one saver or loader.
+    """
+    found: dict[_Role, list[tuple[str, object]]] = {"saver": [], "loader": []}
+    for name, value in vars(cls).items():
+        role = vars(value).get(_MARK) if inspect.isfunction(value) else None
+        if role in ("saver", "loader"):
+            found[role].append((name, value))
+    if not found["saver"] and not found["loader"]:
+        raise HookContractError(
+            f"register_checkpoint_hooks: class {cls.__qualname__!r} marks no method with "
+            "mark_as_saver or mark_as_loader"
+        )
+    for role, methods in found.items():
+        if len(methods) > 1:
+            names = ", ".join(repr(name) for name, _ in methods)
+            raise HookContractError(
+                f"register_checkpoint_hooks: class {cls.__qualname__!r} marks several "
+                f"{role}s ({names}); mark one"
+            )
+    saver = found["saver"][0][1] if found["saver"] else None
+    loader = found["loader"][0][1] if found["loader"] else None
+    _CLASS_HOOKS[cls] = _ClassHooks(saver=saver, loader=loader)  # type: ignore[arg-type]  # checked by the mark_as_* decorators
+    return cls
+
+
+@final
+@attrs.frozen
+class ResolvedHooks:
+    """The hooks that save and load one recoverable; ``None`` means the ``Stateful`` default."""
+
+    saver: _AnySaver | None
+    loader: _AnyLoader | None
+
+
+def resolve_hooks(
+    name: str,
+    obj: object,
+    saver: _AnySaver | None,
+    loader: _AnyLoader | None,
+) -> ResolvedHooks:
+    """Find how to save and load ``obj``: the given hooks, then class hooks, then ``Stateful``.
+
+    Raises:
+        ConfigurationError: neither a hook nor ``state_dict`` / ``load_state_dict`` covers
+            saving or loading; the message names the recoverable ``name``.
+    """
+    for klass in type(obj).__mro__:
+        hooks = _CLASS_HOOKS.get(klass)
+        if hooks is None:
+            continue
+        if saver is None and hooks.saver is not None:
+            saver = hooks.saver
+        if loader is None and hooks.loader is not None:
+            loader = hooks.loader
+    if (saver is None or loader is None) and not isinstance(obj, Stateful):
+        missing = " and ".join(
+            role for role, hook in (("save", saver), ("load", loader)) if hook is None
+        )
+        raise ConfigurationError(
+            f"recoverable {name!r}: cannot {missing} a {type(obj).__qualname__}: it has no "
+            "state_dict/load_state_dict, no class registered with register_checkpoint_hooks "
+            "and no custom hook was given"
+        )
+    return ResolvedHooks(saver=saver, loader=loader)

@@ -1,0 +1,489 @@
+"""The on-disk format of a checkpoint: its manifest, the file records, and how both are checked.
+
+A checkpoint folder holds one ``<name>.ckpt`` file per recoverable and ``MANIFEST.json``. The
+manifest is written last, to a temporary name, synced and renamed into place: a folder without
+it is an interrupted save, never a checkpoint. It records the size and SHA-256 of every file,
+so a truncated or altered file is found before anything is loaded from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import IO, Final, TypeAlias, final
+
+import attrs
+import numpy as np
+import torch
+
+from typedbrain._errors import ConfigurationError, CorruptCheckpointError
+
+__all__ = ["Checkpoint", "CheckpointFile", "JsonValue", "verify_checkpoint"]
+
+JsonValue: TypeAlias = str | int | float | bool | list["JsonValue"] | dict[str, "JsonValue"] | None
+"""What a checkpoint's ``meta`` may hold: JSON data (NaN and infinities included)."""
+
+MANIFEST_NAME: Final = "MANIFEST.json"
+_TEMP_MANIFEST_NAME: Final = ".MANIFEST.json.tmp"
+FORMAT: Final = "typedbrain-checkpoint"
+FORMAT_VERSION: Final = 1
+_CHUNK: Final = 1 << 22
+WRITE_BUFFER: Final = 1 << 20
+"""The buffer of a checkpoint file's writer: torch.save's many small writes go out together."""
+_HASH_ASIDE_MIN: Final = 1 << 20
+"""Writes at least this large are hashed by another thread while they are written."""
+
+_SHA256_HEX_LENGTH: Final = 64
+
+
+@final
+@attrs.frozen
+class CheckpointFile:
+    """One file of a checkpoint, as its manifest records it.
+
+    Attributes:
+        file: the file's name inside the checkpoint folder (``<recoverable>.ckpt``).
+        size: its size in bytes.
+        sha256: the hex SHA-256 of its bytes.
+    """
+
+    file: str
+    size: int
+    sha256: str
+
+
+@final
+@attrs.frozen
+class Checkpoint:
+    """A committed checkpoint folder, as read from its manifest.
+
+    Listing checkpoints reads manifests only; the files' sizes and checksums are checked when the
+    checkpoint is loaded (or by :func:`verify_checkpoint`).
+
+    Attributes:
+        path: the checkpoint folder.
+        sequence: its commit number in its checkpoints folder: higher is more recent.
+        unixtime: when it was committed (seconds since the epoch).
+        end_of_epoch: whether it was saved at the end of an epoch (not mid-epoch).
+        phase: the brain's phase when it was saved, if the checkpointer watched one.
+        meta: the user's metadata (validation losses and the like), as JSON data.
+        files: recoverable name -> the file record of its data.
+        typedbrain_version: the typedbrain version that wrote it.
+        torch_version: the torch version that wrote it.
+    """
+
+    path: Path
+    sequence: int
+    unixtime: float
+    end_of_epoch: bool
+    phase: str | None
+    meta: Mapping[str, JsonValue] = attrs.field(hash=False)
+    files: Mapping[str, CheckpointFile] = attrs.field(hash=False)
+    typedbrain_version: str
+    torch_version: str
+
+    @property
+    def paramfiles(self) -> dict[str, Path]:
+        """Recoverable name -> the path of its file in this checkpoint."""
+        return {name: self.path / record.file for name, record in self.files.items()}
+
+
+# ----------------------------------------------------------------------------- meta validation
+
+
+def to_json_meta(meta: Mapping[str, object] | None) -> dict[str, JsonValue]:
+    """Copy ``meta`` as JSON data: 0-d tensors and NumPy scalars become Python numbers.
+
+    Raises:
+        ConfigurationError: a key is not a string or a value is not JSON data; the message names
+            the meta key (and the position inside it).
+    """
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        raise ConfigurationError(
+            f"checkpoint meta must be a mapping of str to JSON data, got {type(meta).__name__}"
+        )
+    result: dict[str, JsonValue] = {}
+    for key, value in meta.items():
+        if not isinstance(key, str):
+            raise ConfigurationError(f"checkpoint meta key {key!r} is not a string")
+        result[key] = _to_json(value, key, repr(key))
+    return result
+
+
+def _to_json(value: object, key: str, where: str) -> JsonValue:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ConfigurationError(
+                f"checkpoint meta {key!r}: {where} is a tensor of shape {tuple(value.shape)}; "
+                "only 0-d tensors (scalars) are accepted, as Python numbers"
+            )
+        return _to_json(value.item(), key, where)
+    if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:
+        item: object = value.item()
+        if isinstance(item, np.generic | np.ndarray):
+            raise ConfigurationError(
+                f"checkpoint meta {key!r}: {where} is a NumPy {value.dtype} value, not JSON data"
+            )
+        return _to_json(item, key, where)
+    if isinstance(value, Mapping):
+        converted: dict[str, JsonValue] = {}
+        for inner_key, inner in value.items():
+            if not isinstance(inner_key, str):
+                raise ConfigurationError(
+                    f"checkpoint meta {key!r}: {where} has the key {inner_key!r}, not a string"
+                )
+            converted[inner_key] = _to_json(inner, key, f"{where}[{inner_key!r}]")
+        return converted
+    if isinstance(value, list | tuple):
+        return [_to_json(inner, key, f"{where}[{index}]") for index, inner in enumerate(value)]
+    raise ConfigurationError(
+        f"checkpoint meta {key!r}: {where} is a {type(value).__qualname__}, not JSON data "
+        "(str, int, float, bool, None, lists and dicts of them, or a 0-d tensor / NumPy scalar)"
+    )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class HashingWriter:
+    """A write-only binary stream that hashes and counts what passes through to ``raw``.
+
+    ``torch.save`` writes to it, so the checksum costs no second read of the file. Given a
+    ``hasher`` (an executor with one thread), each large write (a tensor's bytes) is hashed
+    there while this thread writes it: ``hashlib`` and file writes both release the GIL. Every
+    write returns only once its bytes are hashed, so the caller's buffer is never read later and
+    the hash sees the writes in order.
+    """
+
+    def __init__(self, raw: IO[bytes], hasher: Executor | None = None) -> None:
+        self._raw = raw
+        self._hasher = hasher
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` to the underlying file, hashing it on the way."""
+        view = memoryview(data)
+        if self._hasher is not None and view.nbytes >= _HASH_ASIDE_MIN:
+            hashed = self._hasher.submit(self._hash.update, view)
+            try:
+                self._raw.write(view)
+            finally:
+                hashed.result()
+        else:
+            self._hash.update(view)
+            self._raw.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        """Flush the underlying file."""
+        self._raw.flush()
+
+    def record(self, file: str) -> CheckpointFile:
+        """The record of what was written, under the name ``file``."""
+        return CheckpointFile(file=file, size=self.size, sha256=self._hash.hexdigest())
+
+
+def sync_and_close(stream: IO[bytes], record: CheckpointFile) -> CheckpointFile:
+    """Flush ``stream``, sync it to disk and close it; return ``record`` (for a background sync)."""
+    try:
+        stream.flush()
+        os.fsync(stream.fileno())
+    finally:
+        stream.close()
+    return record
+
+
+def hash_file(path: Path) -> CheckpointFile:
+    """Record ``path`` (size and SHA-256) and sync it to disk: for files written by hooks."""
+    record = hash_file_readonly(path)
+    with path.open("rb") as stream:
+        os.fsync(stream.fileno())
+    return record
+
+
+def sync_directory(path: Path) -> None:
+    """Make the entries of the folder ``path`` (renames, new files) durable."""
+    if os.name == "nt":  # pragma: no cover - Windows cannot open a folder to sync it
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def manifest_data(checkpoint: Checkpoint) -> dict[str, JsonValue]:
+    """The JSON document that ``checkpoint``'s manifest holds."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sequence": checkpoint.sequence,
+        "unixtime": checkpoint.unixtime,
+        "end_of_epoch": checkpoint.end_of_epoch,
+        "phase": checkpoint.phase,
+        "typedbrain_version": checkpoint.typedbrain_version,
+        "torch_version": checkpoint.torch_version,
+        "meta": dict(checkpoint.meta),
+        "files": {
+            name: {"file": record.file, "size": record.size, "sha256": record.sha256}
+            for name, record in checkpoint.files.items()
+        },
+    }
+
+
+def write_temp_manifest(folder: Path, text: str) -> Path:
+    """Write the manifest ``text`` to a temporary file in ``folder``, synced; return its path."""
+    temp = folder / _TEMP_MANIFEST_NAME
+    with temp.open("w", encoding="utf-8") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    return temp
+
+
+def commit_manifest(checkpoint: Checkpoint) -> None:
+    """Commit ``checkpoint``: its manifest is renamed into place atomically, then synced.
+
+    Every file of the checkpoint must already be written and synced.
+    """
+    text = json.dumps(manifest_data(checkpoint), indent=2, sort_keys=True) + "\n"
+    temp = write_temp_manifest(checkpoint.path, text)
+    os.replace(temp, checkpoint.path / MANIFEST_NAME)
+    sync_directory(checkpoint.path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def is_plain_name(name: object) -> bool:
+    """Whether ``name`` can name a file or folder directly inside another one (no path tricks)."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith(".")
+        and not any(character in name for character in "/\\\0:")
+        and Path(name).name == name
+    )
+
+
+def _require(condition: bool, folder: Path, reason: str) -> None:
+    if not condition:
+        raise CorruptCheckpointError(folder, f"{MANIFEST_NAME}: {reason}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+def _bad(folder: Path, key: str, value: object) -> CorruptCheckpointError:
+    return CorruptCheckpointError(folder, f"{MANIFEST_NAME}: {key!r} is {value!r}, not valid")
+
+
+def read_manifest(folder: Path) -> Checkpoint:
+    """Read the committed manifest of ``folder`` (its files are not checked here).
+
+    Raises:
+        CorruptCheckpointError: the manifest is missing, unreadable, of another format or
+            version, or malformed; ``reason`` says which.
+    """
+    manifest = folder / MANIFEST_NAME
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CorruptCheckpointError(
+            folder, f"no {MANIFEST_NAME}: the save was interrupted before its commit"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CorruptCheckpointError(folder, f"cannot read {MANIFEST_NAME}: {error}") from error
+    try:
+        data: object = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CorruptCheckpointError(folder, f"{MANIFEST_NAME} is not JSON: {error}") from error
+    _require(isinstance(data, dict), folder, "not a JSON object")
+    assert isinstance(data, dict)
+    _require(data.get("format") == FORMAT, folder, f"'format' is not {FORMAT!r}")
+    version = data.get("format_version")
+    _require(
+        version == FORMAT_VERSION,
+        folder,
+        f"format version {version!r} is not the one this typedbrain reads ({FORMAT_VERSION})",
+    )
+    sequence = data.get("sequence")
+    unixtime = data.get("unixtime")
+    end_of_epoch = data.get("end_of_epoch")
+    phase = data.get("phase")
+    meta = data.get("meta")
+    files = data.get("files")
+    typedbrain_version = data.get("typedbrain_version")
+    torch_version = data.get("torch_version")
+    if not (_is_int(sequence) and isinstance(sequence, int) and sequence >= 0):
+        raise _bad(folder, "sequence", sequence)
+    if not (isinstance(unixtime, int | float) and math.isfinite(unixtime)) or _is_bool(unixtime):
+        raise _bad(folder, "unixtime", unixtime)
+    if not isinstance(end_of_epoch, bool):
+        raise _bad(folder, "end_of_epoch", end_of_epoch)
+    if not (phase is None or isinstance(phase, str)):
+        raise _bad(folder, "phase", phase)
+    if not isinstance(meta, dict):
+        raise _bad(folder, "meta", meta)
+    if not isinstance(typedbrain_version, str):
+        raise _bad(folder, "typedbrain_version", typedbrain_version)
+    if not isinstance(torch_version, str):
+        raise _bad(folder, "torch_version", torch_version)
+    if not isinstance(files, dict):
+        raise _bad(folder, "files", files)
+    records: dict[str, CheckpointFile] = {}
+    for name, entry in files.items():
+        _require(isinstance(entry, dict), folder, f"the record of {name!r} is not an object")
+        assert isinstance(entry, dict)
+        file, size, sha256 = entry.get("file"), entry.get("size"), entry.get("sha256")
+        if not (isinstance(file, str) and is_plain_name(file)):
+            raise _bad(folder, f"files.{name}.file", file)
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+            raise _bad(folder, f"files.{name}.size", size)
+        if not (
+            isinstance(sha256, str)
+            and len(sha256) == _SHA256_HEX_LENGTH
+            and all(c in "0123456789abcdef" for c in sha256)
+        ):
+            raise _bad(folder, f"files.{name}.sha256", sha256)
+        records[name] = CheckpointFile(file=file, size=size, sha256=sha256)
+    return Checkpoint(
+        path=folder,
+        sequence=sequence,
+        unixtime=float(unixtime),
+        end_of_epoch=end_of_epoch,
+        phase=phase,
+        meta=meta,
+        files=records,
+        typedbrain_version=typedbrain_version,
+        torch_version=torch_version,
+    )
+
+
+def check_present(checkpoint: Checkpoint, name: str) -> Path:
+    """The path of recoverable ``name``'s file, once its size matches the manifest (cheap: a stat).
+
+    Raises:
+        CorruptCheckpointError: the file is missing, unreadable or of the wrong size; the
+            error's ``path`` is the checkpoint folder.
+    """
+    record = checkpoint.files[name]
+    path = checkpoint.path / record.file
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CorruptCheckpointError(
+            checkpoint.path, f"the file {record.file} (recoverable {name!r}) is missing"
+        ) from None
+    except OSError as error:
+        raise CorruptCheckpointError(
+            checkpoint.path, f"cannot read {record.file} (recoverable {name!r}): {error}"
+        ) from error
+    if size != record.size:
+        _check_bytes(checkpoint, name, record, size, record.sha256)
+    return path
+
+
+def verify_file(checkpoint: Checkpoint, name: str) -> None:
+    """Check recoverable ``name``'s file against the manifest: its size and SHA-256.
+
+    It reads the file in chunks into one buffer (no copy of the whole file in memory); run it
+    in a worker thread to decode the file meanwhile (``hashlib`` releases the GIL).
+
+    Raises:
+        CorruptCheckpointError: the file is missing, unreadable, or its size or SHA-256 differs
+            from the manifest's; the error's ``path`` is the checkpoint folder.
+    """
+    record = checkpoint.files[name]
+    path = checkpoint.path / record.file
+    try:
+        actual = hash_file_readonly(path)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(
+            checkpoint.path, f"the file {record.file} (recoverable {name!r}) is missing"
+        ) from None
+    except OSError as error:
+        raise CorruptCheckpointError(
+            checkpoint.path, f"cannot read {record.file} (recoverable {name!r}): {error}"
+        ) from error
+    _check_bytes(checkpoint, name, record, actual.size, actual.sha256)
+
+
+def _check_bytes(
+    checkpoint: Checkpoint, name: str, record: CheckpointFile, size: int, sha256: str
+) -> None:
+    if size != record.size:
+        raise CorruptCheckpointError(
+            checkpoint.path,
+            f"the file {record.file} (recoverable {name!r}) has {size} bytes, "
+            f"the manifest says {record.size} (truncated or overwritten)",
+        )
+    if sha256 != record.sha256:
+        raise CorruptCheckpointError(
+            checkpoint.path,
+            f"the file {record.file} (recoverable {name!r}) fails its SHA-256 check "
+            "(its bytes changed after the commit)",
+        )
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Check a checkpoint folder completely: its manifest, then every file's size and SHA-256.
+
+    Nothing is loaded or unpickled. Use it to vet a folder before loading it, or from a script.
+
+    Args:
+        path: the checkpoint folder (``<checkpoints_dir>/CKPT+...``).
+
+    Returns:
+        The checkpoint, as its manifest describes it.
+
+    Raises:
+        CorruptCheckpointError: the folder is not a usable checkpoint; ``reason`` says why.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CorruptCheckpointError(folder, "no such folder")
+    checkpoint = read_manifest(folder)
+    for name, record in checkpoint.files.items():
+        file = folder / record.file
+        if not file.is_file():
+            raise CorruptCheckpointError(
+                folder, f"the file {record.file} (recoverable {name!r}) is missing"
+            )
+        actual = hash_file_readonly(file)
+        _check_bytes(checkpoint, name, record, actual.size, actual.sha256)
+    return checkpoint
+
+
+def hash_file_readonly(path: Path) -> CheckpointFile:
+    """Size and SHA-256 of ``path``, read in chunks into one reused buffer."""
+    digest = hashlib.sha256()
+    size = 0
+    buffer = memoryview(bytearray(_CHUNK))
+    with path.open("rb", buffering=0) as stream:
+        while count := stream.readinto(buffer):
+            digest.update(buffer[:count])
+            size += count
+    return CheckpointFile(file=path.name, size=size, sha256=digest.hexdigest())
