@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from hypothesis import strategies as st
 
 from typedbrain import RunOptions, TrainingProgress
+from typedbrain._rng import NumpyRngState, PythonRngState, RngState
+from typedbrain._state import RunState, SamplerState
 
 _small = st.integers(min_value=1, max_value=1_000)
 _count = st.integers(min_value=0, max_value=1_000)
@@ -49,6 +51,7 @@ RUN_OPTION_VALUES: Mapping[str, st.SearchStrategy[object]] = {
     "profile_training": st.booleans(),
     "profile_warmup": _count,
     "profile_steps": _small,
+    "stop_on_signals": st.booleans(),
 }
 
 
@@ -71,4 +74,54 @@ def training_progress() -> st.SearchStrategy[TrainingProgress]:
         avg_train_loss=st.floats(allow_nan=False, allow_infinity=False),
         averaged=_count,
         nonfinite_count=_count,
+    )
+
+
+_word = st.integers(min_value=0, max_value=2**32 - 1)
+_words = st.lists(_word, max_size=8).map(tuple)
+_finite = st.floats(allow_nan=False, allow_infinity=False)
+
+
+def rng_state() -> st.SearchStrategy[RngState]:
+    """Any ``RngState`` (short word lists: the round trip does not depend on their length)."""
+    return st.builds(
+        RngState,
+        python=st.builds(
+            PythonRngState,
+            version=st.integers(0, 5),
+            internal=_words,
+            gauss_next=st.none() | _finite,
+        ),
+        numpy=st.builds(
+            NumpyRngState,
+            algorithm=st.just("MT19937"),
+            key=_words,
+            position=st.integers(0, 624),
+            has_gauss=st.integers(0, 1),
+            cached_gaussian=_finite,
+        ),
+        torch_cpu=st.lists(st.integers(0, 255), max_size=16).map(tuple),
+        cuda=st.lists(st.lists(st.integers(0, 255), max_size=8).map(tuple), max_size=2).map(tuple),
+        torch_version=st.sampled_from(["2.13.0+cpu", "2.3.1"]),
+    )
+
+
+def sampler_state() -> st.SearchStrategy[SamplerState]:
+    """Any ``SamplerState``."""
+    return st.builds(SamplerState, seed=st.integers(-(2**63), 2**63 - 1), epoch=_count)
+
+
+def run_state() -> st.SearchStrategy[RunState]:
+    """Any ``RunState``."""
+    return st.builds(
+        RunState,
+        phase=st.sampled_from(["TRAIN", "VALID", "CHECKPOINT", "IDLE"]),
+        epoch=st.none() | _small,
+        mid_epoch=st.booleans(),
+        progress=training_progress(),
+        skipped=_count,
+        window=_count,
+        rng=rng_state(),
+        epoch_rng=st.none() | rng_state(),
+        sampler=st.none() | sampler_state(),
     )

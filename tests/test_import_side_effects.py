@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import pkgutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +16,7 @@ import pytest
 # prints what differs as JSON.
 PROBE = textwrap.dedent(
     """
-    import json, logging, random, sys, warnings
+    import json, logging, random, signal, sys, warnings
     import numpy as np
     import torch
 
@@ -40,6 +42,9 @@ PROBE = textwrap.dedent(
                 if isinstance(logger, logging.Logger) and logger.handlers
             },
             "root_level": logging.getLogger().level,
+            "signal_handlers": [
+                repr(signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)
+            ],
         }
 
     def attributes():
@@ -101,23 +106,10 @@ def test_importing_typedbrain_changes_nothing_global() -> None:
 
 
 def test_importing_every_private_module_changes_nothing_global() -> None:
-    modules = ", ".join(
-        f"typedbrain.{name}"
-        for name in (
-            "_brain",
-            "_data",
-            "_distributed",
-            "_epochs",
-            "_hparams",
-            "_modules",
-            "_numerics",
-            "_options",
-            "_phases",
-            "_progress",
-            "_protocols",
-            "_state",
-        )
-    )
+    package = Path(__file__).resolve().parent.parent / "typedbrain"
+    names = sorted(info.name for info in pkgutil.iter_modules([str(package)]))
+    assert {"_brain", "_checkpoint", "_sampler", "_signals"} <= set(names)
+    modules = ", ".join(f"typedbrain.{name}" for name in names)
     report, output = probe(modules)
     assert (report["changed"], report["patched"], output) == ([], [], "")
 
@@ -138,6 +130,7 @@ def test_importing_every_private_module_changes_nothing_global() -> None:
         ),
         ("torch.manual_seed(1)", "changed", ["torch_rng"]),
         ("logging.basicConfig()", "changed", ["root_handlers"]),
+        ("signal.signal(signal.SIGTERM, lambda *a: None)", "changed", ["signal_handlers"]),
     ],
 )
 def test_probe_detects_a_change_when_there_is_one(

@@ -50,10 +50,12 @@ SPEECHBRAIN_DEFAULTS: dict[str, object] = {
     "profile_training": False,
     "profile_warmup": 5,
     "profile_steps": 5,
+    # typedbrain's own, not SpeechBrain's:
+    "stop_on_signals": True,
 }
 
 
-def test_every_speechbrain_option_exists_with_its_default() -> None:
+def test_every_speechbrain_option_and_typedbrains_own_exist_with_their_defaults() -> None:
     assert attrs.asdict(RunOptions()) == SPEECHBRAIN_DEFAULTS
 
 

@@ -4,24 +4,40 @@ Importing this package has no side effects: it sets no torch flag, adds no loggi
 patches nothing.
 """
 
+from typedbrain._brain import INTRA_EPOCH_CKPT_FLAG as INTRA_EPOCH_CKPT_FLAG
 from typedbrain._brain import BatchT as BatchT
 from typedbrain._brain import Brain as Brain
 from typedbrain._brain import HparamsT as HparamsT
 from typedbrain._brain import PredT as PredT
+from typedbrain._checkpoint import Checkpointer as Checkpointer
+from typedbrain._checkpoint import average_checkpoints as average_checkpoints
+from typedbrain._ckpt_hooks import mark_as_loader as mark_as_loader
+from typedbrain._ckpt_hooks import mark_as_saver as mark_as_saver
+from typedbrain._ckpt_hooks import register_checkpoint_hooks as register_checkpoint_hooks
 from typedbrain._data import DataSource as DataSource
 from typedbrain._data import LoaderKwargs as LoaderKwargs
 from typedbrain._distributed import if_main_process as if_main_process
 from typedbrain._distributed import run_on_main as run_on_main
 from typedbrain._epochs import EpochCounter as EpochCounter
 from typedbrain._epochs import EpochCounterWithStopper as EpochCounterWithStopper
+from typedbrain._errors import CheckpointError as CheckpointError
+from typedbrain._errors import CheckpointWarning as CheckpointWarning
 from typedbrain._errors import ConfigurationError as ConfigurationError
+from typedbrain._errors import CorruptCheckpointError as CorruptCheckpointError
 from typedbrain._errors import HookContractError as HookContractError
 from typedbrain._errors import NonFiniteLossError as NonFiniteLossError
 from typedbrain._errors import PhaseTransitionError as PhaseTransitionError
 from typedbrain._errors import ReentrantCallError as ReentrantCallError
+from typedbrain._errors import ResumeWarning as ResumeWarning
 from typedbrain._errors import RunOptionsError as RunOptionsError
+from typedbrain._errors import TrainingInterruptedError as TrainingInterruptedError
 from typedbrain._errors import TypedBrainError as TypedBrainError
+from typedbrain._errors import UnsafeCheckpointError as UnsafeCheckpointError
 from typedbrain._hparams import Hparams as Hparams
+from typedbrain._manifest import Checkpoint as Checkpoint
+from typedbrain._manifest import CheckpointFile as CheckpointFile
+from typedbrain._manifest import JsonValue as JsonValue
+from typedbrain._manifest import verify_checkpoint as verify_checkpoint
 from typedbrain._options import Precision as Precision
 from typedbrain._options import RunOptions as RunOptions
 from typedbrain._options import RunOptionsDict as RunOptionsDict
@@ -31,23 +47,35 @@ from typedbrain._phases import PhaseMachine as PhaseMachine
 from typedbrain._phases import PhaseObserver as PhaseObserver
 from typedbrain._phases import Stage as Stage
 from typedbrain._protocols import CheckpointerLike as CheckpointerLike
+from typedbrain._protocols import CheckpointInfo as CheckpointInfo
 from typedbrain._protocols import OptimizerFactory as OptimizerFactory
 from typedbrain._protocols import Stateful as Stateful
+from typedbrain._sampler import Positionable as Positionable
+from typedbrain._sampler import ResumableSampler as ResumableSampler
 from typedbrain._state import TrainingProgress as TrainingProgress
 from typedbrain._version import __version__ as __version__
 
 __all__ = [
+    "INTRA_EPOCH_CKPT_FLAG",
     "TRANSITIONS",
     "BatchT",
     "Brain",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointFile",
+    "CheckpointInfo",
+    "CheckpointWarning",
+    "Checkpointer",
     "CheckpointerLike",
     "ConfigurationError",
+    "CorruptCheckpointError",
     "DataSource",
     "EpochCounter",
     "EpochCounterWithStopper",
     "HookContractError",
     "Hparams",
     "HparamsT",
+    "JsonValue",
     "LoaderKwargs",
     "NonFiniteLossError",
     "OptimizerFactory",
@@ -55,17 +83,27 @@ __all__ = [
     "PhaseMachine",
     "PhaseObserver",
     "PhaseTransitionError",
+    "Positionable",
     "Precision",
     "PredT",
     "ReentrantCallError",
+    "ResumableSampler",
+    "ResumeWarning",
     "RunOptions",
     "RunOptionsDict",
     "RunOptionsError",
     "Stage",
     "Stateful",
+    "TrainingInterruptedError",
     "TrainingProgress",
     "TypedBrainError",
+    "UnsafeCheckpointError",
     "__version__",
+    "average_checkpoints",
     "if_main_process",
+    "mark_as_loader",
+    "mark_as_saver",
+    "register_checkpoint_hooks",
     "run_on_main",
+    "verify_checkpoint",
 ]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Mapping
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any, Final, Generic, cast, get_args, get_origin, overload
 from typing import TypeVar as TypeVarType
@@ -25,14 +27,17 @@ from typedbrain._data import (
     LoaderKwargs,
     loader_length,
     make_dataloader,
-    set_loader_epoch,
 )
 from typedbrain._distributed import default_device, if_main_process
+from typedbrain._epochs import EpochCounter
 from typedbrain._errors import (
+    CheckpointError,
     ConfigurationError,
     HookContractError,
     NonFiniteLossError,
     ReentrantCallError,
+    ResumeWarning,
+    TrainingInterruptedError,
 )
 from typedbrain._hparams import Hparams, hparams_items, resolve_hparams
 from typedbrain._modules import compile_modules, wrap_modules
@@ -47,8 +52,17 @@ from typedbrain._options import RunOptionAttributes, RunOptions, RunOptionsDict
 from typedbrain._phases import Phase, PhaseMachine, PhaseObserver, Stage
 from typedbrain._plan import StepPlan, unique_parameters
 from typedbrain._progress import StageProgress
-from typedbrain._protocols import CheckpointerLike, OptimizerFactory
-from typedbrain._state import TrainingProgress, converter, structure_state
+from typedbrain._protocols import CheckpointerLike, CheckpointInfo, OptimizerFactory
+from typedbrain._rng import RngState, capture_rng, restore_rng
+from typedbrain._sampler import find_resumable_sampler, position_loader
+from typedbrain._signals import StopRequest
+from typedbrain._state import (
+    RunState,
+    SamplerState,
+    TrainingProgress,
+    converter,
+    structure_state,
+)
 
 __all__ = ["BatchT", "Brain", "HparamsT", "PredT"]
 
@@ -62,6 +76,9 @@ HparamsT = TypeVar("HparamsT", default=Hparams)
 """The type of ``brain.hparams``: an attrs class of yours, or :class:`Hparams` for a mapping."""
 
 _NO_CONTEXT: Final = contextlib.nullcontext()
+
+INTRA_EPOCH_CKPT_FLAG: Final = "typedbrain_intra_epoch"
+"""The meta key that marks the brain's intra-epoch checkpoints."""
 
 # The hooks a training batch calls; when none is overridden, a plain step runs them inline.
 _PER_BATCH_HOOKS: Final = (
@@ -187,10 +204,20 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._compiled: set[str] = set()
         self._ddp_modules: list[torch.nn.parallel.DistributedDataParallel] = []
         self._wrapped = False
+        self._restored: _Restored | None = None  # run state recovered, not yet applied
+        self._epoch_rng: RngState | None = None  # the generators before this epoch's iter()
+        self._in_train_loop = False  # between two training batches of an epoch
+        self._train_loader: DataLoader[object] | None = None
+        self._stop = StopRequest(enabled=False)
+        self._last_checkpoint_time = 0.0
+        self._use_current_weights = False
         if checkpointer is not None:
-            checkpointer.add_recoverable("brain", _BrainProgress(self))
+            checkpointer.add_recoverable("brain", _RunStateRecoverable(self))
             if self.scaler is not None:
                 checkpointer.add_recoverable("scaler", self.scaler)
+            watch_phase = getattr(checkpointer, "watch_phase", None)
+            if callable(watch_phase):
+                watch_phase(lambda: self.phase.name)
 
     # ----------------------------------------------------------------------------------------
     # Observable state
@@ -301,8 +328,11 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self.checkpointer.add_recoverable("optimizer", self.optimizer)
 
     def on_evaluate_start(self, max_key: str | None = None, min_key: str | None = None) -> None:
-        """Before testing: recover the best checkpoint by ``max_key`` / ``min_key`` if any."""
-        if self.checkpointer is not None:
+        """Before testing: recover the best checkpoint by ``max_key`` / ``min_key`` if any.
+
+        Nothing is recovered when ``evaluate`` was called with ``use_current_weights=True``.
+        """
+        if self.checkpointer is not None and not self._use_current_weights:
             self.checkpointer.recover_if_possible(
                 max_key=max_key, min_key=min_key, device=self._device
             )
@@ -574,6 +604,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     on_stage_end(Stage.VALID, avg_valid_loss, epoch)
             [IDLE]                                     # [FAILED] if anything raised
 
+        With a checkpointer, ``on_fit_start`` recovers the newest checkpoint; when it was taken
+        between two training batches (an intra-epoch checkpoint, see ``ckpt_interval_steps``),
+        the interrupted epoch is re-entered and continues after the last batch it saved, with
+        the random generators, sampler position and partial gradients of that moment, so the
+        run ends exactly as an uninterrupted one. SIGTERM and SIGINT stop the run after the
+        current batch (see the ``stop_on_signals`` run option).
+
         ``should_step`` is true every ``grad_accumulation_factor`` batches and on the last
         batch of the epoch; when the loader's length is unknown, gradients left over at the end
         of an epoch are stepped after the loop, so none is dropped. In debug mode each stage
@@ -592,35 +629,45 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         Raises:
             ReentrantCallError: called while ``fit`` or ``evaluate`` is running.
             NonFiniteLossError: an epoch saw more than ``nonfinite_patience`` non-finite losses.
+            TrainingInterruptedError: SIGTERM or SIGINT arrived; the run stopped after a batch
+                (and saved an intra-epoch checkpoint during training, with a checkpointer).
         """
         if self.test_only:
             logger.info("test_only is set: fit() returns without training")
             return
         self._check_can_start("fit", Phase.FIT_START)
         try:
-            self._machine.move(Phase.FIT_START)
-            train_loader = self._loader(train_set, Stage.TRAIN, train_loader_kwargs)
-            valid_loader = (
-                None
-                if valid_set is None
-                else self._loader(valid_set, Stage.VALID, valid_loader_kwargs)
-            )
-            self.on_fit_start()
-            show = self._progress_enabled(progressbar)
-            for epochs_run, epoch in enumerate(epoch_counter, start=1):
-                self._train_stage(train_loader, epoch, show)
-                if valid_loader is not None:
-                    self._valid_stage(valid_loader, epoch, show)
-                if self.debug and epochs_run >= self.debug_epochs:
-                    break
-                if self._step_limit_reached():
-                    logger.info("optimizer_step_limit=%s reached", self.optimizer_step_limit)
-                    break
-            self._epoch = None
-            self._machine.move(Phase.IDLE)
+            with StopRequest(enabled=self.stop_on_signals) as self._stop:
+                self._machine.move(Phase.FIT_START)
+                train_loader = self._loader(train_set, Stage.TRAIN, train_loader_kwargs)
+                self._train_loader = train_loader
+                valid_loader = (
+                    None
+                    if valid_set is None
+                    else self._loader(valid_set, Stage.VALID, valid_loader_kwargs)
+                )
+                self.on_fit_start()
+                self._reenter_interrupted_epoch(epoch_counter)
+                self._last_checkpoint_time = time.monotonic()
+                show = self._progress_enabled(progressbar)
+                for epochs_run, epoch in enumerate(epoch_counter, start=1):
+                    self._train_stage(train_loader, epoch, show)
+                    if valid_loader is not None:
+                        self._valid_stage(valid_loader, epoch, show)
+                    if self.debug and epochs_run >= self.debug_epochs:
+                        break
+                    if self._step_limit_reached():
+                        logger.info("optimizer_step_limit=%s reached", self.optimizer_step_limit)
+                        break
+                self._epoch = None
+                self._machine.move(Phase.IDLE)
         except BaseException:
             self._fail()
             raise
+        finally:
+            self._restored = None
+            self._train_loader = None
+            self._stop = StopRequest(enabled=False)
 
     def evaluate(
         self,
@@ -629,6 +676,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         min_key: str | None = None,
         progressbar: bool | None = None,
         test_loader_kwargs: LoaderKwargs | None = None,
+        *,
+        use_current_weights: bool = False,
     ) -> float:
         """Test the model; returns the mean test loss.
 
@@ -650,11 +699,14 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             min_key: recover the checkpoint with the lowest value of this meta key.
             progressbar: show a progress bar; ``None`` follows the ``noprogressbar`` option.
             test_loader_kwargs: ``DataLoader`` options for ``test_set``.
+            use_current_weights: test the weights the modules hold now: the default
+                ``on_evaluate_start`` then recovers no checkpoint.
 
         Raises:
             ReentrantCallError: called while ``fit`` or ``evaluate`` is running.
         """
         self._check_can_start("evaluate", Phase.TEST)
+        self._use_current_weights = use_current_weights
         try:
             self._machine.move(Phase.TEST)
             test_loader = self._loader(test_set, Stage.TEST, test_loader_kwargs)
@@ -670,6 +722,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         except BaseException:
             self._fail()
             raise
+        finally:
+            self._use_current_weights = False
         return avg_test_loss
 
     # ----------------------------------------------------------------------------------------
@@ -789,6 +843,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             call_freeze=self._overrides("freeze_optimizers"),
             optimizers=optimizers,
             inline_steps=inline_steps,
+            checkpoint_steps=options.ckpt_interval_steps if self.checkpointer else 0,
+            checkpoint_seconds=options.ckpt_interval_minutes * 60 if self.checkpointer else 0.0,
         )
 
     def _overrides(self, hook: str) -> bool:
@@ -810,25 +866,37 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
     def _train_stage(self, loader: DataLoader[object], epoch: int, show: bool) -> None:
         self._machine.move(Phase.TRAIN)
+        restored = self._take_restored(loader, epoch)
         self._start_stage(Stage.TRAIN, epoch)
         self.modules.train()
         self.zero_grad()
         self.nonfinite_count = 0
         self._window = 0
-        set_loader_epoch(loader, epoch)
+        batches_done = 0
+        if restored is not None:
+            batches_done = self._continue_epoch(restored)
+            self._epoch_rng = restored.state.epoch_rng
+        else:
+            self._epoch_rng = capture_rng()  # before iter(): the epoch's shuffling state
         self._stage_batches = self._planned_batches(loader)
+        batches = self._positioned(loader, epoch, batches_done)
+        if restored is not None:
+            restore_rng(restored.state.rng)
+        stop = self._stop
         with ExitStack() as stack:
             profiler = self._enter_profiler(stack)
-            batches = stack.enter_context(
+            progress = stack.enter_context(
                 StageProgress(
-                    loader,
+                    batches,
                     enabled=show,
                     description=f"epoch {epoch} train",
                     total=self._stage_batches,
                     colour="green" if self.tqdm_colored_bar else None,
+                    initial=batches_done,
                 )
             )
-            for batch in batches:
+            self._in_train_loop = True
+            for batch in progress:
                 plan = self._plan or self._current_plan()
                 if plan.step_limit is not None and self.optimizer_step >= plan.step_limit:
                     break
@@ -840,11 +908,18 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     loss = self.fit_batch(batch)
                     self.avg_train_loss = self.update_average(loss, self.avg_train_loss)
                 if show:
-                    batches.show_loss("train_loss", self.avg_train_loss)
+                    progress.show_loss("train_loss", self.avg_train_loss)
                 if profiler is not None:
                     profiler.step()
+                if (plan.checkpoint_steps or plan.checkpoint_seconds) and self._checkpoint_due(
+                    plan
+                ):
+                    self._save_intra_epoch_ckpt()
+                if stop.signal is not None:
+                    self._stop_on_signal(stop.signal, in_training=True)
                 if plan.batch_limit is not None and self.step >= plan.batch_limit:
                     break
+            self._in_train_loop = False
         if self._window > 0:
             logger.info(
                 "epoch %d ended with %d accumulated batches: stepping them",
@@ -856,6 +931,130 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self.on_stage_end(Stage.TRAIN, self.avg_train_loss, epoch)
         self.avg_train_loss = 0.0
         self._end_stage()
+
+    def _save_intra_epoch_ckpt(self) -> None:
+        """Save a checkpoint between two training batches, replacing the previous such one.
+
+        Intra-epoch checkpoints carry ``meta={INTRA_EPOCH_CKPT_FLAG: True}`` and
+        ``end_of_epoch=False``; they only ever replace each other, so the end-of-epoch
+        checkpoints your recipe keeps are not touched.
+        """
+        checkpointer = self.checkpointer
+        self._last_checkpoint_time = time.monotonic()
+        if checkpointer is None:
+            return
+        self._machine.move(Phase.CHECKPOINT)
+        checkpointer.save_and_keep_only(
+            meta={INTRA_EPOCH_CKPT_FLAG: True},
+            end_of_epoch=False,
+            num_to_keep=1,
+            ckpt_predicate=_is_intra_epoch,
+        )
+        self._machine.move(Phase.TRAIN)
+
+    def _checkpoint_due(self, plan: StepPlan) -> bool:
+        if plan.checkpoint_steps:
+            return self.step % plan.checkpoint_steps == 0
+        return time.monotonic() - self._last_checkpoint_time >= plan.checkpoint_seconds
+
+    def _stop_on_signal(self, signum: int, *, in_training: bool) -> None:
+        saved = False
+        if in_training and self.checkpointer is not None:
+            self._save_intra_epoch_ckpt()
+            saved = True
+        error = TrainingInterruptedError(signum, checkpoint_saved=saved)
+        logger.warning("%s", error)
+        raise error
+
+    def _take_restored(self, loader: DataLoader[object], epoch: int) -> _Restored | None:
+        """The recovered run state to continue this epoch from, if it was taken in it.
+
+        The first training stage after a recovery also gives the loader's resumable sampler
+        its saved seed, so that every later epoch is ordered as in the original run.
+        """
+        restored, self._restored = self._restored, None
+        if restored is None:
+            return None
+        sampler_state = restored.state.sampler
+        sampler = find_resumable_sampler(loader)
+        if sampler_state is not None and sampler is not None:
+            sampler.load_state_dict({"seed": sampler_state.seed, "epoch": sampler_state.epoch})
+        if not restored.state.mid_epoch:
+            return None
+        if restored.state.epoch != epoch:
+            warnings.warn(
+                f"the checkpoint was taken in epoch {restored.state.epoch} after batch "
+                f"{restored.state.progress.step}, but the epoch counter started epoch {epoch}: "
+                "the interrupted epoch is not continued (use an EpochCounter, which a "
+                "checkpointer resumes, to continue it exactly)",
+                ResumeWarning,
+                stacklevel=4,
+            )
+            return None
+        return restored
+
+    def _continue_epoch(self, restored: _Restored) -> int:
+        """Put the counters and partial gradients of an interrupted epoch back."""
+        state = restored.state
+        progress = state.progress
+        self.step = progress.step
+        self.avg_train_loss = progress.avg_train_loss
+        self._averaged = progress.averaged
+        self.nonfinite_count = progress.nonfinite_count
+        self._skipped = state.skipped
+        self._window = state.window
+        if state.window:
+            parameters = self._current_plan().parameters
+            gradients = restored.gradients
+            if len(gradients) != len(parameters):
+                raise CheckpointError(
+                    f"the checkpoint holds partial gradients for {len(gradients)} parameters "
+                    f"and the optimizers have {len(parameters)}: the model or optimizers differ "
+                    "from the run that saved it"
+                )
+            for parameter, gradient in zip(parameters, gradients, strict=True):
+                if gradient is not None and gradient.shape != parameter.shape:
+                    raise CheckpointError(
+                        f"a saved partial gradient has shape {tuple(gradient.shape)} where the "
+                        f"parameter has {tuple(parameter.shape)}"
+                    )
+                parameter.grad = None if gradient is None else gradient.to(parameter.device)
+        logger.info("continuing epoch %s after batch %d", state.epoch, progress.step)
+        return progress.step
+
+    def _positioned(
+        self, loader: DataLoader[object], epoch: int, batches_done: int
+    ) -> Iterable[BatchT]:
+        """The loader's batches for ``epoch`` from batch ``batches_done`` on.
+
+        A loader whose sampler can be positioned skips the consumed batches without loading
+        them. Any other is fast-forwarded: iterated from the generators' state at the start of
+        the epoch, its first ``batches_done`` batches drawn and dropped.
+        """
+        # The loader yields what the recipe declares as its batch type.
+        if position_loader(loader, epoch=epoch, batches_done=batches_done):
+            return cast(Iterable[BatchT], loader)
+        if self._epoch_rng is not None:
+            restore_rng(self._epoch_rng)
+        iterator = iter(loader)
+        for drawn in range(batches_done):
+            try:
+                next(iterator)
+            except StopIteration:
+                raise CheckpointError(
+                    f"the checkpoint was taken after batch {batches_done} of epoch {epoch}, but "
+                    f"the training loader has only {drawn} batches"
+                ) from None
+        return cast(Iterable[BatchT], _Remaining(iterator))
+
+    def _reenter_interrupted_epoch(self, epoch_counter: Iterable[int]) -> None:
+        """Have an :class:`EpochCounter` yield again the epoch a checkpoint interrupted."""
+        restored = self._restored
+        if restored is None or not restored.state.mid_epoch:
+            return
+        epoch = restored.state.epoch
+        if isinstance(epoch_counter, EpochCounter) and epoch_counter.current == epoch:
+            epoch_counter.current -= 1
 
     def _valid_stage(self, loader: DataLoader[object], epoch: int, show: bool) -> None:
         self._machine.move(Phase.VALID)
@@ -886,6 +1085,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 avg_loss = self.update_average(loss, avg_loss)
                 if show:
                     batches.show_loss(f"{stage.value}_loss", avg_loss)
+                if self._stop.signal is not None and stage is Stage.VALID:
+                    self._stop_on_signal(self._stop.signal, in_training=False)
                 batch_limit = self._current_plan().batch_limit
                 if batch_limit is not None and self.step >= batch_limit:
                     break
@@ -942,30 +1143,90 @@ def _not_a_loss(loss: object) -> HookContractError:
     )
 
 
-class _BrainProgress:
-    """The brain's training counters as a recoverable (registered as ``"brain"``)."""
+def _is_intra_epoch(checkpoint: CheckpointInfo) -> bool:
+    return INTRA_EPOCH_CKPT_FLAG in checkpoint.meta
+
+
+@attrs.frozen
+class _Restored:
+    """A recovered run state and the partial gradients saved with it."""
+
+    state: RunState
+    gradients: list[Tensor | None]
+
+
+class _Remaining(Iterable[object]):
+    """The rest of a fast-forwarded loader's epoch, iterable once."""
+
+    def __init__(self, iterator: Iterator[object]) -> None:
+        self._iterator = iterator
+
+    def __iter__(self) -> Iterator[object]:
+        return self._iterator
+
+
+class _RunStateRecoverable:
+    """The brain's run state as a recoverable (registered as ``"brain"``).
+
+    Saved: a :class:`RunState` as plain data, and (mid-accumulation) the partial gradients.
+    Loading puts the counters back at once and keeps the rest for the next training stage,
+    which continues an interrupted epoch from it.
+    """
 
     def __init__(self, brain: Brain[Any, Any, Any]) -> None:
         self._brain = brain
 
-    def snapshot(self) -> TrainingProgress:
+    def snapshot(self) -> RunState:
         brain = self._brain
-        return TrainingProgress(
-            step=brain.step,
-            optimizer_step=brain.optimizer_step,
-            avg_train_loss=brain.avg_train_loss,
-            averaged=brain._averaged,
-            nonfinite_count=brain.nonfinite_count,
+        sampler = (
+            None if brain._train_loader is None else find_resumable_sampler(brain._train_loader)
+        )
+        mid_epoch = brain._in_train_loop
+        return RunState(
+            phase=brain.phase.name,
+            epoch=brain._epoch,
+            mid_epoch=mid_epoch,
+            progress=TrainingProgress(
+                step=brain.step,
+                optimizer_step=brain.optimizer_step,
+                avg_train_loss=brain.avg_train_loss,
+                averaged=brain._averaged,
+                nonfinite_count=brain.nonfinite_count,
+            ),
+            skipped=brain._skipped,
+            window=brain._window if mid_epoch else 0,
+            rng=capture_rng(),
+            epoch_rng=brain._epoch_rng if mid_epoch else None,
+            sampler=None
+            if sampler is None
+            else SamplerState(seed=sampler.seed, epoch=sampler.epoch),
         )
 
     def state_dict(self) -> dict[str, object]:
-        return cast(dict[str, object], converter.unstructure(self.snapshot()))
+        state = self.snapshot()
+        gradients: list[Tensor | None] = []
+        if state.window:
+            gradients = [
+                None if parameter.grad is None else parameter.grad.detach().clone()
+                for parameter in self._brain._current_plan().parameters
+            ]
+        return {"state": converter.unstructure(state), "gradients": gradients}
 
     def load_state_dict(self, state_dict: Mapping[str, object], /) -> None:
-        progress = structure_state(state_dict, TrainingProgress, source="the brain's state")
+        source = "the brain's run state"
+        if set(state_dict) != {"state", "gradients"}:
+            raise CheckpointError(
+                f"{source} should hold 'state' and 'gradients', found {sorted(state_dict)}"
+            )
+        state = structure_state(state_dict["state"], RunState, source=source)
+        gradients = state_dict["gradients"]
+        if not isinstance(gradients, list) or not all(
+            gradient is None or isinstance(gradient, Tensor) for gradient in gradients
+        ):
+            raise CheckpointError(f"{source}: 'gradients' should be a list of tensors")
         brain = self._brain
-        brain.step = progress.step
-        brain.optimizer_step = progress.optimizer_step
-        brain.avg_train_loss = progress.avg_train_loss
-        brain._averaged = progress.averaged
-        brain.nonfinite_count = progress.nonfinite_count
+        brain.optimizer_step = state.progress.optimizer_step
+        brain._restored = _Restored(state, cast(list[Tensor | None], gradients))
+        if not state.mid_epoch:
+            # Taken between epochs (or stages): the run goes on from here, with these numbers.
+            restore_rng(state.rng)

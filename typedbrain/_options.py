@@ -184,6 +184,9 @@ class RunOptions:
         profile_training: profile training with ``torch.profiler``.
         profile_warmup: profiler warm-up steps.
         profile_steps: profiled steps.
+        stop_on_signals: on SIGTERM or SIGINT during ``fit``, finish the current batch, save an
+            intra-epoch checkpoint (with a checkpointer) and raise
+            :class:`~typedbrain.TrainingInterruptedError` (exit status 128 + the signal number).
     """
 
     test_only: bool = attrs.field(default=False, validator=_validate)
@@ -218,6 +221,7 @@ class RunOptions:
     profile_training: bool = attrs.field(default=False, validator=_validate)
     profile_warmup: int = attrs.field(default=5, validator=_validate)
     profile_steps: int = attrs.field(default=5, validator=_validate)
+    stop_on_signals: bool = attrs.field(default=True, validator=_validate)
 
     def __attrs_post_init__(self) -> None:
         if self.ckpt_interval_minutes > 0 and self.ckpt_interval_steps > 0:
@@ -342,6 +346,7 @@ class RunOptionsDict(TypedDict, total=False):
     profile_training: bool
     profile_warmup: int
     profile_steps: int
+    stop_on_signals: bool
 
 
 _T = TypeVar("_T")
@@ -422,3 +427,4 @@ class RunOptionAttributes:
     profile_training = _RunOption[bool]()
     profile_warmup = _RunOption[int]()
     profile_steps = _RunOption[int]()
+    stop_on_signals = _RunOption[bool]()

@@ -37,6 +37,8 @@ class StepPlan:
         call_freeze: ``freeze_optimizers`` is overridden, so it must be called.
         optimizers: the values of ``optimizers_dict``, stepped when ``freeze_optimizers`` is
             not overridden.
+        checkpoint_steps: save an intra-epoch checkpoint every this many batches (0: never).
+        checkpoint_seconds: save an intra-epoch checkpoint this often (0: never).
         inline_steps: no per-batch hook is overridden and the step is plain (no gradient
             accumulation, grad scaler, DDP or ``skip_nonfinite_grads``): the brain may run the
             default hooks' logic inline instead of calling them.
@@ -55,6 +57,8 @@ class StepPlan:
     call_freeze: bool
     optimizers: tuple[torch.optim.Optimizer, ...]
     inline_steps: bool
+    checkpoint_steps: int = 0
+    checkpoint_seconds: float = 0.0
 
 
 def unique_parameters(optimizers: Iterable[torch.optim.Optimizer]) -> tuple[torch.Tensor, ...]:

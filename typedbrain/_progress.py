@@ -31,11 +31,18 @@ class StageProgress(Generic[_T]):
         description: str,
         total: int | None,
         colour: str | None = None,
+        initial: int = 0,
     ) -> None:
         self._batches = batches
         self._bar: tqdm[Never] | None = None  # a bar counted by hand, iterating nothing
         if enabled:
-            self._bar = tqdm(desc=description, total=total, dynamic_ncols=True, colour=colour)
+            self._bar = tqdm(
+                desc=description,
+                total=total,
+                initial=initial,
+                dynamic_ncols=True,
+                colour=colour,
+            )
         self._next_postfix = 0.0
         self._pending: tuple[str, float] | None = None
 

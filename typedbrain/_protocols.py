@@ -8,7 +8,7 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 import torch
 from torch.optim.optimizer import ParamsT
 
-__all__ = ["CheckpointerLike", "OptimizerFactory", "Stateful"]
+__all__ = ["CheckpointInfo", "CheckpointerLike", "OptimizerFactory", "Stateful"]
 
 
 @runtime_checkable
@@ -38,12 +38,22 @@ lr=1e-3)`` and HyperPyYAML's ``!name:torch.optim.Adam`` all fit.
 """
 
 
+class CheckpointInfo(Protocol):
+    """What a checkpoint predicate may look at: the checkpoint's meta."""
+
+    @property
+    def meta(self) -> Mapping[str, object]:
+        """The meta the checkpoint was saved with."""
+        ...
+
+
 class CheckpointerLike(Protocol):
-    """What a brain needs from a checkpointer.
+    """What a brain needs from a checkpointer; :class:`~typedbrain.Checkpointer` is one.
 
     The brain registers what it owns (its run state, the grad scaler, the optimizers) with
-    ``add_recoverable``, and restores the newest checkpoint in ``on_fit_start`` and the best one
-    by ``max_key`` / ``min_key`` in ``on_evaluate_start``.
+    ``add_recoverable``, restores the newest checkpoint in ``on_fit_start`` and the best one by
+    ``max_key`` / ``min_key`` in ``on_evaluate_start``, and saves intra-epoch checkpoints with
+    ``save_and_keep_only``.
     """
 
     def add_recoverable(self, name: str, obj: Stateful) -> None:
@@ -58,4 +68,18 @@ class CheckpointerLike(Protocol):
         device: torch.device | str | None = None,
     ) -> object:
         """Load the chosen checkpoint into the recoverables if there is one; return it or None."""
+        ...
+
+    def save_and_keep_only(
+        self,
+        *,
+        meta: Mapping[str, object] | None = None,
+        end_of_epoch: bool = True,
+        num_to_keep: int = 1,
+        ckpt_predicate: Callable[[CheckpointInfo], bool] | None = None,
+    ) -> object:
+        """Save a checkpoint, then delete the old ones beyond the ``num_to_keep`` most recent.
+
+        Only checkpoints that ``ckpt_predicate`` accepts are candidates for deletion.
+        """
         ...

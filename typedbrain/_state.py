@@ -14,8 +14,9 @@ import attrs
 import cattrs
 
 from typedbrain._errors import ConfigurationError
+from typedbrain._rng import RngState
 
-__all__ = ["TrainingProgress", "converter", "structure_state"]
+__all__ = ["RunState", "SamplerState", "TrainingProgress", "converter", "structure_state"]
 
 _StateT = TypeVar("_StateT")
 
@@ -50,6 +51,46 @@ class TrainingProgress:
     avg_train_loss: float = attrs.field(default=0.0, validator=_finite)
     averaged: int = attrs.field(default=0, validator=_non_negative)
     nonfinite_count: int = attrs.field(default=0, validator=_non_negative)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class SamplerState:
+    """Where a :class:`ResumableSampler`'s order comes from: its seed and the current epoch."""
+
+    seed: int
+    epoch: int = attrs.field(validator=_non_negative)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class RunState:
+    """Everything a brain needs, beyond the recoverables' own state, to resume exactly.
+
+    Attributes:
+        phase: the name of the brain's phase when the state was taken.
+        epoch: the epoch in progress (``None`` outside the epoch loop).
+        mid_epoch: taken between two training batches: a resumed run re-enters ``epoch`` and
+            continues after batch ``progress.step`` instead of starting the next epoch.
+        progress: the training counters.
+        skipped: non-finite losses left out of the running average in this stage.
+        window: backward passes accumulated since the last optimizer step; their gradients are
+            saved beside this state.
+        rng: every global random generator's state when the state was taken.
+        epoch_rng: the generators' state just before the epoch's loader was iterated, used to
+            fast-forward a loader that cannot be positioned (``None`` outside an epoch).
+        sampler: the training sampler's seed and epoch, when it is a resumable sampler.
+    """
+
+    phase: str
+    epoch: int | None = None
+    mid_epoch: bool = False
+    progress: TrainingProgress = TrainingProgress()
+    skipped: int = attrs.field(default=0, validator=_non_negative)
+    window: int = attrs.field(default=0, validator=_non_negative)
+    rng: RngState
+    epoch_rng: RngState | None = None
+    sampler: SamplerState | None = None
 
 
 converter: Final = cattrs.Converter(forbid_extra_keys=True)

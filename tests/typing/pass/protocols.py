@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, assert_type
 
 import torch
@@ -15,6 +15,7 @@ from torch.optim.optimizer import ParamsT
 from typedbrain import (
     Brain,
     CheckpointerLike,
+    CheckpointInfo,
     EpochCounter,
     EpochCounterWithStopper,
     OptimizerFactory,
@@ -142,6 +143,16 @@ class InMemoryCheckpointer:
     ) -> dict[str, Any] | None:
         del max_key, min_key, device
         return None
+
+    def save_and_keep_only(
+        self,
+        *,
+        meta: Mapping[str, object] | None = None,
+        end_of_epoch: bool = True,
+        num_to_keep: int = 1,
+        ckpt_predicate: Callable[[CheckpointInfo], bool] | None = None,
+    ) -> None:
+        del meta, end_of_epoch, num_to_keep, ckpt_predicate
 
 
 def checkpointers() -> None:

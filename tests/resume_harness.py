@@ -1,0 +1,227 @@
+"""A small, fully checkpointed training run that can be interrupted at any forward pass.
+
+The resume tests run it twice: once uninterrupted, once interrupted (by an exception, as a
+SIGKILL would stop it: nothing is saved at the interruption) and then started again with fresh
+objects, as a restarted script would be. :func:`final_state` gathers everything that must come
+out identical.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final, Literal
+
+import attrs
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+import typedbrain as sb
+from typedbrain._checkpoint import Checkpointer
+
+Batch = tuple[Tensor, Tensor]
+FEATURES: Final = 4
+CLASSES: Final = 3
+
+
+class SimulatedCrashError(Exception):
+    """Raised by the harness to stop a run, as SIGKILL would: nothing is saved."""
+
+
+@attrs.frozen(kw_only=True)
+class RunConfig:
+    """One drawn training set-up."""
+
+    data_seed: int
+    samples: int = 24
+    batch_size: int = 4
+    epochs: int = 2
+    accumulation: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    dropout: float = 0.0
+    augment: bool = False
+    valid: bool = True
+    num_workers: int = 0
+    ckpt_interval_steps: int = 2
+    shuffle: bool = True
+    user_loader: bool = False  # a plain DataLoader (not positionable) instead of a dataset
+    signal_at: int | None = None  # send this process SIGTERM at this forward pass
+    stop_on_signals: bool = True
+
+
+class NoisyDataset(Dataset[Batch]):
+    """Fixed examples; with ``augment``, each item gets noise from Python, NumPy and torch."""
+
+    def __init__(self, seed: int, samples: int, augment: bool) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.inputs = torch.randn(samples, FEATURES, generator=generator)
+        self.targets = torch.randint(0, CLASSES, (samples,), generator=generator)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Batch:
+        inputs = self.inputs[index]
+        if self.augment:
+            noise = random.random() + float(np.random.rand()) + torch.rand(FEATURES)
+            inputs = inputs + 0.01 * noise
+        return inputs, self.targets[index]
+
+
+class LossLog:
+    """Every stage's loss by (stage, epoch): a training log that is saved with the run."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, int, float]] = []
+
+    def state_dict(self) -> dict[str, object]:
+        return {"entries": [list(entry) for entry in self.entries]}
+
+    def load_state_dict(self, state: Mapping[str, object], /) -> None:
+        entries = state["entries"]
+        assert isinstance(entries, list)
+        self.entries = [(str(s), int(e), float(v)) for s, e, v in entries]
+
+
+class HarnessBrain(sb.Brain[Batch, Tensor]):
+    """Counts forward passes and raises :class:`SimulatedCrashError` at ``stop_at`` (if set)."""
+
+    stop_at: int | None = None
+    forward_calls = 0
+    log: LossLog
+    scheduler: torch.optim.lr_scheduler.StepLR
+    counter: sb.EpochCounter
+    ckpt: Checkpointer
+
+    def compute_forward(self, batch: Batch, stage: sb.Stage) -> Tensor:
+        self.forward_calls += 1
+        if self.forward_calls == self.hparams["signal_at"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self.stop_at is not None and self.forward_calls == self.stop_at:
+            raise SimulatedCrashError(f"stopped at forward pass {self.forward_calls}")
+        inputs, _ = batch
+        return self.modules["model"](inputs.to(self.device))  # type: ignore[no-any-return]  # ModuleDict items are untyped
+
+    def compute_objectives(self, predictions: Tensor, batch: Batch, stage: sb.Stage) -> Tensor:
+        _, targets = batch
+        return torch.nn.functional.cross_entropy(predictions.float(), targets.to(self.device))
+
+    def init_optimizers(self) -> None:
+        super().init_optimizers()
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=0.5)
+        self.ckpt.add_recoverable("scheduler", self.scheduler)
+
+    def on_stage_end(self, stage: sb.Stage, stage_loss: float, epoch: int | None = None) -> None:
+        assert epoch is not None
+        self.log.entries.append((stage.name, epoch, stage_loss))
+        if stage is sb.Stage.TRAIN:
+            self.scheduler.step()
+        last_stage = sb.Stage.VALID if self.hparams["valid"] else sb.Stage.TRAIN
+        if stage is last_stage:
+            self.ckpt.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"])
+
+
+def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, sb.EpochCounter]:
+    """Everything a recipe script builds, seeded the way a script seeds itself."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, 8),
+        torch.nn.Dropout(config.dropout),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, CLASSES),
+    )
+    counter = sb.EpochCounter(config.epochs)
+    log = LossLog()
+    checkpointer = Checkpointer(
+        folder, recoverables={"model": model, "counter": counter, "log": log}
+    )
+    brain = HarnessBrain(
+        modules={"model": model},
+        opt_class=lambda params: torch.optim.Adam(params, lr=0.01),
+        hparams={"valid": config.valid, "signal_at": config.signal_at},
+        run_opts={
+            "precision": config.precision,
+            "grad_accumulation_factor": config.accumulation,
+            "ckpt_interval_steps": config.ckpt_interval_steps,
+            "noprogressbar": True,
+            "device": "cpu",
+            "stop_on_signals": config.stop_on_signals,
+        },
+        checkpointer=checkpointer,
+    )
+    brain.log = log
+    brain.counter = counter
+    brain.ckpt = checkpointer
+    return brain, counter
+
+
+def run(config: RunConfig, folder: Path, *, stop_at: int | None = None) -> HarnessBrain:
+    """Train ``config``, checkpointing in ``folder``; crash at forward pass ``stop_at``."""
+    brain, counter = build(config, folder, seed=config.data_seed)
+    brain.stop_at = stop_at
+    train = NoisyDataset(config.data_seed, config.samples, config.augment)
+    valid = NoisyDataset(config.data_seed + 1, config.samples // 2, config.augment)
+    loader_kwargs: sb.LoaderKwargs = {
+        "batch_size": config.batch_size,
+        "shuffle": config.shuffle,
+        "num_workers": config.num_workers,
+    }
+    train_set: sb.DataSource = train
+    if config.user_loader:
+        train_set = DataLoader(train, batch_size=config.batch_size, shuffle=config.shuffle)
+    brain.fit(
+        counter,
+        train_set,
+        valid if config.valid else None,
+        train_loader_kwargs=loader_kwargs,
+        valid_loader_kwargs={"batch_size": config.batch_size},
+    )
+    return brain
+
+
+def total_forward_passes(config: RunConfig) -> int:
+    """How many forward passes an uninterrupted run makes."""
+    train = -(-config.samples // config.batch_size)
+    valid = -(-(config.samples // 2) // config.batch_size) if config.valid else 0
+    return config.epochs * (train + valid)
+
+
+def final_state(brain: HarnessBrain) -> dict[str, object]:
+    """Everything that must be identical after an interrupted and resumed run."""
+    return {
+        "model": brain.modules.state_dict(),
+        "optimizer": brain.optimizer.state_dict(),
+        "scheduler": brain.scheduler.state_dict(),
+        "counter": brain.counter.state_dict(),
+        "optimizer_step": brain.optimizer_step,
+        "log": list(brain.log.entries),
+        "rng": torch.get_rng_state(),
+    }
+
+
+def differences(left: object, right: object, path: str = "$") -> list[str]:
+    """Where two nested states differ, compared exactly (tensors bit for bit)."""
+    if isinstance(left, Tensor) and isinstance(right, Tensor):
+        same = left.dtype == right.dtype and left.shape == right.shape and torch.equal(left, right)
+        return [] if same else [path]
+    if isinstance(left, Mapping) and isinstance(right, Mapping):
+        if set(left) != set(right):
+            return [f"{path} keys {sorted(map(str, left))} != {sorted(map(str, right))}"]
+        return [d for key in left for d in differences(left[key], right[key], f"{path}.{key}")]
+    if isinstance(left, list | tuple) and isinstance(right, list | tuple):
+        if len(left) != len(right):
+            return [f"{path} length {len(left)} != {len(right)}"]
+        return [
+            d
+            for index, (a, b) in enumerate(zip(left, right, strict=True))
+            for d in differences(a, b, f"{path}[{index}]")
+        ]
+    return [] if left == right else [f"{path}: {left!r} != {right!r}"]

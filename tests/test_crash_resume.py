@@ -1,0 +1,149 @@
+"""Killed (SIGKILL) or stopped (SIGTERM) in a separate process, a run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+
+import typedbrain as sb
+from tests.resume_harness import RunConfig, differences, final_state, run
+from typedbrain._checkpoint import Checkpointer
+from typedbrain._state import converter
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Long enough to be killed part way (about 150 batches and 50 checkpoints), short enough to
+# run several times.
+LONG = RunConfig(
+    data_seed=7,
+    samples=200,
+    batch_size=4,
+    epochs=3,
+    accumulation=2,
+    dropout=0.3,
+    augment=True,
+    ckpt_interval_steps=3,
+)
+
+
+def start(config: RunConfig, folder: Path, out: Path) -> subprocess.Popen[bytes]:
+    config_path = folder.parent / "config.json"
+    config_path.write_text(json.dumps(converter.unstructure(config)))
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.resume_worker", str(config_path), str(folder), str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def finish(process: subprocess.Popen[bytes]) -> tuple[int, str]:
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr.decode(errors="replace")
+
+
+def committed(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*/MANIFEST.json")) if folder.exists() else []
+
+
+def load(path: Path) -> dict[str, object]:
+    state = torch.load(path, weights_only=True)
+    assert isinstance(state, dict)
+    return state
+
+
+def test_run_killed_many_times_at_random_moments_ends_identical(tmp_path: Path) -> None:
+    (tmp_path / "straight").mkdir()
+    straight = start(LONG, tmp_path / "straight" / "ckpt", tmp_path / "straight.pt")
+    code, stderr = finish(straight)
+    assert code == 0, stderr
+    chooser = random.Random(20261125)
+    folder = tmp_path / "killed" / "ckpt"
+    folder.parent.mkdir()
+    out = tmp_path / "killed.pt"
+    kills = 0
+    while kills < 8:
+        process = start(LONG, folder, out)
+        # Let it get past start-up (importing torch) most of the time, then kill it anywhere.
+        time.sleep(chooser.uniform(1.0, 4.0))
+        if process.poll() is not None:
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+    code, stderr = finish(start(LONG, folder, out)) if not out.exists() else (0, "")
+    assert code == 0, stderr
+    assert kills >= 3, "the run finished before it could be killed often enough"
+    assert differences(load(tmp_path / "straight.pt"), load(out)) == []
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143_then_the_run_resumes_exactly(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "straight").mkdir()
+    code, stderr = finish(start(LONG, tmp_path / "straight" / "ckpt", tmp_path / "straight.pt"))
+    assert code == 0, stderr
+    folder = tmp_path / "stopped" / "ckpt"
+    folder.parent.mkdir()
+    out = tmp_path / "stopped.pt"
+    process = start(LONG, folder, out)
+    deadline = time.monotonic() + 120
+    while not committed(folder) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    code, stderr = finish(process)
+    assert code == 128 + signal.SIGTERM, stderr
+    assert "training stopped by signal 15; a checkpoint was saved" in stderr
+    assert not out.exists()
+    code, stderr = finish(start(LONG, folder, out))
+    assert code == 0, stderr
+    assert differences(load(tmp_path / "straight.pt"), load(out)) == []
+
+
+def test_a_signal_in_training_stops_after_the_batch_with_a_checkpoint(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    config = RunConfig(data_seed=1, ckpt_interval_steps=100, signal_at=3)  # no interval saves
+    with pytest.raises(sb.TrainingInterruptedError) as caught:
+        run(config, tmp_path / "stopped")
+    assert (caught.value.signal, caught.value.code) == (signal.SIGTERM, 143)
+    assert caught.value.checkpoint_saved
+    assert signal.getsignal(signal.SIGTERM) is before  # fit put the handler back
+    checkpoints = Checkpointer(tmp_path / "stopped").list_checkpoints()
+    assert [c.meta for c in checkpoints] == [{"typedbrain_intra_epoch": True}]
+    assert checkpoints[0].phase == "CHECKPOINT"
+    resumed = run(attrs.evolve(config, signal_at=None), tmp_path / "stopped")
+    expected = run(attrs.evolve(config, signal_at=None), tmp_path / "straight")
+    assert differences(final_state(expected), final_state(resumed)) == []
+
+
+def test_a_signal_in_validation_stops_after_the_batch_without_a_new_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # 24 samples in batches of 4: 6 training passes, then validation from pass 7 on.
+    config = RunConfig(data_seed=1, ckpt_interval_steps=100, signal_at=8)
+    with pytest.raises(sb.TrainingInterruptedError) as caught:
+        run(config, tmp_path / "stopped")
+    assert not caught.value.checkpoint_saved
+    assert "resumes from the last committed checkpoint" in str(caught.value)
+    assert Checkpointer(tmp_path / "stopped").list_checkpoints() == []
+
+
+def test_with_stop_on_signals_off_the_brain_leaves_signals_alone(tmp_path: Path) -> None:
+    received: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        config = RunConfig(data_seed=1, signal_at=2, stop_on_signals=False)
+        brain = run(config, tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert received == [signal.SIGTERM]
+    assert brain.counter.current == config.epochs  # it trained to the end

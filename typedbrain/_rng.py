@@ -1,0 +1,144 @@
+"""The random number generators' states as plain data: captured, saved and restored exactly.
+
+A resumed run draws the same random numbers as the uninterrupted one only if every generator it
+uses is where it was: Python's ``random``, NumPy's global generator, torch's CPU generator and
+every CUDA device's. :func:`capture_rng` takes a snapshot of all of them as an
+:class:`RngState` (integers and floats only, so ``torch.load(weights_only=True)`` and JSON
+accept it once unstructured), and :func:`restore_rng` puts them back.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Final, cast, final
+
+import attrs
+import numpy as np
+import torch
+
+from typedbrain._errors import CheckpointError
+
+__all__ = ["NumpyRngState", "PythonRngState", "RngState", "capture_rng", "restore_rng"]
+
+_MT_WORDS: Final = 624  # words of a Mersenne Twister state (Python's and NumPy's)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class PythonRngState:
+    """Python's ``random`` module state: ``random.getstate()`` spelled out.
+
+    Attributes:
+        version: the state format's version (3 in current Pythons).
+        internal: the Mersenne Twister words followed by the position (625 integers).
+        gauss_next: the cached second value of ``random.gauss``, if any.
+    """
+
+    version: int
+    internal: tuple[int, ...]
+    gauss_next: float | None
+
+
+@final
+@attrs.frozen(kw_only=True)
+class NumpyRngState:
+    """NumPy's global (legacy) generator state: ``numpy.random.get_state()`` spelled out."""
+
+    algorithm: str
+    key: tuple[int, ...]
+    position: int
+    has_gauss: int
+    cached_gaussian: float
+
+
+@final
+@attrs.frozen(kw_only=True)
+class RngState:
+    """Every global random generator's state at one moment.
+
+    Attributes:
+        python: Python's ``random`` module.
+        numpy: NumPy's global generator.
+        torch_cpu: torch's default CPU generator, as the bytes of ``torch.get_rng_state()``.
+        cuda: each CUDA device's generator, by device index (empty without CUDA).
+        torch_version: the torch that captured the state; CUDA generator states are only
+            restored under the same version, since their format has changed between releases.
+    """
+
+    python: PythonRngState
+    numpy: NumpyRngState
+    torch_cpu: tuple[int, ...]
+    cuda: tuple[tuple[int, ...], ...] = ()
+    torch_version: str = attrs.field(factory=lambda: str(torch.__version__))
+
+
+def capture_rng() -> RngState:
+    """A snapshot of every global random generator (cheap: a few kilobytes copied)."""
+    version, internal, gauss_next = random.getstate()
+    algorithm, key, position, has_gauss, cached = cast(
+        tuple[str, "np.ndarray[tuple[int], np.dtype[np.uint32]]", int, int, float],
+        np.random.get_state(legacy=True),
+    )
+    cuda: tuple[tuple[int, ...], ...] = ()
+    # A process that never touched CUDA has no CUDA generator state worth saving.
+    initialized = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]  # untyped in torch
+    if torch.cuda.is_available() and initialized:
+        cuda = tuple(tuple(state.tolist()) for state in torch.cuda.get_rng_state_all())
+    return RngState(
+        python=PythonRngState(
+            version=int(version), internal=tuple(internal), gauss_next=gauss_next
+        ),
+        numpy=NumpyRngState(
+            algorithm=str(algorithm),
+            key=tuple(int(word) for word in key.tolist()),
+            position=int(position),
+            has_gauss=int(has_gauss),
+            cached_gaussian=float(cached),
+        ),
+        torch_cpu=tuple(torch.get_rng_state().tolist()),
+        cuda=cuda,
+    )
+
+
+def restore_rng(state: RngState) -> None:
+    """Put every global random generator back where :func:`capture_rng` found it.
+
+    Raises:
+        CheckpointError: the state cannot be applied here: CUDA states for more devices than
+            this process sees, or CUDA states captured under another torch version.
+    """
+    python = state.python
+    random.setstate((python.version, python.internal, python.gauss_next))
+    numpy = state.numpy
+    if len(numpy.key) != _MT_WORDS:
+        raise CheckpointError(f"NumPy RNG state has {len(numpy.key)} words, expected {_MT_WORDS}")
+    np.random.set_state(
+        (
+            numpy.algorithm,
+            np.array(numpy.key, dtype=np.uint32),
+            numpy.position,
+            numpy.has_gauss,
+            numpy.cached_gaussian,
+        )
+    )
+    torch.set_rng_state(torch.tensor(state.torch_cpu, dtype=torch.uint8))
+    if state.cuda:
+        _restore_cuda(state)
+
+
+def _restore_cuda(state: RngState) -> None:
+    if state.torch_version != str(torch.__version__):
+        raise CheckpointError(
+            f"the CUDA RNG states were saved by torch {state.torch_version} and this is torch "
+            f"{torch.__version__}: their format is version-specific, so the run cannot resume "
+            "exactly; resume with the same torch version"
+        )
+    if not torch.cuda.is_available() or torch.cuda.device_count() < len(state.cuda):
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise CheckpointError(
+            f"the saved RNG state covers {len(state.cuda)} CUDA devices and this process sees "
+            f"{available}"
+        )
+    torch.cuda.set_rng_state_all(
+        [torch.tensor(device_state, dtype=torch.uint8) for device_state in state.cuda]
+    )
