@@ -51,6 +51,7 @@ class RunConfig:
     shuffle: bool = True
     user_loader: bool = False  # a plain DataLoader (not positionable) instead of a dataset
     signal_at: int | None = None  # send this process SIGTERM at this forward pass
+    kill_at_save: int | None = None  # SIGKILL this process in the middle of its n-th save
     stop_on_signals: bool = True
 
 
@@ -87,6 +88,27 @@ class LossLog:
         entries = state["entries"]
         assert isinstance(entries, list)
         self.entries = [(str(s), int(e), float(v)) for s, e, v in entries]
+
+
+class Tripwire:
+    """A recoverable that kills the process while its ``at``-th checkpoint is being written.
+
+    It is saved after the model, the counter and the log, and before the brain's own state and
+    the optimizer, so the folder it leaves behind has some files and no manifest.
+    """
+
+    def __init__(self, at: int | None) -> None:
+        self.at = at
+        self.saves = 0
+
+    def state_dict(self) -> dict[str, object]:
+        self.saves += 1
+        if self.saves == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, object], /) -> None:
+        del state
 
 
 class HarnessBrain(sb.Brain[Batch, Tensor]):
@@ -141,7 +163,13 @@ def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, 
     counter = sb.EpochCounter(config.epochs)
     log = LossLog()
     checkpointer = Checkpointer(
-        folder, recoverables={"model": model, "counter": counter, "log": log}
+        folder,
+        recoverables={
+            "model": model,
+            "counter": counter,
+            "log": log,
+            "tripwire": Tripwire(config.kill_at_save),
+        },
     )
     brain = HarnessBrain(
         modules={"model": model},

@@ -86,6 +86,31 @@ def test_run_killed_many_times_at_random_moments_ends_identical(tmp_path: Path) 
     assert differences(load(tmp_path / "straight.pt"), load(out)) == []
 
 
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one_exactly(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "straight").mkdir()
+    code, stderr = finish(start(LONG, tmp_path / "straight" / "ckpt", tmp_path / "straight.pt"))
+    assert code == 0, stderr
+    folder = tmp_path / "killed" / "ckpt"
+    folder.parent.mkdir()
+    out = tmp_path / "killed.pt"
+    code, _ = finish(start(attrs.evolve(LONG, kill_at_save=5), folder, out))
+    assert code == -signal.SIGKILL
+    half_written = [path for path in folder.iterdir() if not (path / "MANIFEST.json").exists()]
+    assert len(half_written) == 1
+    assert sorted(p.name for p in half_written[0].iterdir()) == [
+        "counter.ckpt",
+        "log.ckpt",
+        "model.ckpt",
+    ]
+    assert len(committed(folder)) >= 1
+    code, stderr = finish(start(LONG, folder, out))
+    assert code == 0, stderr
+    assert half_written[0].name in stderr  # reported as uncommitted, and skipped
+    assert differences(load(tmp_path / "straight.pt"), load(out)) == []
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_the_run_resumes_exactly(
     tmp_path: Path,
 ) -> None:
