@@ -5,20 +5,28 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, final
 
+import attrs
+
 if TYPE_CHECKING:
     from typedbrain._phases import Phase
 
 __all__ = [
+    "ArgumentsError",
     "CheckpointError",
     "CheckpointWarning",
     "ConfigurationError",
     "CorruptCheckpointError",
     "HookContractError",
+    "HparamsError",
+    "HparamsProblem",
     "NonFiniteLossError",
+    "OverrideError",
     "PhaseTransitionError",
+    "PlaceholderError",
     "ReentrantCallError",
     "ResumeWarning",
     "RunOptionsError",
+    "TrainLogError",
     "TrainingInterruptedError",
     "TypedBrainError",
     "UnsafeCheckpointError",
@@ -220,3 +228,129 @@ class TrainingInterruptedError(TypedBrainError, SystemExit):
         self.signal = signal
         self.code = 128 + signal
         self.checkpoint_saved = checkpoint_saved
+
+
+@final
+class TrainLogError(TypedBrainError, ValueError):
+    """A training log file cannot be read back: it is not the format its logger writes.
+
+    Attributes:
+        path: the log file.
+        line: the 1-based number of the line at fault (``None`` when the file as a whole is).
+        reason: what is wrong, in words.
+    """
+
+    def __init__(self, path: object, line: int | None, reason: str) -> None:
+        where = f"{path}, line {line}" if line is not None else f"{path}"
+        super().__init__(f"training log {where}: {reason}")
+        self.path = path
+        self.line = line
+        self.reason = reason
+
+
+def _where(source: str, line: int | None) -> str:
+    return f"{source}:{line}" if line is not None else source
+
+
+@final
+class OverrideError(ConfigurationError):
+    """An override does not fit the hyperparameter file it is applied to.
+
+    The key it sets does not exist there (a misspelling, or a nested key the file does not have),
+    or it sets keys under a value that is not a mapping.
+
+    Attributes:
+        key: the dotted path of the override at fault (``model.hidden_size``).
+        source: the hyperparameter file the override was checked against.
+        line: the 1-based line of the nearest key of that path the file does have (``None`` for
+            a top-level key).
+    """
+
+    def __init__(self, key: str, message: str, *, source: str, line: int | None) -> None:
+        super().__init__(f"override {key!r} ({_where(source, line)}): {message}")
+        self.key = key
+        self.source = source
+        self.line = line
+
+
+@final
+class PlaceholderError(ConfigurationError):
+    """A ``!PLACEHOLDER`` value was left without an override to fill it.
+
+    Attributes:
+        key: the dotted path of the placeholder.
+        source: the hyperparameter file that holds it.
+        line: its 1-based line in that file.
+    """
+
+    def __init__(self, key: str, *, source: str, line: int | None) -> None:
+        super().__init__(
+            f"{key!r} ({_where(source, line)}) is a !PLACEHOLDER and was not given a value: "
+            f"override it (--{key} VALUE on the command line, or the key in load_hparams' "
+            "overrides)"
+        )
+        self.key = key
+        self.source = source
+        self.line = line
+
+
+@final
+@attrs.frozen
+class HparamsProblem:
+    """One reason why hyperparameters do not fit a class.
+
+    Attributes:
+        key: the dotted path of the value at fault (``model.hidden_size``, ``layers[2]``); empty
+            for the whole document.
+        message: what is wrong, in words.
+        source: the file the key comes from, when known.
+        line: the key's 1-based line in ``source``, when known.
+    """
+
+    key: str
+    message: str
+    source: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        key = self.key or "(top level)"
+        if self.source is None:
+            return f"{key}: {self.message}"
+        return f"{key} ({_where(self.source, self.line)}): {self.message}"
+
+
+@final
+class HparamsError(ConfigurationError):
+    """Hyperparameters do not fit the class they were structured into.
+
+    One error reports every problem found: missing keys, unexpected keys and values of the wrong
+    type, each with its key path and, where known, its file and line.
+
+    Attributes:
+        problems: every problem, in the order found.
+        target: the name of the class the hyperparameters were structured into.
+    """
+
+    def __init__(self, target: str, source: str, problems: Iterable[HparamsProblem]) -> None:
+        self.problems = tuple(problems)
+        self.target = target
+        count = len(self.problems)
+        listing = "".join(f"\n  - {problem}" for problem in self.problems)
+        super().__init__(
+            f"hyperparameters from {source} do not fit {target} "
+            f"({count} problem{'s' if count != 1 else ''}):{listing}"
+        )
+
+
+@final
+class ArgumentsError(ConfigurationError):
+    """The command line cannot be parsed: a missing hparams file, a missing or bad value.
+
+    Attributes:
+        argument: the option at fault as written (``--debug_batches``), or ``None`` when the
+            problem is not about one option (no hparams file given, say).
+    """
+
+    def __init__(self, argument: str | None, message: str) -> None:
+        super().__init__(f"argument {argument}: {message}" if argument else message)
+        self.argument = argument

@@ -1,0 +1,260 @@
+"""The recipe command line: hparams file, typed run options, YAML overrides, --help, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import pytest
+
+from typedbrain._cli_args import (
+    HelpRequested,
+    parse_arguments,
+    parse_arguments_or_exit,
+    run_option_descriptions,
+    run_options_help,
+)
+from typedbrain._config import load_hparams, split_run_options
+from typedbrain._errors import ArgumentsError
+from typedbrain._options import RunOptions
+
+RECIPE = str(Path(__file__).parent / "data" / "config" / "recipe.yaml")
+
+
+def test_the_first_positional_argument_is_the_hparams_file() -> None:
+    parsed = parse_arguments([RECIPE])
+    assert parsed.hparams_file == Path(RECIPE)
+    assert parsed.run_opts == {}
+    assert parsed.overrides == ""
+
+
+def test_space_and_equals_forms_give_the_same_values() -> None:
+    spaced = parse_arguments([RECIPE, "--debug_batches", "3", "--lr", "0.5"])
+    joined = parse_arguments([RECIPE, "--debug_batches=3", "--lr=0.5"])
+    assert spaced == joined
+    assert spaced.run_opts == {"debug_batches": 3}
+    assert spaced.overrides == "lr: 0.5\n"
+
+
+def test_the_hparams_file_may_come_after_options() -> None:
+    assert parse_arguments(["--lr", "0.5", RECIPE]).hparams_file == Path(RECIPE)
+
+
+def test_boolean_run_options_are_flags_with_an_explicit_equals_form() -> None:
+    parsed = parse_arguments([RECIPE, "--debug", "--stop_on_signals=false", "--jit=True"])
+    assert parsed.run_opts == {"debug": True, "stop_on_signals": False, "jit": True}
+
+
+def test_run_option_values_are_parsed_to_their_declared_types() -> None:
+    parsed = parse_arguments(
+        [
+            RECIPE,
+            "--optimizer_step_limit",
+            "5",
+            "--max_grad_norm",
+            "2.5",
+            "--ckpt_interval_minutes",
+            "1",
+            "--precision",
+            "bf16",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert parsed.run_opts == {
+        "optimizer_step_limit": 5,
+        "max_grad_norm": 2.5,
+        "ckpt_interval_minutes": 1.0,
+        "precision": "bf16",
+        "device": "cpu",
+    }
+    assert type(parsed.run_opts["optimizer_step_limit"]) is int
+    assert type(parsed.run_opts["ckpt_interval_minutes"]) is float
+
+
+def test_none_is_accepted_where_a_run_option_allows_it() -> None:
+    parsed = parse_arguments([RECIPE, "--optimizer_step_limit", "None", "--device=none"])
+    assert parsed.run_opts == {"optimizer_step_limit": None, "device": None}
+
+
+def test_module_key_options_take_several_names() -> None:
+    parsed = parse_arguments(
+        [RECIPE, "--compile_module_keys", "encoder", "decoder", "--jit_module_keys=a,b"]
+    )
+    assert parsed.run_opts == {
+        "compile_module_keys": ("encoder", "decoder"),
+        "jit_module_keys": ("a", "b"),
+    }
+    assert parse_arguments([RECIPE, "--jit_module_keys", "None"]).run_opts == {
+        "jit_module_keys": None
+    }
+
+
+def test_unknown_keys_become_yaml_overrides_keeping_equals_signs_and_types() -> None:
+    parsed = parse_arguments(
+        [
+            RECIPE,
+            "--lr",
+            "0.5",
+            "--output_folder=results/a=b",
+            "--seed",
+            "7",
+            "--model.out_features",
+            "3",
+            "--log_file",
+            "!ref <output_folder>/x.txt",
+        ]
+    )
+    assert parsed.overrides == (
+        "lr: 0.5\n"
+        "output_folder: results/a=b\n"
+        "seed: 7\n"
+        "model:\n"
+        "  out_features: 3\n"
+        "log_file: !ref <output_folder>/x.txt\n"
+    )
+    loaded = load_hparams(parsed.hparams_file, parsed.overrides)
+    assert loaded["lr"] == 0.5
+    assert loaded["seed"] == 7
+    assert loaded["output_folder"] == "results/a=b"
+    assert loaded["log_file"] == "results/a=b/x.txt"
+    assert getattr(loaded["model"], "out_features", None) == 3
+
+
+def test_an_override_given_twice_keeps_the_last_value() -> None:
+    assert parse_arguments([RECIPE, "--lr", "1", "--lr", "2"]).overrides == "lr: 2\n"
+
+
+def test_a_negative_number_is_a_value() -> None:
+    parsed = parse_arguments([RECIPE, "--lr", "-0.5", "--max_grad_norm", "-1"])
+    assert parsed.overrides == "lr: -0.5\n"
+    assert parsed.run_opts == {"max_grad_norm": -1.0}
+
+
+def test_the_command_line_overrides_a_run_option_set_in_the_yaml() -> None:
+    # recipe.yaml sets precision: bf16 and optimizer_step_limit: 5.
+    parsed = parse_arguments([RECIPE, "--precision", "fp32"])
+    options, _ = split_run_options(load_hparams(parsed.hparams_file, parsed.overrides))
+    run_options = RunOptions.from_sources(options, parsed.run_opts)
+    assert run_options.precision == "fp32"
+    assert run_options.optimizer_step_limit == 5
+    assert RunOptions.from_sources(options).precision == "bf16"
+
+
+# Errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the hparams file is required (the first positional argument)"),
+        (["--debug"], "the hparams file is required (the first positional argument)"),
+        (
+            [RECIPE, "other.yaml"],
+            "unexpected argument 'other.yaml': only one hparams file can be given",
+        ),
+        (
+            [RECIPE, "--debug", "false"],
+            "unexpected argument 'false': only one hparams file can be given; boolean run "
+            "options are flags: write --name=false, not --name false",
+        ),
+        (
+            [RECIPE, "--optimizer_step_limit", "five"],
+            "argument --optimizer_step_limit: expected an integer or None, got 'five'",
+        ),
+        (
+            [RECIPE, "--debug_batches", "2.5"],
+            "argument --debug_batches: expected an integer, got '2.5'",
+        ),
+        (
+            [RECIPE, "--max_grad_norm", "x"],
+            "argument --max_grad_norm: expected a number, got 'x'",
+        ),
+        (
+            [RECIPE, "--precision", "fp64"],
+            "argument --precision: expected one of fp32, fp16, bf16, got 'fp64'",
+        ),
+        ([RECIPE, "--debug=maybe"], "argument --debug: expected true or false, got 'maybe'"),
+        ([RECIPE, "--debug_batches"], "argument --debug_batches: expected a value"),
+        ([RECIPE, "--lr", "--debug"], "argument --lr: expected a value"),
+        ([RECIPE, "--lr"], "argument --lr: expected a value"),
+        (
+            [RECIPE, "--grad_accumulation_factor", "0"],
+            "argument --grad_accumulation_factor: expected at least 1, got 0",
+        ),
+        ([RECIPE, "-x"], "argument -x: unknown option (options are written --name)"),
+        (
+            [RECIPE, "--note", "a: b"],
+            "argument --note: 'a: b' is not a YAML value; quote it to pass it as a string "
+            "(--note \"'a: b'\")",
+        ),
+        (
+            [RECIPE, "--model", "1", "--model.x", "2"],
+            "argument --model.x: conflicts with --model, which sets the whole value",
+        ),
+        ([RECIPE, "--model..x", "2"], "argument --model..x: an empty key in a dotted name"),
+    ],
+)
+def test_a_bad_command_line_raises_an_error_naming_the_argument(
+    argv: list[str], message: str
+) -> None:
+    with pytest.raises(ArgumentsError) as caught:
+        parse_arguments(argv)
+    assert str(caught.value) == message
+
+
+def test_the_exiting_wrapper_prints_usage_and_exits_with_status_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_arguments_or_exit([RECIPE, "--debug_batches", "x"], prog="train.py")
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        "usage: train.py HPARAMS_FILE [--RUN_OPTION [VALUE]]... [--KEY VALUE]...\n"
+        "train.py: error: argument --debug_batches: expected an integer, got 'x'\n"
+    )
+
+
+def test_the_exiting_wrapper_returns_what_parse_arguments_returns() -> None:
+    argv = [RECIPE, "--debug", "--lr", "1"]
+    assert parse_arguments_or_exit(argv) == parse_arguments(argv)
+
+
+# Help -----------------------------------------------------------------------------------------
+
+
+def test_help_is_requested_with_the_help_text() -> None:
+    with pytest.raises(HelpRequested) as caught:
+        parse_arguments([RECIPE, "--help"], prog="train.py")
+    assert caught.value.text == run_options_help("train.py")
+
+
+def test_the_exiting_wrapper_prints_help_and_exits_with_status_0(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_arguments_or_exit(["-h"], prog="train.py")
+    assert caught.value.code == 0
+    assert capsys.readouterr().out == run_options_help("train.py")
+
+
+def test_help_lists_every_run_option_with_its_type_and_default() -> None:
+    text = run_options_help("train.py")
+    listed = set()
+    for field in attrs.fields(RunOptions):
+        lines = text.splitlines()
+        heading = next(i for i, line in enumerate(lines) if line.split()[:1] == [f"--{field.name}"])
+        assert lines[heading + 1].endswith(f"; default: {field.default!r}")
+        listed.add(field.name)
+    assert listed == RunOptions.names()
+    assert "  --optimizer_step_limit INT|None\n      an integer or None; default: None\n" in text
+    assert "  --debug\n      a flag (--name, or --name=true/false); default: False\n" in text
+
+
+def test_every_run_option_has_a_description_from_the_docstring() -> None:
+    descriptions = run_option_descriptions()
+    assert set(descriptions) == RunOptions.names()
+    assert all(descriptions.values())
+    assert descriptions["nonfinite_patience"] == (
+        "non-finite losses tolerated per epoch before NonFiniteLossError."
+    )

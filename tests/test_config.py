@@ -1,0 +1,404 @@
+"""Loading HyperPyYAML recipes: tags, checked overrides, placeholders, typed hparams."""
+
+from __future__ import annotations
+
+import functools
+import io
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+
+from typedbrain._config import LoadedHparams, load_hparams, split_run_options
+from typedbrain._errors import (
+    ConfigurationError,
+    HparamsError,
+    HparamsProblem,
+    OverrideError,
+    PlaceholderError,
+    RunOptionsError,
+)
+from typedbrain._options import RunOptions
+from typedbrain._typed_hparams import load_typed_hparams, structure_hparams
+
+DATA = Path(__file__).parent / "data" / "config"
+RECIPE = DATA / "recipe.yaml"
+DOCS = Path(__file__).parent.parent / "docs" / "configuration.md"
+
+
+@attrs.frozen
+class Data:
+    batch_size: int
+    shuffle: bool
+
+
+@attrs.frozen
+class Hyper:
+    lr: float
+    epochs: int
+    model: torch.nn.Linear
+    opt_class: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+    data: Data
+
+
+@pytest.fixture
+def in_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """File names in messages are relative to the working folder: make it the repository's."""
+    monkeypatch.chdir(Path(__file__).parent.parent)
+
+
+# Tags -----------------------------------------------------------------------------------------
+
+
+def test_new_tag_builds_the_object() -> None:
+    model = load_hparams(RECIPE)["model"]
+    assert isinstance(model, torch.nn.Linear)
+    assert (model.in_features, model.out_features) == (4, 2)
+
+
+def test_name_tag_with_arguments_gives_a_partial() -> None:
+    optimizer = load_hparams(RECIPE)["optimizer"]
+    assert isinstance(optimizer, functools.partial)
+    assert optimizer.func is torch.optim.SGD
+    assert optimizer.keywords == {"lr": 0.1}
+
+
+def test_ref_tag_interpolates_strings_and_evaluates_arithmetic() -> None:
+    loaded = load_hparams(RECIPE)
+    assert loaded["log_file"] == "results/run/log.txt"
+    assert loaded["double_lr"] == pytest.approx(0.2)
+
+
+def test_copy_tag_builds_a_separate_object() -> None:
+    loaded = load_hparams(RECIPE)
+    assert isinstance(loaded["model_copy"], torch.nn.Linear)
+    assert loaded["model_copy"] is not loaded["model"]
+
+
+def test_apply_tag_calls_the_function() -> None:
+    assert load_hparams(RECIPE)["total"] == 6
+
+
+def test_include_tag_reads_the_file_next_to_the_recipe_with_its_own_overrides() -> None:
+    assert load_hparams(RECIPE)["data"] == {"batch_size": 8, "shuffle": True}
+
+
+def test_a_stream_loads_like_a_file() -> None:
+    loaded = load_hparams(io.StringIO("a: 1\nb: !ref <a> + 1\n"))
+    assert loaded == {"a": 1, "b": 2}
+
+
+def test_top_level_keys_starting_with_two_underscores_are_left_out() -> None:
+    loaded = load_hparams(io.StringIO("__hidden: 4\nsize: !ref <__hidden>\n"))
+    assert loaded == {"size": 4}
+
+
+def test_loaded_hparams_remember_file_and_line_of_each_key() -> None:
+    loaded = load_hparams(RECIPE)
+    assert isinstance(loaded, LoadedHparams)
+    assert loaded.locations[("lr",)] == (str(RECIPE), 3)
+    assert loaded.locations[("model", "in_features")] == (str(RECIPE), 8)
+
+
+# Overrides ------------------------------------------------------------------------------------
+
+
+def test_overrides_as_a_mapping_replace_values_before_references_resolve() -> None:
+    loaded = load_hparams(RECIPE, {"lr": 0.5, "model": {"out_features": 3}})
+    assert loaded["lr"] == 0.5
+    assert loaded["double_lr"] == pytest.approx(1.0)
+    model = loaded["model"]
+    assert isinstance(model, torch.nn.Linear)
+    assert model.out_features == 3
+
+
+def test_overrides_as_a_yaml_string_replace_values() -> None:
+    loaded = load_hparams(RECIPE, "lr: 0.5\nmodel:\n  out_features: 3\n")
+    assert loaded["lr"] == 0.5
+    model = loaded["model"]
+    assert isinstance(model, torch.nn.Linear)
+    assert model.out_features == 3
+
+
+def test_an_override_reaches_into_an_included_file() -> None:
+    assert load_hparams(RECIPE, {"data": {"shuffle": False}})["data"] == {
+        "batch_size": 8,
+        "shuffle": False,
+    }
+
+
+def test_a_nested_unknown_override_names_key_file_and_parent_line(in_repo_root: None) -> None:
+    with pytest.raises(OverrideError) as caught:
+        load_hparams("tests/data/config/recipe.yaml", {"model": {"out_feature": 3}})
+    assert str(caught.value) == (
+        "override 'model.out_feature' (tests/data/config/recipe.yaml:7): 'model' has no key "
+        "'out_feature'; did you mean 'out_features'?"
+    )
+    assert (caught.value.key, caught.value.line) == ("model.out_feature", 7)
+
+
+def test_a_nested_unknown_override_is_rejected_before_any_object_is_built(
+    in_repo_root: None,
+) -> None:
+    text = "model: !new:tests.test_config.Exploding\n  size: 1\n"
+    with pytest.raises(OverrideError, match=r"'model' has no key 'hidden_size'"):
+        load_hparams(io.StringIO(text), "model:\n  hidden_size: 3\n")
+
+
+class Exploding:
+    """Fails the test if a tag ever builds it."""
+
+    def __init__(self, size: int) -> None:
+        raise AssertionError(f"built with size={size}")
+
+
+def test_an_unknown_top_level_override_is_rejected_with_a_suggestion(in_repo_root: None) -> None:
+    with pytest.raises(OverrideError) as caught:
+        load_hparams("tests/data/config/recipe.yaml", "lrr: 0.3")
+    assert str(caught.value) == (
+        "override 'lrr' (tests/data/config/recipe.yaml): no top-level key 'lrr' (an override "
+        "cannot add keys); did you mean 'lr'?"
+    )
+
+
+def test_an_unknown_override_close_to_a_run_option_suggests_it(in_repo_root: None) -> None:
+    with pytest.raises(OverrideError, match=r"did you mean the run option 'debug'\?$"):
+        load_hparams("tests/data/config/recipe.yaml", {"debg": True})
+
+
+def test_a_dotted_key_in_a_mapping_override_is_explained(in_repo_root: None) -> None:
+    with pytest.raises(OverrideError) as caught:
+        load_hparams("tests/data/config/recipe.yaml", {"model.in_features": 3})
+    assert str(caught.value).endswith(
+        "a nested key is a nested mapping in overrides: {'model': {'in_features': ...}}"
+    )
+
+
+def test_keys_under_a_value_that_is_not_a_mapping_are_rejected(in_repo_root: None) -> None:
+    with pytest.raises(OverrideError) as caught:
+        load_hparams("tests/data/config/recipe.yaml", {"lr": {"value": 1}})
+    assert str(caught.value) == (
+        "override 'lr.value' (tests/data/config/recipe.yaml:3): 'lr' is not a mapping, so an "
+        "override cannot set keys under it; give it a whole new value instead"
+    )
+
+
+def test_an_unknown_key_under_an_include_is_rejected(in_repo_root: None) -> None:
+    with pytest.raises(OverrideError, match=r"^override 'data.nope' \(.*recipe.yaml:15\)"):
+        load_hparams("tests/data/config/recipe.yaml", {"data": {"nope": 1}})
+
+
+def test_overrides_that_are_not_a_mapping_are_rejected() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_hparams(RECIPE, "- 1\n- 2\n")
+    assert str(caught.value) == (
+        "the overrides must be a YAML mapping (key: value lines), got '- 1\\n- 2\\n'"
+    )
+
+
+# Placeholders ---------------------------------------------------------------------------------
+
+
+def test_an_unfilled_placeholder_names_its_key_and_line(in_repo_root: None) -> None:
+    with pytest.raises(PlaceholderError) as caught:
+        load_hparams("tests/data/config/placeholder.yaml")
+    assert str(caught.value) == (
+        "'paths.data_folder' (tests/data/config/placeholder.yaml:3) is a !PLACEHOLDER and was "
+        "not given a value: override it (--paths.data_folder VALUE on the command line, or the "
+        "key in load_hparams' overrides)"
+    )
+
+
+def test_a_filled_placeholder_loads() -> None:
+    loaded = load_hparams(DATA / "placeholder.yaml", {"paths": {"data_folder": "/data"}})
+    assert loaded["paths"] == {"data_folder": "/data"}
+
+
+def test_replacing_the_parent_of_a_placeholder_fills_it() -> None:
+    assert load_hparams(DATA / "placeholder.yaml", "paths: none")["paths"] == "none"
+
+
+# Files ----------------------------------------------------------------------------------------
+
+
+def test_a_missing_file_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_hparams(tmp_path / "absent.yaml")
+    assert str(caught.value) == (
+        f"cannot read hyperparameter file {tmp_path / 'absent.yaml'}: No such file or directory"
+    )
+
+
+def test_a_document_that_is_not_a_mapping_is_rejected() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_hparams(io.StringIO("- 1\n"))
+    assert str(caught.value) == (
+        "<stream> must hold a mapping of hyperparameters (key: value lines), not a sequence"
+    )
+
+
+def test_invalid_yaml_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match=r"^<stream> is not valid YAML: "):
+        load_hparams(io.StringIO("a: [1, 2\n"))
+
+
+def test_an_error_raised_while_building_objects_says_which_file(in_repo_root: None) -> None:
+    with pytest.raises(ImportError) as caught:
+        load_hparams(io.StringIO("model: !new:no_such_module.Thing\n"))
+    assert caught.value.__notes__ == ["while loading hyperparameters from <stream>"]
+
+
+# Typed hparams --------------------------------------------------------------------------------
+
+
+def test_structuring_builds_the_class_with_objects_passing_through() -> None:
+    hyper = load_typed_hparams(DATA / "typed.yaml", Hyper)
+    assert hyper.lr == 0.1
+    assert hyper.epochs == 3
+    assert isinstance(hyper.model, torch.nn.Linear)
+    assert hyper.data == Data(batch_size=8, shuffle=True)
+    optimizer = hyper.opt_class(hyper.model.parameters())
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["lr"] == 0.1
+
+
+def test_run_option_keys_are_not_fields_of_the_typed_class() -> None:
+    # typed.yaml sets precision: bf16, which Hyper does not declare.
+    assert load_typed_hparams(DATA / "typed.yaml", Hyper).lr == 0.1
+
+
+def test_a_run_option_the_class_declares_is_structured_into_it() -> None:
+    @attrs.frozen
+    class WithPrecision:
+        precision: str
+
+    loaded = load_hparams(io.StringIO("precision: bf16\n"))
+    assert structure_hparams(loaded, WithPrecision) == WithPrecision(precision="bf16")
+
+
+def test_one_error_lists_missing_extra_and_wrong_type_problems(in_repo_root: None) -> None:
+    source = "tests/data/config/typed_bad.yaml"
+    with pytest.raises(HparamsError) as caught:
+        load_typed_hparams(source, Hyper)
+    assert str(caught.value) == (
+        f"hyperparameters from {source} do not fit Hyper (6 problems):\n"
+        f"  - lr ({source}:1): expected a number, got str 'fast'\n"
+        f"  - epochs ({source}): missing: required by Hyper\n"
+        f"  - data.batch_size ({source}:8): expected an integer, got str '8'\n"
+        f"  - data.shuffle ({source}:7): missing: required by Data\n"
+        f"  - data.shufle ({source}:9): unexpected key: Data has no such field; did you mean "
+        "'shuffle'?\n"
+        f"  - dropout ({source}:10): unexpected key: Hyper has no such field"
+    )
+    assert caught.value.problems[0] == HparamsProblem(
+        "lr", "expected a number, got str 'fast'", source=source, line=1
+    )
+    assert caught.value.target == "Hyper"
+
+
+def test_types_are_strict() -> None:
+    @attrs.frozen
+    class Strict:
+        count: int
+        flag: bool
+        name: str
+        names: list[str]
+
+    with pytest.raises(HparamsError) as caught:
+        structure_hparams({"count": True, "flag": 1, "name": 5, "names": "ab"}, Strict)
+    assert [str(problem) for problem in caught.value.problems] == [
+        "count: expected an integer, got bool True",
+        "flag: expected true or false, got int 1",
+        "name: expected a string, got int 5",
+        "names: expected a list, got str 'ab'",
+    ]
+
+
+def test_a_wrong_object_for_a_class_typed_field_is_a_problem() -> None:
+    loaded = {"lr": 0.1, "epochs": 1, "model": "linear", "opt_class": 3, "data": [1]}
+    with pytest.raises(HparamsError) as caught:
+        structure_hparams(loaded, Hyper, source="my recipe")
+    assert str(caught.value) == (
+        "hyperparameters from my recipe do not fit Hyper (3 problems):\n"
+        "  - model: expected a Linear, got str 'linear'\n"
+        "  - opt_class: expected a callable (a class, function or !name: factory), got int 3\n"
+        "  - data: expected a mapping of Data's fields, got list [1]"
+    )
+
+
+def test_list_items_unions_and_optional_fields_are_checked() -> None:
+    @attrs.frozen
+    class Mixed:
+        sizes: tuple[int, ...]
+        size_or_name: int | str
+        limit: int | None = None
+        anything: object = None
+
+    assert structure_hparams(
+        {"sizes": [1, 2], "size_or_name": "x", "anything": torch.nn.ReLU}, Mixed
+    ) == Mixed(sizes=(1, 2), size_or_name="x", anything=torch.nn.ReLU)
+    with pytest.raises(HparamsError) as caught:
+        structure_hparams({"sizes": [1, "2"], "size_or_name": 1.5, "limit": "3"}, Mixed)
+    assert [str(problem) for problem in caught.value.problems] == [
+        "sizes[1]: expected an integer, got str '2'",
+        "size_or_name: expected int or str, got float 1.5",
+        "limit: expected int or None, got str '3'",
+    ]
+
+
+def test_a_validator_of_the_class_is_reported_as_a_problem() -> None:
+    @attrs.frozen
+    class Positive:
+        lr: float = attrs.field(validator=attrs.validators.gt(0))
+
+    with pytest.raises(HparamsError) as caught:
+        structure_hparams({"lr": -1.0}, Positive)
+    assert caught.value.problems == (HparamsProblem("", "'lr' must be > 0: -1.0"),)
+    assert str(caught.value) == (
+        "hyperparameters from the given mapping do not fit Positive (1 problem):\n"
+        "  - (top level): 'lr' must be > 0: -1.0"
+    )
+
+
+# Run options ----------------------------------------------------------------------------------
+
+
+def test_split_run_options_separates_run_options_from_the_rest() -> None:
+    loaded = load_hparams(DATA / "run_options.yaml", {"optimizer_step_limit": 5})
+    options, rest = split_run_options(loaded)
+    assert options == {
+        "precision": "bf16",
+        "grad_accumulation_factor": 2,
+        "optimizer_step_limit": 5,
+    }
+    assert rest == {"lr": 0.1}
+    assert isinstance(rest, LoadedHparams)
+    assert rest.locations[("lr",)] == (str(DATA / "run_options.yaml"), 1)
+    run_options = RunOptions.from_sources(options)
+    assert (run_options.precision, run_options.grad_accumulation_factor) == ("bf16", 2)
+
+
+def test_a_string_for_an_integer_run_option_in_yaml_is_an_error_naming_the_key() -> None:
+    options, _ = split_run_options(load_hparams(DATA / "run_options.yaml"))
+    with pytest.raises(RunOptionsError) as caught:
+        RunOptions.from_sources(options)
+    assert str(caught.value) == (
+        "run option 'optimizer_step_limit': expected an integer or None, got str '5' (from hparams)"
+    )
+
+
+# The documentation ----------------------------------------------------------------------------
+
+
+def test_the_python_examples_in_the_configuration_docs_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.DOTALL)
+    assert blocks
+    namespace: dict[str, object] = {"__name__": "configuration_docs"}
+    for block in blocks:
+        exec(compile(block, str(DOCS), "exec", dont_inherit=True), namespace)

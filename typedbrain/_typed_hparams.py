@@ -1,0 +1,355 @@
+"""Typed hyperparameters: loaded YAML structured into an attrs class of yours.
+
+The library's cattrs converter does the work, through a child converter with hooks of its own:
+types are strict (``"5"`` is not an ``int``, ``1`` is not a ``bool``), and the objects
+HyperPyYAML builds (modules, optimizer factories, anything from ``!new:``/``!name:``/
+``!apply:``) pass through to fields typed with their class, a ``Callable`` or ``object``.
+Every problem found is reported in one :class:`~typedbrain.HparamsError`.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import functools
+import os
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import PurePath
+from typing import Final, TypeVar, cast, get_args, get_origin
+
+import attrs
+import cattrs
+from cattrs.errors import (
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+from cattrs.gen import make_dict_structure_fn
+
+from typedbrain._config import KeyPath, LoadedHparams, format_key_path, load_hparams
+from typedbrain._errors import HparamsError, HparamsProblem
+from typedbrain._options import RunOptions
+from typedbrain._state import converter
+
+__all__ = ["load_typed_hparams", "structure_hparams"]
+
+_T = TypeVar("_T")
+
+_SEQUENCES: Final = frozenset(
+    {
+        list,
+        tuple,
+        set,
+        frozenset,
+        collections.abc.Sequence,
+        collections.abc.MutableSequence,
+        collections.abc.Set,
+        collections.abc.MutableSet,
+    }
+)
+
+
+def structure_hparams(
+    loaded: Mapping[str, object], cls: type[_T], *, source: str | None = None
+) -> _T:
+    """Build a ``cls`` (an attrs class of yours) from loaded hyperparameters.
+
+    Values are checked strictly against the field types (``"5"`` is not an ``int``; an ``int``
+    is accepted for a ``float``); nested attrs classes are built from nested mappings; objects
+    that HyperPyYAML built pass through for fields typed with their class (``torch.nn.Module``),
+    ``Callable`` (an optimizer factory from ``!name:``) or ``object``. Top-level keys named like
+    a run option are left out unless ``cls`` has a field of that name: they are run options
+    (see :func:`~typedbrain.split_run_options`).
+
+    Args:
+        loaded: what :func:`~typedbrain.load_hparams` returned (its file and line numbers are
+            used in messages), or any mapping.
+        cls: the class to build, usually a frozen attrs class.
+        source: the name the error message gives the hyperparameters; by default the file they
+            were loaded from.
+
+    Raises:
+        HparamsError: the hyperparameters do not fit ``cls``; ``problems`` lists every missing
+            key, unexpected key and wrong value, with its key path, file and line.
+    """
+    locations: Mapping[KeyPath, tuple[str, int]] = {}
+    file: str | None = None
+    if isinstance(loaded, LoadedHparams):
+        locations, file = loaded.locations, loaded.source
+    name = source or file or "the given mapping"
+    fields = _field_names(cls)
+    options = RunOptions.names()
+    data = {key: value for key, value in loaded.items() if key in fields or key not in options}
+    try:
+        return _hparams_converter().structure(data, cls)
+    except cattrs.BaseValidationError as error:
+        found: list[tuple[KeyPath, str]] = []
+        _collect(error, (), cls, found)
+        problems = [_problem(path, message, locations, file) for path, message in found]
+    except (ValueError, TypeError) as error:
+        # Raised by cls itself (an attrs validator, __attrs_post_init__) after every field fit.
+        problems = [HparamsProblem("", str(error) or type(error).__name__, source=file)]
+    raise HparamsError(cls.__name__, name, problems)
+
+
+def load_typed_hparams(
+    path: str | os.PathLike[str],
+    cls: type[_T],
+    overrides: Mapping[str, object] | str | None = None,
+) -> _T:
+    """Load a HyperPyYAML file and structure it into ``cls``: :func:`~typedbrain.load_hparams`
+    then :func:`structure_hparams`.
+
+    Raises:
+        OverrideError: an override names a key the file does not have.
+        PlaceholderError: a ``!PLACEHOLDER`` is left without a value.
+        HparamsError: the loaded hyperparameters do not fit ``cls``.
+    """  # noqa: D205 - the summary names both steps
+    return structure_hparams(load_hparams(path, overrides), cls)
+
+
+def _field_names(cls: type[object]) -> frozenset[str]:
+    if attrs.has(cls):
+        return frozenset(field.name for field in attrs.fields(cls))
+    if dataclasses.is_dataclass(cls):
+        return frozenset(field.name for field in dataclasses.fields(cls))
+    return frozenset()
+
+
+def _problem(
+    path: KeyPath,
+    message: str,
+    locations: Mapping[KeyPath, tuple[str, int]],
+    file: str | None,
+) -> HparamsProblem:
+    """A problem at ``path``, located at the key itself or else at its nearest written parent."""
+    for end in range(len(path), -1, -1):
+        where = locations.get(path[:end])
+        if where is not None:
+            return HparamsProblem(format_key_path(path), message, source=where[0], line=where[1])
+    return HparamsProblem(format_key_path(path), message, source=file)
+
+
+def _collect(
+    error: BaseException, path: KeyPath, target: object, out: list[tuple[KeyPath, str]]
+) -> None:
+    """Flatten cattrs' tree of errors into (key path, message) pairs."""
+    if isinstance(error, ClassValidationError):
+        with_notes, without = error.group_exceptions()
+        for inner, note in with_notes:
+            _collect(inner, (*path, str(note.name)), error.cl, out)
+        for inner in without:
+            _collect(inner, path, error.cl, out)
+    elif isinstance(error, IterableValidationError):
+        indexed, rest = error.group_exceptions()
+        for inner, index_note in indexed:
+            _collect(inner, (*path, _index(index_note)), error.cl, out)
+        for inner in rest:
+            _collect(inner, path, error.cl, out)
+    elif isinstance(error, ForbiddenExtraKeysError):
+        known = sorted(_field_names(error.cl))
+        for key in sorted(error.extra_fields):
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            out.append(
+                ((*path, key), f"unexpected key: {error.cl.__name__} has no such field{hint}")
+            )
+    elif isinstance(error, KeyError) and path:
+        owner = getattr(target, "__name__", "the class")
+        out.append((path, f"missing: required by {owner}"))
+    else:
+        out.append((path, str(error) or type(error).__name__))
+
+
+def _index(note: IterableValidationNote) -> str | int:
+    index: object = note.index
+    return index if isinstance(index, int) else str(index)
+
+
+# Strict hooks --------------------------------------------------------------------------------
+
+
+def _got(value: object) -> str:
+    return f"got {type(value).__name__} {value!r}"
+
+
+def _structure_int(value: object, _: type[int]) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise TypeError(f"expected an integer, {_got(value)}")
+
+
+def _structure_float(value: object, _: type[float]) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"expected a number, {_got(value)}")
+
+
+def _structure_str(value: object, _: type[str]) -> str:
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"expected a string, {_got(value)}")
+
+
+def _structure_bool(value: object, _: type[bool]) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise TypeError(f"expected true or false, {_got(value)}")
+
+
+def _passthrough(value: object, _: object) -> object:
+    return value
+
+
+def _is_anything(tp: object) -> bool:
+    return tp is object or tp is typing.Any
+
+
+def _is_callable(tp: object) -> bool:
+    return tp is collections.abc.Callable or get_origin(tp) is collections.abc.Callable
+
+
+def _structure_callable(value: object, tp: object) -> object:
+    if callable(value):
+        return value
+    raise TypeError(f"expected a callable (a class, function or !name: factory), {_got(value)}")
+
+
+def _is_union(tp: object) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _is_sequence(tp: object) -> bool:
+    return (get_origin(tp) or tp) in _SEQUENCES
+
+
+def _is_plain_class(tp: object) -> bool:
+    return (
+        isinstance(tp, type)
+        and get_origin(tp) is None
+        and tp not in (int, float, str, bool)
+        and tp not in _SEQUENCES
+        and not attrs.has(tp)
+    )
+
+
+def _type_name(tp: object) -> str:
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _make_hooks(
+    child: cattrs.Converter, base: cattrs.Converter
+) -> tuple[
+    Callable[[object, object], object],
+    Callable[[object, object], object],
+    Callable[[object, object], object],
+]:
+    """The union, sequence and plain-class hooks, which structure what they hold with ``child``."""
+
+    def structure_union(value: object, tp: object) -> object:
+        arms = get_args(tp)
+        if value is None and type(None) in arms:
+            return None
+        # An arm the value already is wins (an int for int | str), then the first that fits.
+        for arm in arms:
+            fits = isinstance(arm, type) and arm is not type(None) and isinstance(value, arm)
+            if fits and not (isinstance(value, bool) and arm in (int, float)):
+                return child.structure(value, arm)
+        for arm in arms:
+            if arm is type(None):
+                continue
+            try:
+                return child.structure(value, arm)
+            except (cattrs.BaseValidationError, ValueError, TypeError):
+                continue
+        expected = " or ".join(_type_name(arm) for arm in arms)
+        raise TypeError(f"expected {expected}, {_got(value)}")
+
+    def structure_sequence(value: object, tp: object) -> object:
+        origin = get_origin(tp) or tp
+        args = get_args(tp)
+        if isinstance(value, str | bytes | Mapping) or not isinstance(
+            value, list | tuple | set | frozenset
+        ):
+            raise TypeError(f"expected a list, {_got(value)}")
+        items = list(value)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise TypeError(f"expected a list of {len(args)} items, got {len(items)}")
+            kinds: list[object] = list(args)
+        else:
+            kinds = [args[0] if args else object] * len(items)
+        results: list[object] = []
+        errors: list[Exception] = []
+        for index, (item, kind) in enumerate(zip(items, kinds, strict=True)):
+            try:
+                # cast: a type argument (list[X]'s X) is a type form, which cattrs accepts.
+                results.append(child.structure(item, cast("type[object]", kind)))
+            except (cattrs.BaseValidationError, ValueError, TypeError) as error:
+                error.add_note(IterableValidationNote(f"item {index}", index, kind))
+                errors.append(error)
+        if errors:
+            raise IterableValidationError(
+                f"While structuring {_type_name(tp)}", errors, cast("type[object]", origin)
+            )
+        if origin in (set, collections.abc.Set, collections.abc.MutableSet):
+            return set(results)
+        if origin is frozenset:
+            return frozenset(results)
+        if origin is tuple:
+            return tuple(results)
+        return results
+
+    def structure_plain(value: object, tp: object) -> object:
+        assert isinstance(tp, type)
+        if isinstance(value, tp):
+            return value
+        if issubclass(tp, PurePath) and isinstance(value, str):
+            return tp(value)
+        try:
+            return base.structure(value, tp)
+        except cattrs.errors.StructureHandlerNotFoundError:
+            raise TypeError(f"expected a {tp.__name__}, {_got(value)}") from None
+
+    return structure_union, structure_sequence, structure_plain
+
+
+@functools.cache
+def _hparams_converter() -> cattrs.Converter:
+    """A child of the library's converter for hyperparameters (built once, on first use).
+
+    The library's converter, which the state classes use, is left as it is.
+    """
+    base = converter.copy()
+    base.register_structure_hook(int, _structure_int)
+    base.register_structure_hook(float, _structure_float)
+    base.register_structure_hook(str, _structure_str)
+    base.register_structure_hook(bool, _structure_bool)
+    child = base.copy()
+    union, sequence, plain = _make_hooks(child, base)
+    child.register_structure_hook_func(_is_plain_class, plain)
+    child.register_structure_hook_func(_is_sequence, sequence)
+    child.register_structure_hook_func(_is_union, union)
+    child.register_structure_hook_func(_is_callable, _structure_callable)
+    child.register_structure_hook_func(_is_anything, _passthrough)
+
+    def attrs_hook(tp: type[object]) -> Callable[[object, type[object]], object]:
+        build = make_dict_structure_fn(tp, child)
+
+        def structure(value: object, cls: type[object]) -> object:
+            if isinstance(value, cls):
+                return value
+            if not isinstance(value, Mapping):
+                raise TypeError(f"expected a mapping of {cls.__name__}'s fields, {_got(value)}")
+            return build(value, cls)
+
+        return structure
+
+    child.register_structure_hook_factory(attrs.has, attrs_hook)
+    return child
