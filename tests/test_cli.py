@@ -1,0 +1,280 @@
+"""The console script: listing and verifying checkpoints, plotting logs, exit statuses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from typedbrain._checkpoint import Checkpointer
+from typedbrain._cli import main
+from typedbrain._train_log import JsonlTrainLogger
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture
+def good_folder(tmp_path: Path) -> Path:
+    """Two committed, intact checkpoints: ``a`` (loss 0.2) then ``b`` (loss 0.3)."""
+    folder = tmp_path / "save"
+    checkpointer = Checkpointer(folder, {"model": torch.nn.Linear(2, 1)})
+    checkpointer.save_checkpoint(meta={"loss": 0.2}, name="CKPT-a")
+    checkpointer.save_checkpoint(meta={"loss": 0.3}, end_of_epoch=False, name="CKPT-b")
+    return folder
+
+
+@pytest.fixture
+def damaged_folder(good_folder: Path) -> Path:
+    """``good_folder`` plus ``c`` (committed, then a byte flipped) and ``d`` (uncommitted)."""
+    checkpointer = Checkpointer(good_folder, {"model": torch.nn.Linear(2, 1)})
+    checkpoint = checkpointer.save_checkpoint(meta={"loss": 0.1}, name="CKPT-c")
+    data = bytearray(checkpoint.paramfiles["model"].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    checkpoint.paramfiles["model"].write_bytes(bytes(data))
+    uncommitted = good_folder / "CKPT-d"
+    uncommitted.mkdir()
+    (uncommitted / "model.ckpt").write_bytes(b"half written")
+    return good_folder
+
+
+def _statuses(out: str) -> dict[str, tuple[str, bool, bool]]:
+    document = json.loads(out)
+    return {
+        row["name"]: (row["status"], row["newest"], row["best"]) for row in document["checkpoints"]
+    }
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_intact_checkpoints_list_with_status_0(
+    good_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = _run(capsys, "checkpoints", str(good_folder), "--verify", "--json")
+    assert (status, err) == (0, "")
+    document = json.loads(out)
+    assert document["folder"] == str(good_folder)
+    assert document["ok"] is True
+    first, second = document["checkpoints"]
+    assert first == {
+        "name": "CKPT-a",
+        "status": "OK",
+        "reason": None,
+        "sequence": 1,
+        "unixtime": first["unixtime"],
+        "end_of_epoch": True,
+        "phase": None,
+        "meta": {"loss": 0.2},
+        "newest": False,
+        "best": False,
+    }
+    assert (second["name"], second["sequence"], second["end_of_epoch"]) == ("CKPT-b", 2, False)
+    assert second["newest"] is True
+
+
+def test_without_verify_only_manifests_are_read(
+    damaged_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = _run(capsys, "checkpoints", str(damaged_folder), "--json")
+    assert status == 1  # the uncommitted folder
+    assert _statuses(out) == {
+        "CKPT-a": ("COMMITTED", False, False),
+        "CKPT-b": ("COMMITTED", False, False),
+        "CKPT-c": ("COMMITTED", True, False),  # the flipped byte is not looked for
+        "CKPT-d": ("UNCOMMITTED", False, False),
+    }
+
+
+def test_verify_finds_the_flipped_byte_and_marks_newest_and_best_among_usable(
+    damaged_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = _run(
+        capsys, "checkpoints", str(damaged_folder), "--verify", "--min-key", "loss", "--json"
+    )
+    assert status == 1
+    assert _statuses(out) == {
+        "CKPT-a": ("OK", False, True),
+        "CKPT-b": ("OK", True, False),
+        "CKPT-c": ("CORRUPT", False, False),
+        "CKPT-d": ("UNCOMMITTED", False, False),
+    }
+    rows = {row["name"]: row for row in json.loads(out)["checkpoints"]}
+    assert (rows["CKPT-c"]["sequence"], rows["CKPT-c"]["meta"]) == (3, {"loss": 0.1})
+    assert rows["CKPT-d"]["sequence"] is None
+    reasons = {name: row["reason"] for name, row in rows.items()}
+    assert reasons["CKPT-c"] == (
+        "the file model.ckpt (recoverable 'model') fails its SHA-256 check "
+        "(its bytes changed after the commit)"
+    )
+    assert reasons["CKPT-d"] == "no MANIFEST.json: the save was interrupted before its commit"
+
+
+def test_max_key_marks_the_highest_value(
+    good_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = _run(capsys, "checkpoints", str(good_folder), "--max-key", "loss", "--json")
+    assert status == 0
+    assert _statuses(out)["CKPT-b"] == ("COMMITTED", True, True)
+
+
+def test_the_table_shows_status_sequence_marks_and_reasons(
+    damaged_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = _run(
+        capsys, "checkpoints", str(damaged_folder), "--verify", "--min-key", "loss"
+    )
+    assert status == 1
+    lines = out.splitlines()
+    assert lines[0] == f"{damaged_folder}: 4 checkpoint folder(s), files verified"
+    assert lines[1].split() == ["STATUS", "SEQ", "SAVED", "END", "PHASE", "FOLDER", "META"]
+    assert lines[2].split()[:2] == ["OK", "1"]
+    assert lines[2].split()[4:] == ["epoch", "-", "CKPT-a", "[best]", '{"loss":', "0.2}"]
+    assert lines[3].split()[4:] == ["mid", "-", "CKPT-b", "[newest]", '{"loss":', "0.3}"]
+    assert lines[4].split()[:2] == ["CORRUPT", "3"]
+    assert lines[5].split() == ["UNCOMMITTED", "-", "-", "-", "-", "CKPT-d", "-"]
+    assert lines[6].startswith("CKPT-c: CORRUPT: the file model.ckpt (recoverable 'model')")
+    assert lines[7] == (
+        "CKPT-d: UNCOMMITTED: no MANIFEST.json: the save was interrupted before its commit"
+    )
+
+
+def test_an_empty_folder_lists_nothing_with_status_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = _run(capsys, "checkpoints", str(tmp_path))
+    assert (status, out) == (
+        0,
+        f"{tmp_path}: 0 checkpoint folder(s), manifests read, files not verified\n",
+    )
+
+
+def test_a_missing_or_non_folder_path_is_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = _run(capsys, "checkpoints", str(tmp_path / "absent"))
+    assert (status, out, err) == (
+        2,
+        "",
+        f"typedbrain: error: {tmp_path / 'absent'}: no such folder\n",
+    )
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    status, _, err = _run(capsys, "checkpoints", str(tmp_path / "file"))
+    assert (status, err) == (2, f"typedbrain: error: {tmp_path / 'file'}: not a folder\n")
+
+
+def test_both_keys_or_no_command_are_usage_errors(
+    good_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = _run(
+        capsys, "checkpoints", str(good_folder), "--min-key", "a", "--max-key", "b"
+    )
+    assert status == 2
+    assert "not allowed with argument" in err
+    assert _run(capsys)[0] == 2
+
+
+def test_a_meta_value_that_is_not_a_number_is_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 1)})
+    checkpointer.save_checkpoint(meta={"loss": "low"}, name="CKPT-a")
+    status, _, err = _run(capsys, "checkpoints", str(tmp_path), "--min-key", "loss")
+    assert status == 2
+    assert "meta 'loss' is 'low', not a number" in err
+
+
+def test_help_returns_0(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = _run(capsys, "--help")
+    assert status == 0
+    assert "checkpoints" in out
+    assert "plot" in out
+
+
+@pytest.mark.slow
+def test_python_dash_m_runs_the_console_script() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "typedbrain", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: typedbrain [-h] [--version] COMMAND ...")
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def _training_log(path: Path) -> Path:
+    log = JsonlTrainLogger(path)
+    for epoch in range(1, 5):
+        log.log_stats(
+            {"epoch": epoch, "lr": 0.1},
+            {"loss": 2.0 / epoch},
+            {"loss": 2.5 / epoch, "error": 0.5 / epoch},
+        )
+    log.log_stats({"Epoch loaded": 4}, test_stats={"loss": 0.6})
+    return path
+
+
+def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "plots" / "log.png"
+    status, stdout, err = _run(
+        capsys, "plot", str(_training_log(tmp_path / "log.jsonl")), "--out", str(out)
+    )
+    assert (status, err) == (0, "")
+    assert stdout == f"wrote {out} (2 panel(s), 4 entries)\n"
+    data = out.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    assert len(data) > 10_000
+
+
+def test_plot_of_a_missing_log_is_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = _run(capsys, "plot", str(tmp_path / "absent.jsonl"), "--out", "x.png")
+    assert (status, err) == (2, f"typedbrain: error: {tmp_path / 'absent.jsonl'}: no such file\n")
+
+
+def test_plot_of_a_corrupt_log_names_the_line_with_status_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = _training_log(tmp_path / "log.jsonl")
+    lines = log.read_text(encoding="utf-8").splitlines()
+    lines[1] = lines[1][:-5]
+    log.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    status, _, err = _run(capsys, "plot", str(log), "--out", str(tmp_path / "x.png"))
+    assert status == 1
+    assert err.startswith(f"typedbrain: error: training log {log}, line 2: not JSON")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_of_a_log_without_training_numbers_is_status_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "log.jsonl"
+    JsonlTrainLogger(log).log_stats({"Epoch loaded": 1}, test_stats={"loss": 1.0})
+    status, _, err = _run(capsys, "plot", str(log), "--out", str(tmp_path / "x.png"))
+    assert (status, err) == (1, f"typedbrain: error: {log}: no train or valid numbers to plot\n")
+
+
+def test_plot_without_matplotlib_names_the_extra_with_status_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    log = _training_log(tmp_path / "log.jsonl")
+    status, _, err = _run(capsys, "plot", str(log), "--out", str(tmp_path / "x.png"))
+    assert status == 3
+    assert "install the 'typedbrain[plot]' extra" in err

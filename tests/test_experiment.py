@@ -1,0 +1,218 @@
+"""create_experiment_directory: the folder's files, its log, idempotence, rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from typedbrain._errors import ConfigurationError
+from typedbrain._experiment import _ExperimentLogHandler, create_experiment_directory, git_commit
+from typedbrain._version import __version__
+
+HPARAMS = textwrap.dedent(
+    """\
+    seed: 3
+    lr: 0.1
+    folder: !ref results/<seed>
+    model: !new:torch.nn.Linear
+        in_features: 4
+        out_features: 1
+    """
+)
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+def _experiment_handlers() -> list[logging.FileHandler]:
+    return [
+        handler
+        for handler in logging.getLogger().handlers
+        if isinstance(handler, _ExperimentLogHandler)
+    ]
+
+
+def _flush() -> None:
+    for handler in _experiment_handlers():
+        handler.flush()
+
+
+@pytest.fixture
+def hparams_file(tmp_path: Path) -> Path:
+    path = tmp_path / "hparams.yaml"
+    path.write_text(HPARAMS, encoding="utf-8")
+    return path
+
+
+def test_the_folder_holds_hyperparams_script_log_and_environment(
+    tmp_path: Path, hparams_file: Path
+) -> None:
+    folder = create_experiment_directory(
+        tmp_path / "results" / "run",
+        hyperparams_to_save=hparams_file,
+        overrides={"seed": 7},
+        run_opts={"device": "cpu", "precision": "bf16", "odd": object},
+    )
+    assert folder == tmp_path / "results" / "run"
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "env.json",
+        "hyperparams.yaml",
+        "log.txt",
+        "test_experiment.py",
+    ]
+    assert (folder / "test_experiment.py").read_bytes() == Path(__file__).read_bytes()
+
+    assert (folder / "hyperparams.yaml").read_text(encoding="utf-8") == (
+        f"# Resolved from {hparams_file} by typedbrain.create_experiment_directory.\n"
+        "# Overrides applied:\n"
+        '#   {"seed": 7}\n'
+        "seed: 7\n"
+        "lr: 0.1\n"
+        "folder: results/7\n"
+        "model: !new:torch.nn.Linear\n"
+        "  in_features: 4\n"
+        "  out_features: 1\n"
+    )
+
+    environment = json.loads((folder / "env.json").read_text(encoding="utf-8"))
+    assert environment["typedbrain"] == __version__
+    assert environment["torch"] == str(torch.__version__)
+    assert environment["python"] == platform.python_version()
+    assert environment["run_opts"] == {
+        "device": "cpu",
+        "precision": "bf16",
+        "odd": str(object),
+    }
+    assert environment["script"] == __file__
+    assert {"platform", "argv", "numpy", "cuda", "time", "git_commit"} <= set(environment)
+
+
+def test_log_txt_receives_typedbrain_records(tmp_path: Path) -> None:
+    folder = create_experiment_directory(tmp_path / "run", save_env_desc=False)
+    logging.getLogger("typedbrain._brain").info("an info record from the library")
+    logging.getLogger("typedbrain._brain").debug("a debug record is not kept")
+    _flush()
+    lines = (folder / "log.txt").read_text(encoding="utf-8").splitlines()
+    assert lines[-1].endswith(" - typedbrain._brain - INFO - an info record from the library")
+    assert not any("debug record" in line for line in lines)
+
+
+def test_calling_again_appends_to_the_log_without_a_second_handler(
+    tmp_path: Path, hparams_file: Path
+) -> None:
+    for _ in range(2):
+        create_experiment_directory(tmp_path / "run", hyperparams_to_save=hparams_file)
+    assert len(_experiment_handlers()) == 1
+    _flush()
+    log = (tmp_path / "run" / "log.txt").read_text(encoding="utf-8")
+    assert log.count(f"experiment {tmp_path / 'run'}: typedbrain {__version__}") == 2
+
+
+def test_a_new_experiment_folder_replaces_the_previous_handler(tmp_path: Path) -> None:
+    create_experiment_directory(tmp_path / "first", save_env_desc=False)
+    create_experiment_directory(tmp_path / "second", save_env_desc=False)
+    assert [Path(handler.baseFilename) for handler in _experiment_handlers()] == [
+        (tmp_path / "second" / "log.txt").resolve()
+    ]
+
+
+def test_other_ranks_write_nothing(
+    tmp_path: Path, hparams_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RANK", "1")
+    folder = create_experiment_directory(tmp_path / "run", hyperparams_to_save=hparams_file)
+    assert folder == tmp_path / "run"
+    assert not folder.exists()
+    assert _experiment_handlers() == []
+
+
+def test_log_config_replaces_the_default_handler(tmp_path: Path) -> None:
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"own": {"class": "logging.NullHandler"}},
+        "loggers": {"typedbrain.test_experiment": {"handlers": ["own"]}},
+    }
+    folder = create_experiment_directory(tmp_path / "run", log_config=config)
+    assert not (folder / "log.txt").exists()
+    assert isinstance(logging.getLogger("typedbrain.test_experiment").handlers[0], logging.Handler)
+    logging.getLogger("typedbrain.test_experiment").handlers.clear()
+
+
+def test_bad_hyperparameters_are_a_configuration_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("a: !ref <missing>\n", encoding="utf-8")
+    with pytest.raises(ConfigurationError, match=r"cannot resolve the hyperparameters .*bad\.yaml"):
+        create_experiment_directory(tmp_path / "run", hyperparams_to_save=path)
+    with pytest.raises(ConfigurationError, match="cannot read the hyperparameters"):
+        create_experiment_directory(tmp_path / "run", hyperparams_to_save=tmp_path / "absent")
+
+
+def test_the_git_commit_of_the_scripts_repository_is_recorded(tmp_path: Path) -> None:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    script = repository / "train.py"
+    script.write_text("print('training')\n", encoding="utf-8")
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+            cwd=repository,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
+
+    git("init", "-q")
+    git("add", "train.py")
+    git("commit", "-q", "-m", "first")
+    folder = create_experiment_directory(tmp_path / "run", script_file=script)
+    environment = json.loads((folder / "env.json").read_text(encoding="utf-8"))
+    assert environment["git_commit"] == git("rev-parse", "HEAD")
+    assert len(environment["git_commit"]) == 40
+    assert (folder / "train.py").read_text(encoding="utf-8") == "print('training')\n"
+
+
+def test_no_git_commit_outside_a_repository(tmp_path: Path) -> None:
+    if shutil.which("git") is not None:
+        inside = subprocess.run(
+            ["git", "-C", str(tmp_path), "rev-parse", "--is-inside-work-tree"],
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
+        if inside.returncode == 0:
+            pytest.skip("the temporary folder is inside a git repository")
+    assert git_commit(tmp_path) is None
+
+
+@pytest.mark.slow
+def test_no_script_is_copied_from_python_dash_c(tmp_path: Path) -> None:
+    code = (
+        "from typedbrain._experiment import create_experiment_directory\n"
+        f"create_experiment_directory({str(tmp_path / 'run')!r}, save_env_desc=False)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["log.txt"]

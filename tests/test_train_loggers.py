@@ -1,0 +1,423 @@
+"""Training loggers: exact line formats, JSONL round trip, resume without duplicates, rank 0."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from typedbrain._checkpoint import Checkpointer
+from typedbrain._errors import ConfigurationError, ResumeWarning, TrainLogError
+from typedbrain._train_log import (
+    FileTrainLogger,
+    JsonlTrainLogger,
+    LogEntry,
+    ScalarWriter,
+    StatValue,
+    TensorboardTrainLogger,
+    TrainLogger,
+    format_stat,
+    read_jsonl_log,
+)
+
+# ----------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1.234, "1.23"),
+        (99.5, "99.50"),
+        (99.999, "100.00"),  # inside (1, 100), so fixed-point even though it rounds up
+        (1.0, "1.00e+00"),  # the bounds are excluded
+        (100.0, "1.00e+02"),
+        (0.1, "1.00e-01"),
+        (0.0, "0.00e+00"),
+        (-2.5, "-2.50e+00"),
+        (12345.678, "1.23e+04"),
+        (math.nan, "nan"),
+        (3, "3"),
+        (True, "True"),
+        ("adam", "adam"),
+    ],
+)
+def test_format_stat_uses_fixed_point_strictly_between_1_and_100(
+    value: StatValue, expected: str
+) -> None:
+    assert format_stat(value) == expected
+
+
+def test_format_stat_precision_applies_to_both_notations() -> None:
+    assert (format_stat(3.14159, 3), format_stat(0.001234, 3)) == ("3.142", "1.234e-03")
+
+
+def test_file_logger_writes_speechbrain_style_lines(tmp_path: Path) -> None:
+    log = FileTrainLogger(tmp_path / "train_log.txt")
+    log.log_stats({"epoch": 1, "lr": 0.1}, {"loss": 1.234}, {"loss": 1.1, "error": 0.25})
+    log.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    assert (tmp_path / "train_log.txt").read_text(encoding="utf-8") == (
+        "epoch: 1, lr: 1.00e-01 - train loss: 1.23 - valid loss: 1.10, valid error: 2.50e-01\n"
+        "Epoch loaded: 1 - test loss: 2.00\n"
+    )
+
+
+def test_file_logger_creates_missing_folders_and_appends(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "log.txt"
+    path.parent.mkdir(parents=True)
+    path.write_text("earlier run\n", encoding="utf-8")
+    FileTrainLogger(path).log_stats({"epoch": 2})
+    assert path.read_text(encoding="utf-8") == "earlier run\nepoch: 2\n"
+
+
+def test_file_logger_rejects_a_negative_precision(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="precision"):
+        FileTrainLogger(tmp_path / "log.txt", precision=-1)
+
+
+def test_verbose_logs_the_line_at_info(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="typedbrain"):
+        FileTrainLogger(tmp_path / "log.txt").log_stats({"epoch": 1}, {"loss": 2.5}, verbose=True)
+    assert [record.getMessage() for record in caplog.records] == ["epoch: 1 - train loss: 2.50"]
+
+
+# ----------------------------------------------------------------------------- JSON lines
+
+
+def test_jsonl_logger_writes_one_object_per_line_with_fixed_keys(tmp_path: Path) -> None:
+    path = tmp_path / "train_log.jsonl"
+    log = JsonlTrainLogger(path)
+    log.log_stats({"epoch": 1, "lr": 0.1}, {"loss": 1.5}, {"loss": 1.25, "error": 0.5})
+    log.log_stats({"Epoch loaded": 1}, test_stats={"loss": 1.75})
+    assert path.read_text(encoding="utf-8").splitlines() == [
+        '{"step": 1, "epoch": 1, "stats_meta": {"epoch": 1, "lr": 0.1}, "train": {"loss": 1.5}, '
+        '"valid": {"loss": 1.25, "error": 0.5}, "test": null}',
+        '{"step": 2, "epoch": null, "stats_meta": {"Epoch loaded": 1}, "train": null, '
+        '"valid": null, "test": {"loss": 1.75}}',
+    ]
+
+
+def test_jsonl_log_reads_back_what_was_logged(tmp_path: Path) -> None:
+    path = tmp_path / "train_log.jsonl"
+    log = JsonlTrainLogger(path)
+    log.log_stats({"epoch": 1, "lr": 0.1, "optimizer": "sgd"}, {"loss": 1 / 3}, {"loss": math.inf})
+    log.log_stats({"epoch": 2}, {"loss": 0.2, "count": 7})
+    entries = read_jsonl_log(path)
+    assert entries == [
+        LogEntry(
+            step=1,
+            epoch=1,
+            stats_meta={"epoch": 1, "lr": 0.1, "optimizer": "sgd"},
+            train={"loss": 1 / 3},
+            valid={"loss": math.inf},
+        ),
+        LogEntry(step=2, epoch=2, stats_meta={"epoch": 2}, train={"loss": 0.2, "count": 7}),
+    ]
+    assert entries[0].to_json() == path.read_text(encoding="utf-8").splitlines()[0]
+
+
+def test_jsonl_logger_refuses_values_that_are_not_numbers_or_strings(tmp_path: Path) -> None:
+    log = JsonlTrainLogger(tmp_path / "log.jsonl")
+    bad: dict[str, object] = {"loss": torch.tensor(1.0)}
+    with pytest.raises(ConfigurationError, match=r"'train': 'loss' is tensor\(1\.\)"):
+        log.log_stats({"epoch": 1}, bad)  # type: ignore[arg-type]  # the wrong type on purpose
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("{not json", "not JSON"),
+        ("[1, 2]", "a JSON list, not an object"),
+        ('{"step": 2, "epoch": 1}', "the keys are"),
+        (
+            '{"step": 0, "epoch": 1, "stats_meta": {}, "train": null, "valid": null, "test": null}',
+            "'step' is 0",
+        ),
+        (
+            '{"step": 2, "epoch": 1, "stats_meta": {}, "train": {"loss": [1]}, "valid": null, '
+            '"test": null}',
+            "'train': 'loss' is [1]",
+        ),
+    ],
+)
+def test_reading_a_bad_line_names_the_file_and_the_line(
+    tmp_path: Path, line: str, reason: str
+) -> None:
+    path = tmp_path / "log.jsonl"
+    JsonlTrainLogger(path).log_stats({"epoch": 1}, {"loss": 1.0})
+    with path.open("a", encoding="utf-8") as stream:
+        stream.write(line + "\n")
+    with pytest.raises(TrainLogError) as caught:
+        read_jsonl_log(path)
+    assert (caught.value.path, caught.value.line) == (path, 2)
+    assert str(caught.value).startswith(f"training log {path}, line 2: ")
+    assert reason in caught.value.reason
+
+
+def test_reading_an_interrupted_last_line_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "ep', encoding="utf-8")
+    with pytest.raises(TrainLogError, match=r"line 1: .*its write was interrupted"):
+        read_jsonl_log(path)
+
+
+def test_reading_a_missing_log_raises_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_jsonl_log(tmp_path / "absent.jsonl")
+
+
+# ----------------------------------------------------------------------------- resume
+
+LoggerFactory = Callable[[Path], FileTrainLogger | JsonlTrainLogger]
+FACTORIES: list[LoggerFactory] = [FileTrainLogger, JsonlTrainLogger]
+
+
+def _epoch(log: FileTrainLogger | JsonlTrainLogger, epoch: int) -> None:
+    log.log_stats(
+        {"epoch": epoch, "lr": 0.1 / epoch}, {"loss": 10.0 / epoch}, {"loss": 11.0 / epoch}
+    )
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_resumed_log_equals_the_uninterrupted_one(tmp_path: Path, factory: LoggerFactory) -> None:
+    reference = factory(tmp_path / "reference.log")
+    for epoch in range(1, 6):
+        _epoch(reference, epoch)
+
+    path = tmp_path / "resumed.log"
+    first = factory(path)
+    _epoch(first, 1)
+    _epoch(first, 2)
+    state = first.state_dict()  # the checkpoint after epoch 2
+    _epoch(first, 3)  # logged, then the run dies before its checkpoint
+    _epoch(first, 4)
+
+    second = factory(path)
+    second.load_state_dict(dict(state))
+    for epoch in range(3, 6):
+        _epoch(second, epoch)
+    assert path.read_bytes() == (tmp_path / "reference.log").read_bytes()
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_state_records_bytes_and_entries(tmp_path: Path, factory: LoggerFactory) -> None:
+    path = tmp_path / "log"
+    log = factory(path)
+    assert log.state_dict() == {"position": 0, "entries": 0}
+    _epoch(log, 1)
+    assert log.state_dict() == {"position": path.stat().st_size, "entries": 1}
+
+
+def test_resume_through_a_checkpointer_leaves_no_duplicate(tmp_path: Path) -> None:
+    path = tmp_path / "train_log.jsonl"
+    log = JsonlTrainLogger(path)
+    checkpointer = Checkpointer(tmp_path / "save", {"train_log": log})
+    _epoch(log, 1)
+    checkpointer.save_and_keep_only()
+    _epoch(log, 2)  # the run is killed after logging epoch 2, before its checkpoint
+
+    resumed = JsonlTrainLogger(path)
+    Checkpointer(tmp_path / "save", {"train_log": resumed}).recover_if_possible()
+    assert len(read_jsonl_log(path)) == 2  # nothing changes until the next entry
+    _epoch(resumed, 2)
+    _epoch(resumed, 3)
+    assert [(entry.step, entry.epoch) for entry in read_jsonl_log(path)] == [
+        (1, 1),
+        (2, 2),
+        (3, 3),
+    ]
+
+
+def test_a_test_entry_after_loading_an_older_checkpoint_is_appended(tmp_path: Path) -> None:
+    # evaluate() loads the best checkpoint, not the newest: the later epochs stay logged.
+    path = tmp_path / "train_log.jsonl"
+    log = JsonlTrainLogger(path)
+    _epoch(log, 1)
+    best = log.state_dict()
+    _epoch(log, 2)
+    _epoch(log, 3)
+    log.load_state_dict(dict(best))
+    log.log_stats({"Epoch loaded": 1}, test_stats={"loss": 0.5})
+    assert [(entry.step, entry.epoch, entry.test) for entry in read_jsonl_log(path)] == [
+        (1, 1, None),
+        (2, 2, None),
+        (3, 3, None),
+        (4, None, {"loss": 0.5}),
+    ]
+
+
+def test_a_log_shorter_than_the_checkpoint_says_is_warned_about(tmp_path: Path) -> None:
+    path = tmp_path / "log.txt"
+    log = FileTrainLogger(path)
+    _epoch(log, 1)
+    _epoch(log, 2)
+    state = log.state_dict()
+    path.write_text("epoch: 1\n", encoding="utf-8")  # the log was replaced meanwhile
+    resumed = FileTrainLogger(path)
+    resumed.load_state_dict(dict(state))
+    with pytest.warns(ResumeWarning, match="does not match the checkpoint"):
+        _epoch(resumed, 3)
+    assert path.read_text(encoding="utf-8").splitlines()[0] == "epoch: 1"
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_an_incomplete_last_line_is_removed_before_appending(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    log = JsonlTrainLogger(path)
+    _epoch(log, 1)
+    with path.open("a", encoding="utf-8") as stream:
+        stream.write('{"step": 2, "epo')  # a write cut short by a crash
+    _epoch(JsonlTrainLogger(path), 2)
+    assert [entry.epoch for entry in read_jsonl_log(path)] == [1, 2]
+
+
+def test_a_bad_state_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="the training log"):
+        JsonlTrainLogger(tmp_path / "log").load_state_dict({"position": -1, "entries": 0})
+
+
+# ----------------------------------------------------------------------------- main process only
+
+
+def test_other_ranks_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    factory = _FakeWriterFactory()
+    loggers: list[FileTrainLogger | JsonlTrainLogger] = [
+        FileTrainLogger(tmp_path / "log.txt"),
+        JsonlTrainLogger(tmp_path / "log.jsonl"),
+    ]
+    for log in loggers:
+        _epoch(log, 1)
+        assert log.state_dict() == {"position": 0, "entries": 0}
+        log.load_state_dict({"position": 5, "entries": 1})
+        _epoch(log, 2)
+    board = TensorboardTrainLogger(tmp_path / "tb", writer_factory=factory)
+    board.log_stats({"epoch": 1}, {"loss": 1.0})
+    assert list(tmp_path.iterdir()) == []
+    assert factory.calls == []
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+
+class _FakeWriter:
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+        self.flushes = 0
+        self.closed = False
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> None:
+        self.scalars.append((tag, scalar_value, global_step))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _FakeWriterFactory:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Path, int | None]] = []
+        self.writers: list[_FakeWriter] = []
+
+    def __call__(self, log_dir: Path, purge_step: int | None) -> ScalarWriter:
+        self.calls.append((log_dir, purge_step))
+        self.writers.append(_FakeWriter())
+        return self.writers[-1]
+
+
+def test_tensorboard_logger_writes_each_number_under_stage_and_name(tmp_path: Path) -> None:
+    factory = _FakeWriterFactory()
+    board = TensorboardTrainLogger(tmp_path / "tb", writer_factory=factory)
+    board.log_stats({"epoch": 1, "lr": 0.5, "note": "x"}, {"loss": 2.0}, {"loss": 1.5, "err": 1})
+    board.log_stats({"epoch": 2}, {"loss": 1.0})
+    board.log_stats({"Epoch loaded": 2}, test_stats={"loss": 0.75})
+    assert factory.calls == [(tmp_path / "tb", None)]
+    assert factory.writers[0].scalars == [
+        ("meta/lr", 0.5, 1),
+        ("train/loss", 2.0, 1),
+        ("valid/loss", 1.5, 1),
+        ("valid/err", 1.0, 1),
+        ("train/loss", 1.0, 2),
+        ("meta/Epoch loaded", 2.0, 2),
+        ("test/loss", 0.75, 2),
+    ]
+    assert factory.writers[0].flushes == 3
+
+
+def test_tensorboard_resume_purges_the_steps_after_the_checkpoint(tmp_path: Path) -> None:
+    first = TensorboardTrainLogger(tmp_path, writer_factory=_FakeWriterFactory())
+    first.log_stats({"epoch": 1}, {"loss": 1.0})
+    state = first.state_dict()
+    assert state == {"step": 1}
+
+    factory = _FakeWriterFactory()
+    resumed = TensorboardTrainLogger(tmp_path, writer_factory=factory)
+    resumed.load_state_dict(dict(state))
+    resumed.log_stats({"epoch": 2}, {"loss": 0.5})
+    assert factory.calls == [(tmp_path, 2)]
+
+
+def test_tensorboard_test_entry_after_loading_purges_nothing(tmp_path: Path) -> None:
+    factory = _FakeWriterFactory()
+    board = TensorboardTrainLogger(tmp_path, writer_factory=factory)
+    board.load_state_dict({"step": 1})
+    board.log_stats({"Epoch loaded": 1}, test_stats={"loss": 0.5})
+    assert factory.calls == [(tmp_path, None)]
+    assert factory.writers[0].scalars[-1] == ("test/loss", 0.5, 1)
+
+
+def test_tensorboard_rejects_a_bad_state(tmp_path: Path) -> None:
+    board = TensorboardTrainLogger(tmp_path, writer_factory=_FakeWriterFactory())
+    with pytest.raises(ConfigurationError, match="TensorBoard logger"):
+        board.load_state_dict({"step": "3"})
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed"
+)
+def test_tensorboard_missing_names_the_extra(tmp_path: Path) -> None:
+    board = TensorboardTrainLogger(tmp_path / "tb")
+    with pytest.raises(ConfigurationError, match=r"typedbrain\[tensorboard\]"):
+        board.log_stats({"epoch": 1}, {"loss": 1.0})
+
+
+def test_a_jsonl_line_is_valid_json_for_other_readers(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    JsonlTrainLogger(path).log_stats({"epoch": 1}, {"loss": 0.5})
+    assert json.loads(path.read_text(encoding="utf-8"))["train"] == {"loss": 0.5}
+
+
+def test_every_logger_satisfies_the_train_logger_protocol(tmp_path: Path) -> None:
+    loggers: list[TrainLogger] = [  # checked by mypy; log_stats is called through the protocol
+        FileTrainLogger(tmp_path / "log.txt"),
+        JsonlTrainLogger(tmp_path / "log.jsonl"),
+        TensorboardTrainLogger(tmp_path / "tb", writer_factory=_FakeWriterFactory()),
+    ]
+    for log in loggers:
+        log.log_stats({"epoch": 1}, {"loss": 1.5})
+    assert (tmp_path / "log.txt").read_text(encoding="utf-8") == "epoch: 1 - train loss: 1.50\n"
+
+
+def test_a_failed_tensorboard_start_still_purges_at_the_next_attempt(tmp_path: Path) -> None:
+    calls: list[int | None] = []
+
+    def failing_then_working(log_dir: Path, purge_step: int | None) -> ScalarWriter:
+        calls.append(purge_step)
+        if len(calls) == 1:
+            raise ConfigurationError("no tensorboard")
+        return _FakeWriter()
+
+    board = TensorboardTrainLogger(tmp_path, writer_factory=failing_then_working)
+    board.load_state_dict({"step": 4})
+    with pytest.raises(ConfigurationError):
+        board.log_stats({"epoch": 5}, {"loss": 1.0})
+    board.log_stats({"epoch": 5}, {"loss": 1.0})
+    assert calls == [5, 5]

@@ -1,0 +1,317 @@
+"""The ``typedbrain`` console script: inspect checkpoint folders, plot training logs.
+
+Run ``typedbrain --help`` (or ``python -m typedbrain --help``). Exit statuses: 0 success, 1 a
+problem found in the data (a corrupt or uncommitted checkpoint, an unreadable log), 2 a usage
+error or a path that does not exist, 3 an optional dependency is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final, TextIO, final
+
+import attrs
+
+from typedbrain._checkpoint import _rank
+from typedbrain._errors import ConfigurationError, CorruptCheckpointError, TrainLogError
+from typedbrain._manifest import MANIFEST_NAME, Checkpoint, read_manifest, verify_checkpoint
+from typedbrain._train_log import LogEntry, StatValue, read_jsonl_log
+from typedbrain._version import __version__
+
+__all__ = ["EXIT_BAD_DATA", "EXIT_MISSING_EXTRA", "EXIT_OK", "EXIT_USAGE", "main"]
+
+EXIT_OK: Final = 0
+"""Everything listed is fine, or the plot was written."""
+EXIT_BAD_DATA: Final = 1
+"""A checkpoint is corrupt or uncommitted, or a log cannot be read or has nothing to plot."""
+EXIT_USAGE: Final = 2
+"""Bad arguments, or a path that does not exist (or is not of the right kind)."""
+EXIT_MISSING_EXTRA: Final = 3
+"""An optional dependency (matplotlib for ``plot``) is not installed."""
+
+_PROG: Final = "typedbrain"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the console script with ``argv`` (by default ``sys.argv[1:]``); return the exit status.
+
+    ``typedbrain checkpoints FOLDER`` lists the checkpoint folders in FOLDER;
+    ``typedbrain plot LOG --out PNG`` plots a JSON-lines training log. See ``docs/cli.md``.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits on --help (0) and on usage errors (2)
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    if args.command == "checkpoints":
+        return _checkpoints(
+            Path(args.folder),
+            verify=args.verify,
+            min_key=args.min_key,
+            max_key=args.max_key,
+            as_json=args.json,
+            out=sys.stdout,
+        )
+    return _plot(Path(args.log), Path(args.out))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Inspect typedbrain checkpoint folders and plot training logs.",
+        epilog="Exit status: 0 fine, 1 a problem in the data (corrupt or uncommitted "
+        "checkpoint, unreadable log), 2 usage error or missing path, 3 missing optional "
+        "dependency.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    listing = commands.add_parser(
+        "checkpoints",
+        help="list the checkpoint folders in a folder, with their status",
+        description="List every checkpoint folder in FOLDER: committed or not, sequence, "
+        "time, end of epoch, phase and meta; mark the newest and the best.",
+    )
+    listing.add_argument("folder", metavar="FOLDER", help="the checkpoints folder")
+    listing.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every file's size and SHA-256 against its manifest",
+    )
+    keys = listing.add_mutually_exclusive_group()
+    keys.add_argument("--min-key", metavar="K", help="mark as best the lowest meta value of K")
+    keys.add_argument("--max-key", metavar="K", help="mark as best the highest meta value of K")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plot = commands.add_parser(
+        "plot",
+        help="plot a JSON-lines training log to a PNG",
+        description="Plot the loss and every metric of a JsonlTrainLogger log per epoch, "
+        "train against valid, one panel per metric (needs typedbrain[plot]).",
+    )
+    plot.add_argument("log", metavar="LOG", help="the JSON-lines log (train_log.jsonl)")
+    plot.add_argument("--out", required=True, metavar="PNG", help="the PNG file to write")
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@final
+@attrs.frozen
+class _Row:
+    name: str
+    status: str  # OK, COMMITTED (not verified), UNCOMMITTED or CORRUPT
+    reason: str | None
+    checkpoint: Checkpoint | None  # None when there is no readable manifest
+    newest: bool = False
+    best: bool = False
+
+    @property
+    def usable(self) -> bool:
+        return self.status in {"OK", "COMMITTED"}
+
+
+def _inspect(folder: Path, *, verify: bool) -> _Row:
+    """Read (and with ``verify``, check) one folder; a corrupt one keeps its manifest's data."""
+    try:
+        checkpoint = verify_checkpoint(folder) if verify else read_manifest(folder)
+    except CorruptCheckpointError as error:
+        if not (folder / MANIFEST_NAME).exists():
+            return _Row(folder.name, "UNCOMMITTED", error.reason, None)
+        try:
+            described: Checkpoint | None = read_manifest(folder)
+        except CorruptCheckpointError:
+            described = None
+        return _Row(folder.name, "CORRUPT", error.reason, described)
+    return _Row(folder.name, "OK" if verify else "COMMITTED", None, checkpoint)
+
+
+def _checkpoints(
+    folder: Path,
+    *,
+    verify: bool,
+    min_key: str | None,
+    max_key: str | None,
+    as_json: bool,
+    out: TextIO,
+) -> int:
+    if not folder.exists():
+        _error(f"{folder}: no such folder")
+        return EXIT_USAGE
+    if not folder.is_dir():
+        _error(f"{folder}: not a folder")
+        return EXIT_USAGE
+    entries = sorted(
+        entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")
+    )
+    rows = [_inspect(entry, verify=verify) for entry in entries]
+    usable = [row.checkpoint for row in rows if row.usable and row.checkpoint is not None]
+    newest = _rank(usable)
+    try:
+        best = _rank(usable, min_key=min_key, max_key=max_key) if min_key or max_key else []
+    except ConfigurationError as error:
+        _error(str(error))
+        return EXIT_USAGE
+    rows = [
+        attrs.evolve(
+            row,
+            newest=bool(newest) and row.checkpoint is newest[0],
+            best=bool(best) and row.checkpoint is best[0],
+        )
+        for row in rows
+    ]
+    if as_json:
+        _print_json(folder, rows, out)
+    else:
+        _print_table(folder, rows, verify=verify, key=min_key or max_key, out=out)
+    return EXIT_OK if all(row.usable for row in rows) else EXIT_BAD_DATA
+
+
+def _print_json(folder: Path, rows: Sequence[_Row], out: TextIO) -> None:
+    listed = []
+    for row in rows:
+        checkpoint = row.checkpoint
+        listed.append(
+            {
+                "name": row.name,
+                "status": row.status,
+                "reason": row.reason,
+                "sequence": None if checkpoint is None else checkpoint.sequence,
+                "unixtime": None if checkpoint is None else checkpoint.unixtime,
+                "end_of_epoch": None if checkpoint is None else checkpoint.end_of_epoch,
+                "phase": None if checkpoint is None else checkpoint.phase,
+                "meta": None if checkpoint is None else dict(checkpoint.meta),
+                "newest": row.newest,
+                "best": row.best,
+            }
+        )
+    document = {
+        "folder": str(folder),
+        "ok": all(row.usable for row in rows),
+        "checkpoints": listed,
+    }
+    print(json.dumps(document, indent=2), file=out)
+
+
+def _print_table(
+    folder: Path, rows: Sequence[_Row], *, verify: bool, key: str | None, out: TextIO
+) -> None:
+    checked = "files verified" if verify else "manifests read, files not verified"
+    print(f"{folder}: {len(rows)} checkpoint folder(s), {checked}", file=out)
+    if not rows:
+        return
+    table = [["STATUS", "SEQ", "SAVED", "END", "PHASE", "FOLDER", "META"]]
+    for row in rows:
+        checkpoint = row.checkpoint
+        if checkpoint is None:
+            table.append([row.status, "-", "-", "-", "-", row.name, "-"])
+            continue
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(checkpoint.unixtime))
+        marks = [mark for mark, on in (("newest", row.newest), ("best", row.best)) if on]
+        name = f"{row.name} [{', '.join(marks)}]" if marks else row.name
+        table.append(
+            [
+                row.status,
+                str(checkpoint.sequence),
+                saved,
+                "epoch" if checkpoint.end_of_epoch else "mid",
+                checkpoint.phase or "-",
+                name,
+                json.dumps(dict(checkpoint.meta), sort_keys=True),
+            ]
+        )
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]) - 1)]
+    for line in table:
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+        print("  ".join([*cells, line[-1]]).rstrip(), file=out)
+    for row in rows:
+        if row.reason is not None:
+            print(f"{row.name}: {row.status}: {row.reason}", file=out)
+    if key is not None and not any(row.best for row in rows):
+        print(f"no usable checkpoint has the meta key {key!r}", file=out)
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def _number(value: StatValue | None) -> float:
+    """``value`` as a float to plot; NaN (a gap) for strings, missing and infinite values."""
+    if value is None or isinstance(value, str):
+        return math.nan
+    number = float(value)
+    return number if math.isfinite(number) else math.nan
+
+
+def _metrics(entries: Sequence[LogEntry]) -> list[str]:
+    names: dict[str, None] = {}
+    for entry in entries:
+        for stats in (entry.train, entry.valid):
+            if stats is not None:
+                for name, value in stats.items():
+                    if not isinstance(value, str):
+                        names.setdefault(name)
+    return list(names)
+
+
+def _plot(log: Path, out: Path) -> int:
+    if not log.is_file():
+        _error(f"{log}: no such file" if not log.exists() else f"{log}: not a file")
+        return EXIT_USAGE
+    try:
+        entries = read_jsonl_log(log)
+    except TrainLogError as error:
+        _error(str(error))
+        return EXIT_BAD_DATA
+    except (OSError, UnicodeDecodeError) as error:
+        _error(f"cannot read {log}: {error}")
+        return EXIT_BAD_DATA
+    training = [entry for entry in entries if entry.train is not None or entry.valid is not None]
+    metrics = _metrics(training)
+    if not metrics:
+        _error(f"{log}: no train or valid numbers to plot")
+        return EXIT_BAD_DATA
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        _error(
+            "plotting needs matplotlib: install the 'typedbrain[plot]' extra "
+            "(pip install 'typedbrain[plot]')"
+        )
+        return EXIT_MISSING_EXTRA
+    by_epoch = all(entry.epoch is not None for entry in training)
+    xs = [entry.epoch if by_epoch else entry.step for entry in training]
+    figure = Figure(figsize=(7.0, 2.6 * len(metrics)), layout="constrained")
+    axes = figure.subplots(len(metrics), 1, squeeze=False)
+    for row, metric in enumerate(metrics):
+        ax = axes[row][0]
+        for stage in ("train", "valid"):
+            ys = [_number(_stage_value(entry, stage, metric)) for entry in training]
+            if any(not math.isnan(y) for y in ys):
+                ax.plot(xs, ys, marker="o", label=stage)
+        ax.set_title(metric)
+        ax.set_xlabel("epoch" if by_epoch else "log entry")
+        ax.legend()
+        ax.grid(visible=True, alpha=0.3)
+    figure.suptitle(log.name)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out, format="png")
+    except OSError as error:
+        _error(f"cannot write {out}: {error}")
+        return EXIT_BAD_DATA
+    print(f"wrote {out} ({len(metrics)} panel(s), {len(training)} entries)")
+    return EXIT_OK
+
+
+def _stage_value(entry: LogEntry, stage: str, metric: str) -> StatValue | None:
+    stats = entry.train if stage == "train" else entry.valid
+    return None if stats is None else stats.get(metric)

@@ -1,0 +1,228 @@
+"""The experiment folder: resolved hyperparameters, the script, a log file, the environment."""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import json
+import logging
+import logging.config
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Final
+
+import torch
+
+from typedbrain._distributed import if_main_process
+from typedbrain._errors import ConfigurationError
+from typedbrain._version import __version__
+
+__all__ = ["LOG_FORMAT", "create_experiment_directory"]
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT: Final = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+"""The format of the records ``log.txt`` receives."""
+
+_GIT_TIMEOUT_S: Final = 10.0
+_PACKAGE_DIR: Final = Path(__file__).resolve().parent
+
+
+class _ExperimentLogHandler(logging.FileHandler):
+    """The handler that feeds an experiment's ``log.txt``; recognised when called again."""
+
+
+def create_experiment_directory(
+    experiment_directory: str | os.PathLike[str],
+    hyperparams_to_save: str | os.PathLike[str] | None = None,
+    overrides: str | Mapping[str, object] | None = None,
+    log_config: Mapping[str, object] | None = None,
+    save_env_desc: bool = True,
+    *,
+    run_opts: Mapping[str, object] | None = None,
+    script_file: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Create the experiment folder and record in it what is needed to reproduce the run.
+
+    On the main process it creates ``experiment_directory`` (with its parents) and writes:
+
+    - ``hyperparams.yaml``: the file ``hyperparams_to_save`` with ``overrides`` applied and
+      ``!ref`` references resolved (HyperPyYAML's ``resolve_references``; tags such as
+      ``!new:`` are kept), after a comment header naming the source file and the overrides;
+    - a copy of the calling script (``script_file``, by default the file of the first caller
+      outside typedbrain), under its own name;
+    - ``log.txt``: a :class:`logging.FileHandler` (format :data:`LOG_FORMAT`, level INFO) is
+      added to the **root** logger, so the records of typedbrain and of your own loggers land
+      there; if the root logger's level is above INFO it is lowered to INFO. With
+      ``log_config`` the handler is not added: ``logging.config.dictConfig(log_config)`` is
+      called instead;
+    - ``env.json`` (when ``save_env_desc``): the Python, torch, NumPy and typedbrain versions,
+      the platform, the command line, ``run_opts`` and the git commit of the script's
+      repository (``null`` outside a git repository or without git).
+
+    Calling it again (a resumed run) adds no second handler: ``log.txt`` is appended to, and
+    the other files are rewritten for this start. A handler that an earlier call added for
+    another folder is removed. On other processes nothing is written and no handler is added;
+    run it with :func:`~typedbrain.run_on_main` if they must wait for the folder.
+
+    Args:
+        experiment_directory: the folder (``results/<experiment>/<seed>`` by convention).
+        hyperparams_to_save: the recipe's HyperPyYAML file, if it should be saved.
+        overrides: the overrides applied to it, as YAML text or a mapping.
+        log_config: a :func:`logging.config.dictConfig` configuration that replaces the
+            default ``log.txt`` handler.
+        save_env_desc: whether to write ``env.json``.
+        run_opts: the run options, recorded in ``env.json`` (values that are not JSON data are
+            recorded as their ``str``).
+        script_file: the script to copy; by default the caller's file (nothing is copied when
+            that is not a file, as in an interactive session).
+
+    Returns:
+        The experiment folder.
+
+    Raises:
+        ConfigurationError: ``hyperparams_to_save`` cannot be read, or it (or ``overrides``)
+            is not valid HyperPyYAML; the message names the file.
+    """
+    folder = Path(experiment_directory)
+    if not if_main_process():
+        return folder
+    script = Path(script_file) if script_file is not None else _calling_script()
+    folder.mkdir(parents=True, exist_ok=True)
+    if log_config is not None:
+        logging.config.dictConfig(dict(log_config))
+    else:
+        _attach_log_file(folder / "log.txt")
+    if hyperparams_to_save is not None:
+        _save_hyperparams(Path(hyperparams_to_save), overrides, folder / "hyperparams.yaml")
+    if script is not None and script.is_file():
+        destination = folder / script.name
+        if destination.resolve() != script.resolve():
+            shutil.copy2(script, destination)
+    if save_env_desc:
+        environment = describe_environment(script, run_opts)
+        text = json.dumps(environment, indent=2, sort_keys=True, default=str) + "\n"
+        (folder / "env.json").write_text(text, encoding="utf-8")
+        logger.info(
+            "experiment %s: typedbrain %s, torch %s, Python %s, git commit %s",
+            folder,
+            environment["typedbrain"],
+            environment["torch"],
+            environment["python"],
+            environment["git_commit"],
+        )
+    else:
+        logger.info("experiment %s", folder)
+    return folder
+
+
+def _calling_script() -> Path | None:
+    """The file of the innermost caller outside the typedbrain package, if it is a file.
+
+    ``None`` when that caller has no file (``python -c``, an interactive session, a notebook).
+    """
+    frame: FrameType | None = inspect.currentframe()
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith("<"):
+            return None
+        path = Path(filename)
+        if _PACKAGE_DIR not in path.resolve().parents:
+            return path
+        frame = frame.f_back
+    return None
+
+
+def _attach_log_file(log_file: Path) -> None:
+    root = logging.getLogger()
+    target = str(log_file.resolve())
+    present = False
+    for handler in list(root.handlers):
+        if isinstance(handler, _ExperimentLogHandler):
+            if handler.baseFilename == target:
+                present = True
+            else:
+                root.removeHandler(handler)
+                handler.close()
+    if not present:
+        handler = _ExperimentLogHandler(log_file, mode="a", encoding="utf-8")
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+
+
+def _save_hyperparams(
+    source: Path, overrides: str | Mapping[str, object] | None, destination: Path
+) -> None:
+    from hyperpyyaml import resolve_references
+
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigurationError(f"cannot read the hyperparameters {source}: {error}") from error
+    try:
+        resolved = resolve_references(text, overrides if overrides else None).getvalue()
+    except Exception as error:
+        # ruamel and HyperPyYAML raise many unrelated types for bad YAML and overrides.
+        raise ConfigurationError(
+            f"cannot resolve the hyperparameters {source} with the overrides given: {error}"
+        ) from error
+    header = [f"# Resolved from {source} by typedbrain.create_experiment_directory."]
+    if overrides:
+        header.append("# Overrides applied:")
+        if isinstance(overrides, str):
+            override_lines = overrides.strip().splitlines()
+        else:
+            override_lines = json.dumps(dict(overrides), default=str, sort_keys=True).splitlines()
+        header += [f"#   {line}" for line in override_lines]
+    destination.write_text("\n".join(header) + "\n" + resolved, encoding="utf-8")
+
+
+def describe_environment(
+    script: Path | None = None, run_opts: Mapping[str, object] | None = None
+) -> dict[str, object]:
+    """What ``env.json`` holds: versions, platform, command line, run options, git commit."""
+    import numpy
+
+    return {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "python_full": sys.version,
+        "platform": platform.platform(),
+        "typedbrain": __version__,
+        "torch": str(torch.__version__),
+        "cuda": torch.version.cuda,
+        "numpy": numpy.__version__,
+        "argv": list(sys.argv),
+        "script": None if script is None else str(script),
+        "run_opts": None if run_opts is None else {str(k): v for k, v in run_opts.items()},
+        "git_commit": None if script is None else git_commit(script.resolve().parent),
+    }
+
+
+def git_commit(folder: Path) -> str | None:
+    """The commit checked out in the git repository holding ``folder``, or ``None``.
+
+    ``None`` when git is not installed, ``folder`` is in no repository (or one without
+    commits), or git does not answer within 10 seconds.
+    """
+    try:
+        completed = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=_GIT_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = completed.stdout.strip()
+    return commit if completed.returncode == 0 and commit else None

@@ -1,0 +1,634 @@
+"""Training loggers: one entry per ``log_stats`` call, written by the main process only.
+
+Three loggers share one interface (:class:`TrainLogger`): :class:`FileTrainLogger` writes the
+text lines SpeechBrain's logger of that name writes, :class:`JsonlTrainLogger` writes one JSON
+object per line (read back by :func:`read_jsonl_log`), and :class:`TensorboardTrainLogger`
+writes TensorBoard scalars. Each one is ``Stateful``: registered with a checkpointer, it
+records how much of its log a checkpoint covers, so a resumed run continues its log without
+duplicated or missing entries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final, Protocol, TypeAlias, final
+
+import attrs
+
+from typedbrain._distributed import if_main_process
+from typedbrain._errors import ConfigurationError, ResumeWarning, TrainLogError
+from typedbrain._state import structure_state
+
+__all__ = [
+    "FileTrainLogger",
+    "JsonlTrainLogger",
+    "LogEntry",
+    "ScalarWriter",
+    "StatValue",
+    "TensorboardTrainLogger",
+    "TrainLogger",
+    "format_stat",
+    "read_jsonl_log",
+]
+
+logger = logging.getLogger(__name__)
+
+StatValue: TypeAlias = float | int | str
+"""One logged value: a loss, a metric, a learning rate, an epoch number, a label."""
+
+_STAGES: Final = ("train", "valid", "test")
+_EPOCH_KEY: Final = "epoch"
+
+
+class TrainLogger(Protocol):
+    """What a recipe calls to log a stage's statistics; every logger here is one."""
+
+    def log_stats(
+        self,
+        stats_meta: Mapping[str, StatValue],
+        train_stats: Mapping[str, StatValue] | None = None,
+        valid_stats: Mapping[str, StatValue] | None = None,
+        test_stats: Mapping[str, StatValue] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        """Log one entry: ``stats_meta`` (epoch, learning rate...) and each stage's stats."""
+        ...
+
+
+def format_stat(value: StatValue, precision: int = 2) -> str:
+    """Render one value as :class:`FileTrainLogger` writes it.
+
+    A float strictly between 1 and 100 is written with ``precision`` decimals (``1.23``); any
+    other float, zero, negative numbers and NaN included, in scientific notation with
+    ``precision`` decimals (``1.00e-01``, ``0.00e+00``, ``nan``). Integers and strings are
+    written as they are (``str(value)``). This is the rule SpeechBrain's file logger follows.
+
+    Args:
+        value: the value.
+        precision: digits after the decimal point for floats.
+    """
+    if isinstance(value, float):
+        if 1.0 < value < 100.0:
+            return f"{value:.{precision}f}"
+        return f"{value:.{precision}e}"
+    return str(value)
+
+
+def _epoch_of(stats_meta: Mapping[str, StatValue]) -> int | None:
+    epoch = stats_meta.get(_EPOCH_KEY)
+    if isinstance(epoch, int) and not isinstance(epoch, bool):
+        return epoch
+    return None
+
+
+def _is_training(
+    train_stats: Mapping[str, StatValue] | None, valid_stats: Mapping[str, StatValue] | None
+) -> bool:
+    return train_stats is not None or valid_stats is not None
+
+
+# ----------------------------------------------------------------------------- resumable files
+
+
+@final
+@attrs.frozen(kw_only=True)
+class _Committed:
+    """How much of a log a checkpoint covers: its first ``position`` bytes, ``entries`` lines."""
+
+    position: int = attrs.field(validator=attrs.validators.ge(0))
+    entries: int = attrs.field(validator=attrs.validators.ge(0))
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as stream:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: stream.read(1 << 16), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _byte_before(path: Path, position: int) -> bytes:
+    with path.open("rb") as stream:
+        stream.seek(position - 1)
+        return stream.read(1)
+
+
+class _LineLog:
+    """An append-only file of newline-terminated entries that resumes at a committed position.
+
+    After :meth:`load_state_dict` nothing changes on disk until the next entry. If that entry
+    is a training entry (train or valid stats), everything after the committed position was
+    written by a run that did not reach the next checkpoint: it is cut off and logged again by
+    the resumed run. Any other entry (a test entry, after ``evaluate`` loaded the best and not
+    the newest checkpoint) is appended after everything already in the file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._entries: int | None = None
+        self._pending: _Committed | None = None
+
+    def next_index(self, *, training: bool) -> int:
+        """Settle a pending resume for an entry of the given kind; return its 1-based index."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._entries = self._settle(pending, training=training)
+        elif self._entries is None:
+            self._entries = self._open_existing()
+        return self._entries + 1
+
+    def write(self, line: str) -> None:
+        """Append ``line`` and a newline (call :meth:`next_index` first)."""
+        assert self._entries is not None, "next_index() comes first"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("ab") as stream:
+            stream.write(line.encode("utf-8") + b"\n")
+        self._entries += 1
+
+    def _open_existing(self) -> int:
+        size = _size(self.path)
+        if size and _byte_before(self.path, size) != b"\n":
+            # Only an interrupted write leaves a line without its newline.
+            with self.path.open("rb") as stream:
+                data = stream.read()
+            keep = data.rfind(b"\n") + 1
+            os.truncate(self.path, keep)
+            logger.warning(
+                "removed an incomplete last line (%d bytes) from %s", size - keep, self.path
+            )
+        return _count_lines(self.path)
+
+    def _settle(self, committed: _Committed, *, training: bool) -> int:
+        size = _size(self.path)
+        if size < committed.position or (
+            committed.position > 0 and _byte_before(self.path, committed.position) != b"\n"
+        ):
+            warnings.warn(
+                f"the training log {self.path} does not match the checkpoint just loaded (it "
+                f"has {size} bytes, the checkpoint covers {committed.position}); new entries "
+                "are appended and earlier ones may be missing",
+                ResumeWarning,
+                stacklevel=4,
+            )
+            return self._open_existing()
+        if not training:
+            return self._open_existing()
+        if size > committed.position:
+            os.truncate(self.path, committed.position)
+            logger.info(
+                "removed %d bytes logged after the checkpoint from %s; they are logged again",
+                size - committed.position,
+                self.path,
+            )
+        return committed.entries
+
+    def state_dict(self) -> dict[str, int]:
+        """The committed position: the file's size and entry count, synced to disk."""
+        if self._pending is not None:
+            return {"position": self._pending.position, "entries": self._pending.entries}
+        if self._entries is None:
+            self._entries = self._open_existing()
+        if not self.path.exists():
+            return {"position": 0, "entries": 0}
+        with self.path.open("rb") as stream:
+            os.fsync(stream.fileno())
+        return {"position": _size(self.path), "entries": self._entries}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Remember the committed position; the next entry settles it (see the class doc)."""
+        self._pending = structure_state(
+            dict(state), _Committed, source=f"the state of the training log {self.path}"
+        )
+
+
+class _FileLoggerBase:
+    """The resume and main-process logic the file and JSONL loggers share."""
+
+    def __init__(self, save_file: str | os.PathLike[str]) -> None:
+        self.save_file = Path(save_file)
+        self._log = _LineLog(self.save_file)
+
+    def state_dict(self) -> dict[str, int]:
+        """How much of the log exists now: ``{"position": bytes, "entries": lines}``.
+
+        A checkpoint saves it; the file is synced to disk first, so the recorded position
+        survives a crash. Processes other than the main one return zeros.
+        """
+        if not if_main_process():
+            return {"position": 0, "entries": 0}
+        return self._log.state_dict()
+
+    # ``Any``: the Stateful protocol (and torch) pass ``dict[str, Any]``.
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> None:
+        """Resume the log at the position a checkpoint recorded.
+
+        Nothing changes on disk until the next entry: a training entry (with train or valid
+        stats) first cuts the file back to the recorded position, removing what a stopped run
+        logged after that checkpoint; any other entry is appended at the end of the file.
+
+        Raises:
+            ConfigurationError: ``state_dict`` is not a state this logger saved.
+        """
+        if if_main_process():
+            self._log.load_state_dict(state_dict)
+
+
+@final
+class FileTrainLogger(_FileLoggerBase):
+    """Writes one human-readable line per entry, in the format of SpeechBrain's FileTrainLogger.
+
+    A line is ``stats_meta``'s items, then, for each stage given, `` - `` and that stage's items
+    prefixed by the stage's name::
+
+        epoch: 1, lr: 1.00e-01 - train loss: 1.23 - valid loss: 1.10, valid error: 2.50e-01
+
+    Items are ``key: value`` joined by ``", "``; values are rendered by :func:`format_stat`.
+    The file is appended to (created with its folder if needed) by the main process only.
+
+    Args:
+        save_file: the log file, ``train_log.txt`` by convention.
+        precision: digits after the decimal point for floats.
+    """
+
+    def __init__(self, save_file: str | os.PathLike[str], precision: int = 2) -> None:
+        super().__init__(save_file)
+        value: object = precision  # checked at run time too: YAML recipes are not type-checked
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigurationError(f"precision must be an integer >= 0, got {precision!r}")
+        self.precision = precision
+
+    def format_line(
+        self,
+        stats_meta: Mapping[str, StatValue],
+        train_stats: Mapping[str, StatValue] | None = None,
+        valid_stats: Mapping[str, StatValue] | None = None,
+        test_stats: Mapping[str, StatValue] | None = None,
+    ) -> str:
+        """The line :meth:`log_stats` writes for these stats (without its newline)."""
+        parts = [self._items(stats_meta, "")]
+        for stage, stats in zip(_STAGES, (train_stats, valid_stats, test_stats), strict=True):
+            if stats is not None:
+                parts.append(self._items(stats, f"{stage} "))
+        return " - ".join(parts)
+
+    def _items(self, stats: Mapping[str, StatValue], prefix: str) -> str:
+        return ", ".join(
+            f"{prefix}{key}: {format_stat(value, self.precision)}" for key, value in stats.items()
+        )
+
+    def log_stats(
+        self,
+        stats_meta: Mapping[str, StatValue],
+        train_stats: Mapping[str, StatValue] | None = None,
+        valid_stats: Mapping[str, StatValue] | None = None,
+        test_stats: Mapping[str, StatValue] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        """Append one line (main process only); with ``verbose`` also log it at INFO level."""
+        if not if_main_process():
+            return
+        line = self.format_line(stats_meta, train_stats, valid_stats, test_stats)
+        self._log.next_index(training=_is_training(train_stats, valid_stats))
+        self._log.write(line)
+        if verbose:
+            logger.info("%s", line)
+
+
+# ----------------------------------------------------------------------------- JSON lines
+
+
+def _copy_meta(value: Mapping[str, StatValue]) -> dict[str, StatValue]:
+    return dict(value)
+
+
+def _copy_stats(value: Mapping[str, StatValue] | None) -> dict[str, StatValue] | None:
+    return None if value is None else dict(value)
+
+
+def _check_stats(name: str, value: object) -> Mapping[str, StatValue] | None:
+    """``value`` if it is None or a mapping of str to numbers and strings, else a TypeError."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name!r} is a {type(value).__name__}, not an object")
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, float | int | str):
+            raise TypeError(f"{name!r}: {key!r} is {item!r}, not a number or a string")
+    return value
+
+
+@final
+@attrs.frozen(kw_only=True)
+class LogEntry:
+    """One entry of a JSON-lines training log, as :func:`read_jsonl_log` returns it.
+
+    Attributes:
+        step: the entry's position in the log: 1 for the first, one more for each next.
+        epoch: ``stats_meta["epoch"]`` when that is an integer, else ``None``.
+        stats_meta: the meta information logged (epoch, learning rate...).
+        train: the training stats, or ``None`` when none were logged.
+        valid: the validation stats, or ``None``.
+        test: the test stats, or ``None``.
+    """
+
+    step: int
+    epoch: int | None
+    stats_meta: Mapping[str, StatValue] = attrs.field(converter=_copy_meta, hash=False)
+    train: Mapping[str, StatValue] | None = attrs.field(
+        default=None, converter=_copy_stats, hash=False
+    )
+    valid: Mapping[str, StatValue] | None = attrs.field(
+        default=None, converter=_copy_stats, hash=False
+    )
+    test: Mapping[str, StatValue] | None = attrs.field(
+        default=None, converter=_copy_stats, hash=False
+    )
+
+    def to_json(self) -> str:
+        """The entry as the one line of JSON :class:`JsonlTrainLogger` writes."""
+        return json.dumps(
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "stats_meta": dict(self.stats_meta),
+                "train": None if self.train is None else dict(self.train),
+                "valid": None if self.valid is None else dict(self.valid),
+                "test": None if self.test is None else dict(self.test),
+            },
+            ensure_ascii=False,
+        )
+
+
+_ENTRY_KEYS: Final = ("step", "epoch", "stats_meta", "train", "valid", "test")
+
+
+@final
+class JsonlTrainLogger(_FileLoggerBase):
+    """Writes one JSON object per entry (JSON lines), for programs to read back.
+
+    Each line is an object with exactly these keys, in this order::
+
+        {"step": 1, "epoch": 1, "stats_meta": {"epoch": 1, "lr": 0.1},
+         "train": {"loss": 1.23}, "valid": {"loss": 1.1}, "test": null}
+
+    (on one line). ``step`` numbers the entries from 1; ``epoch`` repeats
+    ``stats_meta["epoch"]`` when that is an integer and is ``null`` otherwise; a stage not
+    logged is ``null``. Floats are written exactly (``repr``), NaN and infinities as Python's
+    ``json`` writes them (``NaN``, ``Infinity``). Read the file with :func:`read_jsonl_log`.
+
+    Args:
+        save_file: the log file, ``train_log.jsonl`` by convention.
+    """
+
+    def log_stats(
+        self,
+        stats_meta: Mapping[str, StatValue],
+        train_stats: Mapping[str, StatValue] | None = None,
+        valid_stats: Mapping[str, StatValue] | None = None,
+        test_stats: Mapping[str, StatValue] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        """Append one JSON line (main process only); with ``verbose`` also log it at INFO.
+
+        Raises:
+            ConfigurationError: a key is not a string or a value is not a number or a string.
+        """
+        if not if_main_process():
+            return
+        try:
+            for name, stats in zip(
+                ("stats_meta", *_STAGES),
+                (stats_meta, train_stats, valid_stats, test_stats),
+                strict=True,
+            ):
+                _check_stats(name, stats)
+        except TypeError as error:
+            raise ConfigurationError(f"cannot log to {self.save_file}: {error}") from error
+        step = self._log.next_index(training=_is_training(train_stats, valid_stats))
+        entry = LogEntry(
+            step=step,
+            epoch=_epoch_of(stats_meta),
+            stats_meta=stats_meta,
+            train=train_stats,
+            valid=valid_stats,
+            test=test_stats,
+        )
+        line = entry.to_json()
+        self._log.write(line)
+        if verbose:
+            logger.info("%s", line)
+
+
+def read_jsonl_log(path: str | os.PathLike[str]) -> list[LogEntry]:
+    """Read a log written by :class:`JsonlTrainLogger`, one :class:`LogEntry` per line.
+
+    Blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: there is no such file (other ``OSError`` s propagate too).
+        TrainLogError: a line is not JSON, not an object with the logger's keys, or holds
+            values of the wrong type; the error names the file and the line.
+    """
+    file = Path(path)
+    entries: list[LogEntry] = []
+    with file.open("r", encoding="utf-8", newline="\n") as stream:
+        text = stream.read()
+    lines = text.split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        unfinished = number == len(lines)
+        entries.append(_parse_entry(file, number, line, unfinished=unfinished))
+    return entries
+
+
+def _parse_entry(file: Path, number: int, line: str, *, unfinished: bool) -> LogEntry:
+    try:
+        data: object = json.loads(line)
+    except json.JSONDecodeError as error:
+        hint = " (the last line has no newline: its write was interrupted)" if unfinished else ""
+        raise TrainLogError(file, number, f"not JSON: {error.msg}{hint}") from error
+    if not isinstance(data, dict):
+        raise TrainLogError(file, number, f"a JSON {type(data).__name__}, not an object")
+    if tuple(sorted(data)) != tuple(sorted(_ENTRY_KEYS)):
+        raise TrainLogError(
+            file,
+            number,
+            f"the keys are {sorted(data)}, expected {sorted(_ENTRY_KEYS)}",
+        )
+    step, epoch = data["step"], data["epoch"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise TrainLogError(file, number, f"'step' is {step!r}, not an integer >= 1")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+        raise TrainLogError(file, number, f"'epoch' is {epoch!r}, not an integer or null")
+    try:
+        stats_meta = _check_stats("stats_meta", data["stats_meta"])
+        train, valid, test = (_check_stats(stage, data[stage]) for stage in _STAGES)
+    except TypeError as error:
+        raise TrainLogError(file, number, str(error)) from error
+    if stats_meta is None:
+        raise TrainLogError(file, number, "'stats_meta' is null, not an object")
+    return LogEntry(
+        step=step, epoch=epoch, stats_meta=stats_meta, train=train, valid=valid, test=test
+    )
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+
+class ScalarWriter(Protocol):
+    """What :class:`TensorboardTrainLogger` writes to: a TensorBoard ``SummaryWriter`` is one."""
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> object:
+        """Record ``scalar_value`` under ``tag`` at ``global_step``."""
+        ...
+
+    def flush(self) -> object:
+        """Write what is buffered to disk."""
+        ...
+
+    def close(self) -> object:
+        """Flush and release the event file."""
+        ...
+
+
+WriterFactory: TypeAlias = Callable[[Path, "int | None"], ScalarWriter]
+"""Builds a writer for a log folder; the second argument is TensorBoard's ``purge_step``."""
+
+
+def _summary_writer(log_dir: Path, purge_step: int | None) -> ScalarWriter:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ConfigurationError(
+            "TensorboardTrainLogger needs the tensorboard package: install the "
+            "'typedbrain[tensorboard]' extra (pip install 'typedbrain[tensorboard]')"
+        ) from error
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+@final
+class TensorboardTrainLogger:
+    """Writes each entry's numbers as TensorBoard scalars (needs ``typedbrain[tensorboard]``).
+
+    Each stage's stats go under ``<stage>/<name>`` (``train/loss``, ``valid/error``) and the
+    numeric items of ``stats_meta`` other than ``epoch`` under ``meta/<name>`` (``meta/lr``);
+    strings are not written. The global step is ``stats_meta["epoch"]`` when that is an integer,
+    else the step of the previous entry (so a test entry is drawn at the epoch last logged).
+
+    On resume (see :meth:`load_state_dict`) the writer is opened with TensorBoard's
+    ``purge_step``, which hides the events a stopped run wrote after its last checkpoint.
+
+    Args:
+        save_dir: the folder of the event files.
+        writer_factory: builds the writer, called as ``factory(save_dir, purge_step)`` when the
+            first entry is logged; by default torch's ``SummaryWriter``. Pass your own to write
+            elsewhere (or, in tests, to record the calls).
+
+    Raises:
+        ConfigurationError: when the first entry is logged, with the default factory, if
+            tensorboard is not installed; the message names the ``typedbrain[tensorboard]``
+            extra.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike[str],
+        writer_factory: WriterFactory | None = None,
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self._factory: WriterFactory = (
+            writer_factory if writer_factory is not None else _summary_writer
+        )
+        self._writer: ScalarWriter | None = None
+        self._step = 0
+        self._resumed_at: int | None = None
+
+    def log_stats(
+        self,
+        stats_meta: Mapping[str, StatValue],
+        train_stats: Mapping[str, StatValue] | None = None,
+        valid_stats: Mapping[str, StatValue] | None = None,
+        test_stats: Mapping[str, StatValue] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        """Write the entry's numbers as scalars (main process only); ``verbose`` logs them."""
+        if not if_main_process():
+            return
+        writer = self._writer_for(training=_is_training(train_stats, valid_stats))
+        epoch = _epoch_of(stats_meta)
+        step = self._step if epoch is None else epoch
+        scalars = [(f"meta/{key}", value) for key, value in stats_meta.items() if key != _EPOCH_KEY]
+        for stage, stats in zip(_STAGES, (train_stats, valid_stats, test_stats), strict=True):
+            if stats is not None:
+                scalars += [(f"{stage}/{key}", value) for key, value in stats.items()]
+        for tag, value in scalars:
+            if isinstance(value, int | float):
+                writer.add_scalar(tag, float(value), step)
+                if verbose:
+                    logger.info("%s at step %d: %s", tag, step, value)
+        writer.flush()
+        self._step = step
+
+    def _writer_for(self, *, training: bool) -> ScalarWriter:
+        resumed_at = self._resumed_at
+        purge = resumed_at + 1 if resumed_at is not None and training else None
+        if self._writer is not None and purge is not None:
+            self._writer.close()
+            self._writer = None
+        if self._writer is None:
+            self._writer = self._factory(self.save_dir, purge)
+        self._resumed_at = None  # only once the writer exists: a failed start purges later
+        return self._writer
+
+    def close(self) -> None:
+        """Close the writer (a later entry opens a new one)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"step": the global step of the last entry}`` (0 before any); flushes the writer."""
+        if self._writer is not None:
+            self._writer.flush()
+        return {"step": self._step}
+
+    # ``Any``: the Stateful protocol (and torch) pass ``dict[str, Any]``.
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> None:
+        """Resume after the step a checkpoint recorded.
+
+        If the next entry is a training entry (train or valid stats), the writer is reopened
+        with ``purge_step`` = that step + 1, so TensorBoard hides what a stopped run wrote after
+        the checkpoint; any other entry (a test one) purges nothing.
+
+        Raises:
+            ConfigurationError: ``state_dict`` is not a state this logger saved.
+        """
+        state: object = state_dict  # checked: a checkpoint file may hold anything
+        step = state.get("step") if isinstance(state, Mapping) else None
+        if (
+            not isinstance(state, Mapping)
+            or set(state) != {"step"}
+            or isinstance(step, bool)
+            or not isinstance(step, int)
+            or step < 0
+        ):
+            raise ConfigurationError(
+                f"invalid state for the TensorBoard logger of {self.save_dir}: {state_dict!r} "
+                "(expected {'step': <integer >= 0>})"
+            )
+        if if_main_process():
+            self._step = step
+            self._resumed_at = step
