@@ -11,7 +11,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 .PHONY: demo test lint typecheck unit clean
 
 demo: $(VENV)/.installed-examples
-	$(BIN)/python examples/digits/train.py
+	$(BIN)/python examples/digits/demo.py
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
@@ -34,7 +34,7 @@ $(BIN)/python:
 	$(PIP) install $(TORCH_SPEC)
 
 $(VENV)/.installed-examples: $(BIN)/python pyproject.toml
-	$(PIP) install -e '.[examples]'
+	$(PIP) install -e '.[examples,plot]'
 	touch $@
 
 $(VENV)/.installed-dev: $(BIN)/python pyproject.toml

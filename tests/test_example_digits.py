@@ -1,57 +1,61 @@
-"""The digits example (examples/digits/train.py) trains, validates and tests for real."""
+"""The digits recipe (examples/digits) trains, checkpoints, resumes and tests for real."""
 
 from __future__ import annotations
 
-import math
+import json
+from pathlib import Path
 
 import pytest
-import torch
 
-from examples.digits.train import TARGET_ACCURACY, DigitsHparams, collate, load_splits, main, run
+from examples.digits import demo
+from examples.digits.train import TARGET_ACCURACY, DigitsHparams, main
+from typedbrain import HparamsError, load_hparams, split_run_options, structure_hparams
 
 pytestmark = pytest.mark.slow
 
-
-def test_main_reaches_target_test_accuracy_with_default_hparams() -> None:
-    accuracy = main(["--noprogressbar"])
-
-    assert accuracy >= TARGET_ACCURACY
-    assert accuracy <= 1.0
+RECIPE = Path(__file__).resolve().parent.parent / "examples" / "digits" / "hparams.yaml"
 
 
-def test_brain_records_one_stats_entry_per_epoch_with_probability_accuracy() -> None:
-    brain = run(DigitsHparams(epochs=2), run_opts={"noprogressbar": True})
-
-    assert [stats.epoch for stats in brain.history] == [1, 2]
-    for stats in brain.history:
-        assert 0.0 <= stats.valid_accuracy <= 1.0
-        assert math.isfinite(stats.train_loss)
-        assert stats.train_loss > 0.0
-        assert math.isfinite(stats.valid_loss)
-        assert stats.valid_loss > 0.0
-    assert brain.history[1].train_loss < brain.history[0].train_loss
-    assert brain.test_accuracy is not None
-    assert 0.0 <= brain.test_accuracy <= 1.0
-
-
-def test_same_seed_gives_same_history_and_test_accuracy() -> None:
-    first = run(DigitsHparams(epochs=1), run_opts={"noprogressbar": True})
-    second = run(DigitsHparams(epochs=1), run_opts={"noprogressbar": True})
-
-    assert first.history == second.history
-    assert first.test_accuracy == second.test_accuracy
+def test_recipe_reaches_the_target_accuracy_in_five_epochs_and_fills_its_folder(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "run"
+    argv = [str(RECIPE), "--number_of_epochs", "5", "--output_folder", str(folder)]
+    accuracy = main([*argv, "--noprogressbar"])
+    assert TARGET_ACCURACY <= accuracy <= 1.0
+    names = {path.name for path in folder.iterdir()}
+    assert {"hyperparams.yaml", "env.json", "log.txt", "train.py", "save"} <= names
+    entries = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in entries] == [1, 2, 3, 4, 5, None]  # then the test entry
+    assert entries[-1]["test"]["error"] == pytest.approx(1.0 - accuracy)
+    # The test used the checkpoint with the lowest validation error.
+    best = min(entries[:-1], key=lambda entry: (entry["valid"]["error"], -entry["epoch"]))
+    assert entries[-1]["stats_meta"] == {"epoch loaded": best["epoch"]}
 
 
-def test_recorded_test_accuracy_matches_the_trained_models_predictions() -> None:
-    hparams = DigitsHparams(epochs=2)
-    brain = run(hparams, run_opts={"noprogressbar": True})
-    test_set = load_splits(hparams).test
-    batch = collate([test_set[index] for index in range(len(test_set))])
+def test_recipe_yaml_structures_into_its_typed_hparams() -> None:
+    options, rest = split_run_options(load_hparams(RECIPE))
+    assert options == {"ckpt_interval_steps": 10, "noprogressbar": False}
+    hparams = structure_hparams(rest, DigitsHparams, source=str(RECIPE))
+    assert hparams.lr == pytest.approx(0.005)
+    assert hparams.checkpointer.recoverables["model"] is hparams.model
 
-    model = brain.modules["model"]
-    model.eval()
-    with torch.no_grad():
-        logits: torch.Tensor = model(batch.pixels)
-    expected = (logits.argmax(dim=1) == batch.labels).double().mean().item()
 
-    assert brain.test_accuracy == pytest.approx(expected)
+def test_a_wrong_override_type_is_reported_with_the_key_and_file() -> None:
+    _, rest = split_run_options(load_hparams(RECIPE, {"batch_size": "32"}))
+    with pytest.raises(HparamsError) as caught:
+        structure_hparams(rest, DigitsHparams, source=str(RECIPE))
+    assert "batch_size" in str(caught.value)
+    assert str(RECIPE) in str(caught.value)
+
+
+def test_the_demo_stops_the_recipe_resumes_it_and_inspects_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert demo.main() == 0
+    output = tmp_path / demo.OUTPUT
+    assert (output / "loss.png").read_bytes().startswith(b"\x89PNG")
+    log = (output / "log.txt").read_text()
+    assert "training stopped by signal 15; a checkpoint was saved" in log
+    assert "continuing epoch" in log

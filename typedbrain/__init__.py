@@ -14,25 +14,39 @@ from typedbrain._checkpoint import average_checkpoints as average_checkpoints
 from typedbrain._ckpt_hooks import mark_as_loader as mark_as_loader
 from typedbrain._ckpt_hooks import mark_as_saver as mark_as_saver
 from typedbrain._ckpt_hooks import register_checkpoint_hooks as register_checkpoint_hooks
+from typedbrain._cli_args import HelpRequested as HelpRequested
+from typedbrain._cli_args import ParsedArguments as ParsedArguments
+from typedbrain._cli_args import parse_arguments as parse_arguments
+from typedbrain._cli_args import parse_arguments_or_exit as parse_arguments_or_exit
+from typedbrain._config import LoadedHparams as LoadedHparams
+from typedbrain._config import load_hparams as load_hparams
+from typedbrain._config import split_run_options as split_run_options
 from typedbrain._data import DataSource as DataSource
 from typedbrain._data import LoaderKwargs as LoaderKwargs
 from typedbrain._distributed import if_main_process as if_main_process
 from typedbrain._distributed import run_on_main as run_on_main
 from typedbrain._epochs import EpochCounter as EpochCounter
 from typedbrain._epochs import EpochCounterWithStopper as EpochCounterWithStopper
+from typedbrain._errors import ArgumentsError as ArgumentsError
 from typedbrain._errors import CheckpointError as CheckpointError
 from typedbrain._errors import CheckpointWarning as CheckpointWarning
 from typedbrain._errors import ConfigurationError as ConfigurationError
 from typedbrain._errors import CorruptCheckpointError as CorruptCheckpointError
 from typedbrain._errors import HookContractError as HookContractError
+from typedbrain._errors import HparamsError as HparamsError
+from typedbrain._errors import HparamsProblem as HparamsProblem
 from typedbrain._errors import NonFiniteLossError as NonFiniteLossError
+from typedbrain._errors import OverrideError as OverrideError
 from typedbrain._errors import PhaseTransitionError as PhaseTransitionError
+from typedbrain._errors import PlaceholderError as PlaceholderError
 from typedbrain._errors import ReentrantCallError as ReentrantCallError
 from typedbrain._errors import ResumeWarning as ResumeWarning
 from typedbrain._errors import RunOptionsError as RunOptionsError
 from typedbrain._errors import TrainingInterruptedError as TrainingInterruptedError
+from typedbrain._errors import TrainLogError as TrainLogError
 from typedbrain._errors import TypedBrainError as TypedBrainError
 from typedbrain._errors import UnsafeCheckpointError as UnsafeCheckpointError
+from typedbrain._experiment import create_experiment_directory as create_experiment_directory
 from typedbrain._hparams import Hparams as Hparams
 from typedbrain._manifest import Checkpoint as Checkpoint
 from typedbrain._manifest import CheckpointFile as CheckpointFile
@@ -53,11 +67,22 @@ from typedbrain._protocols import Stateful as Stateful
 from typedbrain._sampler import Positionable as Positionable
 from typedbrain._sampler import ResumableSampler as ResumableSampler
 from typedbrain._state import TrainingProgress as TrainingProgress
+from typedbrain._train_log import FileTrainLogger as FileTrainLogger
+from typedbrain._train_log import JsonlTrainLogger as JsonlTrainLogger
+from typedbrain._train_log import LogEntry as LogEntry
+from typedbrain._train_log import ScalarWriter as ScalarWriter
+from typedbrain._train_log import StatValue as StatValue
+from typedbrain._train_log import TensorboardTrainLogger as TensorboardTrainLogger
+from typedbrain._train_log import TrainLogger as TrainLogger
+from typedbrain._train_log import read_jsonl_log as read_jsonl_log
+from typedbrain._typed_hparams import load_typed_hparams as load_typed_hparams
+from typedbrain._typed_hparams import structure_hparams as structure_hparams
 from typedbrain._version import __version__ as __version__
 
 __all__ = [
     "INTRA_EPOCH_CKPT_FLAG",
     "TRANSITIONS",
+    "ArgumentsError",
     "BatchT",
     "Brain",
     "Checkpoint",
@@ -72,17 +97,27 @@ __all__ = [
     "DataSource",
     "EpochCounter",
     "EpochCounterWithStopper",
+    "FileTrainLogger",
+    "HelpRequested",
     "HookContractError",
     "Hparams",
+    "HparamsError",
+    "HparamsProblem",
     "HparamsT",
     "JsonValue",
+    "JsonlTrainLogger",
+    "LoadedHparams",
     "LoaderKwargs",
+    "LogEntry",
     "NonFiniteLossError",
     "OptimizerFactory",
+    "OverrideError",
+    "ParsedArguments",
     "Phase",
     "PhaseMachine",
     "PhaseObserver",
     "PhaseTransitionError",
+    "PlaceholderError",
     "Positionable",
     "Precision",
     "PredT",
@@ -92,18 +127,31 @@ __all__ = [
     "RunOptions",
     "RunOptionsDict",
     "RunOptionsError",
+    "ScalarWriter",
     "Stage",
+    "StatValue",
     "Stateful",
+    "TensorboardTrainLogger",
+    "TrainLogError",
+    "TrainLogger",
     "TrainingInterruptedError",
     "TrainingProgress",
     "TypedBrainError",
     "UnsafeCheckpointError",
     "__version__",
     "average_checkpoints",
+    "create_experiment_directory",
     "if_main_process",
+    "load_hparams",
+    "load_typed_hparams",
     "mark_as_loader",
     "mark_as_saver",
+    "parse_arguments",
+    "parse_arguments_or_exit",
+    "read_jsonl_log",
     "register_checkpoint_hooks",
     "run_on_main",
+    "split_run_options",
+    "structure_hparams",
     "verify_checkpoint",
 ]

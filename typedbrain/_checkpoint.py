@@ -270,7 +270,8 @@ class Checkpointer:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
         sync_directory(self.checkpoints_dir)
-        logger.info("saved checkpoint %s", folder)
+        # Intra-epoch checkpoints can come every few batches: logged at DEBUG, not INFO.
+        logger.log(logging.INFO if end_of_epoch else logging.DEBUG, "saved checkpoint %s", folder)
         return checkpoint
 
     def _new_folder(self, name: str | None) -> Path:
@@ -658,7 +659,7 @@ def _delete_folder(folder: Path) -> None:
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
     sync_directory(folder)
     shutil.rmtree(folder)
-    logger.info("deleted checkpoint %s", folder)
+    logger.debug("deleted checkpoint %s", folder)
 
 
 _HASH_WORKERS: Final = 4
