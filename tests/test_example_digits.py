@@ -59,3 +59,9 @@ def test_the_demo_stops_the_recipe_resumes_it_and_inspects_it(
     log = (output / "log.txt").read_text()
     assert "training stopped by signal 15; a checkpoint was saved" in log
     assert "continuing epoch" in log
+    # The training log went on after the resume without repeating or losing an epoch.
+    entries = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    epochs = [entry["epoch"] for entry in entries[:-1]]
+    assert epochs == list(range(1, len(epochs) + 1))
+    assert len(epochs) > demo.STOP_AFTER_EPOCHS
+    assert entries[-1]["test"] is not None
