@@ -78,8 +78,6 @@ def main() -> int:
     plotted = subprocess.run(
         [*command, "plot", str(OUTPUT / "train_log.jsonl"), "--out", str(plot)], check=False
     ).returncode
-    if plotted == 0:
-        print(f"wrote {plot}")
     say(f"experiment folder: {OUTPUT} (hyperparams.yaml, log.txt, env.json, train logs, save/)")
     return 0 if stopped and finished == 0 and listed == 0 and plotted == 0 else 1
 
