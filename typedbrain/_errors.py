@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointWarning",
     "ConfigurationError",
     "CorruptCheckpointError",
+    "DistributedError",
     "HookContractError",
     "HparamsError",
     "HparamsProblem",
@@ -354,3 +355,27 @@ class ArgumentsError(ConfigurationError):
     def __init__(self, argument: str | None, message: str) -> None:
         super().__init__(f"argument {argument}: {message}" if argument else message)
         self.argument = argument
+
+
+class DistributedError(TypedBrainError, RuntimeError):
+    """Another process of a distributed run failed, died or did not answer in time.
+
+    Raised on the ranks that are still alive, so that they stop with this message instead of
+    waiting forever for a peer: a collective operation failed (the peer's connection closed, or
+    the process group's timeout ran out), or a peer reported that its own part of the work
+    raised. The rank whose own code raised re-raises its own error instead. It is a
+    ``RuntimeError``, as the errors torch raises for failed collectives are, so code that caught
+    those still catches it.
+
+    After this error the process group may be unusable: shut it down and let the process exit;
+    the launcher (``torchrun``) then stops the remaining processes.
+
+    Attributes:
+        rank: the global rank of the process that raised it.
+        operation: what it was doing when it failed (``barrier``, ``run_on_main(prepare)``).
+    """
+
+    def __init__(self, message: str, *, rank: int, operation: str) -> None:
+        super().__init__(f"rank {rank}, {operation}: {message}")
+        self.rank = rank
+        self.operation = operation
