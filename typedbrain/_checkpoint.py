@@ -4,6 +4,11 @@ Each checkpoint is a folder ``<checkpoints_dir>/CKPT+YYYY-MM-DD+HH-MM-SS+NN`` wi
 ``<name>.ckpt`` per recoverable and a ``MANIFEST.json`` written last and renamed into place
 atomically (see :mod:`typedbrain._manifest`). Loading checks sizes and SHA-256 checksums first
 and never unpickles anything but plain data and tensors (``torch.load(weights_only=True)``).
+
+Under ``torch.distributed`` every method of a :class:`Checkpointer` is collective: the main
+process (rank 0) alone scans, writes, commits and deletes, the others learn its decisions by
+broadcast, and every process loads the checkpoint the main process chose (see "Several
+processes" in docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import IO, Any, Final, TypeAlias, TypeVar, cast, final
 
 import attrs
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from typedbrain._ckpt_hooks import (
@@ -33,6 +39,7 @@ from typedbrain._ckpt_hooks import (
     register_checkpoint_hooks,
     resolve_hooks,
 )
+from typedbrain._distributed import is_distributed
 from typedbrain._errors import (
     CheckpointError,
     CheckpointWarning,
@@ -106,6 +113,15 @@ class _Recoverable:
     saver: Callable[[Any, Path], None] | None
     loader: Callable[[Any, Path, bool], None] | None
     optional_load: bool
+
+
+@final
+@attrs.frozen
+class _Prepared:
+    """A checkpoint checked and decoded, not yet handed to its recoverables."""
+
+    present: dict[str, _Recoverable]
+    states: dict[str, dict[str, Any]]
 
 
 class Checkpointer:
@@ -218,6 +234,12 @@ class Checkpointer:
         has been renamed into place. If saving fails, the partial folder is removed and the
         error propagates.
 
+        Under ``torch.distributed`` every process must call it (it is collective): each one
+        calls every ``state_dict`` (in registration order, so a ``state_dict`` may run
+        collectives), then the main process alone runs the custom save hooks, writes the files
+        and commits, with its own ``meta`` and ``name``. It returns on any process only once the
+        checkpoint is committed, and the same :class:`Checkpoint` on every process.
+
         Args:
             meta: JSON data stored with the checkpoint (validation metrics, say); 0-d tensors
                 and NumPy scalars are stored as Python numbers.
@@ -231,14 +253,62 @@ class Checkpointer:
             ConfigurationError: ``meta`` is not JSON data (the message names the key) or
                 ``name`` is not a plain folder name.
             CheckpointError: a folder named ``name`` already exists, or a save hook wrote no
-                file.
+                file; under ``torch.distributed``, on the other processes, when one process
+                failed (the main process to write, say): the message says which and why.
         """
+        if _collective():
+            return self._save_collectively(meta, end_of_epoch, name)
+        clean_meta, phase = self._checked_meta(meta, name)
+        return self._write(clean_meta, phase, end_of_epoch, name, states=None)
+
+    def _checked_meta(
+        self, meta: Mapping[str, object] | None, name: str | None
+    ) -> tuple[dict[str, JsonValue], str | None]:
+        """``meta`` as JSON data and the watched phase, once they and ``name`` are valid."""
         clean_meta = to_json_meta(meta)
         phase = self._phase_source() if self._phase_source is not None else None
         if phase is not None and not isinstance(phase, str):
             raise ConfigurationError(
                 f"the watched phase source returned {phase!r}, not a string or None"
             )
+        if name is not None and not is_plain_name(name):
+            raise ConfigurationError(
+                f"checkpoint name {name!r} must be a plain folder name (no path separator "
+                "or colon, not starting with a dot)"
+            )
+        return clean_meta, phase
+
+    def _save_collectively(
+        self, meta: Mapping[str, object] | None, end_of_epoch: bool, name: str | None
+    ) -> Checkpoint:
+        what = f"save a checkpoint in {self.checkpoints_dir}"
+        try:
+            # Every process calls every state_dict, in the same order: one may run collectives
+            # (the brain's run state gathers each process's RNG state). Only the main
+            # process's states are written.
+            states: dict[str, object] = {
+                recoverable: cast(Stateful, entry.obj).state_dict()
+                for recoverable, entry in self._recoverables.items()
+                if entry.saver is None
+            }
+            clean_meta, phase = self._checked_meta(meta, name)
+        except BaseException as error:
+            _agree(error, what)
+            raise
+        _agree(None, what)
+        return _main_decides(
+            lambda: self._write(clean_meta, phase, end_of_epoch, name, states), what
+        )
+
+    def _write(
+        self,
+        clean_meta: dict[str, JsonValue],
+        phase: str | None,
+        end_of_epoch: bool,
+        name: str | None,
+        states: Mapping[str, object] | None,
+    ) -> Checkpoint:
+        """Write and commit a checkpoint; ``states`` holds the state dicts already taken."""
         folder = self._new_folder(name)
         try:
             # Each file's fsync (and a hook's file's hashing) runs in the background while the
@@ -249,7 +319,7 @@ class Checkpointer:
                 ThreadPoolExecutor(1, "typedbrain-sync") as syncer,
             ):
                 pending = {
-                    recoverable: self._save_one(recoverable, entry, folder, hasher, syncer)
+                    recoverable: self._save_one(recoverable, entry, folder, hasher, syncer, states)
                     for recoverable, entry in self._recoverables.items()
                 }
                 files = {recoverable: done.result() for recoverable, done in pending.items()}
@@ -277,11 +347,6 @@ class Checkpointer:
     def _new_folder(self, name: str | None) -> Path:
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         if name is not None:
-            if not is_plain_name(name):
-                raise ConfigurationError(
-                    f"checkpoint name {name!r} must be a plain folder name (no path separator "
-                    "or colon, not starting with a dot)"
-                )
             folder = self.checkpoints_dir / name
             try:
                 folder.mkdir()
@@ -299,9 +364,18 @@ class Checkpointer:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _save_one(
-        self, name: str, entry: _Recoverable, folder: Path, hasher: Executor, syncer: Executor
+        self,
+        name: str,
+        entry: _Recoverable,
+        folder: Path,
+        hasher: Executor,
+        syncer: Executor,
+        states: Mapping[str, object] | None,
     ) -> Future[CheckpointFile]:
-        """Write recoverable ``name``'s file; the future gives its record once it is synced."""
+        """Write recoverable ``name``'s file; the future gives its record once it is synced.
+
+        Its state is taken from ``states`` when given, else from its ``state_dict`` now.
+        """
         path = folder / f"{name}{_SUFFIX}"
         if entry.saver is not None:
             entry.saver(entry.obj, path)
@@ -310,7 +384,7 @@ class Checkpointer:
                     f"the save hook of recoverable {name!r} wrote no file at {path}"
                 )
             return syncer.submit(hash_file, path)
-        state = cast(Stateful, entry.obj).state_dict()
+        state = states[name] if states is not None else cast(Stateful, entry.obj).state_dict()
         raw = path.open("wb", buffering=WRITE_BUFFER)
         try:
             writer = HashingWriter(raw, hasher)
@@ -344,6 +418,10 @@ class Checkpointer:
         others are kept follows :meth:`delete_checkpoints`, with recency added to the
         importance keys when ``keep_recent``.
 
+        Under ``torch.distributed`` it is collective: the main process decides what to delete
+        (the importance keys and ``ckpt_predicate`` run there only) and deletes it before any
+        process returns.
+
         Args:
             meta: see :meth:`save_checkpoint`.
             end_of_epoch: see :meth:`save_checkpoint`.
@@ -361,13 +439,16 @@ class Checkpointer:
         _check_num_to_keep(num_to_keep)
         checkpoint = self.save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=name)
         keys = (*importance_keys, ckpt_recency) if keep_recent else tuple(importance_keys)
-        self._delete(
-            num_to_keep=num_to_keep,
-            importance_keys=keys,
-            max_keys=max_keys,
-            min_keys=min_keys,
-            ckpt_predicate=ckpt_predicate,
-            keep=checkpoint.path,
+        _main_decides(
+            lambda: self._delete(
+                num_to_keep=num_to_keep,
+                importance_keys=keys,
+                max_keys=max_keys,
+                min_keys=min_keys,
+                ckpt_predicate=ckpt_predicate,
+                keep=checkpoint.path,
+            ),
+            f"delete old checkpoints in {self.checkpoints_dir}",
         )
         return checkpoint
 
@@ -378,10 +459,20 @@ class Checkpointer:
 
         A folder without a readable manifest (an interrupted save, or damage) is skipped with a
         :class:`CheckpointWarning` (once per folder for this checkpointer) and left on disk.
+        Under ``torch.distributed`` it is collective: the main process lists, every process
+        gets its list.
         """
-        return self._scan(report=True)
+        return _main_decides(
+            # _scan, the lambda, _main_decides, here, then the caller.
+            lambda: self._scan(report=True, stacklevel=5),
+            f"list the checkpoints in {self.checkpoints_dir}",
+        )
 
-    def _scan(self, *, report: bool) -> list[Checkpoint]:
+    def _scan(self, *, report: bool, stacklevel: int = 2) -> list[Checkpoint]:
+        """The committed checkpoints, oldest first; with ``report``, warn about the others.
+
+        ``stacklevel`` is the warnings' (1 points at this method).
+        """
         if not self.checkpoints_dir.is_dir():
             return []
         found: list[Checkpoint] = []
@@ -396,7 +487,7 @@ class Checkpointer:
                     warnings.warn(
                         f"ignoring checkpoint folder {entry}: {error.reason}; it is left on disk",
                         CheckpointWarning,
-                        stacklevel=3,
+                        stacklevel=stacklevel,
                     )
         found.sort(key=lambda c: (c.sequence, c.unixtime, c.path.name))
         return found
@@ -415,6 +506,9 @@ class Checkpointer:
         (``min_key``) the checkpoints whose meta has that key rank by its value, highest
         (lowest) first; the others are left out. Ties go to the most recent checkpoint.
 
+        Under ``torch.distributed`` it is collective: the main process ranks (the key and the
+        predicate run there only), every process gets its answer.
+
         Args:
             importance_key: ranks checkpoints, higher first.
             max_key: a meta key; higher values rank first.
@@ -426,13 +520,17 @@ class Checkpointer:
             ConfigurationError: more than one key was given, or a checkpoint's meta value for
                 ``max_key`` / ``min_key`` is not a number.
         """
-        return _rank(
-            self.list_checkpoints(),
-            importance_key=importance_key,
-            max_key=max_key,
-            min_key=min_key,
-            ckpt_predicate=ckpt_predicate,
-            max_num_checkpoints=max_num_checkpoints,
+        return _main_decides(
+            lambda: _rank(
+                # _scan, the lambda, _main_decides, here, then the caller.
+                self._scan(report=True, stacklevel=5),
+                importance_key=importance_key,
+                max_key=max_key,
+                min_key=min_key,
+                ckpt_predicate=ckpt_predicate,
+                max_num_checkpoints=max_num_checkpoints,
+            ),
+            f"find checkpoints in {self.checkpoints_dir}",
         )
 
     def find_checkpoint(
@@ -466,17 +564,23 @@ class Checkpointer:
         deleted if it is a candidate for some key and protected by none. Checkpoints that no key
         ranks (a meta without any of the keys) and those ``ckpt_predicate`` rejects are kept.
 
+        Under ``torch.distributed`` it is collective: the main process decides and deletes,
+        every process gets the list of deleted checkpoints once they are gone.
+
         Raises:
             ConfigurationError: ``num_to_keep`` is negative.
         """
         _check_num_to_keep(num_to_keep)
-        return self._delete(
-            num_to_keep=num_to_keep,
-            importance_keys=tuple(importance_keys),
-            max_keys=max_keys,
-            min_keys=min_keys,
-            ckpt_predicate=ckpt_predicate,
-            keep=None,
+        return _main_decides(
+            lambda: self._delete(
+                num_to_keep=num_to_keep,
+                importance_keys=tuple(importance_keys),
+                max_keys=max_keys,
+                min_keys=min_keys,
+                ckpt_predicate=ckpt_predicate,
+                keep=None,
+            ),
+            f"delete checkpoints in {self.checkpoints_dir}",
         )
 
     def _delete(
@@ -489,7 +593,8 @@ class Checkpointer:
         ckpt_predicate: CheckpointPredicate | None,
         keep: Path | None,
     ) -> list[Checkpoint]:
-        checkpoints = self.list_checkpoints()
+        # _scan, here, the lambda, _main_decides, the public method, then its caller.
+        checkpoints = self._scan(report=True, stacklevel=6)
         rankings: list[list[Checkpoint]] = [
             _rank(checkpoints, importance_key=key, ckpt_predicate=ckpt_predicate)
             for key in importance_keys
@@ -519,6 +624,9 @@ class Checkpointer:
         checks run in worker threads while this thread decodes the files; a decoded state is
         handed to its recoverable only once every file has passed.
 
+        Under ``torch.distributed`` it is collective: every process checks and decodes its
+        files, and only once all have succeeded does any recoverable change.
+
         Args:
             checkpoint: the checkpoint to load.
             device: where tensors are loaded (``map_location``); by default where they were.
@@ -529,7 +637,17 @@ class Checkpointer:
             UnsafeCheckpointError: a file holds objects that ``weights_only`` loading refuses.
             CheckpointError: a registered recoverable is not in the checkpoint (and neither
                 ``allow_partial_load`` nor its ``optional_load`` is set); the message names it.
+                Under ``torch.distributed``, on the other processes, when one process failed
+                (the message says which and why) or when they were given different
+                checkpoints.
         """
+        if _collective():
+            self._load_collectively(checkpoint, device, prepared=None)
+            return
+        self._apply(checkpoint, self._prepare(checkpoint, device))
+
+    def _prepare(self, checkpoint: Checkpoint, device: Device) -> _Prepared:
+        """Check and decode ``checkpoint``'s files; no recoverable changes."""
         present: dict[str, _Recoverable] = {}
         for name, entry in self._recoverables.items():
             if name in checkpoint.files:
@@ -551,7 +669,12 @@ class Checkpointer:
             decode=[name for name, entry in present.items() if entry.loader is None],
             device=device,
         )
-        # Nothing above changed any recoverable; from here on every file has passed its checks.
+        return _Prepared(present=present, states=states)
+
+    def _apply(self, checkpoint: Checkpoint, prepared: _Prepared) -> None:
+        """Hand the states of a prepared checkpoint to its recoverables (load hooks run here)."""
+        # Every file has passed its checks before any recoverable changes.
+        present, states = prepared.present, prepared.states
         for name, entry in present.items():
             path = checkpoint.paramfiles[name]
             if entry.loader is not None:
@@ -560,6 +683,27 @@ class Checkpointer:
                 cast(Stateful, entry.obj).load_state_dict(states[name])
             logger.debug("restored %r from %s", name, path)
         logger.info("loaded checkpoint %s", checkpoint.path)
+
+    def _load_collectively(
+        self, checkpoint: Checkpoint, device: Device, prepared: _Prepared | None
+    ) -> None:
+        """Every process checks, decodes and (once all have) applies ``checkpoint``."""
+        what = f"load checkpoint {checkpoint.path}"
+        token = str(checkpoint.path)
+        try:
+            ready = prepared if prepared is not None else self._prepare(checkpoint, device)
+        except BaseException as error:
+            _agree(error, what, token)
+            raise
+        _agree(None, what, token)
+        # All processes apply together, in registration order: a load_state_dict may run
+        # collectives; the agreement afterwards is the final barrier.
+        try:
+            self._apply(checkpoint, ready)
+        except BaseException as error:
+            _agree(error, what, token)
+            raise
+        _agree(None, what, token)
 
     def recover_if_possible(
         self,
@@ -575,12 +719,30 @@ class Checkpointer:
         verification is skipped with a :class:`CheckpointWarning` naming its folder and the
         reason, and the next one is tried; with no usable checkpoint nothing is loaded.
 
+        Under ``torch.distributed`` it is collective: the main process picks the checkpoint
+        (checking it, and skipping damaged ones with the warning, there only) and every process
+        then loads that one, checking the files it reads; a folder the main process did not
+        pick (an uncommitted one, say) is never loaded. It returns the same checkpoint (or
+        None) everywhere.
+
         Raises:
             UnsafeCheckpointError: a verified file holds objects ``weights_only`` loading
                 refuses (a planted file: this is not skipped silently).
-            CheckpointError: a registered recoverable is missing from the chosen checkpoint.
+            CheckpointError: a registered recoverable is missing from the chosen checkpoint;
+                under ``torch.distributed``, on the other processes, when one process failed
+                (the message says which and why).
         """
-        candidates = self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate)
+        if _collective():
+            return self._recover_collectively(
+                importance_key, max_key, min_key, ckpt_predicate, device
+            )
+        candidates = _rank(
+            self._scan(report=True, stacklevel=3),  # _scan, here, then the caller
+            importance_key=importance_key,
+            max_key=max_key,
+            min_key=min_key,
+            ckpt_predicate=ckpt_predicate,
+        )
         for checkpoint in candidates:
             try:
                 self.load_checkpoint(checkpoint, device=device)
@@ -594,6 +756,115 @@ class Checkpointer:
             return checkpoint
         logger.info("no checkpoint to recover in %s", self.checkpoints_dir)
         return None
+
+    def _recover_collectively(
+        self,
+        importance_key: ImportanceKey | None,
+        max_key: str | None,
+        min_key: str | None,
+        ckpt_predicate: CheckpointPredicate | None,
+        device: Device,
+    ) -> Checkpoint | None:
+        # The main process's decoded states wait here (they are not broadcast) for the others.
+        held: list[_Prepared] = []
+
+        def choose() -> Checkpoint | None:
+            ranked = _rank(
+                # _scan, choose, _main_decides, _recover_collectively, recover_if_possible, caller.
+                self._scan(report=True, stacklevel=6),
+                importance_key=importance_key,
+                max_key=max_key,
+                min_key=min_key,
+                ckpt_predicate=ckpt_predicate,
+            )
+            for checkpoint in ranked:
+                try:
+                    held.append(self._prepare(checkpoint, device))
+                except CorruptCheckpointError as error:
+                    warnings.warn(
+                        f"skipping checkpoint {checkpoint.path}: {error.reason}; trying an "
+                        "older one",
+                        CheckpointWarning,
+                        # choose, _main_decides, _recover_collectively, recover_if_possible, caller.
+                        stacklevel=5,
+                    )
+                    continue
+                return checkpoint
+            return None
+
+        chosen = _main_decides(choose, f"recover a checkpoint from {self.checkpoints_dir}")
+        if chosen is None:
+            logger.info("no checkpoint to recover in %s", self.checkpoints_dir)
+            return None
+        self._load_collectively(chosen, device, prepared=held[0] if held else None)
+        return chosen
+
+
+# ---------------------------------------------------------------------- several processes
+
+
+def _collective() -> bool:
+    """Whether a process group of more than one process is up: the methods are collective."""
+    return is_distributed() and dist.get_world_size() > 1
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _broadcast(value: object) -> object:
+    """``value`` from the main process (rank 0), on every process."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _main_decides(action: Callable[[], _T], what: str) -> _T:
+    """Run ``action`` on the main process only and hand its result to every process.
+
+    Without a process group it just runs ``action``. With one, the main process runs it and
+    broadcasts the result, or that it failed (then it re-raises, and every other process raises
+    :class:`CheckpointError` instead of waiting for a result that never comes). The broadcast
+    comes after ``action`` is done, so no process returns before it.
+    """
+    if not _collective():
+        return action()
+    if dist.get_rank() == 0:
+        try:
+            result = action()
+        except BaseException as error:
+            _broadcast((None, _describe(error)))
+            raise
+        _broadcast((result, None))
+        return result
+    # cast: the main process broadcast (result of action, None) or (None, message).
+    shared, failure = cast(tuple[_T, str | None], _broadcast(None))
+    if failure is not None:
+        raise CheckpointError(f"the main process failed to {what}: {failure}")
+    return shared
+
+
+def _agree(failure: BaseException | None, what: str, token: str | None = None) -> None:
+    """Tell every process whether this one failed; raise if another one did.
+
+    Every process calls it at the same point (it is an all-gather, and so also a barrier). A
+    process that failed returns (its caller re-raises its own error); the others raise
+    :class:`CheckpointError` naming the processes that failed. With ``token``, all processes
+    must pass the same one (the checkpoint they load, say), or all raise.
+    """
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (token, None if failure is None else _describe(failure)))
+    if failure is not None:
+        return
+    # cast: every process contributed a (token, message) pair.
+    entries = cast(list[tuple[str | None, str | None]], gathered)
+    failed = [(rank, message) for rank, (_, message) in enumerate(entries) if message is not None]
+    if failed:
+        listing = "; ".join(f"process {rank}: {message}" for rank, message in failed)
+        raise CheckpointError(f"another process failed to {what} ({listing})")
+    if len({entry_token for entry_token, _ in entries}) > 1:
+        listing = "; ".join(f"process {rank}: {given}" for rank, (given, _) in enumerate(entries))
+        raise CheckpointError(f"the processes disagree on what to {what} ({listing})")
 
 
 def _check_num_to_keep(num_to_keep: object) -> None:

@@ -1,0 +1,1 @@
+"""Scripts run as separate processes by tests/test_checkpoint_distributed.py (one per rank)."""

@@ -1,0 +1,330 @@
+"""One process of the multi-process checkpoint tests.
+
+Run as ``python -m tests.ckpt_distributed.worker GROUP SCRATCH RESULTS PG_TIMEOUT`` with
+``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set, as torchrun
+sets them. It joins a gloo process group (``PG_TIMEOUT`` seconds for each collective), runs the
+scenarios of ``GROUP`` one after the other, each in its own folder under ``SCRATCH`` (a folder
+every process sees), and writes what each scenario observed to
+``RESULTS/<scenario>.rank<N>.json`` for the test to check.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Final, TypeAlias
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from typedbrain._checkpoint import Checkpoint, Checkpointer
+from typedbrain._epochs import EpochCounter
+from typedbrain._errors import CheckpointWarning
+from typedbrain._manifest import MANIFEST_NAME
+
+Observed: TypeAlias = dict[str, object]
+Scenario: TypeAlias = Callable[[Path], Observed]
+
+KEEP_ONLY_STEPS: Final = (("a", 3.0), ("b", 1.0), ("c", 2.0), ("d", 4.0), ("e", 0.5))
+"""Checkpoint names and their losses, saved in this order by :func:`keep_only_run`."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _model(weight: float) -> torch.nn.Linear:
+    model = torch.nn.Linear(1, 1, bias=False)
+    _fill(model, weight)
+    return model
+
+
+def _fill(model: torch.nn.Linear, weight: float) -> None:
+    with torch.no_grad():
+        model.weight.fill_(weight)
+
+
+def _weight(model: torch.nn.Linear) -> float:
+    return float(model.weight.item())
+
+
+def _folders(folder: Path) -> list[str]:
+    return sorted(entry.name for entry in folder.iterdir())
+
+
+def _checkpoint_warnings(caught: Sequence[warnings.WarningMessage]) -> list[list[str]]:
+    """Each CheckpointWarning's message and the file it points at (the caller's, it should be)."""
+    return [
+        [str(w.message), Path(w.filename).name]
+        for w in caught
+        if issubclass(w.category, CheckpointWarning)
+    ]
+
+
+class RankGatherer:
+    """State that differs per process, saved as the list of every process's value.
+
+    Its ``state_dict`` runs a collective (as the brain's run state gathers the RNG states); on
+    load each process takes back its own entry.
+    """
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict[str, object]:
+        everyone: list[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, self.value)
+        return {"per_rank": everyone}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = state["per_rank"][dist.get_rank()]
+
+
+class FailsOnRank1:
+    """State whose ``state_dict`` raises on process 1 only."""
+
+    def state_dict(self) -> dict[str, object]:
+        if _rank() == 1:
+            raise RuntimeError("state_dict broke on process 1")
+        return {"fine": True}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+def keep_only_run(folder: Path) -> list[list[str]]:
+    """Save :data:`KEEP_ONLY_STEPS` with a keep policy; the folders left after each save."""
+    checkpointer = Checkpointer(folder, {"model": _model(0.0)})
+    after: list[list[str]] = []
+    for name, loss in KEEP_ONLY_STEPS:
+        checkpointer.save_and_keep_only(
+            meta={"loss": loss}, name=name, num_to_keep=2, min_keys=["loss"]
+        )
+        after.append(_folders(folder))
+    return after
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+def save_once(folder: Path) -> Observed:
+    checkpointer = Checkpointer(folder, {"model": _model(1.0), "counter": EpochCounter(3)})
+    checkpoint = checkpointer.save_checkpoint(meta={"loss": 0.5})
+    committed_on_return = (checkpoint.path / MANIFEST_NAME).is_file()
+    everyone: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, checkpoint)
+    dist.barrier()
+    return {
+        "folders": _folders(folder),
+        "committed_on_return": committed_on_return,
+        "all_equal": all(other == checkpoint for other in everyone),
+        "path": str(checkpoint.path),
+        "repr": repr(checkpoint),
+    }
+
+
+def gathered_state(folder: Path) -> Observed:
+    gatherer = RankGatherer(100 + _rank())
+    checkpointer = Checkpointer(folder, {"gatherer": gatherer})
+    checkpoint = checkpointer.save_checkpoint()
+    saved = torch.load(checkpoint.paramfiles["gatherer"], weights_only=True)
+    gatherer.value = -1
+    recovered = checkpointer.recover_if_possible()
+    return {
+        "file_per_rank": saved["per_rank"],
+        "value_after_recovery": gatherer.value,
+        "recovered": None if recovered is None else recovered.path.name,
+    }
+
+
+def keep_only(folder: Path) -> Observed:
+    after = keep_only_run(folder)
+    deleted = Checkpointer(folder, {"model": _model(0.0)}).delete_checkpoints(num_to_keep=1)
+    dist.barrier()
+    return {
+        "after_each_save": after,
+        "deleted_by_delete_checkpoints": sorted(c.path.name for c in deleted),
+        "left": _folders(folder),
+    }
+
+
+def _save_weights(folder: Path, weights: Sequence[float]) -> list[str]:
+    model = _model(0.0)
+    checkpointer = Checkpointer(folder, {"model": model})
+    names = []
+    for weight in weights:
+        _fill(model, weight)
+        names.append(checkpointer.save_checkpoint().path.name)
+    return names
+
+
+def recover_newest(folder: Path) -> Observed:
+    names = _save_weights(folder, (1.0, 2.0, 3.0))
+    fresh = _model(0.0)
+    checkpointer = Checkpointer(folder, {"model": fresh})
+    found = checkpointer.find_checkpoint()
+    listed = checkpointer.list_checkpoints()
+    recovered = checkpointer.recover_if_possible()
+    return {
+        "saved": names,
+        "found": None if found is None else found.path.name,
+        "listed": [c.path.name for c in listed],
+        "recovered": None if recovered is None else recovered.path.name,
+        "weight": _weight(fresh),
+    }
+
+
+def corrupt_newest(folder: Path) -> Observed:
+    older, newer = _save_weights(folder, (1.0, 2.0))
+    if _rank() == 0:
+        damaged = folder / newer / "model.ckpt"
+        data = bytearray(damaged.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        damaged.write_bytes(bytes(data))
+    dist.barrier()
+    fresh = _model(0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recovered = Checkpointer(folder, {"model": fresh}).recover_if_possible()
+    return {
+        "older": older,
+        "newer": newer,
+        "recovered": None if recovered is None else recovered.path.name,
+        "weight": _weight(fresh),
+        "warnings": _checkpoint_warnings(caught),
+    }
+
+
+def uncommitted(folder: Path) -> Observed:
+    committed, uncommitted = _save_weights(folder, (1.0, 9.0))
+    if _rank() == 0:
+        # The newer folder keeps its (intact) files but loses its commit.
+        (folder / uncommitted / MANIFEST_NAME).unlink()
+    dist.barrier()
+    fresh = _model(0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recovered = Checkpointer(folder, {"model": fresh}).recover_if_possible()
+    return {
+        "committed": committed,
+        "uncommitted": uncommitted,
+        "recovered": None if recovered is None else recovered.path.name,
+        "weight": _weight(fresh),
+        "warnings": _checkpoint_warnings(caught),
+    }
+
+
+def _disk_full(obj: list[str], path: Path) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device (simulated)", str(path))
+
+
+def _read_journal(obj: list[str], path: Path, end_of_epoch: bool) -> None:
+    obj[:] = path.read_text().splitlines()
+
+
+def _failed_save(folder: Path, checkpointer: Checkpointer) -> Observed:
+    started = time.monotonic()
+    try:
+        checkpointer.save_checkpoint()
+    except Exception as error:  # the scenario records whatever was raised
+        raised: object = {"type": type(error).__name__, "message": str(error)}
+    else:
+        raised = None
+    seconds = time.monotonic() - started
+    dist.barrier()
+    return {"raised": raised, "seconds": seconds, "folders": _folders(folder)}
+
+
+def main_fails_to_save(folder: Path) -> Observed:
+    checkpointer = Checkpointer(folder, {"model": _model(1.0)})
+    # The save hook runs on the main process only: it fails there, as a full disk would.
+    checkpointer.add_recoverable(
+        "journal", ["line"], custom_save_hook=_disk_full, custom_load_hook=_read_journal
+    )
+    return _failed_save(folder, checkpointer)
+
+
+def state_dict_fails_on_one_process(folder: Path) -> Observed:
+    checkpointer = Checkpointer(folder, {"model": _model(1.0), "fragile": FailsOnRank1()})
+    return _failed_save(folder, checkpointer)
+
+
+def _failed_load(
+    model: torch.nn.Linear, checkpointer: Checkpointer, checkpoint: Checkpoint
+) -> Observed:
+    try:
+        checkpointer.load_checkpoint(checkpoint)
+    except Exception as error:  # the scenario records whatever was raised
+        raised: object = {"type": type(error).__name__, "message": str(error)}
+    else:
+        raised = None
+    return {"raised": raised, "weight": _weight(model)}
+
+
+def different_checkpoints(folder: Path) -> Observed:
+    _save_weights(folder, (1.0, 2.0))
+    fresh = _model(0.0)
+    checkpointer = Checkpointer(folder, {"model": fresh})
+    listed = checkpointer.list_checkpoints()
+    return _failed_load(fresh, checkpointer, listed[_rank()])
+
+
+def one_process_fails_to_verify(folder: Path) -> Observed:
+    _save_weights(folder, (1.0,))
+    fresh = _model(0.0)
+    checkpointer = Checkpointer(folder, {"model": fresh})
+    checkpoint = checkpointer.list_checkpoints()[0]
+    if _rank() == 1:
+        # What process 1 would see if its view of the file differed from the main process's.
+        record = attrs.evolve(checkpoint.files["model"], sha256="0" * 64)
+        checkpoint = attrs.evolve(checkpoint, files={"model": record})
+    return _failed_load(fresh, checkpointer, checkpoint)
+
+
+GROUPS: Final[Mapping[str, Mapping[str, Scenario]]] = {
+    "working": {
+        "save_once": save_once,
+        "gathered_state": gathered_state,
+        "keep_only": keep_only,
+        "recover_newest": recover_newest,
+        "corrupt_newest": corrupt_newest,
+        "uncommitted": uncommitted,
+    },
+    "failing": {
+        "main_fails_to_save": main_fails_to_save,
+        "state_dict_fails_on_one_process": state_dict_fails_on_one_process,
+        "different_checkpoints": different_checkpoints,
+        "one_process_fails_to_verify": one_process_fails_to_verify,
+    },
+}
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the scenarios of a group in this process (see the module's docstring)."""
+    group, scratch, results, pg_timeout = argv
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=float(pg_timeout)))
+    try:
+        rank = dist.get_rank()
+        for name, scenario in GROUPS[group].items():
+            folder = Path(scratch) / name
+            if rank == 0:
+                folder.mkdir(parents=True)
+            dist.barrier()
+            observed = scenario(folder)
+            path = Path(results) / f"{name}.rank{rank}.json"
+            path.write_text(json.dumps(observed), encoding="utf-8")
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,279 @@
+"""Checkpoints under torch.distributed: one writer, one decision, every process in agreement.
+
+Each launch starts two processes (gloo, 127.0.0.1) running tests/ckpt_distributed/worker.py,
+which runs a group of scenarios and writes what each process observed; the tests below check
+those observations. A launch that does not finish in time is killed and reported as a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Final
+
+import attrs
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.ckpt_distributed.worker import keep_only_run
+from typedbrain._checkpoint import Checkpointer
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed (gloo)"
+)
+
+WORLD_SIZE: Final = 2
+REPO: Final = Path(__file__).resolve().parent.parent
+WORKING_WAIT_S: Final = 120.0
+FAILING_WAIT_S: Final = 60.0
+# Longer than the failing launch's wait: a process stuck in a collective shows up as a hang,
+# not as a gloo timeout.
+PROCESS_GROUP_TIMEOUT_S: Final = 90.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@attrs.frozen
+class Launch:
+    """What the processes of one launch did: exit codes, output, and their observations."""
+
+    finished: bool
+    returncodes: tuple[int | None, ...]
+    output: str
+    results: Path
+
+    def observed(self, scenario: str) -> list[dict[str, object]]:
+        """Each process's observations of ``scenario``, by rank."""
+        assert self.finished, f"the processes did not finish in time (hung):\n{self.output}"
+        found = []
+        for rank in range(WORLD_SIZE):
+            path = self.results / f"{scenario}.rank{rank}.json"
+            assert path.is_file(), f"process {rank} recorded nothing for {scenario}:\n{self.output}"
+            found.append(json.loads(path.read_text(encoding="utf-8")))
+        return found
+
+
+def launch(group: str, root: Path, wait_s: float) -> Launch:
+    """Run the worker's ``group`` in two processes; kill any still running after ``wait_s``."""
+    scratch, results = root / "scratch", root / "results"
+    scratch.mkdir(parents=True)
+    results.mkdir()
+    port = _free_port()
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = [root / f"rank{rank}.log" for rank in range(WORLD_SIZE)]
+    finished = False
+    try:
+        for rank, log in enumerate(logs):
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(WORLD_SIZE),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            }
+            with log.open("wb") as sink:
+                processes.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "tests.ckpt_distributed.worker",
+                            group,
+                            str(scratch),
+                            str(results),
+                            str(PROCESS_GROUP_TIMEOUT_S),
+                        ],
+                        cwd=REPO,
+                        env=env,
+                        stdout=sink,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = time.monotonic() + wait_s
+        for process in processes:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        finished = True
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    output = "\n".join(
+        f"--- process {rank} (exit {process.returncode}):\n{log.read_text(errors='replace')}"
+        for rank, (process, log) in enumerate(zip(processes, logs, strict=False))
+    )
+    return Launch(
+        finished=finished,
+        returncodes=tuple(process.returncode for process in processes),
+        output=output,
+        results=results,
+    )
+
+
+@pytest.fixture(scope="module")
+def working(tmp_path_factory: pytest.TempPathFactory) -> Launch:
+    result = launch("working", tmp_path_factory.mktemp("working"), WORKING_WAIT_S)
+    assert result.finished, f"the processes did not finish in time (hung):\n{result.output}"
+    assert result.returncodes == (0,) * WORLD_SIZE, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def failing(tmp_path_factory: pytest.TempPathFactory) -> Launch:
+    return launch("failing", tmp_path_factory.mktemp("failing"), FAILING_WAIT_S)
+
+
+def test_a_save_from_every_process_writes_exactly_one_committed_folder(working: Launch) -> None:
+    main, other = working.observed("save_once")
+    assert main["folders"] == other["folders"]
+    assert isinstance(main["folders"], list)
+    assert len(main["folders"]) == 1
+    assert main["committed_on_return"] is True
+    assert other["committed_on_return"] is True
+
+
+def test_every_process_gets_the_same_checkpoint_from_a_save(working: Launch) -> None:
+    main, other = working.observed("save_once")
+    assert main["all_equal"] is True
+    assert other["all_equal"] is True
+    assert main["repr"] == other["repr"]
+
+
+def test_a_state_dict_gathering_every_process_is_saved_whole_and_each_gets_its_own_back(
+    working: Launch,
+) -> None:
+    main, other = working.observed("gathered_state")
+    assert main["file_per_rank"] == other["file_per_rank"] == [100, 101]
+    assert main["value_after_recovery"] == 100
+    assert other["value_after_recovery"] == 101
+    assert main["recovered"] == other["recovered"] is not None
+
+
+def test_save_and_keep_only_leaves_what_one_process_would_and_every_process_agrees(
+    working: Launch, tmp_path: Path
+) -> None:
+    main, other = working.observed("keep_only")
+    alone = keep_only_run(tmp_path)
+    assert main["after_each_save"] == other["after_each_save"] == alone
+    assert main["deleted_by_delete_checkpoints"] == other["deleted_by_delete_checkpoints"]
+    assert main["left"] == other["left"] == ["e"]
+
+
+def test_recover_if_possible_loads_the_newest_checkpoint_on_every_process(
+    working: Launch,
+) -> None:
+    main, other = working.observed("recover_newest")
+    assert isinstance(main["saved"], list)
+    newest = main["saved"][-1]
+    for observed in (main, other):
+        assert observed["found"] == newest
+        assert observed["listed"] == main["saved"]
+        assert observed["recovered"] == newest
+        assert observed["weight"] == 3.0
+
+
+def test_a_corrupted_newest_checkpoint_is_skipped_by_every_process_with_a_warning_on_main(
+    working: Launch,
+) -> None:
+    main, other = working.observed("corrupt_newest")
+    for observed in (main, other):
+        assert observed["recovered"] == main["older"]
+        assert observed["weight"] == 1.0
+    assert isinstance(main["warnings"], list)
+    assert len(main["warnings"]) == 1
+    message, where = main["warnings"][0]
+    assert str(main["newer"]) in message
+    assert "SHA-256" in message
+    assert where == "worker.py"  # the warning points at the caller of recover_if_possible
+    assert other["warnings"] == []
+
+
+def test_an_uncommitted_folder_is_never_loaded_by_any_process(working: Launch) -> None:
+    main, other = working.observed("uncommitted")
+    for observed in (main, other):
+        assert observed["recovered"] == main["committed"]
+        assert observed["weight"] == 1.0
+    assert isinstance(main["warnings"], list)
+    assert [where for _, where in main["warnings"]] == ["worker.py"]
+    assert str(main["uncommitted"]) in main["warnings"][0][0]
+    assert other["warnings"] == []
+
+
+def test_main_failing_to_save_makes_the_others_raise_instead_of_hanging(failing: Launch) -> None:
+    main, other = failing.observed("main_fails_to_save")
+    assert isinstance(main["raised"], dict)
+    assert main["raised"]["type"] == "OSError"
+    assert "No space left on device" in main["raised"]["message"]
+    assert isinstance(other["raised"], dict)
+    assert other["raised"]["type"] == "CheckpointError"
+    assert "the main process failed to save" in other["raised"]["message"]
+    assert "No space left on device" in other["raised"]["message"]
+    assert main["folders"] == other["folders"] == []
+    assert failing.returncodes == (0,) * WORLD_SIZE, failing.output
+
+
+def test_a_state_dict_failing_on_one_process_makes_every_process_raise_and_nothing_is_saved(
+    failing: Launch,
+) -> None:
+    main, other = failing.observed("state_dict_fails_on_one_process")
+    assert isinstance(main["raised"], dict)
+    assert main["raised"]["type"] == "CheckpointError"
+    assert "process 1: RuntimeError: state_dict broke on process 1" in main["raised"]["message"]
+    assert other["raised"] == {"type": "RuntimeError", "message": "state_dict broke on process 1"}
+    assert main["folders"] == other["folders"] == []
+
+
+def test_processes_loading_different_checkpoints_all_raise_and_load_nothing(
+    failing: Launch,
+) -> None:
+    for observed in failing.observed("different_checkpoints"):
+        assert isinstance(observed["raised"], dict)
+        assert observed["raised"]["type"] == "CheckpointError"
+        assert "disagree" in observed["raised"]["message"]
+        assert observed["weight"] == 0.0
+
+
+def test_a_process_failing_to_verify_its_files_stops_every_process_from_loading(
+    failing: Launch,
+) -> None:
+    main, other = failing.observed("one_process_fails_to_verify")
+    assert isinstance(main["raised"], dict)
+    assert main["raised"]["type"] == "CheckpointError"
+    assert "process 1: CorruptCheckpointError" in main["raised"]["message"]
+    assert isinstance(other["raised"], dict)
+    assert other["raised"]["type"] == "CorruptCheckpointError"
+    assert "SHA-256" in other["raised"]["message"]
+    # The main process's files were fine, but it changed nothing either.
+    assert main["weight"] == other["weight"] == 0.0
+
+
+def test_without_a_process_group_no_collective_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a collective ran without a process group")
+
+    for collective in ("broadcast_object_list", "all_gather_object", "barrier"):
+        monkeypatch.setattr(dist, collective, refuse)
+    model = torch.nn.Linear(1, 1, bias=False)
+    checkpointer = Checkpointer(tmp_path, {"model": model})
+    saved = checkpointer.save_and_keep_only(num_to_keep=1)
+    assert checkpointer.find_checkpoint() == saved
+    assert checkpointer.recover_if_possible() == saved
+    checkpointer.load_checkpoint(saved)
+    assert checkpointer.delete_checkpoints(num_to_keep=1) == []
