@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from examples.digits import demo
 from examples.digits.train import TARGET_ACCURACY, DigitsHparams, main
+from tests.test_ddp import free_port
 from typedbrain import HparamsError, load_hparams, split_run_options, structure_hparams
 
 pytestmark = pytest.mark.slow
@@ -65,3 +69,36 @@ def test_the_demo_stops_the_recipe_resumes_it_and_inspects_it(
     assert epochs == list(range(1, len(epochs) + 1))
     assert len(epochs) > demo.STOP_AFTER_EPOCHS
     assert entries[-1]["test"] is not None
+
+
+def test_the_recipe_runs_unchanged_under_torchrun_on_two_processes(tmp_path: Path) -> None:
+    folder = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(RECIPE.parent / "train.py"),
+        str(RECIPE),
+        "--number_of_epochs",
+        "8",  # each step sees twice the examples, so there are half as many steps per epoch
+        "--output_folder",
+        str(folder),
+        "--noprogressbar",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    accuracies = re.findall(r"test accuracy: ([0-9.]+)%", done.stdout)
+    assert len(accuracies) == 2  # each process prints the same, reduced accuracy
+    assert accuracies[0] == accuracies[1]
+    assert float(accuracies[0]) / 100 >= TARGET_ACCURACY
+    # One process wrote the logs and the checkpoints, each epoch once.
+    entries = (folder / "train_log.jsonl").read_text().splitlines()
+    epochs = [json.loads(line)["epoch"] for line in entries]
+    assert epochs == [*range(1, len(epochs)), None]
+    assert all((path / "MANIFEST.json").exists() for path in (folder / "save").iterdir())

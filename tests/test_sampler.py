@@ -251,3 +251,25 @@ def test_mix_seed_is_stable_and_separates_its_inputs() -> None:
     assert all(0 <= seed < 2**63 for seed in seeds_seen)
     # A fixed value: the derivation must not change between releases, or resumes would break.
     assert mix_seed("typedbrain.sampler", 0, 0) == 3018279082612143911
+
+
+@given(
+    n=st.integers(0, 50),
+    world_size=st.integers(1, 4),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 1000),
+    epoch=st.integers(0, 5),
+)
+def test_unpadded_shards_partition_the_epoch_without_repeats(
+    n: int, world_size: int, shuffle: bool, seed: int, epoch: int
+) -> None:
+    shards = []
+    for rank in range(world_size):
+        sampler = ResumableSampler(
+            n, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, pad=False
+        )
+        sampler.set_epoch(epoch)
+        shards.append(list(sampler))
+        assert len(sampler) == len(shards[-1])
+    assert sorted(index for shard in shards for index in shard) == list(range(n))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1

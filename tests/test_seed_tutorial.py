@@ -182,7 +182,10 @@ def test_brain_registers_its_state_with_the_checkpointer() -> None:
     state = checkpointer.recoverables["brain"]
     assert isinstance(state, sb.Stateful)
     brain.fit(range(2), dict_batches(3), progressbar=False)
-    saved = state.state_dict()
+    ranks = state.state_dict()["ranks"]
+    assert isinstance(ranks, list)
+    assert len(ranks) == 1  # one process
+    saved = ranks[0]
     assert saved["gradients"] == []  # no accumulation window was open
     run_state = saved["state"]
     assert isinstance(run_state, dict)

@@ -23,7 +23,17 @@ from typedbrain._config import load_hparams as load_hparams
 from typedbrain._config import split_run_options as split_run_options
 from typedbrain._data import DataSource as DataSource
 from typedbrain._data import LoaderKwargs as LoaderKwargs
+from typedbrain._data import Shard as Shard
+from typedbrain._distributed import all_gather_object as all_gather_object
+from typedbrain._distributed import all_reduce_mean as all_reduce_mean
+from typedbrain._distributed import all_reduce_sum as all_reduce_sum
+from typedbrain._distributed import barrier as barrier
+from typedbrain._distributed import broadcast_object as broadcast_object
+from typedbrain._distributed import get_rank as get_rank
+from typedbrain._distributed import get_world_size as get_world_size
 from typedbrain._distributed import if_main_process as if_main_process
+from typedbrain._distributed import is_distributed as is_distributed
+from typedbrain._distributed import main_process_only as main_process_only
 from typedbrain._distributed import run_on_main as run_on_main
 from typedbrain._epochs import EpochCounter as EpochCounter
 from typedbrain._epochs import EpochCounterWithStopper as EpochCounterWithStopper
@@ -32,6 +42,7 @@ from typedbrain._errors import CheckpointError as CheckpointError
 from typedbrain._errors import CheckpointWarning as CheckpointWarning
 from typedbrain._errors import ConfigurationError as ConfigurationError
 from typedbrain._errors import CorruptCheckpointError as CorruptCheckpointError
+from typedbrain._errors import DistributedError as DistributedError
 from typedbrain._errors import HookContractError as HookContractError
 from typedbrain._errors import HparamsError as HparamsError
 from typedbrain._errors import HparamsProblem as HparamsProblem
@@ -48,6 +59,10 @@ from typedbrain._errors import TypedBrainError as TypedBrainError
 from typedbrain._errors import UnsafeCheckpointError as UnsafeCheckpointError
 from typedbrain._experiment import create_experiment_directory as create_experiment_directory
 from typedbrain._hparams import Hparams as Hparams
+from typedbrain._launch import LaunchInfo as LaunchInfo
+from typedbrain._launch import detect_launch as detect_launch
+from typedbrain._launch import init_distributed as init_distributed
+from typedbrain._launch import shutdown_distributed as shutdown_distributed
 from typedbrain._manifest import Checkpoint as Checkpoint
 from typedbrain._manifest import CheckpointFile as CheckpointFile
 from typedbrain._manifest import JsonValue as JsonValue
@@ -95,6 +110,7 @@ __all__ = [
     "ConfigurationError",
     "CorruptCheckpointError",
     "DataSource",
+    "DistributedError",
     "EpochCounter",
     "EpochCounterWithStopper",
     "FileTrainLogger",
@@ -106,6 +122,7 @@ __all__ = [
     "HparamsT",
     "JsonValue",
     "JsonlTrainLogger",
+    "LaunchInfo",
     "LoadedHparams",
     "LoaderKwargs",
     "LogEntry",
@@ -128,6 +145,7 @@ __all__ = [
     "RunOptionsDict",
     "RunOptionsError",
     "ScalarWriter",
+    "Shard",
     "Stage",
     "StatValue",
     "Stateful",
@@ -139,11 +157,22 @@ __all__ = [
     "TypedBrainError",
     "UnsafeCheckpointError",
     "__version__",
+    "all_gather_object",
+    "all_reduce_mean",
+    "all_reduce_sum",
     "average_checkpoints",
+    "barrier",
+    "broadcast_object",
     "create_experiment_directory",
+    "detect_launch",
+    "get_rank",
+    "get_world_size",
     "if_main_process",
+    "init_distributed",
+    "is_distributed",
     "load_hparams",
     "load_typed_hparams",
+    "main_process_only",
     "mark_as_loader",
     "mark_as_saver",
     "parse_arguments",
@@ -151,6 +180,7 @@ __all__ = [
     "read_jsonl_log",
     "register_checkpoint_hooks",
     "run_on_main",
+    "shutdown_distributed",
     "split_run_options",
     "structure_hparams",
     "verify_checkpoint",

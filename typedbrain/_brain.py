@@ -18,6 +18,7 @@ from typing import TypeVar as TypeVarType
 
 import attrs
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import TypeVar, Unpack
@@ -25,10 +26,11 @@ from typing_extensions import TypeVar, Unpack
 from typedbrain._data import (
     DataSource,
     LoaderKwargs,
+    Shard,
     loader_length,
     make_dataloader,
 )
-from typedbrain._distributed import default_device, if_main_process
+from typedbrain._distributed import default_device, if_main_process, is_distributed
 from typedbrain._epochs import EpochCounter
 from typedbrain._errors import (
     CheckpointError,
@@ -40,6 +42,7 @@ from typedbrain._errors import (
     TrainingInterruptedError,
 )
 from typedbrain._hparams import Hparams, hparams_items, resolve_hparams
+from typedbrain._launch import detect_launch, init_distributed
 from typedbrain._modules import compile_modules, wrap_modules
 from typedbrain._numerics import (
     autocast,
@@ -178,6 +181,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         )
         if options.device is None:
             options = attrs.evolve(options, device=default_device())
+        if detect_launch() is not None:  # started by torchrun: join (or reuse) the group
+            init_distributed(backend=options.distributed_backend, device=options.device)
         self._plan: StepPlan | None = None
         self.run_opts = options
         self._device = torch.device(cast(str, options.device))
@@ -346,20 +351,32 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     ) -> DataLoader[object]:
         """Turn a dataset into the data loader a stage iterates over.
 
+        The loader's order is a function of a seed and the epoch, so a resumed run skips the
+        batches already consumed without loading them (see ``typedbrain._data``). Under a
+        ``torch.distributed`` process group each process loads its own shard: training shards
+        are padded to the same length on every rank (DDP keeps the ranks in step), validation
+        and test shards are not (no example is counted twice), and the seed is the main
+        process's.
+
         Args:
             dataset: a torch ``Dataset`` or any sequence of examples; a ``DataLoader`` is
                 returned as it is.
             stage: the stage the loader is for.
-            ckpt_prefix: the loader's recoverable name prefix (checkpointed loaders come with
-                resumable sampling).
+            ckpt_prefix: kept for SpeechBrain compatibility; the brain saves the training
+                sampler's state in its own run state.
             loader_kwargs: ``DataLoader`` options (``batch_size``, ``shuffle``...).
         """
-        del ckpt_prefix  # resumable loaders are registered here once they exist
-        loader = (
-            dataset
-            if isinstance(dataset, DataLoader)
-            else make_dataloader(dataset, **loader_kwargs)
-        )
+        del ckpt_prefix
+        if isinstance(dataset, DataLoader):
+            loader = dataset
+        elif is_distributed():
+            shard = Shard(
+                rank=dist.get_rank(), world_size=dist.get_world_size(), pad=stage is Stage.TRAIN
+            )
+            seed = _main_process_seed()
+            loader = make_dataloader(dataset, seed=seed, shard=shard, **loader_kwargs)
+        else:
+            loader = make_dataloader(dataset, **loader_kwargs)
         if stage is Stage.TRAIN:
             self.train_sampler = loader.batch_sampler or loader.sampler
         return loader
@@ -928,7 +945,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             )
             self._close_window(self._plan or self._current_plan())
         self.zero_grad(set_to_none=True)
-        self.on_stage_end(Stage.TRAIN, self.avg_train_loss, epoch)
+        train_loss = self.avg_train_loss
+        if is_distributed():  # the mean over every rank's shard, the same on every rank
+            train_loss = _reduced_mean(train_loss, self._averaged)
+        self.on_stage_end(Stage.TRAIN, train_loss, epoch)
         self.avg_train_loss = 0.0
         self._end_stage()
 
@@ -1096,6 +1116,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 stage.name,
                 self._skipped,
             )
+        if is_distributed():  # every rank evaluated its own shard: the mean is over them all
+            avg_loss = _reduced_mean(avg_loss, self._averaged)
         return avg_loss
 
     def _enter_profiler(self, stack: ExitStack) -> torch.profiler.profile | None:
@@ -1115,6 +1137,21 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if logger.isEnabledFor(logging.INFO):
             table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
             logger.info("training profile:\n%s", table)
+
+
+def _main_process_seed() -> int:
+    """A data seed drawn on the main process (from its torch RNG) and shared with every rank."""
+    seed = [int(torch.empty((), dtype=torch.int64).random_().item())]
+    dist.broadcast_object_list(seed, src=0)
+    return int(seed[0])
+
+
+def _reduced_mean(mean: float, count: int) -> float:
+    """The mean over every rank of per-rank means of ``count`` values each (collective)."""
+    totals = torch.tensor([mean * count, float(count)], dtype=torch.float64)
+    dist.all_reduce(totals)
+    total, counted = totals.tolist()
+    return total / counted if counted else 0.0
 
 
 def _declared_hparams(cls: type[object]) -> object:
@@ -1203,23 +1240,46 @@ class _RunStateRecoverable:
         )
 
     def state_dict(self) -> dict[str, object]:
+        """This process's run state; under a process group, every rank's (a collective)."""
         state = self.snapshot()
         gradients: list[Tensor | None] = []
         if state.window:
             gradients = [
-                None if parameter.grad is None else parameter.grad.detach().clone()
+                None if parameter.grad is None else parameter.grad.detach().cpu().clone()
                 for parameter in self._brain._current_plan().parameters
             ]
-        return {"state": converter.unstructure(state), "gradients": gradients}
+        own: dict[str, object] = {"state": converter.unstructure(state), "gradients": gradients}
+        ranks: list[object] = [own]
+        if is_distributed():
+            # Each rank's generators, partial gradients and counters differ: keep them all.
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, own)
+        return {"ranks": ranks}
 
     def load_state_dict(self, state_dict: Mapping[str, object], /) -> None:
+        """Take this rank's entry of a saved run state; see :meth:`state_dict`."""
         source = "the brain's run state"
-        if set(state_dict) != {"state", "gradients"}:
+        ranks = state_dict.get("ranks")
+        if set(state_dict) != {"ranks"} or not isinstance(ranks, list) or not ranks:
             raise CheckpointError(
-                f"{source} should hold 'state' and 'gradients', found {sorted(state_dict)}"
+                f"{source} should hold a non-empty 'ranks' list, found keys {sorted(state_dict)}"
             )
-        state = structure_state(state_dict["state"], RunState, source=source)
-        gradients = state_dict["gradients"]
+        world_size = dist.get_world_size() if is_distributed() else 1
+        rank = dist.get_rank() if is_distributed() else 0
+        if len(ranks) != world_size:
+            warnings.warn(
+                f"the checkpoint was saved by {len(ranks)} processes and this run has "
+                f"{world_size}: each process takes the saved state of rank "
+                f"{min(rank, len(ranks) - 1)}, and the run will not continue exactly as the "
+                "interrupted one would have",
+                ResumeWarning,
+                stacklevel=2,
+            )
+        own = ranks[min(rank, len(ranks) - 1)]
+        if not isinstance(own, Mapping) or set(own) != {"state", "gradients"}:
+            raise CheckpointError(f"{source}: a rank's entry should hold 'state' and 'gradients'")
+        state = structure_state(own["state"], RunState, source=source)
+        gradients = own["gradients"]
         if not isinstance(gradients, list) or not all(
             gradient is None or isinstance(gradient, Tensor) for gradient in gradients
         ):

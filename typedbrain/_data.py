@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence, Sized
 from typing import Any, SupportsIndex, TypeAlias, TypedDict, cast
 
+import attrs
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
@@ -35,6 +36,7 @@ from typedbrain._sampler import (
 __all__ = [
     "DataSource",
     "LoaderKwargs",
+    "Shard",
     "find_resumable_sampler",
     "loader_length",
     "make_dataloader",
@@ -198,6 +200,23 @@ class _SeededBatchedDataset(_SeededDataset):
         return fetch(indices)
 
 
+@attrs.frozen
+class Shard:
+    """Which part of each epoch a process loads under distributed training.
+
+    Attributes:
+        rank: this process's rank.
+        world_size: the number of processes.
+        pad: repeat indices so every rank has as many batches (training, where DDP needs the
+            ranks in step); ``False`` for validation and test, where a repeated sample would be
+            counted twice.
+    """
+
+    rank: int
+    world_size: int
+    pad: bool = True
+
+
 def _draw_seed(generator: torch.Generator | None) -> int:
     return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
 
@@ -206,6 +225,7 @@ def make_dataloader(
     dataset: Dataset[object] | Sequence[object],
     *,
     seed: int | None = None,
+    shard: Shard | None = None,
     **loader_kwargs: Unpack[LoaderKwargs],
 ) -> DataLoader[object]:
     """A ``DataLoader`` over ``dataset`` whose order and randomness resume exactly.
@@ -231,6 +251,8 @@ def make_dataloader(
         seed: the seed of the order and of the workers' randomness. ``None`` draws one, once,
             here: from your ``generator`` if you pass one, else from the global torch RNG (so a
             script that calls ``torch.manual_seed`` first gets the same seed every run).
+        shard: this process's part of each epoch under distributed training: the sampler
+            built here takes only this rank's indices (see :class:`Shard`).
         loader_kwargs: ``DataLoader`` options (``batch_size``, ``shuffle``...).
 
     Raises:
@@ -264,7 +286,14 @@ def make_dataloader(
     seed = _draw_seed(user_generator) if seed is None else check_int("seed", seed, minimum=None)
     if loader_kwargs.get("sampler") is None and loader_kwargs.get("batch_sampler") is None:
         shuffle = loader_kwargs.pop("shuffle", None)
-        loader_kwargs["sampler"] = ResumableSampler(dataset, shuffle=bool(shuffle), seed=seed)
+        loader_kwargs["sampler"] = ResumableSampler(
+            dataset,
+            shuffle=bool(shuffle),
+            seed=seed,
+            rank=0 if shard is None else shard.rank,
+            world_size=1 if shard is None else shard.world_size,
+            pad=True if shard is None else shard.pad,
+        )
     generator: torch.Generator | None = None
     if user_generator is None:
         generator = torch.Generator()

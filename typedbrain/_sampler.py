@@ -99,7 +99,10 @@ class ResumableSampler(Sampler[int]):
     seeded from a hash of (seed, epoch), or ``0 .. n-1`` without shuffling; the global RNG is
     never used. With ``world_size > 1`` the permutation is padded by repeating it from the start
     to a multiple of ``world_size``, and rank ``r`` takes positions ``r, r + world_size, ...``
-    (``DistributedSampler``'s layout), so the ranks partition the padded epoch.
+    (``DistributedSampler``'s layout), so the ranks partition the padded epoch. With
+    ``pad=False`` (for evaluation, where a repeated sample would be counted twice) nothing is
+    repeated: the ranks partition the epoch exactly and the first ``n % world_size`` ranks get
+    one index more.
 
     Example:
         >>> sampler = ResumableSampler(10, shuffle=True, seed=7)
@@ -118,6 +121,8 @@ class ResumableSampler(Sampler[int]):
         seed: the seed the orders derive from; the same seed gives the same orders anywhere.
         rank: this process's rank, ``0 <= rank < world_size``.
         world_size: the number of ranks sharing the epoch.
+        pad: repeat indices so that every rank gets as many (training); ``False`` shards
+            without repeats (evaluation).
 
     Raises:
         ConfigurationError: an argument of the wrong type or out of range (the message names it
@@ -132,6 +137,7 @@ class ResumableSampler(Sampler[int]):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        pad: bool = True,
     ) -> None:
         if isinstance(data_source, int) and not isinstance(data_source, bool):
             check_int("data_source", data_source, minimum=0)
@@ -151,6 +157,7 @@ class ResumableSampler(Sampler[int]):
         self._seed = seed
         self._rank = rank
         self._world_size = world_size
+        self._pad = pad
         self._epoch = 0
         self._position = 0
 
@@ -211,6 +218,8 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         """The number of indices this rank yields per epoch, padding included."""
+        if not self._pad:
+            return len(range(self._rank, self._size(), self._world_size))
         return (self._size() + self._world_size - 1) // self._world_size
 
     def epoch_order(self) -> torch.Tensor:
@@ -229,8 +238,8 @@ class ResumableSampler(Sampler[int]):
             order = torch.arange(size, dtype=torch.int64)
         if self._world_size == 1:
             return order
-        total = len(self) * self._world_size
-        if total > size:
+        total = -(-size // self._world_size) * self._world_size
+        if self._pad and total > size:
             order = order.repeat(-(-total // size))[:total]
         return order[self._rank :: self._world_size]
 

@@ -17,6 +17,10 @@ The pieces, and how the types connect them:
   intra-epoch checkpoints (stop it with Ctrl-C or SIGTERM and run it again: it resumes exactly),
   then test the checkpoint with the lowest validation error.
 
+The same script runs on several processes, unchanged::
+
+    torchrun --nproc_per_node 2 examples/digits/train.py examples/digits/hparams.yaml
+
 The data (1,797 grey-scale 8x8 images of the digits 0-9) ship with scikit-learn: nothing is
 downloaded.
 """
@@ -165,7 +169,10 @@ class DigitsBrain(tb.Brain[Batch, Tensor, DigitsHparams]):
         if stage is tb.Stage.TRAIN:
             self._train_loss = stage_loss
             return
-        error = self._errors / self._seen if self._seen else math.nan
+        # Under torchrun each process saw its own shard: add up the counts of every process
+        # (without a process group this is the identity).
+        errors, seen = tb.all_reduce_sum(torch.tensor([self._errors, self._seen])).tolist()
+        error = errors / seen if seen else math.nan
         if stage is tb.Stage.TEST:
             self.test_accuracy = 1.0 - error
             stats = {"loss": stage_loss, "error": error}

@@ -1,0 +1,45 @@
+"""One rank of the resume harness under torch.distributed: ``python -m tests.ddp.resume_worker
+CONFIG FOLDER OUT [STOP_AT]``.
+
+CONFIG is a JSON :class:`~tests.resume_harness.RunConfig`; every rank checkpoints into FOLDER
+(the main process writes), crashes at forward pass STOP_AT if given (every rank at the same
+pass, as a job-wide failure would), and writes its final state to ``OUT.<rank>`` when the run
+completes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tests.resume_harness import RunConfig, SimulatedCrashError, final_state, run
+from typedbrain._state import converter
+
+
+def main(argv: list[str]) -> int:
+    config_path, folder, out, *rest = argv
+    config = converter.structure(json.loads(Path(config_path).read_text()), RunConfig)
+    stop_at = int(rest[0]) if rest else None
+    dist.init_process_group("gloo")
+    try:
+        try:
+            brain = run(config, Path(folder), stop_at=stop_at)
+        except SimulatedCrashError:
+            dist.barrier()  # every rank crashed at the same pass; leave together
+            return 3
+        torch.save(final_state(brain), f"{out}.{dist.get_rank()}")
+        # Leave together: a rank that tears its group down while the other still talks to it
+        # can make gloo abort the other process.
+        dist.barrier()
+        return 0
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,91 @@
+"""One rank of a 2-process test job: ``python -m tests.ddp.worker MODE OUT`` under torchrun's env.
+
+Modes:
+    train: train a small regression model on 24 examples, writing the final parameters.
+    evaluate-24, evaluate-25: evaluate a fixed model on 24 or 25 examples, writing the mean
+        loss and the number of examples this rank and all ranks saw.
+
+The process group is initialised from the environment (RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT), as ``torchrun`` sets it; each rank writes ``OUT.<rank>``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import typedbrain as sb
+
+Batch = tuple[Tensor, Tensor]
+FEATURES = 3
+
+
+def examples(count: int) -> list[Batch]:
+    """``count`` fixed (input, target) pairs: the same on every rank and in every process."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(count, FEATURES, generator=generator)
+    targets = inputs.sum(dim=1, keepdim=True) + 0.1 * torch.randn(count, 1, generator=generator)
+    return [(inputs[index], targets[index]) for index in range(count)]
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Linear(FEATURES, 1)
+
+
+class Regressor(sb.Brain[Batch, Tensor]):
+    def compute_forward(self, batch: Batch, stage: sb.Stage) -> Tensor:
+        predictions: Tensor = self.modules["model"](batch[0])
+        return predictions
+
+    def compute_objectives(self, predictions: Tensor, batch: Batch, stage: sb.Stage) -> Tensor:
+        if stage is not sb.Stage.TRAIN:
+            self.seen += len(batch[1])
+        return torch.nn.functional.mse_loss(predictions, batch[1])
+
+    seen = 0
+
+
+def brain(module: torch.nn.Module) -> Regressor:
+    return Regressor(
+        {"model": module},
+        lambda params: torch.optim.SGD(params, lr=0.05),
+        run_opts={"device": "cpu", "max_grad_norm": 0.0, "noprogressbar": True},
+    )
+
+
+def train(batch_size: int) -> torch.nn.Module:
+    module = model()
+    brain(module).fit(range(3), examples(24), train_loader_kwargs={"batch_size": batch_size})
+    return module
+
+
+def evaluate(count: int, batch_size: int) -> tuple[float, int]:
+    evaluator = brain(model())
+    loss = evaluator.evaluate(examples(count), test_loader_kwargs={"batch_size": batch_size})
+    return loss, evaluator.seen
+
+
+def main(mode: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        rank = dist.get_rank()
+        if mode == "train":
+            result: object = train(batch_size=4).state_dict()
+        else:
+            loss, seen = evaluate(int(mode.removeprefix("evaluate-")), batch_size=4)
+            total = torch.tensor([seen])
+            dist.all_reduce(total)
+            result = {"loss": loss, "seen": seen, "total": int(total.item())}
+        torch.save(result, f"{out}.{rank}")
+        dist.barrier()  # leave together (see tests/ddp/resume_worker.py)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

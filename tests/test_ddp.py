@@ -1,0 +1,175 @@
+"""The brain under torch.distributed: 2 processes, gloo, on this machine's CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+
+from tests.ddp.worker import evaluate, train
+from tests.resume_harness import RunConfig, differences
+from typedbrain._state import converter
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_ranks(module: str, *arguments: str, world_size: int = 2) -> list[subprocess.Popen[bytes]]:
+    """Start ``world_size`` ranks of ``python -m module arguments`` as torchrun would."""
+    port = free_port()
+    processes = []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", module, *arguments],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
+    return processes
+
+
+def finish_ranks(
+    processes: list[subprocess.Popen[bytes]], timeout: float = 120, *, killed: bool = False
+) -> list[int]:
+    """Wait for every rank (killing them all on a timeout); their exit statuses.
+
+    With ``killed``, the job was just SIGKILLed: a rank that lost its peer an instant before
+    its own SIGKILL arrived may have aborted instead (gloo terminates the process).
+    """
+    allowed = {0, 3, -signal.SIGKILL} | ({-signal.SIGABRT} if killed else set())
+    try:
+        codes = []
+        for rank, process in enumerate(processes):
+            _, stderr = process.communicate(timeout=timeout)
+            codes.append(process.returncode)
+            if process.returncode not in allowed:
+                raise AssertionError(f"rank {rank}: {stderr.decode(errors='replace')}")
+        return codes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+
+
+def run_ranks(module: str, *arguments: str) -> None:
+    assert finish_ranks(start_ranks(module, *arguments)) == [0, 0]
+
+
+def load(path: Path) -> dict[str, object]:
+    loaded = torch.load(path, weights_only=True)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def test_two_ranks_with_batch_b_train_like_one_process_with_batch_2b(tmp_path: Path) -> None:
+    run_ranks("tests.ddp.worker", "train", str(tmp_path / "ddp"))
+    expected = train(batch_size=8).state_dict()
+    for rank in (0, 1):
+        trained = load(tmp_path / f"ddp.{rank}")
+        for name, value in expected.items():
+            found = trained[name]
+            assert isinstance(found, torch.Tensor)
+            torch.testing.assert_close(found, value, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_evaluation_returns_the_single_process_loss(tmp_path: Path) -> None:
+    # 24 examples in batches of 4: every batch is full in both layouts, so the mean of the
+    # batch means is the mean over examples either way.
+    run_ranks("tests.ddp.worker", "evaluate-24", str(tmp_path / "eval"))
+    single_loss, _ = evaluate(24, batch_size=4)
+    results = [load(tmp_path / f"eval.{rank}") for rank in (0, 1)]
+    assert [result["seen"] for result in results] == [12, 12]
+    for result in results:
+        loss = result["loss"]
+        assert isinstance(loss, float)
+        assert loss == pytest.approx(single_loss, rel=1e-6)
+
+
+def test_uneven_shards_count_every_example_exactly_once(tmp_path: Path) -> None:
+    run_ranks("tests.ddp.worker", "evaluate-25", str(tmp_path / "eval"))
+    results = [load(tmp_path / f"eval.{rank}") for rank in (0, 1)]
+    assert [result["seen"] for result in results] == [13, 12]  # not padded to 13 + 13
+    assert [result["total"] for result in results] == [25, 25]
+    assert results[0]["loss"] == results[1]["loss"]  # reduced: the same on every rank
+
+
+# Bit-exact resume on 2 ranks: the harness of tests/test_resume.py, run by two processes.
+
+DDP_RUN = RunConfig(
+    data_seed=4, samples=32, batch_size=2, epochs=2, accumulation=2, dropout=0.3, augment=True
+)
+
+
+def resume_job(config: RunConfig, folder: Path, out: Path, stop_at: int | None = None) -> list[int]:
+    config_path = folder.parent / f"{folder.name}.json"
+    config_path.write_text(json.dumps(converter.unstructure(config)))
+    extra = [] if stop_at is None else [str(stop_at)]
+    return finish_ranks(
+        start_ranks("tests.ddp.resume_worker", str(config_path), str(folder), str(out), *extra)
+    )
+
+
+def test_two_ranks_crashing_together_resume_bit_for_bit(tmp_path: Path) -> None:
+    assert resume_job(DDP_RUN, tmp_path / "straight", tmp_path / "straight.pt") == [0, 0]
+    folder, out = tmp_path / "broken", tmp_path / "broken.pt"
+    # 8 training and 4 validation passes per epoch on each rank: crash in epoch 2's training,
+    # after its checkpoint at batch 2, and inside an accumulation window.
+    assert resume_job(DDP_RUN, folder, out, stop_at=16) == [3, 3]
+    assert resume_job(DDP_RUN, folder, out) == [0, 0]
+    for rank in (0, 1):
+        expected = load(tmp_path / f"straight.pt.{rank}")
+        assert differences(expected, load(tmp_path / f"broken.pt.{rank}")) == []
+
+
+def test_a_job_killed_at_random_moments_resumes_bit_for_bit(tmp_path: Path) -> None:
+    config = attrs.evolve(DDP_RUN, samples=400, epochs=4)  # about 20 s
+    assert resume_job(config, tmp_path / "straight", tmp_path / "straight.pt") == [0, 0]
+    folder, out = tmp_path / "killed", tmp_path / "killed.pt"
+    config_path = tmp_path / "killed.json"
+    config_path.write_text(json.dumps(converter.unstructure(config)))
+    chooser = random.Random(5)
+    kills = 0
+    for _ in range(4):
+        processes = start_ranks("tests.ddp.resume_worker", str(config_path), str(folder), str(out))
+        time.sleep(chooser.uniform(2.5, 6.0))
+        if any(process.poll() is not None for process in processes):
+            finish_ranks(processes)
+            break
+        for process in processes:
+            process.kill()  # SIGKILL, the whole job at once
+        finish_ranks(processes, killed=True)
+        kills += 1
+    if not (tmp_path / "killed.pt.0").exists():
+        assert resume_job(config, folder, out) == [0, 0]
+    assert kills >= 2, "the job finished before it could be killed often enough"
+    for rank in (0, 1):
+        expected = load(tmp_path / f"straight.pt.{rank}")
+        assert differences(expected, load(tmp_path / f"killed.pt.{rank}")) == []
