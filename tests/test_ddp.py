@@ -18,6 +18,7 @@ import torch
 
 from tests.ddp.worker import evaluate, train
 from tests.resume_harness import RunConfig, differences
+from typedbrain._modules import sync_batchnorm
 from typedbrain._state import converter
 
 pytestmark = pytest.mark.slow
@@ -100,6 +101,38 @@ def test_two_ranks_with_batch_b_train_like_one_process_with_batch_2b(tmp_path: P
             torch.testing.assert_close(found, value, rtol=1e-5, atol=1e-6)
 
 
+def test_without_sync_batchnorm_each_rank_keeps_its_own_statistics(tmp_path: Path) -> None:
+    run_ranks("tests.ddp.worker", "batchnorm-local", str(tmp_path / "bn"))
+    results = [load(tmp_path / f"bn.{rank}") for rank in (0, 1)]
+    assert [result["layer"] for result in results] == ["BatchNorm1d", "BatchNorm1d"]
+    means = [result["running_mean"] for result in results]
+    assert isinstance(means[0], torch.Tensor)
+    assert isinstance(means[1], torch.Tensor)
+    assert not torch.allclose(means[0], means[1])  # each rank saw other examples
+
+
+def test_sync_batchnorm_on_cpu_is_a_clear_error_on_every_rank(tmp_path: Path) -> None:
+    processes = start_ranks("tests.ddp.worker", "batchnorm-sync", str(tmp_path / "bn"))
+    try:
+        outputs = [process.communicate(timeout=120)[1].decode() for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert [process.returncode for process in processes] == [1, 1]
+    for output in outputs:
+        assert "ConfigurationError: run option sync_batchnorm=True needs CUDA devices" in output
+
+
+def test_sync_batchnorm_turns_batch_norm_layers_into_synchronised_ones() -> None:
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    names = list(module.state_dict())
+    converted = sync_batchnorm(module)
+    assert converted is module  # changed in place: a checkpointer holding it sees the change
+    assert isinstance(module[1], torch.nn.SyncBatchNorm)
+    assert list(module.state_dict()) == names
+
+
 def test_sharded_evaluation_returns_the_single_process_loss(tmp_path: Path) -> None:
     # 24 examples in batches of 4: every batch is full in both layouts, so the mean of the
     # batch means is the mean over examples either way.
@@ -137,18 +170,6 @@ def resume_job(config: RunConfig, folder: Path, out: Path, stop_at: int | None =
     )
 
 
-def test_two_ranks_crashing_together_resume_bit_for_bit(tmp_path: Path) -> None:
-    assert resume_job(DDP_RUN, tmp_path / "straight", tmp_path / "straight.pt") == [0, 0]
-    folder, out = tmp_path / "broken", tmp_path / "broken.pt"
-    # 8 training and 4 validation passes per epoch on each rank: crash in epoch 2's training,
-    # after its checkpoint at batch 2, and inside an accumulation window.
-    assert resume_job(DDP_RUN, folder, out, stop_at=16) == [3, 3]
-    assert resume_job(DDP_RUN, folder, out) == [0, 0]
-    for rank in (0, 1):
-        expected = load(tmp_path / f"straight.pt.{rank}")
-        assert differences(expected, load(tmp_path / f"broken.pt.{rank}")) == []
-
-
 def test_a_job_killed_at_random_moments_resumes_bit_for_bit(tmp_path: Path) -> None:
     config = attrs.evolve(DDP_RUN, samples=400, epochs=4)  # about 20 s
     assert resume_job(config, tmp_path / "straight", tmp_path / "straight.pt") == [0, 0]
@@ -173,3 +194,60 @@ def test_a_job_killed_at_random_moments_resumes_bit_for_bit(tmp_path: Path) -> N
     for rank in (0, 1):
         expected = load(tmp_path / f"straight.pt.{rank}")
         assert differences(expected, load(tmp_path / f"killed.pt.{rank}")) == []
+
+
+def torchrun_job(config: RunConfig, folder: Path, out: Path, stop_at: int | None = None) -> int:
+    """Run the harness on 2 ranks launched by torchrun; torchrun's exit status."""
+    config_path = folder.parent / f"{folder.name}.json"
+    config_path.write_text(json.dumps(converter.unstructure(config)))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "tests.ddp.resume_worker",
+        str(config_path),
+        str(folder),
+        str(out),
+        *([] if stop_at is None else [str(stop_at)]),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=300, check=False)
+    return done.returncode
+
+
+# Each rank runs 8 training and 4 validation passes per epoch, with a checkpoint every 2
+# training batches and an optimizer step every 2.
+STOP_POINTS = {
+    "mid-accumulation, after a checkpoint": 16,
+    "right after a checkpoint": 15,
+    "in validation": 11,
+    "first pass of an epoch": 13,
+    "first pass of the run": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_torchrun_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The final states of an uninterrupted 2-rank run: ``straight.pt.<rank>`` in the folder."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    assert torchrun_job(DDP_RUN, folder / "straight", folder / "straight.pt") == 0
+    return folder
+
+
+@pytest.mark.parametrize("stop_at", STOP_POINTS.values(), ids=STOP_POINTS.keys())
+def test_a_torchrun_job_stopped_anywhere_and_restarted_with_torchrun_ends_identical(
+    stop_at: int, tmp_path: Path, uninterrupted_torchrun_job: Path
+) -> None:
+    folder, out = tmp_path / "broken", tmp_path / "broken.pt"
+    assert torchrun_job(DDP_RUN, folder, out, stop_at=stop_at) != 0  # torchrun reports it
+    assert not (tmp_path / "broken.pt.0").exists()
+    assert torchrun_job(DDP_RUN, folder, out) == 0
+    for rank in (0, 1):
+        expected = load(uninterrupted_torchrun_job / f"straight.pt.{rank}")
+        assert differences(expected, load(tmp_path / f"broken.pt.{rank}")) == []

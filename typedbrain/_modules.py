@@ -11,7 +11,7 @@ from typedbrain._distributed import is_distributed
 from typedbrain._errors import ConfigurationError
 from typedbrain._options import RunOptions
 
-__all__ = ["compile_modules", "wrap_modules"]
+__all__ = ["compile_modules", "sync_batchnorm", "wrap_modules"]
 
 
 def _selected(
@@ -57,6 +57,19 @@ def compile_modules(modules: torch.nn.ModuleDict, options: RunOptions, done: set
                 done.add(key)
 
 
+def sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every batch norm layer turned into ``torch.nn.SyncBatchNorm``.
+
+    The layers inside ``module`` are replaced in place, so ``module`` itself is returned (a new
+    object only when ``module`` is itself a batch norm layer); parameter and buffer names do not
+    change, so checkpoints load either way.
+    """
+    converted: torch.nn.Module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(  # type: ignore[no-untyped-call]  # untyped in torch
+        module
+    )
+    return converted
+
+
 def wrap_modules(
     modules: torch.nn.ModuleDict, options: RunOptions, device: torch.device
 ) -> list[DistributedDataParallel]:
@@ -74,8 +87,15 @@ def wrap_modules(
         if not any(p.requires_grad for p in module.parameters()):
             continue
         if is_distributed():
+            if options.sync_batchnorm:
+                if device.type != "cuda":
+                    raise ConfigurationError(
+                        f"run option sync_batchnorm=True needs CUDA devices: torch's "
+                        f"SyncBatchNorm refuses modules on {device}; turn the option off on CPU"
+                    )
+                modules[key] = sync_batchnorm(module)
             wrapper = DistributedDataParallel(
-                module,
+                modules[key],
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=options.find_unused_parameters,
             )

@@ -2,6 +2,8 @@
 
 Modes:
     train: train a small regression model on 24 examples, writing the final parameters.
+    batchnorm-sync, batchnorm-local: train a model with a batch norm layer, with and without
+        ``sync_batchnorm``, writing the layer's type and running mean.
     evaluate-24, evaluate-25: evaluate a fixed model on 24 or 25 examples, writing the mean
         loss and the number of examples this rank and all ranks saw.
 
@@ -69,6 +71,20 @@ def evaluate(count: int, batch_size: int) -> tuple[float, int]:
     return loss, evaluator.seen
 
 
+def batchnorm_statistics(sync: bool) -> dict[str, object]:
+    """Train a model with a batch norm layer for an epoch; its layer type and running mean."""
+    torch.manual_seed(1)
+    module = torch.nn.Sequential(torch.nn.Linear(FEATURES, 2), torch.nn.BatchNorm1d(2))
+    trainer = Regressor(
+        {"model": module},
+        lambda params: torch.optim.SGD(params, lr=0.05),
+        run_opts={"device": "cpu", "noprogressbar": True, "sync_batchnorm": sync},
+    )
+    pairs = [(inputs, targets.expand(2)) for inputs, targets in examples(24)]
+    trainer.fit(range(1), pairs, train_loader_kwargs={"batch_size": 4})
+    return {"layer": type(module[1]).__name__, "running_mean": module[1].running_mean}
+
+
 def main(mode: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -76,6 +92,8 @@ def main(mode: str, out: str) -> None:
         rank = dist.get_rank()
         if mode == "train":
             result: object = train(batch_size=4).state_dict()
+        elif mode.startswith("batchnorm-"):
+            result = batchnorm_statistics(sync=mode == "batchnorm-sync")
         else:
             loss, seen = evaluate(int(mode.removeprefix("evaluate-")), batch_size=4)
             total = torch.tensor([seen])
