@@ -53,6 +53,7 @@ class RunConfig:
     signal_at: int | None = None  # send this process SIGTERM at this forward pass
     kill_at_save: int | None = None  # SIGKILL this process in the middle of its n-th save
     stop_on_signals: bool = True
+    fsdp: bool = False  # under a process group: shard the model with FSDP2 instead of DDP
 
 
 class NoisyDataset(Dataset[Batch]):
@@ -182,6 +183,7 @@ def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, 
             "noprogressbar": True,
             "device": "cpu",
             "stop_on_signals": config.stop_on_signals,
+            "fsdp": config.fsdp,
         },
         checkpointer=checkpointer,
     )

@@ -51,6 +51,7 @@ RUN_OPTION_VALUES: Mapping[str, st.SearchStrategy[object]] = {
     "profile_training": st.booleans(),
     "profile_warmup": _count,
     "profile_steps": _small,
+    "fsdp": st.booleans(),
     "sync_batchnorm": st.booleans(),
     "stop_on_signals": st.booleans(),
 }

@@ -248,6 +248,22 @@ def test_a_torchrun_job_stopped_anywhere_and_restarted_with_torchrun_ends_identi
     assert torchrun_job(DDP_RUN, folder, out, stop_at=stop_at) != 0  # torchrun reports it
     assert not (tmp_path / "broken.pt.0").exists()
     assert torchrun_job(DDP_RUN, folder, out) == 0
+    assert load(out.with_name("broken.pt.0"))["sharded"] is False  # DDP, not FSDP2
     for rank in (0, 1):
         expected = load(uninterrupted_torchrun_job / f"straight.pt.{rank}")
         assert differences(expected, load(tmp_path / f"broken.pt.{rank}")) == []
+
+
+def test_an_fsdp2_job_stopped_mid_epoch_resumes_bit_for_bit(tmp_path: Path) -> None:
+    config = attrs.evolve(DDP_RUN, fsdp=True)
+    assert torchrun_job(config, tmp_path / "straight", tmp_path / "straight.pt") == 0
+    folder, out = tmp_path / "broken", tmp_path / "broken.pt"
+    assert torchrun_job(config, folder, out, stop_at=16) != 0
+    assert torchrun_job(config, folder, out) == 0
+    for rank in (0, 1):
+        expected = load(tmp_path / f"straight.pt.{rank}")
+        assert differences(expected, load(tmp_path / f"broken.pt.{rank}")) == []
+    assert load(tmp_path / "broken.pt.0")["sharded"] is True  # FSDP2 did shard the model
+    # The checkpoint holds full tensors, not shards: the model's full shapes.
+    saved = torch.load(next(folder.glob("*/model.ckpt")), weights_only=True)
+    assert saved["0.weight"].shape == (8, 4)

@@ -51,6 +51,7 @@ SPEECHBRAIN_DEFAULTS: dict[str, object] = {
     "profile_warmup": 5,
     "profile_steps": 5,
     # typedbrain's own, not SpeechBrain's:
+    "fsdp": False,
     "sync_batchnorm": False,
     "stop_on_signals": True,
 }

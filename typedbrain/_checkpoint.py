@@ -286,8 +286,13 @@ class Checkpointer:
             # Every process calls every state_dict, in the same order: one may run collectives
             # (the brain's run state gathers each process's RNG state). Only the main
             # process's states are written.
+            # FSDP2-sharded states (DTensors) are gathered into full tensors: a collective too.
+            # (Imported here: torch.distributed.tensor imports sympy, which adds a warning
+            # filter, and importing typedbrain must change nothing global.)
+            from typedbrain._sharded_state import gathered as full_state
+
             states: dict[str, object] = {
-                recoverable: cast(Stateful, entry.obj).state_dict()
+                recoverable: full_state(cast(Stateful, entry.obj).state_dict())
                 for recoverable, entry in self._recoverables.items()
                 if entry.saver is None
             }
@@ -680,7 +685,7 @@ class Checkpointer:
             if entry.loader is not None:
                 entry.loader(entry.obj, path, checkpoint.end_of_epoch)
             else:
-                cast(Stateful, entry.obj).load_state_dict(states[name])
+                cast(Stateful, entry.obj).load_state_dict(_for_layout(entry.obj, states[name]))
             logger.debug("restored %r from %s", name, path)
         logger.info("loaded checkpoint %s", checkpoint.path)
 
@@ -922,6 +927,17 @@ def _rank(
     # Ties go to the most recent: sequence numbers are unique within a folder.
     selected.sort(key=lambda checkpoint: (key(checkpoint), checkpoint.sequence), reverse=True)
     return selected if max_num_checkpoints is None else selected[:max_num_checkpoints]
+
+
+def _for_layout(obj: object, state: dict[str, Any]) -> dict[str, Any]:
+    """A loaded state, cut to the shards ``obj`` holds when it is FSDP2-sharded."""
+    if not _collective():
+        return state
+    from typedbrain._sharded_state import sharded_for_optimizer, sharded_like  # see full_state
+
+    if isinstance(obj, torch.optim.Optimizer):
+        return sharded_for_optimizer(state, obj)
+    return sharded_like(state, cast(Stateful, obj).state_dict())
 
 
 def _delete_folder(folder: Path) -> None:

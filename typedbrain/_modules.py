@@ -76,8 +76,10 @@ def wrap_modules(
     """Wrap each module with trainable parameters for parallel training, in place.
 
     Under a ``torch.distributed`` process group the modules are wrapped in
-    ``DistributedDataParallel``; otherwise, with ``data_parallel_backend``, in ``DataParallel``.
-    Modules without trainable parameters are left alone.
+    ``DistributedDataParallel``, or, with the ``fsdp`` run option, sharded in place with FSDP2's
+    ``fully_shard`` (gradient accumulation then synchronises every batch). Otherwise, with
+    ``data_parallel_backend``, they are wrapped in ``DataParallel``. Modules without trainable
+    parameters are left alone.
 
     Returns:
         The DDP wrappers (for ``no_sync``); empty without a process group.
@@ -85,6 +87,14 @@ def wrap_modules(
     wrappers: list[DistributedDataParallel] = []
     for key, module in modules.items():
         if not any(p.requires_grad for p in module.parameters()):
+            continue
+        if is_distributed() and options.fsdp:
+            # Imported here: importing FSDP imports sympy, which adds a warning filter.
+            from torch.distributed.fsdp import fully_shard
+
+            # Shards the parameters in place (they become DTensors); the module object stays
+            # the one a checkpointer holds, which saves and loads it as full tensors.
+            fully_shard(module)
             continue
         if is_distributed():
             if options.sync_batchnorm:

@@ -184,6 +184,8 @@ class RunOptions:
         profile_training: profile training with ``torch.profiler``.
         profile_warmup: profiler warm-up steps.
         profile_steps: profiled steps.
+        fsdp: under a process group, shard the modules with trainable parameters with FSDP2
+            (``torch.distributed.fsdp.fully_shard``) instead of wrapping them in DDP.
         sync_batchnorm: under a process group, turn every batch norm layer of the wrapped
             modules into ``torch.nn.SyncBatchNorm`` (statistics over every rank's batch).
         stop_on_signals: on SIGTERM or SIGINT during ``fit``, finish the current batch, save an
@@ -223,6 +225,7 @@ class RunOptions:
     profile_training: bool = attrs.field(default=False, validator=_validate)
     profile_warmup: int = attrs.field(default=5, validator=_validate)
     profile_steps: int = attrs.field(default=5, validator=_validate)
+    fsdp: bool = attrs.field(default=False, validator=_validate)
     sync_batchnorm: bool = attrs.field(default=False, validator=_validate)
     stop_on_signals: bool = attrs.field(default=True, validator=_validate)
 
@@ -349,6 +352,7 @@ class RunOptionsDict(TypedDict, total=False):
     profile_training: bool
     profile_warmup: int
     profile_steps: int
+    fsdp: bool
     sync_batchnorm: bool
     stop_on_signals: bool
 
@@ -431,5 +435,6 @@ class RunOptionAttributes:
     profile_training = _RunOption[bool]()
     profile_warmup = _RunOption[int]()
     profile_steps = _RunOption[int]()
+    fsdp = _RunOption[bool]()
     sync_batchnorm = _RunOption[bool]()
     stop_on_signals = _RunOption[bool]()

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from tests.resume_harness import RunConfig, SimulatedCrashError, final_state, run
+from typedbrain._sharded_state import gathered as full_state
 from typedbrain._state import converter
 
 
@@ -31,7 +33,13 @@ def main(argv: list[str]) -> int:
         except SimulatedCrashError:
             dist.barrier()  # every rank crashed at the same pass; leave together
             return 3
-        torch.save(final_state(brain), f"{out}.{dist.get_rank()}")
+        # Sharded (FSDP2) tensors are saved whole, as a checkpoint saves them.
+        state = full_state(final_state(brain))
+        assert isinstance(state, dict)
+        state["sharded"] = any(
+            isinstance(parameter, DTensor) for parameter in brain.modules.parameters()
+        )
+        torch.save(state, f"{out}.{dist.get_rank()}")
         # Leave together: a rank that tears its group down while the other still talks to it
         # can make gloo abort the other process.
         dist.barrier()
