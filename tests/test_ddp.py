@@ -196,11 +196,9 @@ def test_a_job_killed_at_random_moments_resumes_bit_for_bit(tmp_path: Path) -> N
         assert differences(expected, load(tmp_path / f"killed.pt.{rank}")) == []
 
 
-def torchrun_job(config: RunConfig, folder: Path, out: Path, stop_at: int | None = None) -> int:
-    """Run the harness on 2 ranks launched by torchrun; torchrun's exit status."""
-    config_path = folder.parent / f"{folder.name}.json"
-    config_path.write_text(json.dumps(converter.unstructure(config)))
-    command = [
+def torchrun(*program: str) -> list[str]:
+    """The command that runs ``program`` on 2 processes of this machine with torchrun."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -210,13 +208,22 @@ def torchrun_job(config: RunConfig, folder: Path, out: Path, stop_at: int | None
         "127.0.0.1",
         "--master_port",
         str(free_port()),
+        *program,
+    ]
+
+
+def torchrun_job(config: RunConfig, folder: Path, out: Path, stop_at: int | None = None) -> int:
+    """Run the harness on 2 ranks launched by torchrun; torchrun's exit status."""
+    config_path = folder.parent / f"{folder.name}.json"
+    config_path.write_text(json.dumps(converter.unstructure(config)))
+    command = torchrun(
         "-m",
         "tests.ddp.resume_worker",
         str(config_path),
         str(folder),
         str(out),
         *([] if stop_at is None else [str(stop_at)]),
-    ]
+    )
     done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=300, check=False)
     return done.returncode
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from examples.digits import demo
 from examples.digits.train import TARGET_ACCURACY, DigitsHparams, main
-from tests.test_ddp import free_port
+from tests.test_ddp import torchrun
 from typedbrain import HparamsError, load_hparams, split_run_options, structure_hparams
 
 pytestmark = pytest.mark.slow
@@ -73,16 +72,7 @@ def test_the_demo_stops_the_recipe_resumes_it_and_inspects_it(
 
 def test_the_recipe_runs_unchanged_under_torchrun_on_two_processes(tmp_path: Path) -> None:
     folder = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
+    command = torchrun(
         str(RECIPE.parent / "train.py"),
         str(RECIPE),
         "--number_of_epochs",
@@ -90,7 +80,7 @@ def test_the_recipe_runs_unchanged_under_torchrun_on_two_processes(tmp_path: Pat
         "--output_folder",
         str(folder),
         "--noprogressbar",
-    ]
+    )
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     accuracies = re.findall(r"test accuracy: ([0-9.]+)%", done.stdout)

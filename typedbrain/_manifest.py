@@ -8,11 +8,12 @@ so a truncated or altered file is found before anything is loaded from it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import IO, Final, TypeAlias, final
@@ -391,19 +392,27 @@ def check_present(checkpoint: Checkpoint, name: str) -> Path:
     """
     record = checkpoint.files[name]
     path = checkpoint.path / record.file
-    try:
+    with _reading(checkpoint, name):
         size = path.stat().st_size
-    except FileNotFoundError:
-        raise CorruptCheckpointError(
-            checkpoint.path, f"the file {record.file} (recoverable {name!r}) is missing"
-        ) from None
-    except OSError as error:
-        raise CorruptCheckpointError(
-            checkpoint.path, f"cannot read {record.file} (recoverable {name!r}): {error}"
-        ) from error
     if size != record.size:
         _check_bytes(checkpoint, name, record, size, record.sha256)
     return path
+
+
+@contextlib.contextmanager
+def _reading(checkpoint: Checkpoint, name: str) -> Iterator[None]:
+    """Turn a missing or unreadable file of recoverable ``name`` into a CorruptCheckpointError."""
+    file = checkpoint.files[name].file
+    try:
+        yield
+    except FileNotFoundError:
+        raise CorruptCheckpointError(
+            checkpoint.path, f"the file {file} (recoverable {name!r}) is missing"
+        ) from None
+    except OSError as error:
+        raise CorruptCheckpointError(
+            checkpoint.path, f"cannot read {file} (recoverable {name!r}): {error}"
+        ) from error
 
 
 def verify_file(checkpoint: Checkpoint, name: str) -> None:
@@ -418,16 +427,8 @@ def verify_file(checkpoint: Checkpoint, name: str) -> None:
     """
     record = checkpoint.files[name]
     path = checkpoint.path / record.file
-    try:
+    with _reading(checkpoint, name):
         actual = hash_file_readonly(path)
-    except FileNotFoundError:
-        raise CorruptCheckpointError(
-            checkpoint.path, f"the file {record.file} (recoverable {name!r}) is missing"
-        ) from None
-    except OSError as error:
-        raise CorruptCheckpointError(
-            checkpoint.path, f"cannot read {record.file} (recoverable {name!r}): {error}"
-        ) from error
     _check_bytes(checkpoint, name, record, actual.size, actual.sha256)
 
 
