@@ -628,6 +628,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         run ends exactly as an uninterrupted one. SIGTERM and SIGINT stop the run after the
         current batch (see the ``stop_on_signals`` run option).
 
+        Under ``torchrun`` every process runs this same loop on its own shard of the data (see
+        :meth:`make_dataloader`); the stage losses given to ``on_stage_end`` are means over
+        every process, and checkpoints are saved once, by the main process.
+
         ``should_step`` is true every ``grad_accumulation_factor`` batches and on the last
         batch of the epoch; when the loader's length is unknown, gradients left over at the end
         of an epoch are stepped after the loop, so none is dropped. In debug mode each stage
