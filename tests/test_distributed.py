@@ -422,3 +422,13 @@ def test_every_python_block_of_the_page_is_valid_python() -> None:
     assert len(blocks) >= 3
     for block in blocks:
         ast.parse(block)
+
+
+def test_without_a_process_group_the_mean_over_processes_is_this_processs_mean() -> None:
+    from typedbrain._distributed import mean_over_processes, seed_from_main
+
+    assert mean_over_processes(2.5, 4) == 2.5
+    torch.manual_seed(3)
+    first = seed_from_main()
+    torch.manual_seed(3)
+    assert seed_from_main() == first  # a draw from this process's torch RNG

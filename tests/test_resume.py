@@ -110,7 +110,7 @@ def test_control_without_sampler_positioning_diverges(
     def no_skip(loader: DataLoader[object], *, epoch: int, batches_done: int) -> bool:
         return position_loader(loader, epoch=epoch, batches_done=0)
 
-    monkeypatch.setattr("typedbrain._brain.position_loader", no_skip)
+    monkeypatch.setattr("typedbrain._sampler.position_loader", no_skip)
     resumed = interrupted_then_resumed(CONTROL, CONTROL_STOP, tmp_path / "broken")
     assert differences(expected, resumed) != []
 

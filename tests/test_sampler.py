@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import torch
 from hypothesis import given
@@ -273,3 +275,20 @@ def test_unpadded_shards_partition_the_epoch_without_repeats(
         assert len(sampler) == len(shards[-1])
     assert sorted(index for shard in shards for index in shard) == list(range(n))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_batches_from_fast_forwards_a_loader_that_cannot_be_positioned() -> None:
+    from torch.utils.data import DataLoader, Dataset
+
+    from typedbrain._errors import CheckpointError, ResumeWarning
+    from typedbrain._sampler import batches_from
+
+    data = cast(Dataset[object], list(range(10)))  # a list serves as a map-style dataset
+    loader = DataLoader(data, batch_size=2, sampler=SequentialSampler(range(10)))
+    rewound: list[bool] = []
+    with pytest.warns(ResumeWarning):
+        rest = batches_from(loader, epoch=1, batches_done=3, rewind=lambda: rewound.append(True))
+    assert [cast(torch.Tensor, batch).tolist() for batch in rest] == [[6, 7], [8, 9]]
+    assert rewound == [True]
+    with pytest.warns(ResumeWarning), pytest.raises(CheckpointError, match="only 5 batches"):
+        batches_from(loader, epoch=1, batches_done=6, rewind=lambda: None)

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any, Final, Generic, cast, get_args, get_origin, overload
 from typing import TypeVar as TypeVarType
@@ -30,7 +30,13 @@ from typedbrain._data import (
     loader_length,
     make_dataloader,
 )
-from typedbrain._distributed import default_device, if_main_process, is_distributed
+from typedbrain._distributed import (
+    default_device,
+    if_main_process,
+    is_distributed,
+    mean_over_processes,
+    seed_from_main,
+)
 from typedbrain._epochs import EpochCounter
 from typedbrain._errors import (
     CheckpointError,
@@ -57,7 +63,7 @@ from typedbrain._plan import StepPlan, unique_parameters
 from typedbrain._progress import StageProgress
 from typedbrain._protocols import CheckpointerLike, CheckpointInfo, OptimizerFactory
 from typedbrain._rng import RngState, capture_rng, restore_rng
-from typedbrain._sampler import find_resumable_sampler, position_loader
+from typedbrain._sampler import batches_from, find_resumable_sampler
 from typedbrain._signals import StopRequest
 from typedbrain._state import (
     RunState,
@@ -373,7 +379,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             shard = Shard(
                 rank=dist.get_rank(), world_size=dist.get_world_size(), pad=stage is Stage.TRAIN
             )
-            seed = _main_process_seed()
+            seed = seed_from_main()
             loader = make_dataloader(dataset, seed=seed, shard=shard, **loader_kwargs)
         else:
             loader = make_dataloader(dataset, **loader_kwargs)
@@ -900,7 +906,16 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         else:
             self._epoch_rng = capture_rng()  # before iter(): the epoch's shuffling state
         self._stage_batches = self._planned_batches(loader)
-        batches = self._positioned(loader, epoch, batches_done)
+        epoch_rng = self._epoch_rng
+        batches = cast(  # the loader yields what the recipe declares as its batch type
+            Iterable[BatchT],
+            batches_from(
+                loader,
+                epoch=epoch,
+                batches_done=batches_done,
+                rewind=lambda: None if epoch_rng is None else restore_rng(epoch_rng),
+            ),
+        )
         if restored is not None:
             restore_rng(restored.state.rng)
         stop = self._stop
@@ -951,7 +966,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self.zero_grad(set_to_none=True)
         train_loss = self.avg_train_loss
         if is_distributed():  # the mean over every rank's shard, the same on every rank
-            train_loss = _reduced_mean(train_loss, self._averaged)
+            train_loss = mean_over_processes(train_loss, self._averaged)
         self.on_stage_end(Stage.TRAIN, train_loss, epoch)
         self.avg_train_loss = 0.0
         self._end_stage()
@@ -1046,31 +1061,6 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         logger.info("continuing epoch %s after batch %d", state.epoch, progress.step)
         return progress.step
 
-    def _positioned(
-        self, loader: DataLoader[object], epoch: int, batches_done: int
-    ) -> Iterable[BatchT]:
-        """The loader's batches for ``epoch`` from batch ``batches_done`` on.
-
-        A loader whose sampler can be positioned skips the consumed batches without loading
-        them. Any other is fast-forwarded: iterated from the generators' state at the start of
-        the epoch, its first ``batches_done`` batches drawn and dropped.
-        """
-        # The loader yields what the recipe declares as its batch type.
-        if position_loader(loader, epoch=epoch, batches_done=batches_done):
-            return cast(Iterable[BatchT], loader)
-        if self._epoch_rng is not None:
-            restore_rng(self._epoch_rng)
-        iterator = iter(loader)
-        for drawn in range(batches_done):
-            try:
-                next(iterator)
-            except StopIteration:
-                raise CheckpointError(
-                    f"the checkpoint was taken after batch {batches_done} of epoch {epoch}, but "
-                    f"the training loader has only {drawn} batches"
-                ) from None
-        return cast(Iterable[BatchT], _Remaining(iterator))
-
     def _reenter_interrupted_epoch(self, epoch_counter: Iterable[int]) -> None:
         """Have an :class:`EpochCounter` yield again the epoch a checkpoint interrupted."""
         restored = self._restored
@@ -1121,7 +1111,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 self._skipped,
             )
         if is_distributed():  # every rank evaluated its own shard: the mean is over them all
-            avg_loss = _reduced_mean(avg_loss, self._averaged)
+            avg_loss = mean_over_processes(avg_loss, self._averaged)
         return avg_loss
 
     def _enter_profiler(self, stack: ExitStack) -> torch.profiler.profile | None:
@@ -1141,21 +1131,6 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if logger.isEnabledFor(logging.INFO):
             table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
             logger.info("training profile:\n%s", table)
-
-
-def _main_process_seed() -> int:
-    """A data seed drawn on the main process (from its torch RNG) and shared with every rank."""
-    seed = [int(torch.empty((), dtype=torch.int64).random_().item())]
-    dist.broadcast_object_list(seed, src=0)
-    return int(seed[0])
-
-
-def _reduced_mean(mean: float, count: int) -> float:
-    """The mean over every rank of per-rank means of ``count`` values each (collective)."""
-    totals = torch.tensor([mean * count, float(count)], dtype=torch.float64)
-    dist.all_reduce(totals)
-    total, counted = totals.tolist()
-    return total / counted if counted else 0.0
 
 
 def _declared_hparams(cls: type[object]) -> object:
@@ -1194,16 +1169,6 @@ class _Restored:
 
     state: RunState
     gradients: list[Tensor | None]
-
-
-class _Remaining(Iterable[object]):
-    """The rest of a fast-forwarded loader's epoch, iterable once."""
-
-    def __init__(self, iterator: Iterator[object]) -> None:
-        self._iterator = iterator
-
-    def __iter__(self) -> Iterator[object]:
-        return self._iterator
 
 
 class _RunStateRecoverable:

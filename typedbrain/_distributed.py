@@ -47,7 +47,9 @@ __all__ = [
     "if_main_process",
     "is_distributed",
     "main_process_only",
+    "mean_over_processes",
     "run_on_main",
+    "seed_from_main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -242,6 +244,32 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
         with _collective("all_reduce_sum"):
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
+
+
+def mean_over_processes(mean: float, count: int) -> float:
+    """The mean of every process's values, from each process's mean of ``count`` values.
+
+    Collective. Without a process group it returns ``mean``. A process with no values
+    (``count == 0``) adds nothing; when no process has any, the result is 0.
+
+    Raises:
+        DistributedError: a peer died or did not answer within the group's timeout.
+    """
+    if not is_distributed():
+        return mean
+    totals = all_reduce_sum(torch.tensor([mean * count, float(count)], dtype=torch.float64))
+    total, counted = totals.tolist()
+    return float(total / counted) if counted else 0.0
+
+
+def seed_from_main() -> int:
+    """A seed drawn from the main process's torch RNG and shared with every process.
+
+    Collective under a process group (every process draws, the main process's draw wins);
+    without one, simply a draw from this process's torch RNG.
+    """
+    seed = int(torch.empty((), dtype=torch.int64).random_().item())
+    return broadcast_object(seed, src=0)
 
 
 def all_reduce_mean(tensor: Tensor) -> Tensor:

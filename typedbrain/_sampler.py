@@ -16,18 +16,19 @@ import hashlib
 import logging
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
 from typing import Protocol, cast, runtime_checkable
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler
 
-from typedbrain._errors import ConfigurationError, ResumeWarning
+from typedbrain._errors import CheckpointError, ConfigurationError, ResumeWarning
 
 __all__ = [
     "Positionable",
     "ResumableSampler",
+    "batches_from",
     "check_int",
     "find_resumable_sampler",
     "mix_seed",
@@ -433,3 +434,45 @@ def find_resumable_sampler(loader: DataLoader[object]) -> ResumableSampler | Non
         if isinstance(candidate, ResumableSampler):
             return candidate
     return None
+
+
+class _Remaining(Iterable[object]):
+    """The rest of a fast-forwarded loader's epoch, iterable once."""
+
+    def __init__(self, iterator: Iterator[object]) -> None:
+        self._iterator = iterator
+
+    def __iter__(self) -> Iterator[object]:
+        return self._iterator
+
+
+def batches_from(
+    loader: DataLoader[object],
+    *,
+    epoch: int,
+    batches_done: int,
+    rewind: Callable[[], None],
+) -> Iterable[object]:
+    """The loader's batches for ``epoch`` after the first ``batches_done``.
+
+    A loader that :func:`position_loader` can position skips them without loading them. Any
+    other is fast-forwarded: ``rewind`` puts the random generators back where they were when
+    the epoch's loader was first iterated, then the consumed batches are drawn and dropped (a
+    ``ResumeWarning`` has said so).
+
+    Raises:
+        CheckpointError: the loader has fewer than ``batches_done`` batches.
+    """
+    if position_loader(loader, epoch=epoch, batches_done=batches_done):
+        return loader
+    rewind()
+    iterator = iter(loader)
+    for drawn in range(batches_done):
+        try:
+            next(iterator)
+        except StopIteration:
+            raise CheckpointError(
+                f"the checkpoint was taken after batch {batches_done} of epoch {epoch}, but "
+                f"the training loader has only {drawn} batches"
+            ) from None
+    return _Remaining(iterator)
