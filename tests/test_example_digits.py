@@ -40,7 +40,7 @@ def test_recipe_yaml_structures_into_its_typed_hparams() -> None:
     options, rest = split_run_options(load_hparams(RECIPE))
     assert options == {"ckpt_interval_steps": 10, "noprogressbar": False}
     hparams = structure_hparams(rest, DigitsHparams, source=str(RECIPE))
-    assert hparams.lr == pytest.approx(0.005)
+    assert hparams.lr == pytest.approx(0.01)
     assert hparams.checkpointer.recoverables["model"] is hparams.model
 
 

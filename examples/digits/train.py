@@ -207,7 +207,6 @@ def main(argv: Sequence[str] | None = None) -> float:
         run_opts=run_opts,
     )
     splits = load_splits(hparams.split_seed, hparams.valid_fraction, hparams.test_fraction)
-    torch.manual_seed(hparams.seed)
     brain = DigitsBrain(
         modules={"model": hparams.model},
         opt_class=hparams.opt_class,
