@@ -55,6 +55,38 @@ def committed(folder: Path) -> list[Path]:
     return sorted(folder.glob("*/MANIFEST.json")) if folder.exists() else []
 
 
+def saves_so_far(folder: Path) -> int:
+    """The sequence number of the newest committed checkpoint in ``folder`` (0 if none)."""
+    sequences = [0]
+    for manifest in committed(folder):
+        try:
+            sequences.append(int(json.loads(manifest.read_text())["sequence"]))
+        except (OSError, ValueError, KeyError):
+            continue  # deleted or being replaced as we read it
+    return max(sequences)
+
+
+def kill_after_saves(
+    process: subprocess.Popen[bytes], folder: Path, saves: int, jitter: float
+) -> bool:
+    """SIGKILL ``process`` ``jitter`` seconds after ``saves`` more checkpoints are committed.
+
+    Progress, not elapsed time, decides when, so the kill lands inside the run however fast
+    the machine is. Returns False when the process ended first.
+    """
+    target = saves_so_far(folder) + saves
+    while saves_so_far(folder) < target:
+        if process.poll() is not None:
+            return False
+        time.sleep(0.005)
+    time.sleep(jitter)
+    if process.poll() is not None:
+        return False
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return True
+
+
 def load(path: Path) -> dict[str, object]:
     state = torch.load(path, weights_only=True)
     assert isinstance(state, dict)
@@ -73,16 +105,14 @@ def test_run_killed_many_times_at_random_moments_ends_identical(tmp_path: Path) 
     kills = 0
     while kills < 8:
         process = start(LONG, folder, out)
-        # Let it get past start-up (importing torch) most of the time, then kill it anywhere.
-        time.sleep(chooser.uniform(1.0, 4.0))
-        if process.poll() is not None:
+        # Anywhere after 1 to 4 more saves: between batches, in validation, inside a save.
+        if not kill_after_saves(process, folder, chooser.randint(1, 4), chooser.uniform(0, 0.05)):
+            finish(process)
             break
-        process.send_signal(signal.SIGKILL)
-        process.wait()
         kills += 1
     code, stderr = finish(start(LONG, folder, out)) if not out.exists() else (0, "")
     assert code == 0, stderr
-    assert kills >= 3, "the run finished before it could be killed often enough"
+    assert kills == 8, "the run finished before it could be killed 8 times"
     assert differences(load(tmp_path / "straight.pt"), load(out)) == []
 
 

@@ -18,6 +18,7 @@ import torch
 
 from tests.ddp.worker import evaluate, train
 from tests.resume_harness import RunConfig, differences
+from tests.test_crash_resume import saves_so_far
 from typedbrain._modules import sync_batchnorm
 from typedbrain._state import converter
 
@@ -180,7 +181,11 @@ def test_a_job_killed_at_random_moments_resumes_bit_for_bit(tmp_path: Path) -> N
     kills = 0
     for _ in range(4):
         processes = start_ranks("tests.ddp.resume_worker", str(config_path), str(folder), str(out))
-        time.sleep(chooser.uniform(2.5, 6.0))
+        # After 1 to 6 more saves (progress, not time: the kill lands inside the run).
+        target = saves_so_far(folder) + chooser.randint(1, 6)
+        while saves_so_far(folder) < target and all(p.poll() is None for p in processes):
+            time.sleep(0.005)
+        time.sleep(chooser.uniform(0, 0.05))
         if any(process.poll() is not None for process in processes):
             finish_ranks(processes)
             break
@@ -190,7 +195,7 @@ def test_a_job_killed_at_random_moments_resumes_bit_for_bit(tmp_path: Path) -> N
         kills += 1
     if not (tmp_path / "killed.pt.0").exists():
         assert resume_job(config, folder, out) == [0, 0]
-    assert kills >= 2, "the job finished before it could be killed often enough"
+    assert kills == 4, "the job finished before it could be killed 4 times"
     for rank in (0, 1):
         expected = load(tmp_path / f"straight.pt.{rank}")
         assert differences(expected, load(tmp_path / f"killed.pt.{rank}")) == []
