@@ -93,11 +93,18 @@ def load(path: Path) -> dict[str, object]:
     return state
 
 
-def test_run_killed_many_times_at_random_moments_ends_identical(tmp_path: Path) -> None:
-    (tmp_path / "straight").mkdir()
-    straight = start(LONG, tmp_path / "straight" / "ckpt", tmp_path / "straight.pt")
-    code, stderr = finish(straight)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The final state of the LONG run never stopped (computed once for the tests below)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    code, stderr = finish(start(LONG, folder / "ckpt", folder / "straight.pt"))
     assert code == 0, stderr
+    return folder / "straight.pt"
+
+
+def test_run_killed_many_times_at_random_moments_ends_identical(
+    tmp_path: Path, uninterrupted: Path
+) -> None:
     chooser = random.Random(20261125)
     folder = tmp_path / "killed" / "ckpt"
     folder.parent.mkdir()
@@ -113,15 +120,12 @@ def test_run_killed_many_times_at_random_moments_ends_identical(tmp_path: Path) 
     code, stderr = finish(start(LONG, folder, out)) if not out.exists() else (0, "")
     assert code == 0, stderr
     assert kills == 8, "the run finished before it could be killed 8 times"
-    assert differences(load(tmp_path / "straight.pt"), load(out)) == []
+    assert differences(load(uninterrupted), load(out)) == []
 
 
 def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one_exactly(
-    tmp_path: Path,
+    tmp_path: Path, uninterrupted: Path
 ) -> None:
-    (tmp_path / "straight").mkdir()
-    code, stderr = finish(start(LONG, tmp_path / "straight" / "ckpt", tmp_path / "straight.pt"))
-    assert code == 0, stderr
     folder = tmp_path / "killed" / "ckpt"
     folder.parent.mkdir()
     out = tmp_path / "killed.pt"
@@ -138,15 +142,12 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one_e
     code, stderr = finish(start(LONG, folder, out))
     assert code == 0, stderr
     assert half_written[0].name in stderr  # reported as uncommitted, and skipped
-    assert differences(load(tmp_path / "straight.pt"), load(out)) == []
+    assert differences(load(uninterrupted), load(out)) == []
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_the_run_resumes_exactly(
-    tmp_path: Path,
+    tmp_path: Path, uninterrupted: Path
 ) -> None:
-    (tmp_path / "straight").mkdir()
-    code, stderr = finish(start(LONG, tmp_path / "straight" / "ckpt", tmp_path / "straight.pt"))
-    assert code == 0, stderr
     folder = tmp_path / "stopped" / "ckpt"
     folder.parent.mkdir()
     out = tmp_path / "stopped.pt"
@@ -161,7 +162,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_the_run_resumes_exactly(
     assert not out.exists()
     code, stderr = finish(start(LONG, folder, out))
     assert code == 0, stderr
-    assert differences(load(tmp_path / "straight.pt"), load(out)) == []
+    assert differences(load(uninterrupted), load(out)) == []
 
 
 def test_a_signal_in_training_stops_after_the_batch_with_a_checkpoint(tmp_path: Path) -> None:

@@ -181,6 +181,19 @@ def recover_newest(folder: Path) -> Observed:
     }
 
 
+def _recover_fresh(folder: Path) -> Observed:
+    """Recover a fresh model from ``folder``: which folder loaded, its weight, the warnings."""
+    fresh = _model(0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recovered = Checkpointer(folder, {"model": fresh}).recover_if_possible()
+    return {
+        "recovered": None if recovered is None else recovered.path.name,
+        "weight": _weight(fresh),
+        "warnings": _checkpoint_warnings(caught),
+    }
+
+
 def corrupt_newest(folder: Path) -> Observed:
     older, newer = _save_weights(folder, (1.0, 2.0))
     if _rank() == 0:
@@ -189,17 +202,7 @@ def corrupt_newest(folder: Path) -> Observed:
         data[len(data) // 2] ^= 0xFF
         damaged.write_bytes(bytes(data))
     dist.barrier()
-    fresh = _model(0.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        recovered = Checkpointer(folder, {"model": fresh}).recover_if_possible()
-    return {
-        "older": older,
-        "newer": newer,
-        "recovered": None if recovered is None else recovered.path.name,
-        "weight": _weight(fresh),
-        "warnings": _checkpoint_warnings(caught),
-    }
+    return {"older": older, "newer": newer, **_recover_fresh(folder)}
 
 
 def uncommitted(folder: Path) -> Observed:
@@ -208,17 +211,7 @@ def uncommitted(folder: Path) -> Observed:
         # The newer folder keeps its (intact) files but loses its commit.
         (folder / uncommitted / MANIFEST_NAME).unlink()
     dist.barrier()
-    fresh = _model(0.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        recovered = Checkpointer(folder, {"model": fresh}).recover_if_possible()
-    return {
-        "committed": committed,
-        "uncommitted": uncommitted,
-        "recovered": None if recovered is None else recovered.path.name,
-        "weight": _weight(fresh),
-        "warnings": _checkpoint_warnings(caught),
-    }
+    return {"committed": committed, "uncommitted": uncommitted, **_recover_fresh(folder)}
 
 
 def _disk_full(obj: list[str], path: Path) -> None:
