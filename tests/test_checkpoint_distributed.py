@@ -174,6 +174,13 @@ def test_save_and_keep_only_leaves_what_one_process_would_and_every_process_agre
     assert main["left"] == other["left"] == ["e"]
 
 
+def test_the_main_process_deletes_only_once_every_process_has_asked_to(working: Launch) -> None:
+    main, other = working.observed("slow_reader")
+    assert main["seen_before_deleting"] == other["seen_before_deleting"] == ["new", "old"]
+    assert main["deleted"] == other["deleted"] == ["old"]
+    assert main["left"] == other["left"] == ["new"]
+
+
 def test_recover_if_possible_loads_the_newest_checkpoint_on_every_process(
     working: Launch,
 ) -> None:

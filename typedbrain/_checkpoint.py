@@ -829,11 +829,18 @@ def _main_decides(action: Callable[[], _T], what: str) -> _T:
 
     Without a process group it just runs ``action``. With one, the main process runs it and
     broadcasts the result, or that it failed (then it re-raises, and every other process raises
-    :class:`CheckpointError` instead of waiting for a result that never comes). The broadcast
-    comes after ``action`` is done, so no process returns before it.
+    :class:`CheckpointError` instead of waiting for a result that never comes).
+
+    The main process starts ``action`` only once every process has called this (a broadcast
+    alone would let it run ahead: a process still reading the folders it was shown could see
+    them deleted by the main process's next call), and the broadcast comes after ``action`` is
+    done, so no process returns before it.
     """
     if not _collective():
         return action()
+    # An all-gather (not a broadcast) so the main process waits for every other one to arrive;
+    # the same object collective as _agree, so it runs on whatever device the group uses.
+    dist.all_gather_object([None] * dist.get_world_size(), None)
     if dist.get_rank() == 0:
         try:
             result = action()

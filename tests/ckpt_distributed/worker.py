@@ -155,6 +155,30 @@ def keep_only(folder: Path) -> Observed:
     }
 
 
+SLOW_PROCESS_DELAY_S: Final = 1.0
+"""How long the other process dawdles in :func:`slow_reader` before it looks at the folder."""
+
+
+def slow_reader(folder: Path) -> Observed:
+    """The main process deletes at once; the other one looks at the folder late, then deletes.
+
+    The main process's ``delete_checkpoints`` must wait for the other one to make the same
+    call, so what the other process sees first is what the saves left, not the deletion.
+    """
+    checkpointer = Checkpointer(folder, {"model": _model(0.0)})
+    for name in ("old", "new"):
+        checkpointer.save_checkpoint(name=name)
+    if _rank() != 0:
+        time.sleep(SLOW_PROCESS_DELAY_S)
+    seen_before_deleting = _folders(folder)
+    deleted = checkpointer.delete_checkpoints(num_to_keep=1)
+    return {
+        "seen_before_deleting": seen_before_deleting,
+        "deleted": sorted(c.path.name for c in deleted),
+        "left": _folders(folder),
+    }
+
+
 def _save_weights(folder: Path, weights: Sequence[float]) -> list[str]:
     model = _model(0.0)
     checkpointer = Checkpointer(folder, {"model": model})
@@ -286,6 +310,7 @@ GROUPS: Final[Mapping[str, Mapping[str, Scenario]]] = {
         "save_once": save_once,
         "gathered_state": gathered_state,
         "keep_only": keep_only,
+        "slow_reader": slow_reader,
         "recover_newest": recover_newest,
         "corrupt_newest": corrupt_newest,
         "uncommitted": uncommitted,
