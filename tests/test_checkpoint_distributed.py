@@ -181,6 +181,14 @@ def test_the_main_process_deletes_only_once_every_process_has_asked_to(working: 
     assert main["left"] == other["left"] == ["new"]
 
 
+def test_debug_mode_sends_every_process_to_one_temporary_folder(working: Launch) -> None:
+    main, other = working.observed("debug_folder")
+    assert main["folder"] == other["folder"]
+    assert main["checkpoint_inside"] is other["checkpoint_inside"] is True
+    assert main["beside_real_folder"] is other["beside_real_folder"] is True
+    assert main["in_real_folder"] is other["in_real_folder"] is False
+
+
 def test_recover_if_possible_loads_the_newest_checkpoint_on_every_process(
     working: Launch,
 ) -> None:

@@ -30,6 +30,7 @@ from typedbrain._data import (
     loader_length,
     make_dataloader,
 )
+from typedbrain._debug_folder import redirect_for_debug
 from typedbrain._distributed import (
     default_device,
     if_main_process,
@@ -127,7 +128,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             instance, typically) is kept as it is. Keys named like a run option set it.
         run_opts: run options (see :class:`RunOptions`); they override the ones in ``hparams``.
         checkpointer: where to register recoverables and recover from in ``on_fit_start`` and
-            ``on_evaluate_start``.
+            ``on_evaluate_start``. In debug mode without ``debug_persistently``, the brain
+            points it at a temporary folder for its lifetime (see the ``debug_persistently``
+            run option).
 
     Attributes:
         modules: the modules, as a ``ModuleDict``.
@@ -223,6 +226,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._last_checkpoint_time = 0.0
         self._use_current_weights = False
         if checkpointer is not None:
+            if options.debug and not options.debug_persistently:
+                # A warning points at Brain(...): redirect_for_debug, __init__, its caller.
+                redirect_for_debug(checkpointer, stacklevel=3)
             checkpointer.add_recoverable("brain", _RunStateRecoverable(self))
             if self.scaler is not None:
                 checkpointer.add_recoverable("scaler", self.scaler)

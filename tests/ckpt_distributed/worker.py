@@ -24,6 +24,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
+from typedbrain import Brain
 from typedbrain._checkpoint import Checkpoint, Checkpointer
 from typedbrain._epochs import EpochCounter
 from typedbrain._errors import CheckpointWarning
@@ -179,6 +180,19 @@ def slow_reader(folder: Path) -> Observed:
     }
 
 
+def debug_folder(folder: Path) -> Observed:
+    """A brain in debug mode sends every process's checkpointer to one temporary folder."""
+    checkpointer = Checkpointer(folder / "save", {"model": _model(1.0)})
+    Brain(modules={"model": _model(1.0)}, run_opts={"debug": True}, checkpointer=checkpointer)
+    checkpoint = checkpointer.save_checkpoint()
+    return {
+        "folder": str(checkpointer.checkpoints_dir),
+        "checkpoint_inside": checkpoint.path.parent == checkpointer.checkpoints_dir,
+        "in_real_folder": (folder / "save").exists(),
+        "beside_real_folder": checkpointer.checkpoints_dir.parent == folder,
+    }
+
+
 def _save_weights(folder: Path, weights: Sequence[float]) -> list[str]:
     model = _model(0.0)
     checkpointer = Checkpointer(folder, {"model": model})
@@ -311,6 +325,7 @@ GROUPS: Final[Mapping[str, Mapping[str, Scenario]]] = {
         "gathered_state": gathered_state,
         "keep_only": keep_only,
         "slow_reader": slow_reader,
+        "debug_folder": debug_folder,
         "recover_newest": recover_newest,
         "corrupt_newest": corrupt_newest,
         "uncommitted": uncommitted,
