@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import typedbrain as sb
 from typedbrain._checkpoint import Checkpointer
+from typedbrain._distributed import get_rank
 
 Batch = tuple[Tensor, Tensor]
 FEATURES: Final = 4
@@ -51,6 +52,7 @@ class RunConfig:
     shuffle: bool = True
     user_loader: bool = False  # a plain DataLoader (not positionable) instead of a dataset
     signal_at: int | None = None  # send this process SIGTERM at this forward pass
+    signal_rank: int | None = None  # under a process group: only this rank signals itself
     kill_at_save: int | None = None  # SIGKILL this process in the middle of its n-th save
     stop_on_signals: bool = True
     fsdp: bool = False  # under a process group: shard the model with FSDP2 instead of DDP
@@ -124,7 +126,10 @@ class HarnessBrain(sb.Brain[Batch, Tensor]):
 
     def compute_forward(self, batch: Batch, stage: sb.Stage) -> Tensor:
         self.forward_calls += 1
-        if self.forward_calls == self.hparams["signal_at"]:
+        if self.forward_calls == self.hparams["signal_at"] and self.hparams["signal_rank"] in (
+            None,
+            get_rank(),
+        ):
             os.kill(os.getpid(), signal.SIGTERM)
         if self.stop_at is not None and self.forward_calls == self.stop_at:
             raise SimulatedCrashError(f"stopped at forward pass {self.forward_calls}")
@@ -175,7 +180,11 @@ def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, 
     brain = HarnessBrain(
         modules={"model": model},
         opt_class=lambda params: torch.optim.Adam(params, lr=0.01),
-        hparams={"valid": config.valid, "signal_at": config.signal_at},
+        hparams={
+            "valid": config.valid,
+            "signal_at": config.signal_at,
+            "signal_rank": config.signal_rank,
+        },
         run_opts={
             "precision": config.precision,
             "grad_accumulation_factor": config.accumulation,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import typedbrain as sb
+from tests.helpers import LOADER, RegressionBrain, examples, sgd
 from tests.resume_harness import RunConfig, differences, final_state, run
 from typedbrain._checkpoint import Checkpointer
 from typedbrain._state import converter
@@ -191,6 +193,27 @@ def test_a_signal_in_validation_stops_after_the_batch_without_a_new_checkpoint(
     assert not caught.value.checkpoint_saved
     assert "resumes from the last committed checkpoint" in str(caught.value)
     assert Checkpointer(tmp_path / "stopped").list_checkpoints() == []
+
+
+class _SignalsAtTheEnd(RegressionBrain):
+    """Sends itself SIGTERM in the last hook of fit, once no batch is left to see it."""
+
+    def on_stage_end(self, stage: sb.Stage, stage_loss: float, epoch: int | None = None) -> None:
+        if stage is sb.Stage.VALID and epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_after_the_last_batch_still_ends_fit_with_the_interruption() -> None:
+    brain = _SignalsAtTheEnd(
+        modules={"model": torch.nn.Linear(4, 2)},
+        opt_class=sgd(),
+        run_opts={"noprogressbar": True},
+    )
+    with pytest.raises(sb.TrainingInterruptedError) as caught:
+        brain.fit(range(1, 3), examples(8), examples(4), train_loader_kwargs=LOADER)
+    assert caught.value.signal == signal.SIGTERM
+    assert not caught.value.checkpoint_saved
+    assert brain.optimizer_step == 2 * 2  # both epochs trained in full
 
 
 def test_with_stop_on_signals_off_the_brain_leaves_signals_alone(tmp_path: Path) -> None:

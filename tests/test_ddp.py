@@ -66,7 +66,9 @@ def finish_ranks(
     With ``killed``, the job was just SIGKILLed: a rank that lost its peer an instant before
     its own SIGKILL arrived may have aborted instead (gloo terminates the process).
     """
-    allowed = {0, 3, -signal.SIGKILL} | ({-signal.SIGABRT} if killed else set())
+    allowed = {0, 3, 128 + signal.SIGTERM, -signal.SIGKILL} | (
+        {-signal.SIGABRT} if killed else set()
+    )
     try:
         codes = []
         for rank, process in enumerate(processes):
@@ -264,6 +266,35 @@ def test_a_torchrun_job_stopped_anywhere_and_restarted_with_torchrun_ends_identi
     for rank in (0, 1):
         expected = load(uninterrupted_torchrun_job / f"straight.pt.{rank}")
         assert differences(expected, load(tmp_path / f"broken.pt.{rank}")) == []
+
+
+# Forward passes of one rank (see STOP_POINTS): training and validation of epoch 1, training
+# of epoch 2.
+SIGNAL_POINTS = {
+    "in training": 3,
+    "last training batch of an epoch": 8,
+    "in validation": 10,
+    "in the last validation": 22,
+}
+
+
+@pytest.mark.parametrize("signal_at", SIGNAL_POINTS.values(), ids=SIGNAL_POINTS.keys())
+def test_a_sigterm_that_reaches_one_rank_stops_every_rank_after_the_same_batch(
+    signal_at: int, tmp_path: Path, uninterrupted_torchrun_job: Path
+) -> None:
+    # Rank 0 alone gets the signal: the ranks must agree on where to stop, save one checkpoint
+    # together and leave with SIGTERM's exit status, not hang in mismatched collectives.
+    stopped = attrs.evolve(DDP_RUN, signal_at=signal_at, signal_rank=0)
+    folder, out = tmp_path / "stopped", tmp_path / "stopped.pt"
+    config_path = tmp_path / "stopped.json"
+    config_path.write_text(json.dumps(converter.unstructure(stopped)))
+    ranks = start_ranks("tests.ddp.resume_worker", str(config_path), str(folder), str(out))
+    assert finish_ranks(ranks, timeout=60) == [128 + signal.SIGTERM] * 2
+    assert not (tmp_path / "stopped.pt.0").exists()
+    assert resume_job(DDP_RUN, folder, out) == [0, 0]
+    for rank in (0, 1):
+        expected = load(uninterrupted_torchrun_job / f"straight.pt.{rank}")
+        assert differences(expected, load(tmp_path / f"stopped.pt.{rank}")) == []
 
 
 def test_an_fsdp2_job_stopped_mid_epoch_resumes_bit_for_bit(tmp_path: Path) -> None:

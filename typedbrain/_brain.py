@@ -73,6 +73,7 @@ from typedbrain._state import (
     converter,
     structure_state,
 )
+from typedbrain._stop_agreement import StopAgreement, control_group
 
 __all__ = ["BatchT", "Brain", "HparamsT", "PredT"]
 
@@ -223,6 +224,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._in_train_loop = False  # between two training batches of an epoch
         self._train_loader: DataLoader[object] | None = None
         self._stop = StopRequest(enabled=False)
+        # Under torch.distributed, with stop_on_signals: how the processes agree to stop.
+        self._agreement: StopAgreement | None = None
+        self._control_group: dist.ProcessGroup | None = None  # made by the first such fit
         self._last_checkpoint_time = 0.0
         self._use_current_weights = False
         if checkpointer is not None:
@@ -671,6 +675,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._check_can_start("fit", Phase.FIT_START)
         try:
             with StopRequest(enabled=self.stop_on_signals) as self._stop:
+                self._agreement = self._agree_on_stops()
                 self._machine.move(Phase.FIT_START)
                 train_loader = self._loader(train_set, Stage.TRAIN, train_loader_kwargs)
                 self._train_loader = train_loader
@@ -693,6 +698,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                         logger.info("optimizer_step_limit=%s reached", self.optimizer_step_limit)
                         break
                 self._epoch = None
+                self._stop_if_asked_after_training()
                 self._machine.move(Phase.IDLE)
         except BaseException:
             self._fail()
@@ -701,6 +707,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self._restored = None
             self._train_loader = None
             self._stop = StopRequest(enabled=False)
+            self._agreement = None
 
     def evaluate(
         self,
@@ -925,6 +932,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if restored is not None:
             restore_rng(restored.state.rng)
         stop = self._stop
+        agreement = self._agreement
         with ExitStack() as stack:
             profiler = self._enter_profiler(stack)
             progress = stack.enter_context(
@@ -957,10 +965,16 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     plan
                 ):
                     self._save_intra_epoch_ckpt()
-                if stop.signal is not None:
-                    self._stop_on_signal(stop.signal, in_training=True)
+                if agreement is None:
+                    if stop.signal is not None:
+                        self._stop_on_signal(stop.signal, in_training=True)
+                elif (agreed := agreement.after_batch()) is not None:
+                    self._stop_on_signal(agreed, in_training=True)
                 if plan.batch_limit is not None and self.step >= plan.batch_limit:
                     break
+            # The last batch's exchange: a process asked to stop during it stops every one here.
+            if agreement is not None and (agreed := agreement.settle()) is not None:
+                self._stop_on_signal(agreed, in_training=True)
             self._in_train_loop = False
         if self._window > 0:
             logger.info(
@@ -1001,6 +1015,25 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if plan.checkpoint_steps:
             return self.step % plan.checkpoint_steps == 0
         return time.monotonic() - self._last_checkpoint_time >= plan.checkpoint_seconds
+
+    def _agree_on_stops(self) -> StopAgreement | None:
+        """The agreement on stops for this fit: only under torch.distributed with signals on."""
+        if not (self.stop_on_signals and is_distributed()):
+            return None
+        if self._control_group is None:
+            self._control_group = control_group()
+        return StopAgreement(self._stop, self._control_group)
+
+    def _stop_if_asked_after_training(self) -> None:
+        """Raise TrainingInterruptedError for a signal that came too late for a batch to see.
+
+        Training is over (it arrived during the last validation, or in a hook after it), so
+        there is nothing left to checkpoint; the run still leaves as it was asked to.
+        """
+        agreement = self._agreement
+        signum = self._stop.signal if agreement is None else agreement.now()
+        if signum is not None:
+            self._stop_on_signal(signum, in_training=False)
 
     def _stop_on_signal(self, signum: int, *, in_training: bool) -> None:
         saved = False
@@ -1105,7 +1138,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 avg_loss = self.update_average(loss, avg_loss)
                 if show:
                     batches.show_loss(f"{stage.value}_loss", avg_loss)
-                if self._stop.signal is not None and stage is Stage.VALID:
+                # Under torch.distributed the processes hold different numbers of validation
+                # batches and cannot agree batch by batch: the next training batch acts on it.
+                if (
+                    self._stop.signal is not None
+                    and stage is Stage.VALID
+                    and self._agreement is None
+                ):
                     self._stop_on_signal(self._stop.signal, in_training=False)
                 batch_limit = self._current_plan().batch_limit
                 if batch_limit is not None and self.step >= batch_limit:

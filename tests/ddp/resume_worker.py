@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from tests.resume_harness import RunConfig, SimulatedCrashError, final_state, run
+from typedbrain import TrainingInterruptedError
 from typedbrain._sharded_state import gathered as full_state
 from typedbrain._state import converter
 
@@ -33,6 +34,9 @@ def main(argv: list[str]) -> int:
         except SimulatedCrashError:
             dist.barrier()  # every rank crashed at the same pass; leave together
             return 3
+        except TrainingInterruptedError as stopped:
+            dist.barrier()  # every rank stopped after the same batch; leave together
+            return 128 + stopped.signal
         # Sharded (FSDP2) tensors are saved whole, as a checkpoint saves them.
         state = full_state(final_state(brain))
         assert isinstance(state, dict)

@@ -1,0 +1,84 @@
+"""Every process of a distributed run stops after the same training batch, whichever got the signal.
+
+A job scheduler's SIGTERM reaches each process at a different point of its loop, or reaches only
+some of them. A process that stopped on its own would enter the collective checkpoint save while
+the others enter the next batch's gradient all-reduce, and the job would hang. Instead, after
+each training batch, every process shares whether it has been asked to stop, and all act on the
+same answer after the same batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup, Work
+
+from typedbrain._signals import StopRequest
+
+__all__ = ["StopAgreement", "control_group"]
+
+
+def control_group() -> ProcessGroup:
+    """A new gloo group of every process, for small exchanges off the training device.
+
+    Collective: every process calls it at the same point (when ``fit`` starts).
+    """
+    group: ProcessGroup | None = dist.new_group(backend="gloo")
+    # new_group returns None only on processes outside the group; every process is inside.
+    assert group is not None
+    return group
+
+
+class StopAgreement:
+    """Tells every process, batch by batch, whether any of them has been asked to stop.
+
+    After each training batch each process sends its own request (the signal's number, or 0) to
+    an all-reduce (maximum) that it does not wait for, and reads the result of the exchange
+    started after the previous batch, which has arrived by then. Every process runs the same
+    batches, so all read the same answer after the same batch: they stop together, one batch
+    after the first of them got the signal. The exchange runs on a gloo group of its own, so it
+    neither synchronises with the training device nor interleaves with the run's collectives.
+    """
+
+    def __init__(self, request: StopRequest, group: ProcessGroup) -> None:
+        self._request = request
+        self._group = group
+        self._in_flight: tuple[Work, torch.Tensor] | None = None
+
+    def after_batch(self) -> int | None:
+        """Share this process's request; the agreed signal to stop on now, or ``None``.
+
+        When it returns a signal, no exchange is left in flight.
+        """
+        previous = self._in_flight
+        self._in_flight = self._start()
+        if previous is None:
+            return None
+        agreed = _result(previous)
+        if agreed is not None:
+            self.settle()
+        return agreed
+
+    def settle(self) -> int | None:
+        """Wait for the exchange in flight, if any; the signal it agreed on, or ``None``."""
+        in_flight, self._in_flight = self._in_flight, None
+        return None if in_flight is None else _result(in_flight)
+
+    def now(self) -> int | None:
+        """Exchange the requests once more and wait: the agreed signal, or ``None``."""
+        self.settle()
+        self._in_flight = self._start()
+        return self.settle()
+
+    def _start(self) -> tuple[Work, torch.Tensor]:
+        flag = torch.tensor([self._request.signal or 0], dtype=torch.int64)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        assert work is not None  # async_op=True always returns the request
+        return work, flag
+
+
+def _result(exchange: tuple[Work, torch.Tensor]) -> int | None:
+    work, flag = exchange
+    work.wait()
+    signum = int(flag.item())
+    return signum or None
