@@ -166,6 +166,17 @@ def test_checkpoints_saved_within_one_second_get_distinct_default_names(tmp_path
     assert len(paths) == 3
 
 
+def test_a_default_name_is_not_reused_after_a_keep_policy_deleted_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every save in the same second: the folder saved before is deleted each time.
+    monkeypatch.setattr("typedbrain._checkpoint.time.strftime", lambda *_: "2026-11-25+12-00-00")
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    names = [checkpointer.save_and_keep_only(num_to_keep=1).path.name for _ in range(4)]
+    assert names == [f"CKPT+2026-11-25+12-00-00+0{index}" for index in range(4)]
+    assert [entry.name for entry in tmp_path.iterdir()] == [names[-1]]
+
+
 def test_a_given_name_that_exists_or_is_not_a_plain_name_is_refused(tmp_path: Path) -> None:
     checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
     checkpointer.save_checkpoint(name="best")

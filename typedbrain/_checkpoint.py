@@ -163,6 +163,7 @@ class Checkpointer:
         self._recoverables: dict[str, _Recoverable] = {}
         self._phase_source: Callable[[], str | None] | None = None
         self._reported: set[Path] = set()
+        self._last_stamp = ("", -1)  # the time stamp and index of the last folder made
         if recoverables is not None:
             self.add_recoverables(recoverables)
 
@@ -359,12 +360,17 @@ class Checkpointer:
                 raise CheckpointError(f"cannot save checkpoint {folder}: it exists") from None
             return folder
         stamp = time.strftime("%Y-%m-%d+%H-%M-%S", time.localtime())
-        for index in itertools.count():
+        # Within a second, count on from this checkpointer's last folder even if a keep policy
+        # has deleted it since: a name is not given to two checkpoints by one checkpointer.
+        last_stamp, last_index = self._last_stamp
+        start = last_index + 1 if last_stamp == stamp else 0
+        for index in itertools.count(start):
             folder = self.checkpoints_dir / f"CKPT+{stamp}+{index:02d}"
             try:
                 folder.mkdir()
             except FileExistsError:
                 continue
+            self._last_stamp = (stamp, index)
             return folder
         raise AssertionError("unreachable")  # pragma: no cover
 
