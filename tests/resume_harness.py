@@ -54,6 +54,7 @@ class RunConfig:
     signal_at: int | None = None  # send this process SIGTERM at this forward pass
     signal_rank: int | None = None  # under a process group: only this rank signals itself
     kill_at_save: int | None = None  # SIGKILL this process in the middle of its n-th save
+    user_save_at: int | None = None  # save a checkpoint from on_fit_batch_end at this pass
     stop_on_signals: bool = True
     fsdp: bool = False  # under a process group: shard the model with FSDP2 instead of DDP
 
@@ -155,6 +156,20 @@ class HarnessBrain(sb.Brain[Batch, Tensor]):
             self.ckpt.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"])
 
 
+class UserSavingBrain(HarnessBrain):
+    """Also saves a checkpoint itself, from ``on_fit_batch_end``, at pass ``user_save_at``.
+
+    Overriding that hook takes the brain off the inline step path, so only runs that ask for
+    it use this class.
+    """
+
+    def on_fit_batch_end(
+        self, batch: Batch, outputs: Tensor, loss: Tensor, should_step: bool
+    ) -> None:
+        if self.forward_calls == self.hparams["user_save_at"]:
+            self.ckpt.save_checkpoint(meta={"by": "on_fit_batch_end"}, end_of_epoch=False)
+
+
 def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, sb.EpochCounter]:
     """Everything a recipe script builds, seeded the way a script seeds itself."""
     random.seed(seed)
@@ -177,13 +192,15 @@ def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, 
             "tripwire": Tripwire(config.kill_at_save),
         },
     )
-    brain = HarnessBrain(
+    brain_class = HarnessBrain if config.user_save_at is None else UserSavingBrain
+    brain = brain_class(
         modules={"model": model},
         opt_class=lambda params: torch.optim.Adam(params, lr=0.01),
         hparams={
             "valid": config.valid,
             "signal_at": config.signal_at,
             "signal_rank": config.signal_rank,
+            "user_save_at": config.user_save_at,
         },
         run_opts={
             "precision": config.precision,

@@ -17,7 +17,13 @@ import torch
 
 import typedbrain as sb
 from tests.helpers import LOADER, RegressionBrain, examples, sgd
-from tests.resume_harness import RunConfig, differences, final_state, run
+from tests.resume_harness import (
+    RunConfig,
+    SimulatedCrashError,
+    differences,
+    final_state,
+    run,
+)
 from typedbrain._checkpoint import Checkpointer
 from typedbrain._state import converter
 
@@ -193,6 +199,24 @@ def test_a_signal_in_validation_stops_after_the_batch_without_a_new_checkpoint(
     assert not caught.value.checkpoint_saved
     assert "resumes from the last committed checkpoint" in str(caught.value)
     assert Checkpointer(tmp_path / "stopped").list_checkpoints() == []
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_checkpoint_saved_from_on_fit_batch_end_resumes_exactly(
+    accumulation: int, tmp_path: Path
+) -> None:
+    # 24 samples in batches of 4: 6 training passes per epoch. The recipe saves after pass 3
+    # (mid-accumulation with 2) and the run crashes at pass 5.
+    config = RunConfig(
+        data_seed=3, ckpt_interval_steps=100, accumulation=accumulation, user_save_at=3
+    )
+    with pytest.raises(SimulatedCrashError):
+        run(config, tmp_path / "crashed", stop_at=5)
+    saved = Checkpointer(tmp_path / "crashed").list_checkpoints()
+    assert [c.meta for c in saved] == [{"by": "on_fit_batch_end"}]
+    resumed = run(config, tmp_path / "crashed")
+    expected = run(config, tmp_path / "straight")
+    assert differences(final_state(expected), final_state(resumed)) == []
 
 
 class _SignalsAtTheEnd(RegressionBrain):

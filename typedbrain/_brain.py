@@ -222,6 +222,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._restored: _Restored | None = None  # run state recovered, not yet applied
         self._epoch_rng: RngState | None = None  # the generators before this epoch's iter()
         self._in_train_loop = False  # between two training batches of an epoch
+        self._loss_not_averaged: Tensor | None = None  # in on_fit_batch_end: its batch's loss
         self._train_loader: DataLoader[object] | None = None
         self._stop = StopRequest(enabled=False)
         # Under torch.distributed, with stop_on_signals: how the processes agree to stop.
@@ -431,7 +432,12 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if should_step and self._window:  # a window without finite losses has nothing to step
             self._close_window(plan)
         if plan.call_batch_end:
-            self.on_fit_batch_end(batch, outputs, loss, should_step)
+            # A checkpoint saved by the hook counts this batch's loss as the loop will next.
+            self._loss_not_averaged = loss
+            try:
+                self.on_fit_batch_end(batch, outputs, loss, should_step)
+            finally:
+                self._loss_not_averaged = None
         result = loss.detach()
         if not result.is_cpu:
             result = result.cpu()
@@ -1233,6 +1239,17 @@ class _RunStateRecoverable:
             None if brain._train_loader is None else find_resumable_sampler(brain._train_loader)
         )
         mid_epoch = brain._in_train_loop
+        avg_train_loss, averaged, skipped = brain.avg_train_loss, brain._averaged, brain._skipped
+        pending = brain._loss_not_averaged
+        if pending is not None:
+            # Saved from on_fit_batch_end: the batch is done but for update_average, which the
+            # loop calls next and a resumed run would not. Fold the loss in as it does.
+            value = brain._read_value if pending is brain._read_tensor else _loss_value(pending)
+            if math.isfinite(value):
+                averaged += 1
+                avg_train_loss += (value - avg_train_loss) / averaged
+            else:
+                skipped += 1
         return RunState(
             phase=brain.phase.name,
             epoch=brain._epoch,
@@ -1240,11 +1257,11 @@ class _RunStateRecoverable:
             progress=TrainingProgress(
                 step=brain.step,
                 optimizer_step=brain.optimizer_step,
-                avg_train_loss=brain.avg_train_loss,
-                averaged=brain._averaged,
+                avg_train_loss=avg_train_loss,
+                averaged=averaged,
                 nonfinite_count=brain.nonfinite_count,
             ),
-            skipped=brain._skipped,
+            skipped=skipped,
             window=brain._window if mid_epoch else 0,
             rng=capture_rng(),
             epoch_rng=brain._epoch_rng if mid_epoch else None,

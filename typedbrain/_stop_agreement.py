@@ -19,10 +19,16 @@ __all__ = ["StopAgreement", "control_group"]
 
 
 def control_group() -> ProcessGroup:
-    """A new gloo group of every process, for small exchanges off the training device.
+    """A gloo group of every process, for small exchanges off the training device.
 
-    Collective: every process calls it at the same point (when ``fit`` starts).
+    The default group when it is gloo already (no new connections to set up and tear down),
+    else a new gloo group. Collective: every process calls it at the same point (when ``fit``
+    starts).
     """
+    if dist.get_backend() == "gloo":
+        world: ProcessGroup | None = dist.group.WORLD
+        assert world is not None  # there is a default group: the caller checked
+        return world
     group: ProcessGroup | None = dist.new_group(backend="gloo")
     # new_group returns None only on processes outside the group; every process is inside.
     assert group is not None
@@ -36,8 +42,10 @@ class StopAgreement:
     an all-reduce (maximum) that it does not wait for, and reads the result of the exchange
     started after the previous batch, which has arrived by then. Every process runs the same
     batches, so all read the same answer after the same batch: they stop together, one batch
-    after the first of them got the signal. The exchange runs on a gloo group of its own, so it
-    neither synchronises with the training device nor interleaves with the run's collectives.
+    after the first of them got the signal. The exchange runs on a gloo group, so it
+    does not synchronise with the training device (a gloo group of its own when the run's
+    group is not gloo; gloo matches collectives by their order, so sharing a gloo group with
+    the run's own collectives is safe: every process starts them in the same order).
     """
 
     def __init__(self, request: StopRequest, group: ProcessGroup) -> None:
