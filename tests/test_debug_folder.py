@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,11 @@ def test_a_checkpointer_that_cannot_be_redirected_is_warned_about(tmp_path: Path
     ) as caught:
         regression_brain(run_opts=DEBUG, checkpointer=RecordingCheckpointer())
     assert Path(caught[0].filename).name == "helpers.py"  # points at the Brain(...) call
+
+
+def test_a_debug_folder_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "results").write_text("a file where the experiment folder should be")
+    real = tmp_path / "results" / "save"
+    expected = f"could not create a temporary checkpoint folder beside {real}"
+    with pytest.raises(tb.CheckpointError, match=re.escape(expected)):
+        regression_brain(run_opts=DEBUG, checkpointer=tb.Checkpointer(real))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from typedbrain._checkpoint import Checkpointer
 from typedbrain._distributed import broadcast_object, if_main_process
+from typedbrain._errors import CheckpointError
 
 __all__ = ["redirect_for_debug"]
 
@@ -37,6 +38,9 @@ def redirect_for_debug(checkpointer: object, *, stacklevel: int = 2) -> Path | N
         checkpointer: the brain's checkpointer.
         stacklevel: where a warning points (1 is this function).
 
+    Raises:
+        CheckpointError: the folder could not be created (on every process).
+
     Returns:
         The temporary folder, or ``None`` when ``checkpointer`` is not a typedbrain
         :class:`~typedbrain.Checkpointer` (then a warning says that its checkpoints go where it
@@ -55,11 +59,23 @@ def redirect_for_debug(checkpointer: object, *, stacklevel: int = 2) -> Path | N
     real = _real_folders.get(checkpointer, checkpointer.checkpoints_dir)
     _real_folders[checkpointer] = real
     created: str | None = None
+    failure: str | None = None
     if if_main_process():
-        real.parent.mkdir(parents=True, exist_ok=True)
-        created = tempfile.mkdtemp(prefix=f".{real.name}-debug-", dir=real.parent)
-        weakref.finalize(checkpointer, shutil.rmtree, created, ignore_errors=True)
-    folder = Path(broadcast_object(created) or "")
+        try:
+            real.parent.mkdir(parents=True, exist_ok=True)
+            created = tempfile.mkdtemp(prefix=f".{real.name}-debug-", dir=real.parent)
+        except OSError as error:
+            failure = str(error)
+        else:
+            weakref.finalize(checkpointer, shutil.rmtree, created, ignore_errors=True)
+    # The main process's outcome reaches every process, so none waits for a folder never made.
+    shared, failure = broadcast_object((created, failure))
+    if shared is None:
+        raise CheckpointError(
+            f"debug mode could not create a temporary checkpoint folder beside {real}: "
+            f"{failure} (set debug_persistently=True to use {real} itself)"
+        )
+    folder = Path(shared)
     checkpointer.checkpoints_dir = folder
     logger.info(
         "debug mode: checkpoints go to %s (removed at the end) instead of %s; set "
