@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Final
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,13 @@ from tests.resume_harness import RunConfig, SimulatedCrashError, final_state, ru
 from typedbrain import TrainingInterruptedError
 from typedbrain._sharded_state import gathered as full_state
 from typedbrain._state import converter
+
+STOPPED_SUFFIX: Final = ".stopped.json"
+"""A rank stopped by ``TrainingInterruptedError`` records it in ``OUT.<rank>`` + this.
+
+The exit status says it too, but a rank can still be aborted by gloo while the group is torn
+down (a peer that closed its connections first), which replaces its exit status.
+"""
 
 
 def main(argv: list[str]) -> int:
@@ -35,6 +43,9 @@ def main(argv: list[str]) -> int:
             dist.barrier()  # every rank crashed at the same pass; leave together
             return 3
         except TrainingInterruptedError as stopped:
+            # What this rank saw, written before the group is torn down (see STOPPED_SUFFIX).
+            outcome = {"signal": stopped.signal, "checkpoint_saved": stopped.checkpoint_saved}
+            Path(f"{out}.{dist.get_rank()}{STOPPED_SUFFIX}").write_text(json.dumps(outcome))
             dist.barrier()  # every rank stopped after the same batch; leave together
             return 128 + stopped.signal
         # Sharded (FSDP2) tensors are saved whole, as a checkpoint saves them.
