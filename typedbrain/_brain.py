@@ -1,7 +1,8 @@
 """``Brain``: the training loop, driven by ``compute_forward`` and ``compute_objectives``.
 
 The loop itself is kept thin: numerics live in ``_numerics``, data loaders in ``_data``, the
-phase logic in ``_phases``, options in ``_options``.
+phase logic in ``_phases``, options in ``_options``, the run state's checkpoint entry in
+``_run_record``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, ExitStack
-from typing import Any, Final, Generic, cast, get_args, get_origin, overload
+from typing import Final, Generic, cast, get_args, get_origin, overload
 from typing import TypeVar as TypeVarType
 
 import attrs
@@ -55,6 +56,7 @@ from typedbrain._numerics import (
     autocast,
     grad_scaler_for,
     gradient_norm,
+    running_mean,
     scale_gradients,
     vector_weight_decay_groups,
 )
@@ -64,14 +66,13 @@ from typedbrain._plan import StepPlan, unique_parameters
 from typedbrain._progress import StageProgress
 from typedbrain._protocols import CheckpointerLike, CheckpointInfo, OptimizerFactory
 from typedbrain._rng import RngState, capture_rng, restore_rng
+from typedbrain._run_record import RunRecord, RunStateRecoverable
 from typedbrain._sampler import batches_from, find_resumable_sampler
 from typedbrain._signals import StopRequest
 from typedbrain._state import (
     RunState,
     SamplerState,
     TrainingProgress,
-    converter,
-    structure_state,
 )
 from typedbrain._stop_agreement import StopAgreement, control_group
 
@@ -219,7 +220,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._compiled: set[str] = set()
         self._ddp_modules: list[torch.nn.parallel.DistributedDataParallel] = []
         self._wrapped = False
-        self._restored: _Restored | None = None  # run state recovered, not yet applied
+        self._restored: RunRecord | None = None  # run state recovered, not yet applied
         self._epoch_rng: RngState | None = None  # the generators before this epoch's iter()
         self._in_train_loop = False  # between two training batches of an epoch
         self._loss_not_averaged: Tensor | None = None  # in on_fit_batch_end: its batch's loss
@@ -234,7 +235,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             if options.debug and not options.debug_persistently:
                 # A warning points at Brain(...): redirect_for_debug, __init__, its caller.
                 redirect_for_debug(checkpointer, stacklevel=3)
-            checkpointer.add_recoverable("brain", _RunStateRecoverable(self))
+            checkpointer.add_recoverable(
+                "brain", RunStateRecoverable(self._record_run, self._recovered)
+            )
             if self.scaler is not None:
                 checkpointer.add_recoverable("scaler", self.scaler)
             watch_phase = getattr(checkpointer, "watch_phase", None)
@@ -581,7 +584,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self._skipped += 1
             return avg_loss
         self._averaged += 1
-        return avg_loss + (value - avg_loss) / self._averaged
+        return running_mean(avg_loss, value, self._averaged)
 
     def no_sync(self, use: bool = True) -> AbstractContextManager[object]:
         """A context in which DDP does not synchronise gradients (when ``use`` is true).
@@ -855,7 +858,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             optimizer.zero_grad(set_to_none=True)
         self.optimizer_step += 1
         self._averaged += 1
-        self.avg_train_loss += (value - self.avg_train_loss) / self._averaged
+        self.avg_train_loss = running_mean(self.avg_train_loss, value, self._averaged)
 
     def _current_plan(self) -> StepPlan:
         plan = self._plan
@@ -1050,7 +1053,58 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         logger.warning("%s", error)
         raise error
 
-    def _take_restored(self, loader: DataLoader[object], epoch: int) -> _Restored | None:
+    def _record_run(self) -> RunRecord:
+        """The run state to save now, with the partial gradients of an open window."""
+        sampler = None if self._train_loader is None else find_resumable_sampler(self._train_loader)
+        mid_epoch = self._in_train_loop
+        avg_train_loss, averaged, skipped = self.avg_train_loss, self._averaged, self._skipped
+        pending = self._loss_not_averaged
+        if pending is not None:
+            # Saved from on_fit_batch_end: the batch is done but for update_average, which the
+            # loop calls next and a resumed run would not. Fold the loss in as it does.
+            value = self._read_value if pending is self._read_tensor else _loss_value(pending)
+            if math.isfinite(value):
+                averaged += 1
+                avg_train_loss = running_mean(avg_train_loss, value, averaged)
+            else:
+                skipped += 1
+        window = self._window if mid_epoch else 0
+        state = RunState(
+            phase=self.phase.name,
+            epoch=self._epoch,
+            mid_epoch=mid_epoch,
+            progress=TrainingProgress(
+                step=self.step,
+                optimizer_step=self.optimizer_step,
+                avg_train_loss=avg_train_loss,
+                averaged=averaged,
+                nonfinite_count=self.nonfinite_count,
+            ),
+            skipped=skipped,
+            window=window,
+            rng=capture_rng(),
+            epoch_rng=self._epoch_rng if mid_epoch else None,
+            sampler=None
+            if sampler is None
+            else SamplerState(seed=sampler.seed, epoch=sampler.epoch),
+        )
+        gradients: list[Tensor | None] = []
+        if window:
+            gradients = [
+                None if parameter.grad is None else parameter.grad.detach().cpu().clone()
+                for parameter in self._current_plan().parameters
+            ]
+        return RunRecord(state, gradients)
+
+    def _recovered(self, record: RunRecord) -> None:
+        """Take a recovered run state: the counters now, the rest when training starts."""
+        self.optimizer_step = record.state.progress.optimizer_step
+        self._restored = record
+        if not record.state.mid_epoch:
+            # Taken between epochs (or stages): the run goes on from here, with these numbers.
+            restore_rng(record.state.rng)
+
+    def _take_restored(self, loader: DataLoader[object], epoch: int) -> RunRecord | None:
         """The recovered run state to continue this epoch from, if it was taken in it.
 
         The first training stage after a recovery also gives the loader's resumable sampler
@@ -1077,7 +1131,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             return None
         return restored
 
-    def _continue_epoch(self, restored: _Restored) -> int:
+    def _continue_epoch(self, restored: RunRecord) -> int:
         """Put the counters and partial gradients of an interrupted epoch back."""
         state = restored.state
         progress = state.progress
@@ -1212,112 +1266,3 @@ def _not_a_loss(loss: object) -> HookContractError:
 
 def _is_intra_epoch(checkpoint: CheckpointInfo) -> bool:
     return INTRA_EPOCH_CKPT_FLAG in checkpoint.meta
-
-
-@attrs.frozen
-class _Restored:
-    """A recovered run state and the partial gradients saved with it."""
-
-    state: RunState
-    gradients: list[Tensor | None]
-
-
-class _RunStateRecoverable:
-    """The brain's run state as a recoverable (registered as ``"brain"``).
-
-    Saved: a :class:`RunState` as plain data, and (mid-accumulation) the partial gradients.
-    Loading puts the counters back at once and keeps the rest for the next training stage,
-    which continues an interrupted epoch from it.
-    """
-
-    def __init__(self, brain: Brain[Any, Any, Any]) -> None:
-        self._brain = brain
-
-    def snapshot(self) -> RunState:
-        brain = self._brain
-        sampler = (
-            None if brain._train_loader is None else find_resumable_sampler(brain._train_loader)
-        )
-        mid_epoch = brain._in_train_loop
-        avg_train_loss, averaged, skipped = brain.avg_train_loss, brain._averaged, brain._skipped
-        pending = brain._loss_not_averaged
-        if pending is not None:
-            # Saved from on_fit_batch_end: the batch is done but for update_average, which the
-            # loop calls next and a resumed run would not. Fold the loss in as it does.
-            value = brain._read_value if pending is brain._read_tensor else _loss_value(pending)
-            if math.isfinite(value):
-                averaged += 1
-                avg_train_loss += (value - avg_train_loss) / averaged
-            else:
-                skipped += 1
-        return RunState(
-            phase=brain.phase.name,
-            epoch=brain._epoch,
-            mid_epoch=mid_epoch,
-            progress=TrainingProgress(
-                step=brain.step,
-                optimizer_step=brain.optimizer_step,
-                avg_train_loss=avg_train_loss,
-                averaged=averaged,
-                nonfinite_count=brain.nonfinite_count,
-            ),
-            skipped=skipped,
-            window=brain._window if mid_epoch else 0,
-            rng=capture_rng(),
-            epoch_rng=brain._epoch_rng if mid_epoch else None,
-            sampler=None
-            if sampler is None
-            else SamplerState(seed=sampler.seed, epoch=sampler.epoch),
-        )
-
-    def state_dict(self) -> dict[str, object]:
-        """This process's run state; under a process group, every rank's (a collective)."""
-        state = self.snapshot()
-        gradients: list[Tensor | None] = []
-        if state.window:
-            gradients = [
-                None if parameter.grad is None else parameter.grad.detach().cpu().clone()
-                for parameter in self._brain._current_plan().parameters
-            ]
-        own: dict[str, object] = {"state": converter.unstructure(state), "gradients": gradients}
-        ranks: list[object] = [own]
-        if is_distributed():
-            # Each rank's generators, partial gradients and counters differ: keep them all.
-            ranks = [None] * dist.get_world_size()
-            dist.all_gather_object(ranks, own)
-        return {"ranks": ranks}
-
-    def load_state_dict(self, state_dict: Mapping[str, object], /) -> None:
-        """Take this rank's entry of a saved run state; see :meth:`state_dict`."""
-        source = "the brain's run state"
-        ranks = state_dict.get("ranks")
-        if set(state_dict) != {"ranks"} or not isinstance(ranks, list) or not ranks:
-            raise CheckpointError(
-                f"{source} should hold a non-empty 'ranks' list, found keys {sorted(state_dict)}"
-            )
-        world_size = dist.get_world_size() if is_distributed() else 1
-        rank = dist.get_rank() if is_distributed() else 0
-        if len(ranks) != world_size:
-            warnings.warn(
-                f"the checkpoint was saved by {len(ranks)} processes and this run has "
-                f"{world_size}: each process takes the saved state of rank "
-                f"{min(rank, len(ranks) - 1)}, and the run will not continue exactly as the "
-                "interrupted one would have",
-                ResumeWarning,
-                stacklevel=2,
-            )
-        own = ranks[min(rank, len(ranks) - 1)]
-        if not isinstance(own, Mapping) or set(own) != {"state", "gradients"}:
-            raise CheckpointError(f"{source}: a rank's entry should hold 'state' and 'gradients'")
-        state = structure_state(own["state"], RunState, source=source)
-        gradients = own["gradients"]
-        if not isinstance(gradients, list) or not all(
-            gradient is None or isinstance(gradient, Tensor) for gradient in gradients
-        ):
-            raise CheckpointError(f"{source}: 'gradients' should be a list of tensors")
-        brain = self._brain
-        brain.optimizer_step = state.progress.optimizer_step
-        brain._restored = _Restored(state, cast(list[Tensor | None], gradients))
-        if not state.mid_epoch:
-            # Taken between epochs (or stages): the run goes on from here, with these numbers.
-            restore_rng(state.rng)

@@ -16,6 +16,7 @@ __all__ = [
     "autocast",
     "grad_scaler_for",
     "gradient_norm",
+    "running_mean",
     "scale_gradients",
     "vector_weight_decay_groups",
 ]
@@ -54,6 +55,15 @@ def grad_scaler_for(device: torch.device, precision: Precision) -> torch.amp.Gra
 def gradient_norm(parameters: Sequence[torch.Tensor]) -> torch.Tensor:
     """The total 2-norm of the gradients of ``parameters``."""
     return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
+def running_mean(mean: float, value: float, count: int) -> float:
+    """The mean of ``count`` values: ``mean`` of the first ``count - 1`` and then ``value``.
+
+    Every running loss mean of the loop (and the one a checkpoint saves) takes this one step, so
+    that they agree bit for bit.
+    """
+    return mean + (value - mean) / count
 
 
 def scale_gradients(parameters: Sequence[torch.Tensor], factor: float) -> None:
