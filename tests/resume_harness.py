@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 import typedbrain as sb
 from typedbrain._checkpoint import Checkpointer
 from typedbrain._distributed import get_rank
+from typedbrain._sampler import ResumableSampler
 
 Batch = tuple[Tensor, Tensor]
 FEATURES: Final = 4
@@ -51,6 +52,8 @@ class RunConfig:
     ckpt_interval_steps: int = 2
     shuffle: bool = True
     user_loader: bool = False  # a plain DataLoader (not positionable) instead of a dataset
+    user_sampler: bool = False  # a plain DataLoader over a ResumableSampler instead
+    valid_num_workers: int = 0
     signal_at: int | None = None  # send this process SIGTERM at this forward pass
     signal_rank: int | None = None  # under a process group: only this rank signals itself
     kill_at_save: int | None = None  # SIGKILL this process in the middle of its n-th save
@@ -219,26 +222,46 @@ def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, 
     return brain, counter
 
 
-def run(config: RunConfig, folder: Path, *, stop_at: int | None = None) -> HarnessBrain:
-    """Train ``config``, checkpointing in ``folder``; crash at forward pass ``stop_at``."""
-    brain, counter = build(config, folder, seed=config.data_seed)
+def run(
+    config: RunConfig,
+    folder: Path,
+    *,
+    stop_at: int | None = None,
+    script_seed: int | None = None,
+    batch_size: int | None = None,
+) -> HarnessBrain:
+    """Train ``config``, checkpointing in ``folder``; crash at forward pass ``stop_at``.
+
+    ``script_seed`` is what the script seeds its generators with (default: the data seed);
+    ``batch_size`` overrides the training batch size (a restart that changed it).
+    """
+    brain, counter = build(
+        config, folder, seed=config.data_seed if script_seed is None else script_seed
+    )
     brain.stop_at = stop_at
     train = NoisyDataset(config.data_seed, config.samples, config.augment)
     valid = NoisyDataset(config.data_seed + 1, config.samples // 2, config.augment)
+    train_batch = config.batch_size if batch_size is None else batch_size
     loader_kwargs: sb.LoaderKwargs = {
-        "batch_size": config.batch_size,
+        "batch_size": train_batch,
         "shuffle": config.shuffle,
         "num_workers": config.num_workers,
     }
     train_set: sb.DataSource = train
     if config.user_loader:
-        train_set = DataLoader(train, batch_size=config.batch_size, shuffle=config.shuffle)
+        train_set = DataLoader(train, batch_size=train_batch, shuffle=config.shuffle)
+    elif config.user_sampler:
+        sampler = ResumableSampler(train, shuffle=config.shuffle, seed=config.data_seed)
+        train_set = DataLoader(train, batch_size=train_batch, sampler=sampler)
     brain.fit(
         counter,
         train_set,
         valid if config.valid else None,
         train_loader_kwargs=loader_kwargs,
-        valid_loader_kwargs={"batch_size": config.batch_size},
+        valid_loader_kwargs={
+            "batch_size": config.batch_size,
+            "num_workers": config.valid_num_workers,
+        },
     )
     return brain
 

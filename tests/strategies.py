@@ -126,4 +126,7 @@ def run_state() -> st.SearchStrategy[RunState]:
         rng=rng_state(),
         epoch_rng=st.none() | rng_state(),
         sampler=st.none() | sampler_state(),
+        train_loader_seed=st.none() | st.integers(-(2**63), 2**63 - 1),
+        valid_loader_seed=st.none() | st.integers(-(2**63), 2**63 - 1),
+        batch_size=st.none() | _small,
     )

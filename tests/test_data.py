@@ -23,8 +23,11 @@ from torch.utils.data import (
     Sampler,
     SequentialSampler,
 )
+from torch.utils.data.distributed import DistributedSampler
 
 from typedbrain._data import (
+    LoaderKwargs,
+    Shard,
     _index_key,
     find_resumable_sampler,
     make_dataloader,
@@ -33,7 +36,7 @@ from typedbrain._data import (
     set_loader_epoch,
 )
 from typedbrain._errors import ConfigurationError, ResumeWarning
-from typedbrain._sampler import ResumableSampler
+from typedbrain._sampler import ResumableSampler, loader_seed, set_loader_seed
 
 
 def as_lists(batches: Sequence[object]) -> list[object]:
@@ -310,6 +313,42 @@ def test_batches_done_outside_the_epoch_is_rejected(batches_done: int, fragment:
         position_loader(loader, epoch=1, batches_done=batches_done)
 
 
+def test_a_batch_sampler_over_an_unpositionable_sampler_names_that_sampler() -> None:
+    data = CountingDataset(8)
+    loader: DataLoader[int] = DataLoader(
+        data, batch_sampler=BatchSampler(RandomSampler(data), 2, False)
+    )
+    with pytest.warns(ResumeWarning, match="the sampler RandomSampler has no start_at"):
+        assert not position_loader(loader, epoch=1, batches_done=1)
+
+
+@pytest.mark.parametrize(("saved", "now", "first"), [(4, 2, 8), (2, 4, 4), (3, 2, 6)])
+def test_a_changed_batch_size_skips_the_samples_the_saved_batches_held_and_warns(
+    saved: int, now: int, first: int
+) -> None:
+    loader = make_dataloader(list(range(16)), batch_size=now, shuffle=False)
+    with pytest.warns(ResumeWarning, match=f"batch size was {saved} .* is {now} now"):
+        assert position_loader(loader, epoch=1, batches_done=2, batch_size=saved)
+    samples = [int(sample) for batch in loader if isinstance(batch, Tensor) for sample in batch]
+    assert samples == list(range(first, 16))
+
+
+def test_the_saved_batch_size_bounds_the_batches_done() -> None:
+    loader = make_dataloader(list(range(10)), batch_size=2, shuffle=False)
+    with pytest.warns(ResumeWarning), pytest.raises(ConfigurationError, match=r"<= 3 .*of 4"):
+        position_loader(loader, epoch=1, batches_done=4, batch_size=4)
+    with pytest.warns(ResumeWarning):  # 3 batches of 4 used all 10 samples
+        assert position_loader(loader, epoch=1, batches_done=3, batch_size=4)
+    assert list(loader) == []
+
+
+def test_an_unchanged_batch_size_does_not_warn() -> None:
+    loader = make_dataloader(list(range(8)), batch_size=2, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert position_loader(loader, epoch=1, batches_done=2, batch_size=2)
+
+
 # --- make_dataloader's options -------------------------------------------------------------
 
 
@@ -352,6 +391,89 @@ def test_unknown_option_is_rejected_with_a_suggestion() -> None:
 def test_a_seed_that_is_not_an_int_is_rejected() -> None:
     with pytest.raises(ConfigurationError, match="seed must be an int, got '7'"):
         make_dataloader(list(range(3)), seed="7")  # type: ignore[arg-type]  # wrong on purpose
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"num_workers": "2"}, "num_workers must be an int, got '2'"),
+        ({"num_workers": -1}, "num_workers must be >= 0, got -1"),
+        ({"num_workers": True}, "num_workers must be an int, got True"),
+    ],
+)
+def test_a_bad_num_workers_is_rejected_naming_it(options: LoaderKwargs, fragment: str) -> None:
+    with pytest.raises(ConfigurationError, match=fragment):
+        make_dataloader(list(range(3)), **options)
+
+
+def test_a_shard_that_is_not_a_shard_is_rejected() -> None:
+    with pytest.raises(ConfigurationError, match="shard must be a Shard or None, got \\(0, 2\\)"):
+        make_dataloader(list(range(3)), shard=(0, 2))  # type: ignore[arg-type]  # wrong on purpose
+
+
+def test_pad_that_is_not_a_bool_is_rejected() -> None:
+    with pytest.raises(ConfigurationError, match="pad must be a bool, got 'no'"):
+        ResumableSampler(4, shuffle=False, seed=0, pad="no")  # type: ignore[arg-type]  # wrong on purpose
+
+
+class _Stream(IterableDataset[int]):
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(4))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "options", "fragment"),
+    [
+        (list(range(8)), {"sampler": RandomSampler(range(8))}, "the RandomSampler you passed"),
+        (
+            list(range(8)),
+            {"batch_sampler": BatchSampler(SequentialSampler(range(8)), 2, False)},
+            "the BatchSampler you passed",
+        ),
+        (_Stream(), {}, "the iterable dataset _Stream"),
+    ],
+)
+def test_data_that_cannot_be_sharded_warns_that_every_process_loads_all_of_it(
+    dataset: Dataset[int] | list[int], options: LoaderKwargs, fragment: str
+) -> None:
+    with pytest.warns(UserWarning, match=f"rank 1 of 2: {fragment}.*every process loads all"):
+        make_dataloader(dataset, shard=Shard(rank=1, world_size=2), **options)
+
+
+def test_samplers_that_shard_themselves_are_trusted_under_a_shard() -> None:
+    data = CountingDataset(8)
+    sharded = [
+        {"sampler": DistributedSampler(data, num_replicas=2, rank=1)},
+        {"sampler": ResumableSampler(data, shuffle=True, seed=0, rank=1, world_size=2)},
+        {"batch_sampler": BatchSampler(DistributedSampler(data, num_replicas=2, rank=1), 2, False)},
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for options in sharded:
+            make_dataloader(data, shard=Shard(rank=1, world_size=2), **options)  # type: ignore[arg-type]  # each dict is one option
+        make_dataloader(data, shard=Shard(rank=0, world_size=1), sampler=RandomSampler(data))
+
+
+@pytest.mark.slow
+def test_set_loader_seed_moves_the_generator_and_the_workers_item_seeds() -> None:
+    def noise_of(loader: DataLoader[object]) -> list[Tensor]:
+        set_loader_epoch(loader, 2)
+        return [batch for batch in loader if isinstance(batch, Tensor)]
+
+    def made(seed: int) -> DataLoader[object]:
+        # The order is the sampler's own (seed 0 for both): only the loader's seed differs.
+        sampler = ResumableSampler(6, shuffle=True, seed=0)
+        return make_dataloader(
+            NoisyDataset(6), seed=seed, batch_size=2, sampler=sampler, num_workers=1
+        )
+
+    expected = noise_of(made(5))
+    other = made(9)
+    assert loader_seed(other) == 9
+    assert not same(noise_of(other), expected)
+    set_loader_seed(other, 5)
+    assert loader_seed(other) == 5
+    assert same(noise_of(other), expected)
 
 
 def test_numpy_integer_indices_seed_like_python_ints() -> None:

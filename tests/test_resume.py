@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,12 +25,22 @@ from tests.resume_harness import (
     run,
     total_forward_passes,
 )
+from tests.test_crash_resume import saves_so_far
 from typedbrain._sampler import position_loader
 
 
+@attrs.frozen
+class Interruption:
+    """Where a run is interrupted, and what the restarted script seeds its generators with."""
+
+    stop_at: int
+    restart_seed: int | None  # None: the same seed as the first start
+
+
 @st.composite
-def configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, int]:
+def configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, Interruption]:
     batch_size = draw(st.integers(2, 5))
+    user_loader = draw(st.booleans())
     config = RunConfig(
         data_seed=draw(st.integers(0, 2**31 - 1)),
         samples=draw(st.integers(batch_size * 2, 20)),
@@ -42,29 +53,47 @@ def configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, int]:
         valid=draw(st.booleans()),
         ckpt_interval_steps=draw(st.integers(1, 4)),
         shuffle=draw(st.booleans()),
-        user_loader=draw(st.booleans()),
+        user_loader=user_loader,
+        user_sampler=not user_loader and draw(st.booleans()),
         # Two workers now and then: each epoch starts worker processes, which is slow.
         num_workers=draw(st.sampled_from([0, 0, 0, 0, 0, 0, 0, 2])),
     )
-    stop_at = draw(st.integers(1, total_forward_passes(config)))
-    return config, stop_at
+    interruption = Interruption(
+        stop_at=draw(st.integers(1, total_forward_passes(config))),
+        # An unseeded script's restart: its generators differ from the first start's.
+        restart_seed=draw(st.none() | st.integers(0, 2**31 - 1)),
+    )
+    return config, interruption
 
 
-def interrupted_then_resumed(config: RunConfig, stop_at: int, folder: Path) -> dict[str, object]:
+def interrupted_then_resumed(
+    config: RunConfig, stop_at: int, folder: Path, *, restart_seed: int | None = None
+) -> dict[str, object]:
+    """Run ``config`` until forward pass ``stop_at`` crashes it, then restart it to the end.
+
+    With ``restart_seed``, the restarted script seeds its generators with it: what it builds
+    before recovering (the model's initial weights, loader seeds drawn with ``seed=None``)
+    differs from the first start's, and the checkpoint must make up for all of it. Without a
+    checkpoint to recover, a differently seeded script is a different run: the restart then
+    uses the first start's seed.
+    """
     with pytest.raises(SimulatedCrashError):
         run(config, folder, stop_at=stop_at)
-    return final_state(run(config, folder))
+    script_seed = restart_seed if saves_so_far(folder) else None
+    return final_state(run(config, folder, script_seed=script_seed))
 
 
 @settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 @given(configs_and_stops())
 def test_interrupted_and_resumed_run_ends_identical_to_uninterrupted(
-    drawn: tuple[RunConfig, int],
+    drawn: tuple[RunConfig, Interruption],
 ) -> None:
-    config, stop_at = drawn
+    config, interruption = drawn
     with tempfile.TemporaryDirectory() as straight, tempfile.TemporaryDirectory() as broken:
         expected = final_state(run(config, Path(straight)))
-        resumed = interrupted_then_resumed(config, stop_at, Path(broken))
+        resumed = interrupted_then_resumed(
+            config, interruption.stop_at, Path(broken), restart_seed=interruption.restart_seed
+        )
     assert differences(expected, resumed) == []
 
 
@@ -84,6 +113,39 @@ def test_several_interruptions_in_a_row_still_end_identical(tmp_path: Path) -> N
         with pytest.raises(SimulatedCrashError):
             run(config, folder, stop_at=stop_at)
     assert differences(expected, final_state(run(config, folder))) == []
+
+
+def test_an_unseeded_restart_augments_in_workers_as_the_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    """Loaders built with seed=None draw their seeds from the script's generator; the
+    checkpoint keeps them, so worker augmentation (training and validation) reproduces."""
+    config = RunConfig(
+        data_seed=5, samples=12, batch_size=3, augment=True, num_workers=2, valid_num_workers=2
+    )
+    expected = final_state(run(config, tmp_path / "straight"))
+    resumed = interrupted_then_resumed(config, 7, tmp_path / "broken", restart_seed=1234)
+    assert differences(expected, resumed) == []
+
+
+def test_a_user_dataloader_over_a_resumable_sampler_resumes_exactly(tmp_path: Path) -> None:
+    """iter() of a loader without its own generator draws from the global generator: it draws
+    as the interrupted run did, before the checkpoint's generator state is put back."""
+    config = RunConfig(data_seed=3, samples=16, batch_size=4, dropout=0.3, user_sampler=True)
+    expected = final_state(run(config, tmp_path / "straight"))
+    resumed = interrupted_then_resumed(config, 9, tmp_path / "broken")
+    assert differences(expected, resumed) == []
+
+
+def test_a_restart_with_another_batch_size_continues_after_the_samples_used_and_warns(
+    tmp_path: Path,
+) -> None:
+    config = RunConfig(data_seed=3, samples=16, batch_size=4, valid=False, epochs=1)
+    with pytest.raises(SimulatedCrashError):
+        run(config, tmp_path, stop_at=3)  # the checkpoint after batch 2: 8 samples used
+    with pytest.warns(typedbrain.ResumeWarning, match="batch size was 4 .* is 2 now"):
+        brain = run(config, tmp_path, batch_size=2)
+    assert brain.forward_calls == 4  # the other 8 samples, in batches of 2
 
 
 # Negative controls: with a piece of the restoration switched off, the same comparison fails.
@@ -107,8 +169,10 @@ def test_control_without_sampler_positioning_diverges(
 ) -> None:
     expected = final_state(run(CONTROL, tmp_path / "straight"))
 
-    def no_skip(loader: DataLoader[object], *, epoch: int, batches_done: int) -> bool:
-        return position_loader(loader, epoch=epoch, batches_done=0)
+    def no_skip(
+        loader: DataLoader[object], *, epoch: int, batches_done: int, batch_size: int | None
+    ) -> bool:
+        return position_loader(loader, epoch=epoch, batches_done=0, batch_size=batch_size)
 
     monkeypatch.setattr("typedbrain._sampler.position_loader", no_skip)
     resumed = interrupted_then_resumed(CONTROL, CONTROL_STOP, tmp_path / "broken")

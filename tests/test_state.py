@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tests.strategies import rng_state, run_state, sampler_state, training_progress
 from typedbrain import ConfigurationError, TrainingProgress
 from typedbrain._rng import RngState, capture_rng, restore_rng
-from typedbrain._state import converter, structure_state
+from typedbrain._state import RunState, converter, structure_state
 
 # Every state class with the strategy that draws it: each gets the same round-trip properties.
 STATE_STRATEGIES = [
@@ -57,6 +57,34 @@ def test_bad_state_lists_every_problem_and_names_the_source() -> None:
     assert message.startswith("invalid TrainingProgress in brain.ckpt: ")
     assert "$.step" in message
     assert "surprise" in message
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"mid_epoch": "false"}, "expected bool (got str 'false') @ $.mid_epoch"),
+        ({"epoch": 1.9}, "expected int | None (got float 1.9) @ $.epoch"),
+        ({"window": True}, "expected int (got bool True) @ $.window"),
+        ({"phase": 3}, "expected str (got int 3) @ $.phase"),
+        ({"batch_size": "4"}, "(got str '4') @ $.batch_size"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_not_converted(
+    changes: dict[str, object], fragment: str
+) -> None:
+    plain = converter.unstructure(RunState(phase="TRAIN", epoch=1, rng=capture_rng()))
+    assert isinstance(plain, dict)
+    with pytest.raises(ConfigurationError) as caught:
+        structure_state({**plain, **changes}, RunState, source="brain.ckpt")
+    assert fragment in str(caught.value)
+
+
+def test_a_whole_number_is_accepted_where_a_float_is_saved() -> None:
+    plain = converter.unstructure(TrainingProgress(avg_train_loss=2.0))
+    assert isinstance(plain, dict)
+    loaded = structure_state({**plain, "avg_train_loss": 2}, TrainingProgress, source="x")
+    assert loaded.avg_train_loss == 2.0
+    assert isinstance(loaded.avg_train_loss, float)
 
 
 def test_state_values_out_of_range_are_refused() -> None:

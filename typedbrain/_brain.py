@@ -67,7 +67,12 @@ from typedbrain._progress import StageProgress
 from typedbrain._protocols import CheckpointerLike, CheckpointInfo, OptimizerFactory
 from typedbrain._rng import RngState, capture_rng, restore_rng
 from typedbrain._run_record import RunRecord, RunStateRecoverable
-from typedbrain._sampler import batches_from, find_resumable_sampler
+from typedbrain._sampler import (
+    batches_from,
+    find_resumable_sampler,
+    loader_seed,
+    set_loader_seed,
+)
 from typedbrain._signals import StopRequest
 from typedbrain._state import (
     RunState,
@@ -225,6 +230,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._in_train_loop = False  # between two training batches of an epoch
         self._loss_not_averaged: Tensor | None = None  # in on_fit_batch_end: its batch's loss
         self._train_loader: DataLoader[object] | None = None
+        self._valid_loader: DataLoader[object] | None = None
         self._stop = StopRequest(enabled=False)
         # Under torch.distributed, with stop_on_signals: how the processes agree to stop.
         self._agreement: StopAgreement | None = None
@@ -693,6 +699,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     if valid_set is None
                     else self._loader(valid_set, Stage.VALID, valid_loader_kwargs)
                 )
+                self._valid_loader = valid_loader
                 self.on_fit_start()
                 self._reenter_interrupted_epoch(epoch_counter)
                 self._last_checkpoint_time = time.monotonic()
@@ -715,6 +722,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         finally:
             self._restored = None
             self._train_loader = None
+            self._valid_loader = None
             self._stop = StopRequest(enabled=False)
             self._agreement = None
 
@@ -936,6 +944,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 epoch=epoch,
                 batches_done=batches_done,
                 rewind=lambda: None if epoch_rng is None else restore_rng(epoch_rng),
+                batch_size=None if restored is None else restored.state.batch_size,
             ),
         )
         if restored is not None:
@@ -1055,7 +1064,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
     def _record_run(self) -> RunRecord:
         """The run state to save now, with the partial gradients of an open window."""
-        sampler = None if self._train_loader is None else find_resumable_sampler(self._train_loader)
+        train, valid = self._train_loader, self._valid_loader
+        sampler = None if train is None else find_resumable_sampler(train)
         mid_epoch = self._in_train_loop
         avg_train_loss, averaged, skipped = self.avg_train_loss, self._averaged, self._skipped
         pending = self._loss_not_averaged
@@ -1087,6 +1097,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             sampler=None
             if sampler is None
             else SamplerState(seed=sampler.seed, epoch=sampler.epoch),
+            train_loader_seed=None if train is None else loader_seed(train),
+            valid_loader_seed=None if valid is None else loader_seed(valid),
+            batch_size=None if train is None else train.batch_size,
         )
         gradients: list[Tensor | None] = []
         if window:
@@ -1108,21 +1121,30 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         """The recovered run state to continue this epoch from, if it was taken in it.
 
         The first training stage after a recovery also gives the loader's resumable sampler
-        its saved seed, so that every later epoch is ordered as in the original run.
+        its saved seed, and the loaders ``make_dataloader`` built the seeds they had, so that
+        every later epoch is ordered and augmented as in the original run.
         """
         restored, self._restored = self._restored, None
         if restored is None:
             return None
-        sampler_state = restored.state.sampler
+        state = restored.state
         sampler = find_resumable_sampler(loader)
-        if sampler_state is not None and sampler is not None:
-            sampler.load_state_dict({"seed": sampler_state.seed, "epoch": sampler_state.epoch})
-        if not restored.state.mid_epoch:
+        if state.sampler is not None and sampler is not None:
+            sampler.load_state_dict({"seed": state.sampler.seed, "epoch": state.sampler.epoch})
+        # Loaders built with seed=None drew their seeds from the global generator, which an
+        # unseeded script's new process draws differently: the run goes on with the saved ones.
+        for built, seed in (
+            (loader, state.train_loader_seed),
+            (self._valid_loader, state.valid_loader_seed),
+        ):
+            if built is not None and seed is not None:
+                set_loader_seed(built, seed)
+        if not state.mid_epoch:
             return None
-        if restored.state.epoch != epoch:
+        if state.epoch != epoch:
             warnings.warn(
-                f"the checkpoint was taken in epoch {restored.state.epoch} after batch "
-                f"{restored.state.progress.step}, but the epoch counter started epoch {epoch}: "
+                f"the checkpoint was taken in epoch {state.epoch} after batch "
+                f"{state.progress.step}, but the epoch counter started epoch {epoch}: "
                 "the interrupted epoch is not continued (use an EpochCounter, which a "
                 "checkpointer resumes, to continue it exactly)",
                 ResumeWarning,

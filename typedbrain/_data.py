@@ -13,7 +13,7 @@ import multiprocessing.context
 import operator
 import random
 import warnings
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any, SupportsIndex, TypeAlias, TypedDict, cast
 
 import attrs
@@ -165,6 +165,10 @@ class _SeededDataset(Dataset[object]):
         """Select the epoch of the next iteration (workers copy it when they start)."""
         self._epoch = epoch
 
+    def set_seed(self, seed: int) -> None:
+        """Seed the items of the next iterations from ``seed`` (a resumed run's saved seed)."""
+        self._seed = seed
+
     def _reseed(self, *indices: object) -> None:
         if torch.utils.data.get_worker_info() is not None:
             keys = [_index_key(index) for index in indices]
@@ -268,7 +272,9 @@ def make_dataloader(
             close = difflib.get_close_matches(key, sorted(_LOADER_KEYS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigurationError(f"unknown DataLoader option {key!r}{hint}")
-    num_workers = loader_kwargs.get("num_workers", 0)
+    num_workers = check_int("num_workers", loader_kwargs.get("num_workers", 0), minimum=0)
+    if shard is not None and not isinstance(shard, Shard):
+        raise ConfigurationError(f"shard must be a Shard or None, got {shard!r}")
     if num_workers > 0 and loader_kwargs.get("persistent_workers", False):
         warnings.warn(
             "persistent_workers=True keeps each worker's state (the dataset's epoch and the "
@@ -279,9 +285,11 @@ def make_dataloader(
             stacklevel=2,
         )
     if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
+        _warn_if_unsharded(dataset, loader_kwargs, shard, iterable=True)
         # A sequence works as a map-style dataset: DataLoader only needs __getitem__ and
         # __len__.
         return DataLoader(cast(Dataset[object], dataset), **loader_kwargs)
+    _warn_if_unsharded(dataset, loader_kwargs, shard, iterable=False)
     user_generator = loader_kwargs.get("generator")
     seed = _draw_seed(user_generator) if seed is None else check_int("seed", seed, minimum=None)
     if loader_kwargs.get("sampler") is None and loader_kwargs.get("batch_sampler") is None:
@@ -315,9 +323,42 @@ def make_dataloader(
         seed=seed,
         generator=generator,
         set_dataset_epoch=None if wrapper is None else wrapper.set_epoch,
+        set_dataset_seed=None if wrapper is None else wrapper.set_seed,
     )
     logger.debug("data loader built with seed %d (workers: %d)", seed, num_workers)
     return loader
+
+
+def _warn_if_unsharded(
+    dataset: object, loader_kwargs: Mapping[str, object], shard: Shard | None, *, iterable: bool
+) -> None:
+    """Warn when ``shard`` cannot be applied: the data as given is not split among the ranks.
+
+    A sampler that shards itself (``DistributedSampler``, a :class:`ResumableSampler` with
+    ``world_size > 1``: both have ``num_replicas`` or ``world_size`` above 1) is trusted.
+    """
+    if shard is None or shard.world_size == 1:
+        return
+    given = loader_kwargs.get("batch_sampler") or loader_kwargs.get("sampler")
+    if given is not None:
+        inner = getattr(given, "sampler", None)
+        for candidate in (given, inner):
+            replicas = getattr(candidate, "num_replicas", getattr(candidate, "world_size", 1))
+            if isinstance(replicas, int) and replicas > 1:
+                return
+        what = f"the {type(given).__qualname__} you passed is used as it is"
+    elif iterable:
+        what = f"the iterable dataset {type(dataset).__qualname__} is read as it is"
+    else:
+        return
+    warnings.warn(
+        f"make_dataloader cannot shard this loader for rank {shard.rank} of "
+        f"{shard.world_size}: {what}, so unless it splits the data among the processes "
+        "itself, every process loads all of it (give a sampler that shards, such as "
+        "torch's DistributedSampler or typedbrain's ResumableSampler with rank and world_size)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def loader_length(loader: Iterable[object]) -> int | None:

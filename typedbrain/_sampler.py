@@ -17,7 +17,7 @@ import logging
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, cast, runtime_checkable
 
 import torch
@@ -31,10 +31,12 @@ __all__ = [
     "batches_from",
     "check_int",
     "find_resumable_sampler",
+    "loader_seed",
     "mix_seed",
     "position_loader",
     "register_loader_seeding",
     "set_loader_epoch",
+    "set_loader_seed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -146,8 +148,9 @@ class ResumableSampler(Sampler[int]):
             raise ConfigurationError(
                 f"data_source must be a sized dataset or an int, got {type(data_source).__name__}"
             )
-        if not isinstance(shuffle, bool):
-            raise ConfigurationError(f"shuffle must be a bool, got {shuffle!r}")
+        for name, flag in (("shuffle", shuffle), ("pad", pad)):
+            if not isinstance(flag, bool):
+                raise ConfigurationError(f"{name} must be a bool, got {flag!r}")
         check_int("seed", seed, minimum=None)
         check_int("world_size", world_size, minimum=1)
         check_int("rank", rank, minimum=0)
@@ -279,6 +282,7 @@ class _LoaderSeeding:
     seed: int
     generator: torch.Generator | None
     set_dataset_epoch: Callable[[int], None] | None
+    set_dataset_seed: Callable[[int], None] | None
 
 
 _SEEDINGS: weakref.WeakKeyDictionary[DataLoader[object], _LoaderSeeding] = (
@@ -292,6 +296,7 @@ def register_loader_seeding(
     seed: int,
     generator: torch.Generator | None,
     set_dataset_epoch: Callable[[int], None] | None,
+    set_dataset_seed: Callable[[int], None] | None,
 ) -> None:
     """Record what ``make_dataloader`` installed, for :func:`set_loader_epoch` to reseed.
 
@@ -301,8 +306,36 @@ def register_loader_seeding(
         generator: the loader's own generator, reseeded from (seed, epoch) each epoch; ``None``
             when the user supplied one (it is left alone).
         set_dataset_epoch: tells the worker-seeding dataset wrapper the epoch, if there is one.
+        set_dataset_seed: gives that wrapper another seed (see :func:`set_loader_seed`).
     """
-    _SEEDINGS[loader] = _LoaderSeeding(seed, generator, set_dataset_epoch)
+    _SEEDINGS[loader] = _LoaderSeeding(seed, generator, set_dataset_epoch, set_dataset_seed)
+
+
+def loader_seed(loader: DataLoader[object]) -> int | None:
+    """The seed ``make_dataloader`` gave ``loader``'s generator and workers, if it built it.
+
+    A checkpoint keeps it: with ``seed=None`` the seed is drawn from the global RNG when the
+    loader is built, which an unseeded script's restarted process would draw differently.
+    """
+    seeding = _SEEDINGS.get(loader)
+    return None if seeding is None else seeding.seed
+
+
+def set_loader_seed(loader: DataLoader[object], seed: int) -> None:
+    """Give what ``make_dataloader`` installed on ``loader`` the seed ``seed`` from now on.
+
+    The loader's own generator (reseeded at each epoch) and the workers' per-item seeds then
+    follow ``seed``, as in the run that saved it. The order is the sampler's: a
+    :class:`ResumableSampler` restores its own seed from its ``state_dict``. A loader that
+    ``make_dataloader`` did not build is left alone.
+    """
+    seeding = _SEEDINGS.get(loader)
+    if seeding is None or seeding.seed == seed:
+        return
+    _SEEDINGS[loader] = replace(seeding, seed=seed)
+    if seeding.set_dataset_seed is not None:
+        seeding.set_dataset_seed(seed)
+    logger.debug("loader seed set to %d (was %d)", seed, seeding.seed)
 
 
 def _samplers(loader: DataLoader[object]) -> list[object]:
@@ -352,14 +385,19 @@ def _check_batches_done(batches_done: int, available: int | None) -> None:
         )
 
 
-def position_loader(loader: DataLoader[object], *, epoch: int, batches_done: int) -> bool:
+def position_loader(
+    loader: DataLoader[object],
+    *,
+    epoch: int,
+    batches_done: int,
+    batch_size: int | None = None,
+) -> bool:
     """Prepare ``loader`` for ``epoch`` so its next iteration skips ``batches_done`` batches.
 
     It calls :func:`set_loader_epoch`, then arranges for the skip without loading anything:
 
     - a torch ``BatchSampler`` (what ``batch_size=...`` builds) over a
-      :class:`Positionable` sampler: the sampler starts at
-      ``batches_done * batch_size``;
+      :class:`Positionable` sampler: the sampler starts at ``batches_done * batch_size``;
     - a ``Positionable`` batch sampler: it starts at ``batches_done``;
     - no automatic batching (``batch_size=None``) and a ``Positionable`` sampler: it starts at
       ``batches_done``.
@@ -374,30 +412,52 @@ def position_loader(loader: DataLoader[object], *, epoch: int, batches_done: int
         epoch: the epoch about to run.
         batches_done: how many of the epoch's batches were consumed before the interruption
             (0 for a fresh epoch).
+        batch_size: the batch size those batches had, when known. If the loader's differs,
+            a torch ``BatchSampler`` over a positionable sampler skips the samples they held
+            (``batches_done * batch_size``), and a warning says the run is not an exact
+            continuation; ``None`` takes the loader's own.
 
     Returns:
-        ``True`` when the next iteration starts at batch ``batches_done`` (always so for 0),
-        ``False`` when the caller must skip the batches itself.
+        ``True`` when the next iteration starts where the consumed batches end (always so for
+        0), ``False`` when the caller must skip the batches itself.
 
     Raises:
-        ConfigurationError: ``batches_done`` is negative or more than the epoch's batches.
+        ConfigurationError: ``batches_done`` is negative or more than the epoch holds.
 
     Warns:
-        ResumeWarning: the loader cannot be positioned and ``batches_done > 0``.
+        ResumeWarning: the loader cannot be positioned and ``batches_done > 0``, or its batch
+            size is not ``batch_size``.
     """
     check_int("batches_done", batches_done, minimum=0)
     set_loader_epoch(loader, epoch)
     # Typed as object: mypy cannot intersect torch's declared types with Positionable.
     batch_sampler: object = loader.batch_sampler
     sampler: object = loader.sampler
+    current = loader.batch_size
+    if batches_done and batch_size is not None and current is not None and current != batch_size:
+        warnings.warn(
+            f"the training batch size was {batch_size} when the checkpoint was taken and is "
+            f"{current} now: epoch {epoch} continues after the {batches_done * batch_size} "
+            "samples already used (where the loader can skip them), and the run will not "
+            "continue exactly as the interrupted one would have",
+            ResumeWarning,
+            stacklevel=2,
+        )
     if isinstance(batch_sampler, Positionable):
         _check_batches_done(batches_done, _batch_count(batch_sampler))
         batch_sampler.start_at(batches_done)
         return True
     if type(batch_sampler) is BatchSampler and isinstance(batch_sampler.sampler, Positionable):
-        _check_batches_done(batches_done, _batch_count(batch_sampler))
-        position = batches_done * batch_sampler.batch_size
         samples = _batch_count(batch_sampler.sampler)
+        if batch_size is None or batch_size == batch_sampler.batch_size:
+            _check_batches_done(batches_done, _batch_count(batch_sampler))
+            batch_size = batch_sampler.batch_size
+        elif samples is not None and batches_done > -(-samples // batch_size):
+            raise ConfigurationError(
+                f"batches_done must be <= {-(-samples // batch_size)} (the epoch's batches of "
+                f"{batch_size}), got {batches_done!r}"
+            )
+        position = batches_done * batch_size
         # The last partial batch may be shorter: skipping all the batches skips all samples.
         batch_sampler.sampler.start_at(position if samples is None else min(position, samples))
         return True
@@ -409,7 +469,11 @@ def position_loader(loader: DataLoader[object], *, epoch: int, batches_done: int
         return True
     if isinstance(loader.dataset, IterableDataset):
         culprit = f"the IterableDataset {type(loader.dataset).__qualname__}"
-    elif batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+    elif type(batch_sampler) is BatchSampler:
+        # The sampler inside the batch sampler orders the batches (``loader.sampler`` is one
+        # DataLoader made itself when it was given a batch sampler).
+        culprit = f"the sampler {type(batch_sampler.sampler).__qualname__}"
+    elif batch_sampler is not None:
         culprit = f"the batch sampler {type(batch_sampler).__qualname__}"
     else:
         culprit = f"the sampler {type(sampler).__qualname__}"
@@ -452,21 +516,28 @@ def batches_from(
     epoch: int,
     batches_done: int,
     rewind: Callable[[], None],
+    batch_size: int | None = None,
 ) -> Iterable[object]:
-    """The loader's batches for ``epoch`` after the first ``batches_done``.
+    """The loader's batches for ``epoch`` after the first ``batches_done``, iterable once.
 
-    A loader that :func:`position_loader` can position skips them without loading them. Any
-    other is fast-forwarded: ``rewind`` puts the random generators back where they were when
-    the epoch's loader was first iterated, then the consumed batches are drawn and dropped (a
-    ``ResumeWarning`` has said so).
+    ``rewind`` puts the random generators back where they were when the epoch's loader was
+    first iterated; the loader is iterated right after it, so whatever ``iter(loader)`` draws
+    from the global generators (a loader without its own ``generator`` draws its workers' base
+    seed there) is drawn as in the interrupted run, whatever the caller restores afterwards. A
+    loader that :func:`position_loader` can position then skips the consumed batches without
+    loading them; any other is fast-forwarded: they are drawn and dropped (a
+    ``ResumeWarning`` has said so). ``batch_size`` is passed to :func:`position_loader`.
 
     Raises:
         CheckpointError: the loader has fewer than ``batches_done`` batches.
     """
-    if position_loader(loader, epoch=epoch, batches_done=batches_done):
-        return loader
+    positioned = position_loader(
+        loader, epoch=epoch, batches_done=batches_done, batch_size=batch_size
+    )
     rewind()
     iterator = iter(loader)
+    if positioned:
+        return _Remaining(iterator)
     for drawn in range(batches_done):
         try:
             next(iterator)

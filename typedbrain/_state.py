@@ -27,6 +27,14 @@ def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int)
         raise ValueError(f"{attribute.name} must be 0 or more, got {value}")
 
 
+def _optional_positive(
+    instance: object, attribute: attrs.Attribute[int | None], value: int | None
+) -> None:
+    del instance
+    if value is not None and value < 1:
+        raise ValueError(f"{attribute.name} must be 1 or more, got {value}")
+
+
 def _finite(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     del instance
     if not math.isfinite(value):
@@ -80,6 +88,11 @@ class RunState:
         epoch_rng: the generators' state just before the epoch's loader was iterated, used to
             fast-forward a loader that cannot be positioned (``None`` outside an epoch).
         sampler: the training sampler's seed and epoch, when it is a resumable sampler.
+        train_loader_seed: the seed ``make_dataloader`` gave the training loader (its
+            generator and workers), when it built it.
+        valid_loader_seed: the same for the validation loader.
+        batch_size: the training loader's batch size, when it batches with torch's
+            ``BatchSampler``.
     """
 
     phase: str
@@ -91,6 +104,9 @@ class RunState:
     rng: RngState
     epoch_rng: RngState | None = None
     sampler: SamplerState | None = None
+    train_loader_seed: int | None = None
+    valid_loader_seed: int | None = None
+    batch_size: int | None = attrs.field(default=None, validator=_optional_positive)
 
 
 converter: Final = cattrs.Converter(forbid_extra_keys=True)
@@ -99,6 +115,32 @@ converter: Final = cattrs.Converter(forbid_extra_keys=True)
 Plain data (dicts, lists, str, int, float, bool, None) is what ``torch.load(weights_only=True)``
 and JSON accept, so a checkpoint never needs pickled classes.
 """
+
+
+class _WrongTypeError(TypeError):
+    """A saved value of another type than its field's (see :func:`_exact`)."""
+
+
+def _exact(kind: type[object], *, also: tuple[type, ...] = ()) -> None:
+    """Structure ``kind`` only from a value of that type (or of ``also``), never from a bool.
+
+    cattrs would otherwise call ``kind(value)``: ``"7"`` would become the step 7 and
+    ``"false"`` the flag ``True``. A saved state holds the exact types it was written with.
+    """
+    accepted = (kind, *also)
+
+    def structure(value: object, _: type) -> object:
+        if isinstance(value, accepted) and (kind is bool or not isinstance(value, bool)):
+            return kind(value)  # type: ignore[call-arg]  # int, float, bool or str of a value of that kind
+        raise _WrongTypeError(f"got {type(value).__name__} {value!r}")
+
+    converter.register_structure_hook(kind, structure)
+
+
+_exact(int)
+_exact(float, also=(int,))
+_exact(bool)
+_exact(str)
 
 
 def structure_state(data: object, cls: type[_StateT], *, source: str) -> _StateT:
@@ -121,6 +163,8 @@ def structure_state(data: object, cls: type[_StateT], *, source: str) -> _StateT
 def _describe(exception: BaseException, expected: type | None) -> str:
     """Describe an error as cattrs does, with our validators' message where cattrs has none."""
     description = cattrs.v.format_exception(exception, expected)
+    if isinstance(exception, _WrongTypeError):
+        return f"{description} ({exception})"
     if description == "invalid value" and str(exception):
         return f"invalid value ({exception})"
     return description
