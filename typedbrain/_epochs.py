@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Literal, Self, final
 
@@ -17,6 +18,21 @@ def _require_int(owner: str, key: str, value: object, minimum: int) -> int:
             f"{owner}: {key!r} must be an integer of at least {minimum}, got {value!r}"
         )
     return value
+
+
+def _as_real(value: object) -> float | None:
+    """``value`` as a float if it is a real number (``bool`` excluded), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _require_mapping(owner: str, state_dict: object) -> Mapping[str, object]:
+    if not isinstance(state_dict, Mapping):
+        raise ConfigurationError(
+            f"{owner}: the state must be a mapping, got {type(state_dict).__name__}"
+        )
+    return state_dict
 
 
 class EpochCounter:
@@ -59,19 +75,27 @@ class EpochCounter:
     def load_state_dict(self, state_dict: Mapping[str, object], /) -> None:
         """Restore a position saved by :meth:`state_dict`.
 
+        The whole state is checked before anything changes: a rejected state leaves the
+        counter as it was.
+
         Raises:
-            ConfigurationError: the state is missing ``current`` or it is not an integer
-                between 0 and ``limit``.
+            ConfigurationError: the state is not a mapping, is missing ``current``, or
+                ``current`` is not an integer between 0 and ``limit``.
         """
+        self.current = self._checked_current(state_dict)
+
+    def _checked_current(self, state_dict: object) -> int:
+        """Validate a saved state's ``current`` without changing the counter."""
         owner = f"{type(self).__name__} state"
-        if "current" not in state_dict:
+        state = _require_mapping(owner, state_dict)
+        if "current" not in state:
             raise ConfigurationError(f"{owner}: missing key 'current'")
-        current = _require_int(owner, "current", state_dict["current"], 0)
+        current = _require_int(owner, "current", state["current"], 0)
         if current > self.limit:
             raise ConfigurationError(
                 f"{owner}: 'current' is {current}, beyond this counter's limit of {self.limit}"
             )
-        self.current = current
+        return current
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(limit={self.limit}, current={self.current})"
@@ -83,7 +107,10 @@ class EpochCounterWithStopper(EpochCounter):
 
     Report the metric once per epoch (usually from ``on_stage_end`` for ``Stage.VALID``) with
     :meth:`update_metric`; iteration stops after ``limit_to_stop`` epochs without improvement,
-    or at ``limit``.
+    or at ``limit``. Patience counts from the end of the warm-up: a metric that never improves
+    (one that is NaN on every epoch, say) stops training after epoch
+    ``limit_warmup + limit_to_stop``. An epoch that reports NaN, or reports nothing, is an
+    epoch without improvement.
 
     Args:
         limit: the number of the last epoch.
@@ -92,11 +119,14 @@ class EpochCounterWithStopper(EpochCounter):
         direction: ``"min"`` if lower is better (a loss or an error rate), ``"max"`` if higher
             is better (an accuracy).
         min_delta: how much better than the best so far a value must be to count as an
-            improvement.
+            improvement (a finite number, 0 or more).
 
     Attributes:
         best_value: the best metric seen after warm-up, or ``None``.
         best_epoch: the epoch that reported ``best_value`` (0 before any).
+
+    Raises:
+        ConfigurationError: an argument has a wrong type or value; the message names it.
     """
 
     def __init__(
@@ -111,14 +141,18 @@ class EpochCounterWithStopper(EpochCounter):
         name = type(self).__name__
         self.limit_to_stop = _require_int(name, "limit_to_stop", limit_to_stop, 1)
         self.limit_warmup = _require_int(name, "limit_warmup", limit_warmup, 0)
-        if direction not in ("min", "max"):
+        given: object = direction  # typed as a Literal, but a config may pass anything
+        if not isinstance(given, str) or given not in ("min", "max"):
             raise ConfigurationError(
                 f"{name}: 'direction' must be 'min' or 'max', got {direction!r}"
             )
-        if not min_delta >= 0:
-            raise ConfigurationError(f"{name}: 'min_delta' must be 0 or more, got {min_delta!r}")
+        delta = _as_real(min_delta)
+        if delta is None or not math.isfinite(delta) or delta < 0:
+            raise ConfigurationError(
+                f"{name}: 'min_delta' must be a finite number of at least 0, got {min_delta!r}"
+            )
         self.direction: Literal["min", "max"] = direction
-        self.min_delta = float(min_delta)
+        self.min_delta = delta
         self.best_value: float | None = None
         self.best_epoch = 0
 
@@ -137,8 +171,12 @@ class EpochCounterWithStopper(EpochCounter):
 
     @property
     def should_stop(self) -> bool:
-        """Whether the last ``limit_to_stop`` epochs brought no improvement."""
-        return self.best_value is not None and self.current - self.best_epoch >= self.limit_to_stop
+        """Whether the last ``limit_to_stop`` epochs brought no improvement.
+
+        Before any improvement, patience counts from the last warm-up epoch.
+        """
+        last_improvement = self.best_epoch if self.best_value is not None else self.limit_warmup
+        return self.current - last_improvement >= self.limit_to_stop
 
     def _stop_early(self) -> bool:
         return self.should_stop
@@ -154,20 +192,35 @@ class EpochCounterWithStopper(EpochCounter):
     def load_state_dict(self, state_dict: Mapping[str, object], /) -> None:
         """Restore what :meth:`state_dict` returned.
 
+        The whole state is checked before anything changes: a rejected state leaves the
+        counter as it was.
+
         Raises:
-            ConfigurationError: a key is missing or has a wrong type.
+            ConfigurationError: the state is not a mapping, a key is missing, or a value has a
+                wrong type or contradicts another (``best_epoch`` after ``current``, or a
+                ``best_value`` without a ``best_epoch``).
         """
-        super().load_state_dict(state_dict)
+        current = self._checked_current(state_dict)
         owner = f"{type(self).__name__} state"
         for key in ("best_value", "best_epoch"):
             if key not in state_dict:
                 raise ConfigurationError(f"{owner}: missing key {key!r}")
-        best_value = state_dict["best_value"]
-        if best_value is not None and (
-            not isinstance(best_value, int | float) or isinstance(best_value, bool)
-        ):
+        saved_best = state_dict["best_value"]
+        best_value = None if saved_best is None else _as_real(saved_best)
+        if saved_best is not None and (best_value is None or math.isnan(best_value)):
             raise ConfigurationError(
-                f"{owner}: 'best_value' must be a number or None, got {best_value!r}"
+                f"{owner}: 'best_value' must be a number (not NaN) or None, got {saved_best!r}"
             )
-        self.best_epoch = _require_int(owner, "best_epoch", state_dict["best_epoch"], 0)
-        self.best_value = None if best_value is None else float(best_value)
+        best_epoch = _require_int(owner, "best_epoch", state_dict["best_epoch"], 0)
+        if best_epoch > current:
+            raise ConfigurationError(
+                f"{owner}: 'best_epoch' is {best_epoch}, after 'current' ({current})"
+            )
+        if (best_value is None) != (best_epoch == 0):
+            raise ConfigurationError(
+                f"{owner}: 'best_epoch' is {best_epoch} while 'best_value' is {best_value!r}: "
+                "the best epoch is 0 exactly when there is no best value"
+            )
+        self.current = current
+        self.best_epoch = best_epoch
+        self.best_value = best_value
