@@ -10,6 +10,7 @@ from typing import Literal
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -350,3 +351,20 @@ def test_stopper_integer_argument_of_a_wrong_type_is_a_clear_error(key: str, val
     message = f"'{key}' must be an integer of at least"
     with pytest.raises(ConfigurationError, match=re.escape(message)):
         EpochCounterWithStopper(**arguments)  # type: ignore[arg-type]  # deliberately wrong
+
+
+@pytest.mark.parametrize("value", [None, "0.5", True, [0.5], torch.zeros(2)])
+def test_a_metric_that_is_not_a_number_is_a_clear_error(value: object) -> None:
+    stopper = EpochCounterWithStopper(limit=5, limit_to_stop=2)
+    next(iter(stopper))
+    with pytest.raises(ConfigurationError, match="the metric must be a number, got"):
+        stopper.update_metric(value)  # type: ignore[arg-type]  # wrong on purpose
+    assert (stopper.best_value, stopper.best_epoch) == (None, 0)
+
+
+def test_a_one_element_tensor_metric_counts_as_its_value() -> None:
+    stopper = EpochCounterWithStopper(limit=5, limit_to_stop=2)
+    next(iter(stopper))
+    stopper.update_metric(torch.tensor(0.25))
+    assert stopper.best_value == 0.25
+    assert type(stopper.best_value) is float

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Literal, Self, final
+from typing import Literal, Self, SupportsFloat, final
 
 from typedbrain._errors import ConfigurationError
 
@@ -156,12 +156,24 @@ class EpochCounterWithStopper(EpochCounter):
         self.best_value: float | None = None
         self.best_epoch = 0
 
-    def update_metric(self, value: float) -> None:
-        """Report this epoch's metric. NaN never counts as an improvement."""
-        if self.current <= self.limit_warmup or math.isnan(value):
+    def update_metric(self, value: SupportsFloat) -> None:
+        """Report this epoch's metric. NaN never counts as an improvement.
+
+        Raises:
+            ConfigurationError: ``value`` is not a number (a one-element tensor is one).
+        """
+        try:
+            if isinstance(value, bool | str | bytes):
+                raise TypeError
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigurationError(
+                f"{type(self).__name__}.update_metric: the metric must be a number, got {value!r}"
+            ) from None
+        if self.current <= self.limit_warmup or math.isnan(number):
             return
-        if self.best_value is None or self._improves(value, self.best_value):
-            self.best_value = float(value)
+        if self.best_value is None or self._improves(number, self.best_value):
+            self.best_value = number
             self.best_epoch = self.current
 
     def _improves(self, value: float, best: float) -> bool:
