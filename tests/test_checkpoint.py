@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from typedbrain._checkpoint import (
     verify_checkpoint,
 )
 from typedbrain._epochs import EpochCounter
-from typedbrain._errors import CheckpointError, ConfigurationError
+from typedbrain._errors import CheckpointError, CheckpointWarning, ConfigurationError
 from typedbrain._protocols import CheckpointerLike
 
 
@@ -175,6 +178,44 @@ def test_a_default_name_is_not_reused_after_a_keep_policy_deleted_its_folder(
     names = [checkpointer.save_and_keep_only(num_to_keep=1).path.name for _ in range(4)]
     assert names == [f"CKPT+2026-11-25+12-00-00+0{index}" for index in range(4)]
     assert [entry.name for entry in tmp_path.iterdir()] == [names[-1]]
+
+
+def test_an_uncommitted_folder_left_under_a_given_name_is_removed_with_a_warning_and_reused(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    checkpointer.save_checkpoint(name="epoch-1")
+    # What a save of "epoch-2" killed before its commit leaves: files, no manifest.
+    leftover = tmp_path / "epoch-2"
+    leftover.mkdir()
+    (leftover / "counter.ckpt").write_bytes(b"partial")
+    (leftover / ".MANIFEST.json.tmp").write_text("{")
+
+    with pytest.warns(CheckpointWarning, match=r"removing .*epoch-2: a save interrupted") as caught:
+        saved = checkpointer.save_and_keep_only(name="epoch-2", num_to_keep=2)
+
+    assert caught[0].filename == __file__
+    assert saved.path == leftover
+    assert sorted(entry.name for entry in leftover.iterdir()) == ["MANIFEST.json", "counter.ckpt"]
+    assert verify_checkpoint(leftover) == saved
+    assert [c.path.name for c in checkpointer.list_checkpoints()] == ["epoch-1", "epoch-2"]
+
+
+def test_a_given_name_held_by_a_damaged_manifest_or_a_file_is_refused_and_left_alone(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    damaged = checkpointer.save_checkpoint(name="damaged")
+    (damaged.path / "MANIFEST.json").write_text("{")
+    (tmp_path / "a-file").write_text("x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError, match=r"damaged: it exists"):
+            checkpointer.save_checkpoint(name="damaged")
+        with pytest.raises(CheckpointError, match=r"a-file: something that is not"):
+            checkpointer.save_checkpoint(name="a-file")
+    assert (damaged.path / "counter.ckpt").is_file()
+    assert (tmp_path / "a-file").read_text() == "x"
 
 
 def test_a_given_name_that_exists_or_is_not_a_plain_name_is_refused(tmp_path: Path) -> None:
@@ -435,13 +476,90 @@ def test_find_checkpoints_ranks_and_limits(tmp_path: Path) -> None:
     assert sequences(checkpointer.find_checkpoints()) == [4, 3, 2, 1]
 
 
-def test_find_refuses_two_keys_and_non_numeric_values(tmp_path: Path) -> None:
+def test_find_refuses_two_keys(tmp_path: Path) -> None:
     checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
-    checkpointer.save_checkpoint(meta={"loss": "low"})
     with pytest.raises(ConfigurationError, match="at most one"):
         checkpointer.find_checkpoint(max_key="a", min_key="b")
-    with pytest.raises(ConfigurationError, match="meta 'loss' is 'low', not a number"):
-        checkpointer.find_checkpoint(min_key="loss")
+
+
+@pytest.mark.parametrize("kind", ["min", "max", "importance"])
+def test_nan_ranks_last_below_the_infinities_for_every_kind_of_key(
+    tmp_path: Path, kind: str
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    # The NaN is saved last, so that it would win any tie (ties go to the most recent).
+    for name, loss in [("low", 1.0), ("worst", math.inf), ("best", -math.inf), ("nan", math.nan)]:
+        checkpointer.save_checkpoint(meta={"loss": loss, "gain": -loss}, name=name)
+
+    def gain(checkpoint: Checkpoint) -> float:
+        value = checkpoint.meta["gain"]
+        assert isinstance(value, float)
+        return value
+
+    if kind == "min":
+        ranked = checkpointer.find_checkpoints(min_key="loss")
+    elif kind == "max":
+        ranked = checkpointer.find_checkpoints(max_key="gain")
+    else:
+        ranked = checkpointer.find_checkpoints(importance_key=gain)
+    assert [c.path.name for c in ranked] == ["best", "low", "worst", "nan"]
+
+
+def test_a_nan_importance_never_costs_the_best_checkpoint_its_place(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    for name, wer in [("a", 0.3), ("b", math.nan), ("c", 0.1), ("d", 0.2)]:
+        checkpointer.save_checkpoint(meta={"wer": wer}, name=name)
+
+    def low_wer(checkpoint: Checkpoint) -> float:
+        value = checkpoint.meta["wer"]
+        assert isinstance(value, float)
+        return -value
+
+    checkpointer.delete_checkpoints(importance_keys=[low_wer], num_to_keep=1)
+    assert [c.path.name for c in checkpointer.list_checkpoints()] == ["c"]
+
+
+def test_a_ranking_value_that_is_not_a_number_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    first = checkpointer.save_and_keep_only(meta={"loss": 0.4}, min_keys=["loss"])
+    for meta, keys in [
+        ({"loss": None}, {"min_keys": ["loss"]}),
+        ({"acc": True}, {"max_keys": ["acc"]}),
+        ({"loss": "low"}, {"min_keys": ["other", "loss"]}),
+    ]:
+        with pytest.raises(ConfigurationError, match=r"meta '(loss|acc)' is .*not a number.*"):
+            checkpointer.save_and_keep_only(meta=meta, **keys)  # type: ignore[arg-type]  # the keys argument varies
+    assert checkpointer.list_checkpoints() == [first]
+    assert [entry.name for entry in tmp_path.iterdir()] == [first.path.name]
+    # A key absent from meta is no value, not a wrong one: the checkpoint is just not ranked.
+    checkpointer.save_and_keep_only(meta={}, min_keys=["loss"], keep_recent=False)
+    assert len(checkpointer.list_checkpoints()) == 2
+
+
+def test_a_checkpoint_whose_ranking_value_is_not_a_number_is_left_out_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    good = checkpointer.save_checkpoint(meta={"loss": 0.4})
+    # One saved before the check existed, or by a plain save_checkpoint.
+    poison = checkpointer.save_checkpoint(meta={"loss": None})
+    folder = re.escape(str(poison.path))
+
+    with pytest.warns(
+        CheckpointWarning, match=rf"{folder}: meta 'loss' is None, not a number"
+    ) as found:
+        assert checkpointer.find_checkpoints(min_key="loss") == [good]
+    with pytest.warns(CheckpointWarning, match=folder) as recovered:
+        assert checkpointer.recover_if_possible(min_key="loss") == good
+    with pytest.warns(CheckpointWarning, match=folder) as kept:
+        newest = checkpointer.save_and_keep_only(meta={"loss": 0.3}, min_keys=["loss"])
+    # Each warning points at the line that made the call.
+    assert [caught[0].filename for caught in (found, recovered, kept)] == [__file__] * 3
+    # The keep policy still works: the poison is not ranked by the loss, so recency alone
+    # decides about it, and it goes, with the older loss; the new one is the best and newest.
+    assert checkpointer.list_checkpoints() == [newest]
 
 
 def test_negative_num_to_keep_is_refused_before_saving(tmp_path: Path) -> None:

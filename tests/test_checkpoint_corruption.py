@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import warnings
@@ -17,7 +18,13 @@ import torch
 from typedbrain import _manifest
 from typedbrain._checkpoint import Checkpoint, Checkpointer, verify_checkpoint
 from typedbrain._epochs import EpochCounter
-from typedbrain._errors import CheckpointWarning, CorruptCheckpointError, UnsafeCheckpointError
+from typedbrain._errors import (
+    CheckpointError,
+    CheckpointWarning,
+    ConfigurationError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+)
 
 
 @attrs.define
@@ -82,6 +89,30 @@ def _escaping_file_name(checkpoint: Checkpoint) -> None:
     manifest.write_text(json.dumps(data))
 
 
+def _edit_manifest_text(checkpoint: Checkpoint, old: str, new: str) -> None:
+    manifest = checkpoint.path / "MANIFEST.json"
+    text = manifest.read_text()
+    assert old in text
+    manifest.write_text(text.replace(old, new, 1))
+
+
+def _huge_unixtime(checkpoint: Checkpoint) -> None:
+    # Valid JSON, and a Python int, but beyond any float.
+    _edit_manifest_text(checkpoint, '"unixtime": ', '"unixtime": 1' + "0" * 400 + ', "was": ')
+
+
+def _huge_integer_in_meta(checkpoint: Checkpoint) -> None:
+    # More digits than Python converts from a string (ValueError from json.loads).
+    _edit_manifest_text(checkpoint, '"meta": {', '"meta": {"big": ' + "9" * 5000 + ", ")
+
+
+def _deeply_nested_meta(checkpoint: Checkpoint) -> None:
+    # Deeper than json.loads recurses (RecursionError).
+    _edit_manifest_text(
+        checkpoint, '"meta": {', '"meta": {"deep": ' + "[" * 100_000 + "]" * 100_000 + ", "
+    )
+
+
 DAMAGES: dict[str, tuple[Callable[[Checkpoint], None], str]] = {
     "truncated file": (_truncate, r"model\.ckpt \(recoverable 'model'\) has \d+ bytes"),
     "flipped byte": (_flip_byte, r"model\.ckpt \(recoverable 'model'\) fails its SHA-256"),
@@ -90,6 +121,9 @@ DAMAGES: dict[str, tuple[Callable[[Checkpoint], None], str]] = {
     "unparseable manifest": (_garble_manifest, "MANIFEST.json is not JSON"),
     "unknown format version": (_future_format, "format version 99"),
     "file outside the folder": (_escaping_file_name, "'files.model.file'"),
+    "unixtime beyond the floats": (_huge_unixtime, r"'unixtime' is 10000.*\(401 characters\)"),
+    "integer of 5000 digits": (_huge_integer_in_meta, "MANIFEST.json cannot be read: ValueError"),
+    "nesting too deep": (_deeply_nested_meta, "MANIFEST.json cannot be read: RecursionError"),
 }
 
 
@@ -361,3 +395,141 @@ def test_threaded_hashing_writer_records_the_files_size_and_sha256(tmp_path: Pat
             writer.write(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
         writer.flush()
     assert writer.record("file") == _manifest.hash_file_readonly(path)
+
+
+def test_saving_next_to_a_manifest_that_python_cannot_read_skips_it(saved: Saved) -> None:
+    # The sequence number of a new checkpoint comes from every manifest in the folder.
+    _huge_unixtime(saved.newer)
+    checkpointer = Checkpointer(saved.good.path.parent, {"counter": EpochCounter(5)})
+    with pytest.warns(CheckpointWarning, match="unixtime"):
+        assert checkpointer.list_checkpoints() == [saved.good]
+    assert checkpointer.save_checkpoint().sequence == saved.good.sequence + 1
+
+
+# ---------------------------------------------------------------------------- intact, not loadable
+
+
+def _save_as_if_on_a_gpu(checkpointer: Checkpointer, monkeypatch: pytest.MonkeyPatch) -> Checkpoint:
+    """Save a checkpoint whose tensors are recorded on CUDA device 999, as a GPU machine would.
+
+    No machine has that device, so loading it without ``device`` fails on every machine.
+    """
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.serialization, "location_tag", lambda storage: "cuda:999")
+        return checkpointer.save_checkpoint(meta={"loss": 0.5})
+
+
+def test_an_intact_checkpoint_that_does_not_decode_here_stops_recovery_instead_of_being_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = torch.nn.Linear(4, 4)
+    checkpointer = Checkpointer(tmp_path, {"model": model, "counter": EpochCounter(5)})
+    older = checkpointer.save_checkpoint(meta={"loss": 1.0})
+    newer = _save_as_if_on_a_gpu(checkpointer, monkeypatch)
+    assert verify_checkpoint(newer.path) == newer  # intact: every checksum matches
+    fresh = torch.nn.Linear(4, 4)
+    before = fresh.weight.detach().clone()
+    resumed = Checkpointer(tmp_path, {"model": fresh, "counter": EpochCounter(5)})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping checkpoint" warning
+        with pytest.raises(CheckpointError) as caught:
+            resumed.recover_if_possible()
+
+    assert not isinstance(caught.value, CorruptCheckpointError)
+    message = str(caught.value)
+    assert str(newer.path) in message
+    assert "model.ckpt" in message
+    assert "RuntimeError" in message  # torch's own words vary with the machine
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert torch.equal(fresh.weight, before)
+    # Nothing was given up on: both checkpoints are still there, and a keep policy run after a
+    # recovery that had fallen back to nothing would not have had them.
+    assert resumed.list_checkpoints() == [older, newer]
+    # The same from load_checkpoint, and with a min_key.
+    with pytest.raises(CheckpointError, match=r"model\.ckpt") as again:
+        resumed.load_checkpoint(newer)
+    assert not isinstance(again.value, CorruptCheckpointError)
+    with pytest.raises(CheckpointError, match=r"model\.ckpt"):
+        resumed.recover_if_possible(min_key="loss")
+    # Mapped to this machine, it loads.
+    assert resumed.recover_if_possible(device="cpu") == newer
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_a_damaged_file_that_would_not_decode_here_either_is_still_skipped_as_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = torch.nn.Linear(4, 4)
+    checkpointer = Checkpointer(tmp_path, {"model": model, "counter": EpochCounter(5)})
+    older = checkpointer.save_checkpoint(meta={"loss": 1.0})
+    newer = _save_as_if_on_a_gpu(checkpointer, monkeypatch)
+    _flip_byte(newer)
+    resumed = Checkpointer(tmp_path, {"model": torch.nn.Linear(4, 4), "counter": EpochCounter(5)})
+    with pytest.warns(CheckpointWarning, match="fails its SHA-256 check"):
+        assert resumed.recover_if_possible() == older
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("cuda:999", r"device 'cuda:999': this machine has \d+ CUDA device"),
+        ("not-a-device", r"device 'not-a-device' is not a device"),
+        (3.5, r"device must be a torch.device, a string or None, got 3.5"),
+    ],
+)
+def test_a_device_that_cannot_be_used_is_refused_before_any_checkpoint_is_tried(
+    saved: Saved, monkeypatch: pytest.MonkeyPatch, device: object, message: str
+) -> None:
+    loaded: list[object] = []
+    real_load = torch.load
+
+    def spy_load(*args: object, **kwargs: object) -> object:
+        loaded.append(args[0])
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]  # passed through unchanged
+
+    monkeypatch.setattr(torch, "load", spy_load)
+    checkpointer = Checkpointer(
+        saved.good.path.parent, {"model": torch.nn.Linear(4, 4), "counter": EpochCounter(5)}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigurationError, match=message):
+            checkpointer.recover_if_possible(device=device)  # type: ignore[arg-type]  # wrong on purpose
+        with pytest.raises(ConfigurationError, match=message):
+            checkpointer.load_checkpoint(saved.newer, device=device)  # type: ignore[arg-type]  # wrong on purpose
+    assert loaded == []
+    assert checkpointer.list_checkpoints() == [saved.good, saved.newer]
+
+
+# ---------------------------------------------------------------------------- links
+
+
+def test_a_link_to_a_checkpoint_folder_is_not_listed_and_nothing_is_deleted_through_it(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(5)})
+    first = checkpointer.save_checkpoint(name="e1")
+    os.symlink("e1", tmp_path / "best")
+    assert checkpointer.list_checkpoints() == [first]
+
+    checkpointer.save_and_keep_only(name="e2")
+
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["best", "e2"]
+    assert (tmp_path / "best").is_symlink()
+    assert [c.path.name for c in checkpointer.list_checkpoints()] == ["e2"]
+
+
+def test_a_link_to_a_checkpoint_folder_is_never_deleted_through(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(5)})
+    first = checkpointer.save_checkpoint(name="e1")
+    os.symlink("e1", tmp_path / "best")
+
+    # A policy that would delete the link's checkpoint (and only it), were it one.
+    deleted = checkpointer.delete_checkpoints(
+        num_to_keep=0, ckpt_predicate=lambda checkpoint: checkpoint.path.name == "best"
+    )
+
+    assert deleted == []
+    assert verify_checkpoint(first.path) == first
+    assert (tmp_path / "best").is_symlink()

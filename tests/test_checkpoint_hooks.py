@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -217,3 +218,92 @@ def test_registering_a_class_with_two_savers_is_refused() -> None:
             @mark_as_saver
             def b(self, path: Path) -> None:
                 del path
+
+
+# ---------------------------------------------------------------------------- per-object hooks
+
+
+def _save_words(words: list[str], path: Path) -> None:
+    path.write_text("\n".join(words))
+
+
+def _load_words(words: list[str], path: Path, end_of_epoch: bool) -> None:
+    del end_of_epoch
+    words[:] = path.read_text().split("\n")
+
+
+def _load_words_with_a_device(
+    words: list[str], path: Path, end_of_epoch: bool, device: str
+) -> None:
+    del end_of_epoch, device
+    words[:] = path.read_text().split("\n")
+
+
+def test_a_custom_hook_with_the_wrong_signature_is_refused_at_registration_naming_the_recoverable(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)})
+    with pytest.raises(
+        HookContractError,
+        match=r"recoverable 'vocab': custom_load_hook '_load_words_with_a_device' must have the "
+        r"signature \(obj, path: Path, end_of_epoch: bool\) -> None: .*'device'",
+    ):
+        checkpointer.add_recoverable(
+            "vocab",
+            ["a"],
+            custom_save_hook=_save_words,
+            custom_load_hook=_load_words_with_a_device,  # type: ignore[arg-type]  # the wrong signature is the test
+        )
+    with pytest.raises(
+        HookContractError, match=r"recoverable 'vocab': custom_save_hook '_load_words' must have"
+    ):
+        checkpointer.add_recoverable(
+            "vocab",
+            ["a"],
+            custom_save_hook=_load_words,  # type: ignore[arg-type]  # the wrong signature is the test
+            custom_load_hook=_load_words,
+        )
+    # Refused before anything changed: a later save and load never meet the bad hook.
+    assert list(checkpointer.recoverables) == ["model"]
+
+
+def test_a_custom_hook_that_is_not_callable_is_refused_at_registration_naming_the_recoverable(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path)
+    with pytest.raises(
+        HookContractError,
+        match=r"recoverable 'vocab': custom_save_hook 'not callable' is a str, not callable",
+    ):
+        checkpointer.add_recoverable(
+            "vocab",
+            [],
+            custom_save_hook="not callable",  # type: ignore[arg-type]  # wrong on purpose
+            custom_load_hook=_load_words,
+        )
+    assert dict(checkpointer.recoverables) == {}
+
+
+class _Loader:
+    """A callable object (not a function) with the loader's shape."""
+
+    def __call__(self, words: list[str], path: Path, end_of_epoch: bool) -> None:
+        _load_words(words, path, end_of_epoch)
+
+
+def test_any_callable_of_the_right_shape_is_accepted_as_a_custom_hook(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.add_recoverable(
+        "words",
+        ["a", "b"],
+        custom_save_hook=functools.partial(_save_words),
+        custom_load_hook=_Loader(),
+    )
+    checkpointer.save_checkpoint()
+    restored: list[str] = []
+    reader = Checkpointer(tmp_path)
+    reader.add_recoverable(
+        "words", restored, custom_save_hook=_save_words, custom_load_hook=_Loader()
+    )
+    assert reader.recover_if_possible() is not None
+    assert restored == ["a", "b"]

@@ -16,9 +16,11 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import numbers
 import os
 import pickle
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, Final, TypeAlias, TypeVar, cast, final
 
 import attrs
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -98,6 +101,7 @@ CheckpointPredicate: TypeAlias = Callable[[Checkpoint], bool]
 Device: TypeAlias = torch.device | str | None
 
 _SUFFIX: Final = ".ckpt"
+_FLOAT_MAX: Final = int(sys.float_info.max)
 
 
 def ckpt_recency(checkpoint: Checkpoint) -> float:
@@ -201,6 +205,8 @@ class Checkpointer:
         Raises:
             ConfigurationError: ``name`` is not a usable file name, or ``obj`` can be neither
                 saved nor loaded (not ``Stateful`` and no hooks); the message names it.
+            HookContractError: a custom hook is not callable or has the wrong signature (the
+                check the class decorators make); the message names the recoverable.
         """
         if not is_plain_name(name) or not is_plain_name(f"{name}{_SUFFIX}"):
             raise ConfigurationError(
@@ -251,22 +257,53 @@ class Checkpointer:
             The new checkpoint.
 
         Raises:
-            ConfigurationError: ``meta`` is not JSON data (the message names the key) or
-                ``name`` is not a plain folder name.
-            CheckpointError: a folder named ``name`` already exists, or a save hook wrote no
-                file; under ``torch.distributed``, on the other processes, when one process
-                failed (the main process to write, say): the message says which and why.
+            ConfigurationError: ``meta`` is not JSON data (the message names the key),
+                ``end_of_epoch`` is not a bool, or ``name`` is not a plain folder name.
+            CheckpointError: a committed checkpoint named ``name`` already exists, or a save
+                hook wrote no file; under ``torch.distributed``, on the other processes, when
+                one process failed (the main process to write, say): the message says which
+                and why.
         """
-        if _collective():
-            return self._save_collectively(meta, end_of_epoch, name)
-        clean_meta, phase = self._checked_meta(meta, name)
-        return self._write(clean_meta, phase, end_of_epoch, name, states=None)
+        return self._save(meta, end_of_epoch, name, ranking_keys=())
 
-    def _checked_meta(
-        self, meta: Mapping[str, object] | None, name: str | None
-    ) -> tuple[dict[str, JsonValue], str | None]:
-        """``meta`` as JSON data and the watched phase, once they and ``name`` are valid."""
+    def _save(
+        self,
+        meta: Mapping[str, object] | None,
+        end_of_epoch: object,
+        name: str | None,
+        ranking_keys: Sequence[tuple[str, str]],
+    ) -> Checkpoint:
+        """Save a checkpoint; ``ranking_keys``: (argument, meta key) pairs whose values rank."""
+        if _collective():
+            return self._save_collectively(meta, end_of_epoch, name, ranking_keys)
+        clean_meta, phase, flag = self._checked_inputs(meta, end_of_epoch, name, ranking_keys)
+        return self._write(clean_meta, phase, flag, name, states=None)
+
+    def _checked_inputs(
+        self,
+        meta: Mapping[str, object] | None,
+        end_of_epoch: object,
+        name: str | None,
+        ranking_keys: Sequence[tuple[str, str]],
+    ) -> tuple[dict[str, JsonValue], str | None, bool]:
+        """``meta`` as JSON data, the watched phase and ``end_of_epoch``, once all are valid.
+
+        Every meta value that a key of ``ranking_keys`` names must be a number: a checkpoint
+        whose ranking value is not one cannot be ranked, so it is refused before it is written.
+        """
+        if not isinstance(end_of_epoch, bool | np.bool_):
+            raise ConfigurationError(
+                f"end_of_epoch must be a bool, got {end_of_epoch!r} "
+                f"({type(end_of_epoch).__qualname__})"
+            )
         clean_meta = to_json_meta(meta)
+        for argument, key in ranking_keys:
+            if key in clean_meta and _number(clean_meta[key]) is None:
+                raise ConfigurationError(
+                    f"checkpoint meta {key!r} is {clean_meta[key]!r}, not a number, but "
+                    f"{argument} ranks checkpoints by it; leave the key out of meta when there "
+                    "is no value (such a checkpoint is not ranked by it)"
+                )
         phase = self._phase_source() if self._phase_source is not None else None
         if phase is not None and not isinstance(phase, str):
             raise ConfigurationError(
@@ -277,10 +314,14 @@ class Checkpointer:
                 f"checkpoint name {name!r} must be a plain folder name (no path separator "
                 "or colon, not starting with a dot)"
             )
-        return clean_meta, phase
+        return clean_meta, phase, bool(end_of_epoch)
 
     def _save_collectively(
-        self, meta: Mapping[str, object] | None, end_of_epoch: bool, name: str | None
+        self,
+        meta: Mapping[str, object] | None,
+        end_of_epoch: object,
+        name: str | None,
+        ranking_keys: Sequence[tuple[str, str]],
     ) -> Checkpoint:
         what = f"save a checkpoint in {self.checkpoints_dir}"
         try:
@@ -297,14 +338,12 @@ class Checkpointer:
                 for recoverable, entry in self._recoverables.items()
                 if entry.saver is None
             }
-            clean_meta, phase = self._checked_meta(meta, name)
+            clean_meta, phase, flag = self._checked_inputs(meta, end_of_epoch, name, ranking_keys)
         except BaseException as error:
             _agree(error, what)
             raise
         _agree(None, what)
-        return _main_decides(
-            lambda: self._write(clean_meta, phase, end_of_epoch, name, states), what
-        )
+        return _main_decides(lambda: self._write(clean_meta, phase, flag, name, states), what)
 
     def _write(
         self,
@@ -357,7 +396,8 @@ class Checkpointer:
             try:
                 folder.mkdir()
             except FileExistsError:
-                raise CheckpointError(f"cannot save checkpoint {folder}: it exists") from None
+                _remove_leftover(folder)
+                folder.mkdir()
             return folder
         stamp = time.strftime("%Y-%m-%d+%H-%M-%S", time.localtime())
         # Within a second, count on from this checkpointer's last folder even if a keep policy
@@ -446,16 +486,26 @@ class Checkpointer:
 
         Returns:
             The checkpoint just saved.
+
+        Raises:
+            ConfigurationError: an argument is invalid (``min_keys="loss"`` instead of
+                ``["loss"]``, a negative ``num_to_keep``, a ``meta`` value for one of
+                ``min_keys`` / ``max_keys`` that is not a number, ...): nothing is saved.
+            CheckpointError: see :meth:`save_checkpoint`.
         """
         _check_num_to_keep(num_to_keep)
-        checkpoint = self.save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=name)
-        keys = (*importance_keys, ckpt_recency) if keep_recent else tuple(importance_keys)
+        importance = _checked_importance_keys(importance_keys)
+        maxima = _checked_key_names("max_keys", max_keys)
+        minima = _checked_key_names("min_keys", min_keys)
+        ranking_keys = [("min_keys", key) for key in minima] + [("max_keys", key) for key in maxima]
+        checkpoint = self._save(meta, end_of_epoch, name, ranking_keys)
+        keys = (*importance, ckpt_recency) if keep_recent else importance
         _main_decides(
             lambda: self._delete(
                 num_to_keep=num_to_keep,
                 importance_keys=keys,
-                max_keys=max_keys,
-                min_keys=min_keys,
+                max_keys=maxima,
+                min_keys=minima,
                 ckpt_predicate=ckpt_predicate,
                 keep=checkpoint.path,
             ),
@@ -488,7 +538,14 @@ class Checkpointer:
             return []
         found: list[Checkpoint] = []
         for entry in sorted(self.checkpoints_dir.iterdir()):
-            if entry.name.startswith(".") or not entry.is_dir():
+            if entry.name.startswith("."):
+                continue
+            if entry.is_symlink():
+                # A link ("best" -> CKPT+...) would list its target twice, and deleting through
+                # it would delete the target.
+                logger.debug("ignoring %s: a symbolic link, not a checkpoint folder", entry)
+                continue
+            if not entry.is_dir():
                 continue
             try:
                 found.append(read_manifest(entry))
@@ -515,7 +572,9 @@ class Checkpointer:
 
         Give at most one of ``importance_key``, ``max_key`` and ``min_key``. With ``max_key``
         (``min_key``) the checkpoints whose meta has that key rank by its value, highest
-        (lowest) first; the others are left out. Ties go to the most recent checkpoint.
+        (lowest) first; the others are left out, and so, with a :class:`CheckpointWarning`
+        naming the folder, are those whose value is not a number. A NaN ranks last, below
+        the infinities, whatever the key. Ties go to the most recent checkpoint.
 
         Under ``torch.distributed`` it is collective: the main process ranks (the key and the
         predicate run there only), every process gets its answer.
@@ -525,21 +584,24 @@ class Checkpointer:
             max_key: a meta key; higher values rank first.
             min_key: a meta key; lower values rank first.
             ckpt_predicate: only checkpoints it accepts are returned.
-            max_num_checkpoints: return at most this many.
+            max_num_checkpoints: return at most this many (an integer >= 0).
 
         Raises:
-            ConfigurationError: more than one key was given, or a checkpoint's meta value for
-                ``max_key`` / ``min_key`` is not a number.
+            ConfigurationError: more than one key was given, a key is not a string (a meta
+                key) or a function (an importance key), an importance key returned something
+                other than a number, or ``max_num_checkpoints`` is negative.
         """
         return _main_decides(
             lambda: _rank(
-                # _scan, the lambda, _main_decides, here, then the caller.
+                # _scan (and _rank), the lambda, _main_decides, here, then the caller.
                 self._scan(report=True, stacklevel=5),
                 importance_key=importance_key,
                 max_key=max_key,
                 min_key=min_key,
                 ckpt_predicate=ckpt_predicate,
                 max_num_checkpoints=max_num_checkpoints,
+                skip_non_numbers=True,
+                stacklevel=5,
             ),
             f"find checkpoints in {self.checkpoints_dir}",
         )
@@ -579,15 +641,19 @@ class Checkpointer:
         every process gets the list of deleted checkpoints once they are gone.
 
         Raises:
-            ConfigurationError: ``num_to_keep`` is negative.
+            ConfigurationError: ``num_to_keep`` is negative, or a keys argument is not a list
+                of keys (``min_keys="loss"`` instead of ``["loss"]``, say).
         """
         _check_num_to_keep(num_to_keep)
+        importance = _checked_importance_keys(importance_keys)
+        maxima = _checked_key_names("max_keys", max_keys)
+        minima = _checked_key_names("min_keys", min_keys)
         return _main_decides(
             lambda: self._delete(
                 num_to_keep=num_to_keep,
-                importance_keys=tuple(importance_keys),
-                max_keys=max_keys,
-                min_keys=min_keys,
+                importance_keys=importance,
+                max_keys=maxima,
+                min_keys=minima,
                 ckpt_predicate=ckpt_predicate,
                 keep=None,
             ),
@@ -604,18 +670,32 @@ class Checkpointer:
         ckpt_predicate: CheckpointPredicate | None,
         keep: Path | None,
     ) -> list[Checkpoint]:
-        # _scan, here, the lambda, _main_decides, the public method, then its caller.
+        # _scan (and _rank), here, the lambda, _main_decides, the public method, its caller.
         checkpoints = self._scan(report=True, stacklevel=6)
-        rankings: list[list[Checkpoint]] = [
-            _rank(checkpoints, importance_key=key, ckpt_predicate=ckpt_predicate)
-            for key in importance_keys
-        ]
-        rankings += [
-            _rank(checkpoints, max_key=key, ckpt_predicate=ckpt_predicate) for key in max_keys
-        ]
-        rankings += [
-            _rank(checkpoints, min_key=key, ckpt_predicate=ckpt_predicate) for key in min_keys
-        ]
+        rankings: list[list[Checkpoint]] = []
+        # Loops, not comprehensions: a comprehension is one more frame for the stacklevel.
+        for key in importance_keys:
+            rankings.append(_rank(checkpoints, importance_key=key, ckpt_predicate=ckpt_predicate))
+        for name in max_keys:
+            rankings.append(
+                _rank(
+                    checkpoints,
+                    max_key=name,
+                    ckpt_predicate=ckpt_predicate,
+                    skip_non_numbers=True,
+                    stacklevel=6,
+                )
+            )
+        for name in min_keys:
+            rankings.append(
+                _rank(
+                    checkpoints,
+                    min_key=name,
+                    ckpt_predicate=ckpt_predicate,
+                    skip_non_numbers=True,
+                    stacklevel=6,
+                )
+            )
         candidates = {c.path for ranking in rankings for c in ranking}
         protected = {c.path for ranking in rankings for c in ranking[:num_to_keep]}
         if keep is not None:
@@ -643,11 +723,13 @@ class Checkpointer:
             device: where tensors are loaded (``map_location``); by default where they were.
 
         Raises:
-            CorruptCheckpointError: a file is missing, has the wrong size or checksum, or does
-                not decode.
+            ConfigurationError: ``device`` is not a device, or one this machine lacks.
+            CorruptCheckpointError: a file is missing, or has the wrong size or checksum.
             UnsafeCheckpointError: a file holds objects that ``weights_only`` loading refuses.
             CheckpointError: a registered recoverable is not in the checkpoint (and neither
                 ``allow_partial_load`` nor its ``optional_load`` is set); the message names it.
+                Or a file whose checksum matches does not decode here (saved on a GPU and
+                loaded where there is none, say); the message names the file and the cause.
                 Under ``torch.distributed``, on the other processes, when one process failed
                 (the message says which and why) or when they were given different
                 checkpoints.
@@ -727,8 +809,12 @@ class Checkpointer:
         """Load the best usable checkpoint (the most recent by default); return it, or None.
 
         Candidates are ranked as by :meth:`find_checkpoints`. A candidate that fails
-        verification is skipped with a :class:`CheckpointWarning` naming its folder and the
-        reason, and the next one is tried; with no usable checkpoint nothing is loaded.
+        verification (a missing file, a wrong size or checksum, an unreadable manifest) is
+        skipped with a :class:`CheckpointWarning` naming its folder and the reason, and the
+        next one is tried; with no usable checkpoint nothing is loaded. A candidate whose
+        files are intact but do not decode on this machine (a GPU checkpoint without a GPU) is
+        not damaged: that stops the recovery with an error rather than falling back to an older
+        checkpoint, or to none.
 
         Under ``torch.distributed`` it is collective: the main process picks the checkpoint
         (checking it, and skipping damaged ones with the warning, there only) and every process
@@ -737,9 +823,13 @@ class Checkpointer:
         None) everywhere.
 
         Raises:
+            ConfigurationError: ``device`` is not a device, or one this machine lacks (checked
+                before any checkpoint is tried), or a key is invalid (see
+                :meth:`find_checkpoints`).
             UnsafeCheckpointError: a verified file holds objects ``weights_only`` loading
                 refuses (a planted file: this is not skipped silently).
-            CheckpointError: a registered recoverable is missing from the chosen checkpoint;
+            CheckpointError: a registered recoverable is missing from the chosen checkpoint,
+                or a verified file does not decode (the message names the file and the cause);
                 under ``torch.distributed``, on the other processes, when one process failed
                 (the message says which and why).
         """
@@ -747,12 +837,15 @@ class Checkpointer:
             return self._recover_collectively(
                 importance_key, max_key, min_key, ckpt_predicate, device
             )
+        _check_device(device)
         candidates = _rank(
-            self._scan(report=True, stacklevel=3),  # _scan, here, then the caller
+            self._scan(report=True, stacklevel=3),  # _scan (and _rank), here, then the caller
             importance_key=importance_key,
             max_key=max_key,
             min_key=min_key,
             ckpt_predicate=ckpt_predicate,
+            skip_non_numbers=True,
+            stacklevel=3,
         )
         for checkpoint in candidates:
             try:
@@ -780,13 +873,19 @@ class Checkpointer:
         held: list[_Prepared] = []
 
         def choose() -> Checkpoint | None:
+            # Every process checks its own device when it loads (_verified_states), and the
+            # processes agree on the outcome there.
+            _check_device(device)
             ranked = _rank(
-                # _scan, choose, _main_decides, _recover_collectively, recover_if_possible, caller.
+                # _scan (and _rank), choose, _main_decides, _recover_collectively,
+                # recover_if_possible, caller.
                 self._scan(report=True, stacklevel=6),
                 importance_key=importance_key,
                 max_key=max_key,
                 min_key=min_key,
                 ckpt_predicate=ckpt_predicate,
+                skip_non_numbers=True,
+                stacklevel=6,
             )
             for checkpoint in ranked:
                 try:
@@ -890,13 +989,79 @@ def _check_num_to_keep(num_to_keep: object) -> None:
         raise ConfigurationError(f"num_to_keep must be an integer >= 0, got {num_to_keep!r}")
 
 
-def _metric(checkpoint: Checkpoint, key: str) -> float:
-    value = checkpoint.meta[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
+def _checked_key_names(argument: str, keys: object) -> tuple[str, ...]:
+    """``keys`` (``min_keys`` or ``max_keys``) as a tuple of meta keys, once it is one."""
+    if isinstance(keys, str | bytes) or not isinstance(keys, Iterable):
         raise ConfigurationError(
-            f"checkpoint {checkpoint.path.name}: meta {key!r} is {value!r}, not a number"
+            f"{argument} must be a list of meta keys (strings), got {keys!r}; for one key "
+            f"write {argument}=[{keys!r}]"
         )
-    return float(value)
+    names = tuple(keys)
+    for key in names:
+        if not isinstance(key, str):
+            raise ConfigurationError(
+                f"{argument} must be a list of meta keys (strings), got {key!r} in it"
+            )
+    return names
+
+
+def _checked_importance_keys(keys: object) -> tuple[ImportanceKey, ...]:
+    """``importance_keys`` as a tuple of functions, once it is a collection of them."""
+    if isinstance(keys, str | bytes) or callable(keys) or not isinstance(keys, Iterable):
+        raise ConfigurationError(
+            "importance_keys must be a list of functions (Checkpoint -> float), got "
+            f"{keys!r}; for one function write importance_keys=[function]"
+        )
+    functions = tuple(keys)
+    for key in functions:
+        if not callable(key):
+            raise ConfigurationError(
+                f"importance_keys must be a list of functions (Checkpoint -> float), got {key!r} "
+                "in it"
+            )
+    return functions
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a float if it is a number (not a bool), else None; huge ints are infinite."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and abs(value) > _FLOAT_MAX:  # float() would overflow
+        return math.inf if value > 0 else -math.inf
+    return float(value) if isinstance(value, numbers.Real) else None
+
+
+def _describe_key(key: object) -> str:
+    name = getattr(key, "__qualname__", None)
+    return repr(name) if isinstance(name, str) else repr(key)
+
+
+def _check_rank_arguments(
+    importance_key: object, max_key: object, min_key: object, max_num_checkpoints: object
+) -> None:
+    if sum(key is not None for key in (importance_key, max_key, min_key)) > 1:
+        raise ConfigurationError(
+            "give at most one of importance_key, max_key and min_key, got "
+            f"importance_key={importance_key!r}, max_key={max_key!r}, min_key={min_key!r}"
+        )
+    if importance_key is not None and not callable(importance_key):
+        raise ConfigurationError(
+            f"importance_key must be a function (Checkpoint -> float) or None, got "
+            f"{importance_key!r}"
+        )
+    for argument, key in (("max_key", max_key), ("min_key", min_key)):
+        if key is not None and not isinstance(key, str):
+            raise ConfigurationError(
+                f"{argument} must be a meta key (a string) or None, got {key!r}"
+            )
+    if max_num_checkpoints is not None and (
+        isinstance(max_num_checkpoints, bool)
+        or not isinstance(max_num_checkpoints, int)
+        or max_num_checkpoints < 0
+    ):
+        raise ConfigurationError(
+            f"max_num_checkpoints must be an integer >= 0 or None, got {max_num_checkpoints!r}"
+        )
 
 
 def _rank(
@@ -907,39 +1072,67 @@ def _rank(
     min_key: str | None = None,
     ckpt_predicate: CheckpointPredicate | None = None,
     max_num_checkpoints: int | None = None,
+    skip_non_numbers: bool = False,
+    stacklevel: int = 2,
 ) -> list[Checkpoint]:
-    if sum(key is not None for key in (importance_key, max_key, min_key)) > 1:
-        raise ConfigurationError(
-            "give at most one of importance_key, max_key and min_key, got "
-            f"importance_key={importance_key!r}, max_key={max_key!r}, min_key={min_key!r}"
-        )
-    key: ImportanceKey
-    if max_key is not None:
-        name = max_key
+    """The checkpoints ranked by one key, best first (see ``Checkpointer.find_checkpoints``).
 
-        def key(checkpoint: Checkpoint) -> float:
-            value = _metric(checkpoint, name)
-            return -math.inf if math.isnan(value) else value
+    A NaN ranks last for every key, below the infinities. A ``max_key`` / ``min_key`` value
+    that is not a number is a :class:`ConfigurationError`, or with ``skip_non_numbers`` leaves
+    its checkpoint out with a :class:`CheckpointWarning` (``stacklevel`` is the warning's: 1
+    points at this function), so that one bad checkpoint does not block every later ranking.
 
-    elif min_key is not None:
-        name = min_key
-
-        def key(checkpoint: Checkpoint) -> float:
-            value = _metric(checkpoint, name)
-            return -math.inf if math.isnan(value) else -value
-
-    else:
-        key = importance_key if importance_key is not None else ckpt_recency
-    selected = [
-        checkpoint
-        for checkpoint in checkpoints
-        if (max_key is None or max_key in checkpoint.meta)
-        and (min_key is None or min_key in checkpoint.meta)
-        and (ckpt_predicate is None or ckpt_predicate(checkpoint))
-    ]
-    # Ties go to the most recent: sequence numbers are unique within a folder.
-    selected.sort(key=lambda checkpoint: (key(checkpoint), checkpoint.sequence), reverse=True)
-    return selected if max_num_checkpoints is None else selected[:max_num_checkpoints]
+    Raises:
+        ConfigurationError: an argument is invalid, or an importance key returned something
+            that is not a number; the message names it.
+    """
+    _check_rank_arguments(importance_key, max_key, min_key, max_num_checkpoints)
+    meta_key = max_key if max_key is not None else min_key
+    key = importance_key if importance_key is not None else ckpt_recency
+    scored: list[tuple[float, Checkpoint]] = []
+    for checkpoint in checkpoints:
+        if meta_key is not None and meta_key not in checkpoint.meta:
+            continue
+        if ckpt_predicate is not None and not ckpt_predicate(checkpoint):
+            continue
+        if meta_key is None:
+            score = key(checkpoint)
+            value = _number(score)
+            if value is None:
+                raise ConfigurationError(
+                    f"importance key {_describe_key(key)} returned {score!r} for checkpoint "
+                    f"{checkpoint.path}, not a number"
+                )
+        else:
+            raw = checkpoint.meta[meta_key]
+            value = _number(raw)
+            if value is None:
+                problem = (
+                    f"checkpoint {checkpoint.path}: meta {meta_key!r} is {raw!r}, not a number"
+                )
+                if not skip_non_numbers:
+                    raise ConfigurationError(problem)
+                warnings.warn(
+                    f"{problem}; it is left out of the ranking by {meta_key!r}",
+                    CheckpointWarning,
+                    stacklevel=stacklevel,
+                )
+                continue
+            if min_key is not None:
+                value = -value
+        scored.append((value, checkpoint))
+    # Highest value first, NaN last; ties go to the most recent (sequence numbers are unique
+    # within a folder).
+    scored.sort(
+        key=lambda pair: (
+            not math.isnan(pair[0]),
+            0.0 if math.isnan(pair[0]) else pair[0],
+            pair[1].sequence,
+        ),
+        reverse=True,
+    )
+    ranked = [checkpoint for _, checkpoint in scored]
+    return ranked if max_num_checkpoints is None else ranked[:max_num_checkpoints]
 
 
 def _for_layout(obj: object, state: dict[str, Any]) -> dict[str, Any]:
@@ -954,12 +1147,43 @@ def _for_layout(obj: object, state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _delete_folder(folder: Path) -> None:
+    if folder.is_symlink():  # never delete a target through a link
+        raise CheckpointError(f"refusing to delete {folder}: it is a symbolic link")
     # Uncommit first: a deletion cut short leaves an uncommitted folder, never a committed
     # checkpoint with files missing.
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
     sync_directory(folder)
     shutil.rmtree(folder)
     logger.debug("deleted checkpoint %s", folder)
+
+
+def _remove_leftover(folder: Path) -> None:
+    """Make way for a checkpoint named ``folder``, which exists: only if a crash left it.
+
+    A real folder without a manifest is what a save interrupted before its commit leaves
+    behind (a checkpoint is only committed by its manifest's rename): it is removed with a
+    warning. Anything else (a committed checkpoint, a damaged manifest, a file, a link) stays.
+
+    Raises:
+        CheckpointError: ``folder`` is not such a leftover; the message names it.
+    """
+    if folder.is_symlink() or not folder.is_dir():
+        raise CheckpointError(
+            f"cannot save checkpoint {folder}: something that is not a checkpoint folder (a "
+            "file or a link) has that name"
+        )
+    if (folder / MANIFEST_NAME).exists():
+        raise CheckpointError(f"cannot save checkpoint {folder}: it exists")
+    warnings.warn(
+        f"removing {folder}: a save interrupted before its commit left it (it has no "
+        f"{MANIFEST_NAME}); a new checkpoint is saved under its name",
+        CheckpointWarning,
+        # Here, _new_folder, _write, then without a process group _save, the public method
+        # and its caller; with one the lambda, _main_decides and _save_collectively come
+        # between _write and _save.
+        stacklevel=9 if _collective() else 6,
+    )
+    shutil.rmtree(folder)
 
 
 _HASH_WORKERS: Final = 4
@@ -980,12 +1204,16 @@ def _verified_states(
     unless every file's SHA-256 matches: a damaged file's decoded state is dropped unused.
 
     Raises:
-        CorruptCheckpointError: a file fails its checks (the first in ``names`` order), or, all
-            checks passed, a file does not decode. A checksum mismatch wins over a decoding
-            error, which damage causes too.
+        ConfigurationError: ``device`` is not a device, or one this machine lacks.
+        CorruptCheckpointError: a file fails its checks (the first in ``names`` order). This
+            wins over a decoding error, which damage causes too.
         UnsafeCheckpointError: every file passed its checks, and one in ``decode`` holds
             objects that ``weights_only`` loading refuses.
+        CheckpointError: every file passed its checks, and one in ``decode`` does not decode
+            here: the file is intact, so the cause is this machine (a GPU checkpoint without a
+            GPU, say), not damage, and the checkpoint must not be skipped as if it were damaged.
     """
+    _check_device(device)
     names = list(names)
     paths = {name: check_present(checkpoint, name) for name in names}
     if not names:
@@ -1013,18 +1241,60 @@ def _verified_states(
 
 
 def _decode(path: Path, device: Device) -> dict[str, Any]:
-    """``torch.load`` a checkpoint file with ``weights_only=True``; plain data only."""
+    """``torch.load`` a checkpoint file with ``weights_only=True``; plain data only.
+
+    Its caller reports a checksum mismatch first: an error from here stands only for a file
+    that is intact, so it is not a :class:`CorruptCheckpointError`.
+    """
     try:
         state: object = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(path, str(error).splitlines()[0]) from error
     except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise CorruptCheckpointError(path.parent, f"{path.name} does not load: {error}") from error
+        raise CheckpointError(
+            f"cannot load {path.name} of checkpoint {path.parent} with device={device!r}: "
+            f"{type(error).__name__}: {error} (its size and SHA-256 match the manifest: the "
+            "file is intact, so this is not skipped as damage; pass the device to load it on "
+            "as device=...)"
+        ) from error
     if not isinstance(state, dict):
-        raise CorruptCheckpointError(
-            path.parent, f"{path.name} holds a {type(state).__name__}, not a state dict"
+        raise CheckpointError(
+            f"cannot load {path.name} of checkpoint {path.parent}: it holds a "
+            f"{type(state).__name__}, not a state dict"
         )
     return state
+
+
+def _check_device(device: object) -> None:
+    """Check ``device`` (a ``map_location``) before any file is read.
+
+    Raises:
+        ConfigurationError: ``device`` is not a device, or a CUDA device this machine lacks;
+            the message names it.
+    """
+    if device is None:
+        return
+    if not isinstance(device, torch.device | str):
+        raise ConfigurationError(
+            f"device must be a torch.device, a string or None, got {device!r} "
+            f"({type(device).__qualname__})"
+        )
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ConfigurationError(f"device {device!r} is not a device: {error}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        # From the string when there is one: torch keeps the index in 8 bits ("cuda:999" wraps).
+        index = (
+            int(device.rpartition(":")[2])
+            if isinstance(device, str) and ":" in device
+            else (parsed.index or 0)
+        )
+        if not 0 <= index < count:
+            raise ConfigurationError(
+                f"device {device!r}: this machine has {count} CUDA device(s) available"
+            )
 
 
 def average_checkpoints(
@@ -1042,9 +1312,11 @@ def average_checkpoints(
         device: where to load the tensors.
 
     Raises:
-        CheckpointError: no checkpoint was given, one lacks ``recoverable_name``, or the state
-            dicts differ in keys, shapes or dtypes (the message names the checkpoint and key).
+        CheckpointError: no checkpoint was given, one lacks ``recoverable_name``, the state
+            dicts differ in keys, shapes or dtypes (the message names the checkpoint and key),
+            or a verified file does not decode here.
         CorruptCheckpointError: a file fails verification.
+        ConfigurationError: ``device`` is not a device, or one this machine lacks.
     """
     if not checkpoints:
         raise CheckpointError("average_checkpoints needs at least one checkpoint")

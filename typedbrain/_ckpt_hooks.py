@@ -75,23 +75,56 @@ def _describe(function: object) -> str:
     return repr(name) if name else repr(function)
 
 
-def _check_signature(function: object, role: _Role, arguments: tuple[object, ...]) -> None:
+# What a hook of each role is called with (an object, the file, and for a loader the flag).
+_ARGUMENTS: Final[dict[_Role, tuple[object, ...]]] = {
+    "saver": (object(), Path("checkpoint.ckpt")),
+    "loader": (object(), Path("checkpoint.ckpt"), True),
+}
+
+
+def _check_arity(function: Callable[..., object], role: _Role, what: str, first: str) -> None:
+    """Raise unless ``function`` can be called as a checkpoint ``role`` is.
+
+    ``what`` names the hook in the message, ``first`` its first parameter (``self``, ``obj``).
+    A callable without an inspectable signature (some builtins) is accepted.
+    """
     expected = (
-        "(self, path: Path) -> None"
+        f"({first}, path: Path) -> None"
         if role == "saver"
-        else "(self, path: Path, end_of_epoch: bool) -> None"
+        else f"({first}, path: Path, end_of_epoch: bool) -> None"
     )
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*_ARGUMENTS[role])
+    except TypeError as error:
+        raise HookContractError(f"{what} must have the signature {expected}: {error}") from None
+
+
+def _check_signature(function: object, role: _Role) -> None:
+    """What :func:`mark_as_saver` / :func:`mark_as_loader` check: a function, rightly shaped."""
     if not inspect.isfunction(function):
         raise HookContractError(
             f"mark_as_{role} expects a plain function defined in a class body, "
             f"got {_describe(function)}"
         )
-    try:
-        inspect.signature(function).bind(*arguments)
-    except TypeError as error:
-        raise HookContractError(
-            f"checkpoint {role} {_describe(function)} must have the signature {expected}: {error}"
-        ) from None
+    _check_arity(function, role, f"checkpoint {role} {_describe(function)}", "self")
+
+
+def check_custom_hook(name: str, hook: object, role: _Role) -> None:
+    """Check a per-object hook given to ``add_recoverable`` for recoverable ``name``.
+
+    Raises:
+        HookContractError: ``hook`` is not callable, or cannot be called as ``role`` hooks are;
+            the message names the recoverable and the hook.
+    """
+    argument = "custom_save_hook" if role == "saver" else "custom_load_hook"
+    what = f"recoverable {name!r}: {argument} {_describe(hook)}"
+    if not callable(hook):
+        raise HookContractError(f"{what} is a {type(hook).__qualname__}, not callable")
+    _check_arity(hook, role, what, "obj")
 
 
 def mark_as_saver(method: _SaverT) -> _SaverT:
@@ -104,7 +137,7 @@ def mark_as_saver(method: _SaverT) -> _SaverT:
         HookContractError: ``method`` cannot be called as ``method(obj, path)``; the message
             names it.
     """
-    _check_signature(method, "saver", (object(), Path("checkpoint.ckpt")))
+    _check_signature(method, "saver")
     vars(method)[_MARK] = "saver"
     return method
 
@@ -119,7 +152,7 @@ def mark_as_loader(method: _LoaderT) -> _LoaderT:
         HookContractError: ``method`` cannot be called as ``method(obj, path, end_of_epoch)``;
             the message names it.
     """
-    _check_signature(method, "loader", (object(), Path("checkpoint.ckpt"), True))
+    _check_signature(method, "loader")
     vars(method)[_MARK] = "loader"
     return method
 
@@ -184,9 +217,15 @@ def resolve_hooks(
     """Find how to save and load ``obj``: the given hooks, then class hooks, then ``Stateful``.
 
     Raises:
+        HookContractError: a given hook is not callable or has the wrong signature; the
+            message names the recoverable ``name``.
         ConfigurationError: neither a hook nor ``state_dict`` / ``load_state_dict`` covers
             saving or loading; the message names the recoverable ``name``.
     """
+    if saver is not None:
+        check_custom_hook(name, saver, "saver")
+    if loader is not None:
+        check_custom_hook(name, loader, "loader")
     for klass in type(obj).__mro__:
         hooks = _CLASS_HOOKS.get(klass)
         if hooks is None:

@@ -40,6 +40,10 @@ _HASH_ASIDE_MIN: Final = 1 << 20
 """Writes at least this large are hashed by another thread while they are written."""
 
 _SHA256_HEX_LENGTH: Final = 64
+_MAX_SEQUENCE: Final = 1 << 63
+"""Sequence numbers are below this (a float holds them, for ranking by recency)."""
+_SHOWN_MAX: Final = 80
+"""A rejected manifest value is quoted up to this many characters in the reason."""
 
 
 @final
@@ -297,8 +301,19 @@ def _is_bool(value: object) -> bool:
     return isinstance(value, bool)
 
 
+def _is_finite(value: int | float) -> bool:
+    """Whether ``value`` is a finite number that a float holds (``10**400`` is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _bad(folder: Path, key: str, value: object) -> CorruptCheckpointError:
-    return CorruptCheckpointError(folder, f"{MANIFEST_NAME}: {key!r} is {value!r}, not valid")
+    shown = repr(value)
+    if len(shown) > _SHOWN_MAX:
+        shown = f"{shown[:_SHOWN_MAX]}... ({len(shown)} characters)"
+    return CorruptCheckpointError(folder, f"{MANIFEST_NAME}: {key!r} is {shown}, not valid")
 
 
 def read_manifest(folder: Path) -> Checkpoint:
@@ -321,6 +336,12 @@ def read_manifest(folder: Path) -> Checkpoint:
         data: object = json.loads(text)
     except json.JSONDecodeError as error:
         raise CorruptCheckpointError(folder, f"{MANIFEST_NAME} is not JSON: {error}") from error
+    except (ValueError, RecursionError) as error:
+        # JSON that Python will not build: an integer of thousands of digits (ValueError), or
+        # arrays and objects nested thousands deep (RecursionError).
+        raise CorruptCheckpointError(
+            folder, f"{MANIFEST_NAME} cannot be read: {type(error).__name__}: {error}"
+        ) from error
     _require(isinstance(data, dict), folder, "not a JSON object")
     assert isinstance(data, dict)
     _require(data.get("format") == FORMAT, folder, f"'format' is not {FORMAT!r}")
@@ -338,9 +359,9 @@ def read_manifest(folder: Path) -> Checkpoint:
     files = data.get("files")
     typedbrain_version = data.get("typedbrain_version")
     torch_version = data.get("torch_version")
-    if not (_is_int(sequence) and isinstance(sequence, int) and sequence >= 0):
+    if not (_is_int(sequence) and isinstance(sequence, int) and 0 <= sequence < _MAX_SEQUENCE):
         raise _bad(folder, "sequence", sequence)
-    if not (isinstance(unixtime, int | float) and math.isfinite(unixtime)) or _is_bool(unixtime):
+    if not (isinstance(unixtime, int | float) and _is_finite(unixtime)) or _is_bool(unixtime):
         raise _bad(folder, "unixtime", unixtime)
     if not isinstance(end_of_epoch, bool):
         raise _bad(folder, "end_of_epoch", end_of_epoch)

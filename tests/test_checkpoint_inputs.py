@@ -1,0 +1,154 @@
+"""Checkpointer arguments: a wrong one is a ConfigurationError naming it, before any write."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from typedbrain._checkpoint import Checkpoint, Checkpointer, verify_checkpoint
+from typedbrain._epochs import EpochCounter
+from typedbrain._errors import ConfigurationError
+
+
+def _checkpointer(tmp_path: Path) -> Checkpointer:
+    return Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+
+
+def _names(checkpoints: list[Checkpoint]) -> list[str]:
+    return [checkpoint.path.name for checkpoint in checkpoints]
+
+
+# ---------------------------------------------------------------------------- end_of_epoch
+
+
+@pytest.mark.parametrize("given", [True, False, np.bool_(True), np.bool_(False)])
+def test_end_of_epoch_accepts_bools_and_numpy_bools_and_stores_a_bool(
+    tmp_path: Path, given: object
+) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    saved = checkpointer.save_checkpoint(end_of_epoch=given)  # type: ignore[arg-type]  # np.bool_ is the case
+    assert saved.end_of_epoch is bool(given)
+    # The manifest is readable, so the checkpoint is listed (not skipped as corrupt).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert checkpointer.list_checkpoints() == [saved]
+    assert verify_checkpoint(saved.path).end_of_epoch is bool(given)
+
+
+@pytest.mark.parametrize("method", ["save_checkpoint", "save_and_keep_only"])
+@pytest.mark.parametrize("given", [1, 0, "yes", None])
+def test_end_of_epoch_that_is_not_a_bool_is_refused_before_anything_is_written(
+    tmp_path: Path, method: str, given: object
+) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    with pytest.raises(ConfigurationError, match=rf"end_of_epoch must be a bool, got {given!r}"):
+        getattr(checkpointer, method)(end_of_epoch=given)
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+@pytest.mark.parametrize("argument", ["min_keys", "max_keys"])
+def test_a_single_string_as_min_keys_or_max_keys_is_refused_before_anything_is_written(
+    tmp_path: Path, argument: str
+) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    best = checkpointer.save_checkpoint(meta={"loss": 0.1}, name="best")
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"{argument} must be a list of meta keys \(strings\), got 'loss'; for one key "
+        rf"write {argument}=\['loss'\]",
+    ):
+        checkpointer.save_and_keep_only(meta={"loss": 0.5}, **{argument: "loss"})  # type: ignore[arg-type]  # wrong on purpose
+    with pytest.raises(ConfigurationError, match=rf"{argument} must be a list"):
+        checkpointer.delete_checkpoints(**{argument: "loss"})  # type: ignore[arg-type]  # wrong on purpose
+    # Nothing saved and, above all, nothing deleted.
+    assert checkpointer.list_checkpoints() == [best]
+
+
+def test_a_key_that_is_not_a_string_in_min_keys_is_refused(tmp_path: Path) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"min_keys must be a list .*got 3 in it"):
+        checkpointer.save_and_keep_only(min_keys=["loss", 3])  # type: ignore[list-item]  # wrong on purpose
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+
+
+def _recency(checkpoint: Checkpoint) -> float:
+    return float(checkpoint.sequence)
+
+
+@pytest.mark.parametrize("given", ["loss", _recency, [_recency, "loss"]])
+def test_importance_keys_that_is_not_a_list_of_functions_is_refused(
+    tmp_path: Path, given: object
+) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    with pytest.raises(ConfigurationError, match="importance_keys must be a list of functions"):
+        checkpointer.save_and_keep_only(importance_keys=given)  # type: ignore[arg-type]  # wrong on purpose
+    with pytest.raises(ConfigurationError, match="importance_keys must be a list of functions"):
+        checkpointer.delete_checkpoints(importance_keys=given)  # type: ignore[arg-type]  # wrong on purpose
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+
+
+def test_keys_given_as_tuples_work(tmp_path: Path) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    for name, loss in [("a", 0.2), ("b", 0.1), ("c", 0.3)]:
+        checkpointer.save_and_keep_only(
+            meta={"loss": loss}, name=name, min_keys=("loss",), importance_keys=(_recency,)
+        )
+    assert _names(checkpointer.list_checkpoints()) == ["b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"min_key": ["loss"]}, r"min_key must be a meta key \(a string\) or None, got \['loss'\]"),
+        ({"max_key": 1}, r"max_key must be a meta key \(a string\) or None, got 1"),
+        ({"importance_key": "loss"}, r"importance_key must be a function .* got 'loss'"),
+        ({"max_num_checkpoints": -1}, r"max_num_checkpoints must be an integer >= 0 .* got -1"),
+        ({"max_num_checkpoints": 1.5}, r"max_num_checkpoints must be an integer >= 0 .* got 1.5"),
+        ({"max_num_checkpoints": True}, r"max_num_checkpoints must be an integer >= 0 .* got True"),
+    ],
+)
+def test_find_checkpoints_refuses_a_wrong_argument_naming_it(
+    tmp_path: Path, arguments: dict[str, object], message: str
+) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    checkpointer.save_checkpoint(meta={"loss": 0.1})
+    with pytest.raises(ConfigurationError, match=message):
+        checkpointer.find_checkpoints(**arguments)  # type: ignore[arg-type]  # wrong on purpose
+
+
+def test_max_num_checkpoints_limits_and_zero_finds_nothing(tmp_path: Path) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    for name in ("a", "b", "c"):
+        checkpointer.save_checkpoint(name=name)
+    assert _names(checkpointer.find_checkpoints(max_num_checkpoints=2)) == ["c", "b"]
+    assert checkpointer.find_checkpoints(max_num_checkpoints=0) == []
+
+
+def test_recover_refuses_a_min_key_that_is_not_a_string(tmp_path: Path) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    checkpointer.save_checkpoint(meta={"loss": 0.1})
+    with pytest.raises(ConfigurationError, match="min_key must be a meta key"):
+        checkpointer.recover_if_possible(min_key=["loss"])  # type: ignore[arg-type]  # wrong on purpose
+
+
+def test_an_importance_key_that_returns_no_number_is_an_error_naming_it_and_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    checkpointer.save_checkpoint(meta={"bleu": 30.0}, name="a")
+    checkpointer.save_checkpoint(meta={}, name="b")
+
+    def bleu(checkpoint: Checkpoint) -> float:
+        return checkpoint.meta.get("bleu")  # type: ignore[return-value]  # None for "b": the case
+
+    with pytest.raises(
+        ConfigurationError,
+        match=r"importance key '.*bleu' returned None for checkpoint .*/b, not a number",
+    ):
+        checkpointer.find_checkpoints(importance_key=bleu)
