@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,40 @@ def test_a_meta_value_that_is_not_a_number_is_status_2(
     assert "meta 'loss' is 'low', not a number" in err
 
 
+def test_json_is_standard_json_with_non_finite_meta_values_as_strings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 1)})
+    meta = {"loss": math.nan, "acc": math.inf, "low": -math.inf, "ok": 0.5}
+    checkpointer.save_checkpoint(meta=meta, name="CKPT-a")
+    status, out, _ = _run(capsys, "checkpoints", str(tmp_path), "--json")
+    assert status == 0
+
+    def refuse(constant: str) -> float:
+        raise AssertionError(f"not standard JSON: {constant}")
+
+    document = json.loads(out, parse_constant=refuse)
+    assert document["checkpoints"][0]["meta"] == {
+        "loss": "NaN",
+        "acc": "Infinity",
+        "low": "-Infinity",
+        "ok": 0.5,
+    }
+
+
+def test_a_saved_time_out_of_the_platforms_range_is_shown_as_the_number(
+    good_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = good_folder / "CKPT-a" / "MANIFEST.json"
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    data["unixtime"] = 1e300
+    manifest.write_text(json.dumps(data), encoding="utf-8")
+    status, out, _ = _run(capsys, "checkpoints", str(good_folder))
+    assert status == 0
+    (row,) = [line for line in out.splitlines() if "CKPT-a" in line]
+    assert row.split()[:3] == ["COMMITTED", "1", "1e+300"]
+
+
 def test_help_returns_0(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = _run(capsys, "--help")
     assert status == 0
@@ -278,3 +313,39 @@ def test_plot_without_matplotlib_names_the_extra_with_status_3(
     status, _, err = _run(capsys, "plot", str(log), "--out", str(tmp_path / "x.png"))
     assert status == 3
     assert "install the 'typedbrain[plot]' extra" in err
+
+
+def test_plot_to_an_existing_folder_is_status_2_before_the_log_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = _run(capsys, "plot", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path))
+    assert (status, out, err) == (
+        2,
+        "",
+        f"typedbrain: error: {tmp_path}: is a folder, not a PNG file\n",
+    )
+
+
+def test_plot_under_a_path_that_is_a_file_is_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    out = tmp_path / "file" / "sub" / "x.png"
+    log = _training_log(tmp_path / "log.jsonl")
+    status, _, err = _run(capsys, "plot", str(log), "--out", str(out))
+    assert (status, err) == (2, f"typedbrain: error: {out}: {tmp_path / 'file'} is not a folder\n")
+
+
+def test_plot_leaves_out_an_integer_too_large_for_a_float(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "log.jsonl"
+    JsonlTrainLogger(log).log_stats({"epoch": 1}, {"loss": 1.0, "count": 123456789})
+    JsonlTrainLogger(log).log_stats({"epoch": 2}, {"loss": 0.5, "count": 7})
+    log.write_text(
+        log.read_text(encoding="utf-8").replace("123456789", "9" * 400), encoding="utf-8"
+    )
+    status, stdout, err = _run(capsys, "plot", str(log), "--out", str(tmp_path / "x.png"))
+    assert (status, err) == (0, "")
+    assert stdout == f"wrote {tmp_path / 'x.png'} (2 panel(s), 2 entries)\n"

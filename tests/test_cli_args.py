@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import attrs
@@ -189,6 +190,21 @@ def test_the_command_line_overrides_a_run_option_set_in_the_yaml() -> None:
             "(--note \"'a: b'\")",
         ),
         (
+            [RECIPE, "--compile_module_keys", "--debug"],
+            "argument --compile_module_keys: expected one or more module names "
+            "(--compile_module_keys a b or --compile_module_keys=a,b), or None; got none",
+        ),
+        (
+            [RECIPE, "--compile_module_keys="],
+            "argument --compile_module_keys: expected one or more module names "
+            "(--compile_module_keys a b or --compile_module_keys=a,b), or None; got none",
+        ),
+        (
+            [RECIPE, "--compile_module_keys=,"],
+            "argument --compile_module_keys: expected one or more module names "
+            "(--compile_module_keys a b or --compile_module_keys=a,b), or None; got none",
+        ),
+        (
             [RECIPE, "--model", "1", "--model.x", "2"],
             "argument --model.x: conflicts with --model, which sets the whole value",
         ),
@@ -201,6 +217,24 @@ def test_a_bad_command_line_raises_an_error_naming_the_argument(
     with pytest.raises(ArgumentsError) as caught:
         parse_arguments(argv)
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("text", ["it's: here", 'say "a: b"', "cost: $5 `now`", "a: 'b' c"])
+def test_the_quoting_hint_for_a_value_that_is_not_yaml_works_when_followed(
+    tmp_path: Path, text: str
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("note: x\n", encoding="utf-8")
+    with pytest.raises(ArgumentsError) as caught:
+        parse_arguments([str(recipe), "--note", text])
+    hint = str(caught.value).rpartition("(--note ")[2].removesuffix(")")
+    # What a POSIX shell passes for the hint's double-quoted word.
+    shell = subprocess.run(
+        ["sh", "-c", f"printf %s {hint}"], capture_output=True, text=True, check=True
+    )
+    argument = shell.stdout
+    parsed = parse_arguments([str(recipe), "--note", argument])
+    assert load_hparams(parsed.hparams_file, parsed.overrides)["note"] == text
 
 
 def test_the_exiting_wrapper_prints_usage_and_exits_with_status_2(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Literal
 
 import attrs
 import pytest
 import torch
 
+from typedbrain._cli_args import parse_arguments
 from typedbrain._config import LoadedHparams, load_hparams, split_run_options
 from typedbrain._errors import (
     ConfigurationError,
@@ -199,6 +202,61 @@ def test_overrides_that_are_not_a_mapping_are_rejected() -> None:
     )
 
 
+LINEAR_RECIPE = "model: !new:torch.nn.Linear\n    in_features: 4\n    out_features: 2\nlr: 0.1\n"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        "model: !new:torch.nn.Identity {}\n",
+        "model: !new:torch.nn.Identity\n  unused_argument: 1\n",
+    ],
+)
+def test_a_tagged_mapping_override_replaces_the_value_whole(overrides: str) -> None:
+    loaded = load_hparams(io.StringIO(LINEAR_RECIPE), overrides)
+    assert type(loaded["model"]) is torch.nn.Identity
+    assert loaded["lr"] == 0.1
+
+
+def test_a_tagged_mapping_override_from_the_command_line_needs_none_of_the_old_keys(
+    tmp_path: Path,
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(LINEAR_RECIPE, encoding="utf-8")
+    parsed = parse_arguments(
+        [
+            str(recipe),
+            "--model",
+            "!new:torch.nn.Bilinear {in1_features: 1, in2_features: 1, out_features: 3}",
+        ]
+    )
+    model = load_hparams(parsed.hparams_file, parsed.overrides)["model"]
+    assert isinstance(model, torch.nn.Bilinear)
+    assert model.out_features == 3
+
+
+def test_an_untagged_mapping_override_still_merges_into_a_tagged_one() -> None:
+    model = load_hparams(io.StringIO(LINEAR_RECIPE), "model: {out_features: 3}\n")["model"]
+    assert isinstance(model, torch.nn.Linear)
+    assert (model.in_features, model.out_features) == (4, 3)
+
+
+def test_a_tagged_mapping_override_replaces_a_plain_mapping_whole() -> None:
+    loaded = load_hparams(
+        io.StringIO("counts:\n  a: 1\n  b: 2\n"), "counts: !new:collections.Counter {c: 3}\n"
+    )
+    assert loaded["counts"] == collections.Counter(c=3)
+
+
+def test_an_override_value_yaml_cannot_write_is_an_error_naming_its_key() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_hparams(io.StringIO("paths:\n  data: x\n"), {"paths": {"data": Path("/data")}})
+    assert str(caught.value).startswith(
+        "override 'paths.data': cannot represent an object: PosixPath('/data'); override values "
+        "must be plain YAML data"
+    )
+
+
 # Placeholders ---------------------------------------------------------------------------------
 
 
@@ -221,6 +279,20 @@ def test_replacing_the_parent_of_a_placeholder_fills_it() -> None:
     assert load_hparams(DATA / "placeholder.yaml", "paths: none")["paths"] == "none"
 
 
+def test_a_placeholder_in_a_list_points_at_the_key_holding_the_list(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("paths:\n  folders: [!PLACEHOLDER , b]\n", encoding="utf-8")
+    with pytest.raises(PlaceholderError) as caught:
+        load_hparams(recipe)
+    assert caught.value.key == "paths.folders[0]"
+    assert caught.value.override == "paths.folders"
+    assert "(--paths.folders VALUE on the command line" in str(caught.value)
+    assert "--paths.folders[0]" not in str(caught.value)
+    # The suggested override does fill it.
+    parsed = parse_arguments([str(recipe), "--paths.folders", "[a, b]"])
+    assert load_hparams(parsed.hparams_file, parsed.overrides)["paths"] == {"folders": ["a", "b"]}
+
+
 # Files ----------------------------------------------------------------------------------------
 
 
@@ -238,6 +310,37 @@ def test_a_document_that_is_not_a_mapping_is_rejected() -> None:
     assert str(caught.value) == (
         "<stream> must hold a mapping of hyperparameters (key: value lines), not a sequence"
     )
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n", "{}\n"])
+def test_an_empty_or_comments_only_file_loads_as_an_empty_mapping(text: str) -> None:
+    loaded = load_hparams(io.StringIO(text))
+    assert loaded == {}
+    assert isinstance(loaded, LoadedHparams)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "lr: 0.1\n1: 2\n",
+            "top-level key '1' (<stream>:2) is an integer, not a string: hyperparameter names "
+            "are strings (quote the key to make it one)",
+        ),
+        ("null: 1\n", "top-level key 'null' (<stream>:1) is null, not a string"),
+        ("? [a, b]\n: 1\n", "top-level key [...] (<stream>:1) is a sequence, not a string"),
+    ],
+)
+def test_a_top_level_key_that_is_not_a_string_names_the_key_and_line(
+    text: str, message: str
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_hparams(io.StringIO(text))
+    assert str(caught.value).startswith(message)
+
+
+def test_a_quoted_number_is_a_string_key() -> None:
+    assert load_hparams(io.StringIO('"1": 2\n')) == {"1": 2}
 
 
 def test_invalid_yaml_is_a_configuration_error() -> None:
@@ -314,6 +417,53 @@ def test_types_are_strict() -> None:
         "flag: expected true or false, got int 1",
         "name: expected a string, got int 5",
         "names: expected a list, got str 'ab'",
+    ]
+
+
+def test_a_literal_field_is_strict_about_the_type_of_its_values() -> None:
+    @attrs.frozen
+    class Heads:
+        heads: Literal[1, 2]
+
+    assert structure_hparams({"heads": 2}, Heads) == Heads(heads=2)
+    for value in (True, 1.0, "1"):
+        with pytest.raises(HparamsError) as caught:
+            structure_hparams({"heads": value}, Heads)
+        assert [str(problem) for problem in caught.value.problems] == [
+            f"heads: expected one of 1, 2, got {type(value).__name__} {value!r}"
+        ]
+
+
+def test_a_class_field_takes_a_subclass_and_rejects_anything_else() -> None:
+    @attrs.frozen
+    class Factory:
+        cls: type[torch.nn.Module]
+
+    loaded = load_hparams(io.StringIO("cls: !name:torch.nn.Linear\n"))
+    assert structure_hparams(loaded, Factory).cls is torch.nn.Linear
+    for value in (5, torch.optim.SGD, torch.nn.Linear(1, 1)):
+        with pytest.raises(HparamsError) as caught:
+            structure_hparams({"cls": value}, Factory)
+        assert [str(problem) for problem in caught.value.problems] == [
+            "cls: expected a class that is a subclass of Module (a !name: class), "
+            f"got {type(value).__name__} {value!r}"
+        ]
+
+
+def test_a_mapping_field_given_a_list_is_reported_as_such() -> None:
+    @attrs.frozen
+    class Weights:
+        weights: Mapping[str, float]
+        layers: dict[str, torch.nn.Module]
+
+    assert structure_hparams(
+        {"weights": {"a": 1}, "layers": {"relu": torch.nn.ReLU()}}, Weights
+    ).weights == {"a": 1.0}
+    with pytest.raises(HparamsError) as caught:
+        structure_hparams({"weights": [1], "layers": {"x": 3}}, Weights)
+    assert [str(problem) for problem in caught.value.problems] == [
+        "weights: expected a mapping, got list [1]",
+        "layers.x: expected a Module, got int 3",
     ]
 
 

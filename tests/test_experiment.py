@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from typedbrain._config import load_hparams
 from typedbrain._errors import ConfigurationError
 from typedbrain._experiment import _ExperimentLogHandler, create_experiment_directory, git_commit
 from typedbrain._version import __version__
@@ -165,6 +166,39 @@ def test_bad_hyperparameters_are_a_configuration_error(tmp_path: Path) -> None:
         create_experiment_directory(tmp_path / "run", hyperparams_to_save=path)
     with pytest.raises(ConfigurationError, match="cannot read the hyperparameters"):
         create_experiment_directory(tmp_path / "run", hyperparams_to_save=tmp_path / "absent")
+
+
+def test_an_include_is_read_next_to_the_recipe_not_in_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe_folder = tmp_path / "recipe"
+    recipe_folder.mkdir()
+    (recipe_folder / "model.yaml").write_text("size: 4\n", encoding="utf-8")
+    (recipe_folder / "train.yaml").write_text(
+        "lr: 0.1\nmodel: !include:model.yaml\n", encoding="utf-8"
+    )
+    (tmp_path / "model.yaml").write_text("size: 999\n", encoding="utf-8")  # a decoy
+    monkeypatch.chdir(tmp_path)
+    folder = create_experiment_directory(
+        tmp_path / "run", hyperparams_to_save="recipe/train.yaml", save_env_desc=False
+    )
+    saved = (folder / "hyperparams.yaml").read_text(encoding="utf-8")
+    assert load_hparams(folder / "hyperparams.yaml") == load_hparams("recipe/train.yaml")
+    assert "size: 4" in saved
+    assert "999" not in saved
+
+
+def test_a_tagged_override_is_saved_as_load_hparams_applies_it(hparams_file: Path) -> None:
+    overrides = "model: !new:torch.nn.Identity {}\n"
+    folder = create_experiment_directory(
+        hparams_file.parent / "run",
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+        save_env_desc=False,
+    )
+    saved = load_hparams(folder / "hyperparams.yaml")
+    assert type(saved["model"]) is torch.nn.Identity
+    assert type(load_hparams(hparams_file, overrides)["model"]) is torch.nn.Identity
 
 
 def test_the_git_commit_of_the_scripts_repository_is_recorded(tmp_path: Path) -> None:

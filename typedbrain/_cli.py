@@ -199,7 +199,30 @@ def _print_json(folder: Path, rows: Sequence[_Row], out: TextIO) -> None:
         "ok": all(row.usable for row in rows),
         "checkpoints": listed,
     }
-    print(json.dumps(document, indent=2), file=out)
+    print(json.dumps(_json_safe(document), indent=2, allow_nan=False), file=out)
+
+
+def _json_safe(value: object) -> object:
+    """``value`` with every non-finite float written as a string: JSON has no NaN or infinity.
+
+    NaN becomes ``"NaN"``, infinities ``"Infinity"`` and ``"-Infinity"`` (the words Python's
+    ``float()`` reads back).
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _saved_at(unixtime: float) -> str:
+    """The local time ``unixtime`` stands for, or the number itself when it is out of range."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unixtime))
+    except (OverflowError, OSError, ValueError):
+        return str(unixtime)
 
 
 def _print_table(
@@ -215,7 +238,7 @@ def _print_table(
         if checkpoint is None:
             table.append([row.status, "-", "-", "-", "-", row.name, "-"])
             continue
-        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(checkpoint.unixtime))
+        saved = _saved_at(checkpoint.unixtime)
         marks = [mark for mark, on in (("newest", row.newest), ("best", row.best)) if on]
         name = f"{row.name} [{', '.join(marks)}]" if marks else row.name
         table.append(
@@ -247,7 +270,10 @@ def _number(value: StatValue | None) -> float:
     """``value`` as a float to plot; NaN (a gap) for strings, missing and infinite values."""
     if value is None or isinstance(value, str):
         return math.nan
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        return math.nan
     return number if math.isfinite(number) else math.nan
 
 
@@ -263,6 +289,13 @@ def _metrics(entries: Sequence[LogEntry]) -> list[str]:
 
 
 def _plot(log: Path, out: Path) -> int:
+    if out.is_dir():
+        _error(f"{out}: is a folder, not a PNG file")
+        return EXIT_USAGE
+    blocking = next((parent for parent in out.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        _error(f"{out}: {blocking} is not a folder")
+        return EXIT_USAGE
     if not log.is_file():
         _error(f"{log}: no such file" if not log.exists() else f"{log}: not a file")
         return EXIT_USAGE

@@ -131,7 +131,7 @@ def parse_arguments(argv: Sequence[str], *, prog: str | None = None) -> ParsedAr
                 while index < len(argv) and not argv[index].startswith("--"):
                     values.append(argv[index])
                     index += 1
-            run_opts[name] = _parse_keys(values)
+            run_opts[name] = _parse_keys(argument, values)
         else:
             if has_inline:
                 text = inline
@@ -305,10 +305,17 @@ def _parse_flag(argument: str, text: str) -> bool:
     raise ArgumentsError(argument, f"expected true or false, got {text!r}")
 
 
-def _parse_keys(values: list[str]) -> tuple[str, ...] | None:
+def _parse_keys(argument: str, values: list[str]) -> tuple[str, ...] | None:
     if len(values) == 1 and values[0] in _NONE_WORDS:
         return None
-    return tuple(name for value in values for name in value.split(",") if name)
+    names = tuple(name for value in values for name in value.split(",") if name)
+    if not names:
+        raise ArgumentsError(
+            argument,
+            f"expected one or more module names ({argument} a b or {argument}=a,b), or None; "
+            "got none",
+        )
+    return names
 
 
 def _parse_value(argument: str, text: str, tp: object) -> object:
@@ -382,10 +389,11 @@ def _check_yaml_value(argument: str, text: str) -> None:
     except YAMLError:
         root = None
     if not isinstance(root, MappingNode) or len(root.value) != 1:
+        quoted = "'" + text.replace("'", "''") + "'"  # YAML's single quotes double a quote
+        shell = re.sub(r'(["\\$`])', r"\\\1", quoted)  # escaped for a shell's double quotes
         raise ArgumentsError(
             argument,
-            f"{text!r} is not a YAML value; quote it to pass it as a string "
-            f"({argument} \"'{text}'\")",
+            f'{text!r} is not a YAML value; quote it to pass it as a string ({argument} "{shell}")',
         )
 
 

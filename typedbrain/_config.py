@@ -80,8 +80,11 @@ def load_hparams(
 
     Overrides replace values of the file before any object is built. They can only change keys
     the file has, at any depth (hyperpyyaml itself would silently add a nested key it does not
-    know); a nested mapping in an override merges into the file's mapping, anything else
-    replaces the value.
+    know); a nested mapping without a tag in an override merges into the file's mapping, and
+    anything else, a tagged mapping (``!new:torch.nn.Identity {}``) included, replaces the
+    value whole.
+
+    An empty file (or one with only comments) gives an empty mapping.
 
     Args:
         source: a path to the file, or an open text stream (``io.StringIO`` for YAML held in a
@@ -98,8 +101,9 @@ def load_hparams(
         OverrideError: an override names a key the file does not have, or sets keys under a
             value that is not a mapping.
         PlaceholderError: a ``!PLACEHOLDER`` is left without a value.
-        ConfigurationError: the file or the overrides are not valid YAML, or the file does not
-            hold a mapping.
+        ConfigurationError: the file or the overrides are not valid YAML, the file does not
+            hold a mapping, one of its top-level keys is not a string, or an override value is
+            not plain YAML data.
     """
     # Imported here, not at the top: importing ruamel.yaml (which hyperpyyaml uses) adds warning
     # filters, and importing typedbrain must change nothing global.
@@ -112,12 +116,18 @@ def load_hparams(
     tree = tree_check.override_tree(overrides)
     tree_check.check_overrides(tree, root, (), name, folder)
     tree_check.check_placeholders(root, tree, name)
+    if not root.value:  # an empty file, or one with comments only
+        return LoadedHparams({}, source=name, locations={})
     locations: dict[KeyPath, tuple[str, int]] = {}
     tree_check.record_locations(root, (), name, folder, locations, depth=0)
 
-    stream = tree_check.NamedStringIO(text, name if folder is not None else None)
+    # The overrides are applied here rather than by hyperpyyaml, whose merge would keep the
+    # old tag of a mapping that a tagged override replaces.
+    stream = tree_check.NamedStringIO(
+        tree_check.apply_overrides(text, overrides), name if folder is not None else None
+    )
     try:
-        loaded = hyperpyyaml.load_hyperpyyaml(stream, overrides, overrides_must_match=True)
+        loaded = hyperpyyaml.load_hyperpyyaml(stream)
     except Exception as error:
         error.add_note(f"while loading hyperparameters from {name}")
         raise

@@ -279,18 +279,34 @@ class PlaceholderError(ConfigurationError):
     """A ``!PLACEHOLDER`` value was left without an override to fill it.
 
     Attributes:
-        key: the dotted path of the placeholder.
+        key: the dotted path of the placeholder (``folders[0]`` for an item of a list).
+        override: the dotted key an override can set to fill it: ``key`` itself, or for a
+            placeholder inside a list the nearest mapping key above it (``folders``), whose
+            whole value the override then gives.
         source: the hyperparameter file that holds it.
         line: its 1-based line in that file.
     """
 
-    def __init__(self, key: str, *, source: str, line: int | None) -> None:
+    def __init__(
+        self, key: str, *, source: str, line: int | None, override: str | None = None
+    ) -> None:
+        target = key if override is None else override
+        if target == key:
+            how = (
+                f"override it (--{key} VALUE on the command line, or the key in load_hparams' "
+                "overrides)"
+            )
+        else:
+            how = (
+                f"an override cannot set an item of a list, so override {target!r}, which "
+                f"holds it, with its whole new value (--{target} VALUE on the command line, or "
+                "the key in load_hparams' overrides)"
+            )
         super().__init__(
-            f"{key!r} ({_where(source, line)}) is a !PLACEHOLDER and was not given a value: "
-            f"override it (--{key} VALUE on the command line, or the key in load_hparams' "
-            "overrides)"
+            f"{key!r} ({_where(source, line)}) is a !PLACEHOLDER and was not given a value: {how}"
         )
         self.key = key
+        self.override = target
         self.source = source
         self.line = line
 

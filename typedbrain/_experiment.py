@@ -52,9 +52,13 @@ def create_experiment_directory(
 
     On the main process it creates ``experiment_directory`` (with its parents) and writes:
 
-    - ``hyperparams.yaml``: the file ``hyperparams_to_save`` with ``overrides`` applied and
-      ``!ref`` references resolved (HyperPyYAML's ``resolve_references``; tags such as
-      ``!new:`` are kept), after a comment header naming the source file and the overrides;
+    - ``hyperparams.yaml``: the file ``hyperparams_to_save`` with ``overrides`` applied as
+      :func:`~typedbrain.load_hparams` applies them, ``!ref``/``!copy`` references resolved and
+      ``!include:`` files (relative to the file's folder) inlined (HyperPyYAML's
+      ``resolve_references``), after a comment header naming the source file and the
+      overrides. Tags such as ``!new:`` are kept, and build nothing; ``!applyref:`` is the
+      exception: resolving calls its function (a second time, if the recipe was loaded) and
+      writes the result;
     - a copy of the calling script (``script_file``, by default the file of the first caller
       outside typedbrain), under its own name;
     - ``log.txt``: a :class:`logging.FileHandler` (format :data:`LOG_FORMAT`, level INFO) is
@@ -162,14 +166,21 @@ def _attach_log_file(log_file: Path) -> None:
 def _save_hyperparams(
     source: Path, overrides: str | Mapping[str, object] | None, destination: Path
 ) -> None:
+    # Imported here: importing ruamel.yaml (which both use) adds warning filters, and importing
+    # typedbrain must change nothing global.
     from hyperpyyaml import resolve_references
+
+    from typedbrain._yaml_tree import NamedStringIO, apply_overrides
 
     try:
         text = source.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigurationError(f"cannot read the hyperparameters {source}: {error}") from error
     try:
-        resolved = resolve_references(text, overrides if overrides else None).getvalue()
+        # The overrides are applied as load_hparams applies them, and the stream carries the
+        # file's name so that !include: paths are relative to its folder.
+        applied = apply_overrides(text, overrides)
+        resolved = resolve_references(NamedStringIO(applied, str(source))).getvalue()
     except Exception as error:
         # ruamel and HyperPyYAML raise many unrelated types for bad YAML and overrides.
         raise ConfigurationError(

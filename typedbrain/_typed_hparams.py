@@ -28,16 +28,18 @@ from cattrs.errors import (
     IterableValidationError,
     IterableValidationNote,
 )
-from cattrs.gen import make_dict_structure_fn
+from cattrs.gen import make_dict_structure_fn, make_mapping_structure_fn
 
 from typedbrain._config import KeyPath, LoadedHparams, format_key_path, load_hparams
 from typedbrain._errors import HparamsError, HparamsProblem
-from typedbrain._options import RunOptions
+from typedbrain._options import RunOptions, _matches
 from typedbrain._state import converter
 
 __all__ = ["load_typed_hparams", "structure_hparams"]
 
 _T = TypeVar("_T")
+
+_MAPPINGS: Final = frozenset({dict, collections.abc.Mapping, collections.abc.MutableMapping})
 
 _SEQUENCES: Final = frozenset(
     {
@@ -219,6 +221,39 @@ def _structure_callable(value: object, tp: object) -> object:
     raise TypeError(f"expected a callable (a class, function or !name: factory), {_got(value)}")
 
 
+def _is_literal(tp: object) -> bool:
+    return get_origin(tp) is typing.Literal
+
+
+def _structure_literal(value: object, tp: object) -> object:
+    # Strict as run options are: True is not the literal 1, nor 1.0 the literal 1.
+    if _matches(value, tp):
+        return value
+    choices = ", ".join(repr(choice) for choice in get_args(tp))
+    raise TypeError(f"expected one of {choices}, {_got(value)}")
+
+
+def _is_class_type(tp: object) -> bool:
+    return get_origin(tp) is type
+
+
+def _structure_class(value: object, tp: object) -> object:
+    (bound,) = get_args(tp) or (object,)
+    bounds = get_args(bound) if _is_union(bound) else (bound,)
+    if isinstance(value, type) and any(
+        _is_anything(arm) or (isinstance(arm, type) and issubclass(value, arm)) for arm in bounds
+    ):
+        return value
+    expected = " or ".join(_type_name(arm) for arm in bounds)
+    raise TypeError(
+        f"expected a class that is a subclass of {expected} (a !name: class), {_got(value)}"
+    )
+
+
+def _is_mapping(tp: object) -> bool:
+    return (get_origin(tp) or tp) in _MAPPINGS
+
+
 def _is_union(tp: object) -> bool:
     return get_origin(tp) in (typing.Union, types.UnionType)
 
@@ -338,6 +373,20 @@ def _hparams_converter() -> cattrs.Converter:
     child.register_structure_hook_func(_is_union, union)
     child.register_structure_hook_func(_is_callable, _structure_callable)
     child.register_structure_hook_func(_is_anything, _passthrough)
+    child.register_structure_hook_func(_is_literal, _structure_literal)
+    child.register_structure_hook_func(_is_class_type, _structure_class)
+
+    def mapping_hook(tp: type[object]) -> Callable[[object, type[object]], object]:
+        build = make_mapping_structure_fn(tp, child, structure_to=dict)
+
+        def structure(value: object, cls: type[object]) -> object:
+            if not isinstance(value, Mapping):
+                raise TypeError(f"expected a mapping, {_got(value)}")
+            return build(value, cls)
+
+        return structure
+
+    child.register_structure_hook_factory(_is_mapping, mapping_hook)
 
     def attrs_hook(tp: type[object]) -> Callable[[object, type[object]], object]:
         build = make_dict_structure_fn(tp, child)

@@ -1,4 +1,4 @@
-"""The YAML node tree of a hyperparameter file: override and placeholder checks, key lines.
+"""The YAML of a hyperparameter file: override and placeholder checks, key lines, overrides.
 
 Kept apart from :mod:`typedbrain._config` because it needs ``ruamel.yaml``, whose import adds
 warning filters: :func:`~typedbrain.load_hparams` imports this module when it is first called,
@@ -10,13 +10,14 @@ from __future__ import annotations
 import difflib
 import io
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
-from typing import TextIO, final
+from typing import Final, TextIO, TypeGuard, final
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.representer import RepresenterError
 
 from typedbrain._config import (
     _INCLUDE,
@@ -28,8 +29,20 @@ from typedbrain._config import (
 from typedbrain._errors import ConfigurationError, OverrideError, PlaceholderError
 from typedbrain._options import RunOptions
 
+_MAP_TAG: Final = "tag:yaml.org,2002:map"
+_STR_TAG: Final = "tag:yaml.org,2002:str"
+_MERGE_TAG: Final = "tag:yaml.org,2002:merge"
+_KINDS: Final = {
+    "tag:yaml.org,2002:int": "an integer",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "a boolean",
+    "tag:yaml.org,2002:null": "null",
+    "tag:yaml.org,2002:timestamp": "a date",
+}
+
 __all__ = [
     "NamedStringIO",
+    "apply_overrides",
     "check_overrides",
     "check_placeholders",
     "compose",
@@ -79,7 +92,28 @@ def compose(text: str, name: str) -> MappingNode:
         raise ConfigurationError(
             f"{name} must hold a mapping of hyperparameters (key: value lines), not {kind}"
         )
+    for key_node, _ in root.value:
+        if key_node.tag not in (_STR_TAG, _MERGE_TAG):
+            raise ConfigurationError(
+                f"top-level key {_key_text(key_node)} ({name}:{_line(key_node)}) is "
+                f"{_kind(key_node)}, not a string: hyperparameter names are strings "
+                "(quote the key to make it one)"
+            )
     return root
+
+
+def _key_text(node: Node) -> str:
+    if isinstance(node, ScalarNode):
+        return repr(str(node.value))
+    return "[...]" if isinstance(node, SequenceNode) else "{...}"
+
+
+def _kind(node: Node) -> str:
+    if isinstance(node, SequenceNode):
+        return "a sequence"
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    return _KINDS.get(str(node.tag), f"tagged {node.tag}")
 
 
 def _line(node: Node) -> int:
@@ -117,7 +151,9 @@ def _compose_overrides(text: str) -> MappingNode | None:
 
 def _tree_from_node(node: MappingNode) -> _OverrideTree:
     return {
-        key: _tree_from_node(value) if isinstance(value, MappingNode) else None
+        key: _tree_from_node(value)
+        if isinstance(value, MappingNode) and value.tag == _MAP_TAG
+        else None
         for key, _, value in _items(node)
     }
 
@@ -125,11 +161,92 @@ def _tree_from_node(node: MappingNode) -> _OverrideTree:
 def _tree_from_mapping(mapping: Mapping[str, object]) -> _OverrideTree:
     tree: _OverrideTree = {}
     for key, value in mapping.items():
-        if isinstance(value, Mapping):
+        if _merges(value):
             tree[str(key)] = _tree_from_mapping(value)
         else:
             tree[str(key)] = None
     return tree
+
+
+def _merges(value: object) -> TypeGuard[Mapping[str, object]]:
+    """Whether an override value merges into the document's value: a mapping with no tag.
+
+    A tagged mapping (``!new:torch.nn.Identity {}``) is a new object, so it replaces the value.
+    """
+    if not isinstance(value, Mapping):
+        return False
+    tag = getattr(getattr(value, "tag", None), "value", None)  # ruamel's round-trip mappings
+    return tag is None or tag == _MAP_TAG
+
+
+def apply_overrides(text: str, overrides: Mapping[str, object] | str | None) -> str:
+    """The document's YAML text with the overrides applied: tags are kept and nothing runs.
+
+    A mapping with no tag in the overrides merges into the document's mapping, key by key;
+    any other value, a tagged mapping (``!new:torch.nn.Identity {}``) included, replaces the
+    document's value whole. (HyperPyYAML's own override step would merge a tagged mapping into
+    the old one, keeping the old tag.)
+
+    Raises:
+        ConfigurationError: the document or the overrides are not a YAML mapping.
+    """
+    if not overrides:
+        return text
+    yaml = YAML()  # round trip, as HyperPyYAML reads a document before it resolves references
+    try:
+        document = yaml.load(text)
+        values = yaml.load(overrides) if isinstance(overrides, str) else overrides
+    except YAMLError as error:
+        raise ConfigurationError(
+            f"the hyperparameters or the overrides are not valid YAML: {error}"
+        ) from error
+    if values is None:
+        return text
+    if not isinstance(document, MutableMapping) or not isinstance(values, Mapping):
+        raise ConfigurationError(
+            "overrides apply to a YAML mapping of hyperparameters and must be one themselves, "
+            f"got {type(values).__name__} overrides for a {type(document).__name__} document"
+        )
+    _merge(document, values)
+    out = io.StringIO()
+    try:
+        yaml.dump(document, out)
+    except RepresenterError as error:
+        where = _unwritable(yaml, values, ())
+        key = f"override {format_key_path(where)!r}: " if where is not None else ""
+        raise ConfigurationError(
+            f"{key}{error}; override values must be plain YAML data (strings, numbers, "
+            "booleans, None, lists, mappings): write str(value) for a path, say"
+        ) from error
+    return out.getvalue()
+
+
+def _unwritable(yaml: YAML, value: object, path: KeyPath) -> KeyPath | None:
+    """The key path of the first override value YAML cannot write, if one is found."""
+    if isinstance(value, Mapping):
+        items: list[tuple[str | int, object]] = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, list | tuple):
+        items = list(enumerate(value))
+    else:
+        try:
+            yaml.dump([value], io.StringIO())
+        except RepresenterError:
+            return path
+        return None
+    for part, item in items:
+        found = _unwritable(yaml, item, (*path, part))
+        if found is not None:
+            return found
+    return None
+
+
+def _merge(document: MutableMapping[object, object], overrides: Mapping[str, object]) -> None:
+    for key, value in overrides.items():
+        current = document.get(key)
+        if _merges(value) and isinstance(current, MutableMapping):
+            _merge(current, value)
+        else:
+            document[key] = value
 
 
 def _include_root(node: Node, folder: Path | None) -> tuple[MappingNode, str, Path | None] | None:
@@ -257,7 +374,18 @@ def _replaced(tree: _OverrideTree, path: KeyPath) -> bool:
 def check_placeholders(root: MappingNode, tree: _OverrideTree, source: str) -> None:
     for path, line in _placeholders(root, ()):
         if not _replaced(tree, path):
-            raise PlaceholderError(format_key_path(path), source=source, line=line)
+            # Overrides reach through mappings only: the nearest key above a list item.
+            settable: list[str] = []
+            for part in path:
+                if not isinstance(part, str):
+                    break
+                settable.append(part)
+            raise PlaceholderError(
+                format_key_path(path),
+                source=source,
+                line=line,
+                override=".".join(settable) if settable else None,
+            )
 
 
 def record_locations(
