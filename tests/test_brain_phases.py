@@ -240,6 +240,20 @@ def test_observer_error_fails_the_entry_point() -> None:
     assert brain.phase is Phase.FAILED
 
 
+def test_observer_error_on_the_last_move_to_idle_reaches_the_caller_in_idle(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    brain = PhaseSeeingBrain()
+    brain.add_phase_observer(RaisingObserver(Phase.IDLE))
+    with pytest.raises(ValueError, match="observer refuses IDLE"):
+        brain.fit(range(1, 2), examples(4))
+    assert brain.phase is Phase.IDLE
+    with pytest.raises(ValueError, match="observer refuses IDLE"):
+        brain.evaluate(examples(4))
+    assert brain.phase is Phase.IDLE
+    assert "FAILED" not in caplog.text  # nothing claims a move that did not happen
+
+
 def test_observer_error_on_failed_is_logged_and_original_error_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -12,6 +12,7 @@ import datetime
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,34 @@ def test_run_on_main_alone_runs_func_and_raises_its_own_error() -> None:
     with pytest.raises(ValueError, match="broken") as caught:
         run_on_main(fails)
     assert caught.value is error
+
+
+def test_collectives_before_the_group_is_up_under_a_launcher_are_refused(
+    single_process: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torchrun set the variables, but init_distributed has not run yet: a collective would
+    # neither wait for nor hear from the other processes.
+    for key, value in TORCHRUN_ENV.items():
+        monkeypatch.setenv(key, value)
+    calls: list[str] = []
+
+    def prepare() -> None:
+        calls.append("prepare")
+
+    collectives: list[tuple[str, Callable[[], object]]] = [
+        (".prepare)", lambda: run_on_main(prepare)),
+        ("barrier", barrier),
+        ("broadcast_object", lambda: broadcast_object("x")),
+        ("all_gather_object", lambda: all_gather_object("x")),
+        ("all_reduce_sum", lambda: all_reduce_sum(torch.ones(1))),
+        ("all_reduce_sum", lambda: all_reduce_mean(torch.ones(1))),
+    ]
+    for name, collective in collectives:
+        expected = f"{name} was called on rank 3 of 4 before the process group is up"
+        with pytest.raises(ConfigurationError, match=re.escape(expected)) as caught:
+            collective()
+        assert "init_distributed()" in str(caught.value)
+    assert calls == []  # refused before func ran
 
 
 def test_main_process_only_runs_on_rank_0(

@@ -6,8 +6,12 @@ import importlib
 import importlib.resources
 import inspect
 import pkgutil
+import re
+from pathlib import Path
 
 import typedbrain
+from typedbrain._cli_args import run_options_help
+from typedbrain._train_log import format_stat
 
 
 def test_all_lists_exactly_the_public_names() -> None:
@@ -59,3 +63,19 @@ def test_package_ships_its_type_information() -> None:
 def test_version_is_a_string() -> None:
     assert isinstance(typedbrain.__version__, str)
     assert typedbrain.__version__[0].isdigit()
+
+
+def test_the_helpers_the_docs_call_are_exported() -> None:
+    docs = Path(__file__).parent.parent / "docs"
+    defined: dict[str, object] = {}
+    for module in pkgutil.iter_modules(typedbrain.__path__):
+        loaded = importlib.import_module(f"typedbrain.{module.name}")
+        for name in getattr(loaded, "__all__", ()):
+            defined.setdefault(name, getattr(loaded, name))
+    for page in sorted(docs.glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        called = set(re.findall(r"`([A-Za-z_]\w*)\(", text))
+        for name in sorted(called & defined.keys()):
+            assert getattr(typedbrain, name, None) is defined[name], (page.name, name)
+    assert typedbrain.run_options_help is run_options_help
+    assert typedbrain.format_stat is format_stat

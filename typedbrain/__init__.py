@@ -18,12 +18,15 @@ from typedbrain._cli_args import HelpRequested as HelpRequested
 from typedbrain._cli_args import ParsedArguments as ParsedArguments
 from typedbrain._cli_args import parse_arguments as parse_arguments
 from typedbrain._cli_args import parse_arguments_or_exit as parse_arguments_or_exit
+from typedbrain._cli_args import run_options_help as run_options_help
 from typedbrain._config import LoadedHparams as LoadedHparams
 from typedbrain._config import load_hparams as load_hparams
 from typedbrain._config import split_run_options as split_run_options
 from typedbrain._data import DataSource as DataSource
 from typedbrain._data import LoaderKwargs as LoaderKwargs
 from typedbrain._data import Shard as Shard
+from typedbrain._data import make_dataloader as make_dataloader
+from typedbrain._data import position_loader as position_loader
 from typedbrain._distributed import all_gather_object as all_gather_object
 from typedbrain._distributed import all_reduce_mean as all_reduce_mean
 from typedbrain._distributed import all_reduce_sum as all_reduce_sum
@@ -61,6 +64,7 @@ from typedbrain._experiment import create_experiment_directory as create_experim
 from typedbrain._hparams import Hparams as Hparams
 from typedbrain._launch import LaunchInfo as LaunchInfo
 from typedbrain._launch import detect_launch as detect_launch
+from typedbrain._launch import device_for as device_for
 from typedbrain._launch import init_distributed as init_distributed
 from typedbrain._launch import shutdown_distributed as shutdown_distributed
 from typedbrain._manifest import Checkpoint as Checkpoint
@@ -89,6 +93,7 @@ from typedbrain._train_log import ScalarWriter as ScalarWriter
 from typedbrain._train_log import StatValue as StatValue
 from typedbrain._train_log import TensorboardTrainLogger as TensorboardTrainLogger
 from typedbrain._train_log import TrainLogger as TrainLogger
+from typedbrain._train_log import format_stat as format_stat
 from typedbrain._train_log import read_jsonl_log as read_jsonl_log
 from typedbrain._typed_hparams import load_typed_hparams as load_typed_hparams
 from typedbrain._typed_hparams import structure_hparams as structure_hparams
@@ -165,6 +170,8 @@ __all__ = [
     "broadcast_object",
     "create_experiment_directory",
     "detect_launch",
+    "device_for",
+    "format_stat",
     "get_rank",
     "get_world_size",
     "if_main_process",
@@ -173,13 +180,16 @@ __all__ = [
     "load_hparams",
     "load_typed_hparams",
     "main_process_only",
+    "make_dataloader",
     "mark_as_loader",
     "mark_as_saver",
     "parse_arguments",
     "parse_arguments_or_exit",
+    "position_loader",
     "read_jsonl_log",
     "register_checkpoint_hooks",
     "run_on_main",
+    "run_options_help",
     "shutdown_distributed",
     "split_run_options",
     "structure_hparams",

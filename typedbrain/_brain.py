@@ -33,10 +33,10 @@ from typedbrain._data import (
 )
 from typedbrain._debug_folder import redirect_for_debug
 from typedbrain._distributed import (
+    all_reduce_sum,
     default_device,
     if_main_process,
     is_distributed,
-    mean_over_processes,
     seed_from_main,
 )
 from typedbrain._epochs import EpochCounter
@@ -200,7 +200,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if detect_launch() is not None:  # started by torchrun: join (or reuse) the group
             init_distributed(backend=options.distributed_backend, device=options.device)
         self._plan: StepPlan | None = None
-        self.run_opts = options
+        self._run_opts = options
         self._device = torch.device(cast(str, options.device))
         self.modules = torch.nn.ModuleDict(dict(modules or {})).to(self._device)
         self.opt_class = opt_class
@@ -265,6 +265,14 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
     @run_opts.setter
     def run_opts(self, options: RunOptions) -> None:
+        fp16 = self._run_opts.precision == "fp16"
+        if (options.precision == "fp16") != fp16:
+            raise ConfigurationError(
+                f"precision cannot change from {self._run_opts.precision!r} to "
+                f"{options.precision!r} once the brain is built: fp16 training needs the grad "
+                "scaler the brain makes (and checkpoints) when it is built; pass the precision "
+                "in run_opts"
+            )
         self._run_opts = options
         self._plan = None
 
@@ -308,7 +316,14 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
     @optimizer.setter
     def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        self._optimizer = optimizer
+        previous, self._optimizer = self._optimizer, optimizer
+        # An init_optimizers override that assigns self.optimizer alone (as older recipes do)
+        # gets it stepped: it replaces the default entry, never optimizers the recipe listed.
+        optimizers = self.optimizers_dict
+        if not optimizers or (
+            len(optimizers) == 1 and optimizers.get("opt_class") is previous is not None
+        ):
+            self.optimizers_dict = {"opt_class": optimizer}
 
     # ----------------------------------------------------------------------------------------
     # Hooks to override
@@ -557,7 +572,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 for optimizer in optimizers:
                     scaler.step(optimizer)
             if optimizers:
+                scale = scaler.get_scale()  # scaler.step has synchronised already
                 scaler.update()
+                # The scaler skips a step whose gradients overflowed, and lowers its scale.
+                stepped = stepped and scaler.get_scale() >= scale
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         if stepped:
@@ -573,6 +591,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         with (self._plan or self._current_plan()).eval_context:
             outputs = self.compute_forward(batch, stage)
             loss = self.compute_objectives(outputs, batch, stage)
+        if not isinstance(loss, Tensor):
+            raise _not_a_loss(loss)
         result = loss.detach()
         return result if result.is_cpu else result.cpu()
 
@@ -804,6 +824,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             raise ReentrantCallError(entry_point, self.phase, target, self._machine.allowed)
 
     def _fail(self) -> None:
+        if not self._machine.can_move(Phase.FAILED):
+            # Only an observer of the last move, to IDLE, raises once the run is over: the
+            # brain rests in IDLE and the observer's error reaches the caller.
+            return
         try:
             self._machine.move(Phase.FAILED)
         except Exception:  # an observer failed on FAILED: keep the original error going
@@ -911,8 +935,12 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     def _start_stage(self, stage: Stage, epoch: int | None) -> None:
         self._plan = None  # rebuilt for this stage, after on_stage_start's changes
         self._epoch = epoch
+        # Also set by _end_stage, which a stage that raised did not reach.
+        self.step = 0
         self._averaged = 0
         self._skipped = 0
+        if stage is Stage.TRAIN:
+            self.avg_train_loss = 0.0
         self.on_stage_start(stage, epoch)
 
     def _end_stage(self) -> None:
@@ -964,6 +992,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 )
             )
             self._in_train_loop = True
+            stack.callback(setattr, self, "_in_train_loop", False)
             for batch in progress:
                 plan = self._plan or self._current_plan()
                 if plan.step_limit is not None and self.optimizer_step >= plan.step_limit:
@@ -1002,9 +1031,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             )
             self._close_window(self._plan or self._current_plan())
         self.zero_grad(set_to_none=True)
-        train_loss = self.avg_train_loss
-        if is_distributed():  # the mean over every rank's shard, the same on every rank
-            train_loss = mean_over_processes(train_loss, self._averaged)
+        train_loss = self._stage_loss(self.avg_train_loss)
         self.on_stage_end(Stage.TRAIN, train_loss, epoch)
         self.avg_train_loss = 0.0
         self._end_stage()
@@ -1237,9 +1264,28 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 stage.name,
                 self._skipped,
             )
-        if is_distributed():  # every rank evaluated its own shard: the mean is over them all
-            avg_loss = mean_over_processes(avg_loss, self._averaged)
-        return avg_loss
+        return self._stage_loss(avg_loss)
+
+    def _stage_loss(self, mean: float) -> float:
+        """The loss ``on_stage_end`` gets: the stage's mean over every process's batches.
+
+        NaN when the stage had losses and none was finite (0.0 would look like the best loss
+        there is); 0.0 for a stage without batches. Collective under torch.distributed.
+        """
+        averaged, skipped = self._averaged, self._skipped
+        if not averaged and not skipped:
+            # An update_average override that does not count: each batch is one value.
+            averaged = self.step
+        if is_distributed():  # every rank ran its own shard: the mean is over them all
+            totals = all_reduce_sum(
+                torch.tensor(
+                    [mean * averaged, float(averaged), float(skipped)], dtype=torch.float64
+                )
+            )
+            total, counted, left_out = totals.tolist()
+            mean = total / counted if counted else 0.0
+            averaged, skipped = int(counted), int(left_out)
+        return math.nan if skipped and not averaged else mean
 
     def _enter_profiler(self, stack: ExitStack) -> torch.profiler.profile | None:
         if not self.profile_training:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from typedbrain._errors import ConfigurationError, DistributedError
+from typedbrain._launch import detect_launch
 
 __all__ = [
     "all_gather_object",
@@ -139,6 +140,25 @@ def _collective(operation: str) -> Iterator[None]:
         ) from error
 
 
+def _without_group(operation: str) -> bool:
+    """Whether ``operation`` runs without a process group: this process is the whole run.
+
+    Raises:
+        ConfigurationError: a launcher started this process as one of several, but the process
+            group is not up yet: alone, it would not wait for (or hear from) the others.
+    """
+    if is_distributed():
+        return False
+    launch = detect_launch()
+    if launch is not None:
+        raise ConfigurationError(
+            f"{operation} was called on rank {launch.rank} of {launch.world_size} before the "
+            "process group is up, so it could not wait for the other processes: call "
+            "typedbrain.init_distributed() first (a Brain calls it when it is built)"
+        )
+    return True
+
+
 def barrier(timeout: datetime.timedelta | float | None = None) -> None:
     """Wait until every process of the group reaches this point. Collective.
 
@@ -149,9 +169,11 @@ def barrier(timeout: datetime.timedelta | float | None = None) -> None:
             means the process group's timeout (see :func:`~typedbrain.init_distributed`).
 
     Raises:
+        ConfigurationError: started by a launcher as one of several processes, before the
+            process group is up (see :func:`~typedbrain.init_distributed`).
         DistributedError: a peer died or did not arrive within the timeout.
     """
-    if not is_distributed():
+    if _without_group("barrier"):
         return
     delta = None if timeout is None else _timedelta(timeout)
     with _collective("barrier"):
@@ -173,10 +195,12 @@ def broadcast_object(obj: T, src: int = 0) -> T:
         Rank ``src``'s object, on every rank.
 
     Raises:
+        ConfigurationError: started by a launcher as one of several processes, before the
+            process group is up (see :func:`~typedbrain.init_distributed`).
         ConfigurationError: ``src`` is not a rank of the group.
         DistributedError: a peer died or did not answer within the group's timeout.
     """
-    if not is_distributed():
+    if _without_group("broadcast_object"):
         if src != 0:
             raise ConfigurationError(f"broadcast source rank {src} is not 0 (single process)")
         return obj
@@ -208,9 +232,11 @@ def all_gather_object(obj: T) -> list[T]:
         One object per rank: element ``i`` is rank ``i``'s ``obj``.
 
     Raises:
+        ConfigurationError: started by a launcher as one of several processes, before the
+            process group is up (see :func:`~typedbrain.init_distributed`).
         DistributedError: a peer died or did not answer within the group's timeout.
     """
-    if not is_distributed():
+    if _without_group("all_gather_object"):
         return [obj]
     return _all_gather(obj, operation="all_gather_object")
 
@@ -237,10 +263,12 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
         The sum over ranks, same shape, dtype and device as ``tensor``.
 
     Raises:
+        ConfigurationError: started by a launcher as one of several processes, before the
+            process group is up (see :func:`~typedbrain.init_distributed`).
         DistributedError: a peer died or did not answer within the group's timeout.
     """
     total = tensor.detach().clone()
-    if is_distributed():
+    if not _without_group("all_reduce_sum"):
         with _collective("all_reduce_sum"):
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
@@ -253,9 +281,11 @@ def mean_over_processes(mean: float, count: int) -> float:
     (``count == 0``) adds nothing; when no process has any, the result is 0.
 
     Raises:
+        ConfigurationError: started by a launcher as one of several processes, before the
+            process group is up (see :func:`~typedbrain.init_distributed`).
         DistributedError: a peer died or did not answer within the group's timeout.
     """
-    if not is_distributed():
+    if _without_group("mean_over_processes"):
         return mean
     totals = all_reduce_sum(torch.tensor([mean * count, float(count)], dtype=torch.float64))
     total, counted = totals.tolist()
@@ -334,9 +364,13 @@ def run_on_main(
         run_post_on_main: also run ``post_func`` on the main process.
 
     Raises:
+        ConfigurationError: started by a launcher as one of several processes, before the
+            process group is up (see :func:`~typedbrain.init_distributed`).
         DistributedError: on a rank other than the one that failed, when ``func`` or
             ``post_func`` raised there, or when a peer died or did not answer in time.
     """
+    # Refused before func runs anywhere when the other processes could not be waited for.
+    _without_group(f"run_on_main({_name(func)})")
     main = if_main_process()
     failure: BaseException | None = None
     if main:
@@ -362,11 +396,11 @@ def _share_outcome(failure: BaseException | None, name: str, *, from_main_only: 
     work. With ``from_main_only`` only rank 0's outcome is sent (a broadcast); otherwise every
     rank's (an all-gather).
     """
-    if not is_distributed():
+    operation = f"run_on_main({name})"
+    if _without_group(operation):
         if failure is not None:
             raise failure
         return
-    operation = f"run_on_main({name})"
     report = None if failure is None else _describe(failure)
     reports: list[str | None] = []
     try:

@@ -1,0 +1,215 @@
+"""The loop at its edges: optimizers assigned by hand, skipped fp16 steps, all-NaN stages,
+a run after a failed one, and options changed on a built brain."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from tests.helpers import Batch, RegressionBrain, batches, parameters_of, ready_loader, sgd
+from typedbrain import (
+    ConfigurationError,
+    HookContractError,
+    Phase,
+    Precision,
+    RunOptionsDict,
+    Stage,
+)
+
+
+class AssigningBrain(RegressionBrain):
+    """Builds its optimizer by assigning ``self.optimizer``, as older recipes do."""
+
+    def init_optimizers(self) -> None:
+        self.optimizer = torch.optim.SGD(self.modules.parameters(), lr=0.1)
+
+
+def brain_of(cls: type[RegressionBrain], run_opts: RunOptionsDict | None = None) -> RegressionBrain:
+    torch.manual_seed(0)
+    return cls(
+        {"model": torch.nn.Linear(4, 2)},
+        sgd(),
+        run_opts={"noprogressbar": True, **(run_opts or {})},
+    )
+
+
+def test_an_optimizer_assigned_in_init_optimizers_is_stepped() -> None:
+    brain = brain_of(AssigningBrain)
+    before = parameters_of(brain)
+    brain.fit(range(1, 2), ready_loader(batches(3, 4)))
+    assert brain.optimizers_dict == {"opt_class": brain.optimizer}
+    assert brain.optimizer_step == 3
+    after = parameters_of(brain)
+    assert all(not torch.equal(before[name], after[name]) for name in before)
+    assert all(p.grad is None for p in brain.modules.parameters())
+
+
+def test_assigning_the_optimizer_keeps_the_optimizers_a_recipe_listed() -> None:
+    class Listing(RegressionBrain):
+        def init_optimizers(self) -> None:
+            weight, bias = self.modules["model"].parameters()
+            first = torch.optim.SGD([weight], lr=0.1)
+            self.optimizers_dict = {"weights": first, "biases": torch.optim.SGD([bias], lr=0.1)}
+            self.optimizer = first
+
+    brain = brain_of(Listing)
+    brain.fit(range(1, 2), ready_loader(batches(2, 4)))
+    assert list(brain.optimizers_dict) == ["weights", "biases"]
+
+
+def test_reassigning_the_optimizer_replaces_the_default_one() -> None:
+    class Replacing(RegressionBrain):
+        def init_optimizers(self) -> None:
+            super().init_optimizers()
+            self.optimizer = torch.optim.Adam(self.modules.parameters(), lr=0.01)
+
+    brain = brain_of(Replacing)
+    brain.fit(range(1, 2), ready_loader(batches(2, 4)))
+    assert brain.optimizers_dict == {"opt_class": brain.optimizer}
+    assert isinstance(brain.optimizer, torch.optim.Adam)
+
+
+def test_fp16_steps_that_the_grad_scaler_skips_are_not_counted() -> None:
+    torch.manual_seed(0)
+    brain = RegressionBrain(
+        {"model": torch.nn.Linear(4, 2)},
+        lambda params: torch.optim.Adam(params, lr=0.01),
+        run_opts={"noprogressbar": True, "precision": "fp16"},
+    )
+    brain.fit(range(1, 2), ready_loader(batches(6, 4)))
+    scaler = brain.scaler
+    assert scaler is not None
+    weight = brain.modules["model"].weight
+    assert isinstance(weight, Tensor)
+    taken = int(brain.optimizer.state[weight]["step"])
+    assert scaler.get_scale() < 2.0**16  # the scaler did skip steps (it starts at 2**16) ...
+    assert 0 < taken < 6
+    assert brain.optimizer_step == taken  # ... and only the steps taken are counted
+
+
+class StageLosses(RegressionBrain):
+    """Records ``on_stage_end``'s loss; its validation and test losses are NaN from batch 2."""
+
+    nan_from = 1
+    seen: list[tuple[Stage, float]]
+
+    def compute_objectives(self, predictions: Tensor, batch: Batch, stage: Stage) -> Tensor:
+        loss = super().compute_objectives(predictions, batch, stage)
+        if stage is not Stage.TRAIN and self.step >= self.nan_from:
+            return loss * math.nan
+        return loss
+
+    def on_stage_end(self, stage: Stage, stage_loss: float, epoch: int | None = None) -> None:
+        self.seen.append((stage, stage_loss))
+
+
+def stage_losses(nan_from: int) -> StageLosses:
+    brain = brain_of(StageLosses)
+    assert isinstance(brain, StageLosses)
+    brain.nan_from, brain.seen = nan_from, []
+    return brain
+
+
+def test_a_stage_whose_every_loss_is_non_finite_ends_with_nan_not_zero() -> None:
+    brain = stage_losses(nan_from=1)
+    brain.fit(range(1, 2), ready_loader(batches(2, 4)), ready_loader(batches(3, 4)))
+    test_loss = brain.evaluate(ready_loader(batches(3, 4)))
+    (train, train_loss), (valid, valid_loss), (test, _) = brain.seen
+    assert (train, valid, test) == (Stage.TRAIN, Stage.VALID, Stage.TEST)
+    assert math.isfinite(train_loss)
+    assert math.isnan(valid_loss)
+    assert math.isnan(test_loss)
+
+
+def test_a_stage_with_some_finite_losses_averages_those() -> None:
+    brain = stage_losses(nan_from=2)
+    test_loss = brain.evaluate(ready_loader(batches(3, 4)))
+    assert math.isfinite(test_loss)
+    assert test_loss > 0
+
+
+def test_a_stage_without_batches_ends_with_zero() -> None:
+    brain = stage_losses(nan_from=1)
+    assert brain.evaluate(ready_loader([])) == 0.0
+
+
+class FailingOnce(RegressionBrain):
+    """Raises in the third training batch of its first fit; records every step it sees."""
+
+    failed = False
+    steps: list[int]
+
+    def on_fit_batch_end(
+        self, batch: Batch, outputs: Tensor, loss: Tensor, should_step: bool
+    ) -> None:
+        self.steps.append(self.step)
+        if self.step == 3 and not self.failed:
+            self.failed = True
+            raise RuntimeError("boom")
+
+
+def test_a_fit_after_a_failed_one_counts_its_batches_from_one() -> None:
+    brain = brain_of(FailingOnce)
+    assert isinstance(brain, FailingOnce)
+    brain.steps = []
+    with pytest.raises(RuntimeError, match="boom"):
+        brain.fit(range(1, 2), ready_loader(batches(4, 4)))
+    assert brain.phase is Phase.FAILED
+    brain.steps = []
+    brain.fit(range(1, 2), ready_loader(batches(4, 4)))
+    assert brain.steps == [1, 2, 3, 4]
+
+
+def test_an_evaluate_after_a_failed_one_runs_its_debug_batches() -> None:
+    class FailingEvaluation(RegressionBrain):
+        fail = True
+        calls = 0
+
+        def compute_objectives(self, predictions: Tensor, batch: Batch, stage: Stage) -> Tensor:
+            self.calls += 1
+            if self.fail and self.step == 2:
+                raise RuntimeError("boom")
+            return super().compute_objectives(predictions, batch, stage)
+
+    brain = brain_of(FailingEvaluation, {"debug": True, "debug_batches": 3})
+    assert isinstance(brain, FailingEvaluation)
+    with pytest.raises(RuntimeError, match="boom"):
+        brain.evaluate(ready_loader(batches(5, 4)))
+    brain.fail, brain.calls = False, 0
+    brain.evaluate(ready_loader(batches(5, 4)))
+    assert brain.calls == 3
+
+
+def test_a_loss_that_is_not_a_tensor_in_evaluation_is_a_hook_contract_error() -> None:
+    class FloatLoss(RegressionBrain):
+        def compute_objectives(  # type: ignore[override]  # returns a float on purpose
+            self, predictions: Tensor, batch: Batch, stage: Stage
+        ) -> float:
+            return 0.5
+
+    brain = brain_of(FloatLoss)
+    with pytest.raises(HookContractError, match=r"one-element tensor .*got float"):
+        brain.evaluate(ready_loader(batches(1, 4)))
+
+
+@pytest.mark.parametrize(
+    ("built", "assigned"), [("fp32", "fp16"), ("fp16", "fp32"), ("bf16", "fp16")]
+)
+def test_precision_cannot_change_to_or_from_fp16_once_the_brain_is_built(
+    built: Precision, assigned: Precision
+) -> None:
+    brain = brain_of(RegressionBrain, {"precision": built})
+    with pytest.raises(ConfigurationError, match=f"from '{built}' to '{assigned}'"):
+        brain.precision = assigned
+    assert brain.precision == built
+
+
+def test_precision_may_change_between_fp32_and_bf16() -> None:
+    brain = brain_of(RegressionBrain)
+    brain.precision = "bf16"
+    brain.fit(range(1, 2), ready_loader(batches(1, 4)))
+    brain.precision = "fp32"
+    assert brain.run_opts.precision == "fp32"
