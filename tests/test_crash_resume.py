@@ -14,9 +14,10 @@ from pathlib import Path
 import attrs
 import pytest
 import torch
+from torch import Tensor
 
 import typedbrain as sb
-from tests.helpers import LOADER, RegressionBrain, examples, sgd
+from tests.helpers import LOADER, Batch, RegressionBrain, examples, sgd
 from tests.resume_harness import (
     RunConfig,
     SimulatedCrashError,
@@ -250,3 +251,64 @@ def test_with_stop_on_signals_off_the_brain_leaves_signals_alone(tmp_path: Path)
         signal.signal(signal.SIGTERM, before)
     assert received == [signal.SIGTERM]
     assert brain.counter.current == config.epochs  # it trained to the end
+
+
+class _SigintAtBatch(RegressionBrain):
+    """Sends itself SIGINT in its second training batch (twice with ``twice``)."""
+
+    twice = False
+    trained = 0
+
+    def compute_forward(self, batch: Batch, stage: sb.Stage) -> Tensor:
+        if stage is sb.Stage.TRAIN:
+            self.trained += 1
+            if self.trained == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+                if self.twice:
+                    os.kill(os.getpid(), signal.SIGINT)
+        return super().compute_forward(batch, stage)
+
+
+def test_an_ignored_sigint_stays_ignored_during_fit() -> None:
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for `job &` in a shell script
+    try:
+        brain = _SigintAtBatch(
+            modules={"model": torch.nn.Linear(4, 2)},
+            opt_class=sgd(),
+            run_opts={"noprogressbar": True},
+        )
+        brain.fit(range(1, 3), examples(8), train_loader_kwargs=LOADER)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert brain.optimizer_step == 2 * 2  # it trained to the end
+
+
+_SECOND_SIGINT_WITH_SIG_DFL = """
+import signal, sys, torch
+sys.path.insert(0, {root!r})
+from tests.helpers import LOADER, examples, sgd
+from tests.test_crash_resume import _SigintAtBatch
+
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+brain = _SigintAtBatch(
+    modules={{"model": torch.nn.Linear(4, 2)}}, opt_class=sgd(), run_opts={{"noprogressbar": True}}
+)
+brain.twice = True
+brain.fit(range(1, 3), examples(8), train_loader_kwargs=LOADER)
+print("still running after the second SIGINT")
+"""
+
+
+def test_a_second_sigint_ends_the_process_when_the_previous_handler_was_the_default() -> None:
+    script = _SECOND_SIGINT_WITH_SIG_DFL.format(root=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == -signal.SIGINT, result.stderr
+    assert "still running" not in result.stdout

@@ -167,3 +167,13 @@ def test_modules_are_in_train_mode_for_training_and_eval_mode_otherwise() -> Non
         (Stage.VALID, False, False),
         (Stage.TEST, False, False),
     ]
+
+
+def test_a_stage_cut_short_by_debug_batches_shows_every_batch_it_ran(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    brain = progress_brain({"debug": True, "debug_batches": 3, "debug_epochs": 1})
+    brain.fit(range(1, 2), ready_loader(batches(5, 4)))
+    err = capsys.readouterr().err
+    assert "epoch 1 train" in err
+    assert "3/3" in err

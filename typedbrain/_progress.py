@@ -45,6 +45,7 @@ class StageProgress(Generic[_T]):
             )
         self._next_postfix = 0.0
         self._pending: tuple[str, float] | None = None
+        self._uncounted = False  # a batch was handed out and its loop step has not come back
 
     def __iter__(self) -> Iterator[_T]:
         bar = self._bar
@@ -54,7 +55,9 @@ class StageProgress(Generic[_T]):
         # Counted by hand rather than by iterating tqdm, which closes the bar as soon as the
         # batches run out, before the last loss can be shown.
         for batch in self._batches:
+            self._uncounted = True
             yield batch
+            self._uncounted = False
             bar.update(1)
 
     def show_loss(self, name: str, value: float) -> None:
@@ -74,6 +77,8 @@ class StageProgress(Generic[_T]):
 
     def __exit__(self, *exc_info: object) -> None:
         if self._bar is not None:
+            if self._uncounted and exc_info[0] is None:  # the loop ended by break after it
+                self._bar.update(1)
             if self._pending is not None:  # the final value, which throttling held back
                 name, value = self._pending
                 self._bar.set_postfix({name: f"{value:.4g}"}, refresh=False)

@@ -20,8 +20,10 @@ class StopRequest:
 
     The training loop reads :attr:`signal` after each batch and stops cleanly when it is set. A
     second SIGINT (an impatient Ctrl-C) is not intercepted: the previous handler gets it, which
-    by default raises ``KeyboardInterrupt`` at once. Handlers can only be installed from the main
-    thread; elsewhere (or when ``enabled`` is false) this does nothing.
+    by default raises ``KeyboardInterrupt`` at once (and with ``SIG_DFL`` ends the process). A
+    signal the process ignores (``SIG_IGN``, as for a job started in the background by a
+    shell script) stays ignored. Handlers can only be installed from the main thread;
+    elsewhere (or when ``enabled`` is false) this does nothing.
     """
 
     def __init__(self, *, enabled: bool) -> None:
@@ -32,7 +34,8 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         if self._enabled:
             for signum in _SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(
@@ -54,6 +57,11 @@ class StopRequest:
                 signal.Signals(signum).name,
             )
             return
+        if signum != signal.SIGINT:
+            return
         previous = self._previous.get(signum)
-        if signum == signal.SIGINT and callable(previous):
+        if callable(previous):
             previous(signum, None)
+        elif previous is signal.SIG_DFL:  # the default ends the process: let it
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
