@@ -305,11 +305,19 @@ def test_a_sigterm_that_reaches_one_rank_stops_every_rank_after_the_same_batch(
         assert differences(expected, load(tmp_path / f"stopped.pt.{rank}")) == []
 
 
-def test_an_fsdp2_job_stopped_mid_epoch_resumes_bit_for_bit(tmp_path: Path) -> None:
-    config = attrs.evolve(DDP_RUN, fsdp=True)
+@pytest.mark.parametrize(
+    ("interval", "stop_at"),
+    [(2, 16), (3, 5)],
+    ids=["checkpoint between two steps", "checkpoint inside an accumulation window"],
+)
+def test_an_fsdp2_job_stopped_mid_epoch_resumes_bit_for_bit(
+    tmp_path: Path, interval: int, stop_at: int
+) -> None:
+    # Accumulation 2: a checkpoint every 3 batches holds the first batch's sharded gradients.
+    config = attrs.evolve(DDP_RUN, fsdp=True, ckpt_interval_steps=interval)
     assert torchrun_job(config, tmp_path / "straight", tmp_path / "straight.pt") == 0
     folder, out = tmp_path / "broken", tmp_path / "broken.pt"
-    assert torchrun_job(config, folder, out, stop_at=16) != 0
+    assert torchrun_job(config, folder, out, stop_at=stop_at) != 0
     assert torchrun_job(config, folder, out) == 0
     for rank in (0, 1):
         expected = load(tmp_path / f"straight.pt.{rank}")

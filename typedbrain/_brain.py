@@ -1130,10 +1130,14 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         )
         gradients: list[Tensor | None] = []
         if window:
-            gradients = [
-                None if parameter.grad is None else parameter.grad.detach().cpu().clone()
-                for parameter in self._current_plan().parameters
-            ]
+            partial = [parameter.grad for parameter in self._current_plan().parameters]
+            if self.fsdp and is_distributed():
+                # Sharded gradients are saved whole, as every tensor of a checkpoint is (a
+                # collective: every process saves the run state, in the same order).
+                from typedbrain._sharded_state import gathered
+
+                partial = cast(list[Tensor | None], gathered(partial))
+            gradients = [None if grad is None else grad.detach().cpu().clone() for grad in partial]
         return RunRecord(state, gradients)
 
     def _recovered(self, record: RunRecord) -> None:
@@ -1205,7 +1209,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                         f"a saved partial gradient has shape {tuple(gradient.shape)} where the "
                         f"parameter has {tuple(parameter.shape)}"
                     )
-                parameter.grad = None if gradient is None else gradient.to(parameter.device)
+            if self.fsdp and is_distributed():
+                # Saved whole: each process takes its shard (a collective, in parameter order).
+                from typedbrain._sharded_state import sharded_as
+            else:
+                sharded_as = _on_device_of
+            for parameter, gradient in zip(parameters, gradients, strict=True):
+                parameter.grad = None if gradient is None else sharded_as(gradient, parameter)
         logger.info("continuing epoch %s after batch %d", state.epoch, progress.step)
         return progress.step
 
@@ -1330,6 +1340,10 @@ def _not_a_loss(loss: object) -> HookContractError:
     return HookContractError(
         f"compute_objectives() must return a one-element tensor (the loss), got {shape}"
     )
+
+
+def _on_device_of(value: Tensor, like: Tensor) -> Tensor:
+    return value.to(like.device)
 
 
 def _is_intra_epoch(checkpoint: CheckpointInfo) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["gathered", "sharded_for_optimizer", "sharded_like"]
+__all__ = ["gathered", "sharded_as", "sharded_for_optimizer", "sharded_like"]
 
 
 def gathered(state: object) -> object:
@@ -34,6 +34,16 @@ def _shard(value: object, like: object) -> object:
     if isinstance(like, DTensor) and isinstance(value, torch.Tensor):
         return distribute_tensor(value.to(like.device), like.device_mesh, like.placements)
     return value
+
+
+def sharded_as(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor) sharded as ``like`` is, or moved to its device if it is plain.
+
+    For a ``DTensor`` ``like`` this is a collective: every process calls it, in the same order.
+    """
+    if isinstance(like, DTensor):
+        return distribute_tensor(value.to(like.device), like.device_mesh, like.placements)
+    return value.to(like.device)
 
 
 def sharded_like(loaded: dict[str, Any], current: Mapping[str, object]) -> dict[str, Any]:
