@@ -138,6 +138,17 @@ def test_sync_batchnorm_turns_batch_norm_layers_into_synchronised_ones() -> None
     assert list(module.state_dict()) == names
 
 
+def test_time_based_checkpoints_are_saved_after_the_same_batch_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    # Each rank's clock says "due" after a different batch (rank 0 is slow once); a rank that
+    # saved alone would wait in the checkpoint's collectives while the other trained on.
+    run_ranks("tests.ddp.worker", "timed-checkpoints", str(tmp_path / "timed"))
+    saved_at = [load(tmp_path / f"timed.{rank}")["saved_at"] for rank in (0, 1)]
+    assert saved_at[0] == saved_at[1]
+    assert saved_at[0]  # the 1 s pause alone makes one due
+
+
 def test_sharded_evaluation_returns_the_single_process_loss(tmp_path: Path) -> None:
     # 24 examples in batches of 4: every batch is full in both layouts, so the mean of the
     # batch means is the mean over examples either way.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
+from typing import Generic, TypedDict, TypeVar
 
 import attrs
 import pytest
@@ -121,3 +122,46 @@ def test_brain_declaring_a_mapping_type_keeps_a_mapping_of_that_type() -> None:
 def test_brain_declaring_a_hparams_class_keeps_its_instance() -> None:
     hparams = AttrsHparams(0.1, True)
     assert TypedBrain(hparams=hparams).hparams is hparams
+
+
+HparamsVar = TypeVar("HparamsVar")
+
+
+class GenericBase(Brain[object, object, HparamsVar], Generic[HparamsVar]):
+    """Leaves the hparams type to its subclasses."""
+
+
+class TypedThroughABase(GenericBase[AttrsHparams]):
+    """Declares an attrs hparams class through a generic base."""
+
+
+class DictThroughABase(GenericBase[dict[str, float]]):
+    """Declares a dict through a generic base."""
+
+
+class PlainSubclassOfTyped(TypedThroughABase):
+    """Inherits the declaration."""
+
+
+class FloatSettings(TypedDict):
+    lr: float
+
+
+class TypedDictBrain(Brain[object, object, FloatSettings]):
+    """Declares a TypedDict."""
+
+
+def test_a_hparams_type_declared_through_a_generic_base_is_checked_and_kept() -> None:
+    for brain_class in (TypedThroughABase, PlainSubclassOfTyped):
+        with pytest.raises(ConfigurationError, match="declares its hparams type as AttrsHparams"):
+            brain_class(hparams={"lr": 0.1, "debug": True})
+        hparams = AttrsHparams(0.1, True)
+        assert brain_class(hparams=hparams).hparams is hparams
+    values = {"lr": 0.1}
+    assert DictThroughABase(hparams=values).hparams is values
+    assert isinstance(GenericBase(hparams=values).hparams, Hparams)  # nothing declared
+
+
+def test_a_typeddict_hparams_type_keeps_its_dict() -> None:
+    values = FloatSettings(lr=0.5)
+    assert TypedDictBrain(hparams=values).hparams is values

@@ -213,3 +213,38 @@ def test_precision_may_change_between_fp32_and_bf16() -> None:
     brain.fit(range(1, 2), ready_loader(batches(1, 4)))
     brain.precision = "fp32"
     assert brain.run_opts.precision == "fp32"
+
+
+def test_an_override_that_renames_a_keyword_the_loop_passes_is_refused_when_built() -> None:
+    class RenamedKeys(RegressionBrain):
+        def on_evaluate_start(
+            self, max_metric: str | None = None, min_metric: str | None = None
+        ) -> None:
+            del max_metric, min_metric
+
+    class RenamedFlag(RegressionBrain):
+        def zero_grad(self, to_none: bool = False) -> None:
+            del to_none
+
+    with pytest.raises(
+        HookContractError,
+        match=r"RenamedKeys.on_evaluate_start must accept max_key, min_key by name",
+    ):
+        brain_of(RenamedKeys)
+    with pytest.raises(HookContractError, match=r"zero_grad\(set_to_none=...\)"):
+        brain_of(RenamedFlag)
+
+
+def test_overrides_with_the_keywords_or_kwargs_are_accepted() -> None:
+    class KeepsNames(RegressionBrain):
+        def on_evaluate_start(self, max_key: str | None = None, min_key: str | None = None) -> None:
+            super().on_evaluate_start(max_key, min_key)
+
+    class TakesAnything(RegressionBrain):
+        def zero_grad(self, *args: object, **kwargs: object) -> None:
+            super().zero_grad()
+
+    for brain_class in (KeepsNames, TakesAnything):
+        brain = brain_of(brain_class)
+        brain.fit(range(1, 2), ready_loader(batches(1, 4)))
+        brain.evaluate(ready_loader(batches(1, 4)))

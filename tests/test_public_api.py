@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typedbrain
 from typedbrain._cli_args import run_options_help
+from typedbrain._data import seed_worker, set_loader_epoch
 from typedbrain._train_log import format_stat
 
 
@@ -77,5 +78,8 @@ def test_the_helpers_the_docs_call_are_exported() -> None:
         called = set(re.findall(r"`([A-Za-z_]\w*)\(", text))
         for name in sorted(called & defined.keys()):
             assert getattr(typedbrain, name, None) is defined[name], (page.name, name)
+    # Named by docs/data-order.md as what prepares a loader for an epoch and seeds its workers.
+    assert typedbrain.set_loader_epoch is set_loader_epoch
+    assert typedbrain.seed_worker is seed_worker
     assert typedbrain.run_options_help is run_options_help
     assert typedbrain.format_stat is format_stat

@@ -27,6 +27,8 @@ from typedbrain._data import LoaderKwargs as LoaderKwargs
 from typedbrain._data import Shard as Shard
 from typedbrain._data import make_dataloader as make_dataloader
 from typedbrain._data import position_loader as position_loader
+from typedbrain._data import seed_worker as seed_worker
+from typedbrain._data import set_loader_epoch as set_loader_epoch
 from typedbrain._distributed import all_gather_object as all_gather_object
 from typedbrain._distributed import all_reduce_mean as all_reduce_mean
 from typedbrain._distributed import all_reduce_sum as all_reduce_sum
@@ -190,6 +192,8 @@ __all__ = [
     "register_checkpoint_hooks",
     "run_on_main",
     "run_options_help",
+    "seed_worker",
+    "set_loader_epoch",
     "shutdown_distributed",
     "split_run_options",
     "structure_hparams",

@@ -8,6 +8,7 @@ phase logic in ``_phases``, options in ``_options``, the run state's checkpoint 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import time
@@ -190,6 +191,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         run_opts: RunOptionsDict | None = None,
         checkpointer: CheckpointerLike | None = None,
     ) -> None:
+        _check_hooks_take_their_keywords(type(self))
         resolved = resolve_hparams(hparams, _declared_hparams(type(self)), type(self).__name__)
         self.hparams = cast(HparamsT, resolved)
         options = RunOptions.from_sources(
@@ -377,6 +379,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         """Before testing: recover the best checkpoint by ``max_key`` / ``min_key`` if any.
 
         Nothing is recovered when ``evaluate`` was called with ``use_current_weights=True``.
+        The loop passes the keys by name: an override keeps these names (mypy does not check
+        the names of overriding parameters; the brain does, when it is built).
         """
         if self.checkpointer is not None and not self._use_current_weights:
             self.checkpointer.recover_if_possible(
@@ -582,7 +586,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self.optimizer_step += 1
 
     def zero_grad(self, set_to_none: bool = False) -> None:
-        """Clear the gradients of the optimizers chosen by :meth:`freeze_optimizers`."""
+        """Clear the gradients of the optimizers chosen by :meth:`freeze_optimizers`.
+
+        The loop passes ``set_to_none`` by name (see :meth:`on_evaluate_start`).
+        """
         for optimizer in self.freeze_optimizers(self.optimizers_dict).values():
             optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -1008,20 +1015,30 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     progress.show_loss("train_loss", self.avg_train_loss)
                 if profiler is not None:
                     profiler.step()
-                if (plan.checkpoint_steps or plan.checkpoint_seconds) and self._checkpoint_due(
-                    plan
-                ):
-                    self._save_intra_epoch_ckpt()
                 if agreement is None:
+                    if (plan.checkpoint_steps or plan.checkpoint_seconds) and self._checkpoint_due(
+                        plan
+                    ):
+                        self._save_intra_epoch_ckpt()
                     if stop.signal is not None:
                         self._stop_on_signal(stop.signal, in_training=True)
-                elif (agreed := agreement.after_batch()) is not None:
-                    self._stop_on_signal(agreed, in_training=True)
+                else:
+                    # Every process saves and stops after the same batch (see _stop_agreement).
+                    agreed = agreement.after_batch(
+                        save_due=bool(plan.checkpoint_seconds) and self._checkpoint_due(plan)
+                    )
+                    if agreed.save or (
+                        plan.checkpoint_steps and self.step % plan.checkpoint_steps == 0
+                    ):
+                        self._save_intra_epoch_ckpt()
+                    if agreed.signal is not None:
+                        self._stop_on_signal(agreed.signal, in_training=True)
                 if plan.batch_limit is not None and self.step >= plan.batch_limit:
                     break
-            # The last batch's exchange: a process asked to stop during it stops every one here.
-            if agreement is not None and (agreed := agreement.settle()) is not None:
-                self._stop_on_signal(agreed, in_training=True)
+            # The last batch's exchange: a process asked to stop during it stops every one here
+            # (a time-based checkpoint it found due is left to the next epoch).
+            if agreement is not None and (signum := agreement.settle().signal) is not None:
+                self._stop_on_signal(signum, in_training=True)
             self._in_train_loop = False
         if self._window > 0:
             logger.info(
@@ -1062,8 +1079,12 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         return time.monotonic() - self._last_checkpoint_time >= plan.checkpoint_seconds
 
     def _agree_on_stops(self) -> StopAgreement | None:
-        """The agreement on stops for this fit: only under torch.distributed with signals on."""
-        if not (self.stop_on_signals and is_distributed()):
+        """How the processes agree on stops and time-based checkpoints in this fit, if needed.
+
+        Only under torch.distributed, with signals handled or checkpoints due by the clock.
+        """
+        timed = self.checkpointer is not None and self.ckpt_interval_minutes > 0
+        if not ((self.stop_on_signals or timed) and is_distributed()):
             return None
         if self._control_group is None:
             self._control_group = control_group()
@@ -1316,14 +1337,24 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             logger.info("training profile:\n%s", table)
 
 
-def _declared_hparams(cls: type[object]) -> object:
-    """The hparams type argument ``cls`` gives ``Brain``, or ``None`` if it names none."""
-    for klass in cls.__mro__:
-        for base in getattr(klass, "__orig_bases__", ()):
-            if get_origin(base) is Brain:
-                arguments = get_args(base)
-                declared = arguments[2] if len(arguments) == 3 else None
-                return None if isinstance(declared, TypeVarType) else declared
+def _declared_hparams(cls: type[object], bound: Mapping[object, object] | None = None) -> object:
+    """The hparams type argument ``cls`` gives ``Brain``, or ``None`` if it names none.
+
+    Type variables are followed through generic base classes: with
+    ``class Base(Brain[B, P, H], Generic[H])`` and ``class Child(Base[Settings])``, ``Child``
+    declares ``Settings``. ``bound`` maps the type variables of ``cls`` to their arguments.
+    """
+    for base in cls.__dict__.get("__orig_bases__", cls.__bases__):
+        origin = get_origin(base) or base
+        arguments = tuple((bound or {}).get(argument, argument) for argument in get_args(base))
+        if origin is Brain:
+            declared = arguments[2] if len(arguments) == 3 else None
+            return None if isinstance(declared, TypeVarType) else declared
+        if isinstance(origin, type) and issubclass(origin, Brain):
+            parameters = getattr(origin, "__parameters__", ())
+            found = _declared_hparams(origin, dict(zip(parameters, arguments, strict=False)))
+            if found is not None:
+                return found
     return None
 
 
@@ -1340,6 +1371,35 @@ def _not_a_loss(loss: object) -> HookContractError:
     return HookContractError(
         f"compute_objectives() must return a one-element tensor (the loss), got {shape}"
     )
+
+
+# Hooks the loop calls with keyword arguments (as SpeechBrain does), and those keywords.
+_KEYWORD_HOOKS: Final = {
+    "on_evaluate_start": ("max_key", "min_key"),
+    "zero_grad": ("set_to_none",),
+}
+
+
+def _check_hooks_take_their_keywords(cls: type[object]) -> None:
+    """Refuse an override that renamed a parameter the loop passes by name.
+
+    mypy does not compare the names of overriding parameters, and the loop would otherwise
+    fail only when it calls the hook (``on_evaluate_start``: after the whole training).
+
+    Raises:
+        HookContractError: naming the hook and the keywords it must accept.
+    """
+    for hook, keywords in _KEYWORD_HOOKS.items():
+        method = getattr(cls, hook)
+        if method is getattr(Brain, hook):
+            continue
+        try:
+            inspect.signature(method).bind(None, **dict.fromkeys(keywords))
+        except TypeError:
+            raise HookContractError(
+                f"{cls.__qualname__}.{hook} must accept {', '.join(keywords)} by name: the loop "
+                f"calls it as {hook}({', '.join(f'{key}=...' for key in keywords)})"
+            ) from None
 
 
 def _on_device_of(value: Tensor, like: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from typing import final
 
 import attrs
+from typing_extensions import is_typeddict
 
 from typedbrain._errors import ConfigurationError
 
@@ -100,8 +101,9 @@ def resolve_hparams(hparams: object, declared: object, owner: str) -> object:
         return hparams
     if declared is None or declared is Hparams or declared is typing.Any:
         return Hparams(hparams)
-    origin = typing.get_origin(declared) or declared
-    if isinstance(origin, type) and isinstance(hparams, origin):
+    # A TypedDict is a dict at run time (and refuses isinstance checks).
+    origin = dict if is_typeddict(declared) else typing.get_origin(declared) or declared
+    if hparams is not None and _is_instance(hparams, origin):
         return hparams
     given = "no hparams" if hparams is None else f"a {type(hparams).__name__}"
     name = getattr(declared, "__name__", repr(declared))
@@ -109,3 +111,13 @@ def resolve_hparams(hparams: object, declared: object, owner: str) -> object:
         f"{owner} declares its hparams type as {name}, but was given {given}: pass "
         f"hparams={name}(...)"
     )
+
+
+def _is_instance(value: object, kind: object) -> bool:
+    """``isinstance(value, kind)``, true as well for a type no isinstance check can test."""
+    if not isinstance(kind, type):
+        return False
+    try:
+        return isinstance(value, kind)
+    except TypeError:  # a Protocol that is not runtime_checkable, say: the type checker's job
+        return True

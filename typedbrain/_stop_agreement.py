@@ -4,10 +4,14 @@ A job scheduler's SIGTERM reaches each process at a different point of its loop,
 some of them. A process that stopped on its own would enter the collective checkpoint save while
 the others enter the next batch's gradient all-reduce, and the job would hang. Instead, after
 each training batch, every process shares whether it has been asked to stop, and all act on the
-same answer after the same batch.
+same answer after the same batch. Time-based intra-epoch checkpoints (``ckpt_interval_minutes``)
+need the same: each process's clock says "due" after a different batch, so the processes share
+that too, in the same exchange.
 """
 
 from __future__ import annotations
+
+from typing import Final, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -15,7 +19,7 @@ from torch.distributed import ProcessGroup, Work
 
 from typedbrain._signals import StopRequest
 
-__all__ = ["StopAgreement", "control_group"]
+__all__ = ["Agreed", "StopAgreement", "control_group"]
 
 
 def control_group() -> ProcessGroup:
@@ -33,6 +37,18 @@ def control_group() -> ProcessGroup:
     # new_group returns None only on processes outside the group; every process is inside.
     assert group is not None
     return group
+
+
+class Agreed(NamedTuple):
+    """What every process acts on after a batch."""
+
+    signal: int | None
+    """The signal to stop on, or ``None``."""
+    save: bool
+    """Whether a time-based checkpoint is due (some process's clock said so)."""
+
+
+NOTHING: Final = Agreed(signal=None, save=False)
 
 
 class StopAgreement:
@@ -53,40 +69,42 @@ class StopAgreement:
         self._group = group
         self._in_flight: tuple[Work, torch.Tensor] | None = None
 
-    def after_batch(self) -> int | None:
-        """Share this process's request; the agreed signal to stop on now, or ``None``.
+    def after_batch(self, *, save_due: bool = False) -> Agreed:
+        """Share this process's request and clock; what every process acts on now.
 
-        When it returns a signal, no exchange is left in flight.
+        ``save_due``: this process's clock says a time-based checkpoint is due. The answer is
+        the exchange started after the previous batch. When it says to stop, no exchange is
+        left in flight.
         """
         previous = self._in_flight
-        self._in_flight = self._start()
+        self._in_flight = self._start(save_due)
         if previous is None:
-            return None
+            return NOTHING
         agreed = _result(previous)
-        if agreed is not None:
+        if agreed.signal is not None:
             self.settle()
         return agreed
 
-    def settle(self) -> int | None:
-        """Wait for the exchange in flight, if any; the signal it agreed on, or ``None``."""
+    def settle(self) -> Agreed:
+        """Wait for the exchange in flight, if any; what it agreed on."""
         in_flight, self._in_flight = self._in_flight, None
-        return None if in_flight is None else _result(in_flight)
+        return NOTHING if in_flight is None else _result(in_flight)
 
     def now(self) -> int | None:
         """Exchange the requests once more and wait: the agreed signal, or ``None``."""
         self.settle()
-        self._in_flight = self._start()
-        return self.settle()
+        self._in_flight = self._start(save_due=False)
+        return self.settle().signal
 
-    def _start(self) -> tuple[Work, torch.Tensor]:
-        flag = torch.tensor([self._request.signal or 0], dtype=torch.int64)
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+    def _start(self, save_due: bool) -> tuple[Work, torch.Tensor]:
+        flags = torch.tensor([self._request.signal or 0, int(save_due)], dtype=torch.int64)
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         assert work is not None  # async_op=True always returns the request
-        return work, flag
+        return work, flags
 
 
-def _result(exchange: tuple[Work, torch.Tensor]) -> int | None:
-    work, flag = exchange
+def _result(exchange: tuple[Work, torch.Tensor]) -> Agreed:
+    work, flags = exchange
     work.wait()
-    signum = int(flag.item())
-    return signum or None
+    signum, save = flags.tolist()
+    return Agreed(signal=int(signum) or None, save=bool(save))

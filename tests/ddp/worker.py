@@ -6,6 +6,8 @@ Modes:
         ``sync_batchnorm``, writing the layer's type and running mean.
     evaluate-24, evaluate-25: evaluate a fixed model on 24 or 25 examples, writing the mean
         loss and the number of examples this rank and all ranks saw.
+    timed-checkpoints: train with an intra-epoch checkpoint every 0.6 s while rank 0 alone is
+        slow after one batch, writing the steps after which this rank saved.
 
 The process group is initialised from the environment (RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT), as ``torchrun`` sets it; each rank writes ``OUT.<rank>``.
@@ -14,6 +16,7 @@ MASTER_PORT), as ``torchrun`` sets it; each rank writes ``OUT.<rank>``.
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -85,6 +88,45 @@ def batchnorm_statistics(sync: bool) -> dict[str, object]:
     return {"layer": type(module[1]).__name__, "running_mean": module[1].running_mean}
 
 
+class _SaveLog:
+    """A recoverable that records the step of every save it takes part in."""
+
+    def __init__(self) -> None:
+        self.brain: Regressor | None = None
+        self.saved_at: list[int] = []
+
+    def state_dict(self) -> dict[str, int]:
+        assert self.brain is not None
+        self.saved_at.append(self.brain.step)
+        return {"saves": len(self.saved_at)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        del state
+
+
+class _SlowOnMain(Regressor):
+    def on_fit_batch_end(
+        self, batch: Batch, outputs: Tensor, loss: Tensor, should_step: bool
+    ) -> None:
+        if dist.get_rank() == 0 and self.step == 3:
+            time.sleep(1.0)  # the main process alone logs something slow, say
+
+
+def timed_checkpoints(folder: str) -> list[int]:
+    """Train with time-based intra-epoch checkpoints; the steps after which this rank saved."""
+    module = model()
+    log = _SaveLog()
+    trainer = _SlowOnMain(
+        {"model": module},
+        lambda params: torch.optim.SGD(params, lr=0.05),
+        checkpointer=sb.Checkpointer(folder, {"model": module, "log": log}),
+        run_opts={"device": "cpu", "noprogressbar": True, "ckpt_interval_minutes": 0.01},
+    )
+    log.brain = trainer
+    trainer.fit(range(1), examples(48), train_loader_kwargs={"batch_size": 2})
+    return log.saved_at
+
+
 def main(mode: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -92,6 +134,8 @@ def main(mode: str, out: str) -> None:
         rank = dist.get_rank()
         if mode == "train":
             result: object = train(batch_size=4).state_dict()
+        elif mode == "timed-checkpoints":
+            result = {"saved_at": timed_checkpoints(f"{out}.save")}
         elif mode.startswith("batchnorm-"):
             result = batchnorm_statistics(sync=mode == "batchnorm-sync")
         else:

@@ -80,3 +80,4 @@ class CallsHookWithWrongBatch(Brain[Batch, Tensor]):
 
 class Unparametrized(Brain):  # E: type-arg
     pass
+
