@@ -80,4 +80,3 @@ class CallsHookWithWrongBatch(Brain[Batch, Tensor]):
 
 class Unparametrized(Brain):  # E: type-arg
     pass
-
