@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.strategies import rng_state, run_state, sampler_state, training_progress
-from typedbrain import ConfigurationError, TrainingProgress
+from typedbrain import ConfigurationError, ResumeWarning, TrainingProgress
 from typedbrain._rng import RngState, capture_rng, restore_rng
 from typedbrain._state import RunState, converter, structure_state
 
@@ -112,3 +114,24 @@ def test_captured_rng_state_restores_every_generator_after_a_save_and_weights_on
     assert again[1] == expected[1]
     assert np.array_equal(again[2], expected[2])
     assert torch.equal(again[3], expected[3])
+
+
+@pytest.mark.parametrize(
+    ("torch_version", "fragment"),
+    [
+        (str(torch.__version__), "states of 2 CUDA devices and this process sees 0"),
+        ("1.0.0", "saved by torch 1.0.0 and this is torch"),
+    ],
+)
+def test_cuda_states_that_cannot_be_applied_here_are_left_with_a_warning(
+    torch_version: str, fragment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint from a machine with 2 GPUs (or another torch), resumed on one without CUDA:
+    # the other generators are restored, and the run goes on.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    saved = attrs.evolve(capture_rng(), cuda=((1, 2, 3), (4, 5, 6)), torch_version=torch_version)
+    expected = torch.rand(3)
+    torch.rand(5)  # move the CPU generator on
+    with pytest.warns(ResumeWarning, match=re.escape(fragment)):
+        restore_rng(saved)
+    assert torch.equal(torch.rand(3), expected)

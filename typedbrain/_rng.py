@@ -10,13 +10,14 @@ accept it once unstructured), and :func:`restore_rng` puts them back.
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Final, cast, final
 
 import attrs
 import numpy as np
 import torch
 
-from typedbrain._errors import CheckpointError
+from typedbrain._errors import CheckpointError, ResumeWarning
 
 __all__ = ["NumpyRngState", "PythonRngState", "RngState", "capture_rng", "restore_rng"]
 
@@ -103,9 +104,14 @@ def capture_rng() -> RngState:
 def restore_rng(state: RngState) -> None:
     """Put every global random generator back where :func:`capture_rng` found it.
 
+    CUDA states are restored for the devices this process sees, and only under the torch
+    version that saved them (their format is version-specific); otherwise a
+    :class:`ResumeWarning` says which were left as they are. A run resumed on a machine
+    without CUDA, or after a torch upgrade, goes on, but its CUDA randomness (dropout on a
+    GPU, say) differs from the interrupted run's.
+
     Raises:
-        CheckpointError: the state cannot be applied here: CUDA states for more devices than
-            this process sees, or CUDA states captured under another torch version.
+        CheckpointError: the NumPy state is malformed.
     """
     python = state.python
     random.setstate((python.version, python.internal, python.gauss_next))
@@ -127,18 +133,24 @@ def restore_rng(state: RngState) -> None:
 
 
 def _restore_cuda(state: RngState) -> None:
+    saved = len(state.cuda)
     if state.torch_version != str(torch.__version__):
-        raise CheckpointError(
-            f"the CUDA RNG states were saved by torch {state.torch_version} and this is torch "
-            f"{torch.__version__}: their format is version-specific, so the run cannot resume "
-            "exactly; resume with the same torch version"
+        warnings.warn(
+            f"the CUDA random generator states were saved by torch {state.torch_version} and "
+            f"this is torch {torch.__version__}: their format is version-specific, so they are "
+            "not restored, and CUDA randomness will differ from the interrupted run",
+            ResumeWarning,
+            stacklevel=3,
         )
-    if not torch.cuda.is_available() or torch.cuda.device_count() < len(state.cuda):
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise CheckpointError(
-            f"the saved RNG state covers {len(state.cuda)} CUDA devices and this process sees "
-            f"{available}"
+        return
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available < saved:
+        warnings.warn(
+            f"the checkpoint holds the random generator states of {saved} CUDA devices and "
+            f"this process sees {available}: only the first {available} are restored, and "
+            "CUDA randomness on the others will differ from the interrupted run",
+            ResumeWarning,
+            stacklevel=3,
         )
-    torch.cuda.set_rng_state_all(
-        [torch.tensor(device_state, dtype=torch.uint8) for device_state in state.cuda]
-    )
+    for device, device_state in enumerate(state.cuda[:available]):
+        torch.cuda.set_rng_state(torch.tensor(device_state, dtype=torch.uint8), device)
