@@ -999,7 +999,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 )
             )
             self._in_train_loop = True
-            stack.callback(setattr, self, "_in_train_loop", False)
+            stack.callback(setattr, self, "_in_train_loop", False)  # however the loop ends
             for batch in progress:
                 plan = self._plan or self._current_plan()
                 if plan.step_limit is not None and self.optimizer_step >= plan.step_limit:
@@ -1027,9 +1027,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     agreed = agreement.after_batch(
                         save_due=bool(plan.checkpoint_seconds) and self._checkpoint_due(plan)
                     )
-                    if agreed.save or (
-                        plan.checkpoint_steps and self.step % plan.checkpoint_steps == 0
-                    ):
+                    if agreed.save or (plan.checkpoint_steps and self._checkpoint_due(plan)):
                         self._save_intra_epoch_ckpt()
                     if agreed.signal is not None:
                         self._stop_on_signal(agreed.signal, in_training=True)
@@ -1039,7 +1037,6 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             # (a time-based checkpoint it found due is left to the next epoch).
             if agreement is not None and (signum := agreement.settle().signal) is not None:
                 self._stop_on_signal(signum, in_training=True)
-            self._in_train_loop = False
         if self._window > 0:
             logger.info(
                 "epoch %d ended with %d accumulated batches: stepping them",
