@@ -31,14 +31,20 @@ unit: $(VENV)/.installed-dev
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install $(TORCH_SPEC)
 
-$(VENV)/.installed-examples: $(BIN)/python pyproject.toml
-	$(PIP) install -e '.[examples,plot]'
+# Its own marker, written only once torch is in: an install that failed or was interrupted is
+# retried, never skipped (the project's install would then resolve an unpinned torch). The
+# marker holds the pin and serves as a constraints file for every later install.
+$(VENV)/.torch: $(BIN)/python
+	$(PIP) install $(TORCH_SPEC)
+	echo '$(TORCH_SPEC)' > $@
+
+$(VENV)/.installed-examples: $(VENV)/.torch pyproject.toml
+	$(PIP) install -c $(VENV)/.torch -e '.[examples,plot]'
 	touch $@
 
-$(VENV)/.installed-dev: $(BIN)/python pyproject.toml
-	$(PIP) install -e '.[dev]'
+$(VENV)/.installed-dev: $(VENV)/.torch pyproject.toml
+	$(PIP) install -c $(VENV)/.torch -e '.[dev]'
 	touch $@
 
 clean:

@@ -28,6 +28,7 @@ from typedbrain import Brain
 from typedbrain._checkpoint import Checkpoint, Checkpointer
 from typedbrain._epochs import EpochCounter
 from typedbrain._errors import CheckpointWarning
+from typedbrain._launch import shutdown_distributed
 from typedbrain._manifest import MANIFEST_NAME
 
 Observed: TypeAlias = dict[str, object]
@@ -355,7 +356,9 @@ def main(argv: Sequence[str]) -> int:
             path = Path(results) / f"{name}.rank{rank}.json"
             path.write_text(json.dumps(observed), encoding="utf-8")
     finally:
-        dist.destroy_process_group()
+        # Every process waits for the others before the group goes, on failure too: a
+        # process that tore its connections down first could make gloo abort a peer.
+        shutdown_distributed()
     return 0
 
 

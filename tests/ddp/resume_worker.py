@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from tests.resume_harness import RunConfig, SimulatedCrashError, final_state, run
 from typedbrain import TrainingInterruptedError
+from typedbrain._launch import shutdown_distributed
 from typedbrain._sharded_state import gathered as full_state
 from typedbrain._state import converter
 
@@ -60,7 +61,9 @@ def main(argv: list[str]) -> int:
         dist.barrier()
         return 0
     finally:
-        dist.destroy_process_group()
+        # Every process waits for the others before the group goes, on failure too: a
+        # process that tore its connections down first could make gloo abort a peer.
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import typedbrain as sb
+from typedbrain._launch import shutdown_distributed
 
 Batch = tuple[Tensor, Tensor]
 FEATURES = 3
@@ -146,7 +147,9 @@ def main(mode: str, out: str) -> None:
         torch.save(result, f"{out}.{rank}")
         dist.barrier()  # leave together (see tests/ddp/resume_worker.py)
     finally:
-        dist.destroy_process_group()
+        # Every process waits for the others before the group goes, on failure too: a
+        # process that tore its connections down first could make gloo abort a peer.
+        shutdown_distributed()
 
 
 if __name__ == "__main__":
