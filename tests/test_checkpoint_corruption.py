@@ -419,13 +419,20 @@ def _save_as_if_on_a_gpu(checkpointer: Checkpointer, monkeypatch: pytest.MonkeyP
         return checkpointer.save_checkpoint(meta={"loss": 0.5})
 
 
+def _a_checkpoint_then_one_from_a_gpu(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[torch.nn.Linear, Checkpoint, Checkpoint]:
+    """The saved model, an ordinary checkpoint, then a newer one recorded on a GPU."""
+    model = torch.nn.Linear(4, 4)
+    checkpointer = Checkpointer(folder, {"model": model, "counter": EpochCounter(5)})
+    older = checkpointer.save_checkpoint(meta={"loss": 1.0})
+    return model, older, _save_as_if_on_a_gpu(checkpointer, monkeypatch)
+
+
 def test_an_intact_checkpoint_that_does_not_decode_here_stops_recovery_instead_of_being_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = torch.nn.Linear(4, 4)
-    checkpointer = Checkpointer(tmp_path, {"model": model, "counter": EpochCounter(5)})
-    older = checkpointer.save_checkpoint(meta={"loss": 1.0})
-    newer = _save_as_if_on_a_gpu(checkpointer, monkeypatch)
+    model, older, newer = _a_checkpoint_then_one_from_a_gpu(tmp_path, monkeypatch)
     assert verify_checkpoint(newer.path) == newer  # intact: every checksum matches
     fresh = torch.nn.Linear(4, 4)
     before = fresh.weight.detach().clone()
@@ -460,10 +467,7 @@ def test_an_intact_checkpoint_that_does_not_decode_here_stops_recovery_instead_o
 def test_a_damaged_file_that_would_not_decode_here_either_is_still_skipped_as_damaged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = torch.nn.Linear(4, 4)
-    checkpointer = Checkpointer(tmp_path, {"model": model, "counter": EpochCounter(5)})
-    older = checkpointer.save_checkpoint(meta={"loss": 1.0})
-    newer = _save_as_if_on_a_gpu(checkpointer, monkeypatch)
+    _, older, newer = _a_checkpoint_then_one_from_a_gpu(tmp_path, monkeypatch)
     _flip_byte(newer)
     resumed = Checkpointer(tmp_path, {"model": torch.nn.Linear(4, 4), "counter": EpochCounter(5)})
     with pytest.warns(CheckpointWarning, match="fails its SHA-256 check"):

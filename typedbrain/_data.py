@@ -339,7 +339,9 @@ def _warn_if_unsharded(
     """
     if shard is None or shard.world_size == 1:
         return
-    given = loader_kwargs.get("batch_sampler") or loader_kwargs.get("sampler")
+    given = loader_kwargs.get("batch_sampler")
+    if given is None:  # not `or`: an empty sampler is falsy
+        given = loader_kwargs.get("sampler")
     if given is not None:
         inner = getattr(given, "sampler", None)
         for candidate in (given, inner):
