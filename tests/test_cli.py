@@ -13,6 +13,7 @@ import torch
 
 from typedbrain._checkpoint import Checkpointer
 from typedbrain._cli import main
+from typedbrain._errors import CheckpointWarning
 from typedbrain._train_log import JsonlTrainLogger
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -184,14 +185,49 @@ def test_both_keys_or_no_command_are_usage_errors(
     assert _run(capsys)[0] == 2
 
 
-def test_a_meta_value_that_is_not_a_number_is_status_2(
+def test_a_meta_value_that_is_not_a_number_is_left_out_of_the_ranking_with_a_note(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 1)})
-    checkpointer.save_checkpoint(meta={"loss": "low"}, name="CKPT-a")
-    status, _, err = _run(capsys, "checkpoints", str(tmp_path), "--min-key", "loss")
-    assert status == 2
-    assert "meta 'loss' is 'low', not a number" in err
+    checkpointer.save_checkpoint(meta={"loss": 0.5}, name="CKPT-a")
+    checkpointer.save_checkpoint(meta={"loss": "low"}, name="CKPT-b")
+    status, out, err = _run(capsys, "checkpoints", str(tmp_path), "--min-key", "loss")
+    assert status == 0, err
+    assert "CKPT-b: meta 'loss' is 'low', not a number; not ranked by 'loss'" in out
+    assert "CKPT-a [best]" in out
+    assert "CKPT-b [newest]" in out
+    # The library ranks them the same way (with a warning instead of the note).
+    with pytest.warns(CheckpointWarning, match="'low', not a number"):
+        best = checkpointer.find_checkpoint(min_key="loss")
+    assert best is not None
+    assert best.path.name == "CKPT-a"
+
+    status, out, _ = _run(capsys, "checkpoints", str(tmp_path), "--min-key", "loss", "--json")
+    assert status == 0
+    document = json.loads(out)
+    assert document["notes"] == ["CKPT-b: meta 'loss' is 'low', not a number; not ranked by 'loss'"]
+    assert _statuses(out) == {
+        "CKPT-a": ("COMMITTED", False, True),
+        "CKPT-b": ("COMMITTED", True, False),
+    }
+
+
+def test_a_symbolic_link_to_a_checkpoint_folder_is_not_listed_as_a_checkpoint(
+    good_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (good_folder / "best").symlink_to(good_folder / "CKPT-a", target_is_directory=True)
+    status, out, _ = _run(capsys, "checkpoints", str(good_folder), "--json")
+    assert status == 0
+    document = json.loads(out)
+    assert [row["name"] for row in document["checkpoints"]] == ["CKPT-a", "CKPT-b"]
+    assert document["notes"] == ["best: a symbolic link, not a checkpoint folder; not listed"]
+    status, out, _ = _run(capsys, "checkpoints", str(good_folder))
+    assert status == 0
+    assert "2 checkpoint folder(s)" in out
+    assert "best: a symbolic link, not a checkpoint folder; not listed" in out
+    # The checkpointer ignores the link as well.
+    checkpointer = Checkpointer(good_folder, {"model": torch.nn.Linear(2, 1)})
+    assert [c.path.name for c in checkpointer.list_checkpoints()] == ["CKPT-a", "CKPT-b"]
 
 
 def test_json_is_standard_json_with_non_finite_meta_values_as_strings(

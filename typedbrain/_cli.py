@@ -18,7 +18,7 @@ from typing import Final, TextIO, final
 
 import attrs
 
-from typedbrain._checkpoint import _rank
+from typedbrain._checkpoint import _number, _rank
 from typedbrain._errors import ConfigurationError, CorruptCheckpointError, TrainLogError
 from typedbrain._manifest import MANIFEST_NAME, Checkpoint, read_manifest, verify_checkpoint
 from typedbrain._train_log import LogEntry, StatValue, read_jsonl_log
@@ -150,14 +150,25 @@ def _checkpoints(
     if not folder.is_dir():
         _error(f"{folder}: not a folder")
         return EXIT_USAGE
-    entries = sorted(
-        entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")
-    )
+    visible = sorted(entry for entry in folder.iterdir() if not entry.name.startswith("."))
+    # A link to a checkpoint folder is not a checkpoint: the checkpointer ignores it too.
+    links = [entry.name for entry in visible if entry.is_symlink()]
+    entries = [entry for entry in visible if entry.is_dir() and not entry.is_symlink()]
     rows = [_inspect(entry, verify=verify) for entry in entries]
     usable = [row.checkpoint for row in rows if row.usable and row.checkpoint is not None]
     newest = _rank(usable)
+    key = min_key or max_key
+    unranked = [] if key is None else _not_numbers(usable, key)
     try:
-        best = _rank(usable, min_key=min_key, max_key=max_key) if min_key or max_key else []
+        best = (
+            _rank(
+                [checkpoint for checkpoint in usable if checkpoint not in unranked],
+                min_key=min_key,
+                max_key=max_key,
+            )
+            if key is not None
+            else []
+        )
     except ConfigurationError as error:
         _error(str(error))
         return EXIT_USAGE
@@ -169,14 +180,34 @@ def _checkpoints(
         )
         for row in rows
     ]
+    notes = [f"{name}: a symbolic link, not a checkpoint folder; not listed" for name in links]
+    if key is not None:
+        notes += [
+            f"{checkpoint.path.name}: meta {key!r} is {checkpoint.meta[key]!r}, not a number; "
+            f"not ranked by {key!r}"
+            for checkpoint in unranked
+        ]
     if as_json:
-        _print_json(folder, rows, out)
+        _print_json(folder, rows, notes, out)
     else:
-        _print_table(folder, rows, verify=verify, key=min_key or max_key, out=out)
+        _print_table(folder, rows, notes, verify=verify, key=key, out=out)
     return EXIT_OK if all(row.usable for row in rows) else EXIT_BAD_DATA
 
 
-def _print_json(folder: Path, rows: Sequence[_Row], out: TextIO) -> None:
+def _not_numbers(checkpoints: Sequence[Checkpoint], key: str) -> list[Checkpoint]:
+    """The checkpoints whose meta value of ``key`` cannot rank them (not a real number).
+
+    ``recover_if_possible`` leaves these out of its ranking with a warning; the listing says
+    so instead of refusing to list the folder.
+    """
+    return [
+        checkpoint
+        for checkpoint in checkpoints
+        if key in checkpoint.meta and _number(checkpoint.meta[key]) is None
+    ]
+
+
+def _print_json(folder: Path, rows: Sequence[_Row], notes: Sequence[str], out: TextIO) -> None:
     listed = []
     for row in rows:
         checkpoint = row.checkpoint
@@ -198,6 +229,7 @@ def _print_json(folder: Path, rows: Sequence[_Row], out: TextIO) -> None:
         "folder": str(folder),
         "ok": all(row.usable for row in rows),
         "checkpoints": listed,
+        "notes": list(notes),
     }
     print(json.dumps(_json_safe(document), indent=2, allow_nan=False), file=out)
 
@@ -226,12 +258,25 @@ def _saved_at(unixtime: float) -> str:
 
 
 def _print_table(
-    folder: Path, rows: Sequence[_Row], *, verify: bool, key: str | None, out: TextIO
+    folder: Path,
+    rows: Sequence[_Row],
+    notes: Sequence[str],
+    *,
+    verify: bool,
+    key: str | None,
+    out: TextIO,
 ) -> None:
     checked = "files verified" if verify else "manifests read, files not verified"
     print(f"{folder}: {len(rows)} checkpoint folder(s), {checked}", file=out)
-    if not rows:
-        return
+    if rows:
+        _print_rows(rows, out)
+    for note in notes:
+        print(note, file=out)
+    if key is not None and not any(row.best for row in rows):
+        print(f"no usable checkpoint has the meta key {key!r}", file=out)
+
+
+def _print_rows(rows: Sequence[_Row], out: TextIO) -> None:
     table = [["STATUS", "SEQ", "SAVED", "END", "PHASE", "FOLDER", "META"]]
     for row in rows:
         checkpoint = row.checkpoint
@@ -259,14 +304,12 @@ def _print_table(
     for row in rows:
         if row.reason is not None:
             print(f"{row.name}: {row.status}: {row.reason}", file=out)
-    if key is not None and not any(row.best for row in rows):
-        print(f"no usable checkpoint has the meta key {key!r}", file=out)
 
 
 # ----------------------------------------------------------------------------- plot
 
 
-def _number(value: StatValue | None) -> float:
+def _plot_value(value: StatValue | None) -> float:
     """``value`` as a float to plot; NaN (a gap) for strings, missing and infinite values."""
     if value is None or isinstance(value, str):
         return math.nan
@@ -327,7 +370,7 @@ def _plot(log: Path, out: Path) -> int:
     for row, metric in enumerate(metrics):
         ax = axes[row][0]
         for stage in ("train", "valid"):
-            ys = [_number(_stage_value(entry, stage, metric)) for entry in training]
+            ys = [_plot_value(_stage_value(entry, stage, metric)) for entry in training]
             if any(not math.isnan(y) for y in ys):
                 ax.plot(xs, ys, marker="o", label=stage)
         ax.set_title(metric)
