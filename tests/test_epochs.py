@@ -46,7 +46,7 @@ def test_counter_is_stateful() -> None:
         ({}, "EpochCounter state: missing key 'current'"),
         (
             {"current": "2"},
-            "EpochCounter state: 'current' must be an integer of at least 0, got '2'",
+            "EpochCounter state: 'current' must be an int, got '2'",
         ),
         ({"current": 9}, "EpochCounter state: 'current' is 9, beyond this counter's limit of 5"),
     ],
@@ -58,9 +58,7 @@ def test_bad_counter_state_is_a_clear_error(state: dict[str, object], message: s
 
 
 def test_negative_limit_is_refused() -> None:
-    with pytest.raises(
-        ConfigurationError, match="'limit' must be an integer of at least 0, got -1"
-    ):
+    with pytest.raises(ConfigurationError, match="'limit' must be >= 0, got -1"):
         EpochCounter(-1)
 
 
@@ -117,8 +115,8 @@ def test_stopper_resumed_from_its_state_makes_the_same_decision() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"limit_to_stop": 0}, "'limit_to_stop' must be an integer of at least 1, got 0"),
-        ({"limit_warmup": -1}, "'limit_warmup' must be an integer of at least 0, got -1"),
+        ({"limit_to_stop": 0}, "'limit_to_stop' must be >= 1, got 0"),
+        ({"limit_warmup": -1}, "'limit_warmup' must be >= 0, got -1"),
         ({"direction": "up"}, "'direction' must be 'min' or 'max', got 'up'"),
         ({"min_delta": -0.5}, "'min_delta' must be a finite number of at least 0, got -0.5"),
     ],
@@ -348,7 +346,7 @@ def test_stopper_direction_that_is_not_a_string_is_a_clear_error() -> None:
 @pytest.mark.parametrize("value", [True, 1.5, "3", None])
 def test_stopper_integer_argument_of_a_wrong_type_is_a_clear_error(key: str, value: object) -> None:
     arguments: dict[str, object] = {"limit": 5, "limit_to_stop": 1, key: value}
-    message = f"'{key}' must be an integer of at least"
+    message = f"'{key}' must be an int, got {value!r}"
     with pytest.raises(ConfigurationError, match=re.escape(message)):
         EpochCounterWithStopper(**arguments)  # type: ignore[arg-type]  # deliberately wrong
 

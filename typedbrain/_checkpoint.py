@@ -16,11 +16,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import numbers
 import os
 import pickle
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from typedbrain._checks import real_number
 from typedbrain._ckpt_hooks import (
     LoadHook,
     SaveHook,
@@ -101,7 +100,6 @@ CheckpointPredicate: TypeAlias = Callable[[Checkpoint], bool]
 Device: TypeAlias = torch.device | str | None
 
 _SUFFIX: Final = ".ckpt"
-_FLOAT_MAX: Final = int(sys.float_info.max)
 
 
 def ckpt_recency(checkpoint: Checkpoint) -> float:
@@ -298,7 +296,7 @@ class Checkpointer:
             )
         clean_meta = to_json_meta(meta)
         for argument, key in ranking_keys:
-            if key in clean_meta and _number(clean_meta[key]) is None:
+            if key in clean_meta and real_number(clean_meta[key]) is None:
                 raise ConfigurationError(
                     f"checkpoint meta {key!r} is {clean_meta[key]!r}, not a number, but "
                     f"{argument} ranks checkpoints by it; leave the key out of meta when there "
@@ -1022,15 +1020,6 @@ def _checked_importance_keys(keys: object) -> tuple[ImportanceKey, ...]:
     return functions
 
 
-def _number(value: object) -> float | None:
-    """``value`` as a float if it is a number (not a bool), else None; huge ints are infinite."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int) and abs(value) > _FLOAT_MAX:  # float() would overflow
-        return math.inf if value > 0 else -math.inf
-    return float(value) if isinstance(value, numbers.Real) else None
-
-
 def _describe_key(key: object) -> str:
     name = getattr(key, "__qualname__", None)
     return repr(name) if isinstance(name, str) else repr(key)
@@ -1097,7 +1086,7 @@ def _rank(
             continue
         if meta_key is None:
             score = key(checkpoint)
-            value = _number(score)
+            value = real_number(score)
             if value is None:
                 raise ConfigurationError(
                     f"importance key {_describe_key(key)} returned {score!r} for checkpoint "
@@ -1105,7 +1094,7 @@ def _rank(
                 )
         else:
             raw = checkpoint.meta[meta_key]
-            value = _number(raw)
+            value = real_number(raw)
             if value is None:
                 problem = (
                     f"checkpoint {checkpoint.path}: meta {meta_key!r} is {raw!r}, not a number"

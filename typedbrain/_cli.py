@@ -18,7 +18,8 @@ from typing import Final, TextIO, final
 
 import attrs
 
-from typedbrain._checkpoint import _number, _rank
+from typedbrain._checkpoint import _rank
+from typedbrain._checks import real_number
 from typedbrain._errors import ConfigurationError, CorruptCheckpointError, TrainLogError
 from typedbrain._manifest import MANIFEST_NAME, Checkpoint, read_manifest, verify_checkpoint
 from typedbrain._train_log import LogEntry, StatValue, read_jsonl_log
@@ -203,7 +204,7 @@ def _not_numbers(checkpoints: Sequence[Checkpoint], key: str) -> list[Checkpoint
     return [
         checkpoint
         for checkpoint in checkpoints
-        if key in checkpoint.meta and _number(checkpoint.meta[key]) is None
+        if key in checkpoint.meta and real_number(checkpoint.meta[key]) is None
     ]
 
 

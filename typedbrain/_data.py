@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from typing_extensions import Unpack
 
+from typedbrain._checks import check_int
 from typedbrain._errors import ConfigurationError, ResumeWarning
 from typedbrain._sampler import (
     ResumableSampler,
-    check_int,
     find_resumable_sampler,
     mix_seed,
     position_loader,

@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Literal, Self, SupportsFloat, final
 
+from typedbrain._checks import check_int, real_number
 from typedbrain._errors import ConfigurationError
 
 __all__ = ["EpochCounter", "EpochCounterWithStopper"]
-
-
-def _require_int(owner: str, key: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigurationError(
-            f"{owner}: {key!r} must be an integer of at least {minimum}, got {value!r}"
-        )
-    return value
-
-
-def _as_real(value: object) -> float | None:
-    """``value`` as a float if it is a real number (``bool`` excluded), else ``None``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return float(value)
 
 
 def _require_mapping(owner: str, state_dict: object) -> Mapping[str, object]:
@@ -53,7 +38,7 @@ class EpochCounter:
     """
 
     def __init__(self, limit: int) -> None:
-        self.limit = _require_int(type(self).__name__, "limit", limit, 0)
+        self.limit = check_int(f"{type(self).__name__}: 'limit'", limit, minimum=0)
         self.current = 0
 
     def __iter__(self) -> Self:
@@ -90,7 +75,7 @@ class EpochCounter:
         state = _require_mapping(owner, state_dict)
         if "current" not in state:
             raise ConfigurationError(f"{owner}: missing key 'current'")
-        current = _require_int(owner, "current", state["current"], 0)
+        current = check_int(f"{owner}: 'current'", state["current"], minimum=0)
         if current > self.limit:
             raise ConfigurationError(
                 f"{owner}: 'current' is {current}, beyond this counter's limit of {self.limit}"
@@ -139,14 +124,14 @@ class EpochCounterWithStopper(EpochCounter):
     ) -> None:
         super().__init__(limit)
         name = type(self).__name__
-        self.limit_to_stop = _require_int(name, "limit_to_stop", limit_to_stop, 1)
-        self.limit_warmup = _require_int(name, "limit_warmup", limit_warmup, 0)
+        self.limit_to_stop = check_int(f"{name}: 'limit_to_stop'", limit_to_stop, minimum=1)
+        self.limit_warmup = check_int(f"{name}: 'limit_warmup'", limit_warmup, minimum=0)
         given: object = direction  # typed as a Literal, but a config may pass anything
         if not isinstance(given, str) or given not in ("min", "max"):
             raise ConfigurationError(
                 f"{name}: 'direction' must be 'min' or 'max', got {direction!r}"
             )
-        delta = _as_real(min_delta)
+        delta = real_number(min_delta)
         if delta is None or not math.isfinite(delta) or delta < 0:
             raise ConfigurationError(
                 f"{name}: 'min_delta' must be a finite number of at least 0, got {min_delta!r}"
@@ -218,12 +203,12 @@ class EpochCounterWithStopper(EpochCounter):
             if key not in state_dict:
                 raise ConfigurationError(f"{owner}: missing key {key!r}")
         saved_best = state_dict["best_value"]
-        best_value = None if saved_best is None else _as_real(saved_best)
+        best_value = None if saved_best is None else real_number(saved_best)
         if saved_best is not None and (best_value is None or math.isnan(best_value)):
             raise ConfigurationError(
                 f"{owner}: 'best_value' must be a number (not NaN) or None, got {saved_best!r}"
             )
-        best_epoch = _require_int(owner, "best_epoch", state_dict["best_epoch"], 0)
+        best_epoch = check_int(f"{owner}: 'best_epoch'", state_dict["best_epoch"], minimum=0)
         if best_epoch > current:
             raise ConfigurationError(
                 f"{owner}: 'best_epoch' is {best_epoch}, after 'current' ({current})"

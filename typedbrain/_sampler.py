@@ -23,13 +23,13 @@ from typing import Protocol, cast, runtime_checkable
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler
 
+from typedbrain._checks import check_int
 from typedbrain._errors import CheckpointError, ConfigurationError, ResumeWarning
 
 __all__ = [
     "Positionable",
     "ResumableSampler",
     "batches_from",
-    "check_int",
     "find_resumable_sampler",
     "loader_seed",
     "mix_seed",
@@ -80,19 +80,6 @@ class Positionable(Protocol):
 
         The position applies to the next iteration only; the one after starts from 0 again.
         """
-
-
-def check_int(name: str, value: object, *, minimum: int | None) -> int:
-    """``value`` if it is an int (not a bool) of at least ``minimum``.
-
-    Raises:
-        ConfigurationError: it is not, naming ``name`` and the value.
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{name} must be an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigurationError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
 
 
 class ResumableSampler(Sampler[int]):
