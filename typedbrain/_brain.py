@@ -12,7 +12,6 @@ import inspect
 import logging
 import math
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, ExitStack
 from typing import Final, Generic, cast, get_args, get_origin, overload
@@ -81,6 +80,7 @@ from typedbrain._state import (
     TrainingProgress,
 )
 from typedbrain._stop_agreement import StopAgreement, control_group
+from typedbrain._warn import warn
 
 __all__ = ["BatchT", "Brain", "HparamsT", "PredT"]
 
@@ -241,8 +241,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._use_current_weights = False
         if checkpointer is not None:
             if options.debug and not options.debug_persistently:
-                # A warning points at Brain(...): redirect_for_debug, __init__, its caller.
-                redirect_for_debug(checkpointer, stacklevel=3)
+                redirect_for_debug(checkpointer)
             checkpointer.add_recoverable(
                 "brain", RunStateRecoverable(self._record_run, self._recovered)
             )
@@ -1191,13 +1190,12 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if not state.mid_epoch:
             return None
         if state.epoch != epoch:
-            warnings.warn(
+            warn(
                 f"the checkpoint was taken in epoch {state.epoch} after batch "
                 f"{state.progress.step}, but the epoch counter started epoch {epoch}: "
                 "the interrupted epoch is not continued (use an EpochCounter, which a "
                 "checkpointer resumes, to continue it exactly)",
                 ResumeWarning,
-                stacklevel=4,
             )
             return None
         return restored

@@ -20,7 +20,6 @@ import os
 import pickle
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
@@ -69,6 +68,7 @@ from typedbrain._manifest import (
 )
 from typedbrain._protocols import Stateful
 from typedbrain._version import __version__
+from typedbrain._warn import warn
 
 __all__ = [
     "Checkpoint",
@@ -522,16 +522,12 @@ class Checkpointer:
         gets its list.
         """
         return _main_decides(
-            # _scan, the lambda, _main_decides, here, then the caller.
-            lambda: self._scan(report=True, stacklevel=5),
+            lambda: self._scan(report=True),
             f"list the checkpoints in {self.checkpoints_dir}",
         )
 
-    def _scan(self, *, report: bool, stacklevel: int = 2) -> list[Checkpoint]:
-        """The committed checkpoints, oldest first; with ``report``, warn about the others.
-
-        ``stacklevel`` is the warnings' (1 points at this method).
-        """
+    def _scan(self, *, report: bool) -> list[Checkpoint]:
+        """The committed checkpoints, oldest first; with ``report``, warn about the others."""
         if not self.checkpoints_dir.is_dir():
             return []
         found: list[Checkpoint] = []
@@ -550,10 +546,9 @@ class Checkpointer:
             except CorruptCheckpointError as error:
                 if report and entry not in self._reported:
                     self._reported.add(entry)
-                    warnings.warn(
+                    warn(
                         f"ignoring checkpoint folder {entry}: {error.reason}; it is left on disk",
                         CheckpointWarning,
-                        stacklevel=stacklevel,
                     )
         found.sort(key=lambda c: (c.sequence, c.unixtime, c.path.name))
         return found
@@ -591,15 +586,13 @@ class Checkpointer:
         """
         return _main_decides(
             lambda: _rank(
-                # _scan (and _rank), the lambda, _main_decides, here, then the caller.
-                self._scan(report=True, stacklevel=5),
+                self._scan(report=True),
                 importance_key=importance_key,
                 max_key=max_key,
                 min_key=min_key,
                 ckpt_predicate=ckpt_predicate,
                 max_num_checkpoints=max_num_checkpoints,
                 skip_non_numbers=True,
-                stacklevel=5,
             ),
             f"find checkpoints in {self.checkpoints_dir}",
         )
@@ -668,10 +661,8 @@ class Checkpointer:
         ckpt_predicate: CheckpointPredicate | None,
         keep: Path | None,
     ) -> list[Checkpoint]:
-        # _scan (and _rank), here, the lambda, _main_decides, the public method, its caller.
-        checkpoints = self._scan(report=True, stacklevel=6)
+        checkpoints = self._scan(report=True)
         rankings: list[list[Checkpoint]] = []
-        # Loops, not comprehensions: a comprehension is one more frame for the stacklevel.
         for key in importance_keys:
             rankings.append(_rank(checkpoints, importance_key=key, ckpt_predicate=ckpt_predicate))
         for name in max_keys:
@@ -681,7 +672,6 @@ class Checkpointer:
                     max_key=name,
                     ckpt_predicate=ckpt_predicate,
                     skip_non_numbers=True,
-                    stacklevel=6,
                 )
             )
         for name in min_keys:
@@ -691,7 +681,6 @@ class Checkpointer:
                     min_key=name,
                     ckpt_predicate=ckpt_predicate,
                     skip_non_numbers=True,
-                    stacklevel=6,
                 )
             )
         candidates = {c.path for ranking in rankings for c in ranking}
@@ -837,22 +826,20 @@ class Checkpointer:
             )
         _check_device(device)
         candidates = _rank(
-            self._scan(report=True, stacklevel=3),  # _scan (and _rank), here, then the caller
+            self._scan(report=True),
             importance_key=importance_key,
             max_key=max_key,
             min_key=min_key,
             ckpt_predicate=ckpt_predicate,
             skip_non_numbers=True,
-            stacklevel=3,
         )
         for checkpoint in candidates:
             try:
                 self.load_checkpoint(checkpoint, device=device)
             except CorruptCheckpointError as error:
-                warnings.warn(
+                warn(
                     f"skipping checkpoint {checkpoint.path}: {error.reason}; trying an older one",
                     CheckpointWarning,
-                    stacklevel=2,
                 )
                 continue
             return checkpoint
@@ -875,26 +862,22 @@ class Checkpointer:
             # processes agree on the outcome there.
             _check_device(device)
             ranked = _rank(
-                # _scan (and _rank), choose, _main_decides, _recover_collectively,
-                # recover_if_possible, caller.
-                self._scan(report=True, stacklevel=6),
+                self._scan(report=True),
                 importance_key=importance_key,
                 max_key=max_key,
                 min_key=min_key,
                 ckpt_predicate=ckpt_predicate,
                 skip_non_numbers=True,
-                stacklevel=6,
             )
             for checkpoint in ranked:
                 try:
                     held.append(self._prepare(checkpoint, device))
                 except CorruptCheckpointError as error:
-                    warnings.warn(
+                    warn(
                         f"skipping checkpoint {checkpoint.path}: {error.reason}; trying an "
                         "older one",
                         CheckpointWarning,
                         # choose, _main_decides, _recover_collectively, recover_if_possible, caller.
-                        stacklevel=5,
                     )
                     continue
                 return checkpoint
@@ -1062,14 +1045,13 @@ def _rank(
     ckpt_predicate: CheckpointPredicate | None = None,
     max_num_checkpoints: int | None = None,
     skip_non_numbers: bool = False,
-    stacklevel: int = 2,
 ) -> list[Checkpoint]:
     """The checkpoints ranked by one key, best first (see ``Checkpointer.find_checkpoints``).
 
     A NaN ranks last for every key, below the infinities. A ``max_key`` / ``min_key`` value
     that is not a number is a :class:`ConfigurationError`, or with ``skip_non_numbers`` leaves
-    its checkpoint out with a :class:`CheckpointWarning` (``stacklevel`` is the warning's: 1
-    points at this function), so that one bad checkpoint does not block every later ranking.
+    its checkpoint out with a :class:`CheckpointWarning`, so that one bad checkpoint does not
+    block every later ranking.
 
     Raises:
         ConfigurationError: an argument is invalid, or an importance key returned something
@@ -1101,10 +1083,9 @@ def _rank(
                 )
                 if not skip_non_numbers:
                     raise ConfigurationError(problem)
-                warnings.warn(
+                warn(
                     f"{problem}; it is left out of the ranking by {meta_key!r}",
                     CheckpointWarning,
-                    stacklevel=stacklevel,
                 )
                 continue
             if min_key is not None:
@@ -1163,14 +1144,13 @@ def _remove_leftover(folder: Path) -> None:
         )
     if (folder / MANIFEST_NAME).exists():
         raise CheckpointError(f"cannot save checkpoint {folder}: it exists")
-    warnings.warn(
+    warn(
         f"removing {folder}: a save interrupted before its commit left it (it has no "
         f"{MANIFEST_NAME}); a new checkpoint is saved under its name",
         CheckpointWarning,
         # Here, _new_folder, _write, then without a process group _save, the public method
         # and its caller; with one the lambda, _main_decides and _save_collectively come
         # between _write and _save.
-        stacklevel=9 if _collective() else 6,
     )
     shutil.rmtree(folder)
 

@@ -12,7 +12,6 @@ import logging
 import multiprocessing.context
 import operator
 import random
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any, SupportsIndex, TypeAlias, TypedDict, cast
 
@@ -32,6 +31,7 @@ from typedbrain._sampler import (
     register_loader_seeding,
     set_loader_epoch,
 )
+from typedbrain._warn import warn
 
 __all__ = [
     "DataSource",
@@ -276,13 +276,12 @@ def make_dataloader(
     if shard is not None and not isinstance(shard, Shard):
         raise ConfigurationError(f"shard must be a Shard or None, got {shard!r}")
     if num_workers > 0 and loader_kwargs.get("persistent_workers", False):
-        warnings.warn(
+        warn(
             "persistent_workers=True keeps each worker's state (the dataset's epoch and the "
             "worker seeds) from the first epoch for the whole run, so a resumed run will not "
             "reproduce the uninterrupted one exactly after the first epoch; "
             "use persistent_workers=False for exact resumes",
             ResumeWarning,
-            stacklevel=2,
         )
     if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
         _warn_if_unsharded(dataset, loader_kwargs, shard, iterable=True)
@@ -353,13 +352,12 @@ def _warn_if_unsharded(
         what = f"the iterable dataset {type(dataset).__qualname__} is read as it is"
     else:
         return
-    warnings.warn(
+    warn(
         f"make_dataloader cannot shard this loader for rank {shard.rank} of "
         f"{shard.world_size}: {what}, so unless it splits the data among the processes "
         "itself, every process loads all of it (give a sampler that shards, such as "
         "torch's DistributedSampler or typedbrain's ResumableSampler with rank and world_size)",
         UserWarning,
-        stacklevel=3,
     )
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import warnings
 import weakref
 from pathlib import Path
 
 from typedbrain._checkpoint import Checkpointer
 from typedbrain._distributed import broadcast_object, if_main_process
 from typedbrain._errors import CheckpointError
+from typedbrain._warn import warn
 
 __all__ = ["redirect_for_debug"]
 
@@ -28,7 +28,7 @@ _real_folders: weakref.WeakKeyDictionary[Checkpointer, Path] = weakref.WeakKeyDi
 """The folder each redirected checkpointer pointed at before debug mode redirected it."""
 
 
-def redirect_for_debug(checkpointer: object, *, stacklevel: int = 2) -> Path | None:
+def redirect_for_debug(checkpointer: object) -> Path | None:
     """Point ``checkpointer`` at a new temporary folder, removed when it is garbage-collected.
 
     Under ``torch.distributed`` it is collective: the main process creates the folder and every
@@ -36,7 +36,6 @@ def redirect_for_debug(checkpointer: object, *, stacklevel: int = 2) -> Path | N
 
     Args:
         checkpointer: the brain's checkpointer.
-        stacklevel: where a warning points (1 is this function).
 
     Raises:
         CheckpointError: the folder could not be created (on every process).
@@ -47,12 +46,11 @@ def redirect_for_debug(checkpointer: object, *, stacklevel: int = 2) -> Path | N
         says, as in any run).
     """
     if not isinstance(checkpointer, Checkpointer):
-        warnings.warn(
+        warn(
             f"debug mode cannot send the checkpoints of a {type(checkpointer).__name__} to a "
             "temporary folder (only typedbrain's Checkpointer can be redirected): they go where "
             "it puts them, as in any run; set debug_persistently=True to silence this",
             UserWarning,
-            stacklevel=stacklevel,
         )
         return None
     # A checkpointer redirected before (by another brain) gets a new folder beside its real one.

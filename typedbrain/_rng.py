@@ -10,7 +10,6 @@ accept it once unstructured), and :func:`restore_rng` puts them back.
 from __future__ import annotations
 
 import random
-import warnings
 from typing import Final, cast, final
 
 import attrs
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from typedbrain._errors import CheckpointError, ResumeWarning
+from typedbrain._warn import warn
 
 __all__ = ["NumpyRngState", "PythonRngState", "RngState", "capture_rng", "restore_rng"]
 
@@ -135,22 +135,20 @@ def restore_rng(state: RngState) -> None:
 def _restore_cuda(state: RngState) -> None:
     saved = len(state.cuda)
     if state.torch_version != str(torch.__version__):
-        warnings.warn(
+        warn(
             f"the CUDA random generator states were saved by torch {state.torch_version} and "
             f"this is torch {torch.__version__}: their format is version-specific, so they are "
             "not restored, and CUDA randomness will differ from the interrupted run",
             ResumeWarning,
-            stacklevel=3,
         )
         return
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if available < saved:
-        warnings.warn(
+        warn(
             f"the checkpoint holds the random generator states of {saved} CUDA devices and "
             f"this process sees {available}: only the first {available} are restored, and "
             "CUDA randomness on the others will differ from the interrupted run",
             ResumeWarning,
-            stacklevel=3,
         )
     for device, device_state in enumerate(state.cuda[:available]):
         torch.cuda.set_rng_state(torch.tensor(device_state, dtype=torch.uint8), device)

@@ -9,7 +9,6 @@ takes this process's record and hands it back to the brain.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from typing import cast
 
@@ -20,6 +19,7 @@ from torch import Tensor
 from typedbrain._distributed import is_distributed
 from typedbrain._errors import CheckpointError, ResumeWarning
 from typedbrain._state import RunState, converter, structure_state
+from typedbrain._warn import warn
 
 __all__ = ["RunRecord", "RunStateRecoverable"]
 
@@ -77,13 +77,12 @@ class RunStateRecoverable:
         world_size = dist.get_world_size() if is_distributed() else 1
         rank = dist.get_rank() if is_distributed() else 0
         if len(ranks) != world_size:
-            warnings.warn(
+            warn(
                 f"the checkpoint was saved by {len(ranks)} processes and this run has "
                 f"{world_size}: each process takes the saved state of rank "
                 f"{min(rank, len(ranks) - 1)}, and the run will not continue exactly as the "
                 "interrupted one would have",
                 ResumeWarning,
-                stacklevel=2,
             )
         own = ranks[min(rank, len(ranks) - 1)]
         if not isinstance(own, Mapping) or set(own) != {"state", "gradients"}:

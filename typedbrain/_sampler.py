@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, replace
@@ -25,6 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler
 
 from typedbrain._checks import check_int
 from typedbrain._errors import CheckpointError, ConfigurationError, ResumeWarning
+from typedbrain._warn import warn
 
 __all__ = [
     "Positionable",
@@ -422,13 +422,12 @@ def position_loader(
     sampler: object = loader.sampler
     current = loader.batch_size
     if batches_done and batch_size is not None and current is not None and current != batch_size:
-        warnings.warn(
+        warn(
             f"the training batch size was {batch_size} when the checkpoint was taken and is "
             f"{current} now: epoch {epoch} continues after the {batches_done * batch_size} "
             "samples already used (where the loader can skip them), and the run will not "
             "continue exactly as the interrupted one would have",
             ResumeWarning,
-            stacklevel=2,
         )
     if isinstance(batch_sampler, Positionable):
         _check_batches_done(batches_done, _batch_count(batch_sampler))
@@ -464,13 +463,12 @@ def position_loader(
         culprit = f"the batch sampler {type(batch_sampler).__qualname__}"
     else:
         culprit = f"the sampler {type(sampler).__qualname__}"
-    warnings.warn(
+    warn(
         f"cannot skip the {batches_done} batches already consumed in epoch {epoch} without "
         f"loading them: {culprit} has no start_at method (see typedbrain's Positionable); "
         f"the loader will be fast-forwarded by drawing and discarding {batches_done} batches, "
         "which loads their data and is slower",
         ResumeWarning,
-        stacklevel=2,
     )
     return False
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeAlias, final
@@ -23,6 +22,7 @@ import attrs
 from typedbrain._distributed import if_main_process
 from typedbrain._errors import ConfigurationError, ResumeWarning, TrainLogError
 from typedbrain._state import structure_state
+from typedbrain._warn import warn
 
 __all__ = [
     "FileTrainLogger",
@@ -175,12 +175,11 @@ class _LineLog:
         if size < committed.position or (
             committed.position > 0 and _byte_before(self.path, committed.position) != b"\n"
         ):
-            warnings.warn(
+            warn(
                 f"the training log {self.path} does not match the checkpoint just loaded (it "
                 f"has {size} bytes, the checkpoint covers {committed.position}); new entries "
                 "are appended and earlier ones may be missing",
                 ResumeWarning,
-                stacklevel=4,
             )
             return self._open_existing()
         if not training:
