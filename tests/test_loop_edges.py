@@ -4,6 +4,7 @@ a run after a failed one, and options changed on a built brain."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +12,12 @@ from torch import Tensor
 
 from tests.helpers import Batch, RegressionBrain, batches, parameters_of, ready_loader, sgd
 from typedbrain import (
+    Checkpointer,
     ConfigurationError,
     HookContractError,
     Phase,
     Precision,
+    ResumeWarning,
     RunOptionsDict,
     Stage,
 )
@@ -81,7 +84,7 @@ def test_fp16_steps_that_the_grad_scaler_skips_are_not_counted() -> None:
     )
     brain.fit(range(1, 2), ready_loader(batches(6, 4)))
     scaler = brain.scaler
-    assert scaler is not None
+    assert scaler.is_enabled()
     weight = brain.modules["model"].weight
     assert isinstance(weight, Tensor)
     taken = int(brain.optimizer.state[weight]["step"])
@@ -248,3 +251,69 @@ def test_overrides_with_the_keywords_or_kwargs_are_accepted() -> None:
         brain = brain_of(brain_class)
         brain.fit(range(1, 2), ready_loader(batches(1, 4)))
         brain.evaluate(ready_loader(batches(1, 4)))
+
+
+class ScalerStyleBrain(RegressionBrain):
+    """A ``fit_batch`` written for SpeechBrain 1.x, which always has ``self.scaler``."""
+
+    def fit_batch(self, batch: Batch) -> Tensor:
+        outputs = self.compute_forward(batch, Stage.TRAIN)
+        loss = self.compute_objectives(outputs, batch, Stage.TRAIN)
+        torch.autograd.backward(self.scaler.scale(loss))
+        self.scaler.unscale_(self.optimizer)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        self.optimizer_step += 1
+        return loss.detach().cpu()
+
+
+def test_a_fit_batch_using_the_scaler_runs_unscaled_outside_fp16() -> None:
+    options: RunOptionsDict = {"max_grad_norm": 0.0}
+    styled = brain_of(ScalerStyleBrain, options)
+    plain = brain_of(RegressionBrain, options)
+    assert not styled.scaler.is_enabled()
+    for brain in (styled, plain):
+        brain.fit(range(1, 3), ready_loader(batches(4, 4)))
+    assert styled.optimizer_step == plain.optimizer_step == 8
+    for name, value in parameters_of(plain).items():
+        assert torch.equal(parameters_of(styled)[name], value), name
+
+
+def _checkpointed(run_opts: RunOptionsDict, folder: Path) -> RegressionBrain:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    return RegressionBrain(
+        {"model": model},
+        sgd(),
+        run_opts={"noprogressbar": True, **run_opts},
+        checkpointer=Checkpointer(folder, {"model": model}),
+    )
+
+
+def test_a_checkpoint_of_another_precision_loads_without_the_grad_scaler(tmp_path: Path) -> None:
+    trained = _checkpointed({"precision": "fp32"}, tmp_path)
+    trained.fit(range(1, 2), ready_loader(batches(2, 4)))
+    assert isinstance(trained.checkpointer, Checkpointer)
+    trained.checkpointer.save_checkpoint()
+    fp16 = _checkpointed({"precision": "fp16"}, tmp_path)
+    fp16.evaluate(ready_loader(batches(2, 4)))  # recovers the fp32 checkpoint: no 'scaler'
+    assert torch.equal(parameters_of(fp16)["model.weight"], parameters_of(trained)["model.weight"])
+    assert fp16.scaler.get_scale() == 2.0**16  # a fresh scaler
+
+
+def test_a_checkpoint_without_the_brains_run_state_loads_and_fit_warns(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    saved = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(saved.parameters(), lr=0.1)
+    # Saved by a plain checkpointer, not by a brain: no 'brain' entry.
+    Checkpointer(tmp_path, {"model": saved, "optimizer": optimizer}).save_checkpoint()
+    evaluated = _checkpointed({}, tmp_path)
+    evaluated.evaluate(ready_loader(batches(2, 4)))
+    assert torch.equal(parameters_of(evaluated)["model.weight"], saved.weight)
+
+    trained = _checkpointed({}, tmp_path)
+    with pytest.warns(ResumeWarning, match="holds no run state of a brain") as caught:
+        trained.fit(range(1, 2), ready_loader(batches(2, 4)))
+    assert caught[0].filename == __file__
+    assert trained.optimizer_step == 2  # the run started afresh from the saved weights

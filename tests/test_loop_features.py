@@ -9,7 +9,7 @@ from typing import cast
 
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler
 
 from tests.helpers import (
     Batch,
@@ -21,7 +21,7 @@ from tests.helpers import (
     regression_brain,
     sgd,
 )
-from typedbrain import ConfigurationError, LoaderKwargs, RunOptionsDict, Stage
+from typedbrain import ConfigurationError, LoaderKwargs, ResumableSampler, RunOptionsDict, Stage
 
 
 def progress_brain(run_opts: RunOptionsDict | None = None) -> RegressionBrain:
@@ -129,10 +129,46 @@ def test_set_epoch_reaches_both_sampler_and_batch_sampler_once_per_epoch() -> No
     assert brain.train_sampler is batch_sampler
 
 
-def test_train_sampler_of_a_made_loader_is_its_batch_sampler() -> None:
+def test_train_sampler_of_a_made_loader_is_the_sampler_that_orders_it() -> None:
     brain = regression_brain()
-    brain.fit(range(1, 2), examples(8), train_loader_kwargs={"batch_size": 4})
-    assert isinstance(brain.train_sampler, BatchSampler)
+    brain.fit(range(1, 2), examples(8), train_loader_kwargs={"batch_size": 4, "shuffle": True})
+    # The resumable sampler, not the BatchSampler torch wraps it in: SpeechBrain-style code
+    # calls train_sampler.set_epoch.
+    assert isinstance(brain.train_sampler, ResumableSampler)
+    assert brain.train_sampler.shuffle
+
+
+def test_train_sampler_of_a_users_loader_is_its_sampler_unless_it_has_a_batch_sampler() -> None:
+    sampler = EpochAwareSampler(8)
+    brain = regression_brain()
+    brain.fit(range(1, 2), DataLoader(ReadyBatches(examples(8)), sampler=sampler, batch_size=4))
+    assert brain.train_sampler is sampler
+    batch_sampler = BatchSampler(EpochAwareSampler(8), 4, drop_last=False)
+    batched = regression_brain()
+    batched.fit(range(1, 2), DataLoader(ReadyBatches(examples(8)), batch_sampler=batch_sampler))
+    assert batched.train_sampler is batch_sampler
+
+
+class UnsizedExamples(IterableDataset[Batch]):
+    """Single (input, target) examples from an iterable dataset, batched by the loader."""
+
+    def __init__(self, count: int) -> None:
+        self._items = examples(count)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self._items)
+
+
+def test_an_iterable_dataset_batched_by_the_loader_trains() -> None:
+    # Its loader's BatchSampler has no length: naming the training sampler must not ask.
+    made = regression_brain()
+    made.fit(range(1, 3), UnsizedExamples(10), train_loader_kwargs={"batch_size": 4})
+    assert made.optimizer_step == 6  # 3 batches (4, 4, 2) in each of 2 epochs
+    given = regression_brain()
+    given.fit(range(1, 3), DataLoader(UnsizedExamples(10), batch_size=4))
+    assert given.optimizer_step == 6
+    for name, parameter in made.modules.named_parameters():
+        assert torch.equal(parameter, dict(given.modules.named_parameters())[name])
 
 
 def test_profile_training_profiles_and_logs_the_training_stage(

@@ -14,14 +14,14 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, ExitStack
-from typing import Final, Generic, cast, get_args, get_origin, overload
+from typing import Final, Generic, Protocol, cast, get_args, get_origin, overload
 from typing import TypeVar as TypeVarType
 
 import attrs
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import TypeVar, Unpack
 
 from typedbrain._data import (
@@ -64,7 +64,7 @@ from typedbrain._options import RunOptionAttributes, RunOptions, RunOptionsDict
 from typedbrain._phases import Phase, PhaseMachine, PhaseObserver, Stage
 from typedbrain._plan import StepPlan, unique_parameters
 from typedbrain._progress import StageProgress
-from typedbrain._protocols import CheckpointerLike, CheckpointInfo, OptimizerFactory
+from typedbrain._protocols import CheckpointerLike, CheckpointInfo, OptimizerFactory, Stateful
 from typedbrain._rng import RngState, capture_rng, restore_rng
 from typedbrain._run_record import RunRecord, RunStateRecoverable
 from typedbrain._sampler import (
@@ -145,12 +145,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         hparams: the hyperparameters.
         run_opts: the run options in force; each is also an attribute (``self.debug``...).
         optimizers_dict: every optimizer by name; ``optimizers_step`` steps them.
-        scaler: the fp16 grad scaler, or ``None``.
+        scaler: the grad scaler: enabled for fp16, a pass-through otherwise.
         step: batches run so far in the current stage.
         optimizer_step: optimizer steps taken so far.
         avg_train_loss: mean of this epoch's finite training losses so far.
         nonfinite_count: non-finite training losses in this epoch.
-        train_sampler: the training loader's sampler, once ``fit`` has made it.
+        train_sampler: the sampler that orders the training loader (a batch sampler you gave it,
+            else its sampler), once ``fit`` has made it.
         profiler: the ``torch.profiler`` profile of the last training stage, when
             ``profile_training`` is set.
     """
@@ -242,11 +243,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if checkpointer is not None:
             if options.debug and not options.debug_persistently:
                 redirect_for_debug(checkpointer)
-            checkpointer.add_recoverable(
-                "brain", RunStateRecoverable(self._record_run, self._recovered)
+            # Both optional: a checkpoint saved without them (by a plain Checkpointer, or in
+            # another precision) still loads, and the run starts them afresh.
+            _add_optional(
+                checkpointer, "brain", RunStateRecoverable(self._record_run, self._recovered)
             )
-            if self.scaler is not None:
-                checkpointer.add_recoverable("scaler", self.scaler)
+            if self.scaler.is_enabled():
+                _add_optional(checkpointer, "scaler", self.scaler)
             watch_phase = getattr(checkpointer, "watch_phase", None)
             if callable(watch_phase):
                 watch_phase(lambda: self.phase.name)
@@ -356,7 +359,15 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._wrap_distributed()
         self.init_optimizers()
         if self.checkpointer is not None:
-            self.checkpointer.recover_if_possible(device=self._device)
+            recovered = self.checkpointer.recover_if_possible(device=self._device)
+            if recovered is not None and self._restored is None:
+                where = getattr(recovered, "path", recovered)
+                warn(
+                    f"checkpoint {where} holds no run state of a brain (no 'brain' entry): the "
+                    "recovered objects are used, but the counters, random generators and data "
+                    "order start afresh, so the run does not continue an interrupted one",
+                    ResumeWarning,
+                )
 
     def init_optimizers(self) -> None:
         """Build ``self.optimizer`` from ``opt_class`` and register it with the checkpointer.
@@ -422,7 +433,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         else:
             loader = make_dataloader(dataset, **loader_kwargs)
         if stage is Stage.TRAIN:
-            self.train_sampler = loader.batch_sampler or loader.sampler
+            self.train_sampler = _sampler_of(loader)
         return loader
 
     def on_fit_batch_start(self, batch: BatchT, should_step: bool) -> None:
@@ -452,7 +463,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 loss = self.compute_objectives(outputs, batch, Stage.TRAIN)
             if self.check_loss_isfinite(loss):
                 scaled = loss / plan.accumulation if plan.accumulation > 1 else loss
-                if self.scaler is not None:
+                if self.scaler.is_enabled():
                     scaled = self.scaler.scale(scaled)
                 torch.autograd.backward(scaled)
                 self._window += 1
@@ -562,7 +573,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             else plan.optimizers
         )
         scaler = self.scaler
-        if scaler is None:
+        if not scaler.is_enabled():
             stepped = self.check_gradients()
             if stepped:
                 for optimizer in optimizers:
@@ -844,7 +855,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     ) -> DataLoader[object]:
         if isinstance(data, DataLoader):
             if stage is Stage.TRAIN:
-                self.train_sampler = data.batch_sampler or data.sampler
+                self.train_sampler = _sampler_of(data)
             return data
         # ** unpacks into a fresh dict: the caller's kwargs are never modified.
         return self.make_dataloader(data, stage, **(loader_kwargs or LoaderKwargs()))
@@ -909,7 +920,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         optimizers = tuple(self.optimizers_dict.values())
         inline_steps = (
             options.grad_accumulation_factor == 1
-            and self.scaler is None
+            and not self.scaler.is_enabled()
             and not self._ddp_modules
             and not options.skip_nonfinite_grads
             and not any(self._overrides(hook) for hook in _PER_BATCH_HOOKS)
@@ -1403,3 +1414,35 @@ def _on_device_of(value: Tensor, like: Tensor) -> Tensor:
 
 def _is_intra_epoch(checkpoint: CheckpointInfo) -> bool:
     return INTRA_EPOCH_CKPT_FLAG in checkpoint.meta
+
+
+def _sampler_of(loader: DataLoader[object]) -> Iterable[object]:
+    """The sampler that orders ``loader``: a batch sampler you gave it, else its sampler.
+
+    The ``BatchSampler`` a loader makes from ``batch_size`` only groups its sampler's indices
+    (and has no length over an iterable dataset), so the sampler is the one to name.
+    """
+    batches = loader.batch_sampler
+    if batches is None or (type(batches) is BatchSampler and batches.sampler is loader.sampler):
+        return loader.sampler
+    return batches
+
+
+class _AddRecoverable(Protocol):
+    def __call__(self, name: str, obj: Stateful, *, optional_load: bool) -> None: ...
+
+
+def _add_optional(checkpointer: CheckpointerLike, name: str, obj: Stateful) -> None:
+    """Register ``obj`` so that a checkpoint without it still loads, where the checkpointer can.
+
+    typedbrain's ``Checkpointer`` (and SpeechBrain's) take ``optional_load``; a checkpointer
+    that implements only :class:`CheckpointerLike` gets the plain call.
+    """
+    try:
+        accepts = "optional_load" in inspect.signature(checkpointer.add_recoverable).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin, say)
+        accepts = False
+    if accepts:
+        cast(_AddRecoverable, checkpointer.add_recoverable)(name, obj, optional_load=True)
+    else:
+        checkpointer.add_recoverable(name, obj)

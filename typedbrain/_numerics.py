@@ -42,14 +42,14 @@ def autocast(device: torch.device, precision: Precision) -> AbstractContextManag
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def grad_scaler_for(device: torch.device, precision: Precision) -> torch.amp.GradScaler | None:
-    """A grad scaler for fp16 training on ``device``, or ``None`` when none is needed.
+def grad_scaler_for(device: torch.device, precision: Precision) -> torch.amp.GradScaler:
+    """A grad scaler for ``device``, enabled for fp16 training only.
 
-    bf16 has fp32's exponent range and needs no loss scaling.
+    bf16 has fp32's exponent range and needs no loss scaling. A disabled scaler passes losses
+    and steps through unchanged, so code written against SpeechBrain's always-present scaler
+    (``self.scaler.scale(loss).backward()``) runs in every precision.
     """
-    if precision != "fp16":
-        return None
-    return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def gradient_norm(parameters: Sequence[torch.Tensor]) -> torch.Tensor:

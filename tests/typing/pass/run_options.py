@@ -92,7 +92,7 @@ def brain_state() -> None:
     assert_type(brain.modules, torch.nn.ModuleDict)
     assert_type(brain.optimizer, torch.optim.Optimizer)
     assert_type(brain.optimizers_dict, dict[str, torch.optim.Optimizer])
-    assert_type(brain.scaler, torch.amp.GradScaler | None)
+    assert_type(brain.scaler, torch.amp.GradScaler)
     assert_type(brain.step, int)
     assert_type(brain.optimizer_step, int)
     assert_type(brain.avg_train_loss, float)
