@@ -40,8 +40,11 @@ def test_hparams_are_a_copy_and_read_only() -> None:
     hparams = Hparams(source)
     source["lr"] = 0.2
     assert hparams.lr == 0.1
-    with pytest.raises(AttributeError):
-        hparams.lr = 0.3  # type: ignore[attr-defined]  # read-only by design: nothing to set
+    with pytest.raises(AttributeError, match=r"cannot set hyperparameter 'lr': .* read-only"):
+        hparams.lr = 0.3  # type: ignore[attr-defined]  # mypy refuses it too
+    with pytest.raises(AttributeError, match="cannot set hyperparameter 'new'"):
+        hparams.new = 1  # type: ignore[attr-defined]  # mypy refuses it too
+    assert dict(hparams) == {"lr": 0.1}
     with pytest.raises(TypeError):
         hparams["lr"] = 0.3  # type: ignore[operator]  # a Mapping has no __setitem__
 

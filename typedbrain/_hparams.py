@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Iterator, Mapping
-from typing import final
+from typing import TYPE_CHECKING, final
 
 import attrs
 from typing_extensions import is_typeddict
@@ -31,7 +31,20 @@ class Hparams(Mapping[str, object]):
     __slots__ = ("_values",)
 
     def __init__(self, values: Mapping[str, object] | None = None, /) -> None:
-        self._values: dict[str, object] = dict(values or {})
+        self._values: dict[str, object]
+        object.__setattr__(self, "_values", dict(values or {}))
+
+    if not TYPE_CHECKING:  # hidden from mypy, which then reports an assignment statically
+
+        def __setattr__(self, name: str, value: object) -> None:
+            raise AttributeError(
+                f"cannot set hyperparameter {name!r}: a brain's hparams are read-only (a copy "
+                "made when the brain was built); keep what changes during a run in an "
+                "attribute of your brain, or in an object the hparams hold"
+            )
+
+    def __reduce__(self) -> tuple[type[Hparams], tuple[dict[str, object]]]:
+        return (Hparams, (self._values,))
 
     def __getitem__(self, key: str) -> object:
         return self._values[key]
