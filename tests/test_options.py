@@ -165,6 +165,17 @@ def test_direct_construction_validates_too() -> None:
         RunOptions(nonfinite_patience=-1)
 
 
+def test_both_checkpoint_intervals_from_two_sources_names_where_each_came_from() -> None:
+    with pytest.raises(RunOptionsError) as caught:
+        RunOptions.from_sources(
+            hparams={"ckpt_interval_minutes": 15.0}, run_opts={"ckpt_interval_steps": 100}
+        )
+    assert caught.value.key == "ckpt_interval_steps"
+    assert str(caught.value).endswith(
+        "(ckpt_interval_steps from run_opts, ckpt_interval_minutes from hparams)"
+    )
+
+
 def test_both_checkpoint_intervals_is_an_error() -> None:
     with pytest.raises(RunOptionsError) as caught:
         RunOptions(ckpt_interval_minutes=15.0, ckpt_interval_steps=100)

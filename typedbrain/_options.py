@@ -230,6 +230,7 @@ class RunOptions:
     stop_on_signals: bool = attrs.field(default=True, validator=_validate)
 
     def __attrs_post_init__(self) -> None:
+        # The options of _EXCLUSIVE.
         if self.ckpt_interval_minutes > 0 and self.ckpt_interval_steps > 0:
             raise RunOptionsError(
                 "ckpt_interval_steps",
@@ -262,6 +263,7 @@ class RunOptions:
         """
         fields = {field.name: field for field in attrs.fields(cls)}
         chosen: dict[str, object] = {}
+        origin: dict[str, str] = {}
         for source, values, strict in (("hparams", hparams, False), ("run_opts", run_opts, True)):
             for key, value in (values or {}).items():
                 if key not in fields:
@@ -274,7 +276,17 @@ class RunOptions:
                 except RunOptionsError as error:
                     raise RunOptionsError(key, f"{_strip_key(error)} (from {source})") from None
                 chosen[key] = normalized
-        return cls(**chosen)  # type: ignore[arg-type]  # keys and types were checked above
+                origin[key] = source
+        try:
+            return cls(**chosen)  # type: ignore[arg-type]  # keys and types were checked above
+        except RunOptionsError as error:
+            # The one check across options: say where each of the two values came from.
+            sources = ", ".join(f"{key} from {origin[key]}" for key in _EXCLUSIVE if key in origin)
+            raise RunOptionsError(error.key, f"{_strip_key(error)} ({sources})") from None
+
+
+_EXCLUSIVE: Final = ("ckpt_interval_steps", "ckpt_interval_minutes")
+"""Options that cannot both be set; the only check that ``__attrs_post_init__`` makes."""
 
 
 def _strip_key(error: RunOptionsError) -> str:
