@@ -969,26 +969,28 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     def _train_stage(self, loader: DataLoader[object], epoch: int, show: bool) -> None:
         self._machine.move(Phase.TRAIN)
         restored = self._take_restored(loader, epoch)
+        # The generators as the epoch began: an interrupted epoch is re-entered from there, so
+        # that on_stage_start and then iter(loader) (the shuffling, the workers' base seed)
+        # draw what they drew in the interrupted run.
+        if restored is None:
+            self._epoch_rng = capture_rng()
+        else:
+            self._epoch_rng = restored.state.epoch_rng
+            if self._epoch_rng is not None:
+                restore_rng(self._epoch_rng)
         self._start_stage(Stage.TRAIN, epoch)
         self.modules.train()
         self.zero_grad()
         self.nonfinite_count = 0
         self._window = 0
-        batches_done = 0
-        if restored is not None:
-            batches_done = self._continue_epoch(restored)
-            self._epoch_rng = restored.state.epoch_rng
-        else:
-            self._epoch_rng = capture_rng()  # before iter(): the epoch's shuffling state
+        batches_done = 0 if restored is None else self._continue_epoch(restored)
         self._stage_batches = self._planned_batches(loader)
-        epoch_rng = self._epoch_rng
         batches = cast(  # the loader yields what the recipe declares as its batch type
             Iterable[BatchT],
             batches_from(
                 loader,
                 epoch=epoch,
                 batches_done=batches_done,
-                rewind=lambda: None if epoch_rng is None else restore_rng(epoch_rng),
                 batch_size=None if restored is None else restored.state.batch_size,
             ),
         )
@@ -1118,7 +1120,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         raise error
 
     def _record_run(self) -> RunRecord:
-        """The run state to save now, with the partial gradients of an open window."""
+        """The run state to save now, with the gradients held mid-epoch (see below)."""
         train, valid = self._train_loader, self._valid_loader
         sampler = None if train is None else find_resumable_sampler(train)
         mid_epoch = self._in_train_loop
@@ -1157,7 +1159,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             batch_size=None if train is None else train.batch_size,
         )
         gradients: list[Tensor | None] = []
-        if window:
+        if mid_epoch:
+            # The gradients of an open window, and those an optimizer that freeze_optimizers
+            # left out of the last step keeps until it steps.
             partial = [parameter.grad for parameter in self._current_plan().parameters]
             if self.fsdp and is_distributed():
                 # Sharded gradients are saved whole, as every tensor of a checkpoint is (a
@@ -1165,7 +1169,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 from typedbrain._sharded_state import gathered
 
                 partial = cast(list[Tensor | None], gathered(partial))
-            gradients = [None if grad is None else grad.detach().cpu().clone() for grad in partial]
+            if any(grad is not None for grad in partial):
+                gradients = [
+                    None if grad is None else grad.detach().cpu().clone() for grad in partial
+                ]
         return RunRecord(state, gradients)
 
     def _recovered(self, record: RunRecord) -> None:
@@ -1221,9 +1228,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self.nonfinite_count = progress.nonfinite_count
         self._skipped = state.skipped
         self._window = state.window
-        if state.window:
+        gradients = restored.gradients
+        if gradients:
             parameters = self._current_plan().parameters
-            gradients = restored.gradients
             if len(gradients) != len(parameters):
                 raise CheckpointError(
                     f"the checkpoint holds partial gradients for {len(gradients)} parameters "

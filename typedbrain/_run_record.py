@@ -28,7 +28,7 @@ _SOURCE = "the brain's run state"
 
 @attrs.frozen
 class RunRecord:
-    """One process's run state and the partial gradients saved with it (empty between steps)."""
+    """One process's run state and the gradients held when it was saved (often none)."""
 
     state: RunState
     gradients: list[Tensor | None]

@@ -500,18 +500,16 @@ def batches_from(
     *,
     epoch: int,
     batches_done: int,
-    rewind: Callable[[], None],
     batch_size: int | None = None,
 ) -> Iterable[object]:
     """The loader's batches for ``epoch`` after the first ``batches_done``, iterable once.
 
-    ``rewind`` puts the random generators back where they were when the epoch's loader was
-    first iterated; the loader is iterated right after it, so whatever ``iter(loader)`` draws
-    from the global generators (a loader without its own ``generator`` draws its workers' base
-    seed there) is drawn as in the interrupted run, whatever the caller restores afterwards. A
-    loader that :func:`position_loader` can position then skips the consumed batches without
-    loading them; any other is fast-forwarded: they are drawn and dropped (a
-    ``ResumeWarning`` has said so). ``batch_size`` is passed to :func:`position_loader`.
+    The loader is iterated now, so whatever ``iter(loader)`` draws from the global generators
+    (a loader without its own ``generator`` draws its workers' base seed there) is drawn from
+    their state at this call, whatever the caller restores afterwards. A loader that
+    :func:`position_loader` can position then skips the consumed batches without loading
+    them; any other is fast-forwarded: they are drawn and dropped (a ``ResumeWarning`` has
+    said so). ``batch_size`` is passed to :func:`position_loader`.
 
     Raises:
         CheckpointError: the loader has fewer than ``batches_done`` batches.
@@ -519,7 +517,6 @@ def batches_from(
     positioned = position_loader(
         loader, epoch=epoch, batches_done=batches_done, batch_size=batch_size
     )
-    rewind()
     iterator = iter(loader)
     if positioned:
         return _Remaining(iterator)

@@ -85,8 +85,8 @@ class RunState:
         window: backward passes accumulated since the last optimizer step; their gradients are
             saved beside this state.
         rng: every global random generator's state when the state was taken.
-        epoch_rng: the generators' state just before the epoch's loader was iterated, used to
-            fast-forward a loader that cannot be positioned (``None`` outside an epoch).
+        epoch_rng: the generators' state as the epoch began (before ``on_stage_start``), from
+            which a re-entered epoch draws again (``None`` outside an epoch).
         sampler: the training sampler's seed and epoch, when it is a resumable sampler.
         train_loader_seed: the seed ``make_dataloader`` gave the training loader (its
             generator and workers), when it built it.
