@@ -290,3 +290,31 @@ def test_batches_from_fast_forwards_a_loader_that_cannot_be_positioned() -> None
     assert [cast(torch.Tensor, batch).tolist() for batch in rest] == [[6, 7], [8, 9]]
     with pytest.warns(ResumeWarning), pytest.raises(CheckpointError, match="only 5 batches"):
         batches_from(loader, epoch=1, batches_done=6)
+
+
+def test_positioning_a_users_loader_with_workers_warns_that_their_randomness_starts_afresh() -> (
+    None
+):
+    import warnings
+
+    from torch.utils.data import DataLoader, Dataset
+
+    from typedbrain._data import make_dataloader
+    from typedbrain._errors import ResumeWarning
+    from typedbrain._sampler import position_loader
+
+    data = cast(Dataset[object], list(range(10)))
+
+    def users(num_workers: int) -> DataLoader[object]:
+        sampler = ResumableSampler(10, shuffle=True, seed=3)
+        return DataLoader(data, batch_size=2, sampler=sampler, num_workers=num_workers)
+
+    with pytest.warns(ResumeWarning, match="not built by make_dataloader"):
+        assert position_loader(users(2), epoch=1, batches_done=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # Nothing skipped, no workers, or workers reseeded per item: exact, so no warning.
+        assert position_loader(users(2), epoch=1, batches_done=0)
+        assert position_loader(users(0), epoch=1, batches_done=2)
+        made = make_dataloader(data, seed=3, batch_size=2, shuffle=True, num_workers=2)
+        assert position_loader(made, epoch=1, batches_done=2)

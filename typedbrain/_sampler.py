@@ -413,13 +413,12 @@ def position_loader(
 
     Warns:
         ResumeWarning: the loader cannot be positioned and ``batches_done > 0``, or its batch
-            size is not ``batch_size``.
+            size is not ``batch_size``, or it is positioned but has workers whose randomness
+            ``make_dataloader`` does not reseed per item (a positioned epoch starts them
+            afresh).
     """
     check_int("batches_done", batches_done, minimum=0)
     set_loader_epoch(loader, epoch)
-    # Typed as object: mypy cannot intersect torch's declared types with Positionable.
-    batch_sampler: object = loader.batch_sampler
-    sampler: object = loader.sampler
     current = loader.batch_size
     if batches_done and batch_size is not None and current is not None and current != batch_size:
         warn(
@@ -429,6 +428,27 @@ def position_loader(
             "continue exactly as the interrupted one would have",
             ResumeWarning,
         )
+    positioned = _position(loader, epoch=epoch, batches_done=batches_done, batch_size=batch_size)
+    if positioned and batches_done and loader.num_workers > 0 and loader not in _SEEDINGS:
+        warn(
+            f"epoch {epoch} continues after batch {batches_done} with a fresh set of "
+            f"{loader.num_workers} workers: this loader was not built by make_dataloader, so "
+            "its workers draw random numbers in sequence rather than per item, and randomness "
+            "drawn in them (augmentation in __getitem__, say) will differ from the "
+            "interrupted run; build it with make_dataloader, or use num_workers=0, for an "
+            "exact resume",
+            ResumeWarning,
+        )
+    return positioned
+
+
+def _position(
+    loader: DataLoader[object], *, epoch: int, batches_done: int, batch_size: int | None
+) -> bool:
+    """:func:`position_loader`'s positioning, once the epoch is set and checks are made."""
+    # Typed as object: mypy cannot intersect torch's declared types with Positionable.
+    batch_sampler: object = loader.batch_sampler
+    sampler: object = loader.sampler
     if isinstance(batch_sampler, Positionable):
         _check_batches_done(batches_done, _batch_count(batch_sampler))
         batch_sampler.start_at(batches_done)
