@@ -120,6 +120,7 @@ def run_state() -> st.SearchStrategy[RunState]:
         phase=st.sampled_from(["TRAIN", "VALID", "CHECKPOINT", "IDLE"]),
         epoch=st.none() | _small,
         mid_epoch=st.booleans(),
+        valid_pending=st.booleans(),
         progress=training_progress(),
         skipped=_count,
         window=_count,

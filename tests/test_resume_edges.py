@@ -73,6 +73,64 @@ class StageNoiseBrain(CountingBrain):
         return super().compute_forward(batch, stage) * (1.0 + self.noise)
 
 
+class StageLog:
+    """The stage losses seen so far: a registered recoverable, like a training log."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, int | None, float]] = []
+
+    def state_dict(self) -> dict[str, object]:
+        return {"entries": [list(entry) for entry in self.entries]}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        entries = state["entries"]
+        assert isinstance(entries, list)
+        self.entries = [(str(s), e, float(v)) for s, e, v in entries]
+
+
+class SaveAfterTrainingBrain(CountingBrain):
+    """Saves between training and validation; a plateau scheduler follows the validation loss.
+
+    ``crash_valid_at`` crashes the n-th validation forward pass.
+    """
+
+    crash_valid_at: int | None = None
+    valid_passes = 0
+    save_in: Stage = Stage.TRAIN  # on_stage_end(TRAIN), or on_stage_start(VALID)
+    valid_shift = 0.0
+
+    def compute_forward(self, batch: Batch, stage: Stage) -> Tensor:
+        predictions = super().compute_forward(batch, stage)
+        if stage is Stage.VALID:
+            type(self).valid_passes += 1
+            if type(self).valid_passes == self.crash_valid_at:
+                raise CrashError
+            # Validation that draws random numbers: resumed, it must draw the same.
+            predictions = predictions + 0.01 * torch.rand(predictions.shape) + self.valid_shift
+        return predictions
+
+    def _save(self, loss: float) -> None:
+        assert isinstance(self.checkpointer, tb.Checkpointer)
+        self.checkpointer.save_and_keep_only(meta={"loss": loss}, num_to_keep=2)
+
+    def on_stage_start(self, stage: Stage, epoch: int | None = None) -> None:
+        if stage is Stage.VALID:
+            self.valid_shift = 0.01 * float(torch.rand(()))  # drawn before the save below
+            if self.save_in is Stage.VALID:
+                self._save(0.0)
+
+    def on_stage_end(self, stage: Stage, stage_loss: float, epoch: int | None = None) -> None:
+        log = self.hparams["log"]
+        assert isinstance(log, StageLog)
+        log.entries.append((stage.value, epoch, stage_loss))
+        if stage is Stage.TRAIN and self.save_in is Stage.TRAIN:
+            self._save(stage_loss)
+        elif stage is Stage.VALID:
+            scheduler = self.hparams["scheduler"]
+            assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            scheduler.step(stage_loss)
+
+
 def _adam(params: ParamsT) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=0.01)
 
@@ -159,3 +217,52 @@ def test_randomness_drawn_in_on_stage_start_is_drawn_again_on_reentry(
     tmp_path: Path, crash_at: int
 ) -> None:
     _resume_matches(StageNoiseBrain, tmp_path, lambda: examples(24), crash_at)
+
+
+@pytest.mark.parametrize("save_in", [Stage.TRAIN, Stage.VALID], ids=["train end", "valid start"])
+@pytest.mark.parametrize("crash_valid_at", [1, 3, 5])
+def test_a_checkpoint_saved_between_training_and_validation_validates_again_on_resume(
+    tmp_path: Path, crash_valid_at: int, save_in: Stage
+) -> None:
+    # Two validation batches an epoch: the crashes fall in the validations of epochs 1-3,
+    # each after the checkpoint that on_stage_end(TRAIN) saved.
+    def run(folder: Path, crash: int | None, script_seed: int = 0) -> dict[str, object]:
+        torch.manual_seed(0)
+        modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
+        optimizer = torch.optim.SGD([p for m in modules.values() for p in m.parameters()], lr=0.1)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+        log = StageLog()
+        counter = tb.EpochCounter(3)
+        torch.manual_seed(script_seed)
+        checkpointer = tb.Checkpointer(
+            folder,
+            {**modules, "scheduler": scheduler, "log": log, "counter": counter},
+        )
+        brain = SaveAfterTrainingBrain(
+            modules,
+            lambda _: optimizer,
+            hparams={"scheduler": scheduler, "log": log},
+            run_opts={"noprogressbar": True},
+            checkpointer=checkpointer,
+        )
+        SaveAfterTrainingBrain.valid_passes = 0
+        brain.crash_valid_at = crash
+        brain.save_in = save_in
+        brain.fit(
+            counter,
+            examples(24, seed=1),
+            examples(8, seed=2),
+            train_loader_kwargs={"batch_size": 4, "shuffle": True},
+            valid_loader_kwargs={"batch_size": 4},
+        )
+        state = _state(brain)
+        state["log"] = log.entries
+        state["lr"] = optimizer.param_groups[0]["lr"]
+        state["scheduler"] = scheduler.state_dict()
+        return state
+
+    straight = run(tmp_path / "straight", None)
+    with pytest.raises(CrashError):
+        run(tmp_path / "broken", crash_valid_at)
+    resumed = run(tmp_path / "broken", None, script_seed=99)
+    _assert_identical(resumed, straight)

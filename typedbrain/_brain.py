@@ -229,8 +229,12 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._ddp_modules: list[torch.nn.parallel.DistributedDataParallel] = []
         self._wrapped = False
         self._restored: RunRecord | None = None  # run state recovered, not yet applied
-        self._epoch_rng: RngState | None = None  # the generators before this epoch's iter()
+        self._epoch_rng: RngState | None = None  # the generators as this epoch began
         self._in_train_loop = False  # between two training batches of an epoch
+        # Between the end of an epoch's training and the end of its validation; with the
+        # generators as validation began, once it has.
+        self._valid_pending = False
+        self._valid_rng: RngState | None = None
         self._loss_not_averaged: Tensor | None = None  # in on_fit_batch_end: its batch's loss
         self._train_loader: DataLoader[object] | None = None
         self._valid_loader: DataLoader[object] | None = None
@@ -742,7 +746,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 self._last_checkpoint_time = time.monotonic()
                 show = self._progress_enabled(progressbar)
                 for epochs_run, epoch in enumerate(epoch_counter, start=1):
-                    self._train_stage(train_loader, epoch, show)
+                    if not self._resume_at_validation(train_loader, epoch):
+                        self._train_stage(train_loader, epoch, show)
                     if valid_loader is not None:
                         self._valid_stage(valid_loader, epoch, show)
                     if self.debug and epochs_run >= self.debug_epochs:
@@ -760,6 +765,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self._restored = None
             self._train_loader = None
             self._valid_loader = None
+            self._valid_pending = False
+            self._valid_rng = None
             self._stop = StopRequest(enabled=False)
             self._agreement = None
 
@@ -1058,6 +1065,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self._close_window(self._plan or self._current_plan())
         self.zero_grad(set_to_none=True)
         train_loss = self._stage_loss(self.avg_train_loss)
+        self._valid_pending = self._valid_loader is not None
+        self._valid_rng = None
         self.on_stage_end(Stage.TRAIN, train_loss, epoch)
         self.avg_train_loss = 0.0
         self._end_stage()
@@ -1136,10 +1145,12 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             else:
                 skipped += 1
         window = self._window if mid_epoch else 0
+        valid_pending = self._valid_pending and not mid_epoch
         state = RunState(
             phase=self.phase.name,
             epoch=self._epoch,
             mid_epoch=mid_epoch,
+            valid_pending=valid_pending,
             progress=TrainingProgress(
                 step=self.step,
                 optimizer_step=self.optimizer_step,
@@ -1150,7 +1161,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             skipped=skipped,
             window=window,
             rng=capture_rng(),
-            epoch_rng=self._epoch_rng if mid_epoch else None,
+            epoch_rng=self._epoch_rng if mid_epoch else self._valid_rng if valid_pending else None,
             sampler=None
             if sampler is None
             else SamplerState(seed=sampler.seed, epoch=sampler.epoch),
@@ -1205,18 +1216,23 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         ):
             if built is not None and seed is not None:
                 set_loader_seed(built, seed)
-        if not state.mid_epoch:
+        pending_validation = state.valid_pending and self._valid_loader is not None
+        if not (state.mid_epoch or pending_validation):
             return None
         if state.epoch != epoch:
+            where = (
+                f"after batch {state.progress.step}"
+                if state.mid_epoch
+                else "before its validation ended"
+            )
             warn(
-                f"the checkpoint was taken in epoch {state.epoch} after batch "
-                f"{state.progress.step}, but the epoch counter started epoch {epoch}: "
-                "the interrupted epoch is not continued (use an EpochCounter, which a "
-                "checkpointer resumes, to continue it exactly)",
+                f"the checkpoint was taken in epoch {state.epoch} {where}, but the epoch "
+                f"counter started epoch {epoch}: the interrupted epoch is not continued (use "
+                "an EpochCounter, which a checkpointer resumes, to continue it exactly)",
                 ResumeWarning,
             )
             return None
-        return restored
+        return restored if state.mid_epoch else None
 
     def _continue_epoch(self, restored: RunRecord) -> int:
         """Put the counters and partial gradients of an interrupted epoch back."""
@@ -1254,9 +1270,16 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         return progress.step
 
     def _reenter_interrupted_epoch(self, epoch_counter: Iterable[int]) -> None:
-        """Have an :class:`EpochCounter` yield again the epoch a checkpoint interrupted."""
+        """Have an :class:`EpochCounter` yield again the epoch a checkpoint interrupted.
+
+        Interrupted: in its training stage, or (with a validation set) before its validation
+        stage ended.
+        """
         restored = self._restored
-        if restored is None or not restored.state.mid_epoch:
+        if restored is None:
+            return
+        state = restored.state
+        if not (state.mid_epoch or (state.valid_pending and self._valid_loader is not None)):
             return
         epoch = restored.state.epoch
         if isinstance(epoch_counter, EpochCounter) and epoch_counter.current == epoch:
@@ -1264,11 +1287,36 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
     def _valid_stage(self, loader: DataLoader[object], epoch: int, show: bool) -> None:
         self._machine.move(Phase.VALID)
+        self._valid_rng = capture_rng() if self._valid_pending else None
         self._start_stage(Stage.VALID, epoch)
         self.modules.eval()
         avg_valid_loss = self._evaluate_loader(loader, Stage.VALID, show, f"epoch {epoch} valid")
+        self._valid_pending = False  # a checkpoint saved from here on ends the epoch
         self.on_stage_end(Stage.VALID, avg_valid_loss, epoch)
         self._end_stage()
+
+    def _resume_at_validation(self, loader: DataLoader[object], epoch: int) -> bool:
+        """Take a recovered state saved before ``epoch``'s validation ended; ``True`` if taken.
+
+        The epoch's training had ended: the brain takes the loaders' seeds, the counters the
+        training stage left and the generators as validation began (when it had), and the
+        caller runs the validation stage again without training.
+        """
+        restored = self._restored
+        if restored is None or not restored.state.valid_pending or self._valid_loader is None:
+            return False
+        state = restored.state
+        if state.epoch != epoch:
+            return False  # _take_restored (in the training stage) warns
+        self._take_restored(loader, epoch)  # the data order's seeds; nothing more to take
+        self._epoch = epoch
+        self.nonfinite_count = state.progress.nonfinite_count
+        if state.epoch_rng is not None:
+            restore_rng(state.epoch_rng)
+        # The phase the interrupted run validated from (no training hook runs).
+        self._machine.move(Phase.TRAIN)
+        logger.info("epoch %s: its training had ended; validating it again", epoch)
+        return True
 
     def _evaluate_loader(
         self, loader: DataLoader[object], stage: Stage, show: bool, description: str

@@ -80,13 +80,17 @@ class RunState:
         epoch: the epoch in progress (``None`` outside the epoch loop).
         mid_epoch: taken between two training batches: a resumed run re-enters ``epoch`` and
             continues after batch ``progress.step`` instead of starting the next epoch.
+        valid_pending: taken after ``epoch``'s training stage ended and before its validation
+            stage did (in ``on_stage_end(Stage.TRAIN)``, or during validation): a resumed run
+            re-enters ``epoch`` and validates it again instead of starting the next epoch.
         progress: the training counters.
         skipped: non-finite losses left out of the running average in this stage.
         window: backward passes accumulated since the last optimizer step; their gradients are
             saved beside this state.
         rng: every global random generator's state when the state was taken.
         epoch_rng: the generators' state as the epoch began (before ``on_stage_start``), from
-            which a re-entered epoch draws again (``None`` outside an epoch).
+            which a re-entered epoch draws again; with ``valid_pending``, as validation began,
+            if it had (``None`` otherwise).
         sampler: the training sampler's seed and epoch, when it is a resumable sampler.
         train_loader_seed: the seed ``make_dataloader`` gave the training loader (its
             generator and workers), when it built it.
@@ -98,6 +102,7 @@ class RunState:
     phase: str
     epoch: int | None = None
     mid_epoch: bool = False
+    valid_pending: bool = False
     progress: TrainingProgress = TrainingProgress()
     skipped: int = attrs.field(default=0, validator=_non_negative)
     window: int = attrs.field(default=0, validator=_non_negative)
