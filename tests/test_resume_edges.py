@@ -266,3 +266,22 @@ def test_a_checkpoint_saved_between_training_and_validation_validates_again_on_r
         run(tmp_path / "broken", crash_valid_at)
     resumed = run(tmp_path / "broken", None, script_seed=99)
     _assert_identical(resumed, straight)
+
+
+class SaveAtEpochStartBrain(StageNoiseBrain):
+    """Saves in ``on_stage_start(Stage.TRAIN)``, after drawing the epoch's noise."""
+
+    def on_stage_start(self, stage: Stage, epoch: int | None = None) -> None:
+        super().on_stage_start(stage, epoch)
+        if stage is Stage.TRAIN:
+            assert isinstance(self.checkpointer, tb.Checkpointer)
+            self.checkpointer.save_and_keep_only(num_to_keep=1)
+
+
+@pytest.mark.parametrize("crash_at", [1, 7, 13])
+def test_a_checkpoint_saved_as_an_epoch_starts_trains_that_epoch_on_resume(
+    tmp_path: Path, crash_at: int
+) -> None:
+    # Six batches an epoch: each crash comes at the first batch of epochs 1-3, when the newest
+    # checkpoint is the one saved as the epoch started.
+    _resume_matches(SaveAtEpochStartBrain, tmp_path, lambda: examples(24), crash_at)

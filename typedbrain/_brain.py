@@ -230,7 +230,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._wrapped = False
         self._restored: RunRecord | None = None  # run state recovered, not yet applied
         self._epoch_rng: RngState | None = None  # the generators as this epoch began
-        self._in_train_loop = False  # between two training batches of an epoch
+        # In an epoch's training stage, from on_stage_start to the end of its loop: a state
+        # saved then re-enters the epoch.
+        self._in_train_loop = False
         # Between the end of an epoch's training and the end of its validation; with the
         # generators as validation began, once it has.
         self._valid_pending = False
@@ -767,6 +769,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self._valid_loader = None
             self._valid_pending = False
             self._valid_rng = None
+            self._in_train_loop = False
             self._stop = StopRequest(enabled=False)
             self._agreement = None
 
@@ -985,6 +988,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self._epoch_rng = restored.state.epoch_rng
             if self._epoch_rng is not None:
                 restore_rng(self._epoch_rng)
+        self._in_train_loop = True  # cleared when the loop ends (below) or fit does
         self._start_stage(Stage.TRAIN, epoch)
         self.modules.train()
         self.zero_grad()
@@ -1001,7 +1005,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 batch_size=None if restored is None else restored.state.batch_size,
             ),
         )
-        if restored is not None:
+        if restored is not None and batches_done:
+            # (A state saved in on_stage_start, before the first batch, is reached again by
+            # running on_stage_start and iter(loader) from the epoch's generators above.)
             restore_rng(restored.state.rng)
         stop = self._stop
         agreement = self._agreement
@@ -1017,7 +1023,6 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     initial=batches_done,
                 )
             )
-            self._in_train_loop = True
             stack.callback(setattr, self, "_in_train_loop", False)  # however the loop ends
             for batch in progress:
                 plan = self._plan or self._current_plan()

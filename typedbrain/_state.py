@@ -78,8 +78,10 @@ class RunState:
     Attributes:
         phase: the name of the brain's phase when the state was taken.
         epoch: the epoch in progress (``None`` outside the epoch loop).
-        mid_epoch: taken between two training batches: a resumed run re-enters ``epoch`` and
-            continues after batch ``progress.step`` instead of starting the next epoch.
+        mid_epoch: taken in ``epoch``'s training stage, between two training batches (or in
+            ``on_stage_start``, before the first: ``progress.step`` 0): a resumed run re-enters
+            ``epoch`` and continues after batch ``progress.step`` instead of starting the next
+            epoch.
         valid_pending: taken after ``epoch``'s training stage ended and before its validation
             stage did (in ``on_stage_end(Stage.TRAIN)``, or during validation): a resumed run
             re-enters ``epoch`` and validates it again instead of starting the next epoch.
