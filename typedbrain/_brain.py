@@ -725,7 +725,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             ReentrantCallError: called while ``fit`` or ``evaluate`` is running.
             NonFiniteLossError: an epoch saw more than ``nonfinite_patience`` non-finite losses.
             TrainingInterruptedError: SIGTERM or SIGINT arrived; the run stopped after a batch
-                (and saved an intra-epoch checkpoint during training, with a checkpointer).
+                (and saved an intra-epoch checkpoint first, with a checkpointer).
         """
         if self.test_only:
             logger.info("test_only is set: fit() returns without training")
@@ -1045,7 +1045,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     ):
                         self._save_intra_epoch_ckpt()
                     if stop.signal is not None:
-                        self._stop_on_signal(stop.signal, in_training=True)
+                        self._stop_on_signal(stop.signal, save=True)
                 else:
                     # Every process saves and stops after the same batch (see _stop_agreement).
                     agreed = agreement.after_batch(
@@ -1054,13 +1054,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     if agreed.save or (plan.checkpoint_steps and self._checkpoint_due(plan)):
                         self._save_intra_epoch_ckpt()
                     if agreed.signal is not None:
-                        self._stop_on_signal(agreed.signal, in_training=True)
+                        self._stop_on_signal(agreed.signal, save=True)
                 if plan.batch_limit is not None and self.step >= plan.batch_limit:
                     break
             # The last batch's exchange: a process asked to stop during it stops every one here
             # (a time-based checkpoint it found due is left to the next epoch).
             if agreement is not None and (signum := agreement.settle().signal) is not None:
-                self._stop_on_signal(signum, in_training=True)
+                self._stop_on_signal(signum, save=True)
         if self._window > 0:
             logger.info(
                 "epoch %d ended with %d accumulated batches: stepping them",
@@ -1122,11 +1122,16 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         agreement = self._agreement
         signum = self._stop.signal if agreement is None else agreement.now()
         if signum is not None:
-            self._stop_on_signal(signum, in_training=False)
+            self._stop_on_signal(signum, save=False)
 
-    def _stop_on_signal(self, signum: int, *, in_training: bool) -> None:
+    def _stop_on_signal(self, signum: int, *, save: bool) -> None:
+        """Stop ``fit`` for signal ``signum``, with a checkpoint first if ``save`` (and one can).
+
+        Saved in training (after a batch) and in validation (one that validates the epoch
+        again on resume: see ``RunState.valid_pending``).
+        """
         saved = False
-        if in_training and self.checkpointer is not None:
+        if save and self.checkpointer is not None:
             self._save_intra_epoch_ckpt()
             saved = True
         error = TrainingInterruptedError(signum, checkpoint_saved=saved)
@@ -1351,7 +1356,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     and stage is Stage.VALID
                     and self._agreement is None
                 ):
-                    self._stop_on_signal(self._stop.signal, in_training=False)
+                    # Mid-validation: resumed, the epoch is validated again.
+                    self._stop_on_signal(self._stop.signal, save=self._valid_pending)
                 batch_limit = self._current_plan().batch_limit
                 if batch_limit is not None and self.step >= batch_limit:
                     break
