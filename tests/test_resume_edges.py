@@ -264,6 +264,10 @@ def test_a_checkpoint_saved_between_training_and_validation_validates_again_on_r
     straight = run(tmp_path / "straight", None)
     with pytest.raises(CrashError):
         run(tmp_path / "broken", crash_valid_at)
+    if save_in is Stage.VALID:
+        # Interrupted again, in the validation the restart runs again (after its new save).
+        with pytest.raises(CrashError):
+            run(tmp_path / "broken", 2, script_seed=98)
     resumed = run(tmp_path / "broken", None, script_seed=99)
     _assert_identical(resumed, straight)
 

@@ -232,7 +232,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._epoch_rng: RngState | None = None  # the generators as this epoch began
         # In an epoch's training stage, from on_stage_start to the end of its loop: a state
         # saved then re-enters the epoch.
-        self._in_train_loop = False
+        self._in_train_stage = False
         # Between the end of an epoch's training and the end of its validation; with the
         # generators as validation began, once it has.
         self._valid_pending = False
@@ -769,7 +769,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self._valid_loader = None
             self._valid_pending = False
             self._valid_rng = None
-            self._in_train_loop = False
+            self._in_train_stage = False
             self._stop = StopRequest(enabled=False)
             self._agreement = None
 
@@ -988,7 +988,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self._epoch_rng = restored.state.epoch_rng
             if self._epoch_rng is not None:
                 restore_rng(self._epoch_rng)
-        self._in_train_loop = True  # cleared when the loop ends (below) or fit does
+        self._in_train_stage = True  # cleared when the loop ends (below) or fit does
         self._start_stage(Stage.TRAIN, epoch)
         self.modules.train()
         self.zero_grad()
@@ -1023,7 +1023,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     initial=batches_done,
                 )
             )
-            stack.callback(setattr, self, "_in_train_loop", False)  # however the loop ends
+            stack.callback(setattr, self, "_in_train_stage", False)  # however the loop ends
             for batch in progress:
                 plan = self._plan or self._current_plan()
                 if plan.step_limit is not None and self.optimizer_step >= plan.step_limit:
@@ -1142,7 +1142,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         """The run state to save now, with the gradients held mid-epoch (see below)."""
         train, valid = self._train_loader, self._valid_loader
         sampler = None if train is None else find_resumable_sampler(train)
-        mid_epoch = self._in_train_loop
+        mid_epoch = self._in_train_stage
         avg_train_loss, averaged, skipped = self.avg_train_loss, self._averaged, self._skipped
         pending = self._loss_not_averaged
         if pending is not None:
@@ -1320,6 +1320,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             return False  # _take_restored (in the training stage) warns
         self._take_restored(loader, epoch)  # the data order's seeds; nothing more to take
         self._epoch = epoch
+        self._valid_pending = True  # a state saved again before validation ends re-enters too
         self.nonfinite_count = state.progress.nonfinite_count
         if state.epoch_rng is not None:
             restore_rng(state.epoch_rng)
