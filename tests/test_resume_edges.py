@@ -5,6 +5,7 @@ compared with the uninterrupted run bit for bit."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -166,6 +167,7 @@ def _run(
     crash_at: int | None,
     opt_class: tb.OptimizerFactory | None = _adam,
     script_seed: int = 0,
+    run_opts: tb.RunOptionsDict | None = None,
 ) -> CountingBrain:
     torch.manual_seed(0)
     modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
@@ -178,7 +180,7 @@ def _run(
     brain = cls(
         modules,
         opt_class,
-        run_opts={"noprogressbar": True, "ckpt_interval_steps": 2},
+        run_opts={"noprogressbar": True, "ckpt_interval_steps": 2, **(run_opts or {})},
         checkpointer=checkpointer,
     )
     cls.passes = 0
@@ -193,12 +195,28 @@ def _resume_matches(
     data: Callable[[], tb.DataSource],
     crash_at: int,
     opt_class: tb.OptimizerFactory | None = _adam,
+    run_opts: tb.RunOptionsDict | None = None,
 ) -> None:
-    straight = _run(cls, tmp_path / "straight", data, crash_at=None, opt_class=opt_class)
+    straight = _run(
+        cls, tmp_path / "straight", data, crash_at=None, opt_class=opt_class, run_opts=run_opts
+    )
     with pytest.raises(CrashError):
-        _run(cls, tmp_path / "broken", data, crash_at=crash_at, opt_class=opt_class)
+        _run(
+            cls,
+            tmp_path / "broken",
+            data,
+            crash_at=crash_at,
+            opt_class=opt_class,
+            run_opts=run_opts,
+        )
     resumed = _run(
-        cls, tmp_path / "broken", data, crash_at=None, opt_class=opt_class, script_seed=99
+        cls,
+        tmp_path / "broken",
+        data,
+        crash_at=None,
+        opt_class=opt_class,
+        script_seed=99,
+        run_opts=run_opts,
     )
     _assert_identical(_state(resumed), _state(straight))
 
@@ -289,3 +307,23 @@ def test_a_checkpoint_saved_as_an_epoch_starts_trains_that_epoch_on_resume(
     # Six batches an epoch: each crash comes at the first batch of epochs 1-3, when the newest
     # checkpoint is the one saved as the epoch started.
     _resume_matches(SaveAtEpochStartBrain, tmp_path, lambda: examples(24), crash_at)
+
+
+def _with_a_nan_example() -> list[Batch]:
+    data = examples(24)
+    data[5] = (torch.full((4,), math.nan), data[5][1])  # one non-finite loss an epoch
+    return data
+
+
+def test_a_checkpoint_saved_as_an_epoch_starts_holds_that_epochs_non_finite_count(
+    tmp_path: Path,
+) -> None:
+    # One NaN batch an epoch and a patience of 1: a checkpoint saved in on_stage_start that
+    # held the previous epoch's count would make the resumed epoch fail at its NaN batch.
+    _resume_matches(
+        SaveAtEpochStartBrain,
+        tmp_path,
+        _with_a_nan_example,
+        7,
+        run_opts={"nonfinite_patience": 1, "max_grad_norm": 0.0},
+    )

@@ -725,7 +725,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             ReentrantCallError: called while ``fit`` or ``evaluate`` is running.
             NonFiniteLossError: an epoch saw more than ``nonfinite_patience`` non-finite losses.
             TrainingInterruptedError: SIGTERM or SIGINT arrived; the run stopped after a batch
-                (and saved an intra-epoch checkpoint first, with a checkpointer).
+                (and saved an intra-epoch checkpoint during training, with a checkpointer).
         """
         if self.test_only:
             logger.info("test_only is set: fit() returns without training")
@@ -989,11 +989,12 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             if self._epoch_rng is not None:
                 restore_rng(self._epoch_rng)
         self._in_train_stage = True  # cleared when the loop ends (below) or fit does
+        # Reset before on_stage_start, where a checkpoint saved must hold this epoch's counts.
+        self.nonfinite_count = 0
+        self._window = 0
         self._start_stage(Stage.TRAIN, epoch)
         self.modules.train()
         self.zero_grad()
-        self.nonfinite_count = 0
-        self._window = 0
         batches_done = 0 if restored is None else self._continue_epoch(restored)
         self._stage_batches = self._planned_batches(loader)
         batches = cast(  # the loader yields what the recipe declares as its batch type
@@ -1127,8 +1128,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     def _stop_on_signal(self, signum: int, *, save: bool) -> None:
         """Stop ``fit`` for signal ``signum``, with a checkpoint first if ``save`` (and one can).
 
-        Saved in training (after a batch) and in validation (one that validates the epoch
-        again on resume: see ``RunState.valid_pending``).
+        Saved in training, after a batch; not in validation (see ``_evaluate_loader``).
         """
         saved = False
         if save and self.checkpointer is not None:
@@ -1357,8 +1357,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     and stage is Stage.VALID
                     and self._agreement is None
                 ):
-                    # Mid-validation: resumed, the epoch is validated again.
-                    self._stop_on_signal(self._stop.signal, save=self._valid_pending)
+                    # No checkpoint: a recipe keeps what it logs at the end of validation
+                    # (the train loss, say) in attributes no checkpoint holds, so the restart
+                    # goes back to the last checkpoint and trains this epoch again.
+                    self._stop_on_signal(self._stop.signal, save=False)
                 batch_limit = self._current_plan().batch_limit
                 if batch_limit is not None and self.step >= batch_limit:
                     break
