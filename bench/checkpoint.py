@@ -296,7 +296,7 @@ def _checkpoint_at(folder: Path, data: Dataset[torch.Tensor], position: int) -> 
     next(iter(counter))
     brain._train_loader = loader
     brain._epoch = 1
-    brain._in_train_loop = True
+    brain._in_train_stage = True
     brain._epoch_rng = capture_rng()
     brain.step = position
     brain._machine.move(Phase.FIT_START)
