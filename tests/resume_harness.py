@@ -58,6 +58,9 @@ class RunConfig:
     signal_rank: int | None = None  # under a process group: only this rank signals itself
     kill_at_save: int | None = None  # SIGKILL this process in the middle of its n-th save
     user_save_at: int | None = None  # save a checkpoint from on_fit_batch_end at this pass
+    # Also save a checkpoint in this hook, every epoch: on_stage_start(TRAIN), on_stage_end(TRAIN)
+    # (after logging and stepping the scheduler) or on_stage_start(VALID).
+    save_point: Literal["none", "train_start", "train_end", "valid_start"] = "none"
     stop_on_signals: bool = True
     fsdp: bool = False  # under a process group: shard the model with FSDP2 instead of DDP
 
@@ -149,11 +152,18 @@ class HarnessBrain(sb.Brain[Batch, Tensor]):
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=0.5)
         self.ckpt.add_recoverable("scheduler", self.scheduler)
 
+    def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
+        point = {sb.Stage.TRAIN: "train_start", sb.Stage.VALID: "valid_start"}.get(stage)
+        if point == self.hparams["save_point"]:
+            self.ckpt.save_checkpoint(meta={"by": point}, end_of_epoch=False)
+
     def on_stage_end(self, stage: sb.Stage, stage_loss: float, epoch: int | None = None) -> None:
         assert epoch is not None
         self.log.entries.append((stage.name, epoch, stage_loss))
         if stage is sb.Stage.TRAIN:
             self.scheduler.step()
+            if self.hparams["save_point"] == "train_end":
+                self.ckpt.save_checkpoint(meta={"by": "train_end"}, end_of_epoch=False)
         last_stage = sb.Stage.VALID if self.hparams["valid"] else sb.Stage.TRAIN
         if stage is last_stage:
             self.ckpt.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"])
@@ -204,6 +214,7 @@ def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, 
             "signal_at": config.signal_at,
             "signal_rank": config.signal_rank,
             "user_save_at": config.user_save_at,
+            "save_point": config.save_point,
         },
         run_opts={
             "precision": config.precision,

@@ -57,6 +57,10 @@ def configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, Interruption]:
         user_sampler=not user_loader and draw(st.booleans()),
         # Two workers now and then: each epoch starts worker processes, which is slow.
         num_workers=draw(st.sampled_from([0, 0, 0, 0, 0, 0, 0, 2])),
+        # The recipe's own checkpoints at the stage boundaries, now and then.
+        save_point=draw(
+            st.sampled_from(["none", "none", "train_start", "train_end", "valid_start"])
+        ),
     )
     interruption = Interruption(
         stop_at=draw(st.integers(1, total_forward_passes(config))),
