@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import attrs
 import pytest
@@ -276,6 +277,31 @@ def test_a_torchrun_job_stopped_anywhere_and_restarted_with_torchrun_ends_identi
     assert not (tmp_path / "broken.pt.0").exists()
     assert torchrun_job(DDP_RUN, folder, out) == 0
     assert load(out.with_name("broken.pt.0"))["sharded"] is False  # DDP, not FSDP2
+    for rank in (0, 1):
+        expected = load(uninterrupted_torchrun_job / f"straight.pt.{rank}")
+        assert differences(expected, load(tmp_path / f"broken.pt.{rank}")) == []
+
+
+# (the recipe's own save point, forward pass of the stop): each stop comes after that save.
+RECIPE_SAVES = {
+    "saved as training ends, stopped in validation": ("train_end", 11),
+    "saved as validation starts, stopped in it": ("valid_start", 11),
+    "saved as an epoch starts, stopped at its first pass": ("train_start", 13),
+}
+
+
+@pytest.mark.parametrize(("save_point", "stop_at"), RECIPE_SAVES.values(), ids=RECIPE_SAVES.keys())
+def test_a_torchrun_job_resumes_from_a_checkpoint_the_recipe_saved_at_a_stage_boundary(
+    save_point: Literal["train_start", "train_end", "valid_start"],
+    stop_at: int,
+    tmp_path: Path,
+    uninterrupted_torchrun_job: Path,
+) -> None:
+    # Saving changes nothing the run computes: the uninterrupted job above is the reference.
+    config = attrs.evolve(DDP_RUN, save_point=save_point)
+    folder, out = tmp_path / "broken", tmp_path / "broken.pt"
+    assert torchrun_job(config, folder, out, stop_at=stop_at) != 0
+    assert torchrun_job(config, folder, out) == 0
     for rank in (0, 1):
         expected = load(uninterrupted_torchrun_job / f"straight.pt.{rank}")
         assert differences(expected, load(tmp_path / f"broken.pt.{rank}")) == []
