@@ -696,10 +696,12 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             [IDLE]                                     # [FAILED] if anything raised
 
         With a checkpointer, ``on_fit_start`` recovers the newest checkpoint; when it was taken
-        between two training batches (an intra-epoch checkpoint, see ``ckpt_interval_steps``),
-        the interrupted epoch is re-entered and continues after the last batch it saved, with
-        the random generators, sampler position and partial gradients of that moment, so the
-        run ends exactly as an uninterrupted one. SIGTERM and SIGINT stop the run after the
+        in an epoch's training stage (an intra-epoch checkpoint, see ``ckpt_interval_steps``,
+        or one your ``on_stage_start`` saved), the interrupted epoch is re-entered and continues
+        after the last batch it saved, with the random generators, sampler position and
+        gradients of that moment; when it was taken after the epoch's training and before the
+        end of its validation, the epoch's validation runs again (without training). Either
+        way the run ends exactly as an uninterrupted one. SIGTERM and SIGINT stop the run after the
         current batch (see the ``stop_on_signals`` run option).
 
         Under ``torchrun`` every process runs this same loop on its own shard of the data (see
