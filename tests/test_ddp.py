@@ -212,9 +212,7 @@ def test_a_job_killed_at_random_moments_resumes_bit_for_bit(tmp_path: Path) -> N
     if not (tmp_path / "killed.pt.0").exists():
         assert resume_job(config, folder, out) == [0, 0]
     assert kills == 4, "the job finished before it could be killed 4 times"
-    for rank in (0, 1):
-        expected = load(tmp_path / f"straight.pt.{rank}")
-        assert differences(expected, load(tmp_path / f"killed.pt.{rank}")) == []
+    assert_same_ranks(tmp_path / "straight.pt", tmp_path / "killed.pt")
 
 
 def torchrun(*program: str) -> list[str]:
@@ -249,6 +247,25 @@ def torchrun_job(config: RunConfig, folder: Path, out: Path, stop_at: int | None
     return done.returncode
 
 
+def stopped_and_restarted(config: RunConfig, tmp_path: Path, stop_at: int) -> Path:
+    """Stop a torchrun job at pass ``stop_at``, run it again to the end; its results' stem.
+
+    The results are ``broken.pt.<rank>`` in ``tmp_path``; the checkpoints are in ``broken``.
+    """
+    folder, out = tmp_path / "broken", tmp_path / "broken.pt"
+    assert torchrun_job(config, folder, out, stop_at=stop_at) != 0  # torchrun reports it
+    assert not (tmp_path / "broken.pt.0").exists()
+    assert torchrun_job(config, folder, out) == 0
+    return out
+
+
+def assert_same_ranks(expected: Path, resumed: Path) -> None:
+    """Every rank's final state in ``resumed.<rank>`` equals the one in ``expected.<rank>``."""
+    for rank in (0, 1):
+        reference = load(expected.with_name(f"{expected.name}.{rank}"))
+        assert differences(reference, load(resumed.with_name(f"{resumed.name}.{rank}"))) == []
+
+
 # Each rank runs 8 training and 4 validation passes per epoch, with a checkpoint every 2
 # training batches and an optimizer step every 2.
 STOP_POINTS = {
@@ -272,14 +289,9 @@ def uninterrupted_torchrun_job(tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_a_torchrun_job_stopped_anywhere_and_restarted_with_torchrun_ends_identical(
     stop_at: int, tmp_path: Path, uninterrupted_torchrun_job: Path
 ) -> None:
-    folder, out = tmp_path / "broken", tmp_path / "broken.pt"
-    assert torchrun_job(DDP_RUN, folder, out, stop_at=stop_at) != 0  # torchrun reports it
-    assert not (tmp_path / "broken.pt.0").exists()
-    assert torchrun_job(DDP_RUN, folder, out) == 0
+    out = stopped_and_restarted(DDP_RUN, tmp_path, stop_at)
     assert load(out.with_name("broken.pt.0"))["sharded"] is False  # DDP, not FSDP2
-    for rank in (0, 1):
-        expected = load(uninterrupted_torchrun_job / f"straight.pt.{rank}")
-        assert differences(expected, load(tmp_path / f"broken.pt.{rank}")) == []
+    assert_same_ranks(uninterrupted_torchrun_job / "straight.pt", out)
 
 
 # (the recipe's own save point, forward pass of the stop): each stop comes after that save.
@@ -299,12 +311,8 @@ def test_a_torchrun_job_resumes_from_a_checkpoint_the_recipe_saved_at_a_stage_bo
 ) -> None:
     # Saving changes nothing the run computes: the uninterrupted job above is the reference.
     config = attrs.evolve(DDP_RUN, save_point=save_point)
-    folder, out = tmp_path / "broken", tmp_path / "broken.pt"
-    assert torchrun_job(config, folder, out, stop_at=stop_at) != 0
-    assert torchrun_job(config, folder, out) == 0
-    for rank in (0, 1):
-        expected = load(uninterrupted_torchrun_job / f"straight.pt.{rank}")
-        assert differences(expected, load(tmp_path / f"broken.pt.{rank}")) == []
+    out = stopped_and_restarted(config, tmp_path, stop_at)
+    assert_same_ranks(uninterrupted_torchrun_job / "straight.pt", out)
 
 
 # Forward passes of one rank (see STOP_POINTS): training and validation of epoch 1, training
@@ -337,9 +345,7 @@ def test_a_sigterm_that_reaches_one_rank_stops_every_rank_after_the_same_batch(
         assert outcome == {"signal": signal.SIGTERM, "checkpoint_saved": saves}
     assert not (tmp_path / "stopped.pt.0").exists()
     assert resume_job(DDP_RUN, folder, out) == [0, 0]
-    for rank in (0, 1):
-        expected = load(uninterrupted_torchrun_job / f"straight.pt.{rank}")
-        assert differences(expected, load(tmp_path / f"stopped.pt.{rank}")) == []
+    assert_same_ranks(uninterrupted_torchrun_job / "straight.pt", tmp_path / "stopped.pt")
 
 
 @pytest.mark.parametrize(
@@ -353,12 +359,9 @@ def test_an_fsdp2_job_stopped_mid_epoch_resumes_bit_for_bit(
     # Accumulation 2: a checkpoint every 3 batches holds the first batch's sharded gradients.
     config = attrs.evolve(DDP_RUN, fsdp=True, ckpt_interval_steps=interval)
     assert torchrun_job(config, tmp_path / "straight", tmp_path / "straight.pt") == 0
-    folder, out = tmp_path / "broken", tmp_path / "broken.pt"
-    assert torchrun_job(config, folder, out, stop_at=stop_at) != 0
-    assert torchrun_job(config, folder, out) == 0
-    for rank in (0, 1):
-        expected = load(tmp_path / f"straight.pt.{rank}")
-        assert differences(expected, load(tmp_path / f"broken.pt.{rank}")) == []
+    out = stopped_and_restarted(config, tmp_path, stop_at)
+    assert_same_ranks(tmp_path / "straight.pt", out)
+    folder = tmp_path / "broken"
     assert load(tmp_path / "broken.pt.0")["sharded"] is True  # FSDP2 did shard the model
     # The checkpoint holds full tensors, not shards: the model's full shapes.
     saved = torch.load(next(folder.glob("*/model.ckpt")), weights_only=True)
