@@ -20,7 +20,7 @@ import attrs
 
 from typedbrain._checkpoint import _rank
 from typedbrain._checks import real_number
-from typedbrain._errors import ConfigurationError, CorruptCheckpointError, TrainLogError
+from typedbrain._errors import CorruptCheckpointError, TrainLogError
 from typedbrain._manifest import MANIFEST_NAME, Checkpoint, read_manifest, verify_checkpoint
 from typedbrain._train_log import LogEntry, StatValue, read_jsonl_log
 from typedbrain._version import __version__
@@ -160,19 +160,10 @@ def _checkpoints(
     newest = _rank(usable)
     key = min_key or max_key
     unranked = [] if key is None else _not_numbers(usable, key)
-    try:
-        best = (
-            _rank(
-                [checkpoint for checkpoint in usable if checkpoint not in unranked],
-                min_key=min_key,
-                max_key=max_key,
-            )
-            if key is not None
-            else []
-        )
-    except ConfigurationError as error:
-        _error(str(error))
-        return EXIT_USAGE
+    # argparse refuses both keys at once, and the values that cannot rank are left out: this
+    # ranking has nothing left to refuse.
+    rankable = [checkpoint for checkpoint in usable if checkpoint not in unranked]
+    best = [] if key is None else _rank(rankable, min_key=min_key, max_key=max_key)
     rows = [
         attrs.evolve(
             row,

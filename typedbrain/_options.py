@@ -230,7 +230,7 @@ class RunOptions:
     stop_on_signals: bool = attrs.field(default=True, validator=_validate)
 
     def __attrs_post_init__(self) -> None:
-        # The options of _EXCLUSIVE.
+        # The one check across options; from_sources names their sources (see _EXCLUSIVE).
         if self.ckpt_interval_minutes > 0 and self.ckpt_interval_steps > 0:
             raise RunOptionsError(
                 "ckpt_interval_steps",
