@@ -9,6 +9,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from typedbrain._checkpoint import (
     Checkpoint,
     Checkpointer,
+    _map_location,
     average_checkpoints,
     ckpt_recency,
     verify_checkpoint,
@@ -26,6 +28,9 @@ from typedbrain._checkpoint import (
 from typedbrain._epochs import EpochCounter
 from typedbrain._errors import CheckpointError, CheckpointWarning, ConfigurationError
 from typedbrain._protocols import CheckpointerLike
+
+if TYPE_CHECKING:
+    from torch.types import Storage
 
 
 def assert_state_equal(actual: object, expected: object, where: str = "$") -> None:
@@ -809,3 +814,20 @@ def test_save_hook_callables_are_typed(tmp_path: Path) -> None:
     state["a"] = 5
     checkpointer.recover_if_possible()
     assert state == {"a": 1}
+
+
+def test_restoring_on_a_gpu_keeps_tensors_saved_on_the_cpu_there_and_moves_the_others() -> None:
+    """An optimizer keeps its step counts on the CPU; a resumed run must too (see test_cuda)."""
+    assert _map_location(None, keep_cpu=True) is None
+    assert _map_location("cpu", keep_cpu=True) == torch.device("cpu")
+    assert _map_location("cuda:0", keep_cpu=False) == "cuda:0"  # averaging: all to the device
+    place = _map_location("cuda:0", keep_cpu=True)
+    assert callable(place)
+    # torch annotates map_location with its legacy Storage class; torch.load passes these.
+    storage = cast("Storage", torch.ones(2).untyped_storage())
+    assert place(storage, "cpu") is storage
+    if torch.cuda.is_available():
+        assert place(storage, "cuda:0").device == torch.device("cuda", 0)
+    else:  # sent to the device, which this machine lacks
+        with pytest.raises(RuntimeError, match="CUDA"):
+            place(storage, "cuda:0")

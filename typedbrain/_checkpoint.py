@@ -23,13 +23,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, Final, TypeAlias, TypeVar, cast, final
+from typing import IO, TYPE_CHECKING, Any, Final, TypeAlias, TypeVar, cast, final
 
 import attrs
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.serialization import default_restore_location
 
 from typedbrain._checks import real_number
 from typedbrain._ckpt_hooks import (
@@ -69,6 +70,10 @@ from typedbrain._manifest import (
 from typedbrain._protocols import Stateful
 from typedbrain._version import __version__
 from typedbrain._warn import warn
+
+if TYPE_CHECKING:
+    from torch.serialization import MAP_LOCATION
+    from torch.types import Storage
 
 __all__ = [
     "Checkpoint",
@@ -707,7 +712,11 @@ class Checkpointer:
 
         Args:
             checkpoint: the checkpoint to load.
-            device: where tensors are loaded (``map_location``); by default where they were.
+            device: where tensors saved from an accelerator (a GPU) are loaded; by default
+                where they were. Tensors saved from the CPU stay on the CPU, as they were in
+                the run that saved them (an optimizer keeps its step counts there), whatever
+                ``device`` says: ``load_state_dict`` puts a module's or an optimizer's state
+                next to its parameters anyway. ``"cpu"`` loads everything on the CPU.
 
         Raises:
             ConfigurationError: ``device`` is not a device, or one this machine lacks.
@@ -748,6 +757,7 @@ class Checkpointer:
             present,
             decode=[name for name, entry in present.items() if entry.loader is None],
             device=device,
+            keep_cpu=True,
         )
         return _Prepared(present=present, states=states)
 
@@ -1163,9 +1173,17 @@ CPUs two hashing threads next to the decoding one load faster than one."""
 
 
 def _verified_states(
-    checkpoint: Checkpoint, names: Iterable[str], decode: Sequence[str], device: Device
+    checkpoint: Checkpoint,
+    names: Iterable[str],
+    decode: Sequence[str],
+    device: Device,
+    *,
+    keep_cpu: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Check the files of ``names`` against the manifest; return the decoded ``decode`` ones.
+
+    ``device`` is where tensors are decoded (``map_location``); with ``keep_cpu``, only those
+    saved from an accelerator go there (see :func:`_map_location`).
 
     Sizes are checked first (a stat each), so a truncated file is never decoded. Then worker
     threads hash the files while this thread decodes those in ``decode`` (``torch.load`` with
@@ -1194,7 +1212,7 @@ def _verified_states(
         try:
             for name in decode:
                 try:
-                    states[name] = _decode(paths[name], device)
+                    states[name] = _decode(paths[name], device, keep_cpu=keep_cpu)
                 except Exception:
                     # Damage makes files undecodable too: report it as such if it is.
                     for check in checks:
@@ -1209,14 +1227,16 @@ def _verified_states(
     return states
 
 
-def _decode(path: Path, device: Device) -> dict[str, Any]:
+def _decode(path: Path, device: Device, *, keep_cpu: bool = False) -> dict[str, Any]:
     """``torch.load`` a checkpoint file with ``weights_only=True``; plain data only.
 
     Its caller reports a checksum mismatch first: an error from here stands only for a file
     that is intact, so it is not a :class:`CorruptCheckpointError`.
     """
     try:
-        state: object = torch.load(path, map_location=device, weights_only=True)
+        state: object = torch.load(
+            path, map_location=_map_location(device, keep_cpu=keep_cpu), weights_only=True
+        )
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(path, str(error).splitlines()[0]) from error
     except (RuntimeError, EOFError, ValueError, OSError) as error:
@@ -1232,6 +1252,29 @@ def _decode(path: Path, device: Device) -> dict[str, Any]:
             f"{type(state).__name__}, not a state dict"
         )
     return state
+
+
+def _map_location(device: Device, *, keep_cpu: bool) -> MAP_LOCATION:
+    """``torch.load``'s ``map_location`` for ``device``.
+
+    With ``keep_cpu``, a tensor saved from the CPU stays there and only those saved from an
+    accelerator go to ``device``: restoring a run puts every tensor where the run that saved
+    it had it. (Loaded on the GPU, an optimizer's CPU step counts would come back on the GPU,
+    which the run that saved them never did, and each step would then wait for the GPU.)
+    """
+    if device is None or not keep_cpu:
+        return device
+    target = torch.device(device)
+    if target.type == "cpu":
+        return target
+
+    def place(storage: Storage, location: str) -> Storage:
+        if location == "cpu":
+            return storage
+        placed: Storage = default_restore_location(storage, str(target))  # type: ignore[no-untyped-call]  # untyped in torch
+        return placed
+
+    return place
 
 
 def _check_device(device: object) -> None:
