@@ -28,6 +28,7 @@ from tests.distributed.harness import (
     wait_ready,
 )
 from typedbrain._distributed import (
+    _reduction_device,
     all_gather_object,
     all_reduce_mean,
     all_reduce_sum,
@@ -186,6 +187,17 @@ def test_init_distributed_refuses_a_timeout_that_is_not_positive(
 ) -> None:
     with pytest.raises(ConfigurationError, match="timeout must be positive"):
         init_distributed(timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("device", "backend"),
+    [("cpu", "gloo"), ("cpu", "cpu:gloo,cuda:nccl"), ("cuda:1", "nccl"), ("cuda:0", "gloo")],
+)
+def test_a_tensor_is_reduced_where_it_is_when_the_backend_takes_its_device(
+    device: str, backend: str
+) -> None:
+    """A CPU tensor under nccl alone moves to the current CUDA device (tests/test_cuda.py)."""
+    assert _reduction_device(torch.device(device), backend) == torch.device(device)
 
 
 @pytest.mark.usefixtures("single_process")
@@ -370,16 +382,19 @@ def test_a_dead_rank_makes_the_other_raise_distributed_error(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("group_timeout", "barrier_timeout"),
-    [(3.0, None), (60.0, 2.0)],
-    ids=["group-timeout", "barrier-timeout"],
+    ("group_timeout", "barrier_timeout", "native"),
+    [(3.0, None, True), (60.0, 2.0, True), (60.0, 2.0, False)],
+    ids=["group-timeout", "barrier-timeout", "barrier-timeout-older-torch"],
 )
 def test_a_rank_that_stops_answering_times_the_other_out(
-    tmp_path: Path, group_timeout: float, barrier_timeout: float | None
+    tmp_path: Path, group_timeout: float, barrier_timeout: float | None, native: bool
 ) -> None:
+    """``native=False``: as under a torch whose ``dist.barrier`` takes no timeout."""
     extra = {"TB_TIMEOUT": str(group_timeout)}
     if barrier_timeout is not None:
         extra["TB_BARRIER_TIMEOUT"] = str(barrier_timeout)
+    if not native:
+        extra["TB_BARRIER_WITHOUT_TIMEOUT"] = "1"
     bound = min(group_timeout, barrier_timeout or group_timeout) + MARGIN_SECONDS
     with ranks("stuck_peer", tmp_path, extra=extra) as processes:
         wait_ready(processes)
@@ -389,6 +404,8 @@ def test_a_rank_that_stops_answering_times_the_other_out(
         assert processes[1].popen.poll() is None  # still stuck: rank 0 did not wait for it
     assert result["error"] == "DistributedError"
     assert result["operation"] == "barrier"
+    if not native:  # gloo's monitored barrier stood in, and named the rank that did not come
+        assert "Rank 1 failed to pass monitoredBarrier" in str(result["message"])
 
 
 @pytest.mark.slow

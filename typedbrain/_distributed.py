@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -177,7 +178,22 @@ def barrier(timeout: datetime.timedelta | float | None = None) -> None:
         return
     delta = None if timeout is None else _timedelta(timeout)
     with _collective("barrier"):
-        dist.barrier(timeout=delta)
+        if delta is None:
+            dist.barrier()
+        elif _barrier_takes_timeout():
+            dist.barrier(timeout=delta)
+        elif dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=delta)
+        else:
+            request = dist.barrier(async_op=True)
+            assert request is not None  # async_op=True always returns the request
+            request.wait(timeout=delta)
+
+
+@functools.cache
+def _barrier_takes_timeout() -> bool:
+    """Whether this torch's ``dist.barrier`` takes a timeout (recent releases only)."""
+    return "timeout" in inspect.signature(dist.barrier).parameters
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:
@@ -252,9 +268,10 @@ def _all_gather(obj: T, *, operation: str) -> list[T]:
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Return the element-wise sum of ``tensor`` over every process. Collective.
 
-    ``tensor`` is left unchanged: the sum is a new tensor, detached from autograd. Every rank
-    must pass a tensor of the same shape and dtype, on a device the backend handles (CUDA for
-    ``nccl``, CPU or CUDA for ``gloo``). Without a process group it returns a copy.
+    ``tensor`` is left unchanged: the sum is a new tensor, detached from autograd, on
+    ``tensor``'s device. Every rank must pass a tensor of the same shape and dtype. A CPU
+    tensor under ``nccl`` (which reduces CUDA tensors only) travels through this process's
+    current CUDA device. Without a process group it returns a copy.
 
     Args:
         tensor: this process's values.
@@ -267,11 +284,22 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
             process group is up (see :func:`~typedbrain.init_distributed`).
         DistributedError: a peer died or did not answer within the group's timeout.
     """
-    total = tensor.detach().clone()
-    if not _without_group("all_reduce_sum"):
-        with _collective("all_reduce_sum"):
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total
+    if _without_group("all_reduce_sum"):
+        return tensor.detach().clone()
+    total = tensor.detach().to(_reduction_device(tensor.device, dist.get_backend()), copy=True)
+    with _collective("all_reduce_sum"):
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.to(tensor.device)
+
+
+def _reduction_device(device: torch.device, backend: str) -> torch.device:
+    """Where a tensor on ``device`` is reduced under ``backend``: where it is, but on CUDA for nccl.
+
+    ``nccl`` alone reduces CUDA tensors only; ``"cpu:gloo,cuda:nccl"`` takes both.
+    """
+    if backend == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def mean_over_processes(mean: float, count: int) -> float:

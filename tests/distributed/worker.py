@@ -19,10 +19,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 
+import typedbrain._distributed
 from typedbrain._distributed import (
     all_gather_object,
     all_reduce_mean,
@@ -187,7 +189,10 @@ def stuck_peer() -> Result:
     if launch.rank == 1:
         time.sleep(120)  # the test kills it long before
     call_timeout = os.environ.get("TB_BARRIER_TIMEOUT")
-    barrier(timeout=None if call_timeout is None else float(call_timeout))
+    # As under a torch whose dist.barrier takes no timeout, when asked.
+    native = not os.environ.get("TB_BARRIER_WITHOUT_TIMEOUT")
+    with mock.patch.object(typedbrain._distributed, "_barrier_takes_timeout", return_value=native):
+        barrier(timeout=None if call_timeout is None else float(call_timeout))
     return {"rank": launch.rank, "error": "none"}
 
 
