@@ -44,7 +44,8 @@ class RunConfig:
     batch_size: int = 4
     epochs: int = 2
     accumulation: int = 1
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "cpu"
     dropout: float = 0.0
     augment: bool = False
     valid: bool = True
@@ -221,7 +222,7 @@ def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, 
             "grad_accumulation_factor": config.accumulation,
             "ckpt_interval_steps": config.ckpt_interval_steps,
             "noprogressbar": True,
-            "device": "cpu",
+            "device": config.device,
             "stop_on_signals": config.stop_on_signals,
             "fsdp": config.fsdp,
         },
@@ -294,12 +295,17 @@ def final_state(brain: HarnessBrain) -> dict[str, object]:
         "optimizer_step": brain.optimizer_step,
         "log": list(brain.log.entries),
         "rng": torch.get_rng_state(),
+        "scaler": brain.scaler.state_dict(),  # empty unless fp16
+        # The generators of the devices the run used (none on a CPU run).
+        "cuda_rng": torch.cuda.get_rng_state_all() if brain.device.startswith("cuda") else [],
     }
 
 
 def differences(left: object, right: object, path: str = "$") -> list[str]:
     """Where two nested states differ, compared exactly (tensors bit for bit)."""
     if isinstance(left, Tensor) and isinstance(right, Tensor):
+        if left.device != right.device:  # a resumed tensor must be where the original was
+            return [f"{path} on {left.device} != {right.device}"]
         same = left.dtype == right.dtype and left.shape == right.shape and torch.equal(left, right)
         return [] if same else [path]
     if isinstance(left, Mapping) and isinstance(right, Mapping):

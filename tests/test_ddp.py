@@ -215,14 +215,14 @@ def test_a_job_killed_at_random_moments_resumes_bit_for_bit(tmp_path: Path) -> N
     assert_same_ranks(tmp_path / "straight.pt", tmp_path / "killed.pt")
 
 
-def torchrun(*program: str) -> list[str]:
-    """The command that runs ``program`` on 2 processes of this machine with torchrun."""
+def torchrun(*program: str, ranks: int = 2) -> list[str]:
+    """The command that runs ``program`` on ``ranks`` processes of this machine with torchrun."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
-        "2",
+        str(ranks),
         "--master_addr",
         "127.0.0.1",
         "--master_port",
@@ -231,8 +231,10 @@ def torchrun(*program: str) -> list[str]:
     ]
 
 
-def torchrun_job(config: RunConfig, folder: Path, out: Path, stop_at: int | None = None) -> int:
-    """Run the harness on 2 ranks launched by torchrun; torchrun's exit status."""
+def torchrun_job(
+    config: RunConfig, folder: Path, out: Path, stop_at: int | None = None, *, ranks: int = 2
+) -> int:
+    """Run the harness on ``ranks`` ranks launched by torchrun; torchrun's exit status."""
     config_path = folder.parent / f"{folder.name}.json"
     config_path.write_text(json.dumps(converter.unstructure(config)))
     command = torchrun(
@@ -242,26 +244,31 @@ def torchrun_job(config: RunConfig, folder: Path, out: Path, stop_at: int | None
         str(folder),
         str(out),
         *([] if stop_at is None else [str(stop_at)]),
+        ranks=ranks,
     )
     done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=300, check=False)
+    if done.returncode != 0:  # shown by pytest when the test fails
+        print(done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"))
     return done.returncode
 
 
-def stopped_and_restarted(config: RunConfig, tmp_path: Path, stop_at: int) -> Path:
+def stopped_and_restarted(
+    config: RunConfig, tmp_path: Path, stop_at: int, *, ranks: int = 2
+) -> Path:
     """Stop a torchrun job at pass ``stop_at``, run it again to the end; its results' stem.
 
     The results are ``broken.pt.<rank>`` in ``tmp_path``; the checkpoints are in ``broken``.
     """
     folder, out = tmp_path / "broken", tmp_path / "broken.pt"
-    assert torchrun_job(config, folder, out, stop_at=stop_at) != 0  # torchrun reports it
+    assert torchrun_job(config, folder, out, stop_at=stop_at, ranks=ranks) != 0  # reported
     assert not (tmp_path / "broken.pt.0").exists()
-    assert torchrun_job(config, folder, out) == 0
+    assert torchrun_job(config, folder, out, ranks=ranks) == 0
     return out
 
 
-def assert_same_ranks(expected: Path, resumed: Path) -> None:
+def assert_same_ranks(expected: Path, resumed: Path, *, ranks: int = 2) -> None:
     """Every rank's final state in ``resumed.<rank>`` equals the one in ``expected.<rank>``."""
-    for rank in (0, 1):
+    for rank in range(ranks):
         reference = load(expected.with_name(f"{expected.name}.{rank}"))
         assert differences(reference, load(resumed.with_name(f"{resumed.name}.{rank}"))) == []
 

@@ -10,6 +10,7 @@ completes.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Final
@@ -36,7 +37,14 @@ def main(argv: list[str]) -> int:
     config_path, folder, out, *rest = argv
     config = converter.structure(json.loads(Path(config_path).read_text()), RunConfig)
     stop_at = int(rest[0]) if rest else None
-    dist.init_process_group("gloo")
+    # nccl for a CUDA run (tests/test_cuda.py), gloo on CPU. Made here rather than by the
+    # brain so that a single rank (torchrun --nproc_per_node 1) has a group too.
+    if config.device.startswith("cuda"):
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     try:
         try:
             brain = run(config, Path(folder), stop_at=stop_at)
