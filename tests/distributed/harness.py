@@ -50,7 +50,9 @@ def base_environment(extra: Mapping[str, str]) -> dict[str, str]:
         for key, value in os.environ.items()
         if key not in _LAUNCHER_VARIABLES and not key.startswith("TORCHELASTIC_")
     }
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+    # The repository first, then whatever this process was given (packages outside a venv).
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
     env.update(extra)
     return env
 
