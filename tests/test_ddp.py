@@ -171,6 +171,25 @@ def test_uneven_shards_count_every_example_exactly_once(tmp_path: Path) -> None:
     assert results[0]["loss"] == results[1]["loss"]  # reduced: the same on every rank
 
 
+def test_a_loss_averaged_by_the_recipe_itself_is_the_mean_of_every_ranks_batch_losses(
+    tmp_path: Path,
+) -> None:
+    """An ``update_average`` override the brain cannot count: each batch is one value, and the
+    stage loss weighs each rank's mean by its batches (13 examples make 4 on rank 0, 12 make 3
+    on rank 1), not the two means alike."""
+    run_ranks("tests.ddp.worker", "own-average-25", str(tmp_path / "eval"))
+    results = [load(tmp_path / f"eval.{rank}") for rank in (0, 1)]
+    batch_losses: list[list[float]] = []
+    for result in results:
+        losses = result["batch_losses"]
+        assert isinstance(losses, list)
+        batch_losses.append([float(value) for value in losses])
+    assert [len(losses) for losses in batch_losses] == [4, 3]
+    every_batch = [value for losses in batch_losses for value in losses]
+    for result in results:
+        assert result["loss"] == pytest.approx(sum(every_batch) / len(every_batch), rel=1e-9)
+
+
 # Bit-exact resume on 2 ranks: the harness of tests/test_resume.py, run by two processes.
 
 DDP_RUN = RunConfig(

@@ -6,6 +6,8 @@ Modes:
         ``sync_batchnorm``, writing the layer's type and running mean.
     evaluate-24, evaluate-25: evaluate a fixed model on 24 or 25 examples, writing the mean
         loss and the number of examples this rank and all ranks saw.
+    own-average-25: evaluate on 25 examples with an ``update_average`` override that keeps its
+        own mean (the brain counts nothing), writing the loss and this rank's batch losses.
     timed-checkpoints: train with an intra-epoch checkpoint every 0.6 s while rank 0 alone is
         slow after one batch, writing the steps after which this rank saved.
 
@@ -75,6 +77,28 @@ def evaluate(count: int, batch_size: int) -> tuple[float, int]:
     return loss, evaluator.seen
 
 
+class OwnAverage(Regressor):
+    """Averages as an older recipe might: its own running mean, no call to the brain's."""
+
+    batch_losses: list[float]
+
+    def update_average(self, loss: Tensor | float, avg_loss: float) -> float:
+        value = float(loss)
+        self.batch_losses.append(value)
+        return avg_loss + (value - avg_loss) / self.step
+
+
+def evaluate_own_average(count: int) -> dict[str, object]:
+    evaluator = OwnAverage(
+        {"model": model()},
+        lambda params: torch.optim.SGD(params, lr=0.05),
+        run_opts={"device": "cpu", "noprogressbar": True},
+    )
+    evaluator.batch_losses = []
+    loss = evaluator.evaluate(examples(count), test_loader_kwargs={"batch_size": 4})
+    return {"loss": loss, "batch_losses": evaluator.batch_losses}
+
+
 def batchnorm_statistics(sync: bool) -> dict[str, object]:
     """Train a model with a batch norm layer for an epoch; its layer type and running mean."""
     torch.manual_seed(1)
@@ -137,6 +161,8 @@ def main(mode: str, out: str) -> None:
             result: object = train(batch_size=4).state_dict()
         elif mode == "timed-checkpoints":
             result = {"saved_at": timed_checkpoints(f"{out}.save")}
+        elif mode == "own-average-25":
+            result = evaluate_own_average(25)
         elif mode.startswith("batchnorm-"):
             result = batchnorm_statistics(sync=mode == "batchnorm-sync")
         else:
