@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from tests.helpers import RegressionBrain, regression_brain, sgd
 from tests.strategies import RUN_OPTION_VALUES, run_option_mappings
 from typedbrain import Brain, Hparams, RunOptions, RunOptionsDict, RunOptionsError
+from typedbrain._devices import missing_device
 
 # The defaults of SpeechBrain 1.x, as listed in speechbrain-brain-surface.md.
 SPEECHBRAIN_DEFAULTS: dict[str, object] = {
@@ -237,6 +238,24 @@ def test_explicit_device_moves_the_modules() -> None:
     brain = regression_brain(run_opts={"device": "meta"})
     assert brain.device == "meta"
     assert {p.device.type for p in brain.modules.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "xpu:99"])
+def test_a_device_this_machine_lacks_is_a_run_option_error_naming_it(device: str) -> None:
+    with pytest.raises(RunOptionsError, match=rf"run option 'device': '{device}' is not avail"):
+        regression_brain(run_opts={"device": device})
+
+
+def test_a_missing_cuda_device_is_told_without_making_a_cuda_context() -> None:
+    """Every rank of a job checks its device: a check that touched GPU 0 would make a
+    context there for each of them."""
+    initialized = torch.cuda.is_initialized
+    before = initialized()  # type: ignore[no-untyped-call]  # untyped in torch
+    assert missing_device("cpu") is None
+    assert missing_device("meta") is None
+    reason = missing_device("cuda:99")
+    assert reason == f"this machine has {torch.cuda.device_count()} CUDA device(s) available"
+    assert initialized() == before  # type: ignore[no-untyped-call]  # untyped in torch
 
 
 @attrs.frozen

@@ -60,7 +60,12 @@ from typedbrain._numerics import (
     scale_gradients,
     vector_weight_decay_groups,
 )
-from typedbrain._options import RunOptionAttributes, RunOptions, RunOptionsDict
+from typedbrain._options import (
+    RunOptionAttributes,
+    RunOptions,
+    RunOptionsDict,
+    available_device,
+)
 from typedbrain._phases import Phase, PhaseMachine, PhaseObserver, Stage
 from typedbrain._plan import StepPlan, unique_parameters
 from typedbrain._progress import StageProgress
@@ -200,11 +205,12 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         )
         if options.device is None:
             options = attrs.evolve(options, device=default_device())
+        device = available_device(cast(str, options.device))
         if detect_launch() is not None:  # started by torchrun: join (or reuse) the group
             init_distributed(backend=options.distributed_backend, device=options.device)
         self._plan: StepPlan | None = None
         self._run_opts = options
-        self._device = torch.device(cast(str, options.device))
+        self._device = device
         self.modules = torch.nn.ModuleDict(dict(modules or {})).to(self._device)
         self.opt_class = opt_class
         self.checkpointer = checkpointer

@@ -41,6 +41,7 @@ from typedbrain._ckpt_hooks import (
     register_checkpoint_hooks,
     resolve_hooks,
 )
+from typedbrain._devices import missing_device
 from typedbrain._distributed import is_distributed
 from typedbrain._errors import (
     CheckpointError,
@@ -1292,21 +1293,12 @@ def _check_device(device: object) -> None:
             f"({type(device).__qualname__})"
         )
     try:
-        parsed = torch.device(device)
+        torch.device(device)
     except (RuntimeError, ValueError) as error:
         raise ConfigurationError(f"device {device!r} is not a device: {error}") from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        # From the string when there is one: torch keeps the index in 8 bits ("cuda:999" wraps).
-        index = (
-            int(device.rpartition(":")[2])
-            if isinstance(device, str) and ":" in device
-            else (parsed.index or 0)
-        )
-        if not 0 <= index < count:
-            raise ConfigurationError(
-                f"device {device!r}: this machine has {count} CUDA device(s) available"
-            )
+    missing = missing_device(device)
+    if missing is not None:
+        raise ConfigurationError(f"device {device!r}: {missing}")
 
 
 def average_checkpoints(

@@ -31,6 +31,7 @@ from typing import (
 import attrs
 import torch
 
+from typedbrain._devices import missing_device
 from typedbrain._errors import RunOptionsError
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "RunOptionAttributes",
     "RunOptions",
     "RunOptionsDict",
+    "available_device",
 ]
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -115,6 +117,23 @@ def _is_device(text: str) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
+
+
+def available_device(name: str) -> torch.device:
+    """The device run option ``device`` names, checked to exist on this machine.
+
+    Raises:
+        RunOptionsError: this machine has no such device (``"cuda"`` without CUDA,
+            ``"cuda:3"`` with one GPU); the message has the value and the reason.
+    """
+    missing = missing_device(name)
+    if missing is not None:
+        raise RunOptionsError(
+            "device",
+            f"{name!r} is not available: {missing}; leave device unset to use this process's "
+            "GPU when there is one and the CPU otherwise",
+        )
+    return torch.device(name)
 
 
 _V = TypeVar("_V")
