@@ -34,7 +34,6 @@ from typedbrain._data import (
 from typedbrain._debug_folder import redirect_for_debug
 from typedbrain._distributed import (
     all_reduce_sum,
-    default_device,
     if_main_process,
     is_distributed,
     seed_from_main,
@@ -50,7 +49,7 @@ from typedbrain._errors import (
     TrainingInterruptedError,
 )
 from typedbrain._hparams import Hparams, hparams_items, resolve_hparams
-from typedbrain._launch import detect_launch, init_distributed
+from typedbrain._launch import detect_launch, device_for, init_distributed
 from typedbrain._modules import compile_modules, wrap_modules
 from typedbrain._numerics import (
     autocast,
@@ -204,7 +203,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             hparams_items(hparams), cast(Mapping[str, object] | None, run_opts)
         )
         if options.device is None:
-            options = attrs.evolve(options, device=default_device())
+            options = attrs.evolve(options, device=device_for(detect_launch()))
         device = available_device(cast(str, options.device))
         if detect_launch() is not None:  # started by torchrun: join (or reuse) the group
             init_distributed(backend=options.distributed_backend, device=options.device)

@@ -7,7 +7,7 @@ Two kinds of helpers:
 
 * **Local** ones never talk to other processes and may be called by any subset of ranks:
   :func:`is_distributed`, :func:`get_rank`, :func:`get_world_size`, :func:`if_main_process`,
-  :func:`main_process_only`, :func:`default_device`.
+  :func:`main_process_only`.
 * **Collective** ones must be called by every rank, in the same order:
   :func:`barrier`, :func:`run_on_main`, :func:`broadcast_object`, :func:`all_gather_object`,
   :func:`all_reduce_sum`, :func:`all_reduce_mean`. A rank that skips one leaves the others
@@ -43,7 +43,6 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
-    "default_device",
     "get_rank",
     "get_world_size",
     "if_main_process",
@@ -450,10 +449,3 @@ def _share_outcome(failure: BaseException | None, name: str, *, from_main_only: 
             raise DistributedError(
                 f"{who} failed in {name}: {text}", rank=rank, operation=operation
             )
-
-
-def default_device() -> str:
-    """``cuda:<LOCAL_RANK>`` when CUDA is available, else ``cpu``."""
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
