@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final, Literal
@@ -29,9 +28,14 @@ from hypothesis import strategies as st
 
 import typedbrain._rng
 from tests.resume_harness import RunConfig, SimulatedCrashError, differences, final_state, run
-from tests.test_crash_resume import ROOT, finish, kill_after_saves, load, start
+from tests.test_crash_resume import LONG, ROOT, finish, kill_after_saves, load, start
 from tests.test_ddp import assert_same_ranks, stopped_and_restarted, torchrun_job
-from tests.test_resume import Interruption, configs_and_stops, interrupted_then_resumed
+from tests.test_resume import (
+    Interruption,
+    configs_and_stops,
+    interrupted_then_resumed,
+    resume_differences,
+)
 from typedbrain._state import converter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -63,13 +67,7 @@ def cuda_configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, Interruption]:
 def test_a_cuda_run_interrupted_anywhere_and_resumed_ends_identical(
     drawn: tuple[RunConfig, Interruption],
 ) -> None:
-    config, interruption = drawn
-    with tempfile.TemporaryDirectory() as straight, tempfile.TemporaryDirectory() as broken:
-        expected = final_state(run(config, Path(straight)))
-        resumed = interrupted_then_resumed(
-            config, interruption.stop_at, Path(broken), restart_seed=interruption.restart_seed
-        )
-    assert differences(expected, resumed) == []
+    assert resume_differences(*drawn) == []
 
 
 # Dropout on the GPU draws from the CUDA generator; the restart's script seeds its generators
@@ -107,17 +105,7 @@ def test_fp16_resumes_with_the_grad_scalers_scale(tmp_path: Path) -> None:
 
 # In separate processes: a fresh process has not touched CUDA before the brain moves its
 # modules there, and it must still get the CUDA generator state of the checkpoint.
-LONG_CUDA = RunConfig(
-    data_seed=7,
-    samples=200,
-    batch_size=4,
-    epochs=2,
-    accumulation=2,
-    dropout=0.3,
-    augment=True,
-    ckpt_interval_steps=3,
-    device="cuda",
-)
+LONG_CUDA = attrs.evolve(LONG, epochs=2, device="cuda")
 
 
 def test_a_cuda_run_killed_in_new_processes_resumes_bit_for_bit(tmp_path: Path) -> None:

@@ -87,18 +87,22 @@ def interrupted_then_resumed(
     return final_state(run(config, folder, script_seed=script_seed))
 
 
-@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
-@given(configs_and_stops())
-def test_interrupted_and_resumed_run_ends_identical_to_uninterrupted(
-    drawn: tuple[RunConfig, Interruption],
-) -> None:
-    config, interruption = drawn
+def resume_differences(config: RunConfig, interruption: Interruption) -> list[str]:
+    """Where ``config`` run straight and ``config`` interrupted and resumed end differently."""
     with tempfile.TemporaryDirectory() as straight, tempfile.TemporaryDirectory() as broken:
         expected = final_state(run(config, Path(straight)))
         resumed = interrupted_then_resumed(
             config, interruption.stop_at, Path(broken), restart_seed=interruption.restart_seed
         )
-    assert differences(expected, resumed) == []
+    return differences(expected, resumed)
+
+
+@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(configs_and_stops())
+def test_interrupted_and_resumed_run_ends_identical_to_uninterrupted(
+    drawn: tuple[RunConfig, Interruption],
+) -> None:
+    assert resume_differences(*drawn) == []
 
 
 @pytest.mark.parametrize("stop_at", [3, 7])
