@@ -202,10 +202,11 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         options = RunOptions.from_sources(
             hparams_items(hparams), cast(Mapping[str, object] | None, run_opts)
         )
+        launch = detect_launch()
         if options.device is None:
-            options = attrs.evolve(options, device=device_for(detect_launch()))
+            options = attrs.evolve(options, device=device_for(launch))
         device = available_device(cast(str, options.device))
-        if detect_launch() is not None:  # started by torchrun: join (or reuse) the group
+        if launch is not None:  # started by torchrun: join (or reuse) the group
             init_distributed(backend=options.distributed_backend, device=options.device)
         self._plan: StepPlan | None = None
         self._run_opts = options
