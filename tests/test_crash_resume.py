@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
@@ -44,12 +45,16 @@ LONG = RunConfig(
 )
 
 
-def start(config: RunConfig, folder: Path, out: Path) -> subprocess.Popen[bytes]:
+def start(
+    config: RunConfig, folder: Path, out: Path, *, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """The resume worker on ``folder`` in a new process (with ``env`` added to this one's)."""
     config_path = folder.parent / "config.json"
     config_path.write_text(json.dumps(converter.unstructure(config)))
     return subprocess.Popen(
         [sys.executable, "-m", "tests.resume_worker", str(config_path), str(folder), str(out)],
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -12,10 +12,7 @@ some CUDA kernels give different bits from run to run, resumed or not.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final, Literal
@@ -28,7 +25,7 @@ from hypothesis import strategies as st
 
 import typedbrain._rng
 from tests.resume_harness import RunConfig, SimulatedCrashError, differences, final_state, run
-from tests.test_crash_resume import LONG, ROOT, finish, kill_after_saves, load, start
+from tests.test_crash_resume import LONG, finish, kill_after_saves, load, start
 from tests.test_ddp import assert_same_ranks, stopped_and_restarted, torchrun_job
 from tests.test_resume import (
     Interruption,
@@ -36,7 +33,6 @@ from tests.test_resume import (
     interrupted_then_resumed,
     resume_differences,
 )
-from typedbrain._state import converter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -125,38 +121,16 @@ def test_a_checkpoint_written_on_cuda_resumes_on_a_process_without_cuda_and_warn
     with pytest.raises(SimulatedCrashError):
         run(DROPOUT, tmp_path / "ckpt", stop_at=DROPOUT_STOP)
     # The same recipe, told to run on the CPU, in a process that sees no GPU.
-    config_path = tmp_path / "config.json"
-    code, stderr = finish(
-        start_without_cuda(attrs.evolve(DROPOUT, device="cpu"), tmp_path, config_path)
-    )
+    on_cpu = attrs.evolve(DROPOUT, device="cpu")
+    out = tmp_path / "out.pt"
+    code, stderr = finish(start(on_cpu, tmp_path / "ckpt", out, env={"CUDA_VISIBLE_DEVICES": ""}))
     assert code == 0, stderr
     count = torch.cuda.device_count()  # every device's generator is saved
     assert f"random generator states of {count} CUDA devices and this process sees 0" in stderr
-    finished = load(tmp_path / "out.pt")
+    finished = load(out)
     model = finished["model"]
     assert isinstance(model, dict)
     assert all(tensor.device.type == "cpu" for tensor in model.values())
-
-
-def start_without_cuda(
-    config: RunConfig, tmp_path: Path, config_path: Path
-) -> subprocess.Popen[bytes]:
-    """The resume worker on ``tmp_path / "ckpt"``, in a process that sees no GPU."""
-    config_path.write_text(json.dumps(converter.unstructure(config)))
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.resume_worker",
-            str(config_path),
-            str(tmp_path / "ckpt"),
-            str(tmp_path / "out.pt"),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
 
 
 # One rank under torchrun: the brain starts an nccl group, wraps the model in DDP and averages
