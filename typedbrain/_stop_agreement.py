@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup, Work
 
+from typedbrain._errors import DistributedError
 from typedbrain._signals import StopRequest
 
 __all__ = ["Agreed", "StopAgreement", "control_group"]
@@ -33,9 +34,15 @@ def control_group() -> ProcessGroup:
         world: ProcessGroup | None = dist.group.WORLD
         assert world is not None  # there is a default group: the caller checked
         return world
-    group: ProcessGroup | None = dist.new_group(backend="gloo")
-    # new_group returns None only on processes outside the group; every process is inside.
-    assert group is not None
+    group = dist.new_group(backend="gloo")
+    # Every process is in the group, so it is a ProcessGroup here (processes outside a new
+    # group get a marker instead: None or GroupMember.NON_GROUP_MEMBER, by torch version).
+    if not isinstance(group, ProcessGroup):
+        raise DistributedError(
+            f"returned {group!r}, not a process group",
+            rank=dist.get_rank(),
+            operation="new_group(backend='gloo')",
+        )
     return group
 
 
