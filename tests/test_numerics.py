@@ -448,12 +448,13 @@ def test_optimizer_property_explains_when_there_is_none() -> None:
         _ = brain.optimizer
 
 
+# Recent torch releases deprecate TorchScript (DeprecationWarning in 2.13, FutureWarning in
+# 2.14; older ones do not warn): the warning is torch's, not what this test is about.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_jit_scripts_the_named_modules_and_trains() -> None:
     brain = regression_brain(run_opts={"jit": True, "jit_module_keys": ("model",)})
     before = parameters_of(brain)
-    # torch's own deprecation warning reaches the caller (a FutureWarning from torch 2.14 on).
-    with pytest.warns((DeprecationWarning, FutureWarning), match="deprecated"):
-        brain.fit(range(1, 2), ready_loader(batches(2, 4)))
+    brain.fit(range(1, 2), ready_loader(batches(2, 4)))
     assert isinstance(brain.modules["model"], torch.jit.ScriptModule)
     assert not torch.equal(before["model.weight"], parameters_of(brain)["model.weight"])
 
