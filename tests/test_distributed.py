@@ -389,7 +389,10 @@ def test_a_dead_rank_makes_the_other_raise_distributed_error(
 def test_a_rank_that_stops_answering_times_the_other_out(
     tmp_path: Path, group_timeout: float, barrier_timeout: float | None, native: bool
 ) -> None:
-    """``native=False``: as under a torch whose ``dist.barrier`` takes no timeout."""
+    """``native``: as this torch's ``dist.barrier`` goes (its own timeout where it has one).
+
+    ``native=False``: as under a torch whose ``dist.barrier`` takes no timeout.
+    """
     extra = {"TB_TIMEOUT": str(group_timeout)}
     if barrier_timeout is not None:
         extra["TB_BARRIER_TIMEOUT"] = str(barrier_timeout)

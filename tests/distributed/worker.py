@@ -11,6 +11,7 @@ Exit status: 0 when the scenario ran through, 3 when it stopped on a ``Distribut
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -189,9 +190,14 @@ def stuck_peer() -> Result:
     if launch.rank == 1:
         time.sleep(120)  # the test kills it long before
     call_timeout = os.environ.get("TB_BARRIER_TIMEOUT")
-    # As under a torch whose dist.barrier takes no timeout, when asked.
-    native = not os.environ.get("TB_BARRIER_WITHOUT_TIMEOUT")
-    with mock.patch.object(typedbrain._distributed, "_barrier_takes_timeout", return_value=native):
+    with contextlib.ExitStack() as stack:
+        if os.environ.get("TB_BARRIER_WITHOUT_TIMEOUT"):
+            # As under a torch whose dist.barrier takes no timeout, whatever this one does.
+            stack.enter_context(
+                mock.patch.object(
+                    typedbrain._distributed, "_barrier_takes_timeout", return_value=False
+                )
+            )
         barrier(timeout=None if call_timeout is None else float(call_timeout))
     return {"rank": launch.rank, "error": "none"}
 
