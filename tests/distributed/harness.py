@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -52,7 +53,15 @@ def base_environment(extra: Mapping[str, str]) -> dict[str, str]:
     }
     # The repository first, then whatever this process was given (packages outside a venv).
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": path,
+            # A rank found hanging is sent SIGABRT, on which it prints every thread's stack.
+            "PYTHONFAULTHANDLER": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -103,6 +112,20 @@ class Process:
             return None
         self._reader.join(timeout=5)
         return status
+
+    def dump_stacks(self) -> None:
+        """Have it print its threads' Python stacks (faulthandler, on SIGABRT) if it still runs.
+
+        The process ends there (SIGABRT's default action follows the dump); its output then
+        holds where it was stuck.
+        """
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGABRT)
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                return
+            self._reader.join(timeout=5)
 
     def kill(self) -> None:
         """Stop it with SIGKILL if it is still running."""
@@ -160,6 +183,8 @@ def finish(processes: Sequence[Process], seconds: float) -> list[int]:
     for process in processes:
         status = process.wait(max(0.0, deadline - time.monotonic()))
         if status is None:
+            for each in processes:
+                each.dump_stacks()
             outputs = "\n---\n".join(p.output for p in processes)
             raise AssertionError(f"a rank was still running after {seconds} s:\n{outputs}")
         statuses.append(status)
