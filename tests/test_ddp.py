@@ -21,7 +21,7 @@ from tests.ddp.resume_worker import STOPPED_SUFFIX
 from tests.ddp.worker import evaluate, train
 from tests.resume_harness import RunConfig, differences
 from tests.test_crash_resume import saves_so_far
-from typedbrain._modules import sync_batchnorm
+from typedbrain._modules import cpu_fsdp_problem, sync_batchnorm
 from typedbrain._state import converter
 
 pytestmark = pytest.mark.slow
@@ -137,6 +137,24 @@ def test_sync_batchnorm_turns_batch_norm_layers_into_synchronised_ones() -> None
     assert converted is module  # changed in place: a checkpointer holding it sees the change
     assert isinstance(module[1], torch.nn.SyncBatchNorm)
     assert list(module.state_dict()) == names
+
+
+@pytest.mark.parametrize("version", ["2.6.0", "2.7.1+cu126", "2.8.0"])
+def test_fsdp_on_the_cpu_is_refused_under_torch_before_2_9(version: str) -> None:
+    # Found by running tests/test_distributed.py under these releases: 2.6 fails, 2.7 and 2.8
+    # sum the ranks' gradients where 2.9+ averages them.
+    problem = cpu_fsdp_problem(torch.device("cpu"), version)
+    assert problem is not None
+    assert f"needs torch 2.9 or newer; with torch {version}," in problem
+
+
+@pytest.mark.parametrize("version", ["2.9.1", "2.10.0", "2.13.0+cpu", "3.0.0"])
+def test_fsdp_on_the_cpu_is_allowed_from_torch_2_9(version: str) -> None:
+    assert cpu_fsdp_problem(torch.device("cpu"), version) is None
+
+
+def test_fsdp_on_a_gpu_is_not_held_to_the_cpu_limit() -> None:
+    assert cpu_fsdp_problem(torch.device("cuda", 0), "2.6.0") is None
 
 
 def test_time_based_checkpoints_are_saved_after_the_same_batch_on_every_rank(
@@ -374,6 +392,10 @@ def test_a_sigterm_that_reaches_one_rank_stops_every_rank_after_the_same_batch(
     assert_same_ranks(uninterrupted_torchrun_job / "straight.pt", tmp_path / "stopped.pt")
 
 
+@pytest.mark.skipif(
+    cpu_fsdp_problem(torch.device("cpu"), str(torch.__version__)) is not None,
+    reason="typedbrain refuses FSDP2 on the CPU under this torch (tested above)",
+)
 @pytest.mark.parametrize(
     ("interval", "stop_at"),
     [(2, 16), (3, 5)],

@@ -48,6 +48,7 @@ from typedbrain._launch import (
     select_backend,
     shutdown_distributed,
 )
+from typedbrain._modules import cpu_fsdp_problem
 
 TORCHRUN_ENV = {
     "RANK": "3",
@@ -444,12 +445,17 @@ def test_torchrun_launch_with_two_processes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    cpu_fsdp_problem(torch.device("cpu"), str(torch.__version__)) is not None,
+    reason="before torch 2.9, fully_shard on the CPU fails (2.6) or sums the gradients (2.7, 2.8)",
+)
 def test_fsdp2_fully_shard_trains_on_cpu_with_gloo(tmp_path: Path) -> None:
-    """FINDING (torch 2.13, CPU build): ``fully_shard`` works on CPU over gloo.
+    """FINDING (torch 2.9.1, 2.13.0, 2.14.1): ``fully_shard`` works on CPU over gloo.
 
     Each rank holds half of every parameter (as a DTensor), and one SGD step gives the same
     weights as the unsharded step on the mean of both ranks' losses. Recorded in
-    docs/distributed.md; if a torch upgrade breaks it, this test says so.
+    docs/distributed.md; if a torch upgrade breaks it, this test says so. Under torch 2.6 to
+    2.8 it fails (strict xfail), which is why typedbrain refuses ``fsdp`` on the CPU there.
     """
     with ranks("fsdp", tmp_path) as processes:
         assert finish(processes, STARTUP_SECONDS) == [0, 0], processes[0].output

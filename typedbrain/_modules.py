@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import cast
+import re
+from typing import Final, cast
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -11,7 +12,34 @@ from typedbrain._distributed import is_distributed
 from typedbrain._errors import ConfigurationError
 from typedbrain._options import RunOptions
 
-__all__ = ["compile_modules", "sync_batchnorm", "wrap_modules"]
+__all__ = ["compile_modules", "cpu_fsdp_problem", "sync_batchnorm", "wrap_modules"]
+
+# The first torch release whose FSDP2 averages gradients over gloo on the CPU (checked by
+# tests/test_distributed.py::test_fsdp2_fully_shard_trains_on_cpu_with_gloo on 2.6.0, 2.7.1,
+# 2.8.0, 2.9.1, 2.13.0 and 2.14.1).
+_CPU_FSDP_SINCE: Final = (2, 9)
+
+
+def cpu_fsdp_problem(device: torch.device, torch_version: str) -> str | None:
+    """Why FSDP2 cannot train on ``device`` under torch ``torch_version``; ``None`` if it can.
+
+    Before torch 2.9, ``fully_shard`` on the CPU (gloo) fails in its first forward (2.6:
+    ``'Stream' object has no attribute 'record_event'``) or, worse, adds the ranks' gradients
+    where it should average them (2.7, 2.8): every step is ``world_size`` times too large.
+    Only the CPU is checked: FSDP2 on GPUs under those releases has not been tested here.
+    """
+    if device.type != "cpu":
+        return None
+    release = re.match(r"(\d+)\.(\d+)", torch_version)
+    if release is None or (int(release[1]), int(release[2])) >= _CPU_FSDP_SINCE:
+        return None
+    since = ".".join(map(str, _CPU_FSDP_SINCE))
+    return (
+        f"FSDP2 on the CPU needs torch {since} or newer; with torch {torch_version}, "
+        "fully_shard over gloo fails or adds the processes' gradients instead of averaging "
+        f"them (steps world_size times too large). Upgrade torch to {since}+, train on GPUs, "
+        "or use DDP (fsdp=False) on the CPU"
+    )
 
 
 def _selected(
@@ -89,6 +117,9 @@ def wrap_modules(
         if not any(p.requires_grad for p in module.parameters()):
             continue
         if is_distributed() and options.fsdp:
+            problem = cpu_fsdp_problem(device, str(torch.__version__))
+            if problem is not None:
+                raise ConfigurationError(f"run option fsdp=True: {problem}")
             # Imported here: importing FSDP imports sympy, which adds a warning filter.
             from torch.distributed.fsdp import fully_shard
 

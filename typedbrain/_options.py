@@ -204,7 +204,8 @@ class RunOptions:
         profile_warmup: profiler warm-up steps.
         profile_steps: profiled steps.
         fsdp: under a process group, shard the modules with trainable parameters with FSDP2
-            (``torch.distributed.fsdp.fully_shard``) instead of wrapping them in DDP.
+            (``torch.distributed.fsdp.fully_shard``) instead of wrapping them in DDP. On the
+            CPU it needs torch 2.9 or newer (a ``ConfigurationError`` before).
         sync_batchnorm: under a process group, turn every batch norm layer of the wrapped
             modules into ``torch.nn.SyncBatchNorm`` (statistics over every rank's batch).
         stop_on_signals: on SIGTERM or SIGINT during ``fit``, finish the current batch, save an
