@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ import attrs
 import pytest
 import torch
 
-from typedbrain import _manifest
+from typedbrain import _checkpoint, _manifest
 from typedbrain._checkpoint import Checkpoint, Checkpointer, verify_checkpoint
 from typedbrain._epochs import EpochCounter
 from typedbrain._errors import (
@@ -382,6 +383,44 @@ def test_a_truncated_file_is_reported_without_being_decoded(
     with pytest.raises(CorruptCheckpointError, match=r"has \d+ bytes"):
         checkpointer.load_checkpoint(saved.newer)
     assert loaded == []
+
+
+@pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "left alone"])
+def test_a_file_replaced_between_its_opening_and_its_hashing_is_refused(
+    saved: Saved, monkeypatch: pytest.MonkeyPatch, replaced: bool
+) -> None:
+    # The loader opens the file it decodes before hashing starts. A copy renamed over it in
+    # between (same bytes, so only the file's identity tells) must fail the check: the bytes
+    # decoded would not be the bytes hashed.
+    real_verify = _manifest.verify_file
+
+    def replace_then_verify(
+        checkpoint: Checkpoint, name: str, read_as: os.stat_result | None = None
+    ) -> None:
+        path = checkpoint.path / checkpoint.files[name].file
+        if replaced and name == "model":
+            copy = path.with_name(path.name + ".copy")
+            shutil.copyfile(path, copy)
+            os.replace(copy, path)
+        real_verify(checkpoint, name, read_as)
+
+    monkeypatch.setattr(_checkpoint, "verify_file", replace_then_verify)
+    model = torch.nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    checkpointer = Checkpointer(
+        saved.good.path.parent, {"model": model, "counter": EpochCounter(5)}
+    )
+    if replaced:
+        with pytest.raises(
+            CorruptCheckpointError,
+            match=r"the file model\.ckpt \(recoverable 'model'\) was replaced while it was "
+            "being loaded",
+        ):
+            checkpointer.load_checkpoint(saved.newer)
+        assert torch.equal(model.weight, before)
+    else:
+        checkpointer.load_checkpoint(saved.newer)
+        assert torch.equal(model.weight, saved.newer_weight)
 
 
 def test_threaded_hashing_writer_records_the_files_size_and_sha256(tmp_path: Path) -> None:

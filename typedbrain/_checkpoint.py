@@ -22,6 +22,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final, TypeAlias, TypeVar, cast, final
 
@@ -61,6 +62,7 @@ from typedbrain._manifest import (
     commit_manifest,
     hash_file,
     is_plain_name,
+    open_present,
     read_manifest,
     sync_and_close,
     sync_directory,
@@ -1189,7 +1191,9 @@ def _verified_states(
     Sizes are checked first (a stat each), so a truncated file is never decoded. Then worker
     threads hash the files while this thread decodes those in ``decode`` (``torch.load`` with
     ``weights_only=True``, which unpickles only plain data and tensors). Nothing is returned
-    unless every file's SHA-256 matches: a damaged file's decoded state is dropped unused.
+    unless every file's SHA-256 matches: a damaged file's decoded state is dropped unused. A
+    file in ``decode`` is opened once, before its hashing starts, and its hash must come from
+    that same file, so a file replaced meanwhile fails its check.
 
     Raises:
         ConfigurationError: ``device`` is not a device, or one this machine lacks.
@@ -1203,17 +1207,25 @@ def _verified_states(
     """
     _check_device(device)
     names = list(names)
-    paths = {name: check_present(checkpoint, name) for name in names}
     if not names:
         return {}
-    workers = min(len(names), _HASH_WORKERS, os.cpu_count() or 1)
     states: dict[str, dict[str, Any]] = {}
-    with ThreadPoolExecutor(workers, "typedbrain-verify") as pool:
-        checks = [pool.submit(verify_file, checkpoint, name) for name in names]
+    with ExitStack() as files:
+        streams: dict[str, IO[bytes]] = {}
+        for name in names:
+            if name in decode:
+                streams[name] = files.enter_context(open_present(checkpoint, name))
+            else:
+                check_present(checkpoint, name)
+        read_as = {name: os.fstat(stream.fileno()) for name, stream in streams.items()}
+        workers = min(len(names), _HASH_WORKERS, os.cpu_count() or 1)
+        pool = files.enter_context(ThreadPoolExecutor(workers, "typedbrain-verify"))
+        checks = [pool.submit(verify_file, checkpoint, name, read_as.get(name)) for name in names]
         try:
             for name in decode:
                 try:
-                    states[name] = _decode(paths[name], device, keep_cpu=keep_cpu)
+                    path = checkpoint.path / checkpoint.files[name].file
+                    states[name] = _decode(streams[name], path, device, keep_cpu=keep_cpu)
                 except Exception:
                     # Damage makes files undecodable too: report it as such if it is.
                     for check in checks:
@@ -1228,15 +1240,17 @@ def _verified_states(
     return states
 
 
-def _decode(path: Path, device: Device, *, keep_cpu: bool = False) -> dict[str, Any]:
-    """``torch.load`` a checkpoint file with ``weights_only=True``; plain data only.
+def _decode(
+    stream: IO[bytes], path: Path, device: Device, *, keep_cpu: bool = False
+) -> dict[str, Any]:
+    """``torch.load`` the checkpoint file ``path``, open as ``stream``, with ``weights_only=True``.
 
-    Its caller reports a checksum mismatch first: an error from here stands only for a file
-    that is intact, so it is not a :class:`CorruptCheckpointError`.
+    Plain data only. Its caller reports a checksum mismatch first: an error from here stands
+    only for a file that is intact, so it is not a :class:`CorruptCheckpointError`.
     """
     try:
         state: object = torch.load(
-            path, map_location=_map_location(device, keep_cpu=keep_cpu), weights_only=True
+            stream, map_location=_map_location(device, keep_cpu=keep_cpu), weights_only=True
         )
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(path, str(error).splitlines()[0]) from error

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -436,21 +437,53 @@ def _reading(checkpoint: Checkpoint, name: str) -> Iterator[None]:
         ) from error
 
 
-def verify_file(checkpoint: Checkpoint, name: str) -> None:
+def open_present(checkpoint: Checkpoint, name: str) -> IO[bytes]:
+    """Open recoverable ``name``'s file for reading, once its size matches the manifest.
+
+    The size is that of the opened file (``fstat``), so it is the file the caller will read.
+
+    Raises:
+        CorruptCheckpointError: the file is missing, unreadable or of the wrong size; the
+            error's ``path`` is the checkpoint folder.
+    """
+    record = checkpoint.files[name]
+    with _reading(checkpoint, name):
+        stream = (checkpoint.path / record.file).open("rb")
+        try:
+            size = os.fstat(stream.fileno()).st_size
+            if size != record.size:
+                _check_bytes(checkpoint, name, record, size, record.sha256)
+        except BaseException:
+            stream.close()
+            raise
+    return stream
+
+
+def verify_file(checkpoint: Checkpoint, name: str, read_as: os.stat_result | None = None) -> None:
     """Check recoverable ``name``'s file against the manifest: its size and SHA-256.
 
     It reads the file in chunks into one buffer (no copy of the whole file in memory); run it
-    in a worker thread to decode the file meanwhile (``hashlib`` releases the GIL).
+    in a worker thread to decode the file meanwhile (``hashlib`` releases the GIL). Given
+    ``read_as`` (the ``fstat`` of the handle the file is decoded from), the file hashed must be
+    that same file: one replaced in between (renamed over, say) fails the check, so the bytes
+    decoded are the bytes checked.
 
     Raises:
-        CorruptCheckpointError: the file is missing, unreadable, or its size or SHA-256 differs
-            from the manifest's; the error's ``path`` is the checkpoint folder.
+        CorruptCheckpointError: the file is missing, unreadable, replaced since ``read_as``, or
+            its size or SHA-256 differs from the manifest's; the error's ``path`` is the
+            checkpoint folder.
     """
     record = checkpoint.files[name]
     path = checkpoint.path / record.file
-    with _reading(checkpoint, name):
-        actual = hash_file_readonly(path)
-    _check_bytes(checkpoint, name, record, actual.size, actual.sha256)
+    with _reading(checkpoint, name), path.open("rb", buffering=0) as stream:
+        if read_as is not None and not os.path.samestat(read_as, os.fstat(stream.fileno())):
+            raise CorruptCheckpointError(
+                checkpoint.path,
+                f"the file {record.file} (recoverable {name!r}) was replaced while it was "
+                "being loaded",
+            )
+        size, sha256 = _hash_stream(stream)
+    _check_bytes(checkpoint, name, record, size, sha256)
 
 
 def _check_bytes(
@@ -501,11 +534,17 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 def hash_file_readonly(path: Path) -> CheckpointFile:
     """Size and SHA-256 of ``path``, read in chunks into one reused buffer."""
+    with path.open("rb", buffering=0) as stream:
+        size, sha256 = _hash_stream(stream)
+    return CheckpointFile(file=path.name, size=size, sha256=sha256)
+
+
+def _hash_stream(stream: io.FileIO) -> tuple[int, str]:
+    """Size and hex SHA-256 of what is left to read in ``stream``, chunk by chunk."""
     digest = hashlib.sha256()
     size = 0
     buffer = memoryview(bytearray(_CHUNK))
-    with path.open("rb", buffering=0) as stream:
-        while count := stream.readinto(buffer):
-            digest.update(buffer[:count])
-            size += count
-    return CheckpointFile(file=path.name, size=size, sha256=digest.hexdigest())
+    while count := stream.readinto(buffer):
+        digest.update(buffer[:count])
+        size += count
+    return size, digest.hexdigest()
