@@ -696,6 +696,60 @@ def test_a_file_without_a_registered_recoverable_is_ignored(tmp_path: Path) -> N
     assert restored.current == 1
 
 
+def test_a_state_a_recoverable_refuses_is_an_error_naming_it_its_file_and_what_was_loaded(
+    tmp_path: Path,
+) -> None:
+    counter = EpochCounter(3)
+    counter.current = 2
+    Checkpointer(tmp_path, {"counter": counter, "model": torch.nn.Linear(2, 2)}).save_checkpoint()
+    restored, reshaped = EpochCounter(3), torch.nn.Linear(2, 3)  # the model changed since
+    checkpointer = Checkpointer(tmp_path, {"counter": restored, "model": reshaped})
+    (checkpoint,) = checkpointer.list_checkpoints()
+    with pytest.raises(
+        CheckpointError, match=r"recoverable 'model' did not take its state"
+    ) as caught:
+        checkpointer.recover_if_possible()
+    message = str(caught.value)
+    assert str(checkpoint.path / "model.ckpt") in message
+    assert f"saved by typedbrain {checkpoint.typedbrain_version}" in message
+    assert f"torch {checkpoint.torch_version}" in message
+    assert "RuntimeError: Error(s) in loading state_dict" in message
+    assert "size mismatch" in message
+    assert "loaded before it keep the checkpoint's state: 'counter'" in message
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert restored.current == 2  # as the message says
+
+
+def test_a_load_hook_that_fails_first_is_an_error_saying_nothing_was_changed(
+    tmp_path: Path,
+) -> None:
+    class Refusing:
+        def save(self, path: Path) -> None:
+            path.write_text("{}")
+
+        def load(self, path: Path, end_of_epoch: bool) -> None:
+            raise ValueError("not my format")
+
+    model = torch.nn.Linear(2, 2)
+    saver = Checkpointer(tmp_path, {"model": model})
+    saver.add_recoverable(
+        "vocabulary", Refusing(), custom_save_hook=Refusing.save, custom_load_hook=Refusing.load
+    )
+    saver.save_checkpoint()
+    loader = Checkpointer(tmp_path)
+    loader.add_recoverable(
+        "vocabulary", Refusing(), custom_save_hook=Refusing.save, custom_load_hook=Refusing.load
+    )
+    restored = torch.nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in restored.state_dict().items()}
+    loader.add_recoverable("model", restored)
+    with pytest.raises(CheckpointError, match=r"'vocabulary' did not take its state") as caught:
+        loader.recover_if_possible()
+    assert "ValueError: not my format (no recoverable was changed)" in str(caught.value)
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert_state_equal(restored.state_dict(), before)
+
+
 # ---------------------------------------------------------------------------- averaging
 
 

@@ -729,7 +729,11 @@ class Checkpointer:
                 ``allow_partial_load`` nor its ``optional_load`` is set); the message names it.
                 Or a file whose checksum matches does not decode here (saved on a GPU and
                 loaded where there is none, say); the message names the file and the cause.
-                Under ``torch.distributed``, on the other processes, when one process failed
+                Or a recoverable's ``load_state_dict`` or load hook fails (a model whose shapes
+                changed since the save, say): the message names the recoverable, its file, the
+                typedbrain and torch versions that saved it, the original error (also the
+                ``__cause__``) and the recoverables loaded before it, which keep their new
+                state. Under ``torch.distributed``, on the other processes, when one process failed
                 (the message says which and why) or when they were given different
                 checkpoints.
         """
@@ -768,12 +772,18 @@ class Checkpointer:
         """Hand the states of a prepared checkpoint to its recoverables (load hooks run here)."""
         # Every file has passed its checks before any recoverable changes.
         present, states = prepared.present, prepared.states
+        loaded: list[str] = []
         for name, entry in present.items():
             path = checkpoint.paramfiles[name]
-            if entry.loader is not None:
-                entry.loader(entry.obj, path, checkpoint.end_of_epoch)
-            else:
-                cast(Stateful, entry.obj).load_state_dict(_for_layout(entry.obj, states[name]))
+            try:
+                if entry.loader is not None:
+                    entry.loader(entry.obj, path, checkpoint.end_of_epoch)
+                else:
+                    state = _for_layout(entry.obj, states[name])
+                    cast(Stateful, entry.obj).load_state_dict(state)
+            except Exception as error:
+                raise CheckpointError(_refused_state(checkpoint, name, error, loaded)) from error
+            loaded.append(name)
             logger.debug("restored %r from %s", name, path)
         logger.info("loaded checkpoint %s", checkpoint.path)
 
@@ -829,9 +839,10 @@ class Checkpointer:
             UnsafeCheckpointError: a verified file holds objects ``weights_only`` loading
                 refuses (a planted file: this is not skipped silently).
             CheckpointError: a registered recoverable is missing from the chosen checkpoint,
-                or a verified file does not decode (the message names the file and the cause);
-                under ``torch.distributed``, on the other processes, when one process failed
-                (the message says which and why).
+                or a verified file does not decode (the message names the file and the cause),
+                or a recoverable's ``load_state_dict`` or load hook fails (see
+                :meth:`load_checkpoint`); under ``torch.distributed``, on the other processes,
+                when one process failed (the message says which and why).
         """
         if _collective():
             return self._recover_collectively(
@@ -1173,6 +1184,30 @@ _HASH_WORKERS: Final = 4
 
 As many as there are CPUs, not one fewer: decoding is mostly copying, and measured on two
 CPUs two hashing threads next to the decoding one load faster than one."""
+
+
+def _refused_state(
+    checkpoint: Checkpoint, name: str, error: Exception, loaded: Sequence[str]
+) -> str:
+    """Why recoverable ``name`` of ``checkpoint`` did not load: ``error``, and where things stand.
+
+    ``loaded`` are the recoverables that took their state before it (they keep it).
+    """
+    versions = (
+        f"saved by typedbrain {checkpoint.typedbrain_version} with torch "
+        f"{checkpoint.torch_version}; this is typedbrain {__version__} with torch "
+        f"{torch.__version__}"
+    )
+    before = (
+        "the recoverables loaded before it keep the checkpoint's state: "
+        + ", ".join(map(repr, loaded))
+        if loaded
+        else "no recoverable was changed"
+    )
+    return (
+        f"recoverable {name!r} did not take its state from {checkpoint.paramfiles[name]} "
+        f"({versions}): {type(error).__name__}: {error} ({before})"
+    )
 
 
 def _verified_states(
