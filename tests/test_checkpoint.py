@@ -885,3 +885,25 @@ def test_restoring_on_a_gpu_keeps_tensors_saved_on_the_cpu_there_and_moves_the_o
     else:  # sent to the device, which this machine lacks
         with pytest.raises(RuntimeError, match="CUDA"):
             place(storage, "cuda:0")
+
+
+# ---------------------------------------------------------------------------- the guide
+
+
+def test_the_checkpoints_guide_examples_run_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "checkpoints.md").read_text()
+    *single_process, distributed = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    assert "local_rank" in distributed  # a fragment of a torchrun script: not run here
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    for number, block in enumerate(single_process, 1):
+        exec(compile(block, f"checkpoints.md, example {number}", "exec"), namespace)
+    counter = namespace["counter"]
+    assert isinstance(counter, EpochCounter)
+    assert counter.current == counter.limit
+    # The end-of-epoch checkpoint kept by the loop's policy, and the intra-epoch one saved by
+    # the predicate example, which that policy does not count.
+    kept = Checkpointer(tmp_path / "results" / "save").list_checkpoints()
+    assert [checkpoint.end_of_epoch for checkpoint in kept] == [True, False]
