@@ -26,7 +26,12 @@ from typedbrain._checkpoint import (
     verify_checkpoint,
 )
 from typedbrain._epochs import EpochCounter
-from typedbrain._errors import CheckpointError, CheckpointWarning, ConfigurationError
+from typedbrain._errors import (
+    CheckpointError,
+    CheckpointWarning,
+    ConfigurationError,
+    CorruptCheckpointError,
+)
 from typedbrain._protocols import CheckpointerLike
 
 if TYPE_CHECKING:
@@ -748,6 +753,42 @@ def test_a_load_hook_that_fails_first_is_an_error_saying_nothing_was_changed(
     assert "ValueError: not my format (no recoverable was changed)" in str(caught.value)
     assert isinstance(caught.value.__cause__, ValueError)
     assert_state_equal(restored.state_dict(), before)
+
+
+def test_a_failure_while_states_are_applied_never_falls_back_to_an_older_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A damaged checkpoint is skipped before anything loads; once states are being handed out,
+    an older checkpoint would mix with what the newer one already set, so the error stands."""
+    raising = [False]
+
+    def save(words: list[str], path: Path) -> None:
+        path.write_text(json.dumps(words))
+
+    def load(words: list[str], path: Path, end_of_epoch: bool) -> None:
+        if raising[0]:  # as a hook that checks its own file might
+            raise CorruptCheckpointError(path, "the hook does not like it")
+        words[:] = json.loads(path.read_text())
+
+    model = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer(tmp_path, {"model": model})
+    words = ["old"]
+    checkpointer.add_recoverable("words", words, custom_save_hook=save, custom_load_hook=load)
+    older = checkpointer.save_checkpoint()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    words[:] = ["new"]
+    newer = checkpointer.save_checkpoint()
+    raising[0] = True
+    with torch.no_grad():
+        model.weight.zero_()
+    with pytest.raises(CheckpointError, match="'words' did not take its state") as caught:
+        checkpointer.recover_if_possible()
+    assert not isinstance(caught.value, CorruptCheckpointError)
+    assert str(newer.path) in str(caught.value)
+    # The newer checkpoint's model stayed; the older checkpoint was not loaded over it.
+    assert_state_equal(model.state_dict(), torch.load(newer.paramfiles["model"], weights_only=True))
+    assert older.path.exists()
 
 
 # ---------------------------------------------------------------------------- averaging
