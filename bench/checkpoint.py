@@ -204,11 +204,6 @@ def _copy_out_of_mapping(optimizer: torch.optim.Optimizer) -> None:
                 state[key] = value.clone()
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
-
-
 def _fsync(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -254,13 +249,11 @@ def part_save_load(options: Options) -> list[Row]:
             model.load_state_dict(torch.load(plain / "model.pt", weights_only=True))
             optimizer.load_state_dict(torch.load(plain / "optimizer.pt", weights_only=True))
 
-        def plain_hash() -> None:
-            for name in ("model", "optimizer"):
-                _sha256(plain_folders[-1] / f"{name}.pt")
-
         def plain_digests(new_hash: Callable[[], _Hash]) -> None:
             for name in ("model", "optimizer"):
                 _digest(plain_folders[-1] / f"{name}.pt", new_hash)
+
+        plain_hash = functools.partial(plain_digests, hashlib.sha256)
 
         def plain_checked_load() -> None:
             plain_hash()
