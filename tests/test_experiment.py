@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from typedbrain._checkpoint import Checkpointer
 from typedbrain._config import load_hparams
 from typedbrain._errors import ConfigurationError
 from typedbrain._experiment import _ExperimentLogHandler, create_experiment_directory, git_commit
@@ -250,3 +252,28 @@ def test_no_script_is_copied_from_python_dash_c(tmp_path: Path) -> None:
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["log.txt"]
+
+
+def test_the_logging_guide_examples_run_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = Path(__file__).resolve().parent.parent / "docs" / "logging-and-experiments.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.DOTALL)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hparams").mkdir()
+    (tmp_path / "hparams" / "train.yaml").write_text(HPARAMS, encoding="utf-8")
+    namespace: dict[str, object] = {}
+    for number, block in enumerate(blocks, 1):
+        exec(compile(block, f"logging-and-experiments.md, example {number}", "exec"), namespace)
+    _flush()
+    folder = tmp_path / "results" / "digits" / "1986"
+    assert "lr: 0.01" in (folder / "hyperparams.yaml").read_text(encoding="utf-8")
+    assert json.loads((folder / "env.json").read_text())["run_opts"]["precision"] == "bf16"
+    assert (folder / "log.txt").is_file()
+    assert (tmp_path / "results" / "run").is_dir()
+    # The last example's checkpointer saves and restores the training log with the model.
+    checkpointer = namespace["checkpointer"]
+    assert isinstance(checkpointer, Checkpointer)
+    saved = checkpointer.save_checkpoint()
+    assert set(saved.files) == {"model", "counter", "train_log"}
+    assert checkpointer.recover_if_possible() == saved
