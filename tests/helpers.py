@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -14,6 +16,15 @@ from typedbrain import Brain, LoaderKwargs, Stage
 
 Batch = Sequence[Tensor]
 """(inputs, targets), as the default collate function builds it."""
+
+PROJECT = Path(__file__).resolve().parent.parent
+"""The project's root folder."""
+
+
+def python_blocks(page: str) -> list[str]:
+    """The code of the ```python blocks of the Markdown file ``page`` (from the root), in order."""
+    text = (PROJECT / page).read_text(encoding="utf-8")
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
 def call(module: torch.nn.Module, inputs: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import python_blocks
 from typedbrain._checkpoint import (
     Checkpoint,
     Checkpointer,
@@ -934,8 +935,7 @@ def test_restoring_on_a_gpu_keeps_tensors_saved_on_the_cpu_there_and_moves_the_o
 def test_the_checkpoints_guide_examples_run_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    page = (Path(__file__).resolve().parent.parent / "docs" / "checkpoints.md").read_text()
-    *single_process, distributed = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    *single_process, distributed = python_blocks("docs/checkpoints.md")
     assert "local_rank" in distributed  # a fragment of a torchrun script: not run here
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import functools
 import io
-import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Literal
@@ -14,6 +13,7 @@ import attrs
 import pytest
 import torch
 
+from tests.helpers import python_blocks
 from typedbrain._cli_args import parse_arguments
 from typedbrain._config import LoadedHparams, load_hparams, split_run_options
 from typedbrain._errors import (
@@ -547,7 +547,7 @@ def test_the_python_examples_in_the_configuration_docs_run(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.DOTALL)
+    blocks = python_blocks("docs/configuration.md")
     assert blocks
     namespace: dict[str, object] = {"__name__": "configuration_docs"}
     for block in blocks:

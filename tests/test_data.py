@@ -25,6 +25,7 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
+from tests.helpers import python_blocks
 from typedbrain._data import (
     LoaderKwargs,
     Shard,
@@ -634,7 +635,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "data-order.md"
 
 
 def test_the_data_order_page_examples_run() -> None:
-    blocks = [part.split("```", 1)[0] for part in DOC.read_text().split("```python\n")[1:]]
+    blocks = python_blocks("docs/data-order.md")
     assert len(blocks) == 2
     for number, block in enumerate(blocks):
         exec(compile(block, f"{DOC.name} block {number}", "exec"), {"__name__": "doc_example"})

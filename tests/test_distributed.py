@@ -27,6 +27,7 @@ from tests.distributed.harness import (
     ranks,
     wait_ready,
 )
+from tests.helpers import python_blocks
 from typedbrain._distributed import (
     _reduction_device,
     all_gather_object,
@@ -472,8 +473,7 @@ def test_fsdp2_fully_shard_trains_on_cpu_with_gloo(tmp_path: Path) -> None:
 
 
 def test_every_python_block_of_the_page_is_valid_python() -> None:
-    page = (Path(__file__).resolve().parent.parent / "docs" / "distributed.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    blocks = python_blocks("docs/distributed.md")
     assert len(blocks) >= 3
     for block in blocks:
         ast.parse(block)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import python_blocks
 from typedbrain._checkpoint import Checkpointer
 from typedbrain._config import load_hparams
 from typedbrain._errors import ConfigurationError
@@ -257,8 +257,7 @@ def test_no_script_is_copied_from_python_dash_c(tmp_path: Path) -> None:
 def test_the_logging_guide_examples_run_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    page = Path(__file__).resolve().parent.parent / "docs" / "logging-and-experiments.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.DOTALL)
+    blocks = python_blocks("docs/logging-and-experiments.md")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "hparams").mkdir()
     (tmp_path / "hparams" / "train.yaml").write_text(HPARAMS, encoding="utf-8")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 import types
 from pathlib import Path
@@ -10,12 +9,14 @@ from pathlib import Path
 import pytest
 from mypy import api as mypy_api
 
+from tests.helpers import python_blocks
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "tutorial.md"
 
 
 def tutorial_code() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(encoding="utf-8"), re.DOTALL)
+    blocks = python_blocks("docs/tutorial.md")
     assert len(blocks) >= 6
     return "\n".join(blocks)
 

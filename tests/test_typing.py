@@ -31,6 +31,8 @@ import mypy.api
 import mypy.errorcodes
 import pytest
 
+from tests.helpers import python_blocks
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 SNIPPETS: Final = ROOT / "tests" / "typing"
 PASS_FILES: Final = tuple(sorted((SNIPPETS / "pass").glob("*.py")))
@@ -261,8 +263,7 @@ def test_snippet_is_valid_python_and_not_collected(path: Path) -> None:
 )
 def test_documented_example_is_a_checked_pass_snippet(page: str, snippet: str) -> None:
     """The first Python block of each page is type-checked (and run) as a pass snippet."""
-    text = (Path(__file__).resolve().parent.parent / page).read_text()
-    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    block = python_blocks(page)[0]
     assert (SNIPPETS / "pass" / snippet).read_text() == block
 
 
