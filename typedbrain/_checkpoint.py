@@ -1259,7 +1259,7 @@ def _verified_states(
         try:
             for name in decode:
                 try:
-                    path = checkpoint.path / checkpoint.files[name].file
+                    path = checkpoint.paramfiles[name]
                     states[name] = _decode(streams[name], path, device, keep_cpu=keep_cpu)
                 except Exception:
                     # Damage makes files undecodable too: report it as such if it is.
