@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import os
 
+# The tests compare CPU runs bit for bit and are written for CI's CPU-only machines; a brain's
+# default device is the GPU where there is one. So the GPUs are hidden from the tests (and the
+# processes they start) unless TYPEDBRAIN_TEST_CUDA=1 asks for tests/test_cuda.py to run on
+# them (run that file alone then). Set before torch is imported, so before CUDA starts.
+if os.environ.get("TYPEDBRAIN_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 import torch
 from hypothesis import HealthCheck, settings
 
