@@ -1,10 +1,12 @@
 """On a CUDA device, a run interrupted anywhere and resumed ends bit for bit where it would have.
 
-These tests need a GPU and are skipped without one (CI has none): run them on a CUDA machine
-with ``pytest tests/test_cuda.py``. They check what the CPU tests cannot: the CUDA generators
-(dropout on the GPU) are saved and put back, fp16's grad scaler resumes with its scale, a
-checkpoint written from CUDA tensors loads on a machine without CUDA, and the collectives a
-brain runs work under ``nccl``, which reduces CUDA tensors only.
+These tests need a GPU and are skipped without one (CI has none). tests/conftest.py hides the
+GPUs from the other tests, which compare CPU runs; run these on a CUDA machine with
+``TYPEDBRAIN_TEST_CUDA=1 pytest tests/test_cuda.py``. They check what the CPU tests cannot:
+the CUDA generators (dropout on the GPU) are saved and put back, fp16's grad scaler resumes
+with its scale, a checkpoint written from CUDA tensors loads on a machine without CUDA, the
+collectives a brain runs work under ``nccl``, which reduces CUDA tensors only, and the seed
+tutorial's samples, which never move their batches, train on the GPU unchanged.
 
 Kernels run in torch's deterministic mode (as docs/resume.md tells GPU users to): without it,
 some CUDA kernels give different bits from run to run, resumed or not.
@@ -24,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import typedbrain._rng
+from tests import seed_tutorial_samples
 from tests.resume_harness import RunConfig, SimulatedCrashError, differences, final_state, run
 from tests.test_crash_resume import LONG, finish, kill_after_saves, load, start
 from tests.test_ddp import assert_same_ranks, stopped_and_restarted, torchrun_job
@@ -34,7 +37,9 @@ from tests.test_resume import (
     resume_differences,
 )
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device and TYPEDBRAIN_TEST_CUDA=1"
+)
 
 # cuBLAS reads it when its first handle is made: before any test here runs a matrix product.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -156,3 +161,24 @@ def test_a_one_rank_nccl_job_stopped_and_restarted_ends_identical(
     assert torchrun_job(NCCL_RUN, tmp_path / "straight", expected, ranks=1) == 0
     resumed = stopped_and_restarted(NCCL_RUN, tmp_path, stop_at, ranks=1)
     assert_same_ranks(expected, resumed, ranks=1)
+
+
+# The brain's default device is the GPU here, and the tutorial's batches are CPU tensors that
+# its compute_forward uses as they come: Brain.move_batch puts them on the GPU first.
+def test_the_seed_tutorials_first_sample_trains_on_the_gpu_unchanged() -> None:
+    brain, model = seed_tutorial_samples.sample_1_usage()  # type: ignore[no-untyped-call]  # kept verbatim, untyped
+    assert brain.device == "cuda:0"
+    assert model.weight.is_cuda
+    assert brain.optimizer_step == 10
+
+
+def test_the_seed_tutorials_own_fit_batch_gets_batches_on_the_gpu() -> None:
+    model = torch.nn.Linear(10, 10)
+    before = model.weight.detach().clone()
+    brain = seed_tutorial_samples.FitBatchBrain(
+        {"model": model}, opt_class=lambda x: torch.optim.SGD(x, 0.1)
+    )
+    batches = [{"input": torch.rand(10, 10), "target": torch.rand(10, 10)} for _ in range(2)]
+    brain.fit(range(3), batches, progressbar=False)
+    assert model.weight.is_cuda
+    assert not torch.equal(before, model.weight.detach().cpu())

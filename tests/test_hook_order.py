@@ -67,6 +67,10 @@ class RecordingBrain(RegressionBrain):
         self.calls.append(("zero_grad", set_to_none))
         super().zero_grad(set_to_none)
 
+    def move_batch(self, batch: Batch) -> Batch:
+        self.calls.append(("move_batch",))
+        return super().move_batch(batch)
+
     def fit_batch(self, batch: Batch) -> Tensor:
         self.calls.append(("fit_batch",))
         return super().fit_batch(batch)
@@ -128,6 +132,7 @@ def optimizer_step() -> list[Call]:
 
 def train_batch(should_step: bool) -> list[Call]:
     return [
+        ("move_batch",),
         ("fit_batch",),
         ("on_fit_batch_start", should_step),
         ("compute_forward", Stage.TRAIN),
@@ -149,6 +154,7 @@ def train_stage_end(epoch: int) -> list[Call]:
 
 def eval_stage(stage: Stage, epoch: int | None, count: int) -> list[Call]:
     per_batch: list[Call] = [
+        ("move_batch",),
         ("evaluate_batch", stage),
         ("compute_forward", stage),
         ("compute_objectives", stage),

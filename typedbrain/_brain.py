@@ -84,6 +84,7 @@ from typedbrain._state import (
     TrainingProgress,
 )
 from typedbrain._stop_agreement import StopAgreement, control_group
+from typedbrain._transfer import move_to_device
 from typedbrain._warn import warn
 
 __all__ = ["BatchT", "Brain", "HparamsT", "PredT"]
@@ -456,6 +457,19 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     ) -> None:
         """Called after each training batch with its predictions and loss."""
 
+    def move_batch(self, batch: BatchT) -> BatchT:
+        """The batch with its tensors on :attr:`device`; runs before each batch's hooks.
+
+        ``fit`` and ``evaluate`` pass each batch the loader yields through this before
+        ``fit_batch`` or ``evaluate_batch`` sees it, so ``compute_forward`` needs no
+        ``.to(self.device)``. The default walks dicts, lists, tuples (named ones too), attrs and
+        dataclass instances, and calls ``to(device)`` on any other object that has that method;
+        a batch already on the device is returned as it is. Override it to move only part of a
+        batch (say, audio that ``compute_forward`` turns into features on the CPU), or to return
+        the batch unchanged and move what you need yourself.
+        """
+        return move_to_device(batch, self._device)
+
     def fit_batch(self, batch: BatchT) -> Tensor:
         """Train on one batch; returns its loss, detached, on the CPU.
 
@@ -679,6 +693,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 on_stage_start(Stage.TRAIN, epoch)
                 zero_grad()
                 for batch in train_loader:             # until optimizer_step_limit
+                    batch = move_batch(batch)          # its tensors onto self.device
                     fit_batch(batch):
                         on_fit_batch_start(batch, should_step)
                         outputs = compute_forward(batch, Stage.TRAIN)
@@ -696,6 +711,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     [VALID]
                     on_stage_start(Stage.VALID, epoch)
                     for batch in valid_loader:         # under torch.no_grad()
+                        batch = move_batch(batch)
                         loss = evaluate_batch(batch, Stage.VALID)
                         avg_valid_loss = update_average(loss, avg_valid_loss)
                     on_stage_end(Stage.VALID, avg_valid_loss, epoch)
@@ -800,6 +816,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             on_evaluate_start(max_key, min_key)   # recovers the best checkpoint, if any
             on_stage_start(Stage.TEST, None)
             for batch in test_loader:             # under torch.no_grad()
+                batch = move_batch(batch)
                 loss = evaluate_batch(batch, Stage.TEST)
                 avg_test_loss = update_average(loss, avg_test_loss)
             on_stage_end(Stage.TEST, avg_test_loss, None)
@@ -1039,10 +1056,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     break
                 self.step += 1
                 if plan.inline_steps:
-                    self._inline_step(batch, plan)
+                    self._inline_step(self.move_batch(batch), plan)
                 else:
                     self._read_tensor = None  # a loss is read once per batch, not across batches
-                    loss = self.fit_batch(batch)
+                    loss = self.fit_batch(self.move_batch(batch))
                     self.avg_train_loss = self.update_average(loss, self.avg_train_loss)
                 if show:
                     progress.show_loss("train_loss", self.avg_train_loss)
@@ -1354,7 +1371,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             for batch in batches:
                 self.step += 1
                 self._read_tensor = None
-                loss = self.evaluate_batch(batch, stage)
+                loss = self.evaluate_batch(self.move_batch(batch), stage)
                 avg_loss = self.update_average(loss, avg_loss)
                 if show:
                     batches.show_loss(f"{stage.value}_loss", avg_loss)

@@ -1,0 +1,211 @@
+"""Batches reach the hooks on the brain's device: ``move_to_device`` and ``Brain.move_batch``.
+
+CI has no GPU, so the moves here go to torch's ``meta`` device (tensors without data, on a
+device other than the CPU) or are recorded by a batch class with its own ``to`` method.
+tests/test_cuda.py runs the seed tutorial's samples on a GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import NamedTuple
+
+import attrs
+import torch
+from torch import Tensor
+
+from tests.helpers import Batch, RegressionBrain, batches
+from typedbrain import LoaderKwargs, Stage
+from typedbrain._transfer import move_to_device
+
+META = torch.device("meta")
+CPU = torch.device("cpu")
+
+
+class Pair(NamedTuple):
+    inputs: Tensor
+    targets: Tensor
+
+
+@attrs.frozen
+class AttrsBatch:
+    inputs: Tensor
+    _lengths: Tensor  # a private field: attrs' __init__ takes it as "lengths"
+    names: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DataclassBatch:
+    inputs: Tensor
+    label: str
+
+
+class OwnMove:
+    """A batch class with a ``to`` of its own, as a padded batch has; records the device."""
+
+    def __init__(self) -> None:
+        self.asked: list[torch.device] = []
+
+    def to(self, device: torch.device) -> OwnMove:
+        self.asked.append(device)
+        return self
+
+
+@attrs.frozen
+class Everything:
+    """A batch holding one of each kind of container ``move_to_device`` walks."""
+
+    pair: Pair
+    items: list[Tensor | str | int]
+    maybe: tuple[Tensor, None]
+    fields: AttrsBatch
+    data: DataclassBatch
+
+
+def everything() -> Everything:
+    return Everything(
+        pair=Pair(torch.ones(2), torch.zeros(2)),
+        items=[torch.ones(1), "text", 3],
+        maybe=(torch.ones(1), None),
+        fields=AttrsBatch(torch.ones(2), torch.tensor([2]), ("a",)),
+        data=DataclassBatch(torch.ones(2), "label"),
+    )
+
+
+def test_every_tensor_in_nested_containers_moves_and_the_rest_is_kept() -> None:
+    batch = everything()
+    moved = move_to_device(batch, META)
+    assert isinstance(moved.pair, Pair)
+    assert moved.pair.inputs.is_meta
+    assert moved.pair.targets.is_meta
+    assert isinstance(moved.items[0], Tensor)
+    assert moved.items[0].is_meta
+    assert moved.items[1:] == ["text", 3]
+    assert moved.maybe[0].is_meta
+    assert moved.maybe[1] is None
+    assert moved.fields.inputs.is_meta
+    assert moved.fields._lengths.is_meta
+    assert moved.fields.names == ("a",)
+    assert isinstance(moved.data, DataclassBatch)
+    assert moved.data.inputs.is_meta
+    assert moved.data.label == "label"
+    # The batch given is not changed.
+    assert not batch.pair.inputs.is_meta
+    assert not batch.fields.inputs.is_meta
+
+
+def test_dict_subclasses_keep_their_class_and_state() -> None:
+    def zeros() -> Tensor:
+        return torch.zeros(1)
+
+    ordered = collections.OrderedDict([("b", torch.ones(1)), ("a", torch.ones(1))])
+    factory = collections.defaultdict(zeros, {"x": torch.ones(1)})
+    moved_ordered = move_to_device(ordered, META)
+    moved_factory = move_to_device(factory, META)
+    assert type(moved_ordered) is collections.OrderedDict
+    assert list(moved_ordered) == ["b", "a"]
+    assert type(moved_factory) is collections.defaultdict
+    assert moved_factory.default_factory is zeros
+    assert moved_factory["x"].is_meta
+
+
+def test_a_batch_already_on_the_device_is_returned_as_the_same_objects() -> None:
+    pair = Pair(torch.ones(2), torch.zeros(2))
+    nested = {"pair": pair, "items": [torch.ones(1)], "attrs": AttrsBatch(torch.ones(1), pair[0])}
+    moved = move_to_device(nested, CPU)
+    assert moved is nested
+    assert move_to_device(pair, CPU) is pair
+
+
+def test_objects_with_their_own_to_are_handed_the_device() -> None:
+    own = OwnMove()
+    assert move_to_device([own], META)[0] is own
+    assert own.asked == [META]
+
+
+def test_modules_and_unknown_objects_in_a_batch_are_left_alone() -> None:
+    module = torch.nn.Linear(2, 2)
+    opaque = object()
+    moved = move_to_device({"module": module, "opaque": opaque, "x": torch.ones(1)}, META)
+    assert moved["module"] is module
+    assert module.weight.device == CPU
+    assert moved["opaque"] is opaque
+
+
+class DeviceRecordingBatch:
+    """A (inputs, targets) batch whose ``to`` records the devices the brain asks for."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor, log: list[torch.device]) -> None:
+        self.inputs, self.targets, self.log = inputs, targets, log
+        self.moved = False
+
+    def to(self, device: torch.device) -> DeviceRecordingBatch:
+        self.log.append(device)
+        moved = DeviceRecordingBatch(self.inputs.to(device), self.targets.to(device), self.log)
+        moved.moved = True
+        return moved
+
+
+class MovedOnlyBrain(RegressionBrain):
+    """Fails unless every batch a hook sees has been through ``move_batch``."""
+
+    seen: list[tuple[Stage, bool]]
+
+    def compute_forward(self, batch: Batch, stage: Stage) -> Tensor:
+        assert isinstance(batch, DeviceRecordingBatch)
+        self.seen.append((stage, batch.moved))
+        return super().compute_forward((batch.inputs, batch.targets), stage)
+
+    def compute_objectives(self, predictions: Tensor, batch: Batch, stage: Stage) -> Tensor:
+        assert isinstance(batch, DeviceRecordingBatch)
+        return super().compute_objectives(predictions, (batch.inputs, batch.targets), stage)
+
+
+def recording_batches(count: int, log: list[torch.device]) -> list[DeviceRecordingBatch]:
+    return [DeviceRecordingBatch(x, y, log) for x, y in batches(count, 2)]
+
+
+def identity(items: list[DeviceRecordingBatch]) -> DeviceRecordingBatch:
+    """A collate function for loaders of ready-made batches (batch_size=1)."""
+    (batch,) = items
+    return batch
+
+
+def test_fit_and_evaluate_hand_every_hook_the_batch_moved_to_the_brains_device() -> None:
+    log: list[torch.device] = []
+    brain = MovedOnlyBrain({"model": torch.nn.Linear(4, 2)}, opt_class=torch.optim.SGD)
+    brain.seen = []
+    kwargs: LoaderKwargs = {"batch_size": 1, "collate_fn": identity}
+    brain.fit(
+        range(1),
+        recording_batches(3, log),
+        recording_batches(2, log),
+        train_loader_kwargs=kwargs,
+        valid_loader_kwargs=kwargs,
+        progressbar=False,
+    )
+    brain.evaluate(recording_batches(2, log), test_loader_kwargs=kwargs, progressbar=False)
+    assert (
+        brain.seen
+        == [(Stage.TRAIN, True)] * 3 + [(Stage.VALID, True)] * 2 + [(Stage.TEST, True)] * 2
+    )
+    assert log == [CPU] * 7
+
+
+def test_a_move_batch_that_returns_the_batch_keeps_it_as_the_loader_yields_it() -> None:
+    class KeepWhereLoaded(MovedOnlyBrain):
+        def move_batch(self, batch: Batch) -> Batch:
+            return batch
+
+    log: list[torch.device] = []
+    brain = KeepWhereLoaded({"model": torch.nn.Linear(4, 2)}, opt_class=torch.optim.SGD)
+    brain.seen = []
+    brain.fit(
+        range(1),
+        recording_batches(2, log),
+        train_loader_kwargs={"batch_size": 1, "collate_fn": identity},
+        progressbar=False,
+    )
+    assert brain.seen == [(Stage.TRAIN, False)] * 2
+    assert log == []
