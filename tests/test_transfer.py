@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import attrs
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import Tensor
 
 from tests.helpers import Batch, RegressionBrain, batches
@@ -209,3 +211,53 @@ def test_a_move_batch_that_returns_the_batch_keeps_it_as_the_loader_yields_it() 
     )
     assert brain.seen == [(Stage.TRAIN, False)] * 2
     assert log == []
+
+
+# Nested batches: tensors, strings and numbers in dicts, lists, tuples and named tuples.
+LEAVES = st.one_of(
+    st.integers(0, 3).map(torch.ones),
+    st.text(max_size=3),
+    st.integers(),
+    st.none(),
+)
+NESTED = st.recursive(
+    LEAVES,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(st.text(max_size=2), inner, max_size=3),
+        st.tuples(inner, inner).map(lambda pair: Pair(*pair)),
+    ),
+    max_leaves=12,
+)
+
+
+def same_shape_on(moved: object, original: object, device: torch.device) -> bool:
+    """Whether ``moved`` is ``original`` with its tensors (equal in size) on ``device``."""
+    if isinstance(original, Tensor):
+        return isinstance(moved, Tensor) and (moved.device, moved.shape) == (
+            device,
+            original.shape,
+        )
+    if isinstance(original, dict):
+        return (
+            isinstance(moved, dict)
+            and list(moved) == list(original)
+            and all(same_shape_on(moved[key], original[key], device) for key in original)
+        )
+    if isinstance(original, list | tuple):
+        if type(moved) is not type(original):
+            return False
+        assert isinstance(moved, list | tuple)
+        return len(moved) == len(original) and all(
+            map(same_shape_on, moved, original, [device] * len(original))
+        )
+    return moved is original
+
+
+@given(NESTED)
+def test_any_nested_batch_keeps_its_shape_and_a_batch_on_the_device_is_kept_whole(
+    batch: object,
+) -> None:
+    assert same_shape_on(move_to_device(batch, META), batch, META)
+    assert move_to_device(batch, CPU) is batch
