@@ -144,11 +144,11 @@ class DigitsBrain(tb.Brain[Batch, Tensor, DigitsHparams]):
 
     def compute_forward(self, batch: Batch, stage: tb.Stage) -> Tensor:
         # nn.Module.__call__ returns Any: the annotation states what this model returns.
-        logits: Tensor = self.modules["model"](batch.pixels.to(self.device))
+        logits: Tensor = self.modules["model"](batch.pixels)  # the loop moved the batch
         return logits
 
     def compute_objectives(self, predictions: Tensor, batch: Batch, stage: tb.Stage) -> Tensor:
-        labels = batch.labels.to(predictions.device)
+        labels = batch.labels
         if stage is not tb.Stage.TRAIN:
             self._errors += int((predictions.argmax(dim=1) != labels).sum().item())
             self._seen += labels.numel()

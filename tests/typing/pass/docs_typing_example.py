@@ -20,7 +20,7 @@ class Hyper:
 
 class Classifier(tb.Brain[Batch, Tensor, Hyper]):
     def compute_forward(self, batch: Batch, stage: tb.Stage) -> Tensor:
-        logits: Tensor = self.modules["model"](batch.pixels.to(self.device))
+        logits: Tensor = self.modules["model"](batch.pixels)  # the loop moved the batch
         return logits
 
     def compute_objectives(self, predictions: Tensor, batch: Batch, stage: tb.Stage) -> Tensor:
