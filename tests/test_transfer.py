@@ -16,6 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from tests.helpers import Batch, RegressionBrain, batches
 from typedbrain import LoaderKwargs, Stage
@@ -124,6 +125,15 @@ def test_objects_with_their_own_to_are_handed_the_device() -> None:
     own = OwnMove()
     assert move_to_device([own], META)[0] is own
     assert own.asked == [META]
+
+
+def test_a_packed_sequence_moves_with_its_own_to_and_keeps_its_batch_sizes_on_the_cpu() -> None:
+    packed = pack_padded_sequence(torch.ones(3, 2, 4), torch.tensor([3, 2]))
+    moved = move_to_device({"audio": packed}, META)["audio"]
+    assert isinstance(moved, PackedSequence)
+    assert moved.data.is_meta
+    assert moved.batch_sizes.device == CPU  # torch refuses a PackedSequence with them elsewhere
+    assert move_to_device(packed, CPU) is packed
 
 
 def test_modules_and_unknown_objects_in_a_batch_are_left_alone() -> None:

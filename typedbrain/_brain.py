@@ -463,8 +463,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         ``fit`` and ``evaluate`` pass each batch the loader yields through this before
         ``fit_batch`` or ``evaluate_batch`` sees it, so ``compute_forward`` needs no
         ``.to(self.device)``. The default walks dicts, lists, tuples (named ones too), attrs and
-        dataclass instances, and calls ``to(device)`` on any other object that has that method;
-        a batch already on the device is returned as it is. Override it to move only part of a
+        dataclass instances, and calls ``to(device)`` instead on an object that has that method
+        (torch's ``PackedSequence`` keeps its batch sizes on the CPU that way); a batch already
+        on the device is returned as it is. Override it to move only part of a
         batch (say, audio that ``compute_forward`` turns into features on the CPU), or to return
         the batch unchanged and move what you need yourself.
         """

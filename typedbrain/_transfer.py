@@ -1,9 +1,10 @@
 """Moving a batch's tensors to a device, through the containers a data loader yields.
 
 :func:`move_to_device` is what ``Brain.move_batch`` does by default. It walks dicts, lists,
-tuples (named ones too), attrs and dataclass instances, and hands any other object that has a
-``to`` method (a padded-batch class, say) the device. Whatever is already on the device is
-returned as it is, the same object, so a batch that needs no move costs a walk and no copy.
+tuples (named ones too), attrs and dataclass instances; an object with a ``to`` method of its
+own (a padded-batch class, torch's ``PackedSequence``) is handed the device instead of being
+walked. Whatever is already on the device is returned as it is, the same object, so a batch
+that needs no move costs a walk and no copy.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch import Tensor
 __all__ = ["move_to_device"]
 
 _T = TypeVar("_T")
+
+_PLAIN_CONTAINERS: frozenset[type] = frozenset({dict, list, tuple})
 
 # attrs' mypy plugin wants evolve's first argument to be of an attrs class it can name; here it
 # is any attrs instance a batch holds, known only at run time.
@@ -66,6 +69,12 @@ def _moved(value: object, device: torch.device) -> object:
         return value.to(device, non_blocking=device.type == "cuda")
     if isinstance(value, _LEFT_AS_THEY_ARE):
         return value
+    # An object's own move wins over walking it: a PackedSequence, a named tuple, must keep its
+    # batch_sizes on the CPU, and its to() knows that. Plain containers have none to look up.
+    if type(value) not in _PLAIN_CONTAINERS:
+        to = getattr(value, "to", None)
+        if callable(to):
+            return to(device)
     if isinstance(value, dict):
         return _moved_dict(value, device)
     if isinstance(value, list):
@@ -82,9 +91,6 @@ def _moved(value: object, device: torch.device) -> object:
         if hasattr(value, "_fields"):  # a named tuple takes its fields one by one
             return cast(Callable[..., object], type(value))(*items)
         return type(value)(items)
-    to = getattr(value, "to", None)
-    if callable(to):
-        return to(device)
     cls = type(value)
     if attrs.has(cls):
         changes = {
