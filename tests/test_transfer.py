@@ -139,7 +139,9 @@ def test_a_packed_sequence_moves_with_its_own_to_and_keeps_its_batch_sizes_on_th
 def test_modules_and_unknown_objects_in_a_batch_are_left_alone() -> None:
     module = torch.nn.Linear(2, 2)
     opaque = object()
-    moved = move_to_device({"module": module, "opaque": opaque, "x": torch.ones(1)}, META)
+    batch = {"module": module, "opaque": opaque, "class": Tensor, "x": torch.ones(1)}
+    moved = move_to_device(batch, META)
+    assert moved["class"] is Tensor  # Tensor.to is not a method of this batch
     assert moved["module"] is module
     assert module.weight.device == CPU
     assert moved["opaque"] is opaque

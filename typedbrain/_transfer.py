@@ -29,8 +29,8 @@ _PLAIN_CONTAINERS: frozenset[type] = frozenset({dict, list, tuple})
 # is any attrs instance a batch holds, known only at run time.
 _evolve: Callable[..., object] = attrs.evolve
 
-# Never walked or moved: the common scalars and strings of a batch, and modules (moving one
-# would change it in place).
+# Never walked or moved: the common scalars and strings of a batch, modules (moving one would
+# change it in place) and classes (whose to, if any, is not a method bound to a batch).
 _LEFT_AS_THEY_ARE: tuple[type, ...] = (
     str,
     bytes,
@@ -40,6 +40,7 @@ _LEFT_AS_THEY_ARE: tuple[type, ...] = (
     complex,
     type(None),
     torch.nn.Module,
+    type,
 )
 
 
