@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar, cast
 
 import attrs
@@ -94,24 +94,30 @@ def _moved(value: object, device: torch.device) -> object:
         return type(value)(items)
     cls = type(value)
     if attrs.has(cls):
-        changes = {
-            field.alias: moved
-            for field in attrs.fields(cls)
-            if field.init
-            and (moved := _moved(getattr(value, field.name), device))
-            is not getattr(value, field.name)
-        }
+        arguments = ((field.alias, field.name) for field in attrs.fields(cls) if field.init)
+        changes = _moved_fields(value, arguments, device)
         return _evolve(value, **changes) if changes else value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {
-            field.name: moved
-            for field in dataclasses.fields(value)
-            if field.init
-            and (moved := _moved(getattr(value, field.name), device))
-            is not getattr(value, field.name)
-        }
+        arguments = ((field.name, field.name) for field in dataclasses.fields(value) if field.init)
+        changes = _moved_fields(value, arguments, device)
         return dataclasses.replace(value, **changes) if changes else value
     return value
+
+
+def _moved_fields(
+    value: object, arguments: Iterable[tuple[str, str]], device: torch.device
+) -> dict[str, object]:
+    """The moved values of the fields that change, by ``__init__`` argument.
+
+    ``arguments`` pairs each ``__init__`` argument with the attribute it sets.
+    """
+    changes: dict[str, object] = {}
+    for argument, attribute in arguments:
+        original = getattr(value, attribute)
+        moved = _moved(original, device)
+        if moved is not original:
+            changes[argument] = moved
+    return changes
 
 
 def _moved_dict(value: dict[object, object], device: torch.device) -> object:
