@@ -465,9 +465,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         ``.to(self.device)``. The default walks dicts, lists, tuples (named ones too), attrs and
         dataclass instances, and calls ``to(device)`` instead on an object that has that method
         (torch's ``PackedSequence`` keeps its batch sizes on the CPU that way); a batch already
-        on the device is returned as it is. Override it to move only part of a
-        batch (say, audio that ``compute_forward`` turns into features on the CPU), or to return
-        the batch unchanged and move what you need yourself.
+        on the device is returned as it is. Override it to move only part of a batch (say,
+        audio that ``compute_forward`` turns into features on the CPU), or to return the batch
+        unchanged and move what you need yourself.
         """
         return move_to_device(batch, self._device)
 
