@@ -16,12 +16,16 @@ from typing import Literal
 import attrs
 import pytest
 import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import HashStore
+from torch.distributed.tensor import DTensor
 
 from tests.ddp.resume_worker import STOPPED_SUFFIX
 from tests.ddp.worker import evaluate, train
 from tests.resume_harness import RunConfig, differences
 from tests.test_crash_resume import saves_so_far
-from typedbrain._modules import cpu_fsdp_problem, sync_batchnorm
+from typedbrain._modules import cpu_fsdp_problem, sync_batchnorm, wrap_modules
+from typedbrain._options import RunOptions
 from typedbrain._state import converter
 
 pytestmark = pytest.mark.slow
@@ -155,6 +159,29 @@ def test_fsdp_on_the_cpu_is_allowed_from_torch_2_9(version: str) -> None:
 
 def test_fsdp_on_a_gpu_is_not_held_to_the_cpu_limit() -> None:
     assert cpu_fsdp_problem(torch.device("cuda", 0), "2.6.0") is None
+
+
+@pytest.mark.skipif(
+    cpu_fsdp_problem(torch.device("cpu"), str(torch.__version__)) is not None,
+    reason="typedbrain refuses fsdp on the CPU under this torch (see the tests above)",
+)
+def test_fsdp_shards_on_the_brains_device_where_torch_sees_an_accelerator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # fully_shard's default mesh is on the machine's accelerator: stand in for a machine with a
+    # GPU, on which a brain told to compute on the CPU must still get CPU shards. (Seen on an
+    # H100: an FSDP2 job on the CPU failed there.)
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
+    dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
+    try:
+        modules = torch.nn.ModuleDict({"model": torch.nn.Linear(4, 2)})
+        wrap_modules(modules, RunOptions(fsdp=True), torch.device("cpu"))
+        weight = modules["model"].weight
+        assert isinstance(weight, DTensor)
+        assert weight.device_mesh.device_type == "cpu"
+        assert weight.device == torch.device("cpu")
+    finally:
+        dist.destroy_process_group()
 
 
 def test_time_based_checkpoints_are_saved_after_the_same_batch_on_every_rank(

@@ -6,6 +6,7 @@ import re
 from typing import Final, cast
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from typedbrain._distributed import is_distributed
@@ -121,11 +122,15 @@ def wrap_modules(
             if problem is not None:
                 raise ConfigurationError(f"run option fsdp=True: {problem}")
             # Imported here: importing FSDP imports sympy, which adds a warning filter.
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
             # Shards the parameters in place (they become DTensors); the module object stays
-            # the one a checkpointer holds, which saves and loads it as full tensors.
-            fully_shard(module)
+            # the one a checkpointer holds, which saves and loads it as full tensors. The mesh
+            # is on the brain's device type: fully_shard's own default is the machine's
+            # accelerator, which would move a CPU brain's parameters to a GPU it has.
+            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+            fully_shard(module, mesh=mesh)
             continue
         if is_distributed():
             if options.sync_batchnorm:
