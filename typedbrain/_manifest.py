@@ -416,8 +416,7 @@ def check_present(checkpoint: Checkpoint, name: str) -> Path:
     path = checkpoint.path / record.file
     with _reading(checkpoint, name):
         size = path.stat().st_size
-    if size != record.size:
-        _check_bytes(checkpoint, name, record, size, record.sha256)
+    _check_size(checkpoint, name, record, size)
     return path
 
 
@@ -450,9 +449,7 @@ def open_present(checkpoint: Checkpoint, name: str) -> IO[bytes]:
     with _reading(checkpoint, name):
         stream = (checkpoint.path / record.file).open("rb")
         try:
-            size = os.fstat(stream.fileno()).st_size
-            if size != record.size:
-                _check_bytes(checkpoint, name, record, size, record.sha256)
+            _check_size(checkpoint, name, record, os.fstat(stream.fileno()).st_size)
         except BaseException:
             stream.close()
             raise
@@ -486,15 +483,19 @@ def verify_file(checkpoint: Checkpoint, name: str, read_as: os.stat_result | Non
     _check_bytes(checkpoint, name, record, size, sha256)
 
 
-def _check_bytes(
-    checkpoint: Checkpoint, name: str, record: CheckpointFile, size: int, sha256: str
-) -> None:
+def _check_size(checkpoint: Checkpoint, name: str, record: CheckpointFile, size: int) -> None:
     if size != record.size:
         raise CorruptCheckpointError(
             checkpoint.path,
             f"the file {record.file} (recoverable {name!r}) has {size} bytes, "
             f"the manifest says {record.size} (truncated or overwritten)",
         )
+
+
+def _check_bytes(
+    checkpoint: Checkpoint, name: str, record: CheckpointFile, size: int, sha256: str
+) -> None:
+    _check_size(checkpoint, name, record, size)
     if sha256 != record.sha256:
         raise CorruptCheckpointError(
             checkpoint.path,
