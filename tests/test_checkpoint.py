@@ -404,6 +404,39 @@ def test_ties_go_to_the_most_recent(tmp_path: Path) -> None:
     assert checkpointer.find_checkpoints(min_key="loss") == checkpointer.list_checkpoints()[::-1]
 
 
+def _set_sequence(checkpoint: Checkpoint, sequence: int) -> None:
+    manifest = checkpoint.path / "MANIFEST.json"
+    data = json.loads(manifest.read_text())
+    data["sequence"] = sequence
+    manifest.write_text(json.dumps(data))
+
+
+def test_a_sequence_number_two_writers_both_took_ties_to_the_later_save(tmp_path: Path) -> None:
+    # Two checkpointers saving into one folder at once can both number theirs max + 1.
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    older = checkpointer.save_checkpoint(meta={"loss": 1.0}, name="older")
+    newer = checkpointer.save_checkpoint(meta={"loss": 1.0}, name="newer")
+    assert newer.unixtime >= older.unixtime
+    _set_sequence(newer, older.sequence)
+    assert checkpointer.find_checkpoint().path == newer.path  # type: ignore[union-attr]  # found
+    assert checkpointer.find_checkpoint(min_key="loss").path == newer.path  # type: ignore[union-attr]  # found
+    recovered = Checkpointer(tmp_path, {"counter": EpochCounter(2)}).recover_if_possible()
+    assert recovered is not None
+    assert recovered.path == newer.path
+
+
+def test_no_checkpoint_is_numbered_past_what_a_manifest_may_hold(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    last = checkpointer.save_checkpoint(name="last")
+    _set_sequence(last, 2**63 - 1)
+    with pytest.raises(
+        CheckpointError, match=r"cannot number a new checkpoint .*last has sequence number 9223"
+    ):
+        checkpointer.save_and_keep_only(num_to_keep=0)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last"]
+    assert [c.path.name for c in checkpointer.list_checkpoints()] == ["last"]
+
+
 def test_checkpoints_without_the_key_are_neither_candidates_nor_deleted(tmp_path: Path) -> None:
     checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
     saved = _save_losses(checkpointer, [None, 2.0, 1.0, 3.0], min_keys=["loss"], keep_recent=False)
@@ -578,6 +611,26 @@ def test_negative_num_to_keep_is_refused_before_saving(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="num_to_keep"):
         checkpointer.save_and_keep_only(num_to_keep=-1)
     assert checkpointer.list_checkpoints() == []
+
+
+def test_recovering_by_a_meta_key_no_checkpoint_has_warns_naming_the_keys_there(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert checkpointer.recover_if_possible(min_key="loss") is None  # an empty folder: quiet
+    checkpointer.save_checkpoint(meta={"loss": 0.5, "wer": 12.0})
+    checkpointer.save_checkpoint(meta={"loss": 0.4})
+    with pytest.warns(
+        CheckpointWarning,
+        match=r"none of the 2 checkpoints in .* has the meta key 'los' that min_key ranks by "
+        r"\(their meta keys: 'loss', 'wer'\), so none is recovered",
+    ):
+        assert checkpointer.recover_if_possible(min_key="los") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one checkpoint with the key is enough
+        assert checkpointer.recover_if_possible(max_key="wer") is not None
 
 
 def test_recover_picks_the_best_by_min_key_and_the_newest_by_default(tmp_path: Path) -> None:
@@ -916,7 +969,10 @@ def test_restoring_on_a_gpu_keeps_tensors_saved_on_the_cpu_there_and_moves_the_o
     """An optimizer keeps its step counts on the CPU; a resumed run must too (see test_cuda)."""
     assert _map_location(None, keep_cpu=True) is None
     assert _map_location("cpu", keep_cpu=True) == torch.device("cpu")
-    assert _map_location("cuda:0", keep_cpu=False) == "cuda:0"  # averaging: all to the device
+    assert _map_location("cuda:0", keep_cpu=False) == torch.device("cuda", 0)  # averaging: all
+    # torch restores CPU storages to "cpu" only; "cpu:0" is the same device to a user.
+    assert _map_location("cpu:0", keep_cpu=False) == torch.device("cpu")
+    assert _map_location(torch.device("cpu", 0), keep_cpu=True) == torch.device("cpu")
     place = _map_location("cuda:0", keep_cpu=True)
     assert callable(place)
     # torch annotates map_location with its legacy Storage class; torch.load passes these.
@@ -927,6 +983,190 @@ def test_restoring_on_a_gpu_keeps_tensors_saved_on_the_cpu_there_and_moves_the_o
     else:  # sent to the device, which this machine lacks
         with pytest.raises(RuntimeError, match="CUDA"):
             place(storage, "cuda:0")
+
+
+@pytest.mark.parametrize("device", ["cpu:0", torch.device("cpu", 0)])
+def test_a_checkpoint_recovers_and_averages_onto_cpu_0(
+    tmp_path: Path, device: str | torch.device
+) -> None:
+    model = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer(tmp_path, {"model": model})
+    saved = checkpointer.save_checkpoint()
+    fresh = torch.nn.Linear(2, 2)
+    assert Checkpointer(tmp_path, {"model": fresh}).recover_if_possible(device=device) == saved
+    assert_state_equal(fresh.state_dict(), model.state_dict())
+    averaged = average_checkpoints([saved], "model", device=device)
+    assert_state_equal(averaged, model.state_dict())
+
+
+# ---------------------------------------------------------------------------- refused at saving
+
+
+class _Holder:
+    """A recoverable whose state is whatever it is given."""
+
+    def __init__(self, state: object) -> None:
+        self.state = state
+
+    def state_dict(self) -> object:
+        return self.state
+
+    def load_state_dict(self, state: object) -> None:
+        self.state = state
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        (
+            {"rng": ("MT19937", np.zeros(3, dtype=np.uint32))},
+            r"recoverable 'holder': state\['rng'\]\[1\] is a ndarray .*loading with "
+            r"weights_only=True refuses \(Unsupported global: GLOBAL numpy.*\), so no checkpoint "
+            r"of it could be loaded; nothing was saved",
+        ),
+        ({"step": np.int64(3)}, r"state\['step'\] is a int64 "),
+        (
+            [1, 2],
+            r"recoverable 'holder': its state_dict\(\) returned a list, not a dict; nothing "
+            "was saved",
+        ),
+    ],
+)
+def test_a_state_that_loading_would_refuse_is_refused_at_saving_and_the_previous_is_kept(
+    tmp_path: Path, state: object, message: str
+) -> None:
+    holder = _Holder({"step": 1})
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2), "holder": holder})
+    good = checkpointer.save_and_keep_only()
+    holder.state = state
+    with pytest.raises(CheckpointError, match=message):
+        checkpointer.save_and_keep_only(num_to_keep=0)
+    # Nothing half-written is left, nothing was deleted, and what is there still loads.
+    assert sorted(path.name for path in tmp_path.iterdir()) == [good.path.name]
+    fresh = _Holder({})
+    assert (
+        Checkpointer(
+            tmp_path, {"model": torch.nn.Linear(2, 2), "holder": fresh}
+        ).recover_if_possible()
+        == good
+    )
+    assert fresh.state == {"step": 1}
+
+
+def test_an_error_from_a_state_dict_keeps_its_type_and_names_the_recoverable(
+    tmp_path: Path,
+) -> None:
+    class Failing:
+        def state_dict(self) -> dict[str, object]:
+            raise RuntimeError("no state today")
+
+        def load_state_dict(self, state: dict[str, object]) -> None:
+            pass
+
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2), "aux": Failing()})
+    with pytest.raises(RuntimeError, match="no state today") as caught:
+        checkpointer.save_checkpoint()
+    assert caught.value.__notes__ == ["(while taking the state of recoverable 'aux')"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_from_a_save_hook_keeps_its_type_and_names_the_recoverable(
+    tmp_path: Path,
+) -> None:
+    def save(obj: dict[str, int], path: Path) -> None:
+        raise ValueError("cannot write that")
+
+    def load(obj: dict[str, int], path: Path, end_of_epoch: bool) -> None:
+        pass
+
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.add_recoverable("table", {"a": 1}, custom_save_hook=save, custom_load_hook=load)
+    with pytest.raises(ValueError, match="cannot write that") as caught:
+        checkpointer.save_checkpoint()
+    assert caught.value.__notes__ == ["(while saving recoverable 'table' with its save hook)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_torch_save_writes_is_an_oserror_naming_the_file_and_recoverable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from typedbrain import _manifest
+
+    checkpointer = Checkpointer(
+        tmp_path, {"small": torch.nn.Linear(2, 2), "big": torch.nn.Linear(600, 600)}
+    )
+    good = checkpointer.save_checkpoint()
+    real_write = _manifest.HashingWriter.write
+    written = 0
+
+    def write_until_full(
+        self: _manifest.HashingWriter, data: bytes | bytearray | memoryview
+    ) -> int:
+        nonlocal written
+        written += memoryview(data).nbytes
+        if written > 500_000:  # in the middle of the big file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(_manifest.HashingWriter, "write", write_until_full)
+    with pytest.raises(OSError, match=r"No space left on device \(recoverable 'big'\)") as caught:
+        checkpointer.save_checkpoint()
+    monkeypatch.undo()
+    assert caught.value.errno == errno.ENOSPC
+    assert caught.value.filename is not None
+    assert Path(caught.value.filename).name == "big.ckpt"
+    assert checkpointer.list_checkpoints() == [good]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [good.path.name]
+
+
+# ---------------------------------------------------------------------------- refused at loading
+
+
+def test_a_file_no_torch_save_wrote_is_refused_in_one_line_without_torchs_advice(
+    tmp_path: Path,
+) -> None:
+    """A custom save hook's file, read back by the default loader once the hook is gone."""
+
+    def save(obj: torch.nn.Module, path: Path) -> None:
+        path.write_text("plain text, not a torch file")
+
+    def load(obj: torch.nn.Module, path: Path, end_of_epoch: bool) -> None:
+        pass
+
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.add_recoverable(
+        "model", torch.nn.Linear(1, 1), custom_save_hook=save, custom_load_hook=load
+    )
+    checkpointer.save_checkpoint()
+    with pytest.raises(CheckpointError) as caught:
+        Checkpointer(tmp_path, {"model": torch.nn.Linear(1, 1)}).recover_if_possible()
+    message = str(caught.value)
+    assert "model.ckpt" in message
+    assert "Unsupported operand" in message
+    assert "\x1b" not in message
+    assert "weights_only` set to `False" not in message
+
+
+def test_a_file_that_is_not_a_pickle_at_all_is_a_checkpoint_error_naming_it(
+    tmp_path: Path,
+) -> None:
+    def save(obj: torch.nn.Module, path: Path) -> None:
+        path.write_text("hello")  # torch.load raises a bare KeyError on this
+
+    def load(obj: torch.nn.Module, path: Path, end_of_epoch: bool) -> None:
+        pass
+
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.add_recoverable(
+        "model", torch.nn.Linear(1, 1), custom_save_hook=save, custom_load_hook=load
+    )
+    checkpointer.save_checkpoint()
+    with pytest.raises(
+        CheckpointError, match=r"cannot load model.ckpt of checkpoint .*not by torch.save"
+    ):
+        Checkpointer(tmp_path, {"model": torch.nn.Linear(1, 1)}).recover_if_possible()
 
 
 # ---------------------------------------------------------------------------- the guide

@@ -83,6 +83,14 @@ def _future_format(checkpoint: Checkpoint) -> None:
     manifest.write_text(json.dumps(data))
 
 
+def _format_version_true(checkpoint: Checkpoint) -> None:
+    # JSON's true, which Python compares equal to 1.
+    manifest = checkpoint.path / "MANIFEST.json"
+    data = json.loads(manifest.read_text())
+    data["format_version"] = True
+    manifest.write_text(json.dumps(data))
+
+
 def _escaping_file_name(checkpoint: Checkpoint) -> None:
     manifest = checkpoint.path / "MANIFEST.json"
     data = json.loads(manifest.read_text())
@@ -121,6 +129,7 @@ DAMAGES: dict[str, tuple[Callable[[Checkpoint], None], str]] = {
     "missing file": (_remove_file, r"model\.ckpt \(recoverable 'model'\) is missing"),
     "unparseable manifest": (_garble_manifest, "MANIFEST.json is not JSON"),
     "unknown format version": (_future_format, "format version 99"),
+    "format version true": (_format_version_true, "format version True is not"),
     "file outside the folder": (_escaping_file_name, "'files.model.file'"),
     "unixtime beyond the floats": (_huge_unixtime, r"'unixtime' is 10000.*\(401 characters\)"),
     "integer of 5000 digits": (_huge_integer_in_meta, "MANIFEST.json cannot be read: ValueError"),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from typedbrain._checkpoint import Checkpoint, Checkpointer, verify_checkpoint
 from typedbrain._epochs import EpochCounter
@@ -152,3 +154,123 @@ def test_an_importance_key_that_returns_no_number_is_an_error_naming_it_and_the_
         match=r"importance key '.*bleu' returned None for checkpoint .*/b, not a number",
     ):
         checkpointer.find_checkpoints(importance_key=bleu)
+
+
+# ---------------------------------------------------------------------------- ckpt_predicate
+
+
+@pytest.mark.parametrize("method", ["save_and_keep_only", "delete_checkpoints", "find_checkpoints"])
+def test_a_ckpt_predicate_that_is_not_a_function_is_refused_before_anything_is_written(
+    tmp_path: Path, method: str
+) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    first = checkpointer.save_checkpoint(name="first")
+    with pytest.raises(
+        ConfigurationError, match=r"ckpt_predicate must be a function .* got 'intra'"
+    ):
+        getattr(checkpointer, method)(ckpt_predicate="intra")
+    assert checkpointer.list_checkpoints() == [first]
+    with pytest.raises(ConfigurationError, match="ckpt_predicate must be a function"):
+        checkpointer.recover_if_possible(ckpt_predicate=True)  # type: ignore[arg-type]  # wrong on purpose
+
+
+def test_an_importance_key_failing_after_the_save_says_the_checkpoint_stays_and_none_was_deleted(
+    tmp_path: Path,
+) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    first = checkpointer.save_checkpoint(name="first")
+
+    def level(checkpoint: Checkpoint) -> float:
+        return "high"  # type: ignore[return-value]  # not a number: the case
+
+    with pytest.raises(
+        ConfigurationError, match=r"importance key .*level' returned 'high'"
+    ) as caught:
+        checkpointer.save_and_keep_only(name="second", importance_keys=[level], num_to_keep=0)
+    second = tmp_path / "second"
+    assert caught.value.__notes__ == [f"(checkpoint {second} was saved; none was deleted)"]
+    assert _names(checkpointer.list_checkpoints()) == ["first", "second"]
+    assert checkpointer.list_checkpoints()[0] == first
+
+
+# ---------------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"checkpoints_dir": None}, r"checkpoints_dir must be a path .* got None"),
+        ({"checkpoints_dir": 3}, r"checkpoints_dir must be a path .* got 3"),
+        ({"allow_partial_load": "no"}, r"allow_partial_load must be a bool, got 'no'"),
+        (
+            {"recoverables": [("counter", EpochCounter(3))]},
+            r"recoverables must be a mapping of name -> object, got list",
+        ),
+        (
+            {"recoverables": torch.nn.Linear(1, 1)},
+            r"recoverables must be a mapping of name -> object, got Linear",
+        ),
+        (
+            {"recoverables": {"model": torch.nn.Linear}},
+            r"recoverable 'model' is the class Linear, not an object of it",
+        ),
+    ],
+)
+def test_a_wrong_constructor_argument_is_refused_naming_it(
+    tmp_path: Path, arguments: dict[str, object], message: str
+) -> None:
+    given: dict[str, object] = {"checkpoints_dir": tmp_path, **arguments}
+    with pytest.raises(ConfigurationError, match=message):
+        Checkpointer(**given)  # type: ignore[arg-type]  # wrong on purpose
+
+
+def test_optional_load_that_is_not_a_bool_is_refused(tmp_path: Path) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    with pytest.raises(ConfigurationError, match="optional_load must be a bool, got 'no'"):
+        checkpointer.add_recoverable("extra", EpochCounter(2), optional_load="no")  # type: ignore[arg-type]  # wrong on purpose
+    assert list(checkpointer.recoverables) == ["counter"]
+
+
+def test_a_module_dict_is_taken_as_recoverables(tmp_path: Path) -> None:
+    modules = torch.nn.ModuleDict({"encoder": torch.nn.Linear(2, 2)})
+    checkpointer = Checkpointer(tmp_path, modules)  # type: ignore[arg-type]  # not a Mapping to mypy
+    assert checkpointer.recoverables == {"encoder": modules["encoder"]}
+
+
+def test_a_checkpoints_dir_that_is_a_file_is_refused_at_construction_and_after(
+    tmp_path: Path,
+) -> None:
+    file = tmp_path / "save"
+    file.write_text("not a folder")
+    with pytest.raises(
+        ConfigurationError, match=rf"checkpoints_dir {file} exists and is not a folder"
+    ):
+        _checkpointer(file)
+    # Replaced by a file after the checkpointer was made: refused, not taken for an empty folder.
+    folder = tmp_path / "later"
+    checkpointer = _checkpointer(folder)
+    checkpointer.save_checkpoint()
+    shutil.rmtree(folder)
+    folder.write_text("not a folder")
+    for call in (
+        checkpointer.list_checkpoints,
+        checkpointer.recover_if_possible,
+        checkpointer.save_checkpoint,
+    ):
+        with pytest.raises(ConfigurationError, match="exists and is not a folder"):
+            call()
+
+
+# ---------------------------------------------------------------------------- meta
+
+
+def test_an_integer_too_long_for_json_in_meta_is_refused_naming_the_key_before_writing(
+    tmp_path: Path,
+) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    with pytest.raises(
+        ConfigurationError,
+        match=r"checkpoint meta 'count': 'count'\['inner'\] is an integer of \d+ bits, too long",
+    ):
+        checkpointer.save_checkpoint(meta={"count": {"inner": 10**5000}})
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []

@@ -13,6 +13,7 @@ processes" in docs/checkpoints.md).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -20,7 +21,7 @@ import os
 import pickle
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -51,8 +52,10 @@ from typedbrain._errors import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
 )
+from typedbrain._loadable import refusal, weights_only_reason
 from typedbrain._manifest import (
     MANIFEST_NAME,
+    MAX_SEQUENCE,
     WRITE_BUFFER,
     Checkpoint,
     CheckpointFile,
@@ -159,6 +162,11 @@ class Checkpointer:
     Attributes:
         checkpoints_dir: the folder holding the checkpoint folders.
         allow_partial_load: see Args.
+
+    Raises:
+        ConfigurationError: ``checkpoints_dir`` is not a path or is a file, ``recoverables`` is
+            not a mapping, or ``allow_partial_load`` is not a bool; see also
+            :meth:`add_recoverable`.
     """
 
     def __init__(
@@ -168,7 +176,13 @@ class Checkpointer:
         *,
         allow_partial_load: bool = False,
     ) -> None:
+        if not isinstance(checkpoints_dir, str | os.PathLike):
+            raise ConfigurationError(
+                f"checkpoints_dir must be a path (a str or os.PathLike), got {checkpoints_dir!r}"
+            )
+        _check_bool("allow_partial_load", allow_partial_load)
         self.checkpoints_dir = Path(checkpoints_dir)
+        self._check_folder()
         self.allow_partial_load = allow_partial_load
         self._recoverables: dict[str, _Recoverable] = {}
         self._phase_source: Callable[[], str | None] | None = None
@@ -209,8 +223,9 @@ class Checkpointer:
                 state) instead of raising.
 
         Raises:
-            ConfigurationError: ``name`` is not a usable file name, or ``obj`` can be neither
-                saved nor loaded (not ``Stateful`` and no hooks); the message names it.
+            ConfigurationError: ``name`` is not a usable file name, ``obj`` is a class (not an
+                object of it) or can be neither saved nor loaded (not ``Stateful`` and no
+                hooks), or ``optional_load`` is not a bool; the message names it.
             HookContractError: a custom hook is not callable or has the wrong signature (the
                 check the class decorators make); the message names the recoverable.
         """
@@ -219,6 +234,12 @@ class Checkpointer:
                 f"recoverable name {name!r} must be a non-empty plain file name (no path "
                 "separator or colon, not starting with a dot)"
             )
+        if isinstance(obj, type):
+            raise ConfigurationError(
+                f"recoverable {name!r} is the class {obj.__qualname__}, not an object of it; "
+                "register the object whose state is saved"
+            )
+        _check_bool("optional_load", optional_load)
         hooks = resolve_hooks(name, obj, custom_save_hook, custom_load_hook)
         self._recoverables[name] = _Recoverable(
             obj=obj, saver=hooks.saver, loader=hooks.loader, optional_load=optional_load
@@ -226,6 +247,11 @@ class Checkpointer:
 
     def add_recoverables(self, recoverables: Mapping[str, object]) -> None:
         """Register every ``name -> object`` of ``recoverables`` (see :meth:`add_recoverable`)."""
+        if not isinstance(recoverables, Mapping | torch.nn.ModuleDict):
+            raise ConfigurationError(
+                "recoverables must be a mapping of name -> object, got "
+                f"{type(recoverables).__qualname__} {recoverables!r}"
+            )
         for name, obj in recoverables.items():
             self.add_recoverable(name, obj)
 
@@ -245,7 +271,8 @@ class Checkpointer:
 
         The files are written and synced first; the checkpoint exists only once its manifest
         has been renamed into place. If saving fails, the partial folder is removed and the
-        error propagates.
+        error propagates, with a note naming the recoverable when it came from its
+        ``state_dict`` or save hook (a full disk is an ``OSError`` naming the file).
 
         Under ``torch.distributed`` every process must call it (it is collective): each one
         calls every ``state_dict`` (in registration order, so a ``state_dict`` may run
@@ -265,8 +292,10 @@ class Checkpointer:
         Raises:
             ConfigurationError: ``meta`` is not JSON data (the message names the key),
                 ``end_of_epoch`` is not a bool, or ``name`` is not a plain folder name.
-            CheckpointError: a committed checkpoint named ``name`` already exists, or a save
-                hook wrote no file; under ``torch.distributed``, on the other processes, when
+            CheckpointError: a committed checkpoint named ``name`` already exists, a save hook
+                wrote no file, or a ``state_dict`` returned something loading would refuse (not
+                a dict, or holding more than plain data and tensors: the message says where);
+                under ``torch.distributed``, on the other processes, when
                 one process failed (the main process to write, say): the message says which
                 and why.
         """
@@ -339,11 +368,11 @@ class Checkpointer:
             # filter, and importing typedbrain must change nothing global.)
             from typedbrain._sharded_state import gathered as full_state
 
-            states: dict[str, object] = {
-                recoverable: full_state(cast(Stateful, entry.obj).state_dict())
-                for recoverable, entry in self._recoverables.items()
-                if entry.saver is None
-            }
+            states: dict[str, object] = {}
+            for recoverable, entry in self._recoverables.items():
+                if entry.saver is None:
+                    with _noted(f"taking the state of recoverable {recoverable!r}"):
+                        states[recoverable] = full_state(cast(Stateful, entry.obj).state_dict())
             clean_meta, phase, flag = self._checked_inputs(meta, end_of_epoch, name, ranking_keys)
         except BaseException as error:
             _agree(error, what)
@@ -395,7 +424,15 @@ class Checkpointer:
         logger.log(logging.INFO if end_of_epoch else logging.DEBUG, "saved checkpoint %s", folder)
         return checkpoint
 
+    def _check_folder(self) -> None:
+        """Refuse a ``checkpoints_dir`` that exists but is not a folder (a file, say)."""
+        if self.checkpoints_dir.exists() and not self.checkpoints_dir.is_dir():
+            raise ConfigurationError(
+                f"checkpoints_dir {self.checkpoints_dir} exists and is not a folder"
+            )
+
     def _new_folder(self, name: str | None) -> Path:
+        self._check_folder()
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         if name is not None:
             folder = self.checkpoints_dir / name
@@ -435,18 +472,34 @@ class Checkpointer:
         """
         path = folder / f"{name}{_SUFFIX}"
         if entry.saver is not None:
-            entry.saver(entry.obj, path)
+            with _noted(f"saving recoverable {name!r} with its save hook"):
+                entry.saver(entry.obj, path)
             if not path.is_file():
                 raise CheckpointError(
                     f"the save hook of recoverable {name!r} wrote no file at {path}"
                 )
             return syncer.submit(hash_file, path)
-        state = states[name] if states is not None else cast(Stateful, entry.obj).state_dict()
+        if states is not None:
+            state = states[name]
+        else:
+            with _noted(f"taking the state of recoverable {name!r}"):
+                state = cast(Stateful, entry.obj).state_dict()
+        _check_loadable(name, state)
         raw = path.open("wb", buffering=WRITE_BUFFER)
         try:
             writer = HashingWriter(raw, hasher)
-            # cast: torch.save only calls write() and flush() on a stream.
-            torch.save(state, cast(IO[bytes], writer))
+            try:
+                # cast: torch.save only calls write() and flush() on a stream.
+                torch.save(state, cast(IO[bytes], writer))
+            except RuntimeError as error:
+                # torch's writer reports a failed write (a full disk) as its own RuntimeError;
+                # the OSError it met is the error to raise, and the file is the one to name.
+                failure = error.__context__
+                if isinstance(failure, OSError):
+                    raise OSError(
+                        failure.errno, f"{failure.strerror} (recoverable {name!r})", str(path)
+                    ) from error
+                raise
             raw.flush()
         except BaseException:
             raw.close()
@@ -454,7 +507,14 @@ class Checkpointer:
         return syncer.submit(sync_and_close, raw, writer.record(path.name))
 
     def _next_sequence(self) -> int:
-        return max((c.sequence for c in self._scan(report=False)), default=0) + 1
+        last = max(self._scan(report=False), key=lambda c: c.sequence, default=None)
+        if last is not None and last.sequence + 1 >= MAX_SEQUENCE:
+            raise CheckpointError(
+                f"cannot number a new checkpoint in {self.checkpoints_dir}: {last.path} has "
+                f"sequence number {last.sequence}, the highest a manifest may hold; move that "
+                "folder out of the way"
+            )
+        return 1 if last is None else last.sequence + 1
 
     def save_and_keep_only(
         self,
@@ -495,28 +555,36 @@ class Checkpointer:
 
         Raises:
             ConfigurationError: an argument is invalid (``min_keys="loss"`` instead of
-                ``["loss"]``, a negative ``num_to_keep``, a ``meta`` value for one of
-                ``min_keys`` / ``max_keys`` that is not a number, ...): nothing is saved.
+                ``["loss"]``, a negative ``num_to_keep``, a ``ckpt_predicate`` that is not a
+                function, a ``meta`` value for one of ``min_keys`` / ``max_keys`` that is not
+                a number, ...): nothing is saved. Or an importance key returned something other
+                than a number: the keys run on the checkpoints once the new one is saved, so
+                it stays saved, and nothing is deleted.
             CheckpointError: see :meth:`save_checkpoint`.
         """
         _check_num_to_keep(num_to_keep)
+        _check_predicate(ckpt_predicate)
         importance = _checked_importance_keys(importance_keys)
         maxima = _checked_key_names("max_keys", max_keys)
         minima = _checked_key_names("min_keys", min_keys)
         ranking_keys = [("min_keys", key) for key in minima] + [("max_keys", key) for key in maxima]
         checkpoint = self._save(meta, end_of_epoch, name, ranking_keys)
         keys = (*importance, ckpt_recency) if keep_recent else importance
-        _main_decides(
-            lambda: self._delete(
-                num_to_keep=num_to_keep,
-                importance_keys=keys,
-                max_keys=maxima,
-                min_keys=minima,
-                ckpt_predicate=ckpt_predicate,
-                keep=checkpoint.path,
-            ),
-            f"delete old checkpoints in {self.checkpoints_dir}",
-        )
+        try:
+            _main_decides(
+                lambda: self._delete(
+                    num_to_keep=num_to_keep,
+                    importance_keys=keys,
+                    max_keys=maxima,
+                    min_keys=minima,
+                    ckpt_predicate=ckpt_predicate,
+                    keep=checkpoint.path,
+                ),
+                f"delete old checkpoints in {self.checkpoints_dir}",
+            )
+        except ConfigurationError as error:  # raised while ranking, before any deletion
+            error.add_note(f"(checkpoint {checkpoint.path} was saved; none was deleted)")
+            raise
         return checkpoint
 
     # ------------------------------------------------------------------ listing and finding
@@ -536,6 +604,7 @@ class Checkpointer:
 
     def _scan(self, *, report: bool) -> list[Checkpoint]:
         """The committed checkpoints, oldest first; with ``report``, warn about the others."""
+        self._check_folder()
         if not self.checkpoints_dir.is_dir():
             return []
         found: list[Checkpoint] = []
@@ -644,6 +713,7 @@ class Checkpointer:
                 of keys (``min_keys="loss"`` instead of ``["loss"]``, say).
         """
         _check_num_to_keep(num_to_keep)
+        _check_predicate(ckpt_predicate)
         importance = _checked_importance_keys(importance_keys)
         maxima = _checked_key_names("max_keys", max_keys)
         minima = _checked_key_names("min_keys", min_keys)
@@ -849,14 +919,7 @@ class Checkpointer:
                 importance_key, max_key, min_key, ckpt_predicate, device
             )
         _check_device(device)
-        candidates = _rank(
-            self._scan(report=True),
-            importance_key=importance_key,
-            max_key=max_key,
-            min_key=min_key,
-            ckpt_predicate=ckpt_predicate,
-            skip_non_numbers=True,
-        )
+        candidates = self._candidates(importance_key, max_key, min_key, ckpt_predicate)
         for checkpoint in candidates:
             try:
                 self.load_checkpoint(checkpoint, device=device)
@@ -869,6 +932,42 @@ class Checkpointer:
             return checkpoint
         logger.info("no checkpoint to recover in %s", self.checkpoints_dir)
         return None
+
+    def _candidates(
+        self,
+        importance_key: ImportanceKey | None,
+        max_key: str | None,
+        min_key: str | None,
+        ckpt_predicate: CheckpointPredicate | None,
+    ) -> list[Checkpoint]:
+        """The checkpoints to try recovering, best first; warns when a meta key ranks none.
+
+        A ``min_key`` / ``max_key`` that no checkpoint's meta holds (a typo, or a folder of
+        intra-epoch checkpoints only) would otherwise recover nothing without a word.
+        """
+        checkpoints = self._scan(report=True)
+        ranked = _rank(
+            checkpoints,
+            importance_key=importance_key,
+            max_key=max_key,
+            min_key=min_key,
+            ckpt_predicate=ckpt_predicate,
+            skip_non_numbers=True,
+        )
+        argument, meta_key = ("max_key", max_key) if max_key is not None else ("min_key", min_key)
+        if (
+            meta_key is not None
+            and checkpoints
+            and not any(meta_key in checkpoint.meta for checkpoint in checkpoints)
+        ):
+            held = sorted({key for checkpoint in checkpoints for key in checkpoint.meta})
+            warn(
+                f"none of the {len(checkpoints)} checkpoints in {self.checkpoints_dir} has the "
+                f"meta key {meta_key!r} that {argument} ranks by (their meta keys: "
+                f"{', '.join(map(repr, held)) or 'none'}), so none is recovered",
+                CheckpointWarning,
+            )
+        return ranked
 
     def _recover_collectively(
         self,
@@ -885,14 +984,7 @@ class Checkpointer:
             # Every process checks its own device when it loads (_verified_states), and the
             # processes agree on the outcome there.
             _check_device(device)
-            ranked = _rank(
-                self._scan(report=True),
-                importance_key=importance_key,
-                max_key=max_key,
-                min_key=min_key,
-                ckpt_predicate=ckpt_predicate,
-                skip_non_numbers=True,
-            )
+            ranked = self._candidates(importance_key, max_key, min_key, ckpt_predicate)
             for checkpoint in ranked:
                 try:
                     held.append(self._prepare(checkpoint, device))
@@ -989,6 +1081,21 @@ def _agree(failure: BaseException | None, what: str, token: str | None = None) -
         raise CheckpointError(f"the processes disagree on what to {what} ({listing})")
 
 
+def _check_bool(argument: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{argument} must be a bool, got {value!r}")
+
+
+@contextlib.contextmanager
+def _noted(doing: str) -> Iterator[None]:
+    """Add "(while <doing>)" to an exception raised from user code, keeping its type."""
+    try:
+        yield
+    except Exception as error:
+        error.add_note(f"(while {doing})")
+        raise
+
+
 def _check_num_to_keep(num_to_keep: object) -> None:
     if isinstance(num_to_keep, bool) or not isinstance(num_to_keep, int) or num_to_keep < 0:
         raise ConfigurationError(f"num_to_keep must be an integer >= 0, got {num_to_keep!r}")
@@ -1032,14 +1139,27 @@ def _describe_key(key: object) -> str:
     return repr(name) if isinstance(name, str) else repr(key)
 
 
+def _check_predicate(ckpt_predicate: object) -> None:
+    if ckpt_predicate is not None and not callable(ckpt_predicate):
+        raise ConfigurationError(
+            f"ckpt_predicate must be a function (Checkpoint -> bool) or None, got "
+            f"{ckpt_predicate!r}"
+        )
+
+
 def _check_rank_arguments(
-    importance_key: object, max_key: object, min_key: object, max_num_checkpoints: object
+    importance_key: object,
+    max_key: object,
+    min_key: object,
+    max_num_checkpoints: object,
+    ckpt_predicate: object,
 ) -> None:
     if sum(key is not None for key in (importance_key, max_key, min_key)) > 1:
         raise ConfigurationError(
             "give at most one of importance_key, max_key and min_key, got "
             f"importance_key={importance_key!r}, max_key={max_key!r}, min_key={min_key!r}"
         )
+    _check_predicate(ckpt_predicate)
     if importance_key is not None and not callable(importance_key):
         raise ConfigurationError(
             f"importance_key must be a function (Checkpoint -> float) or None, got "
@@ -1081,7 +1201,7 @@ def _rank(
         ConfigurationError: an argument is invalid, or an importance key returned something
             that is not a number; the message names it.
     """
-    _check_rank_arguments(importance_key, max_key, min_key, max_num_checkpoints)
+    _check_rank_arguments(importance_key, max_key, min_key, max_num_checkpoints, ckpt_predicate)
     meta_key = max_key if max_key is not None else min_key
     key = importance_key if importance_key is not None else ckpt_recency
     scored: list[tuple[float, Checkpoint]] = []
@@ -1115,13 +1235,15 @@ def _rank(
             if min_key is not None:
                 value = -value
         scored.append((value, checkpoint))
-    # Highest value first, NaN last; ties go to the most recent (sequence numbers are unique
-    # within a folder).
+    # Highest value first, NaN last; ties go to the most recent: the higher sequence number,
+    # then (two checkpointers writing into one folder can give two the same) the later save.
     scored.sort(
         key=lambda pair: (
             not math.isnan(pair[0]),
             0.0 if math.isnan(pair[0]) else pair[0],
             pair[1].sequence,
+            pair[1].unixtime,
+            pair[1].path.name,
         ),
         reverse=True,
     )
@@ -1184,6 +1306,30 @@ _HASH_WORKERS: Final = 4
 
 As many as there are CPUs, not one fewer: decoding is mostly copying, and measured on two
 CPUs two hashing threads next to the decoding one load faster than one."""
+
+
+def _check_loadable(name: str, state: object) -> None:
+    """Refuse to save a state that loading would refuse: a checkpoint of it could never resume.
+
+    Raises:
+        CheckpointError: ``state`` is not a dict, or holds something that
+            ``torch.load(weights_only=True)`` does not unpickle; the message names the
+            recoverable and where in the state it lies.
+    """
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"recoverable {name!r}: its state_dict() returned a {type(state).__qualname__}, "
+            "not a dict; nothing was saved"
+        )
+    refused = refusal(state)
+    if refused is not None:
+        raise CheckpointError(
+            f"recoverable {name!r}: {refused.where} is a {refused.kind} (state being what its "
+            "state_dict() returned), which loading with weights_only=True refuses "
+            f"({refused.reason}), so no checkpoint of it could be loaded; nothing was saved. "
+            "Keep plain data (dicts, lists, tuples, numbers, strings) and tensors in the "
+            "state, or allow a type you trust with torch.serialization.add_safe_globals"
+        )
 
 
 def _refused_state(
@@ -1288,13 +1434,19 @@ def _decode(
             stream, map_location=_map_location(device, keep_cpu=keep_cpu), weights_only=True
         )
     except pickle.UnpicklingError as error:
-        raise UnsafeCheckpointError(path, str(error).splitlines()[0]) from error
+        raise UnsafeCheckpointError(path, weights_only_reason(error)) from error
     except (RuntimeError, EOFError, ValueError, OSError) as error:
         raise CheckpointError(
             f"cannot load {path.name} of checkpoint {path.parent} with device={device!r}: "
             f"{type(error).__name__}: {error} (its size and SHA-256 match the manifest: the "
-            "file is intact, so this is not skipped as damage; pass the device to load it on "
-            "as device=...)"
+            "file is intact, so this is not skipped as damage; if it holds tensors of a device "
+            "this machine lacks, pass one it has as device=...)"
+        ) from error
+    except Exception as error:  # whatever torch.load makes of a file it did not write
+        raise CheckpointError(
+            f"cannot load {path.name} of checkpoint {path.parent}: {type(error).__name__}: "
+            f"{error}; its size and SHA-256 match the manifest, so it was written so: not by "
+            "torch.save (a custom save hook's file, read without its load hook?)"
         ) from error
     if not isinstance(state, dict):
         raise CheckpointError(
@@ -1312,10 +1464,13 @@ def _map_location(device: Device, *, keep_cpu: bool) -> MAP_LOCATION:
     it had it. (Loaded on the GPU, an optimizer's CPU step counts would come back on the GPU,
     which the run that saved them never did, and each step would then wait for the GPU.)
     """
-    if device is None or not keep_cpu:
-        return device
+    if device is None:
+        return None
     target = torch.device(device)
     if target.type == "cpu":
+        # torch restores CPU storages to "cpu" only: "cpu:0" would fail every tensor.
+        return torch.device("cpu")
+    if not keep_cpu:
         return target
 
     def place(storage: Storage, location: str) -> Storage:

@@ -192,7 +192,10 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 class CheckpointWarning(UserWarning):
-    """A checkpoint folder was skipped (uncommitted or corrupt) in favour of an older good one."""
+    """A checkpoint folder was skipped (uncommitted or corrupt) in favour of an older good one.
+
+    Also: a ``min_key`` / ``max_key`` asked to recover by was in no checkpoint's meta.
+    """
 
 
 class ResumeWarning(UserWarning):

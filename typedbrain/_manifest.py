@@ -41,7 +41,7 @@ _HASH_ASIDE_MIN: Final = 1 << 20
 """Writes at least this large are hashed by another thread while they are written."""
 
 _SHA256_HEX_LENGTH: Final = 64
-_MAX_SEQUENCE: Final = 1 << 63
+MAX_SEQUENCE: Final = 1 << 63
 """Sequence numbers are below this (a float holds them, for ranking by recency)."""
 _SHOWN_MAX: Final = 80
 """A rejected manifest value is quoted up to this many characters in the reason."""
@@ -127,6 +127,13 @@ def _to_json(value: object, key: str, where: str) -> JsonValue:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
+        try:
+            repr(int(value))  # JSON holds it in decimal, which Python caps at so many digits
+        except ValueError:
+            raise ConfigurationError(
+                f"checkpoint meta {key!r}: {where} is an integer of {value.bit_length()} bits, "
+                "too long for Python to write or read as JSON"
+            ) from None
         return int(value)
     if isinstance(value, float):
         return float(value)
@@ -348,7 +355,7 @@ def read_manifest(folder: Path) -> Checkpoint:
     _require(data.get("format") == FORMAT, folder, f"'format' is not {FORMAT!r}")
     version = data.get("format_version")
     _require(
-        version == FORMAT_VERSION,
+        _is_int(version) and version == FORMAT_VERSION,
         folder,
         f"format version {version!r} is not the one this typedbrain reads ({FORMAT_VERSION})",
     )
@@ -360,7 +367,7 @@ def read_manifest(folder: Path) -> Checkpoint:
     files = data.get("files")
     typedbrain_version = data.get("typedbrain_version")
     torch_version = data.get("torch_version")
-    if not (_is_int(sequence) and isinstance(sequence, int) and 0 <= sequence < _MAX_SEQUENCE):
+    if not (_is_int(sequence) and isinstance(sequence, int) and 0 <= sequence < MAX_SEQUENCE):
         raise _bad(folder, "sequence", sequence)
     if not (isinstance(unixtime, int | float) and _is_finite(unixtime)) or _is_bool(unixtime):
         raise _bad(folder, "unixtime", unixtime)
