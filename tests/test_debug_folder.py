@@ -119,3 +119,36 @@ def test_a_debug_folder_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> 
     expected = f"could not create a temporary checkpoint folder beside {real}"
     with pytest.raises(tb.CheckpointError, match=re.escape(expected)):
         regression_brain(run_opts=DEBUG, checkpointer=tb.Checkpointer(real))
+
+
+@pytest.mark.parametrize(
+    ("built_with", "change"),
+    [
+        ({}, {"debug": True}),
+        (DEBUG, {"debug": False}),
+        (DEBUG, {"debug_persistently": True}),
+        ({"debug": True, "debug_persistently": True}, {"debug_persistently": False}),
+    ],
+)
+def test_a_change_that_would_move_the_checkpoints_is_refused_once_the_brain_is_built(
+    tmp_path: Path, built_with: tb.RunOptionsDict, change: dict[str, bool]
+) -> None:
+    checkpointer = tb.Checkpointer(tmp_path / "save")
+    brain = regression_brain(run_opts=built_with, checkpointer=checkpointer)
+    folder = checkpointer.checkpoints_dir
+    name, value = next(iter(change.items()))
+    with pytest.raises(tb.ConfigurationError, match=r"cannot be set once the brain is built"):
+        setattr(brain, name, value)
+    assert getattr(brain, name) is not value
+    assert checkpointer.checkpoints_dir == folder
+
+
+def test_debug_changes_that_move_no_checkpoints_are_allowed(tmp_path: Path) -> None:
+    brain = regression_brain(checkpointer=tb.Checkpointer(tmp_path / "save"))
+    brain.debug_persistently = True  # not in debug mode: nothing moves
+    brain.debug = True  # debug, persistently: the real folder still
+    assert brain.debug
+    assert brain.debug_persistently
+    without = regression_brain()  # no checkpointer: nothing to move
+    without.debug = True
+    assert without.debug

@@ -50,6 +50,19 @@ def test_an_optimizer_assigned_in_init_optimizers_is_stepped() -> None:
     assert all(p.grad is None for p in brain.modules.parameters())
 
 
+def test_fit_warns_when_opt_class_was_given_but_no_optimizer_was_built() -> None:
+    class SkipsSuper(RegressionBrain):
+        def on_fit_start(self) -> None:  # forgets super().on_fit_start()
+            pass
+
+    brain = brain_of(SkipsSuper)
+    before = parameters_of(brain)
+    with pytest.warns(UserWarning, match=r"fit\(\) trains with no optimizer: opt_class was given"):
+        brain.fit(range(1, 2), ready_loader(batches(2, 4)))
+    after = parameters_of(brain)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 def test_assigning_the_optimizer_keeps_the_optimizers_a_recipe_listed() -> None:
     class Listing(RegressionBrain):
         def init_optimizers(self) -> None:

@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from tests.helpers import RegressionBrain, regression_brain, sgd
 from tests.strategies import RUN_OPTION_VALUES, run_option_mappings
-from typedbrain import Brain, Hparams, RunOptions, RunOptionsDict, RunOptionsError
+from typedbrain import (
+    Brain,
+    ConfigurationError,
+    Hparams,
+    RunOptions,
+    RunOptionsDict,
+    RunOptionsError,
+)
 from typedbrain._devices import missing_device
 
 # The defaults of SpeechBrain 1.x, as listed in speechbrain-brain-surface.md.
@@ -289,6 +296,26 @@ def test_run_opts_from_the_constructor_beat_hparams() -> None:
         run_opts={"debug": False},
     )
     assert brain.debug is False
+
+
+def test_a_whole_run_options_is_taken_as_run_opts_every_option_from_it() -> None:
+    donor = regression_brain(run_opts={"max_grad_norm": 1.0, "debug_batches": 7})
+    brain = RegressionBrain(
+        {"model": torch.nn.Linear(4, 2)},
+        sgd(),
+        hparams={"max_grad_norm": 3.0},
+        run_opts=donor.run_opts,
+    )
+    assert brain.run_opts == donor.run_opts
+    assert brain.max_grad_norm == 1.0  # the RunOptions' own value beats hparams
+
+
+@pytest.mark.parametrize("given", [[("debug", True)], "debug"])
+def test_run_opts_that_is_no_mapping_is_a_configuration_error_naming_its_type(
+    given: object,
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"run_opts must be a mapping .* got (list|str)"):
+        RunOptions.from_sources(None, given)  # type: ignore[arg-type]  # wrong on purpose
 
 
 def test_bad_hparams_run_option_fails_the_constructor() -> None:

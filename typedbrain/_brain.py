@@ -139,7 +139,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         hparams: hyperparameters, as ``self.hparams``. A mapping is wrapped in
             :class:`Hparams` (``hp.lr`` and ``hp["lr"]`` both work); any other object (an attrs
             instance, typically) is kept as it is. Keys named like a run option set it.
-        run_opts: run options (see :class:`RunOptions`); they override the ones in ``hparams``.
+        run_opts: run options, as a mapping of option names to values (see
+            :class:`RunOptions`) or a whole ``RunOptions`` (another brain's ``run_opts``, say);
+            they override the ones in ``hparams``.
         checkpointer: where to register recoverables and recover from in ``on_fit_start`` and
             ``on_evaluate_start``. In debug mode without ``debug_persistently``, the brain
             points it at a temporary folder for its lifetime (see the ``debug_persistently``
@@ -167,7 +169,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         modules: Mapping[str, torch.nn.Module] | None = None,
         opt_class: OptimizerFactory | None = None,
         hparams: Mapping[str, object] | None = None,
-        run_opts: RunOptionsDict | None = None,
+        run_opts: RunOptionsDict | RunOptions | None = None,
         checkpointer: CheckpointerLike | None = None,
     ) -> None: ...
     @overload
@@ -177,7 +179,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         opt_class: OptimizerFactory | None = None,
         *,
         hparams: HparamsT,
-        run_opts: RunOptionsDict | None = None,
+        run_opts: RunOptionsDict | RunOptions | None = None,
         checkpointer: CheckpointerLike | None = None,
     ) -> None: ...
     @overload
@@ -186,7 +188,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         modules: Mapping[str, torch.nn.Module] | None,
         opt_class: OptimizerFactory | None,
         hparams: HparamsT,
-        run_opts: RunOptionsDict | None = None,
+        run_opts: RunOptionsDict | RunOptions | None = None,
         checkpointer: CheckpointerLike | None = None,
     ) -> None: ...
     def __init__(
@@ -194,14 +196,15 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         modules: Mapping[str, torch.nn.Module] | None = None,
         opt_class: OptimizerFactory | None = None,
         hparams: HparamsT | Mapping[str, object] | None = None,
-        run_opts: RunOptionsDict | None = None,
+        run_opts: RunOptionsDict | RunOptions | None = None,
         checkpointer: CheckpointerLike | None = None,
     ) -> None:
         _check_hooks_take_their_keywords(type(self))
         resolved = resolve_hparams(hparams, _declared_hparams(type(self)), type(self).__name__)
         self.hparams = cast(HparamsT, resolved)
         options = RunOptions.from_sources(
-            hparams_items(hparams), cast(Mapping[str, object] | None, run_opts)
+            hparams_items(hparams),
+            run_opts if isinstance(run_opts, RunOptions) else cast(Mapping[str, object], run_opts),
         )
         launch = detect_launch()
         if options.device is None:
@@ -254,7 +257,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._last_checkpoint_time = 0.0
         self._use_current_weights = False
         if checkpointer is not None:
-            if options.debug and not options.debug_persistently:
+            if _debug_folder(options):
                 redirect_for_debug(checkpointer)
             # Both optional: a checkpoint saved without them (by a plain Checkpointer, or in
             # another precision) still loads, and the run starts them afresh.
@@ -289,6 +292,15 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 f"{options.precision!r} once the brain is built: fp16 training needs the grad "
                 "scaler the brain makes (and checkpoints) when it is built; pass the precision "
                 "in run_opts"
+            )
+        if self.checkpointer is not None and _debug_folder(options) != _debug_folder(
+            self._run_opts
+        ):
+            raise ConfigurationError(
+                f"debug={options.debug!r} with debug_persistently="
+                f"{options.debug_persistently!r} cannot be set once the brain is built with a "
+                "checkpointer: which folder its checkpoints go to (a temporary one for a debug "
+                "run, the checkpointer's own otherwise) is decided then; pass debug in run_opts"
             )
         self._run_opts = options
         self._plan = None
@@ -769,6 +781,15 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 )
                 self._valid_loader = valid_loader
                 self.on_fit_start()
+                if self.opt_class is not None and not self.optimizers_dict:
+                    warn(
+                        "fit() trains with no optimizer: opt_class was given, but "
+                        "optimizers_dict is empty after on_fit_start(), so no parameter will "
+                        "change while optimizer_step still counts steps (does an on_fit_start "
+                        "override skip super().on_fit_start(), or an init_optimizers override "
+                        "not fill optimizers_dict?)",
+                        UserWarning,
+                    )
                 self._reenter_interrupted_epoch(epoch_counter)
                 self._last_checkpoint_time = time.monotonic()
                 show = self._progress_enabled(progressbar)
@@ -1525,6 +1546,11 @@ def _sampler_of(loader: DataLoader[object]) -> Iterable[object]:
 
 class _AddRecoverable(Protocol):
     def __call__(self, name: str, obj: Stateful, *, optional_load: bool) -> None: ...
+
+
+def _debug_folder(options: RunOptions) -> bool:
+    """Whether a brain with these options sends its checkpoints to a temporary folder."""
+    return options.debug and not options.debug_persistently
 
 
 def _add_optional(checkpointer: CheckpointerLike, name: str, obj: Stateful) -> None:

@@ -32,7 +32,7 @@ import attrs
 import torch
 
 from typedbrain._devices import missing_device
-from typedbrain._errors import RunOptionsError
+from typedbrain._errors import ConfigurationError, RunOptionsError
 
 __all__ = [
     "CompileMode",
@@ -268,19 +268,28 @@ class RunOptions:
     def from_sources(
         cls,
         hparams: Mapping[str, object] | None = None,
-        run_opts: Mapping[str, object] | None = None,
+        run_opts: Mapping[str, object] | RunOptions | None = None,
     ) -> RunOptions:
         """Build run options with SpeechBrain's precedence.
 
         Defaults < hyperparameters whose key is a run option's name < ``run_opts``. Keys of
         ``hparams`` that are not run options are ignored (they are hyperparameters); a key of
         ``run_opts`` that is not a run option is an error. Lists are accepted for the
-        ``*_module_keys`` options and integers for numeric options.
+        ``*_module_keys`` options and integers for numeric options. ``run_opts`` may also be a
+        whole ``RunOptions``: every option is then taken from it.
 
         Raises:
             RunOptionsError: an unknown key in ``run_opts``, a wrong type or a value out of
                 range; the message names the key and where the value came from.
+            ConfigurationError: ``run_opts`` is neither a mapping nor a ``RunOptions``.
         """
+        if isinstance(run_opts, RunOptions):  # every option given, as that one holds it
+            run_opts = attrs.asdict(run_opts, recurse=False)
+        elif run_opts is not None and not isinstance(run_opts, Mapping):
+            raise ConfigurationError(
+                "run_opts must be a mapping of run option names to values or a RunOptions, got "
+                f"{type(run_opts).__qualname__} {run_opts!r}"
+            )
         fields = {field.name: field for field in attrs.fields(cls)}
         chosen: dict[str, object] = {}
         origin: dict[str, str] = {}
