@@ -18,7 +18,7 @@ import torch
 from tests.helpers import python_blocks
 from typedbrain._checkpoint import Checkpointer
 from typedbrain._config import load_hparams
-from typedbrain._errors import ConfigurationError
+from typedbrain._errors import ConfigurationError, OverrideError
 from typedbrain._experiment import _ExperimentLogHandler, create_experiment_directory, git_commit
 from typedbrain._version import __version__
 
@@ -168,6 +168,25 @@ def test_bad_hyperparameters_are_a_configuration_error(tmp_path: Path) -> None:
         create_experiment_directory(tmp_path / "run", hyperparams_to_save=path)
     with pytest.raises(ConfigurationError, match="cannot read the hyperparameters"):
         create_experiment_directory(tmp_path / "run", hyperparams_to_save=tmp_path / "absent")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lrr": 1}, "'lrr'"),
+        ("model:\n  hiden: 8\n", "'model.hiden'"),
+    ],
+)
+def test_an_override_of_a_key_the_file_lacks_is_refused_as_load_hparams_refuses_it(
+    hparams_file: Path, overrides: str | dict[str, object], message: str
+) -> None:
+    run = hparams_file.parent / "run"
+    with pytest.raises(OverrideError, match=message) as caught:
+        create_experiment_directory(run, hyperparams_to_save=hparams_file, overrides=overrides)
+    with pytest.raises(OverrideError) as from_load:
+        load_hparams(hparams_file, overrides)
+    assert str(caught.value) == str(from_load.value)
+    assert not run.exists()
 
 
 def test_an_include_is_read_next_to_the_recipe_not_in_the_working_folder(

@@ -91,20 +91,28 @@ def create_experiment_directory(
         The experiment folder.
 
     Raises:
+        OverrideError: an override names a key ``hyperparams_to_save`` does not have (as
+            :func:`~typedbrain.load_hparams` refuses it); nothing is written.
         ConfigurationError: ``hyperparams_to_save`` cannot be read, or it (or ``overrides``)
-            is not valid HyperPyYAML; the message names the file.
+            is not valid HyperPyYAML; the message names the file, and nothing is written.
     """
     folder = Path(experiment_directory)
     if not if_main_process():
         return folder
     script = Path(script_file) if script_file is not None else _calling_script()
+    # Resolved first: hyperparameters or overrides that do not fit leave nothing behind.
+    hyperparams = (
+        None
+        if hyperparams_to_save is None
+        else _resolved_hyperparams(Path(hyperparams_to_save), overrides)
+    )
     folder.mkdir(parents=True, exist_ok=True)
     if log_config is not None:
         logging.config.dictConfig(dict(log_config))
     else:
         _attach_log_file(folder / "log.txt")
-    if hyperparams_to_save is not None:
-        _save_hyperparams(Path(hyperparams_to_save), overrides, folder / "hyperparams.yaml")
+    if hyperparams is not None:
+        (folder / "hyperparams.yaml").write_text(hyperparams, encoding="utf-8")
     if script is not None and script.is_file():
         destination = folder / script.name
         if destination.resolve() != script.resolve():
@@ -163,19 +171,30 @@ def _attach_log_file(log_file: Path) -> None:
         root.setLevel(logging.INFO)
 
 
-def _save_hyperparams(
-    source: Path, overrides: str | Mapping[str, object] | None, destination: Path
-) -> None:
+def _resolved_hyperparams(source: Path, overrides: str | Mapping[str, object] | None) -> str:
+    """The text of ``hyperparams.yaml``: ``source`` with ``overrides``, references resolved."""
     # Imported here: importing ruamel.yaml (which both use) adds warning filters, and importing
     # typedbrain must change nothing global.
     from hyperpyyaml import resolve_references
 
-    from typedbrain._yaml_tree import NamedStringIO, apply_overrides
+    from typedbrain._yaml_tree import (
+        NamedStringIO,
+        apply_overrides,
+        check_overrides,
+        compose,
+        override_tree,
+    )
 
     try:
         text = source.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigurationError(f"cannot read the hyperparameters {source}: {error}") from error
+    # As load_hparams does: an override may change only keys the file has (an OverrideError
+    # naming the key otherwise), where hyperpyyaml would add the key silently.
+    name = str(source)
+    check_overrides(
+        override_tree(overrides), compose(text, name), (), name, source.resolve().parent
+    )
     try:
         # The overrides are applied as load_hparams applies them, and the stream carries the
         # file's name so that !include: paths are relative to its folder.
@@ -194,7 +213,7 @@ def _save_hyperparams(
         else:
             override_lines = json.dumps(dict(overrides), default=str, sort_keys=True).splitlines()
         header += [f"#   {line}" for line in override_lines]
-    destination.write_text("\n".join(header) + "\n" + resolved, encoding="utf-8")
+    return "\n".join(header) + "\n" + resolved
 
 
 def describe_environment(
