@@ -142,6 +142,12 @@ def test_the_command_line_overrides_a_run_option_set_in_the_yaml() -> None:
     assert RunOptions.from_sources(options).precision == "bf16"
 
 
+def test_two_dashes_end_a_list_of_module_keys_before_the_hparams_file() -> None:
+    parsed = parse_arguments(["--compile", "--compile_module_keys", "model", "--", RECIPE])
+    assert parsed.hparams_file == Path(RECIPE)
+    assert parsed.run_opts == {"compile": True, "compile_module_keys": ("model",)}
+
+
 # Errors ---------------------------------------------------------------------------------------
 
 
@@ -150,6 +156,13 @@ def test_the_command_line_overrides_a_run_option_set_in_the_yaml() -> None:
     [
         ([], "the hparams file is required (the first positional argument)"),
         (["--debug"], "the hparams file is required (the first positional argument)"),
+        (
+            ["--compile_module_keys", "model", RECIPE, "--compile"],
+            "the hparams file is required (the first positional argument); "
+            f"--compile_module_keys took 'model', '{RECIPE}' as its module keys: give the "
+            "hparams file first, or end the keys with -- (--compile_module_keys model -- "
+            "hparams.yaml)",
+        ),
         (
             [RECIPE, "other.yaml"],
             "unexpected argument 'other.yaml': only one hparams file can be given",

@@ -101,6 +101,7 @@ def parse_arguments(argv: Sequence[str], *, prog: str | None = None) -> ParsedAr
     positionals: list[str] = []
     run_opts: dict[str, object] = {}
     overrides: _Tree = {}
+    key_lists: list[tuple[str, list[str]]] = []  # key-list options and the words they took
     index = 0
     only_positionals = False
     while index < len(argv):
@@ -131,6 +132,7 @@ def parse_arguments(argv: Sequence[str], *, prog: str | None = None) -> ParsedAr
                 while index < len(argv) and not argv[index].startswith("--"):
                     values.append(argv[index])
                     index += 1
+                key_lists.append((argument, values))
             run_opts[name] = _parse_keys(argument, values)
         else:
             if has_inline:
@@ -146,7 +148,7 @@ def parse_arguments(argv: Sequence[str], *, prog: str | None = None) -> ParsedAr
                 _add_override(overrides, argument, name, text)
     _check_run_options(run_opts)
     return ParsedArguments(
-        hparams_file=Path(_one_file(positionals, run_opts)),
+        hparams_file=Path(_one_file(positionals, run_opts, key_lists)),
         run_opts=cast(RunOptionsDict, run_opts),  # every key and value was checked above
         overrides=_dump(overrides),
     )
@@ -344,9 +346,20 @@ def _check_run_options(run_opts: dict[str, object]) -> None:
         raise ArgumentsError(f"--{error.key}", message.removesuffix(" (from run_opts)")) from None
 
 
-def _one_file(positionals: list[str], run_opts: dict[str, object]) -> str:
+def _one_file(
+    positionals: list[str], run_opts: dict[str, object], key_lists: list[tuple[str, list[str]]]
+) -> str:
     if not positionals:
-        raise ArgumentsError(None, "the hparams file is required (the first positional argument)")
+        hint = "".join(
+            f"; {argument} took {', '.join(map(repr, values))} as its module keys: give the "
+            f"hparams file first, or end the keys with -- ({argument} {values[0]} -- "
+            "hparams.yaml)"
+            for argument, values in key_lists[-1:]
+            if values
+        )
+        raise ArgumentsError(
+            None, f"the hparams file is required (the first positional argument){hint}"
+        )
     if len(positionals) > 1:
         extra = positionals[1]
         hint = ""
