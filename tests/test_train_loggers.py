@@ -129,6 +129,14 @@ def test_jsonl_logger_refuses_values_that_are_not_numbers_or_strings(tmp_path: P
     assert not (tmp_path / "log.jsonl").exists()
 
 
+def test_jsonl_logger_refuses_a_key_that_is_not_a_string_naming_the_key(tmp_path: Path) -> None:
+    log = JsonlTrainLogger(tmp_path / "log.jsonl")
+    bad: dict[object, object] = {1: 2.0}
+    with pytest.raises(ConfigurationError, match=r"'train': the key 1 is not a string \(int\)"):
+        log.log_stats({"epoch": 1}, bad)  # type: ignore[arg-type]  # the wrong type on purpose
+    assert not (tmp_path / "log.jsonl").exists()
+
+
 @pytest.mark.parametrize(
     ("line", "reason"),
     [

@@ -323,7 +323,9 @@ def _check_stats(name: str, value: object) -> Mapping[str, StatValue] | None:
     if not isinstance(value, Mapping):
         raise TypeError(f"{name!r} is a {type(value).__name__}, not an object")
     for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, float | int | str):
+        if not isinstance(key, str):
+            raise TypeError(f"{name!r}: the key {key!r} is not a string ({type(key).__name__})")
+        if not isinstance(item, float | int | str):
             raise TypeError(f"{name!r}: {key!r} is {item!r}, not a number or a string")
     return value
 
