@@ -52,6 +52,7 @@ class RunConfig:
     num_workers: int = 0
     ckpt_interval_steps: int = 2
     shuffle: bool = True
+    valid_shuffle: bool = False  # the validation loader shuffles too (make_dataloader's seed)
     user_loader: bool = False  # a plain DataLoader (not positionable) instead of a dataset
     user_sampler: bool = False  # a plain DataLoader over a ResumableSampler instead
     valid_num_workers: int = 0
@@ -273,6 +274,7 @@ def run(
         valid_loader_kwargs={
             "batch_size": config.batch_size,
             "num_workers": config.valid_num_workers,
+            "shuffle": config.valid_shuffle,
         },
     )
     return brain

@@ -292,6 +292,23 @@ def test_batches_from_fast_forwards_a_loader_that_cannot_be_positioned() -> None
         batches_from(loader, epoch=1, batches_done=6)
 
 
+def test_batches_from_a_positionable_loader_too_short_for_the_checkpoint_names_the_checkpoint() -> (
+    None
+):
+    from typedbrain._data import make_dataloader
+    from typedbrain._errors import CheckpointError
+    from typedbrain._sampler import batches_from
+
+    loader = make_dataloader(list(range(4)), batch_size=2, seed=0)  # 2 batches per epoch
+    with pytest.raises(
+        CheckpointError,
+        match=r"the checkpoint was taken after batch 4 of epoch 1, but the training loader "
+        r"cannot continue from there \(.*\): is the training set smaller than it was\?",
+    ):
+        batches_from(loader, epoch=1, batches_done=4)
+    assert list(batches_from(loader, epoch=1, batches_done=2)) == []
+
+
 def test_positioning_a_users_loader_with_workers_warns_that_their_randomness_starts_afresh() -> (
     None
 ):

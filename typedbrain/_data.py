@@ -291,9 +291,10 @@ def make_dataloader(
     _warn_if_unsharded(dataset, loader_kwargs, shard, iterable=False)
     user_generator = loader_kwargs.get("generator")
     seed = _draw_seed(user_generator) if seed is None else check_int("seed", seed, minimum=None)
+    built_sampler: ResumableSampler | None = None
     if loader_kwargs.get("sampler") is None and loader_kwargs.get("batch_sampler") is None:
         shuffle = loader_kwargs.pop("shuffle", None)
-        loader_kwargs["sampler"] = ResumableSampler(
+        loader_kwargs["sampler"] = built_sampler = ResumableSampler(
             dataset,
             shuffle=bool(shuffle),
             seed=seed,
@@ -323,6 +324,7 @@ def make_dataloader(
         generator=generator,
         set_dataset_epoch=None if wrapper is None else wrapper.set_epoch,
         set_dataset_seed=None if wrapper is None else wrapper.set_seed,
+        sampler=built_sampler,
     )
     logger.debug("data loader built with seed %d (workers: %d)", seed, num_workers)
     return loader

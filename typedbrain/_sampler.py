@@ -270,6 +270,7 @@ class _LoaderSeeding:
     generator: torch.Generator | None
     set_dataset_epoch: Callable[[int], None] | None
     set_dataset_seed: Callable[[int], None] | None
+    sampler: ResumableSampler | None
 
 
 _SEEDINGS: weakref.WeakKeyDictionary[DataLoader[object], _LoaderSeeding] = (
@@ -284,6 +285,7 @@ def register_loader_seeding(
     generator: torch.Generator | None,
     set_dataset_epoch: Callable[[int], None] | None,
     set_dataset_seed: Callable[[int], None] | None,
+    sampler: ResumableSampler | None,
 ) -> None:
     """Record what ``make_dataloader`` installed, for :func:`set_loader_epoch` to reseed.
 
@@ -294,8 +296,11 @@ def register_loader_seeding(
             when the user supplied one (it is left alone).
         set_dataset_epoch: tells the worker-seeding dataset wrapper the epoch, if there is one.
         set_dataset_seed: gives that wrapper another seed (see :func:`set_loader_seed`).
+        sampler: the sampler it built with ``seed``; ``None`` when the user supplied one.
     """
-    _SEEDINGS[loader] = _LoaderSeeding(seed, generator, set_dataset_epoch, set_dataset_seed)
+    _SEEDINGS[loader] = _LoaderSeeding(
+        seed, generator, set_dataset_epoch, set_dataset_seed, sampler
+    )
 
 
 def loader_seed(loader: DataLoader[object]) -> int | None:
@@ -311,10 +316,10 @@ def loader_seed(loader: DataLoader[object]) -> int | None:
 def set_loader_seed(loader: DataLoader[object], seed: int) -> None:
     """Give what ``make_dataloader`` installed on ``loader`` the seed ``seed`` from now on.
 
-    The loader's own generator (reseeded at each epoch) and the workers' per-item seeds then
-    follow ``seed``, as in the run that saved it. The order is the sampler's: a
-    :class:`ResumableSampler` restores its own seed from its ``state_dict``. A loader that
-    ``make_dataloader`` did not build is left alone.
+    The sampler ``make_dataloader`` built (the order), the loader's own generator (reseeded at
+    each epoch) and the workers' per-item seeds then follow ``seed``, as in the run that saved
+    it. A loader that ``make_dataloader`` did not build is left alone, and so is a sampler the
+    user passed to it.
     """
     seeding = _SEEDINGS.get(loader)
     if seeding is None or seeding.seed == seed:
@@ -322,6 +327,8 @@ def set_loader_seed(loader: DataLoader[object], seed: int) -> None:
     _SEEDINGS[loader] = replace(seeding, seed=seed)
     if seeding.set_dataset_seed is not None:
         seeding.set_dataset_seed(seed)
+    if seeding.sampler is not None:
+        seeding.sampler.load_state_dict({"seed": seed, "epoch": seeding.sampler.epoch})
     logger.debug("loader seed set to %d (was %d)", seed, seeding.seed)
 
 
@@ -534,9 +541,18 @@ def batches_from(
     Raises:
         CheckpointError: the loader has fewer than ``batches_done`` batches.
     """
-    positioned = position_loader(
-        loader, epoch=epoch, batches_done=batches_done, batch_size=batch_size
-    )
+    try:
+        positioned = position_loader(
+            loader, epoch=epoch, batches_done=batches_done, batch_size=batch_size
+        )
+    except ConfigurationError as error:
+        if not batches_done:
+            raise
+        raise CheckpointError(
+            f"the checkpoint was taken after batch {batches_done} of epoch {epoch}, but the "
+            f"training loader cannot continue from there ({error}): is the training set "
+            "smaller than it was?"
+        ) from error
     iterator = iter(loader)
     if positioned:
         return _Remaining(iterator)
