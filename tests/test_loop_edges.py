@@ -4,13 +4,24 @@ a run after a failed one, and options changed on a built brain."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
-from tests.helpers import Batch, RegressionBrain, batches, parameters_of, ready_loader, sgd
+from tests.helpers import (
+    Batch,
+    RegressionBrain,
+    batches,
+    examples,
+    parameters_of,
+    ready_loader,
+    sgd,
+)
 from typedbrain import (
     Checkpointer,
     ConfigurationError,
@@ -330,3 +341,51 @@ def test_a_checkpoint_without_the_brains_run_state_loads_and_fit_warns(tmp_path:
         trained.fit(range(1, 2), ready_loader(batches(2, 4)))
     assert caught[0].filename == __file__
     assert trained.optimizer_step == 2  # the run started afresh from the saved weights
+
+
+class EpochSizedBatches:
+    """A batch sampler that makes its batches in ``set_epoch``: more of them in later epochs."""
+
+    def __init__(self, items: int, per_epoch: Mapping[int, int]) -> None:
+        self.items = items
+        self.per_epoch = per_epoch
+        self.batches: list[list[int]] = []
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        count = self.per_epoch[epoch]
+        self.batches = [list(range(self.items))[i::count] for i in range(count)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+
+class StepRecorder(RegressionBrain):
+    def on_stage_start(self, stage: Stage, epoch: int | None = None) -> None:
+        self.stepped_after: list[int] = []
+
+    def on_fit_batch_start(self, batch: Batch, should_step: bool) -> None:
+        if should_step:
+            self.stepped_after.append(self.step)
+
+    def on_stage_end(self, stage: Stage, stage_loss: float, epoch: int | None = None) -> None:
+        self.epochs = {**getattr(self, "epochs", {}), epoch: (self.step, self.stepped_after)}
+
+
+def test_the_epochs_own_batch_count_closes_the_accumulation_window_of_a_batch_sampler() -> None:
+    # The batch sampler knows an epoch's batches once set_epoch is called: the loop must ask
+    # its length after that, or it closes a window at the previous epoch's last batch.
+    sampler = EpochSizedBatches(24, {0: 9, 1: 9, 2: 10, 3: 12})
+    loader: DataLoader[object] = DataLoader(
+        cast(Dataset[object], examples(24)), batch_sampler=sampler
+    )
+    brain = brain_of(StepRecorder, {"grad_accumulation_factor": 4})
+    brain.fit(range(1, 4), loader)
+    assert cast(StepRecorder, brain).epochs == {
+        1: (9, [4, 8, 9]),
+        2: (10, [4, 8, 10]),
+        3: (12, [4, 8, 12]),
+    }

@@ -75,6 +75,7 @@ from typedbrain._sampler import (
     batches_from,
     find_resumable_sampler,
     loader_seed,
+    set_loader_epoch,
     set_loader_seed,
 )
 from typedbrain._signals import StopRequest
@@ -1043,6 +1044,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self.modules.train()
         self.zero_grad()
         batches_done = 0 if restored is None else self._continue_epoch(restored)
+        # The epoch's own length: a batch sampler may make its batches in set_epoch, as many
+        # as that epoch's data gives (batches_from sets the epoch again, to the same effect).
+        set_loader_epoch(loader, epoch)
         self._stage_batches = self._planned_batches(loader)
         batches = cast(  # the loader yields what the recipe declares as its batch type
             Iterable[BatchT],
