@@ -140,8 +140,14 @@ def parse_arguments(argv: Sequence[str], *, prog: str | None = None) -> ParsedAr
             elif index < len(argv) and not argv[index].startswith("--"):
                 text = argv[index]
                 index += 1
-            else:
+            elif field is not None:
                 raise ArgumentsError(argument, "expected a value")
+            else:
+                raise ArgumentsError(
+                    argument,
+                    f"expected a value: {name!r} is not a run option, so it overrides the "
+                    f"hyperparameter {name!r}, which needs one ({argument} VALUE)",
+                )
             if field is not None:
                 run_opts[name] = _parse_value(argument, text, field.type)
             else:
@@ -343,7 +349,9 @@ def _check_run_options(run_opts: dict[str, object]) -> None:
         RunOptions.from_sources(None, run_opts)
     except RunOptionsError as error:
         message = str(error).removeprefix(f"run option {error.key!r}: ")
-        raise ArgumentsError(f"--{error.key}", message.removesuffix(" (from run_opts)")) from None
+        # Every value here came from the command line: where each came from says nothing.
+        message = re.sub(r" \((?:\w+ )?from run_opts(?:, \w+ from run_opts)*\)$", "", message)
+        raise ArgumentsError(f"--{error.key}", message) from None
 
 
 def _one_file(
