@@ -190,8 +190,21 @@ def test_two_dashes_end_a_list_of_module_keys_before_the_hparams_file() -> None:
         ),
         ([RECIPE, "--debug=maybe"], "argument --debug: expected true or false, got 'maybe'"),
         ([RECIPE, "--debug_batches"], "argument --debug_batches: expected a value"),
-        ([RECIPE, "--lr", "--debug"], "argument --lr: expected a value"),
-        ([RECIPE, "--lr"], "argument --lr: expected a value"),
+        (
+            [RECIPE, "--lr", "--debug"],
+            "argument --lr: expected a value: 'lr' is not a run option, so it overrides the "
+            "hyperparameter 'lr', which needs one (--lr VALUE)",
+        ),
+        (
+            [RECIPE, "--lr"],
+            "argument --lr: expected a value: 'lr' is not a run option, so it overrides the "
+            "hyperparameter 'lr', which needs one (--lr VALUE)",
+        ),
+        (
+            [RECIPE, "--ckpt_interval_steps", "5", "--ckpt_interval_minutes", "1"],
+            "argument --ckpt_interval_steps: cannot be set together with ckpt_interval_minutes "
+            "(got ckpt_interval_steps=5 and ckpt_interval_minutes=1.0); choose one",
+        ),
         (
             [RECIPE, "--grad_accumulation_factor", "0"],
             "argument --grad_accumulation_factor: expected at least 1, got 0",
