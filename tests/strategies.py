@@ -130,4 +130,6 @@ def run_state() -> st.SearchStrategy[RunState]:
         train_loader_seed=st.none() | st.integers(-(2**63), 2**63 - 1),
         valid_loader_seed=st.none() | st.integers(-(2**63), 2**63 - 1),
         batch_size=st.none() | _small,
+        accumulation=st.none() | _small,
+        counter=st.none() | st.text(max_size=8),
     )

@@ -327,3 +327,76 @@ def test_a_checkpoint_saved_as_an_epoch_starts_holds_that_epochs_non_finite_coun
         7,
         run_opts={"nonfinite_patience": 1, "max_grad_norm": 0.0},
     )
+
+
+def _two_stages(folder: Path, *, crash_at: int | None, script_seed: int = 0) -> CountingBrain:
+    """A recipe that trains twice (two fits, two counters, one checkpointer): 2 then 3 epochs."""
+    torch.manual_seed(0)
+    modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
+    torch.manual_seed(script_seed)
+    checkpointer = tb.Checkpointer(folder, dict(modules))
+    first_stage, second_stage = tb.EpochCounter(2), tb.EpochCounter(3)
+    checkpointer.add_recoverables({"first_stage": first_stage, "second_stage": second_stage})
+    brain = CountingBrain(
+        modules,
+        _adam,
+        run_opts={"noprogressbar": True, "ckpt_interval_steps": 1},
+        checkpointer=checkpointer,
+    )
+    CountingBrain.passes = 0
+    brain.crash_at = crash_at
+    loader: tb.LoaderKwargs = {"batch_size": 4, "shuffle": True}
+    brain.fit(first_stage, examples(16, seed=1), train_loader_kwargs=loader)
+    brain.fit(second_stage, examples(20, seed=2), train_loader_kwargs=loader)
+    return brain
+
+
+@pytest.mark.parametrize("crash_at", [3, 11, 15])  # stage 1 epoch 1; stage 2 epochs 1 and 2
+def test_a_two_stage_recipe_resumes_each_interrupted_epoch_in_its_own_stage(
+    tmp_path: Path, crash_at: int
+) -> None:
+    # 4 batches an epoch in the first stage, 5 in the second. An interrupted epoch of the
+    # second stage was once re-entered by the first fit (whose finished counter had the same
+    # epoch number) and trained on the first stage's data.
+    straight = _two_stages(tmp_path / "straight", crash_at=None)
+    with pytest.raises(CrashError):
+        _two_stages(tmp_path / "broken", crash_at=crash_at)
+    resumed = _two_stages(tmp_path / "broken", crash_at=None, script_seed=99)
+    _assert_identical(_state(resumed), _state(straight))
+
+
+@pytest.mark.parametrize("now", [2, 1])
+def test_a_changed_accumulation_factor_warns_and_steps_the_saved_window(
+    tmp_path: Path, now: int
+) -> None:
+    # Saved after batch 2 of epoch 1 with a factor of 4: two backward passes in the window.
+    with pytest.raises(CrashError):
+        _run(
+            CountingBrain,
+            tmp_path,
+            lambda: examples(32),
+            crash_at=3,
+            run_opts={"grad_accumulation_factor": 4},
+        )
+    stepped: list[int] = []
+
+    class Recording(CountingBrain):
+        def optimizers_step(self) -> None:
+            stepped.append(self.step)
+            super().optimizers_step()
+
+    with pytest.warns(
+        tb.ResumeWarning,
+        match=rf"grad_accumulation_factor=4, which is {now} now: epoch 1 continues after batch "
+        r"2 with the new factor; the 2 batches of its open window are stepped now",
+    ):
+        brain = _run(
+            Recording,
+            tmp_path,
+            lambda: examples(32),
+            crash_at=None,
+            run_opts={"grad_accumulation_factor": now},
+        )
+    assert stepped[0] == 2  # the saved window, before this process's first batch
+    # Every step counted was taken by this process (the checkpoint was saved before any).
+    assert brain.optimizer_step == len(stepped)

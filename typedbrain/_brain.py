@@ -251,6 +251,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._loss_not_averaged: Tensor | None = None  # in on_fit_batch_end: its batch's loss
         self._train_loader: DataLoader[object] | None = None
         self._valid_loader: DataLoader[object] | None = None
+        self._epoch_counter: Iterable[int] | None = None  # the running fit's
         self._stop = StopRequest(enabled=False)
         # Under torch.distributed, with stop_on_signals: how the processes agree to stop.
         self._agreement: StopAgreement | None = None
@@ -781,6 +782,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     else self._loader(valid_set, Stage.VALID, valid_loader_kwargs)
                 )
                 self._valid_loader = valid_loader
+                self._epoch_counter = epoch_counter
                 self.on_fit_start()
                 if self.opt_class is not None and not self.optimizers_dict:
                     warn(
@@ -814,6 +816,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self._restored = None
             self._train_loader = None
             self._valid_loader = None
+            self._epoch_counter = None
             self._valid_pending = False
             self._valid_rng = None
             self._in_train_stage = False
@@ -1229,6 +1232,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             train_loader_seed=None if train is None else loader_seed(train),
             valid_loader_seed=None if valid is None else loader_seed(valid),
             batch_size=None if train is None else train.batch_size,
+            accumulation=self.grad_accumulation_factor,
+            counter=self._counter_name(),
         )
         gradients: list[Tensor | None] = []
         if mid_epoch:
@@ -1327,6 +1332,26 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 sharded_as = _on_device_of
             for parameter, gradient in zip(parameters, gradients, strict=True):
                 parameter.grad = None if gradient is None else sharded_as(gradient, parameter)
+        saved_factor = state.accumulation
+        if saved_factor is not None and saved_factor != self.grad_accumulation_factor:
+            window = (
+                f"; the {state.window} batches of its open window are stepped now, with their "
+                "mean gradient"
+                if state.window
+                else ""
+            )
+            warn(
+                f"the checkpoint was taken with grad_accumulation_factor={saved_factor}, which "
+                f"is {self.grad_accumulation_factor} now: epoch {state.epoch} continues after "
+                f"batch {progress.step} with the new factor{window}, and the run will not "
+                "continue exactly as the interrupted one would have",
+                ResumeWarning,
+            )
+            if state.window:
+                # Each of its backward passes was scaled by 1 / saved_factor.
+                scale_gradients(self._current_plan().parameters, saved_factor / state.window)
+                self._window = 0
+                self.optimizers_step()
         logger.info("continuing epoch %s after batch %d", state.epoch, progress.step)
         return progress.step
 
@@ -1342,9 +1367,27 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         state = restored.state
         if not (state.mid_epoch or (state.valid_pending and self._valid_loader is not None)):
             return
+        if state.counter is not None and state.counter != self._counter_name():
+            # Another fit's epoch (a recipe's other training stage, over the counter
+            # registered as state.counter): that fit recovers it and re-enters it.
+            logger.info(
+                "the checkpoint interrupted an epoch of the epoch counter %r, not this fit's: "
+                "it is left to the fit over that counter",
+                state.counter,
+            )
+            self._restored = None
+            return
         epoch = restored.state.epoch
         if isinstance(epoch_counter, EpochCounter) and epoch_counter.current == epoch:
             epoch_counter.current -= 1
+
+    def _counter_name(self) -> str | None:
+        """The name the running fit's epoch counter is registered under, if it is."""
+        counter = self._epoch_counter
+        recoverables = getattr(self.checkpointer, "recoverables", None)
+        if counter is None or not isinstance(recoverables, Mapping):
+            return None
+        return next((name for name, obj in recoverables.items() if obj is counter), None)
 
     def _valid_stage(self, loader: DataLoader[object], epoch: int, show: bool) -> None:
         self._machine.move(Phase.VALID)

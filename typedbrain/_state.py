@@ -99,6 +99,11 @@ class RunState:
         valid_loader_seed: the same for the validation loader.
         batch_size: the training loader's batch size, when it batches with torch's
             ``BatchSampler``.
+        accumulation: the ``grad_accumulation_factor`` of the run that took it (``None`` in
+            checkpoints of earlier development builds).
+        counter: the name under which the running ``fit``'s epoch counter is registered with
+            the checkpointer, if it is: ``epoch`` is that counter's epoch, and a ``fit`` over
+            another counter (a recipe's other training stage) does not re-enter it.
     """
 
     phase: str
@@ -114,6 +119,8 @@ class RunState:
     train_loader_seed: int | None = None
     valid_loader_seed: int | None = None
     batch_size: int | None = attrs.field(default=None, validator=_optional_positive)
+    accumulation: int | None = attrs.field(default=None, validator=_optional_positive)
+    counter: str | None = None
 
 
 converter: Final = cattrs.Converter(forbid_extra_keys=True)
