@@ -54,6 +54,7 @@ class RunConfig:
     shuffle: bool = True
     valid_shuffle: bool = False  # the validation loader shuffles too (make_dataloader's seed)
     user_loader: bool = False  # a plain DataLoader (not positionable) instead of a dataset
+    loader_generator: bool = False  # that DataLoader shuffles from a generator of its own
     user_sampler: bool = False  # a plain DataLoader over a ResumableSampler instead
     valid_num_workers: int = 0
     signal_at: int | None = None  # send this process SIGTERM at this forward pass
@@ -262,7 +263,8 @@ def run(
     }
     train_set: sb.DataSource = train
     if config.user_loader:
-        train_set = DataLoader(train, batch_size=train_batch, shuffle=config.shuffle)
+        own = torch.Generator().manual_seed(config.data_seed) if config.loader_generator else None
+        train_set = DataLoader(train, batch_size=train_batch, shuffle=config.shuffle, generator=own)
     elif config.user_sampler:
         sampler = ResumableSampler(train, shuffle=config.shuffle, seed=config.data_seed)
         train_set = DataLoader(train, batch_size=train_batch, sampler=sampler)

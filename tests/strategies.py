@@ -113,6 +113,11 @@ def sampler_state() -> st.SearchStrategy[SamplerState]:
     return st.builds(SamplerState, seed=st.integers(-(2**63), 2**63 - 1), epoch=_count)
 
 
+_generator_states = st.lists(st.lists(st.integers(0, 255), max_size=8).map(tuple), max_size=2).map(
+    tuple
+)
+
+
 def run_state() -> st.SearchStrategy[RunState]:
     """Any ``RunState``."""
     return st.builds(
@@ -132,4 +137,6 @@ def run_state() -> st.SearchStrategy[RunState]:
         batch_size=st.none() | _small,
         accumulation=st.none() | _small,
         counter=st.none() | st.text(max_size=8),
+        loader_rng=_generator_states,
+        epoch_loader_rng=st.none() | _generator_states,
     )

@@ -58,6 +58,7 @@ def configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, Interruption]:
         shuffle=draw(st.booleans()),
         valid_shuffle=draw(st.booleans()),
         user_loader=user_loader,
+        loader_generator=user_loader and draw(st.booleans()),
         user_sampler=not user_loader and draw(st.booleans()),
         # Two workers now and then: each epoch starts worker processes, which is slow.
         num_workers=draw(st.sampled_from([0, 0, 0, 0, 0, 0, 0, 2])),
@@ -139,6 +140,22 @@ def test_an_unseeded_restart_validates_a_shuffled_set_in_the_interrupted_runs_or
     config = RunConfig(data_seed=3, samples=20, batch_size=4, epochs=3, valid_shuffle=True)
     expected = final_state(run(config, tmp_path / "straight"))
     resumed = interrupted_then_resumed(config, 12, tmp_path / "broken", restart_seed=12345)
+    assert differences(expected, resumed) == []
+
+
+@pytest.mark.parametrize("stop_at", [9, 13])  # mid-way through epoch 2; as epoch 3 starts
+def test_a_users_loader_shuffling_from_its_own_generator_resumes_exactly(
+    tmp_path: Path, stop_at: int
+) -> None:
+    # DataLoader(shuffle=True, generator=g), torch's own reproducibility idiom: each epoch's
+    # order comes from g, which the checkpoint must hold (the global generators are not it).
+    config = RunConfig(
+        data_seed=4, samples=16, batch_size=4, epochs=3, user_loader=True, loader_generator=True
+    )
+    expected = final_state(run(config, tmp_path / "straight"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResumeWarning)  # the documented fast-forward
+        resumed = interrupted_then_resumed(config, stop_at, tmp_path / "broken")
     assert differences(expected, resumed) == []
 
 

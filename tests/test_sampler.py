@@ -335,3 +335,35 @@ def test_positioning_a_users_loader_with_workers_warns_that_their_randomness_sta
         assert position_loader(users(0), epoch=1, batches_done=2)
         made = make_dataloader(data, seed=3, batch_size=2, shuffle=True, num_workers=2)
         assert position_loader(made, epoch=1, batches_done=2)
+
+
+def test_loader_generators_are_a_users_loaders_own_and_its_samplers_each_once() -> None:
+    from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+    from typedbrain._data import make_dataloader
+    from typedbrain._sampler import loader_generators
+
+    data = cast(Dataset[object], list(range(8)))
+    own, samplers = torch.Generator(), torch.Generator()
+    assert loader_generators(DataLoader(data, shuffle=True, generator=own)) == [own]
+    sampled = DataLoader(data, sampler=RandomSampler(range(8), generator=samplers), generator=own)
+    assert loader_generators(sampled) == [own, samplers]
+    assert loader_generators(DataLoader(data, batch_size=2)) == []  # draws from the globals
+    # make_dataloader reseeds its loaders from (seed, epoch): nothing of theirs to keep.
+    assert loader_generators(make_dataloader(list(range(8)), shuffle=True, generator=own)) == []
+
+
+def test_generator_states_restore_exactly_and_a_changed_count_warns_and_restores_none() -> None:
+    from typedbrain._errors import ResumeWarning
+    from typedbrain._rng import capture_generators, restore_generators
+
+    first, second = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    states = capture_generators([first, second])
+    expected = [torch.rand(3, generator=first), torch.rand(3, generator=second)]
+    restore_generators([first, second], states, "the loader")
+    assert torch.equal(torch.rand(3, generator=first), expected[0])
+    assert torch.equal(torch.rand(3, generator=second), expected[1])
+    before = first.get_state()
+    with pytest.warns(ResumeWarning, match="holds the states of 2 random generators of the loader"):
+        restore_generators([first], states, "the loader")
+    assert torch.equal(first.get_state(), before)

@@ -69,11 +69,18 @@ from typedbrain._phases import Phase, PhaseMachine, PhaseObserver, Stage
 from typedbrain._plan import StepPlan, unique_parameters
 from typedbrain._progress import StageProgress
 from typedbrain._protocols import CheckpointerLike, CheckpointInfo, OptimizerFactory, Stateful
-from typedbrain._rng import RngState, capture_rng, restore_rng
+from typedbrain._rng import (
+    RngState,
+    capture_generators,
+    capture_rng,
+    restore_generators,
+    restore_rng,
+)
 from typedbrain._run_record import RunRecord, RunStateRecoverable
 from typedbrain._sampler import (
     batches_from,
     find_resumable_sampler,
+    loader_generators,
     loader_seed,
     set_loader_epoch,
     set_loader_seed,
@@ -241,6 +248,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._wrapped = False
         self._restored: RunRecord | None = None  # run state recovered, not yet applied
         self._epoch_rng: RngState | None = None  # the generators as this epoch began
+        # The training loader's own generators as this epoch began (see loader_generators).
+        self._epoch_loader_rng: tuple[tuple[int, ...], ...] | None = None
         # In an epoch's training stage, from on_stage_start to the end of its loop: a state
         # saved then re-enters the epoch.
         self._in_train_stage = False
@@ -1033,12 +1042,19 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         # The generators as the epoch began: an interrupted epoch is re-entered from there, so
         # that on_stage_start and then iter(loader) (the shuffling, the workers' base seed)
         # draw what they drew in the interrupted run.
+        # A loader make_dataloader did not build may have generators of its own, which
+        # iter(loader) draws from too.
+        generators = loader_generators(loader)
         if restored is None:
             self._epoch_rng = capture_rng()
+            self._epoch_loader_rng = capture_generators(generators)
         else:
             self._epoch_rng = restored.state.epoch_rng
             if self._epoch_rng is not None:
                 restore_rng(self._epoch_rng)
+            self._epoch_loader_rng = restored.state.epoch_loader_rng
+            if self._epoch_loader_rng is not None:
+                restore_generators(generators, self._epoch_loader_rng, "the training loader")
         self._in_train_stage = True  # cleared when the loop ends (below) or fit does
         # Reset before on_stage_start, where a checkpoint saved must hold this epoch's counts.
         self.nonfinite_count = 0
@@ -1064,6 +1080,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             # (A state saved in on_stage_start, before the first batch, is reached again by
             # running on_stage_start and iter(loader) from the epoch's generators above.)
             restore_rng(restored.state.rng)
+            restore_generators(generators, restored.state.loader_rng, "the training loader")
         stop = self._stop
         agreement = self._agreement
         with ExitStack() as stack:
@@ -1234,6 +1251,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             batch_size=None if train is None else train.batch_size,
             accumulation=self.grad_accumulation_factor,
             counter=self._counter_name(),
+            loader_rng=() if train is None else capture_generators(loader_generators(train)),
+            epoch_loader_rng=self._epoch_loader_rng if mid_epoch else None,
         )
         gradients: list[Tensor | None] = []
         if mid_epoch:
@@ -1282,6 +1301,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         ):
             if built is not None and seed is not None:
                 set_loader_seed(built, seed)
+        if not state.mid_epoch:
+            # Taken between epochs: the next epoch's iter(loader) draws from here.
+            restore_generators(loader_generators(loader), state.loader_rng, "the training loader")
         pending_validation = state.valid_pending and self._valid_loader is not None
         if not (state.mid_epoch or pending_validation):
             return None

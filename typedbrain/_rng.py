@@ -10,6 +10,7 @@ accept it once unstructured), and :func:`restore_rng` puts them back.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Final, cast, final
 
 import attrs
@@ -19,7 +20,15 @@ import torch
 from typedbrain._errors import CheckpointError, ResumeWarning
 from typedbrain._warn import warn
 
-__all__ = ["NumpyRngState", "PythonRngState", "RngState", "capture_rng", "restore_rng"]
+__all__ = [
+    "NumpyRngState",
+    "PythonRngState",
+    "RngState",
+    "capture_generators",
+    "capture_rng",
+    "restore_generators",
+    "restore_rng",
+]
 
 _MT_WORDS: Final = 624  # words of a Mersenne Twister state (Python's and NumPy's)
 
@@ -152,3 +161,30 @@ def _restore_cuda(state: RngState) -> None:
         )
     for device, device_state in enumerate(state.cuda[:available]):
         torch.cuda.set_rng_state(torch.tensor(device_state, dtype=torch.uint8), device)
+
+
+def capture_generators(generators: Sequence[torch.Generator]) -> tuple[tuple[int, ...], ...]:
+    """The states of ``generators`` (a loader's own, say) as plain data, in their order."""
+    return tuple(tuple(generator.get_state().tolist()) for generator in generators)
+
+
+def restore_generators(
+    generators: Sequence[torch.Generator], states: tuple[tuple[int, ...], ...], what: str
+) -> None:
+    """Put ``generators`` back in the ``states`` :func:`capture_generators` took.
+
+    Warns:
+        ResumeWarning: there are not as many generators as states (``what`` changed since the
+            states were taken); none is restored, and its randomness differs from the
+            interrupted run's.
+    """
+    if len(generators) != len(states):
+        warn(
+            f"the checkpoint holds the states of {len(states)} random generators of {what} "
+            f"and it has {len(generators)} now: none is restored, so what it draws (its "
+            "shuffling, say) will differ from the interrupted run",
+            ResumeWarning,
+        )
+        return
+    for generator, state in zip(generators, states, strict=True):
+        generator.set_state(torch.tensor(state, dtype=torch.uint8))

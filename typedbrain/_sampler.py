@@ -332,6 +332,25 @@ def set_loader_seed(loader: DataLoader[object], seed: int) -> None:
     logger.debug("loader seed set to %d (was %d)", seed, seeding.seed)
 
 
+def loader_generators(loader: DataLoader[object]) -> list[torch.Generator]:
+    """The random generators of a loader ``make_dataloader`` did not build, each once.
+
+    Its own (``generator=``, from which ``iter(loader)`` draws the workers' base seed and a
+    ``shuffle=True`` loader's sampler its order) and its samplers' (``RandomSampler(...,
+    generator=g)``). A checkpoint keeps their states so that a resumed run draws as the
+    interrupted one did. A loader ``make_dataloader`` built reseeds from (seed, epoch) instead:
+    it has none to keep.
+    """
+    if loader in _SEEDINGS:
+        return []
+    found: list[torch.Generator] = []
+    candidates = [loader.generator, *(getattr(s, "generator", None) for s in _samplers(loader))]
+    for candidate in candidates:
+        if isinstance(candidate, torch.Generator) and all(candidate is not g for g in found):
+            found.append(candidate)
+    return found
+
+
 def _samplers(loader: DataLoader[object]) -> list[object]:
     """The loader's sampler, batch sampler and batch sampler's sampler, each once."""
     batch_sampler = loader.batch_sampler

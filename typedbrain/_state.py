@@ -104,6 +104,10 @@ class RunState:
         counter: the name under which the running ``fit``'s epoch counter is registered with
             the checkpointer, if it is: ``epoch`` is that counter's epoch, and a ``fit`` over
             another counter (a recipe's other training stage) does not re-enter it.
+        loader_rng: the states of the training loader's own random generators (a loader
+            ``make_dataloader`` did not build: its ``generator`` and its samplers'), when the
+            state was taken, as ``torch.Generator.get_state()`` bytes.
+        epoch_loader_rng: the same as the epoch began, when ``mid_epoch``.
     """
 
     phase: str
@@ -121,6 +125,8 @@ class RunState:
     batch_size: int | None = attrs.field(default=None, validator=_optional_positive)
     accumulation: int | None = attrs.field(default=None, validator=_optional_positive)
     counter: str | None = None
+    loader_rng: tuple[tuple[int, ...], ...] = ()
+    epoch_loader_rng: tuple[tuple[int, ...], ...] | None = None
 
 
 converter: Final = cattrs.Converter(forbid_extra_keys=True)
