@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import typedbrain as tb
 from typedbrain import Brain, LoaderKwargs, Stage
+from typedbrain._manifest import DIGEST_KEY, MANIFEST_NAME, manifest_digest
 
 Batch = Sequence[Tensor]
 """(inputs, targets), as the default collate function builds it."""
@@ -137,3 +139,16 @@ def parameters_of(brain: Brain[Batch, Tensor]) -> Mapping[str, Tensor]:
 
 
 LOADER: LoaderKwargs = {"batch_size": 4}
+
+
+def rewrite_manifest(folder: Path, edit: Callable[[dict[str, object]], None]) -> None:
+    """Change a committed manifest with ``edit`` and sign it again with its own SHA-256.
+
+    What a writer with a bug (or a person) would commit: the manifest's own check passes, so
+    what is checked next is what the test is about.
+    """
+    manifest = folder / MANIFEST_NAME
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    edit(data)
+    data[DIGEST_KEY] = manifest_digest(data)
+    manifest.write_text(json.dumps(data), encoding="utf-8")

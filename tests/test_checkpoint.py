@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import python_blocks
+from tests.helpers import python_blocks, rewrite_manifest
 from typedbrain._checkpoint import (
     Checkpoint,
     Checkpointer,
@@ -33,6 +33,7 @@ from typedbrain._errors import (
     ConfigurationError,
     CorruptCheckpointError,
 )
+from typedbrain._manifest import manifest_digest
 from typedbrain._protocols import CheckpointerLike
 
 if TYPE_CHECKING:
@@ -151,7 +152,8 @@ def test_checkpoint_folder_holds_one_file_per_recoverable_and_a_manifest(tmp_pat
         "counter": checkpoint.path / "counter.ckpt",
     }
     manifest = json.loads((checkpoint.path / "MANIFEST.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
+    assert manifest["manifest_sha256"] == manifest_digest(manifest)
     assert manifest["sequence"] == 1
     assert manifest["end_of_epoch"] is False
     assert manifest["meta"] == {"loss": 0.5}
@@ -405,10 +407,7 @@ def test_ties_go_to_the_most_recent(tmp_path: Path) -> None:
 
 
 def _set_sequence(checkpoint: Checkpoint, sequence: int) -> None:
-    manifest = checkpoint.path / "MANIFEST.json"
-    data = json.loads(manifest.read_text())
-    data["sequence"] = sequence
-    manifest.write_text(json.dumps(data))
+    rewrite_manifest(checkpoint.path, lambda data: data.update(sequence=sequence))
 
 
 def test_a_sequence_number_two_writers_both_took_ties_to_the_later_save(tmp_path: Path) -> None:

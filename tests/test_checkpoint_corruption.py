@@ -16,6 +16,7 @@ import attrs
 import pytest
 import torch
 
+from tests.helpers import rewrite_manifest
 from typedbrain import _checkpoint, _manifest
 from typedbrain._checkpoint import Checkpoint, Checkpointer, verify_checkpoint
 from typedbrain._epochs import EpochCounter
@@ -92,10 +93,17 @@ def _format_version_true(checkpoint: Checkpoint) -> None:
 
 
 def _escaping_file_name(checkpoint: Checkpoint) -> None:
-    manifest = checkpoint.path / "MANIFEST.json"
-    data = json.loads(manifest.read_text())
-    data["files"]["model"]["file"] = "../../outside.ckpt"
-    manifest.write_text(json.dumps(data))
+    def escape(data: dict[str, object]) -> None:
+        files = data["files"]
+        assert isinstance(files, dict)
+        files["model"]["file"] = "../../outside.ckpt"
+
+    rewrite_manifest(checkpoint.path, escape)
+
+
+def _changed_meta(checkpoint: Checkpoint) -> None:
+    # Still valid JSON, the loss a little lower: only the manifest's own checksum tells.
+    _edit_manifest_text(checkpoint, '"loss": 0.', '"loss": 1.')
 
 
 def _edit_manifest_text(checkpoint: Checkpoint, old: str, new: str) -> None:
@@ -107,7 +115,7 @@ def _edit_manifest_text(checkpoint: Checkpoint, old: str, new: str) -> None:
 
 def _huge_unixtime(checkpoint: Checkpoint) -> None:
     # Valid JSON, and a Python int, but beyond any float.
-    _edit_manifest_text(checkpoint, '"unixtime": ', '"unixtime": 1' + "0" * 400 + ', "was": ')
+    rewrite_manifest(checkpoint.path, lambda data: data.update(unixtime=10**400))
 
 
 def _huge_integer_in_meta(checkpoint: Checkpoint) -> None:
@@ -131,6 +139,7 @@ DAMAGES: dict[str, tuple[Callable[[Checkpoint], None], str]] = {
     "unknown format version": (_future_format, "format version 99"),
     "format version true": (_format_version_true, "format version True is not"),
     "file outside the folder": (_escaping_file_name, "'files.model.file'"),
+    "changed meta in the manifest": (_changed_meta, "fails its own SHA-256 check"),
     "unixtime beyond the floats": (_huge_unixtime, r"'unixtime' is 10000.*\(401 characters\)"),
     "integer of 5000 digits": (_huge_integer_in_meta, "MANIFEST.json cannot be read: ValueError"),
     "nesting too deep": (_deeply_nested_meta, "MANIFEST.json cannot be read: RecursionError"),

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import rewrite_manifest
 from typedbrain._checkpoint import Checkpointer
 from typedbrain._cli import main
 from typedbrain._errors import CheckpointWarning
@@ -254,10 +255,7 @@ def test_json_is_standard_json_with_non_finite_meta_values_as_strings(
 def test_a_saved_time_out_of_the_platforms_range_is_shown_as_the_number(
     good_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    manifest = good_folder / "CKPT-a" / "MANIFEST.json"
-    data = json.loads(manifest.read_text(encoding="utf-8"))
-    data["unixtime"] = 1e300
-    manifest.write_text(json.dumps(data), encoding="utf-8")
+    rewrite_manifest(good_folder / "CKPT-a", lambda data: data.update(unixtime=1e300))
     status, out, _ = _run(capsys, "checkpoints", str(good_folder))
     assert status == 0
     (row,) = [line for line in out.splitlines() if "CKPT-a" in line]

@@ -33,7 +33,10 @@ JsonValue: TypeAlias = str | int | float | bool | list["JsonValue"] | dict[str, 
 MANIFEST_NAME: Final = "MANIFEST.json"
 _TEMP_MANIFEST_NAME: Final = ".MANIFEST.json.tmp"
 FORMAT: Final = "typedbrain-checkpoint"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+"""2: the manifest holds its own SHA-256, and the brain's run state its present layout."""
+DIGEST_KEY: Final = "manifest_sha256"
+"""The manifest's key for the SHA-256 of the rest of it (see :func:`manifest_digest`)."""
 _CHUNK: Final = 1 << 22
 WRITE_BUFFER: Final = 1 << 20
 """The buffer of a checkpoint file's writer: torch.save's many small writes go out together."""
@@ -261,6 +264,18 @@ def manifest_data(checkpoint: Checkpoint) -> dict[str, JsonValue]:
     }
 
 
+def manifest_digest(data: Mapping[str, object]) -> str:
+    """The SHA-256 of a manifest's content but its own digest, written as canonical JSON.
+
+    A manifest is checked against it when read, so that damage to the manifest itself (a
+    flipped byte in a meta value or in the sequence number, which would still be valid JSON)
+    is caught like damage to any other file of the checkpoint.
+    """
+    body = {key: value for key, value in data.items() if key != DIGEST_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def write_temp_manifest(folder: Path, text: str) -> Path:
     """Write the manifest ``text`` to a temporary file in ``folder``, synced; return its path."""
     temp = folder / _TEMP_MANIFEST_NAME
@@ -276,7 +291,9 @@ def commit_manifest(checkpoint: Checkpoint) -> None:
 
     Every file of the checkpoint must already be written and synced.
     """
-    text = json.dumps(manifest_data(checkpoint), indent=2, sort_keys=True) + "\n"
+    data = manifest_data(checkpoint)
+    data[DIGEST_KEY] = manifest_digest(data)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     temp = write_temp_manifest(checkpoint.path, text)
     os.replace(temp, checkpoint.path / MANIFEST_NAME)
     sync_directory(checkpoint.path)
@@ -358,6 +375,13 @@ def read_manifest(folder: Path) -> Checkpoint:
         _is_int(version) and version == FORMAT_VERSION,
         folder,
         f"format version {version!r} is not the one this typedbrain reads ({FORMAT_VERSION})",
+    )
+    digest = data.get(DIGEST_KEY)
+    _require(isinstance(digest, str), folder, f"no {DIGEST_KEY!r}")
+    _require(
+        digest == manifest_digest(data),
+        folder,
+        f"it fails its own SHA-256 check ({DIGEST_KEY}: its bytes changed after the commit)",
     )
     sequence = data.get("sequence")
     unixtime = data.get("unixtime")
