@@ -93,6 +93,48 @@ def test_a_registered_subclass_overrides_only_the_hooks_it_marks(tmp_path: Path)
     assert restored.loaded_end_of_epoch is True  # loaded by the parent's loader
 
 
+class CasedVocabulary(Vocabulary):
+    """Overrides the marked saver by name, without marking or registering anything."""
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"kind": "vocabulary", "words": self.words, "cased": True}))
+
+
+def test_a_subclass_override_of_a_marked_method_is_what_runs(tmp_path: Path) -> None:
+    checkpoint = Checkpointer(tmp_path, {"vocab": CasedVocabulary(["a"])}).save_checkpoint()
+    assert json.loads(checkpoint.paramfiles["vocab"].read_text())["cased"] is True
+    restored = CasedVocabulary([])
+    Checkpointer(tmp_path, {"vocab": restored}).recover_if_possible()
+    assert restored.words == ["a"]  # by the inherited loader
+
+
+def test_a_subclass_override_of_the_wrong_shape_is_refused_at_registration_naming_it() -> None:
+    class Broken(Vocabulary):
+        def load(self, path: Path) -> None:  # type: ignore[override]  # the end_of_epoch flag is missing: the case
+            pass
+
+    with pytest.raises(
+        HookContractError,
+        match=r"recoverable 'vocab': .*Broken.load must have the signature "
+        r"\(self, path: Path, end_of_epoch: bool\) -> None",
+    ):
+        Checkpointer(Path("unused"), {"vocab": Broken([])})
+
+
+def test_marks_in_a_class_that_is_not_registered_are_refused_naming_the_class() -> None:
+    class Forgot(torch.nn.Linear):  # Stateful: without the check its marks would go unseen
+        @mark_as_saver
+        def save(self, path: Path) -> None:
+            path.write_text("{}")
+
+    with pytest.raises(
+        HookContractError,
+        match=r"recoverable 'module': .*Forgot.save is marked with mark_as_saver, but .*Forgot "
+        r"is not decorated with @register_checkpoint_hooks",
+    ):
+        Checkpointer(Path("unused"), {"module": Forgot(1, 1)})
+
+
 def test_class_hooks_win_over_state_dict(tmp_path: Path) -> None:
     module = HookedModule(2, 2)
     checkpoint = Checkpointer(tmp_path, {"module": module}).save_checkpoint()

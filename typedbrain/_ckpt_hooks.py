@@ -11,7 +11,7 @@ import inspect
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final, Literal, Never, TypeAlias, TypeVar, final
+from typing import Any, Final, Literal, Never, TypeAlias, TypeVar, cast, final
 
 import attrs
 
@@ -61,8 +61,13 @@ _AnyLoader: TypeAlias = Callable[[Any, Path, bool], None]
 @final
 @attrs.frozen
 class _ClassHooks:
-    saver: _AnySaver | None
-    loader: _AnyLoader | None
+    """The names of the methods a registered class marked.
+
+    They are looked up on each object's class, so that a subclass's override of one is what runs.
+    """
+
+    saver: str | None
+    loader: str | None
 
 
 # Classes decorated with register_checkpoint_hooks; weak so that decorated classes defined in
@@ -171,7 +176,8 @@ def register_checkpoint_hooks(cls: _ClassT) -> _ClassT:
             def load(self, path: Path, end_of_epoch: bool) -> None: ...
 
     Subclasses inherit the hooks (the lookup walks the MRO); a subclass decorated itself
-    overrides the hooks it marks.
+    overrides the hooks it marks, and a subclass that overrides a marked method (same name) has
+    its override called, as Python's method lookup would.
 
     Raises:
         HookContractError: the class marks no method, or more than one saver or loader.
@@ -193,10 +199,50 @@ def register_checkpoint_hooks(cls: _ClassT) -> _ClassT:
                 f"register_checkpoint_hooks: class {cls.__qualname__!r} marks several "
                 f"{role}s ({names}); mark one"
             )
-    saver = found["saver"][0][1] if found["saver"] else None
-    loader = found["loader"][0][1] if found["loader"] else None
-    _CLASS_HOOKS[cls] = _ClassHooks(saver=saver, loader=loader)  # type: ignore[arg-type]  # checked by the mark_as_* decorators
+    saver = found["saver"][0][0] if found["saver"] else None
+    loader = found["loader"][0][0] if found["loader"] else None
+    _CLASS_HOOKS[cls] = _ClassHooks(saver=saver, loader=loader)
     return cls
+
+
+def _class_hook(name: str, cls: type, method: str, role: _Role) -> object:
+    """``cls``'s method ``method`` (a subclass's override, if any), checked as ``role`` hooks are.
+
+    Raises:
+        HookContractError: an override cannot be called as a ``role`` is; the message names
+            the recoverable and the method.
+    """
+    function: object = getattr(cls, method)
+    marked = inspect.isfunction(function) and vars(function).get(_MARK) == role
+    if not marked:
+        # Overridden in a subclass without the mark: the override must fit the same call.
+        if not callable(function):
+            raise HookContractError(
+                f"recoverable {name!r}: {cls.__qualname__}.{method}, its class's checkpoint "
+                f"{role}, is a {type(function).__qualname__}, not a method"
+            )
+        _check_arity(function, role, f"recoverable {name!r}: {cls.__qualname__}.{method}", "self")
+    return function
+
+
+def _check_marks_registered(name: str, cls: type) -> None:
+    """Refuse methods marked as hooks in a class that is not registered: the marks do nothing.
+
+    Raises:
+        HookContractError: a class of ``cls``'s MRO marks a method but is not decorated with
+            :func:`register_checkpoint_hooks`; the message names it.
+    """
+    for klass in cls.__mro__:
+        if klass in _CLASS_HOOKS:
+            continue
+        for attribute, value in vars(klass).items():
+            role = vars(value).get(_MARK) if inspect.isfunction(value) else None
+            if role is not None:
+                raise HookContractError(
+                    f"recoverable {name!r}: {klass.__qualname__}.{attribute} is marked with "
+                    f"mark_as_{role}, but {klass.__qualname__} is not decorated with "
+                    "@register_checkpoint_hooks, so the mark does nothing; decorate the class"
+                )
 
 
 @final
@@ -226,14 +272,16 @@ def resolve_hooks(
         check_custom_hook(name, saver, "saver")
     if loader is not None:
         check_custom_hook(name, loader, "loader")
-    for klass in type(obj).__mro__:
+    cls = type(obj)
+    _check_marks_registered(name, cls)
+    for klass in cls.__mro__:
         hooks = _CLASS_HOOKS.get(klass)
         if hooks is None:
             continue
         if saver is None and hooks.saver is not None:
-            saver = hooks.saver
+            saver = cast(_AnySaver, _class_hook(name, cls, hooks.saver, "saver"))
         if loader is None and hooks.loader is not None:
-            loader = hooks.loader
+            loader = cast(_AnyLoader, _class_hook(name, cls, hooks.loader, "loader"))
     if (saver is None or loader is None) and not isinstance(obj, Stateful):
         missing = " and ".join(
             role for role, hook in (("save", saver), ("load", loader)) if hook is None
