@@ -872,6 +872,24 @@ def test_average_checkpoints_averages_floating_tensors_and_keeps_the_last_counte
     fresh.load_state_dict(averaged)
 
 
+def test_average_checkpoints_averages_complex_tensors_too(tmp_path: Path) -> None:
+    class Spectral(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+
+    model = Spectral()
+    checkpointer = Checkpointer(tmp_path, {"model": model})
+    saved = []
+    for value in (1 + 2j, 3 - 4j):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        saved.append(checkpointer.save_checkpoint())
+    averaged = average_checkpoints(saved, "model")["weight"]
+    assert averaged.dtype == torch.complex64
+    assert torch.equal(averaged, torch.full((2,), 2 - 1j, dtype=torch.complex64))
+
+
 def test_average_checkpoints_refuses_mismatched_state_dicts(tmp_path: Path) -> None:
     first = Checkpointer(tmp_path / "a", {"model": torch.nn.Linear(2, 2)}).save_checkpoint()
     wider = Checkpointer(tmp_path / "b", {"model": torch.nn.Linear(2, 3)}).save_checkpoint()

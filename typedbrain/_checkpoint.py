@@ -1505,14 +1505,19 @@ def _check_device(device: object) -> None:
         raise ConfigurationError(f"device {device!r}: {missing}")
 
 
+# The precision checkpoint averaging sums in, by whether the tensor is complex.
+_SUM_DTYPE: Final = {False: torch.float64, True: torch.complex128}
+
+
 def average_checkpoints(
     checkpoints: Sequence[Checkpoint], recoverable_name: str, device: Device = None
 ) -> dict[str, Tensor]:
     """Average a module's parameters over several checkpoints (checkpoint averaging).
 
-    Floating-point tensors are averaged (in float64, then cast back to their dtype); other
-    entries (integer counters such as BatchNorm's ``num_batches_tracked``) are taken from the
-    last checkpoint given. Load the result with ``module.load_state_dict``.
+    Floating-point tensors are averaged (in float64, complex ones in complex128, then cast
+    back to their dtype); other entries (integer counters such as BatchNorm's
+    ``num_batches_tracked``) are taken from the last checkpoint given. Load the result with
+    ``module.load_state_dict``.
 
     Args:
         checkpoints: the checkpoints to average (each file is verified first).
@@ -1549,8 +1554,8 @@ def average_checkpoints(
                         "only module state dicts can be averaged"
                     )
                 result[key] = value
-                if value.is_floating_point():
-                    sums[key] = value.to(torch.float64)
+                if value.is_floating_point() or value.is_complex():
+                    sums[key] = value.to(_SUM_DTYPE[value.is_complex()])
             continue
         if set(state) != set(result):
             difference = sorted(set(state) ^ set(result))
@@ -1574,7 +1579,7 @@ def average_checkpoints(
                     f"there and {first.dtype} {tuple(first.shape)} in the first"
                 )
             if key in sums:
-                sums[key] += value.to(torch.float64)
+                sums[key] += value.to(sums[key].dtype)
             else:
                 result[key] = value
     count = len(checkpoints)
