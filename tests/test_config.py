@@ -126,6 +126,27 @@ def test_overrides_as_a_yaml_string_replace_values() -> None:
     assert model.out_features == 3
 
 
+MERGED = """\
+base: &base
+  a: 1
+  b: 2
+extra: &extra
+  b: 20
+  e: 5
+child:
+  <<: [*base, *extra]
+  c: 3
+"""
+
+
+def test_an_override_may_set_a_key_a_yaml_merge_key_brings_in() -> None:
+    loaded = load_hparams(io.StringIO(MERGED), {"child": {"a": 10, "e": 50, "c": 30}})
+    assert loaded["child"] == {"a": 10, "b": 2, "c": 30, "e": 50}  # b: the earlier merge wins
+    assert loaded["base"] == {"a": 1, "b": 2}  # the anchored mapping is left as it was
+    with pytest.raises(OverrideError, match="'child' has no key 'd'"):
+        load_hparams(io.StringIO(MERGED), {"child": {"d": 1}})
+
+
 def test_an_override_reaches_into_an_included_file() -> None:
     assert load_hparams(RECIPE, {"data": {"shuffle": False}})["data"] == {
         "batch_size": 8,

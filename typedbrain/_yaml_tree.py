@@ -286,7 +286,7 @@ def check_overrides(
     included: tuple[MappingNode, str, Path | None] | None = None,
 ) -> None:
     """Raise :class:`OverrideError` for the first override ``node`` cannot take."""
-    own = {key: (key_node, value) for key, key_node, value in _items(node)}
+    own = _keys_as_read(node)
     more: dict[str, tuple[Node, Node]] = {}
     if included is not None:
         more = {key: (key_node, value) for key, key_node, value in _items(included[0])}
@@ -325,6 +325,26 @@ def check_overrides(
             parent_line=_line(key_node),
             included=_include_root(value, where_folder),
         )
+
+
+def _keys_as_read(node: MappingNode) -> dict[str, tuple[Node, Node]]:
+    """A mapping's keys as YAML reads them: its own and those a ``<<`` merge key brings in.
+
+    Its own keys win over merged ones, and of several merged mappings the earlier wins, as the
+    YAML merge key is defined.
+    """
+    merged: dict[str, tuple[Node, Node]] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE_TAG:
+            continue
+        sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
+        for source in sources:
+            if isinstance(source, MappingNode):
+                for key, entry in _keys_as_read(source).items():
+                    merged.setdefault(key, entry)
+    own = {key: (key_node, value) for key, key_node, value in _items(node)}
+    own.pop("<<", None)
+    return {**merged, **own}
 
 
 def _unknown_key_message(key: str, parent: tuple[str, ...], known: list[str]) -> str:
