@@ -1064,7 +1064,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self.zero_grad()
         batches_done = 0 if restored is None else self._continue_epoch(restored)
         # The epoch's own length: a batch sampler may make its batches in set_epoch, as many
-        # as that epoch's data gives (batches_from sets the epoch again, to the same effect).
+        # as that epoch's data gives. (batches_from is told: set_epoch runs once an epoch.)
         set_loader_epoch(loader, epoch)
         self._stage_batches = self._planned_batches(loader)
         batches = cast(  # the loader yields what the recipe declares as its batch type
@@ -1074,6 +1074,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 epoch=epoch,
                 batches_done=batches_done,
                 batch_size=None if restored is None else restored.state.batch_size,
+                epoch_set=True,
             ),
         )
         if restored is not None and batches_done:

@@ -443,8 +443,17 @@ def position_loader(
             ``make_dataloader`` does not reseed per item (a positioned epoch starts them
             afresh).
     """
-    check_int("batches_done", batches_done, minimum=0)
     set_loader_epoch(loader, epoch)
+    return _position_for_epoch(
+        loader, epoch=epoch, batches_done=batches_done, batch_size=batch_size
+    )
+
+
+def _position_for_epoch(
+    loader: DataLoader[object], *, epoch: int, batches_done: int, batch_size: int | None
+) -> bool:
+    """:func:`position_loader` once the loader is set for ``epoch``."""
+    check_int("batches_done", batches_done, minimum=0)
     current = loader.batch_size
     if batches_done and batch_size is not None and current is not None and current != batch_size:
         warn(
@@ -547,8 +556,13 @@ def batches_from(
     epoch: int,
     batches_done: int,
     batch_size: int | None = None,
+    epoch_set: bool = False,
 ) -> Iterable[object]:
     """The loader's batches for ``epoch`` after the first ``batches_done``, iterable once.
+
+    With ``epoch_set``, :func:`set_loader_epoch` has been called for ``epoch`` already (to read
+    the epoch's length, say) and is not called again: a sampler's ``set_epoch`` runs once per
+    epoch.
 
     The loader is iterated now, so whatever ``iter(loader)`` draws from the global generators
     (a loader without its own ``generator`` draws its workers' base seed there) is drawn from
@@ -560,10 +574,9 @@ def batches_from(
     Raises:
         CheckpointError: the loader has fewer than ``batches_done`` batches.
     """
+    position = _position_for_epoch if epoch_set else position_loader
     try:
-        positioned = position_loader(
-            loader, epoch=epoch, batches_done=batches_done, batch_size=batch_size
-        )
+        positioned = position(loader, epoch=epoch, batches_done=batches_done, batch_size=batch_size)
     except ConfigurationError as error:
         if not batches_done:
             raise
