@@ -400,3 +400,40 @@ def test_a_changed_accumulation_factor_warns_and_steps_the_saved_window(
     assert stepped[0] == 2  # the saved window, before this process's first batch
     # Every step counted was taken by this process (the checkpoint was saved before any).
     assert brain.optimizer_step == len(stepped)
+
+
+def test_under_a_process_group_an_accumulation_factor_change_mid_window_is_refused(
+    tmp_path: Path,
+) -> None:
+    # The window's gradients are the process's own until the window's sync: stepping them at
+    # once would leave the replicas apart, so the restart is refused with the way out.
+    import torch.distributed as dist
+
+    from tests.test_ddp import free_port
+
+    with pytest.raises(CrashError):
+        _run(
+            CountingBrain,
+            tmp_path,
+            lambda: examples(32),
+            crash_at=3,
+            run_opts={"grad_accumulation_factor": 4},
+        )
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        with pytest.raises(
+            tb.ConfigurationError,
+            match=r"2 batches into an accumulation window of grad_accumulation_factor=4, which "
+            r"is 2 now: under torch.distributed .* restart with grad_accumulation_factor=4",
+        ):
+            _run(
+                CountingBrain,
+                tmp_path,
+                lambda: examples(32),
+                crash_at=None,
+                run_opts={"grad_accumulation_factor": 2, "distributed_backend": "gloo"},
+            )
+    finally:
+        dist.destroy_process_group()

@@ -1357,6 +1357,16 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 parameter.grad = None if gradient is None else sharded_as(gradient, parameter)
         saved_factor = state.accumulation
         if saved_factor is not None and saved_factor != self.grad_accumulation_factor:
+            if state.window and is_distributed():
+                # Its gradients are each process's own (the window's sync had not come): a
+                # step now would leave the replicas apart. Every process raises here alike.
+                raise ConfigurationError(
+                    f"the checkpoint was taken {state.window} batches into an accumulation "
+                    f"window of grad_accumulation_factor={saved_factor}, which is "
+                    f"{self.grad_accumulation_factor} now: under torch.distributed the factor "
+                    "cannot change in the middle of a window; restart with "
+                    f"grad_accumulation_factor={saved_factor} (change it at an epoch's end)"
+                )
             window = (
                 f"; the {state.window} batches of its open window are stepped now, with their "
                 "mean gradient"
