@@ -195,6 +195,24 @@ def test_a_signal_in_training_stops_after_the_batch_with_a_checkpoint(tmp_path: 
     assert differences(final_state(expected), final_state(resumed)) == []
 
 
+def test_a_recipes_except_exception_does_not_swallow_a_stop(tmp_path: Path) -> None:
+    # A catch-all around fit, to log and go on, must let a preemption through, as it lets
+    # KeyboardInterrupt and SystemExit through.
+    config = RunConfig(data_seed=1, ckpt_interval_steps=100, signal_at=3)
+
+    def recipe() -> str:
+        try:
+            run(config, tmp_path / "stopped")
+        except Exception:  # the recipe's catch-all: the case
+            return "went on"
+        return "finished"
+
+    with pytest.raises(sb.TrainingInterruptedError):
+        recipe()
+    assert not issubclass(sb.TrainingInterruptedError, Exception)
+    assert issubclass(sb.TrainingInterruptedError, SystemExit)
+
+
 def test_a_signal_in_validation_stops_after_the_batch_without_a_new_checkpoint(
     tmp_path: Path,
 ) -> None:

@@ -207,13 +207,18 @@ class ResumeWarning(UserWarning):
 
 
 @final
-class TrainingInterruptedError(TypedBrainError, SystemExit):
+class TrainingInterruptedError(SystemExit):
     """``fit`` stopped on SIGTERM or SIGINT after finishing its current batch.
 
     With a checkpointer, an intra-epoch checkpoint was saved first: running the same script
     again resumes where this run stopped. Left uncaught, it ends the process with exit status
     ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), the status a shell reports for a process
     the signal killed, so job schedulers see a preempted run.
+
+    It is a ``SystemExit`` only, not an ``Exception`` (so not a :class:`TypedBrainError`
+    either), as ``KeyboardInterrupt`` is not: an ``except Exception:`` in a recipe (around
+    ``fit``, to log and go on to ``evaluate``, say) must not swallow a stop a job scheduler
+    asked for. Catch it by name.
 
     Attributes:
         signal: the signal's number.
