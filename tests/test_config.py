@@ -223,6 +223,16 @@ def test_overrides_that_are_not_a_mapping_are_rejected() -> None:
     )
 
 
+@pytest.mark.parametrize("overrides", [[("lr", 0.5)], 5])
+def test_overrides_that_are_neither_a_mapping_nor_a_string_are_a_configuration_error(
+    overrides: object,
+) -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"overrides must be a mapping or a YAML string holding one, got"
+    ):
+        load_hparams(RECIPE, overrides)  # type: ignore[arg-type]  # wrong on purpose
+
+
 LINEAR_RECIPE = "model: !new:torch.nn.Linear\n    in_features: 4\n    out_features: 2\nlr: 0.1\n"
 
 

@@ -106,6 +106,28 @@ def test_observers_follow_changes_in_order_until_unsubscribed() -> None:
         machine.unsubscribe(first)
 
 
+class Raising:
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def on_phase_change(self, old: Phase, new: Phase) -> None:
+        raise RuntimeError(self.message)
+
+
+def test_every_observer_hears_of_a_change_though_an_earlier_one_raised() -> None:
+    machine = PhaseMachine()
+    after = Recorder()
+    machine.subscribe(Raising("first"))
+    machine.subscribe(Raising("second"))
+    machine.subscribe(after)
+    with pytest.raises(RuntimeError, match="first") as caught:
+        machine.move(Phase.TEST)
+    assert after.changes == [(Phase.INIT, Phase.TEST)]
+    assert machine.phase is Phase.TEST
+    assert len(caught.value.__notes__) == 1
+    assert "raised too: RuntimeError: second" in caught.value.__notes__[0]
+
+
 def test_phase_module_does_not_import_torch() -> None:
     for name in ("_phases.py", "_errors.py"):
         tree = ast.parse((ROOT / "typedbrain" / name).read_text())

@@ -194,7 +194,8 @@ class RunOptions:
             :class:`~typedbrain.NonFiniteLossError`.
         noprogressbar: no progress bars.
         ckpt_interval_minutes: save an intra-epoch checkpoint this often (0: never).
-        ckpt_interval_steps: save an intra-epoch checkpoint every this many batches (0: never).
+        ckpt_interval_steps: save an intra-epoch checkpoint after every this-many-th training
+            batch of an epoch (the count starts again each epoch; 0: never).
         grad_accumulation_factor: batches whose gradients add up to one optimizer step.
         optimizer_step_limit: stop training after this many optimizer steps.
         tqdm_colored_bar: colour the progress bars.

@@ -88,7 +88,7 @@ class PhaseObserver(Protocol):
 
     Register one with ``Brain.add_phase_observer``. It is called after each change, in the order
     observers were added; an exception it raises propagates to the caller of the change (and so
-    fails ``fit`` or ``evaluate``).
+    fails ``fit`` or ``evaluate``), once every observer has been told of the change.
     """
 
     def on_phase_change(self, old: Phase, new: Phase) -> None:
@@ -130,17 +130,31 @@ class PhaseMachine:
         return target in self.allowed
 
     def move(self, target: Phase) -> None:
-        """Move to ``target`` and notify the observers.
+        """Move to ``target`` and notify the observers, every one of them.
 
         Raises:
             PhaseTransitionError: the table does not allow the change; the phase is unchanged.
+            Exception: the first error an observer raised, once all were notified (an error of
+                a later observer is added to it as a note).
         """
         old = self._phase
         if target not in self.allowed:
             raise PhaseTransitionError(old, target, self.allowed)
         self._phase = target
+        first: Exception | None = None
         for observer in tuple(self._observers):
-            observer.on_phase_change(old, target)
+            try:
+                observer.on_phase_change(old, target)
+            except Exception as error:
+                if first is None:
+                    first = error
+                else:
+                    first.add_note(
+                        f"(the phase observer {observer!r} raised too: "
+                        f"{type(error).__name__}: {error})"
+                    )
+        if first is not None:
+            raise first
 
     def subscribe(self, observer: PhaseObserver) -> None:
         """Call ``observer.on_phase_change`` after every future change."""

@@ -134,6 +134,11 @@ def override_tree(overrides: Mapping[str, object] | str | None) -> _OverrideTree
     if isinstance(overrides, str):
         root = _compose_overrides(overrides)
         return _tree_from_node(root) if root is not None else {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigurationError(
+            "overrides must be a mapping or a YAML string holding one, got "
+            f"{type(overrides).__qualname__} {overrides!r}"
+        )
     return _tree_from_mapping(overrides)
 
 
