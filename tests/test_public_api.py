@@ -83,3 +83,27 @@ def test_the_helpers_the_docs_call_are_exported() -> None:
     assert typedbrain.seed_worker is seed_worker
     assert typedbrain.run_options_help is run_options_help
     assert typedbrain.format_stat is format_stat
+
+
+def test_the_api_page_lists_every_public_name_once_and_nothing_else() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    listed = re.findall(r"^\| `([A-Za-z_]+)` \|", page, flags=re.MULTILINE)
+    assert sorted(listed) == sorted(typedbrain.__all__)
+
+
+def test_the_api_pages_links_reach_existing_pages_and_headings() -> None:
+    docs = Path(__file__).parent.parent / "docs"
+    page = (docs / "api.md").read_text(encoding="utf-8")
+    for target, anchor in set(re.findall(r"\]\(([a-z-]+\.md)(?:#([a-z0-9-]+))?\)", page)):
+        text = (docs / target).read_text(encoding="utf-8")
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE)
+            slugs = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in headings}
+            assert anchor in slugs, (target, anchor)
+
+
+def test_the_training_loop_pages_example_runs() -> None:
+    from tests.helpers import python_blocks
+
+    (block,) = python_blocks("docs/training-loop.md")
+    exec(compile(block, "docs/training-loop.md", "exec"), {})  # our own docs page
