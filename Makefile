@@ -7,6 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check
+# The project goes in as an editable install in setuptools' "compat" mode: a .pth file naming
+# this folder, which mypy follows, so code outside it type-checks against typedbrain (the
+# default mode installs an import hook that mypy cannot see through: typedbrain is then Any).
+EDITABLE := --config-settings editable_mode=compat -e
 
 .PHONY: demo test lint typecheck unit clean
 
@@ -40,11 +44,11 @@ $(VENV)/.torch: $(BIN)/python
 	echo '$(TORCH_SPEC)' > $@
 
 $(VENV)/.installed-examples: $(VENV)/.torch pyproject.toml
-	$(PIP) install -c $(VENV)/.torch -e '.[examples,plot]'
+	$(PIP) install -c $(VENV)/.torch $(EDITABLE) '.[examples,plot]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.torch pyproject.toml
-	$(PIP) install -c $(VENV)/.torch -e '.[dev]'
+	$(PIP) install -c $(VENV)/.torch $(EDITABLE) '.[dev]'
 	touch $@
 
 clean:
