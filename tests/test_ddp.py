@@ -441,3 +441,24 @@ def test_an_fsdp2_job_stopped_mid_epoch_resumes_bit_for_bit(
     # The checkpoint holds full tensors, not shards: the model's full shapes.
     saved = torch.load(next(folder.glob("*/model.ckpt")), weights_only=True)
     assert saved["0.weight"].shape == (8, 4)
+
+
+@pytest.mark.parametrize("way", ["atexit", "finally"])
+def test_a_rank_that_raises_ends_the_job_at_once_rather_than_at_the_groups_timeout(
+    way: str,
+) -> None:
+    # Rank 0 waits in DDP's all-reduce for a rank that raised: the raising rank must leave
+    # without waiting for it at the group's teardown (the wait would take the group's whole
+    # timeout, 30 minutes), so that its closed connections fail rank 0's collective at once.
+    processes = start_ranks("tests.ddp.raising_worker", way)
+    try:
+        outcomes = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    _, failing = outcomes[1]
+    # gloo may abort a process whose peer tore its connections down first (see finish_ranks).
+    assert processes[1].returncode in (1, -signal.SIGABRT)
+    assert b"rank 1 fails in its second forward pass" in failing
+    assert processes[0].returncode != 0  # its collective failed: the job is over

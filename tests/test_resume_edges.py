@@ -230,6 +230,32 @@ def test_alternating_optimizers_resume_with_the_gradients_each_keeps(
     _resume_matches(AlternatingBrain, tmp_path, lambda: examples(24), crash_at, opt_class=None)
 
 
+class AlternatingSavingAtEpochEnd(AlternatingBrain):
+    """Saves as each epoch's training ends, where one optimizer still holds its gradients."""
+
+    def on_stage_end(self, stage: Stage, stage_loss: float, epoch: int | None = None) -> None:
+        if stage is Stage.TRAIN:
+            assert isinstance(self.checkpointer, tb.Checkpointer)
+            self.checkpointer.save_checkpoint()
+
+
+@pytest.mark.parametrize("crash_at", [7, 8, 13])  # epoch 2's first two batches, epoch 3's first
+def test_an_optimizer_left_out_keeps_its_gradients_across_an_epoch_checkpoint(
+    tmp_path: Path, crash_at: int
+) -> None:
+    # Six batches an epoch and no intra-epoch checkpoint: the restart resumes from the one
+    # saved as the epoch ended, when the optimizer left out of the last step still held its
+    # gradients, which it adds to until it steps (in the next epoch).
+    _resume_matches(
+        AlternatingSavingAtEpochEnd,
+        tmp_path,
+        lambda: examples(24),
+        crash_at,
+        opt_class=None,
+        run_opts={"ckpt_interval_steps": 0},
+    )
+
+
 @pytest.mark.parametrize("crash_at", [9, 10, 15])
 def test_randomness_drawn_in_on_stage_start_is_drawn_again_on_reentry(
     tmp_path: Path, crash_at: int

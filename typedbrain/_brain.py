@@ -1255,22 +1255,49 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             loader_rng=() if train is None else capture_generators(loader_generators(train)),
             epoch_loader_rng=self._epoch_loader_rng if mid_epoch else None,
         )
-        gradients: list[Tensor | None] = []
-        if mid_epoch:
-            # The gradients of an open window, and those an optimizer that freeze_optimizers
-            # left out of the last step keeps until it steps.
-            partial = [parameter.grad for parameter in self._current_plan().parameters]
-            if self.fsdp and is_distributed():
-                # Sharded gradients are saved whole, as every tensor of a checkpoint is (a
-                # collective: every process saves the run state, in the same order).
-                from typedbrain._sharded_state import gathered
+        return RunRecord(state, self._held_gradients())
 
-                partial = cast(list[Tensor | None], gathered(partial))
-            if any(grad is not None for grad in partial):
-                gradients = [
-                    None if grad is None else grad.detach().cpu().clone() for grad in partial
-                ]
-        return RunRecord(state, gradients)
+    def _held_gradients(self) -> list[Tensor | None]:
+        """The gradients the parameters hold now, on the CPU; ``[]`` when they hold none.
+
+        Those of an open accumulation window, and those an optimizer that freeze_optimizers
+        left out of a step keeps until it steps (across an epoch's end too).
+        """
+        held = [parameter.grad for parameter in self._current_plan().parameters]
+        if self.fsdp and is_distributed():
+            # Sharded gradients are saved whole, as every tensor of a checkpoint is (a
+            # collective: every process saves the run state, in the same order).
+            from typedbrain._sharded_state import gathered
+
+            held = cast(list[Tensor | None], gathered(held))
+        if all(grad is None for grad in held):
+            return []
+        return [None if grad is None else grad.detach().cpu().clone() for grad in held]
+
+    def _restore_gradients(self, gradients: list[Tensor | None]) -> None:
+        """Give the parameters the gradients :meth:`_held_gradients` took (none: nothing)."""
+        if not gradients:
+            return
+        parameters = self._current_plan().parameters
+        if len(gradients) != len(parameters):
+            raise CheckpointError(
+                f"the checkpoint holds partial gradients for {len(gradients)} parameters "
+                f"and the optimizers have {len(parameters)}: the model or optimizers differ "
+                "from the run that saved it"
+            )
+        for parameter, gradient in zip(parameters, gradients, strict=True):
+            if gradient is not None and gradient.shape != parameter.shape:
+                raise CheckpointError(
+                    f"a saved partial gradient has shape {tuple(gradient.shape)} where the "
+                    f"parameter has {tuple(parameter.shape)}"
+                )
+        if self.fsdp and is_distributed():
+            # Saved whole: each process takes its shard (a collective, in parameter order).
+            from typedbrain._sharded_state import sharded_as
+        else:
+            sharded_as = _on_device_of
+        for parameter, gradient in zip(parameters, gradients, strict=True):
+            parameter.grad = None if gradient is None else sharded_as(gradient, parameter)
 
     def _recovered(self, record: RunRecord) -> None:
         """Take a recovered run state: the counters now, the rest when training starts."""
@@ -1303,8 +1330,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             if built is not None and seed is not None:
                 set_loader_seed(built, seed)
         if not state.mid_epoch:
-            # Taken between epochs: the next epoch's iter(loader) draws from here.
+            # Taken between epochs: the next epoch's iter(loader) draws from here, and an
+            # optimizer freeze_optimizers left out of the last steps still holds its gradients.
             restore_generators(loader_generators(loader), state.loader_rng, "the training loader")
+            self._restore_gradients(restored.gradients)
         pending_validation = state.valid_pending and self._valid_loader is not None
         if not (state.mid_epoch or pending_validation):
             return None
@@ -1333,28 +1362,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self.nonfinite_count = progress.nonfinite_count
         self._skipped = state.skipped
         self._window = state.window
-        gradients = restored.gradients
-        if gradients:
-            parameters = self._current_plan().parameters
-            if len(gradients) != len(parameters):
-                raise CheckpointError(
-                    f"the checkpoint holds partial gradients for {len(gradients)} parameters "
-                    f"and the optimizers have {len(parameters)}: the model or optimizers differ "
-                    "from the run that saved it"
-                )
-            for parameter, gradient in zip(parameters, gradients, strict=True):
-                if gradient is not None and gradient.shape != parameter.shape:
-                    raise CheckpointError(
-                        f"a saved partial gradient has shape {tuple(gradient.shape)} where the "
-                        f"parameter has {tuple(parameter.shape)}"
-                    )
-            if self.fsdp and is_distributed():
-                # Saved whole: each process takes its shard (a collective, in parameter order).
-                from typedbrain._sharded_state import sharded_as
-            else:
-                sharded_as = _on_device_of
-            for parameter, gradient in zip(parameters, gradients, strict=True):
-                parameter.grad = None if gradient is None else sharded_as(gradient, parameter)
+        self._restore_gradients(restored.gradients)
         saved_factor = state.accumulation
         if saved_factor is not None and saved_factor != self.grad_accumulation_factor:
             if state.window and is_distributed():

@@ -12,6 +12,7 @@ import atexit
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from typing import Final, final
 
@@ -301,8 +302,8 @@ def init_distributed(
     )
     # A process that exits with its group still up can abort in torch's teardown (seen with
     # gloo after a peer died): destroy the group first. Re-registering keeps a single hook.
-    atexit.unregister(shutdown_distributed)
-    atexit.register(shutdown_distributed)
+    atexit.unregister(_shutdown_at_exit)
+    atexit.register(_shutdown_at_exit)
     return launch
 
 
@@ -315,11 +316,37 @@ def shutdown_distributed() -> None:
     Call it at the end of a distributed script, on every process, so that torch does not warn
     about a group left behind (``init_distributed`` registers it to run at exit). With gloo,
     the processes first wait for each other (at most 10 seconds): a process that tore its
-    connections down while a peer still used them could make gloo abort that peer.
+    connections down while a peer still used them could make gloo abort that peer. Called
+    while an error propagates (from a ``finally:``), it does not wait: see
+    :func:`_shutdown_at_exit`.
     """
+    _shutdown(wait=not _error_in_flight())
+
+
+def _shutdown_at_exit() -> None:
+    """:func:`shutdown_distributed` at interpreter exit, without the wait on an uncaught error.
+
+    A process ending on an error must not wait for the others: they may be blocked in a
+    collective it will never join (DDP's all-reduce in backward, when it raised in a forward
+    pass), and gloo's wait takes the group's whole timeout (30 minutes by default) on every
+    process but rank 0. Leaving at once closes its connections, so the others' collective fails
+    at once and ``torchrun`` stops the job. (Python keeps an uncaught error in
+    ``sys.last_value`` while the exit hooks run; an exit with ``SystemExit``, such as a
+    preempted run's ``TrainingInterruptedError``, sets none, and waits as every process stops.)
+    """
+    _shutdown(wait=getattr(sys, "last_value", None) is None and not _error_in_flight())
+
+
+def _error_in_flight() -> bool:
+    """Whether an error (not an exit: ``SystemExit`` waits) is propagating through the caller."""
+    error = sys.exc_info()[1]
+    return error is not None and not isinstance(error, SystemExit)
+
+
+def _shutdown(*, wait: bool) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+    if wait and dist.get_backend() == "gloo" and dist.get_world_size() > 1:
         try:
             dist.monitored_barrier(timeout=_SHUTDOWN_WAIT)
         except RuntimeError as error:  # a peer is gone already: nothing left to wait for
