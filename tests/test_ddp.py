@@ -11,12 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import attrs
 import pytest
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch._C._distributed_c10d import HashStore
 from torch.distributed.tensor import DTensor
 
@@ -462,3 +463,37 @@ def test_a_rank_that_raises_ends_the_job_at_once_rather_than_at_the_groups_timeo
     assert processes[1].returncode in (1, -signal.SIGABRT)
     assert b"rank 1 fails in its second forward pass" in failing
     assert processes[0].returncode != 0  # its collective failed: the job is over
+
+
+@pytest.mark.parametrize(
+    ("accumulation", "step"),
+    [(1, 2), (2, 3), (2, 4)],  # no accumulation; a window's first batch; a window's last
+)
+def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank_alike(
+    tmp_path: Path, accumulation: int, step: int
+) -> None:
+    # Each rank skipping its own non-finite backward pass would desynchronise DDP's gradient
+    # all-reduce (a crash) or, with accumulation, step different gradients on each rank.
+    out = tmp_path / "nan"
+    run_ranks("tests.ddp.nonfinite_worker", str(accumulation), str(step), "3", str(out))
+    first, second = load(out.with_name("nan.0")), load(out.with_name("nan.1"))
+    assert first["nonfinite"] == second["nonfinite"] == 1
+    for mine, theirs in zip(
+        cast(list[Tensor], first["parameters"]),
+        cast(list[Tensor], second["parameters"]),
+        strict=True,
+    ):
+        assert torch.equal(mine, theirs)
+
+
+def test_a_non_finite_loss_past_the_patience_on_one_rank_stops_every_rank() -> None:
+    processes = start_ranks("tests.ddp.nonfinite_worker", "1", "2", "0", "unused")
+    try:
+        outcomes = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, (_, stderr) in zip(processes, outcomes, strict=True):
+        assert process.returncode != 0
+        assert b"NonFiniteLossError" in stderr

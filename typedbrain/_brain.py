@@ -511,13 +511,18 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             with plan.train_context:
                 outputs = self.compute_forward(batch, Stage.TRAIN)
                 loss = self.compute_objectives(outputs, batch, Stage.TRAIN)
-            if self.check_loss_isfinite(loss):
+            finite = self.check_loss_isfinite(loss)
+            if finite:
                 scaled = loss / plan.accumulation if plan.accumulation > 1 else loss
                 if self.scaler.is_enabled():
                     scaled = self.scaler.scale(scaled)
                 torch.autograd.backward(scaled)
                 self._window += 1
         if should_step and self._window:  # a window without finite losses has nothing to step
+            if not finite and self._ddp_modules:
+                # DDP syncs a window's gradients in its last backward pass, which this
+                # non-finite loss skipped (on every process: check_loss_isfinite agrees).
+                self._sync_gradients()
             self._close_window(plan)
         if plan.call_batch_end:
             # A checkpoint saved by the hook counts this batch's loss as the loop will next.
@@ -536,6 +541,11 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     def check_loss_isfinite(self, loss: Tensor) -> bool:
         """Whether ``loss`` is finite; counts a non-finite one against ``nonfinite_patience``.
 
+        Under ``torch.distributed`` the processes agree (an all-reduce of one number): a loss
+        that is not finite on any process counts as not finite on all of them, so that every
+        process skips the same backward passes (DDP's gradient sync needs them all), counts the
+        same and raises together.
+
         Raises:
             NonFiniteLossError: this epoch has now seen more than ``nonfinite_patience``
                 non-finite losses.
@@ -547,7 +557,19 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             raise _not_a_loss(loss) from error
         # Kept for update_average, so that the loss is read from its device once per batch.
         self._read_tensor, self._read_value = loss, value
-        if math.isfinite(value):
+        finite = math.isfinite(value)
+        if is_distributed():
+            flag = torch.tensor([0.0 if finite else 1.0], device=loss.device)
+            elsewhere = bool(all_reduce_sum(flag).item()) and finite
+            finite = finite and not elsewhere
+            if elsewhere:
+                logger.warning(
+                    "non-finite loss on another process at epoch %s, step %d: this process "
+                    "skips the batch's backward pass too",
+                    self._epoch,
+                    self.step,
+                )
+        if finite:
             return True
         self.nonfinite_count += 1
         if self.nonfinite_count > self.nonfinite_patience:
@@ -943,6 +965,14 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if self.debug:
             return self.debug_batches if length is None else min(length, self.debug_batches)
         return length
+
+    def _sync_gradients(self) -> None:
+        """Average the DDP modules' gradients over the processes, as DDP's own sync would."""
+        world_size = dist.get_world_size()
+        for module in self._ddp_modules:
+            for parameter in module.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.copy_(all_reduce_sum(parameter.grad) / world_size)
 
     def _close_window(self, plan: StepPlan) -> None:
         """Step the optimizers with the mean gradient of the window's finite batches."""
