@@ -53,6 +53,7 @@ class RunConfig:
     ckpt_interval_steps: int = 2
     shuffle: bool = True
     valid_shuffle: bool = False  # the validation loader shuffles too (make_dataloader's seed)
+    valid_loader_generator: bool = False  # a DataLoader shuffling the validation set from its own
     user_loader: bool = False  # a plain DataLoader (not positionable) instead of a dataset
     loader_generator: bool = False  # that DataLoader shuffles from a generator of its own
     user_sampler: bool = False  # a plain DataLoader over a ResumableSampler instead
@@ -268,10 +269,16 @@ def run(
     elif config.user_sampler:
         sampler = ResumableSampler(train, shuffle=config.shuffle, seed=config.data_seed)
         train_set = DataLoader(train, batch_size=train_batch, sampler=sampler)
+    valid_set: sb.DataSource = valid
+    if config.valid_loader_generator:
+        own_valid = torch.Generator().manual_seed(config.data_seed + 1)
+        valid_set = DataLoader(
+            valid, batch_size=config.batch_size, shuffle=True, generator=own_valid
+        )
     brain.fit(
         counter,
         train_set,
-        valid if config.valid else None,
+        valid_set if config.valid else None,
         train_loader_kwargs=loader_kwargs,
         valid_loader_kwargs={
             "batch_size": config.batch_size,

@@ -139,4 +139,5 @@ def run_state() -> st.SearchStrategy[RunState]:
         counter=st.none() | st.text(max_size=8),
         loader_rng=_generator_states,
         epoch_loader_rng=st.none() | _generator_states,
+        valid_loader_rng=_generator_states,
     )

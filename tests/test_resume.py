@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 import typedbrain
 import typedbrain._brain
+import typedbrain._sampler
 from tests.helpers import python_blocks
 from tests.resume_harness import (
     RunConfig,
@@ -29,7 +30,6 @@ from tests.resume_harness import (
 )
 from tests.test_crash_resume import saves_so_far
 from typedbrain import ResumeWarning
-from typedbrain._sampler import position_loader
 
 
 @attrs.frozen
@@ -57,6 +57,7 @@ def configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, Interruption]:
         ckpt_interval_steps=draw(st.integers(1, 4)),
         shuffle=draw(st.booleans()),
         valid_shuffle=draw(st.booleans()),
+        valid_loader_generator=draw(st.booleans()),
         user_loader=user_loader,
         loader_generator=user_loader and draw(st.booleans()),
         user_sampler=not user_loader and draw(st.booleans()),
@@ -140,6 +141,17 @@ def test_an_unseeded_restart_validates_a_shuffled_set_in_the_interrupted_runs_or
     config = RunConfig(data_seed=3, samples=20, batch_size=4, epochs=3, valid_shuffle=True)
     expected = final_state(run(config, tmp_path / "straight"))
     resumed = interrupted_then_resumed(config, 12, tmp_path / "broken", restart_seed=12345)
+    assert differences(expected, resumed) == []
+
+
+@pytest.mark.parametrize("stop_at", [12, 17, 20])  # epoch 2: training, validation; epoch 3
+def test_a_users_validation_loader_shuffling_from_its_own_generator_resumes_exactly(
+    tmp_path: Path, stop_at: int
+) -> None:
+    # 8 validation samples in batches of 3: the stage loss depends on how they are grouped.
+    config = RunConfig(data_seed=4, samples=16, batch_size=3, epochs=3, valid_loader_generator=True)
+    expected = final_state(run(config, tmp_path / "straight"))
+    resumed = interrupted_then_resumed(config, stop_at, tmp_path / "broken")
     assert differences(expected, resumed) == []
 
 
@@ -234,9 +246,11 @@ def test_control_without_sampler_positioning_diverges(
     def no_skip(
         loader: DataLoader[object], *, epoch: int, batches_done: int, batch_size: int | None
     ) -> bool:
-        return position_loader(loader, epoch=epoch, batches_done=0, batch_size=batch_size)
+        return position(loader, epoch=epoch, batches_done=0, batch_size=batch_size)
 
-    monkeypatch.setattr("typedbrain._sampler.position_loader", no_skip)
+    # What batches_from positions the training loader with (its epoch is set already).
+    position = typedbrain._sampler._position_for_epoch
+    monkeypatch.setattr("typedbrain._sampler._position_for_epoch", no_skip)
     resumed = interrupted_then_resumed(CONTROL, CONTROL_STOP, tmp_path / "broken")
     assert differences(expected, resumed) != []
 

@@ -1284,6 +1284,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             counter=self._counter_name(),
             loader_rng=() if train is None else capture_generators(loader_generators(train)),
             epoch_loader_rng=self._epoch_loader_rng if mid_epoch else None,
+            valid_loader_rng=() if valid is None else capture_generators(loader_generators(valid)),
         )
         return RunRecord(state, self._held_gradients())
 
@@ -1359,6 +1360,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         ):
             if built is not None and seed is not None:
                 set_loader_seed(built, seed)
+        if self._valid_loader is not None:
+            # Nothing draws from them until the next validation, which draws as it would have.
+            restore_generators(
+                loader_generators(self._valid_loader),
+                state.valid_loader_rng,
+                "the validation loader",
+            )
         if not state.mid_epoch:
             # Taken between epochs: the next epoch's iter(loader) draws from here, and an
             # optimizer freeze_optimizers left out of the last steps still holds its gradients.

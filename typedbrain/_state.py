@@ -108,6 +108,8 @@ class RunState:
             ``make_dataloader`` did not build: its ``generator`` and its samplers'), when the
             state was taken, as ``torch.Generator.get_state()`` bytes.
         epoch_loader_rng: the same as the epoch began, when ``mid_epoch``.
+        valid_loader_rng: the validation loader's own generators when the state was taken
+            (from which its next validation shuffles, say).
     """
 
     phase: str
@@ -127,6 +129,7 @@ class RunState:
     counter: str | None = None
     loader_rng: tuple[tuple[int, ...], ...] = ()
     epoch_loader_rng: tuple[tuple[int, ...], ...] | None = None
+    valid_loader_rng: tuple[tuple[int, ...], ...] = ()
 
 
 converter: Final = cattrs.Converter(forbid_extra_keys=True)
