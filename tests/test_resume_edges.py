@@ -473,3 +473,49 @@ def test_under_a_process_group_an_accumulation_factor_change_mid_window_is_refus
             )
     finally:
         dist.destroy_process_group()
+
+
+class SavingAsEpochsEnd(CountingBrain):
+    """Saves as each epoch's training ends; crashes right after the save of ``crash_epoch``."""
+
+    crash_epoch: int | None = None
+    stage_ends: list[int | None]
+
+    def on_stage_end(self, stage: Stage, stage_loss: float, epoch: int | None = None) -> None:
+        self.stage_ends.append(epoch)
+        assert isinstance(self.checkpointer, tb.Checkpointer)
+        self.checkpointer.save_checkpoint()
+        if epoch == self.crash_epoch:
+            raise CrashError
+
+
+def _limited_run(folder: Path, crash_epoch: int | None) -> tuple[SavingAsEpochsEnd, int]:
+    """Three epochs of 8 batches, stopped by optimizer_step_limit=12 in epoch 2."""
+    torch.manual_seed(0)
+    modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
+    counter = tb.EpochCounter(3)
+    checkpointer = tb.Checkpointer(folder, {**modules, "counter": counter})
+    brain = SavingAsEpochsEnd(
+        modules,
+        _adam,
+        run_opts={"noprogressbar": True, "optimizer_step_limit": 12},
+        checkpointer=checkpointer,
+    )
+    brain.stage_ends = []
+    brain.crash_epoch = crash_epoch
+    brain.fit(counter, examples(32), train_loader_kwargs={"batch_size": 4})
+    return brain, counter.current
+
+
+def test_a_restart_after_the_step_limit_ended_the_run_runs_no_further_epoch(
+    tmp_path: Path,
+) -> None:
+    straight, straight_epoch = _limited_run(tmp_path / "straight", crash_epoch=None)
+    assert straight.stage_ends == [1, 2]
+    with pytest.raises(CrashError):  # after epoch 2's save: the run was over but for leaving
+        _limited_run(tmp_path / "broken", crash_epoch=2)
+    resumed, resumed_epoch = _limited_run(tmp_path / "broken", crash_epoch=None)
+    assert resumed.stage_ends == []  # no epoch 3, not even an empty one
+    assert resumed_epoch == straight_epoch == 2
+    assert len(tb.Checkpointer(tmp_path / "broken").list_checkpoints()) == 2
+    _assert_identical(_state(resumed), _state(straight))

@@ -824,10 +824,19 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                         "not fill optimizers_dict?)",
                         UserWarning,
                     )
-                self._reenter_interrupted_epoch(epoch_counter)
+                reentering = self._reenter_interrupted_epoch(epoch_counter)
                 self._last_checkpoint_time = time.monotonic()
                 show = self._progress_enabled(progressbar)
-                for epochs_run, epoch in enumerate(epoch_counter, start=1):
+                epochs: Iterable[int] = epoch_counter
+                if self._step_limit_reached() and not reentering:
+                    # A restart of a run that had reached the limit: no epoch is left to run,
+                    # and none is drawn from the counter (it stays where the run left it).
+                    logger.info(
+                        "optimizer_step_limit=%s was reached before this fit: nothing to train",
+                        self.optimizer_step_limit,
+                    )
+                    epochs = ()
+                for epochs_run, epoch in enumerate(epochs, start=1):
                     if not self._resume_at_validation(train_loader, epoch):
                         self._train_stage(train_loader, epoch, show)
                     if valid_loader is not None:
@@ -1434,18 +1443,18 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         logger.info("continuing epoch %s after batch %d", state.epoch, progress.step)
         return progress.step
 
-    def _reenter_interrupted_epoch(self, epoch_counter: Iterable[int]) -> None:
+    def _reenter_interrupted_epoch(self, epoch_counter: Iterable[int]) -> bool:
         """Have an :class:`EpochCounter` yield again the epoch a checkpoint interrupted.
 
         Interrupted: in its training stage, or (with a validation set) before its validation
-        stage ended.
+        stage ended. Returns whether this fit has such an epoch to finish.
         """
         restored = self._restored
         if restored is None:
-            return
+            return False
         state = restored.state
         if not (state.mid_epoch or (state.valid_pending and self._valid_loader is not None)):
-            return
+            return False
         if state.counter is not None and state.counter != self._counter_name():
             # Another fit's epoch (a recipe's other training stage, over the counter
             # registered as state.counter): that fit recovers it and re-enters it.
@@ -1455,10 +1464,11 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 state.counter,
             )
             self._restored = None
-            return
+            return False
         epoch = restored.state.epoch
         if isinstance(epoch_counter, EpochCounter) and epoch_counter.current == epoch:
             epoch_counter.current -= 1
+        return True
 
     def _counter_name(self) -> str | None:
         """The name the running fit's epoch counter is registered under, if it is."""
