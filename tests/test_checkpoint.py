@@ -1141,22 +1141,27 @@ def test_a_full_disk_while_torch_save_writes_is_an_oserror_naming_the_file_and_r
 # ---------------------------------------------------------------------------- refused at loading
 
 
-def test_a_file_no_torch_save_wrote_is_refused_in_one_line_without_torchs_advice(
-    tmp_path: Path,
-) -> None:
-    """A custom save hook's file, read back by the default loader once the hook is gone."""
+def _save_with_a_hook_writing(folder: Path, text: str) -> None:
+    """Save a checkpoint whose "model" file a custom save hook wrote as ``text``."""
 
     def save(obj: torch.nn.Module, path: Path) -> None:
-        path.write_text("plain text, not a torch file")
+        path.write_text(text)
 
     def load(obj: torch.nn.Module, path: Path, end_of_epoch: bool) -> None:
         pass
 
-    checkpointer = Checkpointer(tmp_path)
+    checkpointer = Checkpointer(folder)
     checkpointer.add_recoverable(
         "model", torch.nn.Linear(1, 1), custom_save_hook=save, custom_load_hook=load
     )
     checkpointer.save_checkpoint()
+
+
+def test_a_file_no_torch_save_wrote_is_refused_in_one_line_without_torchs_advice(
+    tmp_path: Path,
+) -> None:
+    """A custom save hook's file, read back by the default loader once the hook is gone."""
+    _save_with_a_hook_writing(tmp_path, "plain text, not a torch file")
     with pytest.raises(CheckpointError) as caught:
         Checkpointer(tmp_path, {"model": torch.nn.Linear(1, 1)}).recover_if_possible()
     message = str(caught.value)
@@ -1169,17 +1174,7 @@ def test_a_file_no_torch_save_wrote_is_refused_in_one_line_without_torchs_advice
 def test_a_file_that_is_not_a_pickle_at_all_is_a_checkpoint_error_naming_it(
     tmp_path: Path,
 ) -> None:
-    def save(obj: torch.nn.Module, path: Path) -> None:
-        path.write_text("hello")  # torch.load raises a bare KeyError on this
-
-    def load(obj: torch.nn.Module, path: Path, end_of_epoch: bool) -> None:
-        pass
-
-    checkpointer = Checkpointer(tmp_path)
-    checkpointer.add_recoverable(
-        "model", torch.nn.Linear(1, 1), custom_save_hook=save, custom_load_hook=load
-    )
-    checkpointer.save_checkpoint()
+    _save_with_a_hook_writing(tmp_path, "hello")  # torch.load raises a bare KeyError on this
     with pytest.raises(
         CheckpointError, match=r"cannot load model.ckpt of checkpoint .*not by torch.save"
     ):

@@ -77,14 +77,19 @@ def finish_ranks(
     allowed = {0, 3, 128 + signal.SIGTERM, -signal.SIGKILL} | (
         {-signal.SIGABRT} if may_abort else set()
     )
+    outcomes = communicate_all(processes, timeout)
+    for rank, (process, (_, stderr)) in enumerate(zip(processes, outcomes, strict=True)):
+        if process.returncode not in allowed:
+            raise AssertionError(f"rank {rank}: {stderr.decode(errors='replace')}")
+    return [process.returncode for process in processes]
+
+
+def communicate_all(
+    processes: list[subprocess.Popen[bytes]], timeout: float = 120
+) -> list[tuple[bytes, bytes]]:
+    """Every rank's (stdout, stderr) once it has ended; all are killed if one is not in time."""
     try:
-        codes = []
-        for rank, process in enumerate(processes):
-            _, stderr = process.communicate(timeout=timeout)
-            codes.append(process.returncode)
-            if process.returncode not in allowed:
-                raise AssertionError(f"rank {rank}: {stderr.decode(errors='replace')}")
-        return codes
+        return [process.communicate(timeout=timeout) for process in processes]
     finally:
         for process in processes:
             if process.poll() is None:
@@ -452,12 +457,7 @@ def test_a_rank_that_raises_ends_the_job_at_once_rather_than_at_the_groups_timeo
     # without waiting for it at the group's teardown (the wait would take the group's whole
     # timeout, 30 minutes), so that its closed connections fail rank 0's collective at once.
     processes = start_ranks("tests.ddp.raising_worker", way)
-    try:
-        outcomes = [process.communicate(timeout=120) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
+    outcomes = communicate_all(processes)
     _, failing = outcomes[1]
     # gloo may abort a process whose peer tore its connections down first (see finish_ranks).
     assert processes[1].returncode in (1, -signal.SIGABRT)
@@ -488,12 +488,7 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank_alike(
 
 def test_a_non_finite_loss_past_the_patience_on_one_rank_stops_every_rank() -> None:
     processes = start_ranks("tests.ddp.nonfinite_worker", "1", "2", "0", "unused")
-    try:
-        outcomes = [process.communicate(timeout=120) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
+    outcomes = communicate_all(processes)
     for process, (_, stderr) in zip(processes, outcomes, strict=True):
         assert process.returncode != 0
         assert b"NonFiniteLossError" in stderr

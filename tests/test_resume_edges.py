@@ -401,19 +401,24 @@ def test_a_two_stage_recipe_resumes_each_interrupted_epoch_in_its_own_stage(
     _assert_identical(_state(resumed), _state(straight))
 
 
+def _crash_two_batches_into_a_window_of_four(folder: Path) -> None:
+    """Train with grad_accumulation_factor=4 until a crash after the checkpoint at batch 2."""
+    with pytest.raises(CrashError):
+        _run(
+            CountingBrain,
+            folder,
+            lambda: examples(32),
+            crash_at=3,
+            run_opts={"grad_accumulation_factor": 4},
+        )
+
+
 @pytest.mark.parametrize("now", [2, 1])
 def test_a_changed_accumulation_factor_warns_and_steps_the_saved_window(
     tmp_path: Path, now: int
 ) -> None:
     # Saved after batch 2 of epoch 1 with a factor of 4: two backward passes in the window.
-    with pytest.raises(CrashError):
-        _run(
-            CountingBrain,
-            tmp_path,
-            lambda: examples(32),
-            crash_at=3,
-            run_opts={"grad_accumulation_factor": 4},
-        )
+    _crash_two_batches_into_a_window_of_four(tmp_path)
     stepped: list[int] = []
 
     class Recording(CountingBrain):
@@ -447,14 +452,7 @@ def test_under_a_process_group_an_accumulation_factor_change_mid_window_is_refus
 
     from tests.test_ddp import free_port
 
-    with pytest.raises(CrashError):
-        _run(
-            CountingBrain,
-            tmp_path,
-            lambda: examples(32),
-            crash_at=3,
-            run_opts={"grad_accumulation_factor": 4},
-        )
+    _crash_two_batches_into_a_window_of_four(tmp_path)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
     )
