@@ -466,16 +466,22 @@ def test_a_rank_that_raises_ends_the_job_at_once_rather_than_at_the_groups_timeo
 
 
 @pytest.mark.parametrize(
-    ("accumulation", "step"),
-    [(1, 2), (2, 3), (2, 4)],  # no accumulation; a window's first batch; a window's last
+    ("accumulation", "step", "sharding"),
+    [
+        (1, 2, "ddp"),  # no accumulation
+        (2, 3, "ddp"),  # a window's first batch
+        (2, 4, "ddp"),  # a window's last
+        (1, 2, "fsdp"),  # FSDP2: no DDP wrapper, so once on the inline step
+    ],
 )
 def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank_alike(
-    tmp_path: Path, accumulation: int, step: int
+    tmp_path: Path, accumulation: int, step: int, sharding: str
 ) -> None:
     # Each rank skipping its own non-finite backward pass would desynchronise DDP's gradient
     # all-reduce (a crash) or, with accumulation, step different gradients on each rank.
     out = tmp_path / "nan"
-    run_ranks("tests.ddp.nonfinite_worker", str(accumulation), str(step), "3", str(out))
+    arguments = (str(accumulation), str(step), "3", str(out), sharding)
+    run_ranks("tests.ddp.nonfinite_worker", *arguments)
     first, second = load(out.with_name("nan.0")), load(out.with_name("nan.1"))
     assert first["nonfinite"] == second["nonfinite"] == 1
     for mine, theirs in zip(

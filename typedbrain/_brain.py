@@ -1030,7 +1030,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         inline_steps = (
             options.grad_accumulation_factor == 1
             and not self.scaler.is_enabled()
-            and not self._ddp_modules
+            # Under torch.distributed (DDP, FSDP2 or a group of the user's) every process must
+            # take part in check_loss_isfinite's agreement, which the inline step skips.
+            and not is_distributed()
             and not options.skip_nonfinite_grads
             and not any(self._overrides(hook) for hook in _PER_BATCH_HOOKS)
         )

@@ -40,8 +40,8 @@ class StepPlan:
         checkpoint_steps: save an intra-epoch checkpoint every this many batches (0: never).
         checkpoint_seconds: save an intra-epoch checkpoint this often (0: never).
         inline_steps: no per-batch hook is overridden and the step is plain (no gradient
-            accumulation, grad scaler, DDP or ``skip_nonfinite_grads``): the brain may run the
-            default hooks' logic inline instead of calling them.
+            accumulation, grad scaler, process group or ``skip_nonfinite_grads``): the brain may
+            run the default hooks' logic inline instead of calling them.
     """
 
     accumulation: int

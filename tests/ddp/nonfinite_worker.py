@@ -1,6 +1,6 @@
 """One rank of a 2-process job in which rank 1 alone meets a non-finite loss:
-``python -m tests.ddp.nonfinite_worker ACCUMULATION STEP PATIENCE OUT`` under torchrun's
-environment.
+``python -m tests.ddp.nonfinite_worker ACCUMULATION STEP PATIENCE OUT [fsdp]`` under torchrun's
+environment (the model is wrapped in DDP, or sharded with FSDP2 given ``fsdp``).
 
 Rank 1's loss is NaN at training batch STEP of the first epoch; the brain trains with
 ``grad_accumulation_factor=ACCUMULATION`` and ``nonfinite_patience=PATIENCE`` and each rank
@@ -14,6 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 import typedbrain as sb
 from tests.ddp.worker import Batch, examples, model
@@ -40,7 +41,7 @@ class NaNOnRankOne(sb.Brain[Batch, Tensor]):
     first_epoch_nonfinite = -1
 
 
-def main(accumulation: int, step: int, patience: int, out: str) -> None:
+def main(accumulation: int, step: int, patience: int, out: str, *, fsdp: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
@@ -53,12 +54,16 @@ def main(accumulation: int, step: int, patience: int, out: str) -> None:
                 "noprogressbar": True,
                 "grad_accumulation_factor": accumulation,
                 "nonfinite_patience": patience,
+                "fsdp": fsdp,
             },
         )
         brain.nan_step = step
         brain.fit(range(1, 3), examples(24), train_loader_kwargs={"batch_size": 2})
         result = {
-            "parameters": [parameter.detach().clone() for parameter in module.parameters()],
+            "parameters": [
+                parameter.full_tensor() if isinstance(parameter, DTensor) else parameter.detach()
+                for parameter in module.parameters()
+            ],
             "nonfinite": brain.first_epoch_nonfinite,
         }
         torch.save(result, f"{out}.{dist.get_rank()}")
@@ -68,4 +73,4 @@ def main(accumulation: int, step: int, patience: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], fsdp="fsdp" in sys.argv)
