@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.serialization import default_restore_location
 
-from typedbrain._checks import real_number
+from typedbrain._checks import check_bool, real_number
 from typedbrain._ckpt_hooks import (
     LoadHook,
     SaveHook,
@@ -180,7 +180,7 @@ class Checkpointer:
             raise ConfigurationError(
                 f"checkpoints_dir must be a path (a str or os.PathLike), got {checkpoints_dir!r}"
             )
-        _check_bool("allow_partial_load", allow_partial_load)
+        check_bool("allow_partial_load", allow_partial_load)
         self.checkpoints_dir = Path(checkpoints_dir)
         self._check_folder()
         self.allow_partial_load = allow_partial_load
@@ -239,7 +239,7 @@ class Checkpointer:
                 f"recoverable {name!r} is the class {obj.__qualname__}, not an object of it; "
                 "register the object whose state is saved"
             )
-        _check_bool("optional_load", optional_load)
+        check_bool("optional_load", optional_load)
         hooks = resolve_hooks(name, obj, custom_save_hook, custom_load_hook)
         self._recoverables[name] = _Recoverable(
             obj=obj, saver=hooks.saver, loader=hooks.loader, optional_load=optional_load
@@ -562,11 +562,9 @@ class Checkpointer:
                 it stays saved, and nothing is deleted.
             CheckpointError: see :meth:`save_checkpoint`.
         """
-        _check_num_to_keep(num_to_keep)
-        _check_predicate(ckpt_predicate)
-        importance = _checked_importance_keys(importance_keys)
-        maxima = _checked_key_names("max_keys", max_keys)
-        minima = _checked_key_names("min_keys", min_keys)
+        importance, maxima, minima = _checked_keep_policy(
+            num_to_keep, importance_keys, max_keys, min_keys, ckpt_predicate
+        )
         ranking_keys = [("min_keys", key) for key in minima] + [("max_keys", key) for key in maxima]
         checkpoint = self._save(meta, end_of_epoch, name, ranking_keys)
         keys = (*importance, ckpt_recency) if keep_recent else importance
@@ -712,11 +710,9 @@ class Checkpointer:
             ConfigurationError: ``num_to_keep`` is negative, or a keys argument is not a list
                 of keys (``min_keys="loss"`` instead of ``["loss"]``, say).
         """
-        _check_num_to_keep(num_to_keep)
-        _check_predicate(ckpt_predicate)
-        importance = _checked_importance_keys(importance_keys)
-        maxima = _checked_key_names("max_keys", max_keys)
-        minima = _checked_key_names("min_keys", min_keys)
+        importance, maxima, minima = _checked_keep_policy(
+            num_to_keep, importance_keys, max_keys, min_keys, ckpt_predicate
+        )
         return _main_decides(
             lambda: self._delete(
                 num_to_keep=num_to_keep,
@@ -1081,11 +1077,6 @@ def _agree(failure: BaseException | None, what: str, token: str | None = None) -
         raise CheckpointError(f"the processes disagree on what to {what} ({listing})")
 
 
-def _check_bool(argument: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ConfigurationError(f"{argument} must be a bool, got {value!r}")
-
-
 @contextlib.contextmanager
 def _noted(doing: str) -> Iterator[None]:
     """Add "(while <doing>)" to an exception raised from user code, keeping its type."""
@@ -1094,6 +1085,27 @@ def _noted(doing: str) -> Iterator[None]:
     except Exception as error:
         error.add_note(f"(while {doing})")
         raise
+
+
+def _checked_keep_policy(
+    num_to_keep: object,
+    importance_keys: object,
+    max_keys: object,
+    min_keys: object,
+    ckpt_predicate: object,
+) -> tuple[tuple[ImportanceKey, ...], tuple[str, ...], tuple[str, ...]]:
+    """A keep policy's arguments checked: its importance keys, max keys and min keys as tuples.
+
+    Raises:
+        ConfigurationError: an argument is invalid; the message names it.
+    """
+    _check_num_to_keep(num_to_keep)
+    _check_predicate(ckpt_predicate)
+    return (
+        _checked_importance_keys(importance_keys),
+        _checked_key_names("max_keys", max_keys),
+        _checked_key_names("min_keys", min_keys),
+    )
 
 
 def _check_num_to_keep(num_to_keep: object) -> None:

@@ -9,7 +9,7 @@ from typing import Final
 
 from typedbrain._errors import ConfigurationError
 
-__all__ = ["check_int", "real_number"]
+__all__ = ["check_bool", "check_int", "real_number"]
 
 _FLOAT_MAX: Final = int(sys.float_info.max)
 
@@ -24,6 +24,17 @@ def check_int(name: str, value: object, *, minimum: int | None) -> int:
         raise ConfigurationError(f"{name} must be an int, got {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigurationError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool (``"no"`` or ``0`` would pass a truth test, and mean yes or no).
+
+    Raises:
+        ConfigurationError: it is not, naming ``name`` and the value.
+    """
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be a bool, got {value!r}")
     return value
 
 

@@ -22,7 +22,7 @@ from typing import Protocol, cast, runtime_checkable
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler
 
-from typedbrain._checks import check_int
+from typedbrain._checks import check_bool, check_int
 from typedbrain._errors import CheckpointError, ConfigurationError, ResumeWarning
 from typedbrain._warn import warn
 
@@ -135,9 +135,8 @@ class ResumableSampler(Sampler[int]):
             raise ConfigurationError(
                 f"data_source must be a sized dataset or an int, got {type(data_source).__name__}"
             )
-        for name, flag in (("shuffle", shuffle), ("pad", pad)):
-            if not isinstance(flag, bool):
-                raise ConfigurationError(f"{name} must be a bool, got {flag!r}")
+        check_bool("shuffle", shuffle)
+        check_bool("pad", pad)
         check_int("seed", seed, minimum=None)
         check_int("world_size", world_size, minimum=1)
         check_int("rank", rank, minimum=0)
