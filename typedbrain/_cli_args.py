@@ -358,13 +358,14 @@ def _one_file(
     positionals: list[str], run_opts: dict[str, object], key_lists: list[tuple[str, list[str]]]
 ) -> str:
     if not positionals:
-        hint = "".join(
-            f"; {argument} took {', '.join(map(repr, values))} as its module keys: give the "
-            f"hparams file first, or end the keys with -- ({argument} {values[0]} -- "
-            "hparams.yaml)"
-            for argument, values in key_lists[-1:]
-            if values
-        )
+        hint = ""
+        if key_lists and key_lists[-1][1]:  # the last module-key list may have taken the file
+            argument, values = key_lists[-1]
+            hint = (
+                f"; {argument} took {', '.join(map(repr, values))} as its module keys: give the "
+                f"hparams file first, or end the keys with -- ({argument} {values[0]} -- "
+                "hparams.yaml)"
+            )
         raise ArgumentsError(
             None, f"the hparams file is required (the first positional argument){hint}"
         )

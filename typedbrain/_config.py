@@ -112,9 +112,7 @@ def load_hparams(
     from typedbrain import _yaml_tree as tree_check
 
     text, name, folder = tree_check.read_source(source)
-    root = tree_check.compose(text, name)
-    tree = tree_check.override_tree(overrides)
-    tree_check.check_overrides(tree, root, (), name, folder)
+    root, tree = tree_check.checked_document(text, overrides, name, folder)
     tree_check.check_placeholders(root, tree, name)
     if not root.value:  # an empty file, or one with comments only
         return LoadedHparams({}, source=name, locations={})

@@ -177,13 +177,7 @@ def _resolved_hyperparams(source: Path, overrides: str | Mapping[str, object] | 
     # typedbrain must change nothing global.
     from hyperpyyaml import resolve_references
 
-    from typedbrain._yaml_tree import (
-        NamedStringIO,
-        apply_overrides,
-        check_overrides,
-        compose,
-        override_tree,
-    )
+    from typedbrain._yaml_tree import NamedStringIO, apply_overrides, checked_document
 
     try:
         text = source.read_text(encoding="utf-8")
@@ -191,10 +185,7 @@ def _resolved_hyperparams(source: Path, overrides: str | Mapping[str, object] | 
         raise ConfigurationError(f"cannot read the hyperparameters {source}: {error}") from error
     # As load_hparams does: an override may change only keys the file has (an OverrideError
     # naming the key otherwise), where hyperpyyaml would add the key silently.
-    name = str(source)
-    check_overrides(
-        override_tree(overrides), compose(text, name), (), name, source.resolve().parent
-    )
+    checked_document(text, overrides, str(source), source.resolve().parent)
     try:
         # The overrides are applied as load_hparams applies them, and the stream carries the
         # file's name so that !include: paths are relative to its folder.

@@ -45,6 +45,7 @@ __all__ = [
     "apply_overrides",
     "check_overrides",
     "check_placeholders",
+    "checked_document",
     "compose",
     "override_tree",
     "read_source",
@@ -126,6 +127,22 @@ def _items(node: MappingNode) -> Iterator[tuple[str, Node, Node]]:
     for key_node, value_node in node.value:
         if isinstance(key_node, ScalarNode):
             yield str(key_node.value), key_node, value_node
+
+
+def checked_document(
+    text: str, overrides: Mapping[str, object] | str | None, name: str, folder: Path | None
+) -> tuple[MappingNode, _OverrideTree]:
+    """The document's node tree and the overrides' tree, once every override fits the document.
+
+    Raises:
+        ConfigurationError: the document or the overrides are not valid YAML mappings.
+        OverrideError: an override names a key the document does not have (see
+            :func:`check_overrides`).
+    """
+    root = compose(text, name)
+    tree = override_tree(overrides)
+    check_overrides(tree, root, (), name, folder)
+    return root, tree
 
 
 def override_tree(overrides: Mapping[str, object] | str | None) -> _OverrideTree:
