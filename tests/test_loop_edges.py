@@ -158,11 +158,6 @@ def test_a_stage_with_some_finite_losses_averages_those() -> None:
     assert test_loss > 0
 
 
-def test_a_stage_without_batches_ends_with_zero() -> None:
-    brain = stage_losses(nan_from=1)
-    assert brain.evaluate(ready_loader([])) == 0.0
-
-
 class FailingOnce(RegressionBrain):
     """Raises in the third training batch of its first fit; records every step it sees."""
 

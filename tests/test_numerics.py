@@ -312,12 +312,93 @@ def test_nonfinite_validation_losses_are_counted_and_reported(
     assert "TEST: 1 non-finite losses were left out of the mean loss" in caplog.text
 
 
-def test_update_average_is_the_mean_of_the_finite_losses() -> None:
+def test_update_average_called_by_the_user_divides_by_self_step_and_leaves_out_nonfinite() -> None:
     brain = regression_brain()
     average = 0.0
-    for value in [1.0, math.nan, 2.0, math.inf, 6.0]:
+    for value in [1.0, 2.0, math.nan, 6.0]:
+        brain.step += 1
         average = brain.update_average(torch.tensor(value), average)
-    assert average == pytest.approx(3.0)
+    # As SpeechBrain's: the non-finite value is left out, but self.step counted its batch.
+    expected = 0.0
+    for step, value in enumerate([1.0, 2.0, math.nan, 6.0], start=1):
+        if math.isfinite(value):
+            expected += (value - expected) / step
+    assert average == pytest.approx(expected)
+    assert average == pytest.approx((1.0 + 2.0) / 2 + (6.0 - 1.5) / 4)
+
+
+def test_update_average_called_by_the_user_before_any_batch_names_self_step() -> None:
+    brain = regression_brain()
+    with pytest.raises(HookContractError, match=r"self\.step is 0"):
+        brain.update_average(torch.tensor(1.0), 0.0)
+
+
+class OwnMeanBrain(RegressionBrain):
+    """Keeps a running mean of its own (ten times the loss) with ``update_average``."""
+
+    own_means: list[tuple[Stage, float]]
+    stage_losses: list[tuple[Stage, float]]
+
+    def on_stage_start(self, stage: Stage, epoch: int | None = None) -> None:
+        self.own = 0.0
+
+    def compute_objectives(self, predictions: Tensor, batch: Batch, stage: Stage) -> Tensor:
+        loss = super().compute_objectives(predictions, batch, stage)
+        if stage is not Stage.TRAIN:
+            self.own = self.update_average(loss.detach() * 10, self.own)
+        return loss
+
+    def on_fit_batch_end(
+        self, batch: Batch, outputs: Tensor, loss: Tensor, should_step: bool
+    ) -> None:
+        self.own = self.update_average(loss * 10, self.own)
+
+    def on_stage_end(self, stage: Stage, stage_loss: float, epoch: int | None = None) -> None:
+        self.own_means.append((stage, self.own))
+        self.stage_losses.append((stage, stage_loss))
+
+
+def test_a_mean_the_recipe_keeps_with_update_average_leaves_the_stage_loss_alone() -> None:
+    """The loop counts its own losses: a recipe's calls neither shift the stage's mean nor
+    share its count (both means are the plain means of their batches' values)."""
+    ready = batches(4, 3)
+    brain = OwnMeanBrain(
+        {"model": torch.nn.Linear(4, 2)}, sgd(0.0), run_opts={"noprogressbar": True}
+    )
+    brain.own_means, brain.stage_losses = [], []
+    brain.fit(range(1, 2), ready_loader(ready), ready_loader(ready))
+    plain = RegressionBrain(dict(brain.modules))
+    losses = [
+        float(plain.compute_objectives(plain.compute_forward(b, Stage.VALID), b, Stage.VALID))
+        for b in ready
+    ]
+    mean = sum(losses) / len(losses)
+    assert [stage for stage, _ in brain.stage_losses] == [Stage.TRAIN, Stage.VALID]
+    for _, stage_loss in brain.stage_losses:
+        assert stage_loss == pytest.approx(mean, rel=1e-6)
+    for _, own in brain.own_means:
+        assert own == pytest.approx(10 * mean, rel=1e-6)
+
+
+@pytest.mark.parametrize("stage", [Stage.TRAIN, Stage.VALID, Stage.TEST])
+def test_a_stage_without_batches_gets_nan_and_warns(stage: Stage) -> None:
+    seen: list[tuple[Stage, float]] = []
+
+    class Recording(RegressionBrain):
+        def on_stage_end(self, s: Stage, stage_loss: float, epoch: int | None = None) -> None:
+            seen.append((s, stage_loss))
+
+    brain = Recording({"model": torch.nn.Linear(4, 2)}, sgd(), run_opts={"noprogressbar": True})
+    some, empty = ready_loader(batches(2, 3)), ready_loader([])
+    train, valid = (empty, some) if stage is Stage.TRAIN else (some, empty)
+    run = (
+        (lambda: brain.evaluate(empty))
+        if stage is Stage.TEST
+        else (lambda: brain.fit(range(1, 2), train, valid))
+    )
+    with pytest.warns(UserWarning, match=f"the {stage.name} stage had no batches"):
+        run()
+    assert [s for s, loss in seen if math.isnan(loss)] == [stage]
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -141,9 +142,16 @@ def test_sample_6_custom_fit_batch_skips_a_nan_loss() -> None:
 
 
 def test_sample_7_validation_loop_averages_the_losses() -> None:
+    """The fragment as fit runs it: the loop around it counts each batch in ``brain.step``."""
     brain = samples.SimpleBrain({"model": torch.nn.Linear(10, 10)})
     batches = dict_batches(3)
-    average = samples.sample_7_fragment(brain, batches, 0.0)
+
+    def counted(items: list[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+        for item in items:
+            brain.step += 1
+            yield item
+
+    average = samples.sample_7_fragment(brain, counted(batches), 0.0)
     losses = [float(brain.evaluate_batch(batch, sb.Stage.VALID)) for batch in batches]
     assert average == pytest.approx(sum(losses) / 3)
 

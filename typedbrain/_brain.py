@@ -239,6 +239,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._epoch: int | None = None
         self._averaged = 0  # losses in the current stage's running average
         self._skipped = 0  # non-finite losses left out of it
+        self._loop_count: int | None = None  # while the loop calls update_average: _averaged
         self._window = 0  # finite backward passes since the last optimizer step
         self._stage_batches: int | None = None  # batches the current stage will run, if known
         self._read_tensor: Tensor | None = None  # the last loss read from its device ...
@@ -686,20 +687,51 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         return result if result.is_cpu else result.cpu()
 
     def update_average(self, loss: Tensor | float, avg_loss: float) -> float:
-        """Fold ``loss`` into the stage's running mean ``avg_loss``; returns the new mean.
+        """Fold ``loss`` into the running mean ``avg_loss``; returns the new mean.
 
-        Non-finite losses are left out (and counted: validation and test warn about them at
-        the end of the stage), so the mean is over the finite losses of the stage.
+        Non-finite losses are left out (``avg_loss`` comes back unchanged). For the stage's own
+        mean the loop counts the losses itself and the default divides by the number of finite
+        ones so far (validation and test warn about the others at the end of the stage).
+        Called by you, for a mean of your own (a metric in ``compute_objectives`` or
+        ``on_fit_batch_end``), it divides by ``self.step``, the batches of the stage so far, as
+        SpeechBrain's does: one call per batch gives the mean of your values, and your calls
+        never change the stage's loss.
+
+        Raises:
+            HookContractError: called by you while ``self.step`` is 0 (no batch counted yet).
         """
         if loss is self._read_tensor:
             value = self._read_value
         else:
             value = _loss_value(loss) if isinstance(loss, Tensor) else float(loss)
         if not math.isfinite(value):
-            self._skipped += 1
             return avg_loss
-        self._averaged += 1
-        return running_mean(avg_loss, value, self._averaged)
+        count = self._loop_count if self._loop_count is not None else self.step
+        if count < 1:
+            raise HookContractError(
+                "update_average() divides by self.step, the batches of the stage so far, when "
+                "called outside the loop's own call; self.step is 0: count your batches in "
+                "self.step (the loop does so before each batch)"
+            )
+        return running_mean(avg_loss, value, count)
+
+    def _fold_into_mean(self, loss: Tensor | float, avg_loss: float) -> float:
+        """The loop's call of ``update_average`` for the stage's mean, counting the loss."""
+        if loss is self._read_tensor:
+            value = self._read_value
+        else:
+            value = _loss_value(loss) if isinstance(loss, Tensor) else float(loss)
+            if isinstance(loss, Tensor):  # read once: the default update_average reuses it
+                self._read_tensor, self._read_value = loss, value
+        if math.isfinite(value):
+            self._averaged += 1
+        else:
+            self._skipped += 1
+        self._loop_count = self._averaged
+        try:
+            return self.update_average(loss, avg_loss)
+        finally:
+            self._loop_count = None
 
     def no_sync(self, use: bool = True) -> AbstractContextManager[object]:
         """A context in which DDP does not synchronise gradients (when ``use`` is true).
@@ -1148,7 +1180,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 else:
                     self._read_tensor = None  # a loss is read once per batch, not across batches
                     loss = self.fit_batch(self.move_batch(batch))
-                    self.avg_train_loss = self.update_average(loss, self.avg_train_loss)
+                    self.avg_train_loss = self._fold_into_mean(loss, self.avg_train_loss)
                 if show:
                     progress.show_loss("train_loss", self.avg_train_loss)
                 if profiler is not None:
@@ -1183,7 +1215,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             )
             self._close_window(self._plan or self._current_plan())
         self.zero_grad(set_to_none=True)
-        train_loss = self._stage_loss(self.avg_train_loss)
+        train_loss = self._stage_loss(self.avg_train_loss, Stage.TRAIN)
         self._valid_pending = self._valid_loader is not None
         self._valid_rng = None
         self.on_stage_end(Stage.TRAIN, train_loss, epoch)
@@ -1532,7 +1564,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 self.step += 1
                 self._read_tensor = None
                 loss = self.evaluate_batch(self.move_batch(batch), stage)
-                avg_loss = self.update_average(loss, avg_loss)
+                avg_loss = self._fold_into_mean(loss, avg_loss)
                 if show:
                     batches.show_loss(f"{stage.value}_loss", avg_loss)
                 # Under torch.distributed the processes hold different numbers of validation
@@ -1555,18 +1587,16 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 stage.name,
                 self._skipped,
             )
-        return self._stage_loss(avg_loss)
+        return self._stage_loss(avg_loss, stage)
 
-    def _stage_loss(self, mean: float) -> float:
+    def _stage_loss(self, mean: float, stage: Stage) -> float:
         """The loss ``on_stage_end`` gets: the stage's mean over every process's batches.
 
-        NaN when the stage had losses and none was finite (0.0 would look like the best loss
-        there is); 0.0 for a stage without batches. Collective under torch.distributed.
+        NaN when no loss of the stage was finite, or the stage had no batch at all (0.0 would
+        look like the best loss there is); the empty stage also warns. Collective under
+        torch.distributed.
         """
         averaged, skipped = self._averaged, self._skipped
-        if not averaged and not skipped:
-            # An update_average override that does not count: each batch is one value.
-            averaged = self.step
         if is_distributed():  # every rank ran its own shard: the mean is over them all
             totals = all_reduce_sum(
                 torch.tensor(
@@ -1576,7 +1606,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             total, counted, left_out = totals.tolist()
             mean = total / counted if counted else 0.0
             averaged, skipped = int(counted), int(left_out)
-        return math.nan if skipped and not averaged else mean
+        if not averaged and not skipped:
+            warn(
+                f"the {stage.name} stage had no batches, so its loss is NaN: is its data set "
+                "empty (or smaller than one batch, with drop_last)?",
+                UserWarning,
+            )
+        return mean if averaged else math.nan
 
     def _enter_profiler(self, stack: ExitStack) -> torch.profiler.profile | None:
         if not self.profile_training:
