@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -368,10 +369,11 @@ def test_a_mean_the_recipe_keeps_with_update_average_leaves_the_stage_loss_alone
     brain.own_means, brain.stage_losses = [], []
     brain.fit(range(1, 2), ready_loader(ready), ready_loader(ready))
     plain = RegressionBrain(dict(brain.modules))
-    losses = [
-        float(plain.compute_objectives(plain.compute_forward(b, Stage.VALID), b, Stage.VALID))
-        for b in ready
-    ]
+    with torch.no_grad():
+        losses = [
+            float(plain.compute_objectives(plain.compute_forward(b, Stage.VALID), b, Stage.VALID))
+            for b in ready
+        ]
     mean = sum(losses) / len(losses)
     assert [stage for stage, _ in brain.stage_losses] == [Stage.TRAIN, Stage.VALID]
     for _, stage_loss in brain.stage_losses:
@@ -521,6 +523,94 @@ def test_several_optimizers_are_stepped_as_freeze_optimizers_chooses() -> None:
     brain.fit(range(1, 2), ready_loader(batches(1, 4)))
     assert not torch.equal(second_before, second.weight)
     assert brain.optimizer_step == 2
+
+
+def alternating_by_hand(
+    ready: Sequence[Batch], first: torch.nn.Module, second: torch.nn.Module, *, k: int, clip: float
+) -> None:
+    """AlternatingBrain's run as the docs describe it: each step applies its window's mean
+    gradient and clips its own optimizer's parameters; the other optimizer's gradients are
+    held, untouched, and add up until it steps."""
+    optimizers = [
+        torch.optim.SGD(first.parameters(), lr=0.1),
+        torch.optim.SGD(second.parameters(), lr=0.1),
+    ]
+    for start in range(0, len(ready), k):
+        window = ready[start : start + k]
+        for x, y in window:
+            loss = torch.nn.functional.mse_loss(second(first(x)), y) / len(window)
+            torch.autograd.backward(loss)
+        steps = start // k
+        stepping = optimizers[steps % 2]
+        parameters = [p for group in stepping.param_groups for p in group["params"]]
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, clip)
+        stepping.step()
+        stepping.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize(("k", "clip"), [(1, 0.05), (3, 0.0), (3, 0.05)])
+def test_alternating_optimizers_clip_and_average_only_what_the_step_applies(
+    k: int, clip: float
+) -> None:
+    """Clipping covers the stepping optimizer's parameters, and the epoch's short last window
+    (4 batches, k=3) is the mean of its own batches: the held gradients of the optimizer left
+    out are neither clipped nor rescaled."""
+    ready = batches(4, 3)
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    first_ref, second_ref = copy.deepcopy(first), copy.deepcopy(second)
+    brain = AlternatingBrain(
+        {"first": first, "second": second},
+        run_opts={"noprogressbar": True, "grad_accumulation_factor": k, "max_grad_norm": clip},
+    )
+    brain.fit(range(1, 2), ready_loader(ready))
+    alternating_by_hand(ready, first_ref, second_ref, k=k, clip=clip)
+    for mine, theirs in [(first, first_ref), (second, second_ref)]:
+        for name, parameter in mine.named_parameters():
+            torch.testing.assert_close(
+                parameter, dict(theirs.named_parameters())[name], rtol=0, atol=1e-7
+            )
+
+
+class GrowingScaleBrain(AlternatingBrain):
+    """fp16 with a grad scaler whose scale doubles after every step it takes."""
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.scaler.is_enabled():
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6, growth_interval=1)
+
+
+@pytest.mark.parametrize("growing", [False, True])
+def test_fp16_alternating_optimizers_step_like_fp32(growing: bool) -> None:
+    """The held gradients of the optimizer left out are in the grad scaler's units: they are
+    neither clipped with the stepping optimizer's unscaled ones nor left in an old scale's
+    units when the scale changes (both made fp16 runs step far from fp32 ones)."""
+    ready = batches(6, 3)
+    moved: dict[str, list[Tensor]] = {}
+    for precision in ("fp32", "fp16"):
+        torch.manual_seed(0)
+        first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+        before = [p.detach().clone() for p in [*first.parameters(), *second.parameters()]]
+        kind = GrowingScaleBrain if growing else AlternatingBrain
+        brain = kind(
+            {"first": first, "second": second},
+            # Clipping would hide a rescaling error: test it without (growing) and with.
+            run_opts={
+                "noprogressbar": True,
+                "precision": precision,
+                "max_grad_norm": 0.0 if growing else 0.2,
+            },
+        )
+        if precision == "fp16" and not growing:
+            brain.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+        brain.fit(range(1, 2), ready_loader(ready))
+        assert brain.optimizer_step == 6  # no step was skipped for overflowing gradients
+        after = [p.detach() for p in [*first.parameters(), *second.parameters()]]
+        moved[precision] = [a - b for a, b in zip(after, before, strict=True)]
+    for fp16, fp32 in zip(moved["fp16"], moved["fp32"], strict=True):
+        torch.testing.assert_close(fp16, fp32, rtol=0.02, atol=2e-4)
 
 
 def test_optimizer_property_explains_when_there_is_none() -> None:

@@ -58,6 +58,7 @@ from typedbrain._numerics import (
     running_mean,
     scale_gradients,
     vector_weight_decay_groups,
+    window_size,
 )
 from typedbrain._options import (
     RunOptionAttributes,
@@ -241,6 +242,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._skipped = 0  # non-finite losses left out of it
         self._loop_count: int | None = None  # while the loop calls update_average: _averaged
         self._window = 0  # finite backward passes since the last optimizer step
+        self._old_window: tuple[int, int] | None = None  # restored (factor, passes) to step
+        self._stepping_parameters: tuple[Tensor, ...] | None = None  # the chosen optimizers'
         self._stage_batches: int | None = None  # batches the current stage will run, if known
         self._read_tensor: Tensor | None = None  # the last loss read from its device ...
         self._read_value = 0.0  # ... and its value
@@ -499,8 +502,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         """Train on one batch; returns its loss, detached, on the CPU.
 
         Accumulates gradients over ``grad_accumulation_factor`` batches (each loss divided by
-        the factor, DDP gradient sync skipped until the last one) and steps the optimizers on
-        the last one, or on the last batch of the epoch. A non-finite loss skips its backward
+        its window's size: the factor, or the batches left for an epoch's last window; DDP
+        gradient sync skipped until the window's last batch) and steps the optimizers on the
+        last one, or on the last batch of the epoch. A non-finite loss skips its backward
         pass. A step applies the mean gradient of the finite batches it covers.
         """
         plan = self._plan or self._current_plan()
@@ -514,7 +518,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 loss = self.compute_objectives(outputs, batch, Stage.TRAIN)
             finite = self.check_loss_isfinite(loss)
             if finite:
-                scaled = loss / plan.accumulation if plan.accumulation > 1 else loss
+                size = window_size(step, plan.accumulation, self._stage_batches)
+                scaled = loss / size if size > 1 else loss
                 if self.scaler.is_enabled():
                     scaled = self.scaler.scale(scaled)
                 torch.autograd.backward(scaled)
@@ -593,7 +598,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     def check_gradients(self, loss: Tensor | None = None) -> bool:
         """Check and clip the gradients before a step; ``False`` means: do not step.
 
-        Clips the total gradient norm over every parameter of every optimizer's groups to
+        Clips the total gradient norm over every parameter of the optimizers about to step
+        (every optimizer's, unless :meth:`freeze_optimizers` leaves some out) to
         ``max_grad_norm`` (unless it is 0 or less). With ``skip_nonfinite_grads``, non-finite
         gradients are dropped and ``False`` returned. The parameters are collected when a stage
         starts and whenever ``run_opts`` or ``optimizers_dict`` is assigned.
@@ -608,7 +614,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         max_norm, skip_nonfinite = plan.clip_norm, plan.skip_nonfinite_grads
         if max_norm <= 0 and not skip_nonfinite:
             return True
-        parameters = plan.parameters
+        stepping = self._stepping_parameters
+        parameters = plan.parameters if stepping is None else stepping
         if max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         else:
@@ -636,37 +643,57 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     def optimizers_step(self) -> None:
         """Step the optimizers chosen by :meth:`freeze_optimizers` and clear their gradients.
 
-        Unscales fp16 gradients, calls :meth:`check_gradients`, steps (through the grad scaler
-        for fp16) and counts the step in ``optimizer_step`` if it was taken.
+        Unscales fp16 gradients, calls :meth:`check_gradients` (which covers the chosen
+        optimizers' parameters), steps (through the grad scaler for fp16) and counts the step
+        in ``optimizer_step`` if it was taken. The gradients of optimizers left out are kept,
+        untouched (for fp16, they follow the grad scaler's scale when it changes).
         """
         plan = self._plan or self._current_plan()
-        optimizers = (
-            tuple(self.freeze_optimizers(self.optimizers_dict).values())
-            if plan.call_freeze
-            else plan.optimizers
-        )
+        held: tuple[Tensor, ...] = ()
+        if plan.call_freeze:
+            optimizers = tuple(self.freeze_optimizers(self.optimizers_dict).values())
+            stepping = unique_parameters(optimizers)
+            if len(stepping) < len(plan.parameters):
+                chosen = {id(parameter) for parameter in stepping}
+                held = tuple(p for p in plan.parameters if id(p) not in chosen)
+                self._stepping_parameters = stepping
+        else:
+            optimizers = plan.optimizers
+        try:
+            stepped = self._step(optimizers, held)
+        finally:
+            self._stepping_parameters = None
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if stepped:
+            self.optimizer_step += 1
+
+    def _step(
+        self, optimizers: tuple[torch.optim.Optimizer, ...], held: tuple[Tensor, ...]
+    ) -> bool:
         scaler = self.scaler
         if not scaler.is_enabled():
             stepped = self.check_gradients()
             if stepped:
                 for optimizer in optimizers:
                     optimizer.step()
-        else:
-            for optimizer in optimizers:
-                scaler.unscale_(optimizer)
-            stepped = self.check_gradients()
-            if stepped:
-                for optimizer in optimizers:
-                    scaler.step(optimizer)
-            if optimizers:
-                scale = scaler.get_scale()  # scaler.step has synchronised already
-                scaler.update()
-                # The scaler skips a step whose gradients overflowed, and lowers its scale.
-                stepped = stepped and scaler.get_scale() >= scale
+            return stepped
         for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
+            scaler.unscale_(optimizer)
+        stepped = self.check_gradients()
         if stepped:
-            self.optimizer_step += 1
+            for optimizer in optimizers:
+                scaler.step(optimizer)
+        if optimizers:
+            scale = scaler.get_scale()  # scaler.step has synchronised already
+            scaler.update()
+            # The scaler skips a step whose gradients overflowed, and lowers its scale.
+            new_scale = scaler.get_scale()
+            stepped = stepped and new_scale >= scale
+            if held and new_scale != scale:
+                # Held gradients are in the old scale's units; later passes add the new one's.
+                scale_gradients(held, new_scale / scale)
+        return stepped
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Clear the gradients of the optimizers chosen by :meth:`freeze_optimizers`.
@@ -891,6 +918,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self._epoch_counter = None
             self._valid_pending = False
             self._valid_rng = None
+            self._old_window = None
             self._in_train_stage = False
             self._stop = StopRequest(enabled=False)
             self._agreement = None
@@ -1015,11 +1043,25 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 if parameter.grad is not None:
                     parameter.grad.copy_(all_reduce_sum(parameter.grad) / world_size)
 
+    def _step_old_window(self, saved_factor: int, backward_passes: int) -> None:
+        """Step a restored window that another ``grad_accumulation_factor`` left open."""
+        self._old_window = None
+        # Each of its backward passes was divided by its size under the saved factor.
+        size = window_size(self.step, saved_factor, self._stage_batches)
+        scale_gradients(self._current_plan().parameters, size / backward_passes)
+        self.optimizers_step()
+
     def _close_window(self, plan: StepPlan) -> None:
-        """Step the optimizers with the mean gradient of the window's finite batches."""
+        """Step the optimizers with the mean gradient of the window's finite batches.
+
+        Each finite loss was divided by the window's size (see ``window_size``); a window that
+        ended with fewer backward passes (non-finite losses left out, or the leftover of a
+        loader without a length) has its gradients scaled up to their mean.
+        """
         backward_passes, self._window = self._window, 0
-        if backward_passes < plan.accumulation:
-            scale_gradients(plan.parameters, plan.accumulation / backward_passes)
+        size = window_size(self.step, plan.accumulation, self._stage_batches)
+        if backward_passes < size:
+            scale_gradients(plan.parameters, size / backward_passes)
         self.optimizers_step()
 
     def _inline_step(self, batch: BatchT, plan: StepPlan) -> None:
@@ -1140,6 +1182,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         # as that epoch's data gives. (batches_from is told: set_epoch runs once an epoch.)
         set_loader_epoch(loader, epoch)
         self._stage_batches = self._planned_batches(loader)
+        if self._old_window is not None:
+            self._step_old_window(*self._old_window)
         batches = cast(  # the loader yields what the recipe declares as its batch type
             Iterable[BatchT],
             batches_from(
@@ -1470,10 +1514,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 ResumeWarning,
             )
             if state.window:
-                # Each of its backward passes was scaled by 1 / saved_factor.
-                scale_gradients(self._current_plan().parameters, saved_factor / state.window)
+                # Stepped once the epoch's length is known (its last window may be shorter).
                 self._window = 0
-                self.optimizers_step()
+                self._old_window = (saved_factor, state.window)
         logger.info("continuing epoch %s after batch %d", state.epoch, progress.step)
         return progress.step
 

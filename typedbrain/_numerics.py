@@ -66,6 +66,18 @@ def running_mean(mean: float, value: float, count: int) -> float:
     return mean + (value - mean) / count
 
 
+def window_size(step: int, factor: int, stage_batches: int | None) -> int:
+    """The batches in the accumulation window of batch ``step`` (1-based, within its stage).
+
+    Windows of ``factor`` batches start at batch 1; the last one of a stage whose length is
+    known holds the batches that are left, so its losses can be divided by their own count.
+    """
+    if stage_batches is None:
+        return factor
+    start = (step - 1) // factor * factor + 1
+    return max(1, min(factor, stage_batches - start + 1))
+
+
 def scale_gradients(parameters: Sequence[torch.Tensor], factor: float) -> None:
     """Multiply the gradients of ``parameters`` by ``factor``, in place."""
     grads = [param.grad for param in parameters if param.grad is not None]
