@@ -11,6 +11,8 @@ from torch import Tensor
 from tests.helpers import Batch, RegressionBrain, batches, examples, ready_loader, sgd
 from typedbrain import (
     TRANSITIONS,
+    ConfigurationError,
+    EpochCounter,
     LoaderKwargs,
     Phase,
     PhaseTransitionError,
@@ -275,5 +277,82 @@ def test_removed_observer_is_no_longer_called() -> None:
     brain.remove_phase_observer(log)
     brain.evaluate(examples(4))
     assert log.changes == []
-    with pytest.raises(ValueError, match="remove"):
+    with pytest.raises(ValueError, match=r"the phase observer .*PhaseLog.* is not subscribed"):
         brain.remove_phase_observer(log)
+
+
+def test_fit_retried_after_a_failed_epoch_runs_that_epoch_again() -> None:
+    class FailsInEpochTwo(PhaseSeeingBrain):
+        fail = True
+        epochs: list[int]
+
+        def on_stage_start(self, stage: Stage, epoch: int | None = None) -> None:
+            if stage is Stage.TRAIN and epoch is not None:
+                self.epochs.append(epoch)
+                if epoch == 2 and self.fail:
+                    self.fail = False
+                    raise RuntimeError("boom")
+
+    brain = FailsInEpochTwo()
+    brain.epochs = []
+    counter = EpochCounter(3)
+    with pytest.raises(RuntimeError, match="boom"):
+        brain.fit(counter, examples(4))
+    assert counter.current == 1  # epoch 2 was drawn but did not finish
+    brain.fit(counter, examples(4))
+    assert brain.epochs == [1, 2, 2, 3]
+
+
+class CallsInto:
+    """An observer that calls ``evaluate`` on the brain when it hears of ``on``."""
+
+    def __init__(self, brain: RegressionBrain, on: Phase) -> None:
+        self.brain, self.on = brain, on
+
+    def on_phase_change(self, old: Phase, new: Phase) -> None:
+        if new is self.on:
+            self.brain.evaluate(examples(4))
+
+
+@pytest.mark.parametrize("on", [Phase.IDLE, Phase.FAILED])
+def test_an_observer_calling_an_entry_point_is_refused_and_the_others_hear_in_order(
+    on: Phase,
+) -> None:
+    """Even in a resting phase: the outer call is still on the stack while observers hear."""
+    brain = FailingBrain({"model": torch.nn.Linear(4, 2)}, sgd(), run_opts={"noprogressbar": True})
+    brain.fail = on is Phase.FAILED
+    brain.add_phase_observer(CallsInto(brain, on))
+    log = observed(brain)
+    with pytest.raises((ReentrantCallError, RuntimeError)) as raised:
+        brain.fit(range(1, 2), ready_loader(batches(2, 4)))
+    if on is Phase.IDLE:
+        assert isinstance(raised.value, ReentrantCallError)
+        assert "phase observer" in str(raised.value)
+    else:  # the hook's error goes on; the observer's refusal is logged
+        assert str(raised.value) == "boom"
+    assert log.walk == [Phase.INIT, Phase.FIT_START, Phase.TRAIN, on]
+    assert brain.phase is on
+
+
+def test_an_observer_raising_keyboard_interrupt_does_not_stop_the_others_hearing() -> None:
+    class Interrupting:
+        def on_phase_change(self, old: Phase, new: Phase) -> None:
+            if new is Phase.TRAIN:
+                raise KeyboardInterrupt
+
+    brain = PhaseSeeingBrain()
+    brain.add_phase_observer(Interrupting())
+    log = observed(brain)
+    with pytest.raises(KeyboardInterrupt):
+        brain.fit(range(1, 2), examples(4))
+    assert log.walk == [Phase.INIT, Phase.FIT_START, Phase.TRAIN, Phase.FAILED]
+
+
+def test_fit_refuses_arguments_of_the_wrong_kind_before_any_hook_runs() -> None:
+    brain = PhaseSeeingBrain()
+    with pytest.raises(ConfigurationError, match="epoch_counter must yield the epoch numbers"):
+        brain.fit(3, examples(4))  # type: ignore[arg-type]  # the mistake under test
+    with pytest.raises(ConfigurationError, match="train_set is None"):
+        brain.fit(range(1, 2), None)  # type: ignore[arg-type]  # the mistake under test
+    assert brain.phase is Phase.INIT
+    assert brain.seen == []

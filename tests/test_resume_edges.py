@@ -517,3 +517,34 @@ def test_a_restart_after_the_step_limit_ended_the_run_runs_no_further_epoch(
     assert resumed_epoch == straight_epoch == 2
     assert len(tb.Checkpointer(tmp_path / "broken").list_checkpoints()) == 2
     _assert_identical(_state(resumed), _state(straight))
+
+
+class NoRecoveryBrain(CountingBrain):
+    """Starts every fit afresh: its ``on_fit_start`` recovers nothing."""
+
+    trained: list[int]
+
+    def on_fit_start(self) -> None:
+        self.init_optimizers()
+
+    def on_fit_batch_start(self, batch: Batch, should_step: bool) -> None:
+        self.trained.append(self.step)
+
+
+def test_evaluate_leaves_no_recovered_run_state_for_a_later_fit(tmp_path: Path) -> None:
+    """``evaluate`` recovers a whole checkpoint, the brain's run state included; what it did
+    not apply is dropped, so a later fit that recovers nothing does not continue the
+    checkpoint's interrupted epoch."""
+    data = examples(16)
+    with pytest.raises(CrashError):  # an intra-epoch checkpoint after batch 2 of 4
+        _run(CountingBrain, tmp_path, lambda: data, crash_at=3)
+    modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
+    counter = tb.EpochCounter(2)
+    checkpointer = tb.Checkpointer(tmp_path, {**modules, "counter": counter})
+    brain = NoRecoveryBrain(
+        modules, _adam, run_opts={"noprogressbar": True}, checkpointer=checkpointer
+    )
+    brain.evaluate(examples(4))  # the counter is back at epoch 1, as saved
+    brain.trained = []
+    brain.fit(counter, data, train_loader_kwargs={"batch_size": 4})
+    assert brain.trained == [1, 2, 3, 4]  # epoch 2, whole; not the rest of epoch 1

@@ -860,6 +860,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             logger.info("test_only is set: fit() returns without training")
             return
         self._check_can_start("fit", Phase.FIT_START)
+        _check_fit_arguments(epoch_counter, train_set)
+        open_epoch: EpochCounter | None = None  # drawn from the counter, not yet finished
         try:
             with StopRequest(enabled=self.stop_on_signals) as self._stop:
                 self._agreement = self._agree_on_stops()
@@ -896,10 +898,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     )
                     epochs = ()
                 for epochs_run, epoch in enumerate(epochs, start=1):
+                    if isinstance(epoch_counter, EpochCounter):
+                        open_epoch = epoch_counter
                     if not self._resume_at_validation(train_loader, epoch):
                         self._train_stage(train_loader, epoch, show)
                     if valid_loader is not None:
                         self._valid_stage(valid_loader, epoch, show)
+                    open_epoch = None
                     if self.debug and epochs_run >= self.debug_epochs:
                         break
                     if self._step_limit_reached():
@@ -909,6 +914,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 self._stop_if_asked_after_training()
                 self._machine.move(Phase.IDLE)
         except BaseException:
+            if open_epoch is not None:
+                # The epoch did not finish: a later fit with this counter runs it again (a
+                # checkpoint recovered then puts the counter where it was saved anyway).
+                open_epoch.current -= 1
             self._fail()
             raise
         finally:
@@ -979,6 +988,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             raise
         finally:
             self._use_current_weights = False
+            self._restored = None  # a recovered run state is for fit to apply, not a later one
         return avg_test_loss
 
     # ----------------------------------------------------------------------------------------
@@ -998,7 +1008,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     # The loop's inner workings
 
     def _check_can_start(self, entry_point: str, target: Phase) -> None:
-        if not self._machine.can_move(target):
+        if self._machine.notifying or not self._machine.can_move(target):
             raise ReentrantCallError(entry_point, self.phase, target, self._machine.allowed)
 
     def _fail(self) -> None:
@@ -1695,6 +1705,17 @@ def _declared_hparams(cls: type[object], bound: Mapping[object, object] | None =
             if found is not None:
                 return found
     return None
+
+
+def _check_fit_arguments(epoch_counter: object, train_set: object) -> None:
+    """Refuse ``fit`` arguments of the wrong kind before anything runs."""
+    if not isinstance(epoch_counter, Iterable):
+        raise ConfigurationError(
+            "fit(): epoch_counter must yield the epoch numbers (range(1, 11), or an "
+            f"EpochCounter), not {type(epoch_counter).__name__} {epoch_counter!r}"
+        )
+    if train_set is None:
+        raise ConfigurationError("fit(): train_set is None: give a DataLoader or a dataset")
 
 
 def _loss_value(loss: Tensor) -> float:

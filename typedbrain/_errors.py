@@ -104,8 +104,8 @@ class PhaseTransitionError(TypedBrainError):
 class ReentrantCallError(PhaseTransitionError):
     """``fit`` or ``evaluate`` was called while one of them is already running.
 
-    This happens when a hook (``on_stage_end``, say) calls ``fit`` or ``evaluate`` on its own
-    brain. Run the second call after the first one has returned instead.
+    This happens when a hook (``on_stage_end``, say) or a phase observer calls ``fit`` or
+    ``evaluate`` on its own brain. Run the second call after the first one has returned instead.
     """
 
     def __init__(
@@ -117,7 +117,7 @@ class ReentrantCallError(PhaseTransitionError):
             allowed,
             detail=(
                 f"{entry_point}() was called while the brain is running (phase {current.name}); "
-                "fit() and evaluate() cannot be called from inside a hook"
+                "fit() and evaluate() cannot be called from inside a hook or a phase observer"
             ),
         )
         self.entry_point = entry_point

@@ -104,7 +104,7 @@ class PhaseMachine:
         initial: the phase to start in.
     """
 
-    __slots__ = ("_observers", "_phase", "_table")
+    __slots__ = ("_notifying", "_observers", "_phase", "_table")
 
     def __init__(
         self,
@@ -114,6 +114,12 @@ class PhaseMachine:
         self._table = table
         self._phase = initial
         self._observers: list[PhaseObserver] = []
+        self._notifying = False
+
+    @property
+    def notifying(self) -> bool:
+        """Whether the observers are being told of a change (the brain refuses entry then)."""
+        return self._notifying
 
     @property
     def phase(self) -> Phase:
@@ -134,25 +140,30 @@ class PhaseMachine:
 
         Raises:
             PhaseTransitionError: the table does not allow the change; the phase is unchanged.
-            Exception: the first error an observer raised, once all were notified (an error of
-                a later observer is added to it as a note).
+            BaseException: the first error an observer raised (``KeyboardInterrupt``
+                included), once all were notified (an error of a later observer is added to it
+                as a note).
         """
         old = self._phase
         if target not in self.allowed:
             raise PhaseTransitionError(old, target, self.allowed)
         self._phase = target
-        first: Exception | None = None
-        for observer in tuple(self._observers):
-            try:
-                observer.on_phase_change(old, target)
-            except Exception as error:
-                if first is None:
-                    first = error
-                else:
-                    first.add_note(
-                        f"(the phase observer {observer!r} raised too: "
-                        f"{type(error).__name__}: {error})"
-                    )
+        first: BaseException | None = None
+        self._notifying = True
+        try:
+            for observer in tuple(self._observers):
+                try:
+                    observer.on_phase_change(old, target)
+                except BaseException as error:  # every observer hears of it; then it is raised
+                    if first is None:
+                        first = error
+                    else:
+                        first.add_note(
+                            f"(the phase observer {observer!r} raised too: "
+                            f"{type(error).__name__}: {error})"
+                        )
+        finally:
+            self._notifying = False
         if first is not None:
             raise first
 
@@ -166,7 +177,13 @@ class PhaseMachine:
         Raises:
             ValueError: ``observer`` was not subscribed.
         """
-        self._observers.remove(observer)
+        try:
+            self._observers.remove(observer)
+        except ValueError:
+            raise ValueError(
+                f"the phase observer {observer!r} is not subscribed (never added, or already "
+                "removed), so it cannot be removed"
+            ) from None
 
 
 def mermaid_diagram(table: Mapping[Phase, frozenset[Phase]] = TRANSITIONS) -> str:
