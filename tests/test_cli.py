@@ -213,6 +213,65 @@ def test_a_meta_value_that_is_not_a_number_is_left_out_of_the_ranking_with_a_not
     }
 
 
+def test_a_key_whose_values_are_not_numbers_says_so_rather_than_that_it_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 1)})
+    checkpointer.save_checkpoint(meta={"loss": "low"}, name="CKPT-a")
+    status, out, _ = _run(capsys, "checkpoints", str(tmp_path), "--min-key", "loss")
+    assert status == 0
+    assert out.splitlines()[-2:] == [
+        "CKPT-a: meta 'loss' is 'low', not a number; not ranked by 'loss'",
+        "no usable checkpoint has a number as its meta 'loss'",
+    ]
+    status, out, _ = _run(capsys, "checkpoints", str(tmp_path), "--max-key", "acc", "--json")
+    assert status == 0
+    assert json.loads(out)["notes"] == ["no usable checkpoint has the meta key 'acc'"]
+
+
+@pytest.mark.parametrize("option", ["--min-key", "--max-key"])
+def test_an_empty_meta_key_is_a_usage_error(
+    good_folder: Path, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    status, out, err = _run(capsys, "checkpoints", str(good_folder), option, "")
+    assert (status, out) == (2, "")
+    assert err == f"typedbrain: error: {option} needs the name of a meta key, got an empty string\n"
+
+
+def test_listing_the_folder_above_the_checkpoints_suggests_the_checkpoints_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Checkpointer(tmp_path / "run" / "save", {"model": torch.nn.Linear(2, 1)}).save_checkpoint()
+    status, out, _ = _run(capsys, "checkpoints", str(tmp_path / "run"), "--json")
+    assert status == 1
+    (row,) = json.loads(out)["checkpoints"]
+    assert (row["name"], row["status"]) == ("save", "UNCOMMITTED")
+    assert row["reason"] == (
+        "no MANIFEST.json, but it holds checkpoint folders: it is a checkpoints folder, not a "
+        f"checkpoint; did you mean typedbrain checkpoints {tmp_path / 'run' / 'save'}?"
+    )
+
+
+@pytest.mark.slow
+def test_a_reader_that_stops_early_ends_the_listing_quietly_with_status_141(
+    tmp_path: Path,
+) -> None:
+    for index in range(3000):  # about 1 MB of JSON: more than a pipe holds
+        (tmp_path / f"CKPT-{index:04d}").mkdir()
+    with subprocess.Popen(
+        [sys.executable, "-m", "typedbrain", "checkpoints", str(tmp_path), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        assert process.stdout.readline() == b"{\n"
+        process.stdout.close()  # as `| head -1` does
+        error = process.stderr.read()
+        status = process.wait(timeout=120)
+    assert (status, error) == (141, b"")
+
+
 def test_a_symbolic_link_to_a_checkpoint_folder_is_not_listed_as_a_checkpoint(
     good_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

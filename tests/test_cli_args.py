@@ -122,6 +122,16 @@ def test_unknown_keys_become_yaml_overrides_keeping_equals_signs_and_types() -> 
     assert getattr(loaded["model"], "out_features", None) == 3
 
 
+def test_a_hash_that_starts_no_comment_is_part_of_the_value(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_folder: x\nnote: x\nsizes: []\n", encoding="utf-8")
+    parsed = parse_arguments(
+        [str(recipe), "--output_folder", "run#2", "--note", "'sweep #3'", "--sizes", "[1, 2]"]
+    )
+    loaded = load_hparams(parsed.hparams_file, parsed.overrides)
+    assert loaded == {"output_folder": "run#2", "note": "sweep #3", "sizes": [1, 2]}
+
+
 def test_an_override_given_twice_keeps_the_last_value() -> None:
     assert parse_arguments([RECIPE, "--lr", "1", "--lr", "2"]).overrides == "lr: 2\n"
 
@@ -216,6 +226,18 @@ def test_two_dashes_end_a_list_of_module_keys_before_the_hparams_file() -> None:
             "(--note \"'a: b'\")",
         ),
         (
+            [RECIPE, "--output_folder", "results/run #2"],
+            "argument --output_folder: YAML reads '#2' in 'results/run #2' as a comment and "
+            "would drop it: leave the comment out, or quote the value to pass it whole as a "
+            "string (--output_folder \"'results/run #2'\")",
+        ),
+        (
+            [RECIPE, "--lr=0.1 # was 0.2"],
+            "argument --lr: YAML reads '# was 0.2' in '0.1 # was 0.2' as a comment and would "
+            "drop it: leave the comment out, or quote the value to pass it whole as a string "
+            "(--lr \"'0.1 # was 0.2'\")",
+        ),
+        (
             [RECIPE, "--compile_module_keys", "--debug"],
             "argument --compile_module_keys: expected one or more module names "
             "(--compile_module_keys a b or --compile_module_keys=a,b), or None; got none",
@@ -245,7 +267,18 @@ def test_a_bad_command_line_raises_an_error_naming_the_argument(
     assert str(caught.value) == message
 
 
-@pytest.mark.parametrize("text", ["it's: here", 'say "a: b"', "cost: $5 `now`", "a: 'b' c"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "it's: here",
+        'say "a: b"',
+        "cost: $5 `now`",
+        "a: 'b' c",
+        "results/run #2",
+        "lr sweep #3 (bigger batch)",
+        "#1",
+    ],
+)
 def test_the_quoting_hint_for_a_value_that_is_not_yaml_works_when_followed(
     tmp_path: Path, text: str
 ) -> None:

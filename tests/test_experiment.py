@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import shutil
 import subprocess
@@ -261,6 +262,26 @@ def test_no_git_commit_outside_a_repository(tmp_path: Path) -> None:
         if inside.returncode == 0:
             pytest.skip("the temporary folder is inside a git repository")
     assert git_commit(tmp_path) is None
+
+
+def test_env_json_is_standard_json_with_non_finite_run_options_as_strings(
+    tmp_path: Path,
+) -> None:
+    run_opts = {"max_grad_norm": math.inf, "low": -math.inf, "odd": math.nan, "keys": ("a",)}
+    folder = create_experiment_directory(tmp_path / "run", run_opts=run_opts)
+
+    def refuse(constant: str) -> float:
+        raise AssertionError(f"not standard JSON: {constant}")
+
+    environment = json.loads(
+        (folder / "env.json").read_text(encoding="utf-8"), parse_constant=refuse
+    )
+    assert environment["run_opts"] == {
+        "max_grad_norm": "Infinity",
+        "low": "-Infinity",
+        "odd": "NaN",
+        "keys": ["a"],
+    }
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,10 +124,24 @@ def test_jsonl_log_reads_back_what_was_logged(tmp_path: Path) -> None:
 
 def test_jsonl_logger_refuses_values_that_are_not_numbers_or_strings(tmp_path: Path) -> None:
     log = JsonlTrainLogger(tmp_path / "log.jsonl")
-    bad: dict[str, object] = {"loss": torch.tensor(1.0)}
-    with pytest.raises(ConfigurationError, match=r"'train': 'loss' is tensor\(1\.\)"):
+    bad: dict[str, object] = {"loss": torch.tensor([1.0, 2.0])}
+    with pytest.raises(
+        ConfigurationError,
+        match=r"'train': 'loss' is tensor\(\[1\., 2\.\]\) \(a torch\.Tensor of 2 elements\), "
+        "not a real number or a string",
+    ):
         log.log_stats({"epoch": 1}, bad)  # type: ignore[arg-type]  # the wrong type on purpose
     assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_a_refused_value_is_shortened_in_the_message(tmp_path: Path) -> None:
+    log = JsonlTrainLogger(tmp_path / "log.jsonl")
+    huge: dict[str, object] = {"per_class": list(range(10**6))}
+    with pytest.raises(ConfigurationError) as caught:
+        log.log_stats({"epoch": 1}, huge)  # type: ignore[arg-type]  # the wrong type on purpose
+    message = str(caught.value)
+    assert "'train': 'per_class' is [0, 1, 2, 3, 4, 5, ...] (a list)" in message
+    assert len(message) < 400
 
 
 def test_jsonl_logger_refuses_a_key_that_is_not_a_string_naming_the_key(tmp_path: Path) -> None:
@@ -178,6 +193,91 @@ def test_reading_an_interrupted_last_line_says_so(tmp_path: Path) -> None:
 def test_reading_a_missing_log_raises_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_jsonl_log(tmp_path / "absent.jsonl")
+
+
+# ----------------------------------------------------------------------------- values
+
+
+_ALL_LOGGERS = ("file", "jsonl", "tensorboard")
+
+
+def _logger(kind: str, tmp_path: Path) -> tuple[TrainLogger, Callable[[], str]]:
+    """A logger of ``kind`` and a function returning what it wrote as text ("" for nothing)."""
+    if kind == "tensorboard":
+        factory = _FakeWriterFactory()
+        board = TensorboardTrainLogger(tmp_path / "tb", writer_factory=factory)
+        return board, lambda: "".join(repr(writer.scalars) for writer in factory.writers)
+    path = tmp_path / "log"
+    log = FileTrainLogger(path) if kind == "file" else JsonlTrainLogger(path)
+    return log, lambda: path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def test_tensors_and_numpy_scalars_are_logged_as_numbers_by_every_logger(tmp_path: Path) -> None:
+    meta: dict[str, object] = {"epoch": torch.tensor(3), "lr": np.float32(0.125)}
+    train: dict[str, object] = {"loss": torch.tensor([0.5])}
+    valid: dict[str, object] = {"error": np.float64(0.25), "n": np.int64(7), "ok": np.bool_(True)}
+    board_factory = _FakeWriterFactory()
+    board = TensorboardTrainLogger(tmp_path / "tb", writer_factory=board_factory)
+    loggers: list[TrainLogger] = [
+        FileTrainLogger(tmp_path / "log.txt"),
+        JsonlTrainLogger(tmp_path / "log.jsonl"),
+        board,
+    ]
+    for log in loggers:
+        log.log_stats(meta, train, valid)  # type: ignore[arg-type]  # accepted at run time
+    assert (tmp_path / "log.txt").read_text(encoding="utf-8") == (
+        "epoch: 3, lr: 1.25e-01 - train loss: 5.00e-01 - valid error: 2.50e-01, valid n: 7, "
+        "valid ok: True\n"
+    )
+    (entry,) = read_jsonl_log(tmp_path / "log.jsonl")
+    assert entry == LogEntry(
+        step=1,
+        epoch=3,
+        stats_meta={"epoch": 3, "lr": 0.125},
+        train={"loss": 0.5},
+        valid={"error": 0.25, "n": 7, "ok": True},
+    )
+    assert entry.valid is not None
+    assert [type(value) for value in entry.valid.values()] == [float, int, bool]
+    assert board_factory.writers[0].scalars == [
+        ("meta/lr", 0.125, 3),
+        ("train/loss", 0.5, 3),
+        ("valid/error", 0.25, 3),
+        ("valid/n", 7.0, 3),
+        ("valid/ok", 1.0, 3),
+    ]
+
+
+def test_the_file_logger_applies_its_precision_to_numpy_floats(tmp_path: Path) -> None:
+    line = FileTrainLogger(tmp_path / "log.txt", precision=3).format_line(
+        {"epoch": 1},
+        {"acc": np.float32(12.3456)},  # type: ignore[dict-item]  # accepted at run time
+    )
+    assert line == "epoch: 1 - train acc: 12.346"
+
+
+@pytest.mark.parametrize("kind", _ALL_LOGGERS)
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ([0.1, 0.2], r"\[0\.1, 0\.2\] \(a list\)"),
+        (None, r"None \(a NoneType\)"),
+        (torch.ones(3), r"\(a torch\.Tensor of 3 elements\)"),
+        (np.zeros(2), r"\(a numpy\.ndarray of 2 elements\)"),
+        (1 + 2j, r"\(1\+2j\) \(a complex\)"),
+        (torch.tensor(1 + 2j), r"\(a torch\.Tensor\)"),
+    ],
+)
+def test_every_logger_refuses_a_value_that_is_not_a_number_naming_key_and_type(
+    tmp_path: Path, kind: str, value: object, shown: str
+) -> None:
+    log, written = _logger(kind, tmp_path)
+    stats: dict[str, object] = {"loss": 1.0, "bad": value}
+    with pytest.raises(ConfigurationError, match=rf"'valid': 'bad' is .*{shown}, not a real"):
+        log.log_stats({"epoch": 1}, valid_stats=stats)  # type: ignore[arg-type]  # on purpose
+    assert written() == ""
+    log.log_stats({"epoch": 1}, valid_stats={"loss": 1.0})  # the next entry is written
+    assert "loss" in written()
 
 
 # ----------------------------------------------------------------------------- resume
@@ -285,6 +385,20 @@ def test_an_incomplete_last_line_is_removed_before_appending(tmp_path: Path) -> 
     assert [entry.epoch for entry in read_jsonl_log(path)] == [1, 2]
 
 
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_two_loggers_on_one_file_number_its_entries_in_order(
+    tmp_path: Path, factory: LoggerFactory
+) -> None:
+    path = tmp_path / "log"
+    first, second = factory(path), factory(path)
+    first.log_stats({"epoch": 1}, {"loss": 1.0})
+    second.log_stats({"epoch": 1}, valid_stats={"loss": 2.0})
+    first.log_stats({"epoch": 2}, {"loss": 1.0})
+    assert first.state_dict() == {"position": path.stat().st_size, "entries": 3}
+    if isinstance(first, JsonlTrainLogger):
+        assert [entry.step for entry in read_jsonl_log(path)] == [1, 2, 3]
+
+
 def test_a_bad_state_is_a_configuration_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="the training log"):
         JsonlTrainLogger(tmp_path / "log").load_state_dict({"position": -1, "entries": 0})
@@ -358,6 +472,16 @@ def test_tensorboard_logger_writes_each_number_under_stage_and_name(tmp_path: Pa
         ("test/loss", 0.75, 2),
     ]
     assert factory.writers[0].flushes == 3
+
+
+def test_tensorboard_writes_an_int_too_large_for_a_float_as_an_infinity(tmp_path: Path) -> None:
+    factory = _FakeWriterFactory()
+    board = TensorboardTrainLogger(tmp_path, writer_factory=factory)
+    board.log_stats({"epoch": 1}, {"count": 10**400, "debt": -(10**400)})
+    assert factory.writers[0].scalars == [
+        ("train/count", math.inf, 1),
+        ("train/debt", -math.inf, 1),
+    ]
 
 
 def test_tensorboard_resume_purges_the_steps_after_the_checkpoint(tmp_path: Path) -> None:

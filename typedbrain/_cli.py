@@ -2,7 +2,8 @@
 
 Run ``typedbrain --help`` (or ``python -m typedbrain --help``). Exit statuses: 0 success, 1 a
 problem found in the data (a corrupt or uncommitted checkpoint, an unreadable log), 2 a usage
-error or a path that does not exist, 3 an optional dependency is missing.
+error or a path that does not exist, 3 an optional dependency is missing, 141 the reader of the
+output went away (``typedbrain checkpoints save --json | head -1``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -21,11 +23,19 @@ import attrs
 from typedbrain._checkpoint import _rank
 from typedbrain._checks import real_number
 from typedbrain._errors import CorruptCheckpointError, TrainLogError
+from typedbrain._experiment import json_safe
 from typedbrain._manifest import MANIFEST_NAME, Checkpoint, read_manifest, verify_checkpoint
 from typedbrain._train_log import LogEntry, StatValue, read_jsonl_log
 from typedbrain._version import __version__
 
-__all__ = ["EXIT_BAD_DATA", "EXIT_MISSING_EXTRA", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = [
+    "EXIT_BAD_DATA",
+    "EXIT_BROKEN_PIPE",
+    "EXIT_MISSING_EXTRA",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "main",
+]
 
 EXIT_OK: Final = 0
 """Everything listed is fine, or the plot was written."""
@@ -35,6 +45,9 @@ EXIT_USAGE: Final = 2
 """Bad arguments, or a path that does not exist (or is not of the right kind)."""
 EXIT_MISSING_EXTRA: Final = 3
 """An optional dependency (matplotlib for ``plot``) is not installed."""
+EXIT_BROKEN_PIPE: Final = 141
+"""Standard output was closed before everything was written (``| head``): 128 + ``SIGPIPE``
+(13), the status a shell reports for a program that signal stopped."""
 
 _PROG: Final = "typedbrain"
 
@@ -44,13 +57,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ``typedbrain checkpoints FOLDER`` lists the checkpoint folders in FOLDER;
     ``typedbrain plot LOG --out PNG`` plots a JSON-lines training log. See ``docs/cli.md``.
+
+    When standard output is closed before everything is written (the output piped to
+    ``head``), the rest is dropped silently and the status is :data:`EXIT_BROKEN_PIPE`.
     """
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # here, where a closed pipe can be caught, not at exit
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+    return status
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse exits on --help (0) and on usage errors (2)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     if args.command == "checkpoints":
+        for option, key in (("--min-key", args.min_key), ("--max-key", args.max_key)):
+            if key is not None and not key:
+                _error(f"{option} needs the name of a meta key, got an empty string")
+                return EXIT_USAGE
         return _checkpoints(
             Path(args.folder),
             verify=args.verify,
@@ -62,13 +92,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _plot(Path(args.log), Path(args.out))
 
 
+def _discard_stdout() -> None:
+    """Point standard output at the null device, so the flush at exit cannot fail again."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture, say)
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, descriptor)
+    finally:
+        os.close(null)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG,
         description="Inspect typedbrain checkpoint folders and plot training logs.",
         epilog="Exit status: 0 fine, 1 a problem in the data (corrupt or uncommitted "
         "checkpoint, unreadable log), 2 usage error or missing path, 3 missing optional "
-        "dependency.",
+        "dependency, 141 output closed before the end (| head).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -127,13 +170,30 @@ def _inspect(folder: Path, *, verify: bool) -> _Row:
         checkpoint = verify_checkpoint(folder) if verify else read_manifest(folder)
     except CorruptCheckpointError as error:
         if not (folder / MANIFEST_NAME).exists():
-            return _Row(folder.name, "UNCOMMITTED", error.reason, None)
+            reason = error.reason
+            if _holds_checkpoints(folder):
+                reason = (
+                    f"no {MANIFEST_NAME}, but it holds checkpoint folders: it is a checkpoints "
+                    f"folder, not a checkpoint; did you mean typedbrain checkpoints {folder}?"
+                )
+            return _Row(folder.name, "UNCOMMITTED", reason, None)
         try:
             described: Checkpoint | None = read_manifest(folder)
         except CorruptCheckpointError:
             described = None
         return _Row(folder.name, "CORRUPT", error.reason, described)
     return _Row(folder.name, "OK" if verify else "COMMITTED", None, checkpoint)
+
+
+def _holds_checkpoints(folder: Path) -> bool:
+    """Whether a folder of ``folder`` (not a link) has a manifest: a checkpoint folder."""
+    try:
+        return any(
+            entry.is_dir() and not entry.is_symlink() and (entry / MANIFEST_NAME).is_file()
+            for entry in folder.iterdir()
+        )
+    except OSError:  # unreadable: its own row says what can be said
+        return False
 
 
 def _checkpoints(
@@ -158,7 +218,7 @@ def _checkpoints(
     rows = [_inspect(entry, verify=verify) for entry in entries]
     usable = [row.checkpoint for row in rows if row.usable and row.checkpoint is not None]
     newest = _rank(usable)
-    key = min_key or max_key
+    key = min_key if min_key is not None else max_key
     unranked = [] if key is None else _not_numbers(usable, key)
     # argparse refuses both keys at once, and the values that cannot rank are left out: this
     # ranking has nothing left to refuse.
@@ -179,10 +239,15 @@ def _checkpoints(
             f"not ranked by {key!r}"
             for checkpoint in unranked
         ]
+    if key is not None and not best:
+        if unranked:
+            notes.append(f"no usable checkpoint has a number as its meta {key!r}")
+        else:
+            notes.append(f"no usable checkpoint has the meta key {key!r}")
     if as_json:
         _print_json(folder, rows, notes, out)
     else:
-        _print_table(folder, rows, notes, verify=verify, key=key, out=out)
+        _print_table(folder, rows, notes, verify=verify, out=out)
     return EXIT_OK if all(row.usable for row in rows) else EXIT_BAD_DATA
 
 
@@ -223,22 +288,7 @@ def _print_json(folder: Path, rows: Sequence[_Row], notes: Sequence[str], out: T
         "checkpoints": listed,
         "notes": list(notes),
     }
-    print(json.dumps(_json_safe(document), indent=2, allow_nan=False), file=out)
-
-
-def _json_safe(value: object) -> object:
-    """``value`` with every non-finite float written as a string: JSON has no NaN or infinity.
-
-    NaN becomes ``"NaN"``, infinities ``"Infinity"`` and ``"-Infinity"`` (the words Python's
-    ``float()`` reads back).
-    """
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value
+    print(json.dumps(json_safe(document), indent=2, allow_nan=False), file=out)
 
 
 def _saved_at(unixtime: float) -> str:
@@ -255,7 +305,6 @@ def _print_table(
     notes: Sequence[str],
     *,
     verify: bool,
-    key: str | None,
     out: TextIO,
 ) -> None:
     checked = "files verified" if verify else "manifests read, files not verified"
@@ -264,8 +313,6 @@ def _print_table(
         _print_rows(rows, out)
     for note in notes:
         print(note, file=out)
-    if key is not None and not any(row.best for row in rows):
-        print(f"no usable checkpoint has the meta key {key!r}", file=out)
 
 
 def _print_rows(rows: Sequence[_Row], out: TextIO) -> None:

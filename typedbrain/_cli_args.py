@@ -86,7 +86,9 @@ def parse_arguments(argv: Sequence[str], *, prog: str | None = None) -> ParsedAr
       ``--compile_module_keys=encoder,decoder``.
     - Any other ``--key value`` becomes a YAML override: the value is YAML (numbers stay numbers,
       ``!ref <lr>`` works, an ``=`` in it is kept) and a dotted key sets a nested key
-      (``--model.hidden_size 64``). Given twice, the last one wins.
+      (``--model.hidden_size 64``). Given twice, the last one wins. A value that is not one
+      YAML value (``a: b``), or that YAML would read with a comment (``run #2``, whose ``#2``
+      YAML drops), is refused with the quoted form that passes it as a string.
 
     Args:
         argv: the arguments.
@@ -94,7 +96,8 @@ def parse_arguments(argv: Sequence[str], *, prog: str | None = None) -> ParsedAr
 
     Raises:
         ArgumentsError: no hparams file, more than one, a missing value, a value that does
-            not parse or a run option out of range; the message names the argument.
+            not parse (or holds a YAML comment) or a run option out of range; the message
+            names the argument.
         HelpRequested: ``--help`` or ``-h`` was given.
     """
     options = {field.name: field for field in attrs.fields(RunOptions)}
@@ -406,17 +409,49 @@ def _check_yaml_value(argument: str, text: str) -> None:
     from ruamel.yaml.error import YAMLError
     from ruamel.yaml.nodes import MappingNode
 
+    entry = _entry("key", text, 0)
     try:
-        root = YAML(typ="rt").compose(_entry("key", text, 0))
+        root = YAML(typ="rt").compose(entry)
+        comment = _first_comment(entry)
     except YAMLError:
-        root = None
+        root, comment = None, None
+    quoted = "'" + text.replace("'", "''") + "'"  # YAML's single quotes double a quote
+    shell = re.sub(r'(["\\$`])', r"\\\1", quoted)  # escaped for a shell's double quotes
     if not isinstance(root, MappingNode) or len(root.value) != 1:
-        quoted = "'" + text.replace("'", "''") + "'"  # YAML's single quotes double a quote
-        shell = re.sub(r'(["\\$`])', r"\\\1", quoted)  # escaped for a shell's double quotes
         raise ArgumentsError(
             argument,
             f'{text!r} is not a YAML value; quote it to pass it as a string ({argument} "{shell}")',
         )
+    if comment is not None:
+        raise ArgumentsError(
+            argument,
+            f"YAML reads {comment!r} in {text!r} as a comment and would drop it: leave the "
+            f'comment out, or quote the value to pass it whole as a string ({argument} "{shell}")',
+        )
+
+
+def _first_comment(document: str) -> str | None:
+    """The first comment of a YAML ``document`` (without its line end), if it has one.
+
+    Raises:
+        YAMLError: ``document`` is not YAML.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.tokens import CommentToken
+
+    def first(found: object) -> CommentToken | None:
+        # The round-trip scanner hangs comments on the tokens, in lists nested by position.
+        if isinstance(found, CommentToken):
+            return found
+        if isinstance(found, list | tuple):
+            return next((c for c in map(first, found) if c is not None), None)
+        return None
+
+    for token in YAML(typ="rt").scan(document):
+        comment = first(token) if isinstance(token, CommentToken) else first(token.comment)
+        if comment is not None:
+            return str(comment.value).strip()
+    return None
 
 
 def _key(name: str) -> str:

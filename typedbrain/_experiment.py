@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import logging.config
+import math
 import os
 import platform
 import shutil
@@ -68,7 +69,9 @@ def create_experiment_directory(
       called instead;
     - ``env.json`` (when ``save_env_desc``): the Python, torch, NumPy and typedbrain versions,
       the platform, the command line, ``run_opts`` and the git commit of the script's
-      repository (``null`` outside a git repository or without git).
+      repository (``null`` outside a git repository or without git). It is standard JSON: a
+      non-finite number (``--max_grad_norm inf``) is written as the string ``"Infinity"``,
+      ``"-Infinity"`` or ``"NaN"`` (see :func:`json_safe`).
 
     Calling it again (a resumed run) adds no second handler: ``log.txt`` is appended to, and
     the other files are rewritten for this start. A handler that an earlier call added for
@@ -83,7 +86,7 @@ def create_experiment_directory(
             default ``log.txt`` handler.
         save_env_desc: whether to write ``env.json``.
         run_opts: the run options, recorded in ``env.json`` (values that are not JSON data are
-            recorded as their ``str``).
+            recorded as their ``str``, non-finite numbers as :func:`json_safe` writes them).
         script_file: the script to copy; by default the caller's file (nothing is copied when
             that is not a file, as in an interactive session).
 
@@ -119,7 +122,8 @@ def create_experiment_directory(
             shutil.copy2(script, destination)
     if save_env_desc:
         environment = describe_environment(script, run_opts)
-        text = json.dumps(environment, indent=2, sort_keys=True, default=str) + "\n"
+        document = json_safe(environment)
+        text = json.dumps(document, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
         (folder / "env.json").write_text(text, encoding="utf-8")
         logger.info(
             "experiment %s: typedbrain %s, torch %s, Python %s, git commit %s",
@@ -132,6 +136,23 @@ def create_experiment_directory(
     else:
         logger.info("experiment %s", folder)
     return folder
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every non-finite float written as a string: JSON has no NaN or infinity.
+
+    NaN becomes ``"NaN"``, infinities ``"Infinity"`` and ``"-Infinity"`` (the words Python's
+    ``float()`` reads back); the items of dicts, lists and tuples are converted the same way
+    (a tuple becomes a list, as JSON writes it); anything else is returned as it is. The result
+    goes to ``json.dumps(..., allow_nan=False)``, which then writes standard JSON.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def _calling_script() -> Path | None:

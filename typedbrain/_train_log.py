@@ -6,18 +6,30 @@ object per line (read back by :func:`read_jsonl_log`), and :class:`TensorboardTr
 writes TensorBoard scalars. Each one is ``Stateful``: registered with a checkpointer, it
 records how much of its log a checkpoint covers, so a resumed run continues its log without
 duplicated or missing entries.
+
+All three read the values they are given the same way, before writing anything: a string, a
+bool, an int or a float is logged as it is; any other real number (NumPy's ``float32`` or
+``int64``, a ``Fraction``) as an int if its type is an integer type, else as a float; a tensor or
+a NumPy array of one element (``loss.detach()``, a 0-d array) as the number it holds. Anything
+else (a list, ``None``, a tensor of several elements, a complex number) is refused with a
+:class:`~typedbrain.ConfigurationError` naming the log, the stage, the key and the type.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
+import reprlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeAlias, final
 
 import attrs
+import numpy as np
+import torch
 
 from typedbrain._distributed import if_main_process
 from typedbrain._errors import ConfigurationError, ResumeWarning, TrainLogError
@@ -43,6 +55,9 @@ StatValue: TypeAlias = float | int | str
 
 _STAGES: Final = ("train", "valid", "test")
 _EPOCH_KEY: Final = "epoch"
+
+_SHORT_REPR: Final = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80  # enough to name a key; a bad value is cut
 
 
 class TrainLogger(Protocol):
@@ -77,6 +92,105 @@ def format_stat(value: StatValue, precision: int = 2) -> str:
             return f"{value:.{precision}f}"
         return f"{value:.{precision}e}"
     return str(value)
+
+
+def _plain_stat(value: object) -> StatValue:
+    """``value`` as the plain Python number or string every logger writes (see the module doc).
+
+    A string is kept; a bool, an int and a float are kept as such (a subclass, such as NumPy's
+    ``float64``, becomes the plain type); any other real number becomes an int if its type is
+    an integer type (NumPy's ``int64``), else a float (NumPy's ``float32``, a ``Fraction``, a
+    ``Decimal``); a tensor or a NumPy array holding exactly one bool or real number becomes
+    that number (``torch.tensor(0.5)`` gives ``0.5``; a tensor on a GPU is read from there).
+
+    Raises:
+        TypeError: anything else (a list, ``None``, a tensor of several elements, a complex
+            number); the message shows a shortened ``repr`` of the value and names its type.
+    """
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) or (
+        isinstance(value, numbers.Number) and not isinstance(value, numbers.Complex)
+    ):  # the second: a Decimal, which is not registered as Real
+        return float(value)  # type: ignore[arg-type]  # Real and Decimal convert; mypy can't tell
+    kind = type(value)
+    name = kind.__qualname__
+    if kind.__module__ != "builtins":
+        name = f"{kind.__module__}.{name}"
+    if isinstance(value, torch.Tensor | np.ndarray):
+        size = value.numel() if isinstance(value, torch.Tensor) else value.size
+        if size == 1:
+            item: object = value.item()
+            if isinstance(item, bool | int | float):
+                return _plain_stat(item)
+        else:
+            name += f" of {size} elements"
+    raise TypeError(
+        f"{_SHORT_REPR.repr(value)} (a {name}), not a real number or a string (log a number, a "
+        "string, or a tensor or NumPy value holding one number)"
+    )
+
+
+def _plain_stats(name: str, value: object) -> dict[str, StatValue] | None:
+    """``value`` (None or a mapping of strings to values) with :func:`_plain_stat` values.
+
+    Raises:
+        TypeError: ``value`` is not such a mapping; the message names ``name`` and the key.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name!r} is a {type(value).__name__}, not an object")
+    plain: dict[str, StatValue] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise TypeError(
+                f"{name!r}: the key {_SHORT_REPR.repr(key)} is not a string ({type(key).__name__})"
+            )
+        try:
+            plain[key] = _plain_stat(item)
+        except TypeError as error:
+            raise TypeError(f"{name!r}: {_SHORT_REPR.repr(key)} is {error}") from None
+    return plain
+
+
+_Entry: TypeAlias = tuple[
+    dict[str, StatValue],
+    dict[str, StatValue] | None,
+    dict[str, StatValue] | None,
+    dict[str, StatValue] | None,
+]
+"""``stats_meta`` and the train, valid and test stats, with plain values."""
+
+
+def _plain_entry(
+    destination: Path,
+    stats_meta: Mapping[str, StatValue],
+    train_stats: Mapping[str, StatValue] | None,
+    valid_stats: Mapping[str, StatValue] | None,
+    test_stats: Mapping[str, StatValue] | None,
+) -> _Entry:
+    """What every logger does first: the entry with :func:`_plain_stat` values.
+
+    Raises:
+        ConfigurationError: a key is not a string or a value cannot be read as a number or a
+            string; the message names ``destination``, the stage, the key and the value's type.
+    """
+    try:
+        meta = _plain_stats("stats_meta", stats_meta)
+        if meta is None:
+            raise TypeError("'stats_meta' is None, not a mapping")
+        train, valid, test = (
+            _plain_stats(stage, stats)
+            for stage, stats in zip(_STAGES, (train_stats, valid_stats, test_stats), strict=True)
+        )
+    except TypeError as error:
+        raise ConfigurationError(f"cannot log to {destination}: {error}") from error
+    return meta, train, valid, test
 
 
 def _epoch_of(stats_meta: Mapping[str, StatValue]) -> int | None:
@@ -133,11 +247,16 @@ class _LineLog:
     written by a run that did not reach the next checkpoint: it is cut off and logged again by
     the resumed run. Any other entry (a test entry, after ``evaluate`` loaded the best and not
     the newest checkpoint) is appended after everything already in the file.
+
+    The entries are counted once, then kept count of; when the file's size is not the size
+    this log last left (another logger, or another program, wrote to it), they are counted
+    again.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._entries: int | None = None
+        self._size_left: int | None = None  # the file's size after this log's last change
         self._pending: _Committed | None = None
 
     def next_index(self, *, training: bool) -> int:
@@ -145,9 +264,8 @@ class _LineLog:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._entries = self._settle(pending, training=training)
-        elif self._entries is None:
-            self._entries = self._open_existing()
-        return self._entries + 1
+            self._size_left = _size(self.path)
+        return self._counted() + 1
 
     def write(self, line: str) -> None:
         """Append ``line`` and a newline (call :meth:`next_index` first)."""
@@ -155,7 +273,15 @@ class _LineLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("ab") as stream:
             stream.write(line.encode("utf-8") + b"\n")
+            self._size_left = stream.tell()
         self._entries += 1
+
+    def _counted(self) -> int:
+        """The number of entries in the file, counted again if someone else changed it."""
+        if self._entries is None or _size(self.path) != self._size_left:
+            self._entries = self._open_existing()
+            self._size_left = _size(self.path)
+        return self._entries
 
     def _open_existing(self) -> int:
         size = _size(self.path)
@@ -197,13 +323,12 @@ class _LineLog:
         """The committed position: the file's size and entry count, synced to disk."""
         if self._pending is not None:
             return {"position": self._pending.position, "entries": self._pending.entries}
-        if self._entries is None:
-            self._entries = self._open_existing()
+        entries = self._counted()
         if not self.path.exists():
             return {"position": 0, "entries": 0}
         with self.path.open("rb") as stream:
             os.fsync(stream.fileno())
-        return {"position": _size(self.path), "entries": self._entries}
+        return {"position": _size(self.path), "entries": entries}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Remember the committed position; the next entry settles it (see the class doc)."""
@@ -275,9 +400,17 @@ class FileTrainLogger(_FileLoggerBase):
         valid_stats: Mapping[str, StatValue] | None = None,
         test_stats: Mapping[str, StatValue] | None = None,
     ) -> str:
-        """The line :meth:`log_stats` writes for these stats (without its newline)."""
-        parts = [self._items(stats_meta, "")]
-        for stage, stats in zip(_STAGES, (train_stats, valid_stats, test_stats), strict=True):
+        """The line :meth:`log_stats` writes for these stats (without its newline).
+
+        Raises:
+            ConfigurationError: a key is not a string or a value is not a number or a string
+                (see the module doc); the message names the file, the stage and the key.
+        """
+        meta, train, valid, test = _plain_entry(
+            self.save_file, stats_meta, train_stats, valid_stats, test_stats
+        )
+        parts = [self._items(meta, "")]
+        for stage, stats in zip(_STAGES, (train, valid, test), strict=True):
             if stats is not None:
                 parts.append(self._items(stats, f"{stage} "))
         return " - ".join(parts)
@@ -295,7 +428,12 @@ class FileTrainLogger(_FileLoggerBase):
         test_stats: Mapping[str, StatValue] | None = None,
         verbose: bool = False,
     ) -> None:
-        """Append one line (main process only); with ``verbose`` also log it at INFO level."""
+        """Append one line (main process only); with ``verbose`` also log it at INFO level.
+
+        Raises:
+            ConfigurationError: a key is not a string or a value is not a number or a string
+                (see the module doc); nothing is written.
+        """
         if not if_main_process():
             return
         line = self.format_line(stats_meta, train_stats, valid_stats, test_stats)
@@ -314,20 +452,6 @@ def _copy_meta(value: Mapping[str, StatValue]) -> dict[str, StatValue]:
 
 def _copy_stats(value: Mapping[str, StatValue] | None) -> dict[str, StatValue] | None:
     return None if value is None else dict(value)
-
-
-def _check_stats(name: str, value: object) -> Mapping[str, StatValue] | None:
-    """``value`` if it is None or a mapping of str to numbers and strings, else a TypeError."""
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{name!r} is a {type(value).__name__}, not an object")
-    for key, item in value.items():
-        if not isinstance(key, str):
-            raise TypeError(f"{name!r}: the key {key!r} is not a string ({type(key).__name__})")
-        if not isinstance(item, float | int | str):
-            raise TypeError(f"{name!r}: {key!r} is {item!r}, not a number or a string")
-    return value
 
 
 @final
@@ -404,27 +528,17 @@ class JsonlTrainLogger(_FileLoggerBase):
         """Append one JSON line (main process only); with ``verbose`` also log it at INFO.
 
         Raises:
-            ConfigurationError: a key is not a string or a value is not a number or a string.
+            ConfigurationError: a key is not a string or a value is not a number or a string
+                (see the module doc); nothing is written.
         """
         if not if_main_process():
             return
-        try:
-            for name, stats in zip(
-                ("stats_meta", *_STAGES),
-                (stats_meta, train_stats, valid_stats, test_stats),
-                strict=True,
-            ):
-                _check_stats(name, stats)
-        except TypeError as error:
-            raise ConfigurationError(f"cannot log to {self.save_file}: {error}") from error
-        step = self._log.next_index(training=_is_training(train_stats, valid_stats))
+        meta, train, valid, test = _plain_entry(
+            self.save_file, stats_meta, train_stats, valid_stats, test_stats
+        )
+        step = self._log.next_index(training=_is_training(train, valid))
         entry = LogEntry(
-            step=step,
-            epoch=_epoch_of(stats_meta),
-            stats_meta=stats_meta,
-            train=train_stats,
-            valid=valid_stats,
-            test=test_stats,
+            step=step, epoch=_epoch_of(meta), stats_meta=meta, train=train, valid=valid, test=test
         )
         line = entry.to_json()
         self._log.write(line)
@@ -475,8 +589,8 @@ def _parse_entry(file: Path, number: int, line: str, *, unfinished: bool) -> Log
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
         raise TrainLogError(file, number, f"'epoch' is {epoch!r}, not an integer or null")
     try:
-        stats_meta = _check_stats("stats_meta", data["stats_meta"])
-        train, valid, test = (_check_stats(stage, data[stage]) for stage in _STAGES)
+        stats_meta = _plain_stats("stats_meta", data["stats_meta"])
+        train, valid, test = (_plain_stats(stage, data[stage]) for stage in _STAGES)
     except TypeError as error:
         raise TrainLogError(file, number, str(error)) from error
     if stats_meta is None:
@@ -487,6 +601,14 @@ def _parse_entry(file: Path, number: int, line: str, *, unfinished: bool) -> Log
 
 
 # ----------------------------------------------------------------------------- TensorBoard
+
+
+def _scalar(value: float) -> float:
+    """``value`` as a float; an int too large for one is an infinity of its sign."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 class ScalarWriter(Protocol):
@@ -565,21 +687,31 @@ class TensorboardTrainLogger:
         test_stats: Mapping[str, StatValue] | None = None,
         verbose: bool = False,
     ) -> None:
-        """Write the entry's numbers as scalars (main process only); ``verbose`` logs them."""
+        """Write the entry's numbers as scalars (main process only); ``verbose`` logs them.
+
+        Raises:
+            ConfigurationError: a key is not a string or a value is not a number or a string
+                (see the module doc), and nothing is written; or, with the default factory, the
+                first entry finds tensorboard missing.
+        """
         if not if_main_process():
             return
-        writer = self._writer_for(training=_is_training(train_stats, valid_stats))
-        epoch = _epoch_of(stats_meta)
+        meta, train, valid, test = _plain_entry(
+            self.save_dir, stats_meta, train_stats, valid_stats, test_stats
+        )
+        writer = self._writer_for(training=_is_training(train, valid))
+        epoch = _epoch_of(meta)
         step = self._step if epoch is None else epoch
-        scalars = [(f"meta/{key}", value) for key, value in stats_meta.items() if key != _EPOCH_KEY]
-        for stage, stats in zip(_STAGES, (train_stats, valid_stats, test_stats), strict=True):
+        scalars = [(f"meta/{key}", value) for key, value in meta.items() if key != _EPOCH_KEY]
+        for stage, stats in zip(_STAGES, (train, valid, test), strict=True):
             if stats is not None:
                 scalars += [(f"{stage}/{key}", value) for key, value in stats.items()]
         for tag, value in scalars:
-            if isinstance(value, int | float):
-                writer.add_scalar(tag, float(value), step)
-                if verbose:
-                    logger.info("%s at step %d: %s", tag, step, value)
+            if isinstance(value, str):
+                continue  # a label, not a scalar
+            writer.add_scalar(tag, _scalar(value), step)
+            if verbose:
+                logger.info("%s at step %d: %s", tag, step, value)
         writer.flush()
         self._step = step
 
