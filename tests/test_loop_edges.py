@@ -384,3 +384,25 @@ def test_the_epochs_own_batch_count_closes_the_accumulation_window_of_a_batch_sa
         2: (10, [4, 8, 10]),
         3: (12, [4, 8, 12]),
     }
+
+
+def test_an_error_reading_the_loss_is_not_reported_as_a_wrong_shape() -> None:
+    """Reading a one-element loss can fail on its device (here: the meta device, which holds
+    no values; on a GPU, an asynchronous kernel error): that error goes on as it is."""
+    brain = RegressionBrain({"model": torch.nn.Linear(4, 2)}, sgd(), run_opts={"device": "meta"})
+    with pytest.raises(RuntimeError, match="meta"):  # not HookContractError, a TypeError
+        brain.fit(range(1, 2), ready_loader(batches(1, 4)))
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_without_an_optimizer_no_step_is_counted(hooked: bool) -> None:
+    class Hooked(RegressionBrain):
+        def on_fit_batch_end(
+            self, batch: Batch, outputs: Tensor, loss: Tensor, should_step: bool
+        ) -> None:
+            pass
+
+    kind = Hooked if hooked else RegressionBrain  # the inline step, and the general one
+    brain = kind({"model": torch.nn.Linear(4, 2)}, run_opts={"noprogressbar": True})
+    brain.fit(range(1, 2), ready_loader(batches(3, 4)))
+    assert brain.optimizer_step == 0

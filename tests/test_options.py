@@ -333,3 +333,42 @@ def test_reference_page_lists_every_option_with_its_default() -> None:
     assert set(rows) == RunOptions.names()
     for field in attrs.fields(RunOptions):
         assert rows[field.name] == repr(field.default), field.name
+
+
+def test_assigning_run_opts_with_another_device_is_refused() -> None:
+    brain = regression_brain(run_opts={"device": "cpu"})
+    with pytest.raises(ConfigurationError, match="device cannot change from 'cpu' to 'meta'"):
+        brain.run_opts = attrs.evolve(brain.run_opts, device="meta")
+    assert brain.device == "cpu"
+    brain.run_opts = attrs.evolve(brain.run_opts, max_grad_norm=1.0)  # the rest may change
+    assert brain.max_grad_norm == 1.0
+
+
+def test_assigning_run_opts_anything_but_run_options_is_refused() -> None:
+    brain = regression_brain()
+    with pytest.raises(ConfigurationError, match="must be assigned a RunOptions, not dict"):
+        brain.run_opts = {"max_grad_norm": 1.0}  # type: ignore[assignment]  # the mistake
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"modules": [torch.nn.Linear(4, 2)]}, "modules must map names to torch modules.*not list"),
+        ({"modules": torch.nn.Linear(4, 2)}, "modules must map names to torch modules.*not Linear"),
+        ({"modules": {"model": "linear"}}, r"modules\['model'\] is str, not a torch.nn.Module"),
+        ({"opt_class": 5}, "opt_class must be callable"),
+        ({"checkpointer": "/tmp/ckpts"}, "checkpointer must be a Checkpointer.*not str"),
+    ],
+)
+def test_the_constructor_names_an_argument_of_the_wrong_kind(
+    arguments: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        RegressionBrain(**arguments)  # type: ignore[call-overload]  # the mistakes under test
+
+
+def test_a_module_dict_is_taken_as_the_modules() -> None:
+    model = torch.nn.Linear(4, 2)
+    # Not a Mapping to mypy, but what SpeechBrain recipes sometimes pass.
+    brain = RegressionBrain(torch.nn.ModuleDict({"model": model}))  # type: ignore[call-overload]
+    assert brain.modules["model"] is model

@@ -224,7 +224,20 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._plan: StepPlan | None = None
         self._run_opts = options
         self._device = device
-        self.modules = torch.nn.ModuleDict(dict(modules or {})).to(self._device)
+        self.modules = torch.nn.ModuleDict(_named_modules(modules)).to(self._device)
+        if opt_class is not None and not callable(opt_class):
+            raise ConfigurationError(
+                f"opt_class must be callable (parameters -> optimizer), such as "
+                f"torch.optim.Adam or a lambda, not {type(opt_class).__name__} {opt_class!r}"
+            )
+        if checkpointer is not None and not all(
+            callable(getattr(checkpointer, name, None))
+            for name in ("add_recoverable", "recover_if_possible", "save_and_keep_only")
+        ):
+            raise ConfigurationError(
+                "checkpointer must be a Checkpointer (sb.Checkpointer(folder, recoverables)), "
+                f"not {type(checkpointer).__name__} {checkpointer!r}"
+            )
         self.opt_class = opt_class
         self.checkpointer = checkpointer
         self.optimizers_dict = {}
@@ -300,6 +313,17 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
     @run_opts.setter
     def run_opts(self, options: RunOptions) -> None:
+        if not isinstance(options, RunOptions):
+            raise ConfigurationError(
+                f"run_opts must be assigned a RunOptions, not {type(options).__name__}: "
+                "change options with attrs.evolve(brain.run_opts, name=value)"
+            )
+        if options.device != self._run_opts.device:
+            raise ConfigurationError(
+                f"device cannot change from {self._run_opts.device!r} to {options.device!r} "
+                "once the brain is built: its modules, grad scaler and process group were set "
+                "up for it then; pass the device in run_opts"
+            )
         fp16 = self._run_opts.precision == "fp16"
         if (options.precision == "fp16") != fp16:
             raise ConfigurationError(
@@ -557,10 +581,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 non-finite losses.
             HookContractError: ``loss`` is not a one-element tensor.
         """
-        try:
-            value = float(loss.item())
-        except (AttributeError, RuntimeError) as error:
-            raise _not_a_loss(loss) from error
+        value = _loss_value(loss)
         # Kept for update_average, so that the loss is read from its device once per batch.
         self._read_tensor, self._read_value = loss, value
         finite = math.isfinite(value)
@@ -665,7 +686,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self._stepping_parameters = None
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        if stepped:
+        if stepped and optimizers:  # a step without an optimizer changed nothing
             self.optimizer_step += 1
 
     def _step(
@@ -1098,7 +1119,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             optimizer.step()
         for optimizer in plan.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        self.optimizer_step += 1
+        if plan.optimizers:
+            self.optimizer_step += 1
         self._averaged += 1
         self.avg_train_loss = running_mean(self.avg_train_loss, value, self._averaged)
 
@@ -1707,6 +1729,26 @@ def _declared_hparams(cls: type[object], bound: Mapping[object, object] | None =
     return None
 
 
+def _named_modules(modules: object) -> dict[str, torch.nn.Module]:
+    """The constructor's ``modules`` as a dict, with a clear error for anything else."""
+    if modules is None:
+        return {}
+    if isinstance(modules, torch.nn.ModuleDict):
+        return dict(modules.items())
+    if isinstance(modules, torch.nn.Module) or not isinstance(modules, Mapping):
+        raise ConfigurationError(
+            "modules must map names to torch modules, such as {'model': model}, not "
+            f"{type(modules).__name__}"
+        )
+    for name, module in modules.items():
+        if not isinstance(name, str) or not isinstance(module, torch.nn.Module):
+            raise ConfigurationError(
+                f"modules must map names to torch modules: modules[{name!r}] is "
+                f"{type(module).__name__}, not a torch.nn.Module"
+            )
+    return dict(modules)
+
+
 def _check_fit_arguments(epoch_counter: object, train_set: object) -> None:
     """Refuse ``fit`` arguments of the wrong kind before anything runs."""
     if not isinstance(epoch_counter, Iterable):
@@ -1718,12 +1760,15 @@ def _check_fit_arguments(epoch_counter: object, train_set: object) -> None:
         raise ConfigurationError("fit(): train_set is None: give a DataLoader or a dataset")
 
 
-def _loss_value(loss: Tensor) -> float:
-    """The loss as a Python float, with a clear error when it is not a one-element tensor."""
-    try:
-        return float(loss.item())
-    except (AttributeError, RuntimeError) as error:
-        raise _not_a_loss(loss) from error
+def _loss_value(loss: object) -> float:
+    """The loss as a Python float, with a clear error when it is not a one-element tensor.
+
+    Only the shape is checked: an error reading the value (a CUDA kernel's asynchronous error
+    surfaces at this first synchronisation) is the device's, and goes on as it is.
+    """
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise _not_a_loss(loss)
+    return float(loss.item())
 
 
 def _not_a_loss(loss: object) -> HookContractError:
