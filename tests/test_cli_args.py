@@ -351,3 +351,8 @@ def test_every_run_option_has_a_description_from_the_docstring() -> None:
     assert descriptions["nonfinite_patience"] == (
         "non-finite losses tolerated per epoch before NonFiniteLossError."
     )
+
+
+def test_parsed_arguments_unpack_as_speechbrains_triple() -> None:
+    hparams_file, run_opts, overrides = parse_arguments(["h.yaml", "--debug", "--lr", "0.5"])
+    assert (hparams_file, run_opts, overrides) == (Path("h.yaml"), {"debug": True}, "lr: 0.5\n")

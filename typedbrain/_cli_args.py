@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final, Literal, NoReturn, TypeAlias, cast, final, get_args, get_origin
+from typing import Final, Literal, NamedTuple, NoReturn, TypeAlias, cast, get_args, get_origin
 
 import attrs
 
@@ -40,10 +40,11 @@ _Tree: TypeAlias = "dict[str, _Tree | str]"
 """Overrides by key path: nested mappings, with the YAML text of each value at the leaves."""
 
 
-@final
-@attrs.frozen
-class ParsedArguments:
-    """A parsed command line.
+class ParsedArguments(NamedTuple):
+    """A parsed command line; unpacks as SpeechBrain's triple.
+
+    ``hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])`` works as in a
+    SpeechBrain recipe, each name with its own type.
 
     Attributes:
         hparams_file: the hyperparameter file (the first positional argument).
