@@ -406,3 +406,20 @@ def test_without_an_optimizer_no_step_is_counted(hooked: bool) -> None:
     brain = kind({"model": torch.nn.Linear(4, 2)}, run_opts={"noprogressbar": True})
     brain.fit(range(1, 2), ready_loader(batches(3, 4)))
     assert brain.optimizer_step == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"ckpt_interval_steps": 2}, "ckpt_interval_steps=2"),
+        ({"ckpt_interval_minutes": 1.5}, "ckpt_interval_minutes=1.5"),
+    ],
+)
+def test_a_checkpoint_interval_without_a_checkpointer_warns(
+    options: RunOptionsDict, named: str
+) -> None:
+    brain = RegressionBrain(
+        {"model": torch.nn.Linear(4, 2)}, sgd(), run_opts={"noprogressbar": True, **options}
+    )
+    with pytest.warns(UserWarning, match=f"{named} saves nothing: this brain has no checkpointer"):
+        brain.fit(range(1, 2), ready_loader(batches(2, 4)))

@@ -83,15 +83,19 @@ def test_precedence_is_defaults_then_hparams_then_run_opts() -> None:
 def test_precedence_holds_for_any_valid_options(
     hparams: dict[str, object], run_opts: dict[str, object]
 ) -> None:
-    if (hparams | run_opts).get("ckpt_interval_minutes", 0) and (hparams | run_opts).get(
-        "ckpt_interval_steps", 0
+    intervals = ("ckpt_interval_minutes", "ckpt_interval_steps")
+    if all(hparams.get(key, 0) for key in intervals) or all(
+        run_opts.get(key, 0) for key in intervals
     ):
         with pytest.raises(RunOptionsError, match="ckpt_interval_steps"):
             RunOptions.from_sources(hparams, run_opts)
         return
     options = RunOptions.from_sources(hparams, run_opts)
+    chosen_in_run_opts = any(run_opts.get(key, 0) for key in intervals)
     for name in RunOptions.names():
         expected = run_opts.get(name, hparams.get(name, SPEECHBRAIN_DEFAULTS[name]))
+        if name in intervals and name not in run_opts and chosen_in_run_opts:
+            expected = SPEECHBRAIN_DEFAULTS[name]  # the run_opts interval replaced it
         assert getattr(options, name) == expected, name
 
 
@@ -173,14 +177,30 @@ def test_direct_construction_validates_too() -> None:
         RunOptions(nonfinite_patience=-1)
 
 
-def test_both_checkpoint_intervals_from_two_sources_names_where_each_came_from() -> None:
+@pytest.mark.parametrize(
+    ("hparams", "run_opts"),
+    [
+        ({"ckpt_interval_minutes": 15.0}, {"ckpt_interval_steps": 100}),
+        ({"ckpt_interval_steps": 100}, {"ckpt_interval_minutes": 15.0}),
+    ],
+)
+def test_a_checkpoint_interval_in_run_opts_replaces_the_other_one_in_hparams(
+    hparams: dict[str, object], run_opts: dict[str, object]
+) -> None:
+    """The command line (run_opts) chooses how to save over the recipe file (hparams)."""
+    options = RunOptions.from_sources(hparams=hparams, run_opts=run_opts)
+    assert {key: getattr(options, key) for key in run_opts} == run_opts
+    assert {key: getattr(options, key) for key in hparams} == dict.fromkeys(hparams, 0)
+
+
+def test_both_checkpoint_intervals_in_one_source_names_it() -> None:
     with pytest.raises(RunOptionsError) as caught:
         RunOptions.from_sources(
-            hparams={"ckpt_interval_minutes": 15.0}, run_opts={"ckpt_interval_steps": 100}
+            run_opts={"ckpt_interval_minutes": 15.0, "ckpt_interval_steps": 100}
         )
     assert caught.value.key == "ckpt_interval_steps"
     assert str(caught.value).endswith(
-        "(ckpt_interval_steps from run_opts, ckpt_interval_minutes from hparams)"
+        "(ckpt_interval_steps from run_opts, ckpt_interval_minutes from run_opts)"
     )
 
 

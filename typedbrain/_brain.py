@@ -906,6 +906,19 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                         "not fill optimizers_dict?)",
                         UserWarning,
                     )
+                if self.checkpointer is None and (
+                    self.ckpt_interval_steps or self.ckpt_interval_minutes
+                ):
+                    interval = (
+                        f"ckpt_interval_steps={self.ckpt_interval_steps}"
+                        if self.ckpt_interval_steps
+                        else f"ckpt_interval_minutes={self.ckpt_interval_minutes}"
+                    )
+                    warn(
+                        f"{interval} saves nothing: this brain has no checkpointer (pass "
+                        "checkpointer=sb.Checkpointer(folder, recoverables) to Brain())",
+                        UserWarning,
+                    )
                 reentering = self._reenter_interrupted_epoch(epoch_counter)
                 self._last_checkpoint_time = time.monotonic()
                 show = self._progress_enabled(progressbar)

@@ -273,7 +273,9 @@ class RunOptions:
     ) -> RunOptions:
         """Build run options with SpeechBrain's precedence.
 
-        Defaults < hyperparameters whose key is a run option's name < ``run_opts``. Keys of
+        Defaults < hyperparameters whose key is a run option's name < ``run_opts``. The two
+        checkpoint intervals are one choice: an interval in ``run_opts`` replaces the other one
+        in the hyperparameters (both in one source is an error). Keys of
         ``hparams`` that are not run options are ignored (they are hyperparameters); a key of
         ``run_opts`` that is not a run option is an error. Lists are accepted for the
         ``*_module_keys`` options and integers for numeric options. ``run_opts`` may also be a
@@ -307,6 +309,11 @@ class RunOptions:
                     raise RunOptionsError(key, f"{_strip_key(error)} (from {source})") from None
                 chosen[key] = normalized
                 origin[key] = source
+        given = [key for key in _EXCLUSIVE if chosen.get(key)]
+        if len(given) == 2 and origin[given[0]] != origin[given[1]]:
+            # One choice of how to save, made in two sources: the later source's stands.
+            dropped = next(key for key in given if origin[key] == "hparams")
+            del chosen[dropped], origin[dropped]
         try:
             return cls(**chosen)  # type: ignore[arg-type]  # keys and types were checked above
         except RunOptionsError as error:
