@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
+from torch.utils.data import BatchSampler, DataLoader
 
 import typedbrain as tb
 from tests.helpers import Batch, call, examples
@@ -548,3 +549,32 @@ def test_evaluate_leaves_no_recovered_run_state_for_a_later_fit(tmp_path: Path) 
     brain.trained = []
     brain.fit(counter, data, train_loader_kwargs={"batch_size": 4})
     assert brain.trained == [1, 2, 3, 4]  # epoch 2, whole; not the rest of epoch 1
+
+
+def _batch_sampler_run(folder: Path, size: int, *, crash_at: int | None) -> CountingBrain:
+    torch.manual_seed(0)
+    modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
+    data = examples(16)
+    sampler = tb.ResumableSampler(data, shuffle=True, seed=3)
+    loader = DataLoader(data, batch_sampler=BatchSampler(sampler, size, drop_last=False))
+    brain = CountingBrain(
+        modules,
+        _adam,
+        run_opts={"noprogressbar": True, "ckpt_interval_steps": 2},
+        checkpointer=tb.Checkpointer(folder, dict(modules)),
+    )
+    CountingBrain.passes = 0
+    brain.crash_at = crash_at
+    brain.fit(range(1, 2), loader)
+    return brain
+
+
+def test_a_restart_with_another_size_in_the_users_batch_sampler_warns_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """The batch size saved is the ``BatchSampler``'s (the loader's own is None then)."""
+    with pytest.raises(CrashError):  # the checkpoint after batch 2: 8 of 16 samples used
+        _batch_sampler_run(tmp_path, 4, crash_at=3)
+    with pytest.warns(tb.ResumeWarning, match="batch size was 4 .* is 8 now"):
+        _batch_sampler_run(tmp_path, 8, crash_at=None)
+    assert CountingBrain.passes == 1  # the other 8 samples, in one batch of 8

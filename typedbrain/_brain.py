@@ -81,6 +81,7 @@ from typedbrain._run_record import RunRecord, RunStateRecoverable
 from typedbrain._sampler import (
     batches_from,
     find_resumable_sampler,
+    loader_batch_size,
     loader_generators,
     loader_seed,
     set_loader_epoch,
@@ -1411,7 +1412,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             else SamplerState(seed=sampler.seed, epoch=sampler.epoch),
             train_loader_seed=None if train is None else loader_seed(train),
             valid_loader_seed=None if valid is None else loader_seed(valid),
-            batch_size=None if train is None else train.batch_size,
+            batch_size=None if train is None else loader_batch_size(train),
             accumulation=self.grad_accumulation_factor,
             counter=self._counter_name(),
             loader_rng=() if train is None else capture_generators(loader_generators(train)),

@@ -31,6 +31,7 @@ __all__ = [
     "ResumableSampler",
     "batches_from",
     "find_resumable_sampler",
+    "loader_batch_size",
     "loader_seed",
     "mix_seed",
     "position_loader",
@@ -448,12 +449,24 @@ def position_loader(
     )
 
 
+def loader_batch_size(loader: DataLoader[object]) -> int | None:
+    """The loader's batch size: its own, or its torch ``BatchSampler``'s when it was given one.
+
+    ``None`` without automatic batching or with another batch sampler (its batches' size is
+    its own business).
+    """
+    if loader.batch_size is not None:
+        return loader.batch_size
+    batch_sampler: object = loader.batch_sampler
+    return batch_sampler.batch_size if type(batch_sampler) is BatchSampler else None
+
+
 def _position_for_epoch(
     loader: DataLoader[object], *, epoch: int, batches_done: int, batch_size: int | None
 ) -> bool:
     """:func:`position_loader` once the loader is set for ``epoch``."""
     check_int("batches_done", batches_done, minimum=0)
-    current = loader.batch_size
+    current = loader_batch_size(loader)
     if batches_done and batch_size is not None and current is not None and current != batch_size:
         warn(
             f"the training batch size was {batch_size} when the checkpoint was taken and is "
