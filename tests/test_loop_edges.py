@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tests.helpers import (
     Batch,
+    ReadyBatches,
     RegressionBrain,
     batches,
     examples,
@@ -423,3 +424,30 @@ def test_a_checkpoint_interval_without_a_checkpointer_warns(
     )
     with pytest.warns(UserWarning, match=f"{named} saves nothing: this brain has no checkpointer"):
         brain.fit(range(1, 2), ready_loader(batches(2, 4)))
+
+
+@pytest.mark.parametrize("stage", [Stage.TRAIN, Stage.VALID])
+def test_a_users_loader_with_persistent_workers_warns_that_resumes_are_not_exact(
+    stage: Stage,
+) -> None:
+    persistent = DataLoader(
+        ReadyBatches(batches(2, 4)),
+        batch_size=None,
+        num_workers=1,
+        persistent_workers=True,
+    )
+    plain = ready_loader(batches(2, 4))
+    train, valid = (persistent, plain) if stage is Stage.TRAIN else (plain, persistent)
+    brain = RegressionBrain(
+        {"model": torch.nn.Linear(4, 2)}, sgd(), run_opts={"noprogressbar": True}
+    )
+    with pytest.warns(ResumeWarning, match=f"the {stage.value} DataLoader keeps its workers"):
+        brain.fit(range(1, 2), train, valid)
+
+
+def test_loader_options_given_with_a_ready_dataloader_warn_that_they_are_ignored() -> None:
+    brain = RegressionBrain(
+        {"model": torch.nn.Linear(4, 2)}, sgd(), run_opts={"noprogressbar": True}
+    )
+    with pytest.warns(UserWarning, match=r"the train loader options \['batch_size'\] are ignored"):
+        brain.fit(range(1, 2), ready_loader(batches(2, 4)), train_loader_kwargs={"batch_size": 2})

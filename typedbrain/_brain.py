@@ -1060,8 +1060,24 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self, data: DataSource, stage: Stage, loader_kwargs: LoaderKwargs | None
     ) -> DataLoader[object]:
         if isinstance(data, DataLoader):
+            if loader_kwargs:
+                warn(
+                    f"the {stage.value} loader options {sorted(loader_kwargs)} are ignored: "
+                    f"the {stage.value} set is already a DataLoader (they are for a dataset "
+                    "the brain makes a loader from)",
+                    UserWarning,
+                )
             if stage is Stage.TRAIN:
                 self.train_sampler = _sampler_of(data)
+            if stage is not Stage.TEST and data.num_workers > 0 and data.persistent_workers:
+                warn(
+                    f"the {stage.value} DataLoader keeps its workers from one epoch to the next "
+                    "(persistent_workers=True): what they change in themselves while loading "
+                    "(their random generators, a dataset's cache) carries over to the next "
+                    "epoch, while a resumed run starts them afresh, so the resume is not "
+                    "exact; use persistent_workers=False for exact resumes",
+                    ResumeWarning,
+                )
             return data
         # ** unpacks into a fresh dict: the caller's kwargs are never modified.
         return self.make_dataloader(data, stage, **(loader_kwargs or LoaderKwargs()))
