@@ -18,7 +18,7 @@ from torch.optim.optimizer import ParamsT
 from torch.utils.data import BatchSampler, DataLoader
 
 import typedbrain as tb
-from tests.helpers import Batch, call, examples
+from tests.helpers import Batch, ReadyBatches, call, examples
 from typedbrain import Stage
 
 
@@ -556,7 +556,7 @@ def _batch_sampler_run(folder: Path, size: int, *, crash_at: int | None) -> Coun
     modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
     data = examples(16)
     sampler = tb.ResumableSampler(data, shuffle=True, seed=3)
-    loader = DataLoader(data, batch_sampler=BatchSampler(sampler, size, drop_last=False))
+    loader = DataLoader(ReadyBatches(data), batch_sampler=BatchSampler(sampler, size, False))
     brain = CountingBrain(
         modules,
         _adam,
