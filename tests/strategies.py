@@ -140,4 +140,5 @@ def run_state() -> st.SearchStrategy[RunState]:
         loader_rng=_generator_states,
         epoch_loader_rng=st.none() | _generator_states,
         valid_loader_rng=_generator_states,
+        num_workers=st.none() | _count,
     )

@@ -578,3 +578,30 @@ def test_a_restart_with_another_size_in_the_users_batch_sampler_warns_and_loses_
     with pytest.warns(tb.ResumeWarning, match="batch size was 4 .* is 8 now"):
         _batch_sampler_run(tmp_path, 8, crash_at=None)
     assert CountingBrain.passes == 1  # the other 8 samples, in one batch of 8
+
+
+def _workers_run(folder: Path, workers: int, *, crash_at: int | None) -> CountingBrain:
+    torch.manual_seed(0)
+    modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
+    brain = CountingBrain(
+        modules,
+        _adam,
+        run_opts={"noprogressbar": True, "ckpt_interval_steps": 2},
+        checkpointer=tb.Checkpointer(folder, dict(modules)),
+    )
+    CountingBrain.passes = 0
+    brain.crash_at = crash_at
+    brain.fit(
+        range(1, 2), examples(16), train_loader_kwargs={"batch_size": 4, "num_workers": workers}
+    )
+    return brain
+
+
+@pytest.mark.parametrize(("before", "after"), [(0, 1), (1, 0)])
+def test_a_restart_that_turns_loader_workers_on_or_off_warns(
+    tmp_path: Path, before: int, after: int
+) -> None:
+    with pytest.raises(CrashError):
+        _workers_run(tmp_path, before, crash_at=3)
+    with pytest.warns(tb.ResumeWarning, match=f"num_workers={before} when the checkpoint"):
+        _workers_run(tmp_path, after, crash_at=None)

@@ -1429,6 +1429,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             train_loader_seed=None if train is None else loader_seed(train),
             valid_loader_seed=None if valid is None else loader_seed(valid),
             batch_size=None if train is None else loader_batch_size(train),
+            num_workers=None if train is None else train.num_workers,
             accumulation=self.grad_accumulation_factor,
             counter=self._counter_name(),
             loader_rng=() if train is None else capture_generators(loader_generators(train)),
@@ -1498,6 +1499,15 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if restored is None:
             return None
         state = restored.state
+        if state.num_workers is not None and (state.num_workers > 0) != (loader.num_workers > 0):
+            warn(
+                f"the training loader had num_workers={state.num_workers} when the checkpoint "
+                f"was taken and has {loader.num_workers} now: randomness drawn while loading "
+                "(augmentation in __getitem__, say) comes from per-item seeds in workers and "
+                "from the global generators without them, so the run will not continue "
+                "exactly as the interrupted one would have",
+                ResumeWarning,
+            )
         sampler = find_resumable_sampler(loader)
         if state.sampler is not None and sampler is not None:
             sampler.load_state_dict({"seed": state.sampler.seed, "epoch": state.sampler.epoch})

@@ -35,6 +35,14 @@ def _optional_positive(
         raise ValueError(f"{attribute.name} must be 1 or more, got {value}")
 
 
+def _optional_non_negative(
+    instance: object, attribute: attrs.Attribute[int | None], value: int | None
+) -> None:
+    del instance
+    if value is not None and value < 0:
+        raise ValueError(f"{attribute.name} must be 0 or more, got {value}")
+
+
 def _finite(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     del instance
     if not math.isfinite(value):
@@ -110,6 +118,8 @@ class RunState:
         epoch_loader_rng: the same as the epoch began, when ``mid_epoch``.
         valid_loader_rng: the validation loader's own generators when the state was taken
             (from which its next validation shuffles, say).
+        num_workers: the training loader's ``num_workers``: with workers, randomness drawn
+            while loading comes from per-item seeds, without them from the global generators.
     """
 
     phase: str
@@ -130,6 +140,7 @@ class RunState:
     loader_rng: tuple[tuple[int, ...], ...] = ()
     epoch_loader_rng: tuple[tuple[int, ...], ...] | None = None
     valid_loader_rng: tuple[tuple[int, ...], ...] = ()
+    num_workers: int | None = attrs.field(default=None, validator=_optional_non_negative)
 
 
 converter: Final = cattrs.Converter(forbid_extra_keys=True)
