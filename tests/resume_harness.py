@@ -275,16 +275,17 @@ def run(
         valid_set = DataLoader(
             valid, batch_size=config.batch_size, shuffle=True, generator=own_valid
         )
-    brain.fit(
+    valid_kwargs: sb.LoaderKwargs = {
+        "batch_size": config.batch_size,
+        "num_workers": config.valid_num_workers,
+        "shuffle": config.valid_shuffle,
+    }
+    brain.fit(  # loader options for the sets the brain makes loaders of
         counter,
         train_set,
         valid_set if config.valid else None,
-        train_loader_kwargs=loader_kwargs,
-        valid_loader_kwargs={
-            "batch_size": config.batch_size,
-            "num_workers": config.valid_num_workers,
-            "shuffle": config.valid_shuffle,
-        },
+        train_loader_kwargs=None if isinstance(train_set, DataLoader) else loader_kwargs,
+        valid_loader_kwargs=None if isinstance(valid_set, DataLoader) else valid_kwargs,
     )
     return brain
 

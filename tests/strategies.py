@@ -141,4 +141,5 @@ def run_state() -> st.SearchStrategy[RunState]:
         epoch_loader_rng=st.none() | _generator_states,
         valid_loader_rng=_generator_states,
         num_workers=st.none() | _count,
+        dataset_size=st.none() | _count,
     )

@@ -605,3 +605,23 @@ def test_a_restart_that_turns_loader_workers_on_or_off_warns(
         _workers_run(tmp_path, before, crash_at=3)
     with pytest.warns(tb.ResumeWarning, match=f"num_workers={before} when the checkpoint"):
         _workers_run(tmp_path, after, crash_at=None)
+
+
+def test_a_mid_epoch_restart_over_a_training_set_of_another_size_warns(tmp_path: Path) -> None:
+    def run(size: int, crash_at: int | None) -> None:
+        torch.manual_seed(0)
+        modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
+        brain = CountingBrain(
+            modules,
+            _adam,
+            run_opts={"noprogressbar": True, "ckpt_interval_steps": 2},
+            checkpointer=tb.Checkpointer(tmp_path, dict(modules)),
+        )
+        CountingBrain.passes = 0
+        brain.crash_at = crash_at
+        brain.fit(range(1, 2), examples(size), train_loader_kwargs={"batch_size": 4})
+
+    with pytest.raises(CrashError):
+        run(20, crash_at=3)
+    with pytest.warns(tb.ResumeWarning, match="training set had 20 items .* has 21 now"):
+        run(21, crash_at=None)

@@ -12,7 +12,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from contextlib import AbstractContextManager, ExitStack
 from typing import Final, Generic, Protocol, cast, get_args, get_origin, overload
 from typing import TypeVar as TypeVarType
@@ -1430,6 +1430,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             valid_loader_seed=None if valid is None else loader_seed(valid),
             batch_size=None if train is None else loader_batch_size(train),
             num_workers=None if train is None else train.num_workers,
+            dataset_size=None if train is None else _dataset_size(train),
             accumulation=self.grad_accumulation_factor,
             counter=self._counter_name(),
             loader_rng=() if train is None else capture_generators(loader_generators(train)),
@@ -1553,6 +1554,16 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         """Put the counters and partial gradients of an interrupted epoch back."""
         state = restored.state
         progress = state.progress
+        train = self._train_loader
+        size = None if train is None else _dataset_size(train)
+        if state.dataset_size is not None and size is not None and size != state.dataset_size:
+            warn(
+                f"the training set had {state.dataset_size} items when the checkpoint was "
+                f"taken in epoch {state.epoch} and has {size} now: the epoch continues after "
+                f"batch {progress.step} in an order made for {size} items, so some items are "
+                "trained twice this epoch and others not at all",
+                ResumeWarning,
+            )
         self.step = progress.step
         self.avg_train_loss = progress.avg_train_loss
         self._averaged = progress.averaged
@@ -1767,6 +1778,17 @@ def _declared_hparams(cls: type[object], bound: Mapping[object, object] | None =
             if found is not None:
                 return found
     return None
+
+
+def _dataset_size(loader: DataLoader[object]) -> int | None:
+    """The length of the loader's dataset, when it has one."""
+    dataset: object = loader.dataset
+    if not isinstance(dataset, Sized):
+        return None
+    try:
+        return len(dataset)
+    except (TypeError, NotImplementedError):  # a __len__ that declines: no length to record
+        return None
 
 
 def _named_modules(modules: object) -> dict[str, torch.nn.Module]:

@@ -120,6 +120,8 @@ class RunState:
             (from which its next validation shuffles, say).
         num_workers: the training loader's ``num_workers``: with workers, randomness drawn
             while loading comes from per-item seeds, without them from the global generators.
+        dataset_size: the length of the training loader's dataset, when it has one: an
+            interrupted epoch is continued in an order made for that many items.
     """
 
     phase: str
@@ -141,6 +143,7 @@ class RunState:
     epoch_loader_rng: tuple[tuple[int, ...], ...] | None = None
     valid_loader_rng: tuple[tuple[int, ...], ...] = ()
     num_workers: int | None = attrs.field(default=None, validator=_optional_non_negative)
+    dataset_size: int | None = attrs.field(default=None, validator=_optional_non_negative)
 
 
 converter: Final = cattrs.Converter(forbid_extra_keys=True)
