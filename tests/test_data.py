@@ -7,6 +7,7 @@ import random
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from typedbrain._data import (
     LoaderKwargs,
     Shard,
     _index_key,
+    _ItemSeeds,
     find_resumable_sampler,
     make_dataloader,
     position_loader,
@@ -497,7 +499,55 @@ def test_workers_wrap_the_dataset_which_forwards_length_and_attributes() -> None
     assert len(loader.dataset) == 5  # type: ignore[arg-type]  # map-style: it has __len__
     assert getattr(loader.dataset, "length", None) == 5
     assert not hasattr(loader.dataset, "__getitems__")
-    assert loader.worker_init_fn is seed_worker
+    assert getattr(loader.dataset, "__wrapped__", None) is dataset
+    assert pickle.loads(pickle.dumps(loader.worker_init_fn)) is not None
+
+
+class Curriculum(Dataset[int]):
+    """Items depend on the dataset's own epoch; it also has a ``dataset`` attribute of its own."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.dataset = "its own"
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        return self.epoch * 100 + index
+
+
+def test_the_worker_wrapper_hands_set_epoch_and_attribute_access_to_the_dataset() -> None:
+    dataset = Curriculum()
+    loader = make_dataloader(dataset, seed=0, batch_size=4, num_workers=2)
+    assert loader.dataset is not dataset
+    wrapper = cast(Curriculum, loader.dataset)  # it stands in for the dataset
+    wrapper.set_epoch(3)
+    assert dataset.epoch == 3
+    assert wrapper.epoch == 3
+    assert wrapper.dataset == "its own"  # not the wrapper's own
+    wrapper.epoch = 5
+    assert dataset.epoch == 5
+    del wrapper.dataset
+    assert not hasattr(dataset, "dataset")
+    set_loader_epoch(loader, 7)  # the loader's epoch is the wrapper's business, not the dataset's
+    assert dataset.epoch == 5
+
+
+@pytest.mark.slow
+def test_a_datasets_own_set_epoch_through_the_wrapper_reaches_the_workers() -> None:
+    loader = make_dataloader(Curriculum(), seed=0, batch_size=4, num_workers=2)
+    cast(Curriculum, loader.dataset).set_epoch(3)  # as with num_workers=0
+    assert as_lists(list(loader)) == [[300, 301, 302, 303]]
+
+
+def test_in_order_false_is_refused_because_a_resume_needs_a_fixed_order() -> None:
+    with pytest.raises(ConfigurationError, match=r"in_order must be True, got False: .*resume"):
+        make_dataloader(list(range(4)), seed=0, batch_size=2, num_workers=2, in_order=False)
+    make_dataloader(list(range(4)), seed=0, batch_size=2, num_workers=2, in_order=True)
 
 
 def user_worker_init(worker_id: int) -> None:
@@ -578,6 +628,47 @@ def test_resumed_workers_reproduce_the_uninterrupted_noise_bit_for_bit(
     assert len(full) == 4
     for done in (1, 3):
         assert same(noisy_batches(dataset_type(), epoch=2, batches_done=done), full[done:])
+
+
+@pytest.mark.slow
+def test_persistent_workers_draw_each_epochs_noise_as_fresh_workers_do() -> None:
+    def epochs_noise(*, persistent: bool) -> list[Tensor]:
+        loader = make_dataloader(
+            NoisyDataset(6), seed=3, batch_size=3, num_workers=2, persistent_workers=persistent
+        )
+        noise = []
+        for epoch in (1, 2, 3):
+            set_loader_epoch(loader, epoch)
+            noise.append(torch.cat([batch for batch in loader if isinstance(batch, Tensor)]))
+        return noise
+
+    with pytest.warns(ResumeWarning, match="persistent_workers=True"):
+        persistent = epochs_noise(persistent=True)
+    assert same(persistent, epochs_noise(persistent=False))
+    assert not torch.equal(persistent[0][:, 1:], persistent[1][:, 1:])
+    assert not torch.equal(persistent[1][:, 1:], persistent[2][:, 1:])
+
+
+def test_an_items_seeds_are_a_function_of_seed_epoch_and_index_and_spare_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(seed: int) -> None:
+        raise AssertionError("torch.manual_seed also seeds every CUDA device; workers must not")
+
+    monkeypatch.setattr(torch, "manual_seed", refuse)
+
+    def draws(seed: int, epoch: int, index: int) -> tuple[float, float, float]:
+        seeds = _ItemSeeds(seed)
+        seeds.set_epoch(epoch)
+        seeds.reseed([index])
+        return torch.rand(()).item(), float(np.random.rand()), random.random()
+
+    first = draws(1, 2, 3)
+    assert draws(1, 2, 3) == first
+    others = {draws(1, 2, 4), draws(1, 3, 3), draws(2, 2, 3)}
+    assert first not in others
+    assert len(others) == 3
+    assert len(set(first)) == 3  # the three libraries do not draw in step
 
 
 @pytest.mark.slow

@@ -273,3 +273,100 @@ def test_any_nested_batch_keeps_its_shape_and_a_batch_on_the_device_is_kept_whol
 ) -> None:
     assert same_shape_on(move_to_device(batch, META), batch, META)
     assert move_to_device(batch, CPU) is batch
+
+
+# Batches whose construction does work: moving them must copy, never construct again.
+
+
+@dataclasses.dataclass
+class ChannelledAudio:
+    """A dataclass batch whose ``__post_init__`` adds a channel dimension."""
+
+    wav: Tensor
+
+    def __post_init__(self) -> None:
+        self.wav = self.wav.unsqueeze(1)
+
+
+def shifted(ids: Tensor) -> Tensor:
+    """A converter that is wrong to run twice: it shifts the ids by one (0 is for padding)."""
+    return ids + 1
+
+
+@attrs.define
+class ShiftedIds:
+    """An attrs batch whose converter shifts the ids and whose post-init counts its runs."""
+
+    ids: Tensor = attrs.field(converter=shifted)
+    built: list[int] = attrs.field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self.built.append(1)
+
+
+def test_moving_a_dataclass_or_attrs_batch_runs_no_post_init_nor_converter_again() -> None:
+    audio = move_to_device(ChannelledAudio(torch.zeros(4, 16000)), META)
+    assert audio.wav.is_meta
+    assert audio.wav.shape == (4, 1, 16000)
+    built: list[int] = []
+    ids = ShiftedIds(torch.zeros(3, dtype=torch.long), built)
+    moved = move_to_device(ids, META)
+    assert moved.ids.is_meta
+    assert built == [1]  # the post-init ran when the batch was built, not when it moved
+    assert torch.equal(ids.ids, torch.ones(3, dtype=torch.long))  # converted once, kept
+
+
+@dataclasses.dataclass
+class DataclassWithLengths:
+    inputs: Tensor
+    lengths: Tensor = dataclasses.field(init=False)
+    unset: Tensor = dataclasses.field(init=False)
+
+
+@attrs.define
+class AttrsWithMask:
+    inputs: Tensor
+    mask: Tensor = attrs.field(init=False, factory=lambda: torch.zeros(1))
+
+
+@attrs.frozen(slots=True)
+class FrozenSlotted:
+    inputs: Tensor
+    lengths: Tensor = attrs.field(init=False)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FrozenSlottedDataclass:
+    inputs: Tensor
+    lengths: Tensor = dataclasses.field(init=False)
+
+
+def test_init_false_fields_are_moved_not_dropped_or_reset() -> None:
+    data = DataclassWithLengths(torch.zeros(2, 3))
+    data.lengths = torch.tensor([3, 1])
+    moved_data = move_to_device(data, META)
+    assert moved_data.inputs.is_meta
+    assert moved_data.lengths.is_meta
+    assert moved_data.lengths.shape == (2,)
+    assert not hasattr(moved_data, "unset")  # never set: stays unset
+    with_mask = AttrsWithMask(torch.zeros(2))
+    with_mask.mask = torch.tensor([7.0, 7.0])
+    moved_mask = move_to_device(with_mask, META)
+    assert moved_mask.mask.is_meta
+    assert moved_mask.mask.shape == (2,)  # not the factory's zeros(1)
+    assert not data.lengths.is_meta  # the batch given is not changed
+
+
+def test_frozen_and_slotted_batches_move_every_field() -> None:
+    frozen = FrozenSlotted(torch.zeros(2))
+    object.__setattr__(frozen, "lengths", torch.tensor([2]))
+    moved = move_to_device(frozen, META)
+    assert type(moved) is FrozenSlotted
+    assert moved.inputs.is_meta
+    assert moved.lengths.is_meta
+    frozen_data = FrozenSlottedDataclass(torch.zeros(2))
+    object.__setattr__(frozen_data, "lengths", torch.tensor([2]))
+    moved_data = move_to_device(frozen_data, META)
+    assert moved_data.inputs.is_meta
+    assert moved_data.lengths.is_meta
+    assert not frozen_data.inputs.is_meta

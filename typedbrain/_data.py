@@ -7,12 +7,18 @@ makes its next iteration skip the batches already consumed without loading them.
 
 from __future__ import annotations
 
+import atexit
 import difflib
+import hashlib
 import logging
 import multiprocessing.context
+import multiprocessing.util  # registers its exit handler before _exit_flag registers one
 import operator
+import os
 import random
+import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from types import FrameType
 from typing import Any, SupportsIndex, TypeAlias, TypedDict, cast
 
 import attrs
@@ -93,19 +99,13 @@ def _seed_numpy_and_random(seed: int) -> None:
     random.seed(mix_seed("typedbrain.random", seed))
 
 
-def _reseed_globals(seed: int) -> None:
-    """Seed torch's, NumPy's and Python's global RNGs from one ``seed``."""
-    torch.manual_seed(mix_seed("typedbrain.torch", seed))
-    _seed_numpy_and_random(seed)
-
-
 def seed_worker(worker_id: int) -> None:
     """Seed Python's ``random`` and NumPy's global RNG in a loader worker from torch's seed.
 
     torch seeds each worker's torch RNG with ``base_seed + worker_id``, where ``base_seed`` is
     drawn from the loader's generator at ``iter(loader)``; this derives the other two RNGs from
-    that seed, so they are a function of the loader's generator as well. It is the
-    ``worker_init_fn`` that ``make_dataloader`` installs (before yours, if you give one); being a
+    that seed, so they are a function of the loader's generator as well. ``make_dataloader``
+    runs it in each worker (before your ``worker_init_fn``, if you give one); being a
     module-level function, it pickles for the ``spawn`` start method.
 
     Args:
@@ -115,15 +115,76 @@ def seed_worker(worker_id: int) -> None:
     _seed_numpy_and_random(torch.initial_seed())
 
 
-class _ChainedWorkerInit:
-    """``seed_worker`` then the user's ``worker_init_fn``; picklable when the user's is."""
+_EXIT_FLAGS: dict[int, torch.Tensor] = {}
+"""By process id: the shared flag that process sets as it exits (see ``_exit_flag``)."""
 
-    def __init__(self, user_fn: Callable[[int], None]) -> None:
+
+def _exit_flag() -> torch.Tensor:
+    """A one-element tensor in shared memory that this process sets to 1 as it exits.
+
+    Made, and its setting registered with ``atexit``, on first use. ``atexit`` runs the last
+    registered first, so it is set before ``multiprocessing``'s own exit handler, registered
+    when ``multiprocessing.util`` was imported, sends SIGTERM to the daemonic processes still
+    alive (loader workers of an iterator that was not shut down) and waits for them.
+    """
+    flag = _EXIT_FLAGS.get(os.getpid())
+    if flag is None:
+        flag = torch.zeros(1, dtype=torch.uint8).share_memory_()  # type: ignore[no-untyped-call]  # untyped in torch
+        _EXIT_FLAGS[os.getpid()] = flag
+        atexit.register(flag.fill_, 1)
+    return flag
+
+
+class _StopSignalInWorker:
+    """A loader worker's SIGTERM and SIGINT handler: ignore them unless the main process exits.
+
+    A scheduler that stops a job (SLURM's ``scancel``, a time limit) sends SIGTERM to every
+    process of it, and a terminal's Ctrl-C sends SIGINT to every process of the foreground job.
+    The main process then finishes its batch and saves a checkpoint, and it may be waiting for
+    that batch from a worker: a worker ending on the signal would make it fail (torch reports
+    the death), so the worker carries on. It stops when the main process says so: torch sends
+    it the end of the iteration, and as the main process exits, ``multiprocessing`` sends
+    SIGTERM to the workers of an iterator still alive, after ``_exit_flag`` is set: this
+    handler exits then. It also stops when the main process dies (torch's watchdog).
+    """
+
+    def __init__(self, exiting: torch.Tensor) -> None:
+        self._exiting = exiting
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        if self._exiting.item():
+            os._exit(0)  # as torch's own handler does for its main process's SIGTERM
+        logger.debug(
+            "loader worker %d ignores %s: its main process decides",
+            os.getpid(),
+            signal.Signals(signum).name,
+        )
+
+
+class _WorkerInit:
+    """What ``make_dataloader`` runs in each worker, then the user's ``worker_init_fn``.
+
+    :func:`seed_worker` (unless ``seed`` is false: an iterable dataset's workers keep torch's
+    seeding), then SIGTERM and SIGINT handled by :class:`_StopSignalInWorker`. It pickles (for
+    the ``spawn`` start method) when the user's function does.
+    """
+
+    def __init__(
+        self, exiting: torch.Tensor, user_fn: Callable[[int], None] | None, *, seed: bool
+    ) -> None:
+        self.exiting = exiting
         self.user_fn = user_fn
+        self.seed = seed
 
     def __call__(self, worker_id: int) -> None:
-        seed_worker(worker_id)
-        self.user_fn(worker_id)
+        if self.seed:
+            seed_worker(worker_id)
+        handler = _StopSignalInWorker(self.exiting)
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
 
 
 def _index_key(index: object) -> int | str:
@@ -136,6 +197,53 @@ def _index_key(index: object) -> int | str:
     return repr(index)
 
 
+_INT64_LIMIT = 2**63
+
+
+class _ItemSeeds:
+    """The (seed, epoch) that items are loaded with, in memory the loader's workers share.
+
+    The main process writes it (``set_epoch``, ``set_seed``) and workers read it as they load
+    each item, so workers started before a change (``persistent_workers=True``) see it too. The
+    loader's seed is kept as a 63-bit digest, so any int fits.
+    """
+
+    def __init__(self, seed: int) -> None:
+        state = torch.zeros(2, dtype=torch.int64)
+        self._state: torch.Tensor = state.share_memory_()  # type: ignore[no-untyped-call]  # untyped in torch
+        self.set_seed(seed)
+
+    def set_seed(self, seed: int) -> None:
+        """Load items from ``seed`` from now on (a resumed run's saved seed)."""
+        self._state[0] = mix_seed("typedbrain.items", seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Load items with ``epoch``'s seeds from now on.
+
+        Raises:
+            ConfigurationError: ``epoch`` is not an int in ``[0, 2**63)``.
+        """
+        check_int("epoch", epoch, minimum=0)
+        if epoch >= _INT64_LIMIT:
+            raise ConfigurationError(f"epoch must be < 2**63, got {epoch!r}")
+        self._state[1] = epoch
+
+    def reseed(self, keys: Iterable[int | str]) -> None:
+        """Seed torch's, NumPy's and Python's global RNGs from (seed, epoch, ``keys``).
+
+        One BLAKE2b digest gives the three seeds (distinct, so no two libraries draw in step).
+        Each is set the cheapest exact way: torch's default CPU generator alone
+        (``torch.manual_seed`` would seed every CUDA device too, and costs a hundred times
+        more), NumPy's from 32 bits (its integer seeding), ``random``'s from 63.
+        """
+        seed, epoch = self._state.tolist()
+        text = ",".join(["typedbrain.item", str(seed), str(epoch), *map(repr, keys)])
+        digest = hashlib.blake2b(text.encode(), digest_size=20).digest()
+        torch.default_generator.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        np.random.seed(int.from_bytes(digest[8:12], "little"))
+        random.seed(int.from_bytes(digest[12:20], "little") >> 1)
+
+
 class _SeededDataset(Dataset[object]):
     """Reseeds the global RNGs from (seed, epoch, index) before each item, in loader workers.
 
@@ -143,51 +251,49 @@ class _SeededDataset(Dataset[object]):
     ``k`` the first batch goes to worker 0, not to worker ``k % num_workers``), so a worker's RNG
     stream is not reproducible across a resume; an RNG reseeded per item is. In the main process
     (``num_workers=0``) nothing is reseeded: the checkpoint saves and restores that process's
-    RNG state, which is exact there. Attributes the wrapper lacks are read from the dataset.
+    RNG state, which is exact there.
+
+    The wrapper stands in for the user's dataset: reading, setting and deleting an attribute
+    acts on the dataset (``loader.dataset.set_epoch(3)`` calls the dataset's own), and
+    ``__wrapped__`` is the dataset itself. Its own state has names no dataset uses.
     """
 
-    def __init__(self, dataset: Dataset[object] | Sequence[object], seed: int) -> None:
-        self._dataset = dataset
-        self._seed = seed
-        self._epoch = 0
+    _typedbrain_dataset: Dataset[object] | Sequence[object]
+    _typedbrain_seeds: _ItemSeeds
+
+    def __init__(self, dataset: Dataset[object] | Sequence[object], seeds: _ItemSeeds) -> None:
+        object.__setattr__(self, "_typedbrain_dataset", dataset)
+        object.__setattr__(self, "_typedbrain_seeds", seeds)
 
     @property
-    def dataset(self) -> Dataset[object] | Sequence[object]:
-        """The wrapped dataset."""
-        return self._dataset
+    def __wrapped__(self) -> Dataset[object] | Sequence[object]:
+        """The wrapped dataset (the name ``functools.wraps`` gives a wrapped function)."""
+        return self._typedbrain_dataset
 
-    @property
-    def epoch(self) -> int:
-        """The epoch whose seeds the items are loaded with."""
-        return self._epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch of the next iteration (workers copy it when they start)."""
-        self._epoch = epoch
-
-    def set_seed(self, seed: int) -> None:
-        """Seed the items of the next iterations from ``seed`` (a resumed run's saved seed)."""
-        self._seed = seed
-
-    def _reseed(self, *indices: object) -> None:
+    def _typedbrain_reseed(self, *indices: object) -> None:
         if torch.utils.data.get_worker_info() is not None:
-            keys = [_index_key(index) for index in indices]
-            _reseed_globals(mix_seed("typedbrain.item", self._seed, self._epoch, *keys))
+            self._typedbrain_seeds.reseed([_index_key(index) for index in indices])
 
     def __len__(self) -> int:
-        return len(cast(Sized, self._dataset))
+        return len(cast(Sized, self._typedbrain_dataset))
 
     def __getitem__(self, index: int) -> object:
-        self._reseed(index)
-        return self._dataset[index]
+        self._typedbrain_reseed(index)
+        return self._typedbrain_dataset[index]
 
     def __getattr__(self, name: str) -> object:
         # Only reached for attributes the wrapper lacks. Dunders are not forwarded: torch looks
         # for __getitems__ with hasattr, and pickle looks for __setstate__ before __init__ ran.
-        dataset = self.__dict__.get("_dataset")
+        dataset = self.__dict__.get("_typedbrain_dataset")
         if name.startswith("__") or dataset is None:
             raise AttributeError(name)
         return getattr(dataset, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        setattr(self._typedbrain_dataset, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self._typedbrain_dataset, name)
 
 
 class _SeededBatchedDataset(_SeededDataset):
@@ -199,8 +305,8 @@ class _SeededBatchedDataset(_SeededDataset):
     """
 
     def __getitems__(self, indices: list[int]) -> list[object]:
-        self._reseed(*indices)
-        fetch = cast(Callable[[list[int]], list[object]], self._dataset.__getitems__)  # type: ignore[union-attr]  # present: checked in make_dataloader
+        self._typedbrain_reseed(*indices)
+        fetch = cast(Callable[[list[int]], list[object]], self._typedbrain_dataset.__getitems__)  # type: ignore[union-attr]  # present: checked in make_dataloader
         return fetch(indices)
 
 
@@ -244,11 +350,15 @@ def make_dataloader(
       torch RNG (it draws the worker base seed from the loader's generator, even without
       workers);
     - with ``num_workers > 0``, the dataset is wrapped so that each item is loaded with torch,
-      NumPy and ``random`` reseeded from (seed, epoch, index), and :func:`seed_worker` runs in
-      each worker before your ``worker_init_fn``.
+      NumPy and ``random`` reseeded from (seed, epoch, index); each worker runs
+      :func:`seed_worker` and then ignores SIGTERM and SIGINT, which its main process acts on
+      (so that a job stopped by a scheduler or Ctrl-C still finishes its batch and saves its
+      checkpoint), before your ``worker_init_fn``. The wrapper passes attribute reads and
+      writes on to your dataset, which is ``loader.dataset.__wrapped__``.
 
     Samplers, batch samplers and generators you pass are used as they are. An
-    ``IterableDataset``, or a dataset without ``__len__``, is passed to ``DataLoader`` unchanged.
+    ``IterableDataset``, or a dataset without ``__len__``, is passed to ``DataLoader`` unchanged
+    (its workers only get the signal handling).
 
     Args:
         dataset: a torch ``Dataset`` or any sequence of examples.
@@ -261,11 +371,13 @@ def make_dataloader(
 
     Raises:
         ConfigurationError: an option that ``DataLoader`` does not have (the message names it
-            and suggests the closest one), or a ``seed`` that is not an int.
+            and suggests the closest one), a ``seed`` that is not an int, or
+            ``in_order=False`` (batches in the order workers finish them cannot be resumed).
 
     Warns:
-        ResumeWarning: ``persistent_workers=True`` with workers: the workers keep the first
-            epoch's state, so a resume after that epoch is not exact.
+        ResumeWarning: ``persistent_workers=True`` with workers: state your dataset keeps in
+            the workers carries over from epoch to epoch there, which a resumed run's fresh
+            workers cannot reproduce.
     """
     for key in loader_kwargs:
         if key not in _LOADER_KEYS:
@@ -275,13 +387,27 @@ def make_dataloader(
     num_workers = check_int("num_workers", loader_kwargs.get("num_workers", 0), minimum=0)
     if shard is not None and not isinstance(shard, Shard):
         raise ConfigurationError(f"shard must be a Shard or None, got {shard!r}")
+    if loader_kwargs.get("in_order", True) is not True:
+        raise ConfigurationError(
+            f"in_order must be True, got {loader_kwargs['in_order']!r}: with in_order=False, "
+            "workers hand over batches in the order they finish them, so the order a run sees "
+            "is not a function of the seed and the epoch, and a resume would skip other batches "
+            "than the ones consumed (losing some, repeating others)"
+        )
     if num_workers > 0 and loader_kwargs.get("persistent_workers", False):
         warn(
-            "persistent_workers=True keeps each worker's state (the dataset's epoch and the "
-            "worker seeds) from the first epoch for the whole run, so a resumed run will not "
-            "reproduce the uninterrupted one exactly after the first epoch; "
-            "use persistent_workers=False for exact resumes",
+            "persistent_workers=True keeps the workers, and their copies of the dataset, from "
+            "one epoch to the next: what your dataset changes in itself while loading (a "
+            "private RNG, a cache) carries over in them, and what you change in it from the "
+            "main process after they started (its set_epoch, say) does not reach them, while "
+            "a resumed run starts them afresh; the global RNGs are reseeded for each item "
+            "either way. Use persistent_workers=False for exact resumes",
             ResumeWarning,
+        )
+    map_style = not isinstance(dataset, IterableDataset) and isinstance(dataset, Sized)
+    if num_workers > 0:
+        loader_kwargs["worker_init_fn"] = _WorkerInit(
+            _exit_flag(), loader_kwargs.get("worker_init_fn"), seed=map_style
         )
     if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
         _warn_if_unsharded(dataset, loader_kwargs, shard, iterable=True)
@@ -308,13 +434,11 @@ def make_dataloader(
         generator.manual_seed(mix_seed("typedbrain.loader", seed, 0))
         loader_kwargs["generator"] = generator
     wrapper: _SeededDataset | None = None
+    item_seeds: _ItemSeeds | None = None
     if num_workers > 0:
         batched = callable(getattr(dataset, "__getitems__", None))
-        wrapper = (_SeededBatchedDataset if batched else _SeededDataset)(dataset, seed)
-        user_init = loader_kwargs.get("worker_init_fn")
-        loader_kwargs["worker_init_fn"] = (
-            seed_worker if user_init is None else _ChainedWorkerInit(user_init)
-        )
+        item_seeds = _ItemSeeds(seed)
+        wrapper = (_SeededBatchedDataset if batched else _SeededDataset)(dataset, item_seeds)
     loader = DataLoader(
         wrapper if wrapper is not None else cast(Dataset[object], dataset), **loader_kwargs
     )
@@ -322,8 +446,8 @@ def make_dataloader(
         loader,
         seed=seed,
         generator=generator,
-        set_dataset_epoch=None if wrapper is None else wrapper.set_epoch,
-        set_dataset_seed=None if wrapper is None else wrapper.set_seed,
+        set_dataset_epoch=None if item_seeds is None else item_seeds.set_epoch,
+        set_dataset_seed=None if item_seeds is None else item_seeds.set_seed,
         sampler=built_sampler,
     )
     logger.debug("data loader built with seed %d (workers: %d)", seed, num_workers)

@@ -534,7 +534,11 @@ def _position(
         f"cannot skip the {batches_done} batches already consumed in epoch {epoch} without "
         f"loading them: {culprit} has no start_at method (see typedbrain's Positionable); "
         f"the loader will be fast-forwarded by drawing and discarding {batches_done} batches, "
-        "which loads their data and is slower",
+        "which loads their data and is slower, and which gives the interrupted run's "
+        f"remaining batches only if {culprit} orders the epoch as it did there: it does when "
+        "its order is set by set_epoch or drawn from the global torch RNG or a torch.Generator "
+        "(the loader's, or its generator attribute), which the checkpoint restores, not when "
+        "it draws from a random.Random or NumPy generator of its own",
         ResumeWarning,
     )
     return False

@@ -25,10 +25,6 @@ _T = TypeVar("_T")
 
 _PLAIN_CONTAINERS: frozenset[type] = frozenset({dict, list, tuple})
 
-# attrs' mypy plugin wants evolve's first argument to be of an attrs class it can name; here it
-# is any attrs instance a batch holds, known only at run time.
-_evolve: Callable[..., object] = attrs.evolve
-
 # Never walked or moved: the common scalars and strings of a batch, modules (moving one would
 # change it in place) and classes (whose to, if any, is not a method bound to a batch).
 _LEFT_AS_THEY_ARE: tuple[type, ...] = (
@@ -48,7 +44,10 @@ def move_to_device(value: _T, device: torch.device) -> _T:
     """``value`` with every tensor it holds on ``device``; the same object if none moves.
 
     Containers that hold a moved tensor are copied with the same type (a ``defaultdict``
-    keeps its factory, a named tuple its class); the others are returned unchanged. Modules
+    keeps its factory, a named tuple its class); the others are returned unchanged. An attrs
+    or dataclass instance is copied without calling its ``__init__`` (so ``__post_init__``,
+    converters and validators do not run again) and all its fields move, ``init=False`` ones
+    included. Modules
     are left alone: moving one changes it in place, and a batch is not the place to do that.
     Tensors move with ``non_blocking=True`` towards a CUDA device, which overlaps the copy from
     pinned memory (``pin_memory=True``) with the work already queued.
@@ -94,30 +93,38 @@ def _moved(value: object, device: torch.device) -> object:
         return type(value)(items)
     cls = type(value)
     if attrs.has(cls):
-        arguments = ((field.alias, field.name) for field in attrs.fields(cls) if field.init)
-        changes = _moved_fields(value, arguments, device)
-        return _evolve(value, **changes) if changes else value
+        return _with_moved_fields(value, [field.name for field in attrs.fields(cls)], device)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        arguments = ((field.name, field.name) for field in dataclasses.fields(value) if field.init)
-        changes = _moved_fields(value, arguments, device)
-        return dataclasses.replace(value, **changes) if changes else value
+        names = [field.name for field in dataclasses.fields(value)]
+        return _with_moved_fields(value, names, device)
     return value
 
 
-def _moved_fields(
-    value: object, arguments: Iterable[tuple[str, str]], device: torch.device
-) -> dict[str, object]:
-    """The moved values of the fields that change, by ``__init__`` argument.
+def _with_moved_fields(value: object, names: Iterable[str], device: torch.device) -> object:
+    """An attrs or dataclass instance with the fields ``names`` moved; itself if none moves.
 
-    ``arguments`` pairs each ``__init__`` argument with the attribute it sets.
+    The copy is made without calling ``__init__``: ``__post_init__``, ``__attrs_post_init__``,
+    converters and validators ran when the batch was built, and running them again on values
+    they already processed would process them twice (an ``unsqueeze`` in ``__post_init__``
+    would add a second dimension). Every field moves, ``init=False`` ones included; one that
+    was never set stays unset. Frozen and slotted classes are set through
+    ``object.__setattr__``, as their own ``__init__`` does.
     """
     changes: dict[str, object] = {}
-    for argument, attribute in arguments:
-        original = getattr(value, attribute)
+    for name in names:
+        try:
+            original = getattr(value, name)
+        except AttributeError:  # an init=False field without a default, never set
+            continue
         moved = _moved(original, device)
         if moved is not original:
-            changes[argument] = moved
-    return changes
+            changes[name] = moved
+    if not changes:
+        return value
+    result = copy.copy(value)
+    for name, moved in changes.items():
+        object.__setattr__(result, name, moved)
+    return result
 
 
 def _moved_dict(value: dict[object, object], device: torch.device) -> object:

@@ -1,0 +1,189 @@
+"""Loader workers and stop signals: a stopped job's batch and checkpoint survive, exits never hang.
+
+A scheduler stopping a job (SLURM's ``scancel``) sends SIGTERM to every process of it, Ctrl-C
+sends SIGINT, the loader workers of ``make_dataloader`` included. They ignore it and the main
+process decides: it ends them at the end of an iteration, or, as it exits, through
+``multiprocessing``.
+Each test runs in a separate process, under a timeout, so that a hang fails rather than blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from torch import Tensor
+from torch.utils.data import Dataset, IterableDataset
+
+from tests.helpers import PROJECT
+from typedbrain._data import make_dataloader
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
+]
+
+TIMEOUT = 120
+"""Seconds a child process gets: far more than it needs, so only a hang reaches it."""
+
+TRAINING = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    import typedbrain as tb
+    from tests.helpers import RegressionBrain, examples, sgd
+
+    class Slow(RegressionBrain):
+        def compute_forward(self, batch, stage):
+            if stage is tb.Stage.TRAIN:
+                print("batch", self.step, flush=True)
+                time.sleep(float(sys.argv[2]))
+            return super().compute_forward(batch, stage)
+
+    torch.set_num_threads(1)
+    model = torch.nn.Linear(4, 2)
+    counter = tb.EpochCounter(3)
+    brain = Slow(
+        modules={"model": model},
+        opt_class=sgd(),
+        run_opts={"noprogressbar": True, "device": "cpu", "ckpt_interval_steps": 1000},
+        checkpointer=tb.Checkpointer(
+            Path(sys.argv[1]), recoverables={"model": model, "counter": counter}
+        ),
+    )
+    loader_kwargs = {"batch_size": 4, "shuffle": True, "num_workers": 2}
+    brain.fit(counter, examples(48), train_loader_kwargs=loader_kwargs)
+    print("finished", flush=True)
+    """
+)
+
+
+def start_training(tmp_path: Path, seconds_per_batch: float) -> subprocess.Popen[str]:
+    script = tmp_path / "train.py"
+    script.write_text(TRAINING, encoding="utf-8")
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "ckpt"), str(seconds_per_batch)],
+        cwd=PROJECT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, which the test signals as a whole
+    )
+
+
+def test_sigterm_to_the_whole_job_with_workers_saves_a_checkpoint_and_exits_143(
+    tmp_path: Path,
+) -> None:
+    process = start_training(tmp_path, seconds_per_batch=0.2)
+    assert process.stdout is not None
+    seen = 0
+    for line in process.stdout:
+        seen += line.startswith("batch")
+        if seen == 3:
+            os.killpg(process.pid, signal.SIGTERM)  # as scancel does: workers included
+            break
+    output = process.stdout.read()
+    code = process.wait(timeout=TIMEOUT)
+    assert code == 128 + signal.SIGTERM, output
+    assert "training stopped by signal 15; a checkpoint was saved" in output
+    assert "finished" not in output
+    assert [path for path in (tmp_path / "ckpt").iterdir() if path.name.startswith("CKPT")]
+
+
+def test_a_fit_with_workers_that_ends_normally_exits_normally(tmp_path: Path) -> None:
+    process = start_training(tmp_path, seconds_per_batch=0)
+    output, _ = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, output
+    assert output.rstrip().endswith("finished")
+
+
+EXITING = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from typedbrain import make_dataloader
+
+    torch.set_num_threads(1)
+    loader = make_dataloader(list(range(40)), seed=0, batch_size=2, num_workers=2)
+    iterator = iter(loader)
+    next(iterator)
+    if sys.argv[1] == "raise":
+        def fail(iterator):  # the traceback, kept until the exit, holds the live iterator
+            next(iterator)
+            raise ValueError("failed with the loader's workers alive")
+        fail(iterator)
+    print("exiting", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize(("how", "code"), [("return", 0), ("raise", 1)])
+def test_a_process_exiting_with_a_live_iterator_ends_its_workers(
+    tmp_path: Path, how: str, code: int
+) -> None:
+    # multiprocessing ends daemonic children still alive at the exit with SIGTERM, then waits
+    # for them: workers that ignored that SIGTERM would make it wait forever.
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script), how],
+        cwd=PROJECT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT)},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == code, done.stderr
+    assert ("failed with the loader's workers alive" in done.stderr) == (how == "raise")
+
+
+class WorkerPids(Dataset[int]):
+    """Item ``i`` is the id of the process that loaded it; each takes a moment."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> int:
+        time.sleep(0.05)
+        return os.getpid()
+
+
+class StreamedWorkerPids(IterableDataset[int]):
+    """Six items per worker, each the id of the process that loaded it, each taking a moment."""
+
+    def __iter__(self) -> Iterator[int]:
+        for _ in range(6):
+            time.sleep(0.05)
+            yield os.getpid()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("dataset", [WorkerPids(), StreamedWorkerPids()])
+def test_workers_outlive_a_stop_signal_from_another_process_and_the_epoch_completes(
+    dataset: Dataset[int], signum: signal.Signals
+) -> None:
+    loader = make_dataloader(dataset, seed=0, batch_size=2, num_workers=2)
+    iterator = iter(loader)
+    first = [next(iterator), next(iterator)]  # one batch from each worker, in turn
+    pids = {int(pid) for batch in first if isinstance(batch, Tensor) for pid in batch}
+    assert len(pids) == 2
+    assert os.getpid() not in pids
+    for pid in pids:  # sent by a process other than the loader's, as a scheduler's is
+        subprocess.run(
+            [sys.executable, "-c", f"import os; os.kill({pid}, {int(signum)})"],
+            check=True,
+            timeout=TIMEOUT,
+        )
+    rest = list(iterator)
+    assert len(rest) == 4
+    assert {int(pid) for batch in rest if isinstance(batch, Tensor) for pid in batch} == pids
