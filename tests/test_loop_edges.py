@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+import typedbrain._brain
 from tests.helpers import (
     Batch,
     ReadyBatches,
@@ -27,12 +28,14 @@ from typedbrain import (
     Checkpointer,
     ConfigurationError,
     HookContractError,
+    LoaderKwargs,
     Phase,
     Precision,
     ResumeWarning,
     RunOptionsDict,
     Stage,
 )
+from typedbrain._sampler import loader_seed
 
 
 class AssigningBrain(RegressionBrain):
@@ -451,3 +454,31 @@ def test_loader_options_given_with_a_ready_dataloader_warn_that_they_are_ignored
     )
     with pytest.warns(UserWarning, match=r"the train loader options \['batch_size'\] are ignored"):
         brain.fit(range(1, 2), ready_loader(batches(2, 4)), train_loader_kwargs={"batch_size": 2})
+
+
+def test_a_seed_in_the_loader_options_is_taken_under_a_process_group_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It was passed twice to make_dataloader there (a TypeError): the given one is used."""
+
+    def no_draw() -> int:
+        raise AssertionError("a seed was given: none is drawn")
+
+    monkeypatch.setattr(typedbrain._brain, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(typedbrain._brain, "seed_from_main", no_draw)
+    brain = RegressionBrain({"model": torch.nn.Linear(4, 2)})
+    options = cast(LoaderKwargs, {"seed": 7, "batch_size": 2})  # seed: make_dataloader's own
+    loader = brain.make_dataloader(examples(8), Stage.TRAIN, **options)
+    assert loader_seed(loader) == 7
+    assert len(loader) == 2  # this rank's half of the 8 examples, in batches of 2
+
+
+def test_a_misspelt_seed_in_the_loader_options_is_named_with_a_suggestion() -> None:
+    brain = RegressionBrain({"model": torch.nn.Linear(4, 2)})
+    options = cast(LoaderKwargs, {"sed": 7})
+    with pytest.raises(
+        ConfigurationError, match="unknown DataLoader option 'sed'; did you mean 'seed'"
+    ):
+        brain.make_dataloader(examples(8), Stage.TRAIN, **options)

@@ -493,8 +493,14 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             shard = Shard(
                 rank=dist.get_rank(), world_size=dist.get_world_size(), pad=stage is Stage.TRAIN
             )
-            seed = seed_from_main()
-            loader = make_dataloader(dataset, seed=seed, shard=shard, **loader_kwargs)
+            given = cast(dict[str, object], loader_kwargs).pop("seed", None)  # untyped, but taken
+            seed = seed_from_main() if given is None else given
+            loader = make_dataloader(
+                dataset,
+                seed=cast(int, seed),  # make_dataloader checks it
+                shard=shard,
+                **loader_kwargs,
+            )
         else:
             loader = make_dataloader(dataset, **loader_kwargs)
         if stage is Stage.TRAIN:

@@ -381,7 +381,7 @@ def make_dataloader(
     """
     for key in loader_kwargs:
         if key not in _LOADER_KEYS:
-            close = difflib.get_close_matches(key, sorted(_LOADER_KEYS), n=1)
+            close = difflib.get_close_matches(key, sorted(_LOADER_KEYS | {"seed", "shard"}), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigurationError(f"unknown DataLoader option {key!r}{hint}")
     num_workers = check_int("num_workers", loader_kwargs.get("num_workers", 0), minimum=0)
