@@ -482,3 +482,41 @@ def test_a_misspelt_seed_in_the_loader_options_is_named_with_a_suggestion() -> N
         ConfigurationError, match="unknown DataLoader option 'sed'; did you mean 'seed'"
     ):
         brain.make_dataloader(examples(8), Stage.TRAIN, **options)
+
+
+class OrderSeeingBrain(RegressionBrain):
+    """Records the first target value of each validation batch, per epoch."""
+
+    orders: dict[int, list[float]]
+    epoch = 0
+
+    def on_stage_start(self, stage: Stage, epoch: int | None = None) -> None:
+        self.epoch = epoch or 0
+
+    def compute_forward(self, batch: Batch, stage: Stage) -> Tensor:
+        if stage is Stage.VALID:
+            self.orders.setdefault(self.epoch, []).extend(batch[1][:, 0].tolist())
+        return super().compute_forward(batch, stage)
+
+
+def validation_orders() -> dict[int, list[float]]:
+    torch.manual_seed(0)
+    brain = OrderSeeingBrain(
+        {"model": torch.nn.Linear(4, 2)}, sgd(), run_opts={"noprogressbar": True}
+    )
+    brain.orders = {}
+    brain.fit(
+        range(1, 4),
+        examples(8),
+        examples(16, seed=1),
+        train_loader_kwargs={"batch_size": 4},
+        valid_loader_kwargs={"batch_size": 4, "shuffle": True},
+    )
+    return brain.orders
+
+
+def test_a_shuffled_validation_set_is_shuffled_each_epoch_as_a_function_of_it() -> None:
+    orders = validation_orders()
+    assert sorted(orders) == [1, 2, 3]
+    assert len({tuple(order) for order in orders.values()}) == 3  # torch's shuffle=True does so
+    assert validation_orders() == orders  # and a run again sees the same orders

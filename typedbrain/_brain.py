@@ -1649,6 +1649,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._valid_rng = capture_rng() if self._valid_pending else None
         self._start_stage(Stage.VALID, epoch)
         self.modules.eval()
+        set_loader_epoch(loader, epoch)  # a shuffled validation set is shuffled each epoch
         avg_valid_loss = self._evaluate_loader(loader, Stage.VALID, show, f"epoch {epoch} valid")
         self._valid_pending = False  # a checkpoint saved from here on ends the epoch
         self.on_stage_end(Stage.VALID, avg_valid_loss, epoch)
