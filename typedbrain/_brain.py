@@ -1367,9 +1367,15 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         timed = self.checkpointer is not None and self.ckpt_interval_minutes > 0
         if not ((self.stop_on_signals or timed) and is_distributed()):
             return None
-        if self._control_group is None:
-            self._control_group = control_group()
-        return StopAgreement(self._stop, self._control_group)
+        group = self._control_group
+        if group is None:
+            group = control_group()
+            # A gloo group of its own is kept for the next fit (making one is collective); the
+            # default group is not held: a brain kept alive by an error's traceback would keep
+            # it to the interpreter's last moments, when destroying it can abort the process.
+            if group is not dist.group.WORLD:
+                self._control_group = group
+        return StopAgreement(self._stop, group)
 
     def _stop_if_asked_after_training(self) -> None:
         """Raise TrainingInterruptedError for a signal that came too late for a batch to see.

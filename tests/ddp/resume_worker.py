@@ -69,8 +69,9 @@ def main(argv: list[str]) -> int:
         dist.barrier()
         return 0
     finally:
-        # Every process waits for the others before the group goes, on failure too: a
-        # process that tore its connections down first could make gloo abort a peer.
+        # After a success every process waits for the others before the group goes (one
+        # that tore its connections down first could make gloo abort a peer); on a failure
+        # it does not wait, as peers may be blocked in a collective it will never join.
         shutdown_distributed()
 
 

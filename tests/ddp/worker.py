@@ -173,8 +173,9 @@ def main(mode: str, out: str) -> None:
         torch.save(result, f"{out}.{rank}")
         dist.barrier()  # leave together (see tests/ddp/resume_worker.py)
     finally:
-        # Every process waits for the others before the group goes, on failure too: a
-        # process that tore its connections down first could make gloo abort a peer.
+        # After a success every process waits for the others before the group goes (one
+        # that tore its connections down first could make gloo abort a peer); on a failure
+        # it does not wait, as peers may be blocked in a collective it will never join.
         shutdown_distributed()
 
 
