@@ -92,3 +92,14 @@ def test_the_recipe_runs_unchanged_under_torchrun_on_two_processes(tmp_path: Pat
     epochs = [json.loads(line)["epoch"] for line in entries]
     assert epochs == [*range(1, len(epochs)), None]
     assert all((path / "MANIFEST.json").exists() for path in (folder / "save").iterdir())
+
+
+def test_an_interval_on_the_command_line_replaces_the_recipes_and_is_recorded(
+    tmp_path: Path,
+) -> None:
+    """The recipe file sets ckpt_interval_steps; the command line's minutes replace it."""
+    folder = tmp_path / "run"
+    argv = [str(RECIPE), "--number_of_epochs", "1", "--debug", "--debug_persistently"]
+    main([*argv, "--ckpt_interval_minutes", "5", "--output_folder", str(folder), "--noprogressbar"])
+    recorded = json.loads((folder / "env.json").read_text())["run_opts"]
+    assert (recorded["ckpt_interval_minutes"], recorded["ckpt_interval_steps"]) == (5.0, 0)

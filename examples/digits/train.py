@@ -31,7 +31,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import Final, NamedTuple, cast
+from typing import Final, NamedTuple
 
 import attrs
 import numpy as np
@@ -198,13 +198,14 @@ def main(argv: Sequence[str] | None = None) -> float:
     loaded = tb.load_hparams(arguments.hparams_file, arguments.overrides)
     yaml_options, rest = tb.split_run_options(loaded)
     hparams = tb.structure_hparams(rest, DigitsHparams, source=str(arguments.hparams_file))
-    # Run options: the YAML's keys, then the command line's (RunOptions checks every value).
-    run_opts = cast(tb.RunOptionsDict, {**yaml_options, **arguments.run_opts})
+    # Run options: the YAML's keys, then the command line's, each value checked (an interval
+    # given on the command line replaces the other one set in the YAML).
+    run_opts = tb.RunOptions.from_sources(hparams=yaml_options, run_opts=arguments.run_opts)
     tb.create_experiment_directory(
         hparams.output_folder,
         hyperparams_to_save=arguments.hparams_file,
         overrides=arguments.overrides,
-        run_opts=run_opts,
+        run_opts=attrs.asdict(run_opts),
     )
     splits = load_splits(hparams.split_seed, hparams.valid_fraction, hparams.test_fraction)
     brain = DigitsBrain(
