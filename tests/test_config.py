@@ -147,6 +147,37 @@ def test_an_override_may_set_a_key_a_yaml_merge_key_brings_in() -> None:
         load_hparams(io.StringIO(MERGED), {"child": {"d": 1}})
 
 
+NUMBER_KEYS = """\
+weights: {0: 1.0, 1: 1.0, 2.5: 1.0, null: 1.0, "7": 1.0}
+flags: {true: 1.0, false: 1.0}
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "override", "key"),
+    [
+        ("weights", "1", 1),
+        ("weights", "2.5", 2.5),
+        ("weights", "null", None),
+        ("weights", "7", "7"),
+        ("flags", "true", True),
+    ],
+)
+def test_an_override_key_written_as_text_sets_the_number_bool_or_null_key(
+    name: str, override: str, key: object
+) -> None:
+    """Override keys are strings (``--weights.1 5.0``): one names the key YAML reads from its
+    text, rather than adding a second key beside it."""
+    loaded = load_hparams(io.StringIO(NUMBER_KEYS), {name: {override: 5.0}})
+    before = load_hparams(io.StringIO(NUMBER_KEYS))[name]
+    mapping = loaded[name]
+    assert isinstance(mapping, dict)
+    assert isinstance(before, dict)
+    assert mapping.keys() == before.keys()
+    assert mapping[key] == 5.0
+    assert sorted(mapping.values()) == [1.0] * (len(before) - 1) + [5.0]
+
+
 def test_an_override_reaches_into_an_included_file() -> None:
     assert load_hparams(RECIPE, {"data": {"shuffle": False}})["data"] == {
         "batch_size": 8,

@@ -263,12 +263,45 @@ def _unwritable(yaml: YAML, value: object, path: KeyPath) -> KeyPath | None:
 
 
 def _merge(document: MutableMapping[object, object], overrides: Mapping[str, object]) -> None:
-    for key, value in overrides.items():
+    for text, value in overrides.items():
+        key = _document_key(document, text)
         current = document.get(key)
         if _merges(value) and isinstance(current, MutableMapping):
             _merge(current, value)
         else:
             document[key] = value
+
+
+def _document_key(document: Mapping[object, object], text: str) -> object:
+    """The document's key that an override key names: ``text``, or the key YAML reads from it.
+
+    An override's keys are strings (``--weights.1`` gives ``"1"``): one names a number, bool or
+    null key written as ``text`` rather than adding a second key beside it.
+    """
+    if text in document:
+        return text
+    try:
+        typed: object = YAML(typ="safe").load(text)
+    except YAMLError:
+        return text
+    kind = _scalar_kind(typed)
+    if kind is not None:
+        for key in document:
+            if _scalar_kind(key) == kind and key == typed:
+                return key
+    return text
+
+
+def _scalar_kind(value: object) -> str | None:
+    """The kind of a scalar key: bool, number or null (``None`` for anything else).
+
+    A round-trip document's keys are subclasses of those types.
+    """
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    return "null" if value is None else None
 
 
 def _include_root(node: Node, folder: Path | None) -> tuple[MappingNode, str, Path | None] | None:
