@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import io
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Literal
@@ -614,3 +615,15 @@ def test_the_python_examples_in_the_configuration_docs_run(
     namespace: dict[str, object] = {"__name__": "configuration_docs"}
     for block in blocks:
         exec(compile(block, str(DOCS), "exec", dont_inherit=True), namespace)
+
+
+@pytest.mark.parametrize("included", [False, True])
+def test_a_recipe_that_is_not_utf8_is_named(tmp_path: Path, included: bool) -> None:
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("note: caf\xe9\n".encode("latin-1"))
+    recipe = latin
+    if included:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text("sub: !include:latin.yaml\n", encoding="utf-8")
+    with pytest.raises(ConfigurationError, match=rf"{re.escape(str(latin))}.* not UTF-8 text"):
+        load_hparams(recipe)

@@ -72,6 +72,11 @@ def read_source(source: str | os.PathLike[str] | TextIO) -> tuple[str, str, Path
         except OSError as error:
             reason = error.strerror or type(error).__name__
             raise ConfigurationError(f"cannot read hyperparameter file {path}: {reason}") from error
+        except UnicodeDecodeError as error:
+            raise ConfigurationError(
+                f"cannot read hyperparameter file {path}: it is not UTF-8 text ({error.reason} "
+                f"at byte {error.start})"
+            ) from error
         return text, str(path), path.resolve().parent
     text = source.read()
     name = getattr(source, "name", None)
@@ -317,8 +322,16 @@ def _include_root(node: Node, folder: Path | None) -> tuple[MappingNode, str, Pa
         path = folder / path
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigurationError(
+            f"cannot read the file {path} that !include: names: it is not UTF-8 text "
+            f"({error.reason} at byte {error.start})"
+        ) from error
+    except OSError:
+        return None
+    try:
         root = YAML(typ="rt").compose(text)
-    except (OSError, YAMLError):
+    except YAMLError:
         return None
     if not isinstance(root, MappingNode):
         return None
