@@ -627,3 +627,23 @@ def test_a_recipe_that_is_not_utf8_is_named(tmp_path: Path, included: bool) -> N
         recipe.write_text("sub: !include:latin.yaml\n", encoding="utf-8")
     with pytest.raises(ConfigurationError, match=rf"{re.escape(str(latin))}.* not UTF-8 text"):
         load_hparams(recipe)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("lr: 0.1\nepochs: 3\nlr: 0.2\n", "'lr'", "1 and 3"),
+        ("model:\n  size: 1\n  size: 2\n", "'size'", "2 and 3"),
+        ("runs:\n  - {a: 1, a: 2}\n", "'a'", "2 and 2"),
+    ],
+)
+def test_a_key_twice_in_one_mapping_is_named_with_its_lines(
+    text: str, key: str, lines: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=rf"key {key} appears twice .*lines {lines}"):
+        load_hparams(io.StringIO(text))
+
+
+def test_an_alias_of_a_mapping_is_not_a_duplicate() -> None:
+    loaded = load_hparams(io.StringIO("base: &b {a: 1}\ncopy: *b\nchild:\n  <<: *b\n  c: 2\n"))
+    assert loaded["child"] == {"a": 1, "c": 2}

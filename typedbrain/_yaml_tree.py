@@ -105,7 +105,34 @@ def compose(text: str, name: str) -> MappingNode:
                 f"{_kind(key_node)}, not a string: hyperparameter names are strings "
                 "(quote the key to make it one)"
             )
+    _check_unique_keys(root, name)
     return root
+
+
+def _check_unique_keys(node: Node, name: str) -> None:
+    """Refuse a mapping, anywhere in the tree, that has a key twice (YAML forbids it)."""
+    pending = [node]
+    seen_nodes: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen_nodes:  # an alias: its node was checked where it was anchored
+            continue
+        seen_nodes.add(id(current))
+        if isinstance(current, MappingNode):
+            lines: dict[tuple[str, str], int] = {}
+            for key_node, value_node in current.value:
+                pending.append(value_node)
+                if not isinstance(key_node, ScalarNode) or key_node.tag == _MERGE_TAG:
+                    continue
+                key = (str(key_node.tag), str(key_node.value))
+                if key in lines:
+                    raise ConfigurationError(
+                        f"key {_key_text(key_node)} appears twice in one mapping of {name} "
+                        f"(lines {lines[key]} and {_line(key_node)}); YAML keys are unique"
+                    )
+                lines[key] = _line(key_node)
+        elif isinstance(current, SequenceNode):
+            pending.extend(current.value)
 
 
 def _key_text(node: Node) -> str:
