@@ -34,6 +34,7 @@ from typedbrain._config import KeyPath, LoadedHparams, format_key_path, load_hpa
 from typedbrain._errors import HparamsError, HparamsProblem
 from typedbrain._options import RunOptions, _matches
 from typedbrain._state import converter
+from typedbrain._warn import warn
 
 __all__ = ["load_typed_hparams", "structure_hparams"]
 
@@ -106,12 +107,25 @@ def load_typed_hparams(
     """Load a HyperPyYAML file and structure it into ``cls``: :func:`~typedbrain.load_hparams`
     then :func:`structure_hparams`.
 
+    Run options the file sets (``precision: bf16``) and ``cls`` has no field for are not in
+    what it returns: it warns, naming them. Load with :func:`~typedbrain.load_hparams` and
+    :func:`~typedbrain.split_run_options` to pass them to the brain.
+
     Raises:
         OverrideError: an override names a key the file does not have.
         PlaceholderError: a ``!PLACEHOLDER`` is left without a value.
         HparamsError: the loaded hyperparameters do not fit ``cls``.
     """  # noqa: D205 - the summary names both steps
-    return structure_hparams(load_hparams(path, overrides), cls)
+    loaded = load_hparams(path, overrides)
+    dropped = sorted(RunOptions.names() & loaded.keys() - _field_names(cls))
+    if dropped:
+        warn(
+            f"{os.fspath(path)} sets the run options {dropped}, which {cls.__name__} has no "
+            "field for: load_typed_hparams does not return them, so they do not reach a brain; "
+            "load with load_hparams and split_run_options to pass them as its run options",
+            UserWarning,
+        )
+    return structure_hparams(loaded, cls)
 
 
 def _field_names(cls: type[object]) -> frozenset[str]:
