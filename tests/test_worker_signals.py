@@ -147,6 +147,55 @@ def test_a_process_exiting_with_a_live_iterator_ends_its_workers(
     assert ("failed with the loader's workers alive" in done.stderr) == (how == "raise")
 
 
+CHILD_EXITING = textwrap.dedent(
+    """
+    import multiprocessing
+    import sys
+    import torch
+    from typedbrain import make_dataloader
+
+    KEPT = []
+
+    def body(how):
+        torch.set_num_threads(1)
+        loader = make_dataloader(list(range(40)), seed=0, batch_size=2, num_workers=2)
+        iterator = iter(loader)
+        next(iterator)
+        if how == "raise":
+            raise ValueError("failed with the loader's workers alive")
+        KEPT.append(iterator)  # alive until the child exits
+
+    if __name__ == "__main__":
+        context = multiprocessing.get_context(sys.argv[2])
+        child = context.Process(target=body, args=(sys.argv[1],))
+        child.start()
+        child.join()
+        sys.exit(child.exitcode)
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize(("how", "code"), [("return", 0), ("raise", 1)])
+def test_a_process_multiprocessing_started_exits_with_a_live_iterator(
+    tmp_path: Path, method: str, how: str, code: int
+) -> None:
+    """Such a process (a rank of torch.multiprocessing.spawn) runs no atexit handlers: its
+    workers must still learn that it exits before multiprocessing ends and waits for them."""
+    script = tmp_path / "child_exiting.py"
+    script.write_text(CHILD_EXITING, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script), how, method],
+        cwd=PROJECT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT)},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == code, done.stderr
+
+
 class WorkerPids(Dataset[int]):
     """Item ``i`` is the id of the process that loaded it; each takes a moment."""
 

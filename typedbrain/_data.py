@@ -122,16 +122,20 @@ _EXIT_FLAGS: dict[int, torch.Tensor] = {}
 def _exit_flag() -> torch.Tensor:
     """A one-element tensor in shared memory that this process sets to 1 as it exits.
 
-    Made, and its setting registered with ``atexit``, on first use. ``atexit`` runs the last
-    registered first, so it is set before ``multiprocessing``'s own exit handler, registered
-    when ``multiprocessing.util`` was imported, sends SIGTERM to the daemonic processes still
-    alive (loader workers of an iterator that was not shut down) and waits for them.
+    Made, and its setting registered, on first use: it is set before ``multiprocessing``'s own
+    exit handler sends SIGTERM to the daemonic processes still alive (loader workers of an
+    iterator that was not shut down) and waits for them. In a main process that handler runs
+    at ``atexit``, which runs the last registered first (``multiprocessing.util``, imported
+    before, registered it earlier). A process ``multiprocessing`` started (a rank of
+    ``torch.multiprocessing.spawn``) runs no ``atexit`` handlers: it calls that handler
+    directly, which first runs the finalizers registered with ``multiprocessing.util``.
     """
     flag = _EXIT_FLAGS.get(os.getpid())
     if flag is None:
         flag = torch.zeros(1, dtype=torch.uint8).share_memory_()  # type: ignore[no-untyped-call]  # untyped in torch
         _EXIT_FLAGS[os.getpid()] = flag
         atexit.register(flag.fill_, 1)
+        multiprocessing.util.Finalize(None, flag.fill_, args=(1,), exitpriority=100)
     return flag
 
 
