@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
+from torch.utils.data import DataLoader
 
 from tests.helpers import (
     Batch,
@@ -26,6 +27,7 @@ from tests.helpers import (
     unsized_loader,
 )
 from typedbrain import (
+    Brain,
     ConfigurationError,
     HookContractError,
     NonFiniteLossError,
@@ -663,3 +665,38 @@ def test_data_parallel_backend_wraps_trainable_modules() -> None:
     brain.fit(range(1, 2), ready_loader(batches(1, 4)))
     assert isinstance(brain.modules["model"], torch.nn.DataParallel)
     assert isinstance(brain.modules["frozen"], torch.nn.Linear)
+
+
+class Undercounted(torch.utils.data.IterableDataset[Tensor]):
+    """Eight ones, while ``len`` says four (an estimate, as some streamed datasets give)."""
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter([torch.ones(1)] * 8)
+
+    def __len__(self) -> int:
+        return 4
+
+
+class SumBrain(Brain[Tensor, Tensor]):
+    """The loss is the model's output: with input 1, every batch's gradient is 1."""
+
+    def compute_forward(self, batch: Tensor, stage: Stage) -> Tensor:
+        return call(self.modules["model"], batch)
+
+    def compute_objectives(self, predictions: Tensor, batch: Tensor, stage: Stage) -> Tensor:
+        return predictions.sum()
+
+
+# torch warns that the loader yielded more than its length: the case under test.
+@pytest.mark.filterwarnings("ignore:Length of IterableDataset")
+def test_windows_past_a_length_that_undercounts_still_step_their_mean_gradient() -> None:
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    brain = SumBrain(
+        {"model": model},
+        sgd(1.0),
+        run_opts={"noprogressbar": True, "grad_accumulation_factor": 4, "max_grad_norm": 0.0},
+    )
+    brain.fit(range(1, 2), DataLoader(Undercounted(), batch_size=None))
+    assert brain.optimizer_step == 2
+    assert model.weight.item() == pytest.approx(-2.0)  # two steps of the mean gradient, 1

@@ -70,12 +70,14 @@ def window_size(step: int, factor: int, stage_batches: int | None) -> int:
     """The batches in the accumulation window of batch ``step`` (1-based, within its stage).
 
     Windows of ``factor`` batches start at batch 1; the last one of a stage whose length is
-    known holds the batches that are left, so its losses can be divided by their own count.
+    known holds the batches that are left, so its losses can be divided by their own count. A
+    window that starts past that length (a loader whose ``len`` undercounts) is a full one: the
+    loop rescales it to its mean if it ends short.
     """
-    if stage_batches is None:
-        return factor
     start = (step - 1) // factor * factor + 1
-    return max(1, min(factor, stage_batches - start + 1))
+    if stage_batches is None or start > stage_batches:
+        return factor
+    return min(factor, stage_batches - start + 1)
 
 
 def scale_gradients(parameters: Sequence[torch.Tensor], factor: float) -> None:
