@@ -370,3 +370,21 @@ def test_frozen_and_slotted_batches_move_every_field() -> None:
     assert moved_data.inputs.is_meta
     assert moved_data.lengths.is_meta
     assert not frozen_data.inputs.is_meta
+
+
+@dataclasses.dataclass
+class DataclassWithDerivedMask:
+    """A batch whose ``__post_init__`` derives an attribute that is not a field."""
+
+    wavs: Tensor
+
+    def __post_init__(self) -> None:
+        self.mask = self.wavs != 0
+
+
+def test_attributes_post_init_derived_move_with_the_fields() -> None:
+    batch = DataclassWithDerivedMask(torch.tensor([[1.0, 0.0]]))
+    moved = move_to_device(batch, META)
+    assert moved.wavs.is_meta
+    assert moved.mask.is_meta  # as the __post_init__ of the old way of moving made it
+    assert not batch.mask.is_meta

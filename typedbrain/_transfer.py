@@ -47,7 +47,7 @@ def move_to_device(value: _T, device: torch.device) -> _T:
     keeps its factory, a named tuple its class); the others are returned unchanged. An attrs
     or dataclass instance is copied without calling its ``__init__`` (so ``__post_init__``,
     converters and validators do not run again) and all its fields move, ``init=False`` ones
-    included. Modules
+    included, with the other attributes it holds (those ``__post_init__`` derived). Modules
     are left alone: moving one changes it in place, and a batch is not the place to do that.
     Tensors move with ``non_blocking=True`` towards a CUDA device, which overlaps the copy from
     pinned memory (``pin_memory=True``) with the work already queued.
@@ -106,12 +106,16 @@ def _with_moved_fields(value: object, names: Iterable[str], device: torch.device
     The copy is made without calling ``__init__``: ``__post_init__``, ``__attrs_post_init__``,
     converters and validators ran when the batch was built, and running them again on values
     they already processed would process them twice (an ``unsqueeze`` in ``__post_init__``
-    would add a second dimension). Every field moves, ``init=False`` ones included; one that
-    was never set stays unset. Frozen and slotted classes are set through
-    ``object.__setattr__``, as their own ``__init__`` does.
+    would add a second dimension). Every field moves, ``init=False`` ones included, and so do
+    the other attributes in the instance's ``__dict__`` (one that ``__post_init__`` derived,
+    which it would have derived from the moved fields); a field that was never set stays
+    unset. Frozen and slotted classes are set through ``object.__setattr__``, as their own
+    ``__init__`` does.
     """
     changes: dict[str, object] = {}
-    for name in names:
+    # Attributes that are not fields (one __post_init__ derived: a mask, say) move too.
+    derived = [name for name in getattr(value, "__dict__", {}) if name not in set(names)]
+    for name in [*names, *derived]:
         try:
             original = getattr(value, name)
         except AttributeError:  # an init=False field without a default, never set
