@@ -256,7 +256,10 @@ def test_the_file_logger_applies_its_precision_to_numpy_floats(tmp_path: Path) -
     assert line == "epoch: 1 - train acc: 12.346"
 
 
-@pytest.mark.parametrize("kind", _ALL_LOGGERS)
+_NUMBER_LOGGERS = [kind for kind in _ALL_LOGGERS if kind != "file"]
+
+
+@pytest.mark.parametrize("kind", _NUMBER_LOGGERS)
 @pytest.mark.parametrize(
     ("value", "shown"),
     [
@@ -278,6 +281,19 @@ def test_every_logger_refuses_a_value_that_is_not_a_number_naming_key_and_type(
     assert written() == ""
     log.log_stats({"epoch": 1}, valid_stats={"loss": 1.0})  # the next entry is written
     assert "loss" in written()
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [([0.1, 0.2], "[0.1, 0.2]"), (None, "None"), (1 + 2j, "(1+2j)")],
+)
+def test_the_file_logger_writes_other_values_as_their_text(
+    tmp_path: Path, value: object, text: str
+) -> None:
+    """As SpeechBrain's file logger does: a text log can show any value."""
+    log = FileTrainLogger(tmp_path / "log.txt")
+    log.log_stats({"epoch": 1, "lr": value}, {"loss": torch.tensor(0.5)})  # type: ignore[dict-item]  # on purpose
+    assert (tmp_path / "log.txt").read_text() == f"epoch: 1, lr: {text} - train loss: 5.00e-01\n"
 
 
 # ----------------------------------------------------------------------------- resume

@@ -135,8 +135,12 @@ def _plain_stat(value: object) -> StatValue:
     )
 
 
-def _plain_stats(name: str, value: object) -> dict[str, StatValue] | None:
+def _plain_stats(
+    name: str, value: object, *, as_text: bool = False
+) -> dict[str, StatValue] | None:
     """``value`` (None or a mapping of strings to values) with :func:`_plain_stat` values.
+
+    With ``as_text`` (a text log), a value :func:`_plain_stat` refuses is kept as its ``str``.
 
     Raises:
         TypeError: ``value`` is not such a mapping; the message names ``name`` and the key.
@@ -154,6 +158,9 @@ def _plain_stats(name: str, value: object) -> dict[str, StatValue] | None:
         try:
             plain[key] = _plain_stat(item)
         except TypeError as error:
+            if as_text:
+                plain[key] = str(item)
+                continue
             raise TypeError(f"{name!r}: {_SHORT_REPR.repr(key)} is {error}") from None
     return plain
 
@@ -173,19 +180,24 @@ def _plain_entry(
     train_stats: Mapping[str, StatValue] | None,
     valid_stats: Mapping[str, StatValue] | None,
     test_stats: Mapping[str, StatValue] | None,
+    *,
+    as_text: bool = False,
 ) -> _Entry:
     """What every logger does first: the entry with :func:`_plain_stat` values.
+
+    With ``as_text`` (a text log), a value that is not a number or a string is kept as its
+    ``str``, as SpeechBrain's file logger writes it.
 
     Raises:
         ConfigurationError: a key is not a string or a value cannot be read as a number or a
             string; the message names ``destination``, the stage, the key and the value's type.
     """
     try:
-        meta = _plain_stats("stats_meta", stats_meta)
+        meta = _plain_stats("stats_meta", stats_meta, as_text=as_text)
         if meta is None:
             raise TypeError("'stats_meta' is None, not a mapping")
         train, valid, test = (
-            _plain_stats(stage, stats)
+            _plain_stats(stage, stats, as_text=as_text)
             for stage, stats in zip(_STAGES, (train_stats, valid_stats, test_stats), strict=True)
         )
     except TypeError as error:
@@ -407,7 +419,7 @@ class FileTrainLogger(_FileLoggerBase):
                 (see the module doc); the message names the file, the stage and the key.
         """
         meta, train, valid, test = _plain_entry(
-            self.save_file, stats_meta, train_stats, valid_stats, test_stats
+            self.save_file, stats_meta, train_stats, valid_stats, test_stats, as_text=True
         )
         parts = [self._items(meta, "")]
         for stage, stats in zip(_STAGES, (train, valid, test), strict=True):
