@@ -373,7 +373,7 @@ def test_assigning_run_opts_anything_but_run_options_is_refused() -> None:
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"modules": [torch.nn.Linear(4, 2)]}, "modules must map names to torch modules.*not list"),
+        ({"modules": [torch.nn.Linear(4, 2)]}, "a list of them holds \\(name, module\\) pairs"),
         ({"modules": torch.nn.Linear(4, 2)}, "modules must map names to torch modules.*not Linear"),
         ({"modules": {"model": "linear"}}, r"modules\['model'\] is str, not a torch.nn.Module"),
         ({"opt_class": 5}, "opt_class must be callable"),
@@ -385,6 +385,14 @@ def test_the_constructor_names_an_argument_of_the_wrong_kind(
 ) -> None:
     with pytest.raises(ConfigurationError, match=message):
         RegressionBrain(**arguments)  # type: ignore[call-overload]  # the mistakes under test
+
+
+def test_modules_may_be_pairs_and_a_module_may_be_none_as_module_dict_allows() -> None:
+    model = torch.nn.Linear(4, 2)
+    brain = RegressionBrain([("model", model), ("lm", None)])  # type: ignore[call-overload]  # ModuleDict's forms
+    assert brain.modules["model"] is model
+    assert "lm" in brain.modules
+    assert brain.modules["lm"] is None
 
 
 def test_a_module_dict_is_taken_as_the_modules() -> None:

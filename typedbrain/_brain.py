@@ -225,7 +225,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._plan: StepPlan | None = None
         self._run_opts = options
         self._device = device
-        self.modules = torch.nn.ModuleDict(_named_modules(modules)).to(self._device)
+        # torch's ModuleDict keeps a None module as it is; its annotations say Module only.
+        named = cast(dict[str, torch.nn.Module], _named_modules(modules))
+        self.modules = torch.nn.ModuleDict(named).to(self._device)
         if opt_class is not None and not callable(opt_class):
             raise ConfigurationError(
                 f"opt_class must be callable (parameters -> optimizer), such as "
@@ -1804,24 +1806,37 @@ def _dataset_size(loader: DataLoader[object]) -> int | None:
         return None
 
 
-def _named_modules(modules: object) -> dict[str, torch.nn.Module]:
-    """The constructor's ``modules`` as a dict, with a clear error for anything else."""
+def _named_modules(modules: object) -> dict[str, torch.nn.Module | None]:
+    """The constructor's ``modules`` as a dict, with a clear error for anything else.
+
+    What ``torch.nn.ModuleDict`` takes: a mapping, or (name, module) pairs; a module may be
+    ``None`` (an optional one, absent).
+    """
     if modules is None:
         return {}
     if isinstance(modules, torch.nn.ModuleDict):
         return dict(modules.items())
-    if isinstance(modules, torch.nn.Module) or not isinstance(modules, Mapping):
+    if isinstance(modules, torch.nn.Module) or not isinstance(modules, Mapping | list | tuple):
         raise ConfigurationError(
             "modules must map names to torch modules, such as {'model': model}, not "
             f"{type(modules).__name__}"
         )
-    for name, module in modules.items():
-        if not isinstance(name, str) or not isinstance(module, torch.nn.Module):
+    pairs = list(modules.items()) if isinstance(modules, Mapping) else list(modules)
+    named: dict[str, torch.nn.Module | None] = {}
+    for pair in pairs:
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise ConfigurationError(
+                "modules must map names to torch modules: a list of them holds (name, module) "
+                f"pairs, not {type(pair).__name__} {pair!r:.60}"
+            )
+        name, module = pair
+        if not isinstance(name, str) or not (module is None or isinstance(module, torch.nn.Module)):
             raise ConfigurationError(
                 f"modules must map names to torch modules: modules[{name!r}] is "
                 f"{type(module).__name__}, not a torch.nn.Module"
             )
-    return dict(modules)
+        named[name] = module
+    return named
 
 
 def _check_fit_arguments(epoch_counter: object, train_set: object) -> None:

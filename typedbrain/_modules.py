@@ -46,11 +46,14 @@ def cpu_fsdp_problem(device: torch.device, torch_version: str) -> str | None:
 def _selected(
     modules: torch.nn.ModuleDict, option: str, keys: tuple[str, ...] | None
 ) -> tuple[str, ...]:
-    """The module names a ``*_module_keys`` option selects: all of them when it is ``None``."""
+    """The module names a ``*_module_keys`` option selects: all of them when it is ``None``.
+
+    A name whose module is ``None`` (an optional module, absent) is never selected.
+    """
     if keys is None:
-        return tuple(modules.keys())
+        return tuple(name for name, _ in modules.named_children())
     for key in keys:
-        if key not in modules:
+        if key not in modules or modules[key] is None:
             known = ", ".join(modules.keys()) or "none"
             raise ConfigurationError(
                 f"run option {option!r} names {key!r}, which is not one of the modules ({known})"
@@ -114,7 +117,7 @@ def wrap_modules(
         The DDP wrappers (for ``no_sync``); empty without a process group.
     """
     wrappers: list[DistributedDataParallel] = []
-    for key, module in modules.items():
+    for key, module in list(modules.named_children()):  # a None module is no child
         if not any(p.requires_grad for p in module.parameters()):
             continue
         if is_distributed() and options.fsdp:
