@@ -649,3 +649,23 @@ def test_a_key_twice_in_one_mapping_is_named_with_its_lines(
 def test_an_alias_of_a_mapping_is_not_a_duplicate() -> None:
     loaded = load_hparams(io.StringIO("base: &b {a: 1}\ncopy: *b\nchild:\n  <<: *b\n  c: 2\n"))
     assert loaded["child"] == {"a": 1, "c": 2}
+
+
+OPTIONAL_BLOCKS = "loader_kwargs: {}\naugment: null\nmodel: {size: 1}\n"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"loader_kwargs": {"num_workers": 2}, "augment": {"p": 0.5}},
+        "loader_kwargs: {num_workers: 2}\naugment:\n  p: 0.5\n",
+    ],
+)
+def test_an_override_may_give_a_mapping_where_the_file_has_null_or_an_empty_one(
+    overrides: dict[str, object] | str,
+) -> None:
+    loaded = load_hparams(io.StringIO(OPTIONAL_BLOCKS), overrides)
+    assert loaded["loader_kwargs"] == {"num_workers": 2}
+    assert loaded["augment"] == {"p": 0.5}
+    with pytest.raises(OverrideError, match="'model' has no key 'sise'"):  # still checked there
+        load_hparams(io.StringIO(OPTIONAL_BLOCKS), {"model": {"sise": 2}})

@@ -117,6 +117,7 @@ def load_typed_hparams(
         HparamsError: the loaded hyperparameters do not fit ``cls``.
     """  # noqa: D205 - the summary names both steps
     loaded = load_hparams(path, overrides)
+    structured = structure_hparams(loaded, cls)
     dropped = sorted(RunOptions.names() & loaded.keys() - _field_names(cls))
     if dropped:
         warn(
@@ -125,7 +126,7 @@ def load_typed_hparams(
             "load with load_hparams and split_run_options to pass them as its run options",
             UserWarning,
         )
-    return structure_hparams(loaded, cls)
+    return structured
 
 
 def _field_names(cls: type[object]) -> frozenset[str]:

@@ -401,8 +401,8 @@ def check_overrides(
                 source=source,
                 line=parent_line,
             )
-        if subtree is None:
-            continue
+        if subtree is None or _holds_nothing(value):
+            continue  # a whole value, or a mapping where the file has none to check it against
         if not isinstance(value, MappingNode):
             raise OverrideError(
                 dotted + "." + next(iter(subtree)) if subtree else dotted,
@@ -420,6 +420,13 @@ def check_overrides(
             parent_line=_line(key_node),
             included=_include_root(value, where_folder),
         )
+
+
+def _holds_nothing(node: Node) -> bool:
+    """Whether ``node`` is ``null`` (or empty) or ``{}``: an override's mapping replaces it."""
+    if isinstance(node, MappingNode):
+        return not node.value and str(node.tag) == _MAP_TAG
+    return isinstance(node, ScalarNode) and str(node.tag) == "tag:yaml.org,2002:null"
 
 
 def _keys_as_read(node: MappingNode) -> dict[str, tuple[Node, Node]]:
