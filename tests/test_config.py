@@ -669,3 +669,16 @@ def test_an_override_may_give_a_mapping_where_the_file_has_null_or_an_empty_one(
     assert loaded["augment"] == {"p": 0.5}
     with pytest.raises(OverrideError, match="'model' has no key 'sise'"):  # still checked there
         load_hparams(io.StringIO(OPTIONAL_BLOCKS), {"model": {"sise": 2}})
+
+
+def test_a_wrong_object_is_shown_on_one_short_line() -> None:
+    @attrs.frozen
+    class WithModel:
+        model: torch.nn.Linear
+
+    big = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(20)))
+    with pytest.raises(HparamsError) as caught:
+        structure_hparams({"model": big}, WithModel)
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 2  # the headline, and the one problem
+    assert "got Sequential Sequential( ...)" in lines[1]

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import functools
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -190,8 +191,16 @@ def _index(note: IterableValidationNote) -> str | int:
 # Strict hooks --------------------------------------------------------------------------------
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60
+
+
 def _got(value: object) -> str:
-    return f"got {type(value).__name__} {value!r}"
+    """``got <type> <repr>``, the repr on one line and shortened (a module's runs for pages)."""
+    shown = _SHORT_REPR.repr(value)
+    if "\n" in shown:
+        shown = shown.split("\n", 1)[0] + " ...)"
+    return f"got {type(value).__name__} {shown}"
 
 
 def _structure_int(value: object, _: type[int]) -> int:
