@@ -682,3 +682,26 @@ def test_a_wrong_object_is_shown_on_one_short_line() -> None:
     lines = str(caught.value).splitlines()
     assert len(lines) == 2  # the headline, and the one problem
     assert "got Sequential Sequential( ...)" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("text", "cycle"),
+    [
+        ("a: !ref <b>\nb: !ref <a>\n", "b (line 2) -> a (line 1) -> b (line 2)"),
+        ("out: !ref <log>/x\nlog: !ref <out>/y\n", "log (line 2) -> out (line 1) -> log (line 2)"),
+        ("model:\n  size: !ref <model>\n", "model.size (line 2) -> model.size (line 2)"),
+        ("a: !copy <b[x]>\nb: !ref <a>\n", "b (line 2) -> a (line 1) -> b (line 2)"),
+        # hyperpyyaml resolves a reference through its top-level key, whole.
+        ("sizes:\n  a: 1\n  b: !ref <sizes[a]>\n", "sizes.b (line 3) -> sizes.b (line 3)"),
+    ],
+)
+def test_references_that_lead_back_to_themselves_are_named(text: str, cycle: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(f"form a cycle: {cycle}")):
+        load_hparams(io.StringIO(text))
+
+
+def test_references_within_a_mapping_and_to_shared_parents_are_no_cycle() -> None:
+    text = "sizes: {a: 1, b: !ref <x>}\nx: 2\nmodel:\n  h: !ref <sizes[b]>\nalso: !ref <sizes>\n"
+    loaded = load_hparams(io.StringIO(text))
+    assert loaded["model"] == {"h": 2}
+    assert loaded["also"] == {"a": 1, "b": 2}

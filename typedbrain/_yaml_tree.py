@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import io
 import os
+import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Final, TextIO, TypeGuard, final
@@ -106,7 +107,74 @@ def compose(text: str, name: str) -> MappingNode:
                 "(quote the key to make it one)"
             )
     _check_unique_keys(root, name)
+    _check_no_reference_cycle(root, name)
     return root
+
+
+_REFERENCE_TAGS: Final = frozenset({"!ref", "!copy"})
+_REFERENCE: Final = re.compile(r"<([^<>]+)>")
+
+
+def _check_no_reference_cycle(root: MappingNode, name: str) -> None:
+    """Refuse ``!ref`` / ``!copy`` references that lead back to themselves.
+
+    hyperpyyaml would fail on them with a ``RecursionError`` or an unrelated error, naming no
+    key. It resolves a reference through the top-level key it names, whole: ``<sizes.a>``
+    depends on every reference under ``sizes``, so one under ``sizes`` that names
+    ``<sizes.a>`` leads back to itself too.
+    """
+    references: dict[str, tuple[list[str], int]] = {}
+    pending: list[tuple[Node, str]] = [(root, "")]
+    visited: set[int] = set()
+    while pending:
+        node, path = pending.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, ScalarNode) and str(node.tag) in _REFERENCE_TAGS:
+            targets = [
+                target.replace("[", ".").replace("]", "").strip()
+                for target in _REFERENCE.findall(str(node.value))
+            ]
+            references[path] = (targets, _line(node))
+        elif isinstance(node, MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, ScalarNode) and key_node.tag != _MERGE_TAG:
+                    key = str(key_node.value)
+                    pending.append((value_node, f"{path}.{key}" if path else key))
+        elif isinstance(node, SequenceNode):
+            for index, item in enumerate(node.value):
+                pending.append((item, f"{path}.{index}" if path else str(index)))
+
+    def depends(target: str, path: str) -> bool:
+        return target.split(".", 1)[0] == path.split(".", 1)[0]
+
+    edges = {
+        path: [other for target in targets for other in references if depends(target, other)]
+        for path, (targets, _) in references.items()
+    }
+    state: dict[str, int] = {}  # 1: on the current walk, 2: done
+    for start, first in edges.items():
+        if state.get(start) == 2:
+            continue
+        state[start] = 1
+        walk = [(start, iter(first))]
+        trail = [start]
+        while walk:
+            current, following = walk[-1]
+            step = next(following, None)
+            if step is None:
+                walk.pop()
+                trail.pop()
+                state[current] = 2
+            elif state.get(step) == 1:
+                cycle = [*trail[trail.index(step) :], step]
+                shown = " -> ".join(f"{key} (line {references[key][1]})" for key in cycle)
+                raise ConfigurationError(f"the references in {name} form a cycle: {shown}")
+            elif state.get(step) != 2:
+                state[step] = 1
+                walk.append((step, iter(edges[step])))
+                trail.append(step)
 
 
 def _check_unique_keys(node: Node, name: str) -> None:
