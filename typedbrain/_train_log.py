@@ -135,9 +135,7 @@ def _plain_stat(value: object) -> StatValue:
     )
 
 
-def _plain_stats(
-    name: str, value: object, *, as_text: bool = False
-) -> dict[str, StatValue] | None:
+def _plain_stats(name: str, value: object, *, as_text: bool = False) -> dict[str, StatValue] | None:
     """``value`` (None or a mapping of strings to values) with :func:`_plain_stat` values.
 
     With ``as_text`` (a text log), a value :func:`_plain_stat` refuses is kept as its ``str``.
