@@ -551,12 +551,16 @@ def test_evaluate_leaves_no_recovered_run_state_for_a_later_fit(tmp_path: Path) 
     assert brain.trained == [1, 2, 3, 4]  # epoch 2, whole; not the rest of epoch 1
 
 
-def _batch_sampler_run(folder: Path, size: int, *, crash_at: int | None) -> CountingBrain:
+def _one_epoch(
+    folder: Path,
+    data: tb.DataSource,
+    *,
+    crash_at: int | None,
+    loader_kwargs: tb.LoaderKwargs | None = None,
+) -> CountingBrain:
+    """One epoch of ``data`` with a checkpoint every 2 batches, crashing at pass ``crash_at``."""
     torch.manual_seed(0)
     modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
-    data = examples(16)
-    sampler = tb.ResumableSampler(data, shuffle=True, seed=3)
-    loader = DataLoader(ReadyBatches(data), batch_sampler=BatchSampler(sampler, size, False))
     brain = CountingBrain(
         modules,
         _adam,
@@ -565,8 +569,15 @@ def _batch_sampler_run(folder: Path, size: int, *, crash_at: int | None) -> Coun
     )
     CountingBrain.passes = 0
     brain.crash_at = crash_at
-    brain.fit(range(1, 2), loader)
+    brain.fit(range(1, 2), data, train_loader_kwargs=loader_kwargs)
     return brain
+
+
+def _batch_sampler_run(folder: Path, size: int, *, crash_at: int | None) -> CountingBrain:
+    data = examples(16)
+    sampler = tb.ResumableSampler(data, shuffle=True, seed=3)
+    loader = DataLoader(ReadyBatches(data), batch_sampler=BatchSampler(sampler, size, False))
+    return _one_epoch(folder, loader, crash_at=crash_at)
 
 
 def test_a_restart_with_another_size_in_the_users_batch_sampler_warns_and_loses_nothing(
@@ -580,46 +591,23 @@ def test_a_restart_with_another_size_in_the_users_batch_sampler_warns_and_loses_
     assert CountingBrain.passes == 1  # the other 8 samples, in one batch of 8
 
 
-def _workers_run(folder: Path, workers: int, *, crash_at: int | None) -> CountingBrain:
-    torch.manual_seed(0)
-    modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
-    brain = CountingBrain(
-        modules,
-        _adam,
-        run_opts={"noprogressbar": True, "ckpt_interval_steps": 2},
-        checkpointer=tb.Checkpointer(folder, dict(modules)),
-    )
-    CountingBrain.passes = 0
-    brain.crash_at = crash_at
-    brain.fit(
-        range(1, 2), examples(16), train_loader_kwargs={"batch_size": 4, "num_workers": workers}
-    )
-    return brain
-
-
 @pytest.mark.parametrize(("before", "after"), [(0, 1), (1, 0)])
 def test_a_restart_that_turns_loader_workers_on_or_off_warns(
     tmp_path: Path, before: int, after: int
 ) -> None:
+    def run(workers: int, crash_at: int | None) -> None:
+        kwargs: tb.LoaderKwargs = {"batch_size": 4, "num_workers": workers}
+        _one_epoch(tmp_path, examples(16), crash_at=crash_at, loader_kwargs=kwargs)
+
     with pytest.raises(CrashError):
-        _workers_run(tmp_path, before, crash_at=3)
+        run(before, crash_at=3)
     with pytest.warns(tb.ResumeWarning, match=f"num_workers={before} when the checkpoint"):
-        _workers_run(tmp_path, after, crash_at=None)
+        run(after, crash_at=None)
 
 
 def test_a_mid_epoch_restart_over_a_training_set_of_another_size_warns(tmp_path: Path) -> None:
     def run(size: int, crash_at: int | None) -> None:
-        torch.manual_seed(0)
-        modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
-        brain = CountingBrain(
-            modules,
-            _adam,
-            run_opts={"noprogressbar": True, "ckpt_interval_steps": 2},
-            checkpointer=tb.Checkpointer(tmp_path, dict(modules)),
-        )
-        CountingBrain.passes = 0
-        brain.crash_at = crash_at
-        brain.fit(range(1, 2), examples(size), train_loader_kwargs={"batch_size": 4})
+        _one_epoch(tmp_path, examples(size), crash_at=crash_at, loader_kwargs={"batch_size": 4})
 
     with pytest.raises(CrashError):
         run(20, crash_at=3)

@@ -106,6 +106,20 @@ def test_a_fit_with_workers_that_ends_normally_exits_normally(tmp_path: Path) ->
     assert output.rstrip().endswith("finished")
 
 
+def _run_script(script: Path, text: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """Write ``text`` to ``script`` and run it with ``arguments``, under the timeout."""
+    script.write_text(text, encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, str(script), *arguments],
+        cwd=PROJECT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT)},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
 EXITING = textwrap.dedent(
     """
     import sys
@@ -132,17 +146,7 @@ def test_a_process_exiting_with_a_live_iterator_ends_its_workers(
 ) -> None:
     # multiprocessing ends daemonic children still alive at the exit with SIGTERM, then waits
     # for them: workers that ignored that SIGTERM would make it wait forever.
-    script = tmp_path / "exiting.py"
-    script.write_text(EXITING, encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(script), how],
-        cwd=PROJECT,
-        env={**os.environ, "PYTHONPATH": str(PROJECT)},
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    done = _run_script(tmp_path / "exiting.py", EXITING, how)
     assert done.returncode == code, done.stderr
     assert ("failed with the loader's workers alive" in done.stderr) == (how == "raise")
 
@@ -182,17 +186,7 @@ def test_a_process_multiprocessing_started_exits_with_a_live_iterator(
 ) -> None:
     """Such a process (a rank of torch.multiprocessing.spawn) runs no atexit handlers: its
     workers must still learn that it exits before multiprocessing ends and waits for them."""
-    script = tmp_path / "child_exiting.py"
-    script.write_text(CHILD_EXITING, encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(script), how, method],
-        cwd=PROJECT,
-        env={**os.environ, "PYTHONPATH": str(PROJECT)},
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    done = _run_script(tmp_path / "child_exiting.py", CHILD_EXITING, how, method)
     assert done.returncode == code, done.stderr
 
 
