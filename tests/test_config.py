@@ -25,7 +25,7 @@ from typedbrain._errors import (
     PlaceholderError,
     RunOptionsError,
 )
-from typedbrain._options import RunOptions
+from typedbrain._options import Precision, RunOptions
 from typedbrain._typed_hparams import load_typed_hparams, structure_hparams
 
 DATA = Path(__file__).parent / "data" / "config"
@@ -705,3 +705,16 @@ def test_references_within_a_mapping_and_to_shared_parents_are_no_cycle() -> Non
     loaded = load_hparams(io.StringIO(text))
     assert loaded["model"] == {"h": 2}
     assert loaded["also"] == {"a": 1, "b": 2}
+
+
+def test_a_run_option_field_missing_after_split_run_options_says_why() -> None:
+    @attrs.frozen
+    class WithPrecision:
+        lr: float
+        precision: Precision
+
+    loaded = load_hparams(io.StringIO("lr: 0.1\nprecision: bf16\n"))
+    _, rest = split_run_options(loaded)
+    with pytest.raises(HparamsError, match="'precision' is a run option: split_run_options"):
+        structure_hparams(rest, WithPrecision)
+    assert structure_hparams(loaded, WithPrecision).precision == "bf16"

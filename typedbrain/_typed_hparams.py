@@ -178,7 +178,14 @@ def _collect(
             )
     elif isinstance(error, KeyError) and path:
         owner = getattr(target, "__name__", "the class")
-        out.append((path, f"missing: required by {owner}"))
+        hint = ""
+        if len(path) == 1 and path[0] in RunOptions.names():
+            hint = (
+                f" ({path[0]!r} is a run option: split_run_options takes it out; give "
+                "structure_hparams the whole loaded mapping, which keeps a run option the "
+                "class declares)"
+            )
+        out.append((path, f"missing: required by {owner}{hint}"))
     else:
         out.append((path, str(error) or type(error).__name__))
 
