@@ -757,10 +757,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         Raises:
             HookContractError: called by you while ``self.step`` is 0 (no batch counted yet).
         """
-        if loss is self._read_tensor:
-            value = self._read_value
-        else:
-            value = _loss_value(loss) if isinstance(loss, Tensor) else float(loss)
+        value = self._value_of(loss)
         if not math.isfinite(value):
             return avg_loss
         count = self._loop_count if self._loop_count is not None else self.step
@@ -772,14 +769,17 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             )
         return running_mean(avg_loss, value, count)
 
+    def _value_of(self, loss: Tensor | float) -> float:
+        """The loss as a float, without reading a tensor the loop has read already."""
+        if loss is self._read_tensor:
+            return self._read_value
+        return _loss_value(loss) if isinstance(loss, Tensor) else float(loss)
+
     def _fold_into_mean(self, loss: Tensor | float, avg_loss: float) -> float:
         """The loop's call of ``update_average`` for the stage's mean, counting the loss."""
-        if loss is self._read_tensor:
-            value = self._read_value
-        else:
-            value = _loss_value(loss) if isinstance(loss, Tensor) else float(loss)
-            if isinstance(loss, Tensor):  # read once: the default update_average reuses it
-                self._read_tensor, self._read_value = loss, value
+        value = self._value_of(loss)
+        if isinstance(loss, Tensor):  # read once: the default update_average reuses it
+            self._read_tensor, self._read_value = loss, value
         if math.isfinite(value):
             self._averaged += 1
         else:

@@ -8,6 +8,7 @@ when the state is saved.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Final, TypeVar, final
 
 import attrs
@@ -27,20 +28,23 @@ def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int)
         raise ValueError(f"{attribute.name} must be 0 or more, got {value}")
 
 
-def _optional_positive(
-    instance: object, attribute: attrs.Attribute[int | None], value: int | None
-) -> None:
-    del instance
-    if value is not None and value < 1:
-        raise ValueError(f"{attribute.name} must be 1 or more, got {value}")
+def _optional_at_least(
+    minimum: int,
+) -> Callable[[object, attrs.Attribute[int | None], int | None], None]:
+    """An attrs validator: ``None``, or an int of ``minimum`` or more."""
+
+    def validate(
+        instance: object, attribute: attrs.Attribute[int | None], value: int | None
+    ) -> None:
+        del instance
+        if value is not None and value < minimum:
+            raise ValueError(f"{attribute.name} must be {minimum} or more, got {value}")
+
+    return validate
 
 
-def _optional_non_negative(
-    instance: object, attribute: attrs.Attribute[int | None], value: int | None
-) -> None:
-    del instance
-    if value is not None and value < 0:
-        raise ValueError(f"{attribute.name} must be 0 or more, got {value}")
+_optional_positive = _optional_at_least(1)
+_optional_non_negative = _optional_at_least(0)
 
 
 def _finite(instance: object, attribute: attrs.Attribute[float], value: float) -> None:

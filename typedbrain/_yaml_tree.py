@@ -123,28 +123,17 @@ def _check_no_reference_cycle(root: MappingNode, name: str) -> None:
     depends on every reference under ``sizes``, so one under ``sizes`` that names
     ``<sizes.a>`` leads back to itself too.
     """
-    references: dict[str, tuple[list[str], int]] = {}
-    pending: list[tuple[Node, str]] = [(root, "")]
-    visited: set[int] = set()
-    while pending:
-        node, path = pending.pop()
-        if id(node) in visited:
-            continue
-        visited.add(id(node))
-        if isinstance(node, ScalarNode) and str(node.tag) in _REFERENCE_TAGS:
-            targets = [
+    references = {
+        path: (
+            [
                 target.replace("[", ".").replace("]", "").strip()
                 for target in _REFERENCE.findall(str(node.value))
-            ]
-            references[path] = (targets, _line(node))
-        elif isinstance(node, MappingNode):
-            for key_node, value_node in node.value:
-                if isinstance(key_node, ScalarNode) and key_node.tag != _MERGE_TAG:
-                    key = str(key_node.value)
-                    pending.append((value_node, f"{path}.{key}" if path else key))
-        elif isinstance(node, SequenceNode):
-            for index, item in enumerate(node.value):
-                pending.append((item, f"{path}.{index}" if path else str(index)))
+            ],
+            _line(node),
+        )
+        for node, path in _nodes(root)
+        if isinstance(node, ScalarNode) and str(node.tag) in _REFERENCE_TAGS
+    }
 
     def depends(target: str, path: str) -> bool:
         return target.split(".", 1)[0] == path.split(".", 1)[0]
@@ -177,30 +166,47 @@ def _check_no_reference_cycle(root: MappingNode, name: str) -> None:
                 trail.append(step)
 
 
-def _check_unique_keys(node: Node, name: str) -> None:
-    """Refuse a mapping, anywhere in the tree, that has a key twice (YAML forbids it)."""
-    pending = [node]
-    seen_nodes: set[int] = set()
+def _nodes(root: Node) -> Iterator[tuple[Node, str]]:
+    """Every node of the tree once, with its key path (``model.size``, a list item's index).
+
+    An alias's node is visited once, where it was anchored.
+    """
+    pending: list[tuple[Node, str]] = [(root, "")]
+    visited: set[int] = set()
     while pending:
-        current = pending.pop()
-        if id(current) in seen_nodes:  # an alias: its node was checked where it was anchored
+        node, path = pending.pop()
+        if id(node) in visited:
             continue
-        seen_nodes.add(id(current))
-        if isinstance(current, MappingNode):
-            lines: dict[tuple[str, str], int] = {}
-            for key_node, value_node in current.value:
-                pending.append(value_node)
-                if not isinstance(key_node, ScalarNode) or key_node.tag == _MERGE_TAG:
-                    continue
-                key = (str(key_node.tag), str(key_node.value))
-                if key in lines:
-                    raise ConfigurationError(
-                        f"key {_key_text(key_node)} appears twice in one mapping of {name} "
-                        f"(lines {lines[key]} and {_line(key_node)}); YAML keys are unique"
-                    )
-                lines[key] = _line(key_node)
-        elif isinstance(current, SequenceNode):
-            pending.extend(current.value)
+        visited.add(id(node))
+        yield node, path
+        if isinstance(node, MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, ScalarNode) and key_node.tag != _MERGE_TAG:
+                    key = str(key_node.value)
+                    pending.append((value_node, f"{path}.{key}" if path else key))
+                else:  # a merge key's mappings: their keys are the mapping's own
+                    pending.append((value_node, path))
+        elif isinstance(node, SequenceNode):
+            for index, item in enumerate(node.value):
+                pending.append((item, f"{path}.{index}" if path else str(index)))
+
+
+def _check_unique_keys(root: Node, name: str) -> None:
+    """Refuse a mapping, anywhere in the tree, that has a key twice (YAML forbids it)."""
+    for node, _ in _nodes(root):
+        if not isinstance(node, MappingNode):
+            continue
+        lines: dict[tuple[str, str], int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag == _MERGE_TAG:
+                continue
+            key = (str(key_node.tag), str(key_node.value))
+            if key in lines:
+                raise ConfigurationError(
+                    f"key {_key_text(key_node)} appears twice in one mapping of {name} "
+                    f"(lines {lines[key]} and {_line(key_node)}); YAML keys are unique"
+                )
+            lines[key] = _line(key_node)
 
 
 def _key_text(node: Node) -> str:
