@@ -411,9 +411,30 @@ def test_invalid_yaml_is_a_configuration_error() -> None:
         load_hparams(io.StringIO("a: [1, 2\n"))
 
 
-def test_an_error_raised_while_building_objects_says_which_file(in_repo_root: None) -> None:
+def test_an_error_raised_while_building_an_object_names_its_key_and_line(
+    in_repo_root: None,
+) -> None:
     with pytest.raises(ImportError) as caught:
-        load_hparams(io.StringIO("model: !new:no_such_module.Thing\n"))
+        load_hparams(io.StringIO("lr: 1\nmodel: !new:no_such_module.Thing\n"))
+    assert caught.value.__notes__ == ["while building 'model' (<stream>, line 2)"]
+
+
+def test_a_build_error_deep_in_the_file_names_the_nested_key_path(tmp_path: Path) -> None:
+    (tmp_path / "encoder.yaml").write_text(
+        "size: 2\nlayers:\n  - !new:torch.nn.ReLU\n  - !new:torch.nn.Linear\n"
+        "    in_features: 2\n    out_featres: 3\n"
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lr: 1\nencoder: !include:encoder.yaml\n")
+    with pytest.raises(TypeError, match="out_featres") as caught:
+        load_hparams(recipe)
+    where = f"({tmp_path / 'encoder.yaml'}, line 4)"
+    assert caught.value.__notes__ == [f"while building 'encoder.layers[1]' {where}"]
+
+
+def test_an_error_outside_any_value_being_built_names_the_file() -> None:
+    with pytest.raises(ValueError, match="not valid") as caught:
+        load_hparams(io.StringIO("a: 1\nb: !ref <c>\n"))
     assert caught.value.__notes__ == ["while loading hyperparameters from <stream>"]
 
 

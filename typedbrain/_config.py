@@ -127,10 +127,22 @@ def load_hparams(
     try:
         loaded = hyperpyyaml.load_hyperpyyaml(stream)
     except Exception as error:
-        error.add_note(f"while loading hyperparameters from {name}")
+        path = tree_check.building_key(error.__traceback__)
+        error.add_note(_building_note(path, name, locations))
         raise
     values: dict[str, object] = dict(loaded or {})
     return LoadedHparams(values, source=name, locations=locations)
+
+
+def _building_note(path: KeyPath, source: str, locations: Mapping[KeyPath, tuple[str, int]]) -> str:
+    """Where loading failed: the key whose value was being built, with its file and line."""
+    if not path:
+        return f"while loading hyperparameters from {source}"
+    for end in range(len(path), 0, -1):
+        if path[:end] in locations:
+            file, line = locations[path[:end]]
+            return f"while building {format_key_path(path)!r} ({file}, line {line})"
+    return f"while building {format_key_path(path)!r} (in {source})"
 
 
 def split_run_options(loaded: Mapping[str, object]) -> tuple[dict[str, object], dict[str, object]]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import difflib
 import io
+import itertools
 import os
 import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
+from types import TracebackType
 from typing import Final, TextIO, TypeGuard, final
 
 from ruamel.yaml import YAML
@@ -44,6 +46,7 @@ _KINDS: Final = {
 __all__ = [
     "NamedStringIO",
     "apply_overrides",
+    "building_key",
     "check_overrides",
     "check_placeholders",
     "checked_document",
@@ -607,3 +610,40 @@ def record_locations(
         for index, item in enumerate(node.value):
             out[(*path, index)] = (source, _line(item))
             record_locations(item, (*path, index), source, folder, out, depth=depth)
+
+
+def building_key(traceback: TracebackType | None) -> KeyPath:
+    """The key path of the value being built when an error left hyperpyyaml's construction.
+
+    The constructors of ``ruamel.yaml`` and ``hyperpyyaml`` hold the node they are building in a
+    local named ``node``; the nodes met from the outermost frame inwards are a chain of parents
+    and children, and each step down is a mapping key or a sequence index. The path stops where
+    the chain does (an empty path when no node was being built, e.g. an error in ``!ref``
+    resolution).
+    """
+    chain: list[Node] = []
+    while traceback is not None:
+        node = traceback.tb_frame.f_locals.get("node")
+        if isinstance(node, Node) and (not chain or node is not chain[-1]):
+            chain.append(node)
+        traceback = traceback.tb_next
+    path: list[str | int] = []
+    for parent, child in itertools.pairwise(chain):
+        step = _step_to(parent, child)
+        if step is None:
+            break
+        path.append(step)
+    return tuple(path)
+
+
+def _step_to(parent: Node, child: Node) -> str | int | None:
+    """The key or index under which ``child`` sits directly in ``parent``, if it does."""
+    if isinstance(parent, MappingNode):
+        for key_node, value_node in parent.value:
+            if value_node is child and isinstance(key_node, ScalarNode):
+                return str(key_node.value)
+    elif isinstance(parent, SequenceNode):
+        for index, item in enumerate(parent.value):
+            if item is child:
+                return index
+    return None
