@@ -906,28 +906,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 self._valid_loader = valid_loader
                 self._epoch_counter = epoch_counter
                 self.on_fit_start()
-                if self.opt_class is not None and not self.optimizers_dict:
-                    warn(
-                        "fit() trains with no optimizer: opt_class was given, but "
-                        "optimizers_dict is empty after on_fit_start(), so no parameter will "
-                        "change while optimizer_step still counts steps (does an on_fit_start "
-                        "override skip super().on_fit_start(), or an init_optimizers override "
-                        "not fill optimizers_dict?)",
-                        UserWarning,
-                    )
-                if self.checkpointer is None and (
-                    self.ckpt_interval_steps or self.ckpt_interval_minutes
-                ):
-                    interval = (
-                        f"ckpt_interval_steps={self.ckpt_interval_steps}"
-                        if self.ckpt_interval_steps
-                        else f"ckpt_interval_minutes={self.ckpt_interval_minutes}"
-                    )
-                    warn(
-                        f"{interval} saves nothing: this brain has no checkpointer (pass "
-                        "checkpointer=sb.Checkpointer(folder, recoverables) to Brain())",
-                        UserWarning,
-                    )
+                self._warn_about_fit_setup()
                 reentering = self._reenter_interrupted_epoch(epoch_counter)
                 self._last_checkpoint_time = time.monotonic()
                 show = self._progress_enabled(progressbar)
@@ -1616,6 +1595,29 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 self._old_window = (saved_factor, state.window)
         logger.info("continuing epoch %s after batch %d", state.epoch, progress.step)
         return progress.step
+
+    def _warn_about_fit_setup(self) -> None:
+        """Warn, after ``on_fit_start``, about settings that will silently do nothing."""
+        if self.opt_class is not None and not self.optimizers_dict:
+            warn(
+                "fit() trains with no optimizer: opt_class was given, but "
+                "optimizers_dict is empty after on_fit_start(), so no parameter will "
+                "change while optimizer_step still counts steps (does an on_fit_start "
+                "override skip super().on_fit_start(), or an init_optimizers override "
+                "not fill optimizers_dict?)",
+                UserWarning,
+            )
+        if self.checkpointer is None and (self.ckpt_interval_steps or self.ckpt_interval_minutes):
+            interval = (
+                f"ckpt_interval_steps={self.ckpt_interval_steps}"
+                if self.ckpt_interval_steps
+                else f"ckpt_interval_minutes={self.ckpt_interval_minutes}"
+            )
+            warn(
+                f"{interval} saves nothing: this brain has no checkpointer (pass "
+                "checkpointer=sb.Checkpointer(folder, recoverables) to Brain())",
+                UserWarning,
+            )
 
     def _reenter_interrupted_epoch(self, epoch_counter: Iterable[int]) -> bool:
         """Have an :class:`EpochCounter` yield again the epoch a checkpoint interrupted.
