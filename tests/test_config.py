@@ -186,6 +186,24 @@ def test_an_override_reaches_into_an_included_file() -> None:
     }
 
 
+@pytest.mark.parametrize("overrides", [{"data": {"hidden": 32}}, "data:\n  hidden: 32\n"])
+def test_an_override_sets_keys_of_a_bare_include(
+    tmp_path: Path, overrides: dict[str, object] | str
+) -> None:
+    (tmp_path / "data.yaml").write_text("hidden: 8\nlayers: 2\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lr: 1\ndata: !include:data.yaml\n")
+    assert load_hparams(recipe, overrides)["data"] == {"hidden": 32, "layers": 2}
+
+
+def test_an_unknown_key_under_a_bare_include_names_the_included_keys(tmp_path: Path) -> None:
+    (tmp_path / "data.yaml").write_text("hidden: 8\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lr: 1\ndata: !include:data.yaml\n")
+    with pytest.raises(OverrideError, match=r"'data' has no key 'hiden'; did you mean 'hidden'"):
+        load_hparams(recipe, {"data": {"hiden": 32}})
+
+
 def test_a_nested_unknown_override_names_key_file_and_parent_line(in_repo_root: None) -> None:
     with pytest.raises(OverrideError) as caught:
         load_hparams("tests/data/config/recipe.yaml", {"model": {"out_feature": 3}})

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Final, TextIO, TypeGuard, final
 
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, TaggedScalar
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.representer import RepresenterError
@@ -375,10 +376,23 @@ def _merge(document: MutableMapping[object, object], overrides: Mapping[str, obj
     for text, value in overrides.items():
         key = _document_key(document, text)
         current = document.get(key)
-        if _merges(value) and isinstance(current, MutableMapping):
+        if _merges(value) and isinstance(current, TaggedScalar) and _is_include(current.tag):
+            # A bare `!include:file.yaml`: the keys set under it become the mapping that
+            # hyperpyyaml hands to the included file as its overrides.
+            keys = CommentedMap()
+            keys.yaml_set_ctag(current.tag)
+            _merge(keys, value)
+            document[key] = keys
+        elif _merges(value) and isinstance(current, MutableMapping):
             _merge(current, value)
         else:
             document[key] = value
+
+
+def _is_include(tag: object) -> bool:
+    """Whether a node's or a round-trip value's tag is an ``!include:``."""
+    text = getattr(tag, "value", tag)  # ruamel's Tag objects, or the tag's text
+    return isinstance(text, str) and text.startswith(_INCLUDE)
 
 
 def _document_key(document: Mapping[object, object], text: str) -> object:
@@ -480,6 +494,9 @@ def check_overrides(
             )
         if subtree is None or _holds_nothing(value):
             continue  # a whole value, or a mapping where the file has none to check it against
+        if isinstance(value, ScalarNode) and _is_include(value.tag):
+            # A bare `!include:`: the keys are checked against the included file alone.
+            value = MappingNode(value.tag, [], start_mark=value.start_mark)
         if not isinstance(value, MappingNode):
             raise OverrideError(
                 dotted + "." + next(iter(subtree)) if subtree else dotted,
