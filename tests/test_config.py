@@ -424,6 +424,13 @@ def test_a_quoted_number_is_a_string_key() -> None:
     assert load_hparams(io.StringIO('"1": 2\n')) == {"1": 2}
 
 
+def test_a_stream_with_a_name_is_named_by_it_in_errors() -> None:
+    stream = io.StringIO("a: [1, 2\n")
+    stream.name = "in-memory recipe.yaml"
+    with pytest.raises(ConfigurationError, match=r"^in-memory recipe.yaml is not valid YAML: "):
+        load_hparams(stream)
+
+
 def test_invalid_yaml_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match=r"^<stream> is not valid YAML: "):
         load_hparams(io.StringIO("a: [1, 2\n"))

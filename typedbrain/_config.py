@@ -88,8 +88,9 @@ def load_hparams(
 
     Args:
         source: a path to the file, or an open text stream (``io.StringIO`` for YAML held in a
-            string). ``!include:`` paths are relative to the file's folder (to the working
-            folder for a stream without a ``name``).
+            string; messages name it by its ``name``, if it has one). ``!include:`` paths are
+            relative to the file's folder (to the working folder for a stream whose ``name``
+            is not a file).
         overrides: a (nested) mapping, or a YAML string holding one (what
             :func:`~typedbrain.parse_arguments` produces).
 

@@ -87,7 +87,7 @@ def read_source(source: str | os.PathLike[str] | TextIO) -> tuple[str, str, Path
     name = getattr(source, "name", None)
     if isinstance(name, str) and Path(name).is_file():
         return text, name, Path(name).resolve().parent
-    return text, "<stream>", None
+    return text, name if isinstance(name, str) and name else "<stream>", None
 
 
 def compose(text: str, name: str) -> MappingNode:
