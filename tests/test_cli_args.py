@@ -322,6 +322,13 @@ def test_help_is_requested_with_the_help_text() -> None:
     assert caught.value.text == run_options_help("train.py")
 
 
+def test_help_that_escapes_shows_the_help_in_its_message() -> None:
+    with pytest.raises(HelpRequested) as caught:
+        parse_arguments([RECIPE, "-h"], prog="train.py")
+    assert str(caught.value).endswith("\n\n" + run_options_help("train.py"))
+    assert str(caught.value).startswith("--help was given (parse_arguments_or_exit prints")
+
+
 def test_the_exiting_wrapper_prints_help_and_exits_with_status_0(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -70,7 +70,12 @@ class HelpRequested(Exception):  # noqa: N818 - a request, not an error
     """
 
     def __init__(self, text: str) -> None:
-        super().__init__("help requested")
+        # The message carries the help, so that a script that lets the exception escape (a
+        # ported recipe calling parse_arguments) still shows it, below the traceback.
+        super().__init__(
+            "--help was given (parse_arguments_or_exit prints this and exits instead); the "
+            f"help:\n\n{text}"
+        )
         self.text = text
 
 
