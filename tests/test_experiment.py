@@ -55,6 +55,12 @@ def _experiment_handlers() -> list[logging.FileHandler]:
     ]
 
 
+def _close_handlers() -> None:
+    """Close the root logger's handlers (for tests that gave it a list of their own)."""
+    for handler in logging.getLogger().handlers:
+        handler.close()
+
+
 def _flush() -> None:
     for handler in _experiment_handlers():
         handler.flush()
@@ -118,6 +124,35 @@ def test_log_txt_receives_typedbrain_records(tmp_path: Path) -> None:
     lines = (folder / "log.txt").read_text(encoding="utf-8").splitlines()
     assert lines[-1].endswith(" - typedbrain._brain - INFO - an info record from the library")
     assert not any("debug record" in line for line in lines)
+
+
+def test_warnings_still_reach_the_console_when_logging_was_not_set_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As in a script that configured no logging: Python's last-resort handler printed warnings
+    # until the log file's handler made the root logger non-empty.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    for _ in range(2):
+        create_experiment_directory(tmp_path / "run", save_env_desc=False)
+    logging.getLogger("typedbrain._signals").warning("received SIGTERM")
+    logging.getLogger("typedbrain._brain").info("an info record stays in log.txt")
+    _close_handlers()
+    assert capsys.readouterr().err == "received SIGTERM\n"
+
+
+def test_no_console_handler_is_added_to_logging_set_up_already(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    own = logging.NullHandler()
+    monkeypatch.setattr(logging.getLogger(), "handlers", [own])
+    create_experiment_directory(tmp_path / "run", save_env_desc=False)
+    logging.getLogger("typedbrain._signals").warning("received SIGTERM")
+    assert capsys.readouterr().err == ""
+    assert [type(h) for h in logging.getLogger().handlers] == [
+        logging.NullHandler,
+        _ExperimentLogHandler,
+    ]
+    _close_handlers()
 
 
 def test_calling_again_appends_to_the_log_without_a_second_handler(

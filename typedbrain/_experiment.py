@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Final
+from typing import Final, TextIO
 
 import torch
 
@@ -37,6 +37,14 @@ _PACKAGE_DIR: Final = Path(__file__).resolve().parent
 
 class _ExperimentLogHandler(logging.FileHandler):
     """The handler that feeds an experiment's ``log.txt``; recognised when called again."""
+
+
+class _ConsoleHandler(logging.StreamHandler[TextIO]):
+    """Warnings and errors on standard error, as Python shows them while logging is unset.
+
+    Added with the log file when the root logger had no handler: Python's last-resort handler,
+    which printed them until then, is used only while the root logger has none.
+    """
 
 
 def create_experiment_directory(
@@ -174,6 +182,10 @@ def _calling_script() -> Path | None:
 
 def _attach_log_file(log_file: Path) -> None:
     root = logging.getLogger()
+    if not root.handlers:
+        console = _ConsoleHandler()  # standard error, as the last-resort handler writes
+        console.setLevel(logging.WARNING)
+        root.addHandler(console)
     target = str(log_file.resolve())
     present = False
     for handler in list(root.handlers):
