@@ -48,13 +48,22 @@ def test_counter_is_stateful() -> None:
             {"current": "2"},
             "EpochCounter state: 'current' must be an int, got '2'",
         ),
-        ({"current": 9}, "EpochCounter state: 'current' is 9, beyond this counter's limit of 5"),
+        ({"current": -1}, "EpochCounter state: 'current' must be >= 0, got -1"),
     ],
 )
 def test_bad_counter_state_is_a_clear_error(state: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigurationError) as caught:
         EpochCounter(5).load_state_dict(state)
     assert str(caught.value) == message
+
+
+def test_a_counter_restored_beyond_its_lowered_limit_yields_nothing() -> None:
+    finished = EpochCounter(6)
+    assert list(finished) == [1, 2, 3, 4, 5, 6]
+    lowered = EpochCounter(4)
+    lowered.load_state_dict(finished.state_dict())
+    assert list(lowered) == []
+    assert lowered.current == 6
 
 
 def test_negative_limit_is_refused() -> None:
@@ -264,7 +273,7 @@ def advanced_stopper() -> EpochCounterWithStopper:
         {"current": 3, "best_value": 1.0},
         {"current": 3, "best_value": "x", "best_epoch": 1},
         {"current": 3, "best_value": 1.0, "best_epoch": -1},
-        {"current": 11, "best_value": 1.0, "best_epoch": 1},
+        {"current": -1, "best_value": 1.0, "best_epoch": 1},
         {"current": 3, "best_value": 1.0, "best_epoch": 4},
     ],
 )
@@ -280,7 +289,7 @@ def test_rejected_counter_state_leaves_the_counter_unchanged() -> None:
     counter = EpochCounter(5)
     list(itertools.islice(counter, 2))
     with pytest.raises(ConfigurationError):
-        counter.load_state_dict({"current": 9})
+        counter.load_state_dict({"current": "9"})
     assert counter.current == 2
 
 

@@ -520,6 +520,28 @@ def test_a_restart_after_the_step_limit_ended_the_run_runs_no_further_epoch(
     _assert_identical(_state(resumed), _state(straight))
 
 
+@pytest.mark.parametrize("crash_at", [None, 11], ids=["finished", "interrupted-in-epoch-3"])
+def test_a_restart_with_a_lower_epoch_limit_trains_nothing_and_evaluates(
+    tmp_path: Path, crash_at: int | None
+) -> None:
+    data = examples(16)  # 4 batches an epoch; pass 11 is epoch 3's third batch
+    if crash_at is None:
+        _run(CountingBrain, tmp_path, lambda: data, crash_at=None)
+    else:
+        with pytest.raises(CrashError):
+            _run(CountingBrain, tmp_path, lambda: data, crash_at=crash_at)
+    modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
+    counter = tb.EpochCounter(2)
+    checkpointer = tb.Checkpointer(tmp_path, {**modules, "counter": counter})
+    brain = CountingBrain(
+        modules, _adam, run_opts={"noprogressbar": True}, checkpointer=checkpointer
+    )
+    CountingBrain.passes = 0
+    brain.fit(counter, data, train_loader_kwargs={"batch_size": 4})
+    assert CountingBrain.passes == 0
+    assert math.isfinite(brain.evaluate(examples(4)))
+
+
 class NoRecoveryBrain(CountingBrain):
     """Starts every fit afresh: its ``on_fit_start`` recovers nothing."""
 

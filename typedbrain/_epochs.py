@@ -65,7 +65,8 @@ class EpochCounter:
 
         Raises:
             ConfigurationError: the state is not a mapping, is missing ``current``, or
-                ``current`` is not an integer between 0 and ``limit``.
+                ``current`` is not an integer of at least 0. (One beyond ``limit`` is taken:
+                the counter then yields nothing.)
         """
         self.current = self._checked_current(state_dict)
 
@@ -75,12 +76,9 @@ class EpochCounter:
         state = _require_mapping(owner, state_dict)
         if "current" not in state:
             raise ConfigurationError(f"{owner}: missing key 'current'")
-        current = check_int(f"{owner}: 'current'", state["current"], minimum=0)
-        if current > self.limit:
-            raise ConfigurationError(
-                f"{owner}: 'current' is {current}, beyond this counter's limit of {self.limit}"
-            )
-        return current
+        # A position beyond the limit is a finished run restarted with a lower limit (to stop
+        # it early, or to evaluate it only): the counter then yields nothing.
+        return check_int(f"{owner}: 'current'", state["current"], minimum=0)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(limit={self.limit}, current={self.current})"
