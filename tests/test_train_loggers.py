@@ -183,11 +183,14 @@ def test_reading_a_bad_line_names_the_file_and_the_line(
     assert reason in caught.value.reason
 
 
-def test_reading_an_interrupted_last_line_says_so(tmp_path: Path) -> None:
+def test_reading_skips_an_interrupted_last_line_with_a_warning(tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
-    path.write_text('{"step": 1, "ep', encoding="utf-8")
-    with pytest.raises(TrainLogError, match=r"line 1: .*its write was interrupted"):
-        read_jsonl_log(path)
+    JsonlTrainLogger(path).log_stats({"epoch": 1}, {"loss": 1.0})
+    with path.open("a", encoding="utf-8") as stream:
+        stream.write('{"step": 2, "ep')
+    with pytest.warns(UserWarning, match=r"skipped line 2 of .*: it has no newline"):
+        entries = read_jsonl_log(path)
+    assert [entry.step for entry in entries] == [1]
 
 
 def test_reading_a_missing_log_raises_file_not_found(tmp_path: Path) -> None:
@@ -326,6 +329,30 @@ def test_resumed_log_equals_the_uninterrupted_one(tmp_path: Path, factory: Logge
     second.load_state_dict(dict(state))
     for epoch in range(3, 6):
         _epoch(second, epoch)
+    assert path.read_bytes() == (tmp_path / "reference.log").read_bytes()
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_test_entries_logged_after_the_checkpoint_survive_a_resumed_training_entry(
+    tmp_path: Path, factory: LoggerFactory
+) -> None:
+    path = tmp_path / "resumed.log"
+    first = factory(path)
+    _epoch(first, 1)
+    state = first.state_dict()  # the checkpoint after epoch 1
+    _epoch(first, 2)  # the run ends after epoch 2 without a checkpoint of it
+    first.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    first.log_stats({"Epoch loaded": 1}, test_stats={"loss": 3.0})
+
+    reference = factory(tmp_path / "reference.log")  # the entries the resumed file must hold
+    _epoch(reference, 1)
+    reference.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    reference.log_stats({"Epoch loaded": 1}, test_stats={"loss": 3.0})
+    _epoch(reference, 2)
+
+    second = factory(path)
+    second.load_state_dict(dict(state))
+    _epoch(second, 2)  # a restart with more epochs trains from the checkpoint again
     assert path.read_bytes() == (tmp_path / "reference.log").read_bytes()
 
 

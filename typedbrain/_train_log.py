@@ -22,6 +22,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import reprlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -249,13 +250,19 @@ def _byte_before(path: Path, position: int) -> bytes:
         return stream.read(1)
 
 
+_KeepLine: TypeAlias = Callable[[str, int], str | None]
+"""Given an entry's line cut off at a resume and the index it would take, the line to keep."""
+
+
 class _LineLog:
     """An append-only file of newline-terminated entries that resumes at a committed position.
 
     After :meth:`load_state_dict` nothing changes on disk until the next entry. If that entry
-    is a training entry (train or valid stats), everything after the committed position was
-    written by a run that did not reach the next checkpoint: it is cut off and logged again by
-    the resumed run. Any other entry (a test entry, after ``evaluate`` loaded the best and not
+    is a training entry (train or valid stats), the training entries after the committed
+    position were written by a run that did not reach the next checkpoint: they are cut off and
+    logged again by the resumed run. The other entries there (test entries, which no resumed
+    run logs again) are kept, moved up to the cut (``keep`` says which lines those are, and
+    renumbers them). Any other entry (a test entry, after ``evaluate`` loaded the best and not
     the newest checkpoint) is appended after everything already in the file.
 
     The entries are counted once, then kept count of; when the file's size is not the size
@@ -263,8 +270,9 @@ class _LineLog:
     again.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep: _KeepLine) -> None:
         self.path = path
+        self._keep = keep
         self._entries: int | None = None
         self._size_left: int | None = None  # the file's size after this log's last change
         self._pending: _Committed | None = None
@@ -320,14 +328,29 @@ class _LineLog:
             return self._open_existing()
         if not training:
             return self._open_existing()
-        if size > committed.position:
-            os.truncate(self.path, committed.position)
-            logger.info(
-                "removed %d bytes logged after the checkpoint from %s; they are logged again",
-                size - committed.position,
-                self.path,
-            )
-        return committed.entries
+        if size <= committed.position:
+            return committed.entries
+        with self.path.open("rb") as stream:
+            stream.seek(committed.position)
+            tail = stream.read()
+        kept: list[str] = []
+        for raw in tail.split(b"\n")[:-1]:  # a last line without its newline is not an entry
+            index = committed.entries + len(kept) + 1
+            line = self._keep(raw.decode("utf-8", errors="replace"), index)
+            if line is not None:
+                kept.append(line)
+        with self.path.open("r+b") as stream:
+            stream.truncate(committed.position)
+            stream.seek(committed.position)
+            stream.write(b"".join(line.encode("utf-8") + b"\n" for line in kept))
+        logger.info(
+            "removed the training entries logged after the checkpoint from %s (%d bytes; they "
+            "are logged again)%s",
+            self.path,
+            size - committed.position,
+            f" and kept the {len(kept)} other entries there" if kept else "",
+        )
+        return committed.entries + len(kept)
 
     def state_dict(self) -> dict[str, int]:
         """The committed position: the file's size and entry count, synced to disk."""
@@ -352,7 +375,14 @@ class _FileLoggerBase:
 
     def __init__(self, save_file: str | os.PathLike[str]) -> None:
         self.save_file = Path(save_file)
-        self._log = _LineLog(self.save_file)
+        self._log = _LineLog(self.save_file, self._kept_at_resume)
+
+    def _kept_at_resume(self, line: str, index: int) -> str | None:
+        """The line to keep for an entry a resume cuts off, renumbered as entry ``index``.
+
+        ``None`` for a training entry, which the resumed run logs again.
+        """
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, int]:
         """How much of the log exists now: ``{"position": bytes, "entries": lines}``.
@@ -377,6 +407,10 @@ class _FileLoggerBase:
         """
         if if_main_process():
             self._log.load_state_dict(state_dict)
+
+
+_TEXT_TRAINING_ITEMS: Final = re.compile(r" - (train|valid) [^:]*: ")
+"""Where a :class:`FileTrainLogger` line holds train or valid items."""
 
 
 @final
@@ -424,6 +458,9 @@ class FileTrainLogger(_FileLoggerBase):
             if stats is not None:
                 parts.append(self._items(stats, f"{stage} "))
         return " - ".join(parts)
+
+    def _kept_at_resume(self, line: str, index: int) -> str | None:
+        return None if _TEXT_TRAINING_ITEMS.search(line) else line
 
     def _items(self, stats: Mapping[str, StatValue], prefix: str) -> str:
         return ", ".join(
@@ -527,6 +564,15 @@ class JsonlTrainLogger(_FileLoggerBase):
         save_file: the log file, ``train_log.jsonl`` by convention.
     """
 
+    def _kept_at_resume(self, line: str, index: int) -> str | None:
+        try:
+            entry = _parse_entry(self.save_file, index, line)
+        except TrainLogError:
+            return None  # not an entry this logger wrote: the cut removes it
+        if _is_training(entry.train, entry.valid):
+            return None
+        return attrs.evolve(entry, step=index).to_json()
+
     def log_stats(
         self,
         stats_meta: Mapping[str, StatValue],
@@ -559,7 +605,8 @@ class JsonlTrainLogger(_FileLoggerBase):
 def read_jsonl_log(path: str | os.PathLike[str]) -> list[LogEntry]:
     """Read a log written by :class:`JsonlTrainLogger`, one :class:`LogEntry` per line.
 
-    Blank lines are skipped.
+    Blank lines are skipped. A last line without its newline (the run died while writing it)
+    is skipped with a warning: the logger removes it before its next entry.
 
     Raises:
         FileNotFoundError: there is no such file (other ``OSError`` s propagate too).
@@ -571,20 +618,23 @@ def read_jsonl_log(path: str | os.PathLike[str]) -> list[LogEntry]:
     with file.open("r", encoding="utf-8", newline="\n") as stream:
         text = stream.read()
     lines = text.split("\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        unfinished = number == len(lines)
-        entries.append(_parse_entry(file, number, line, unfinished=unfinished))
+    if lines[-1].strip():
+        warn(
+            f"skipped line {len(lines)} of {file}: it has no newline, so its write was "
+            "interrupted (the logger removes it before its next entry)",
+            UserWarning,
+        )
+    for number, line in enumerate(lines[:-1], start=1):
+        if line.strip():
+            entries.append(_parse_entry(file, number, line))
     return entries
 
 
-def _parse_entry(file: Path, number: int, line: str, *, unfinished: bool) -> LogEntry:
+def _parse_entry(file: Path, number: int, line: str) -> LogEntry:
     try:
         data: object = json.loads(line)
     except json.JSONDecodeError as error:
-        hint = " (the last line has no newline: its write was interrupted)" if unfinished else ""
-        raise TrainLogError(file, number, f"not JSON: {error.msg}{hint}") from error
+        raise TrainLogError(file, number, f"not JSON: {error.msg}") from error
     if not isinstance(data, dict):
         raise TrainLogError(file, number, f"a JSON {type(data).__name__}, not an object")
     if tuple(sorted(data)) != tuple(sorted(_ENTRY_KEYS)):
