@@ -364,6 +364,23 @@ def test_assigning_run_opts_with_another_device_is_refused() -> None:
     assert brain.max_grad_norm == 1.0
 
 
+def test_assigning_run_opts_without_a_device_keeps_the_brains_device() -> None:
+    brain = regression_brain(run_opts={"device": "cpu"})
+    brain.run_opts = RunOptions(max_grad_norm=1.0)
+    assert (brain.device, brain.run_opts.device, brain.max_grad_norm) == ("cpu", "cpu", 1.0)
+
+
+def test_module_keys_given_as_a_list_of_strings_become_a_tuple_on_every_path() -> None:
+    assert RunOptions(jit_module_keys=["model"]).jit_module_keys == ("model",)
+    brain = regression_brain()
+    brain.compile_module_keys = ["model"]  # type: ignore[assignment]  # a list, as YAML gives
+    assert brain.compile_module_keys == ("model",)
+    with pytest.raises(
+        RunOptionsError, match=r"expected a list of strings or None, got list \['model', 3\]"
+    ):
+        RunOptions(compile_module_keys=["model", 3])  # type: ignore[list-item]  # the mistake
+
+
 def test_assigning_run_opts_anything_but_run_options_is_refused() -> None:
     brain = regression_brain()
     with pytest.raises(ConfigurationError, match="must be assigned a RunOptions, not dict"):

@@ -321,6 +321,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 f"run_opts must be assigned a RunOptions, not {type(options).__name__}: "
                 "change options with attrs.evolve(brain.run_opts, name=value)"
             )
+        if options.device is None:  # the default device: the one this brain resolved it to
+            options = attrs.evolve(options, device=self._run_opts.device)
         if options.device != self._run_opts.device:
             raise ConfigurationError(
                 f"device cannot change from {self._run_opts.device!r} to {options.device!r} "

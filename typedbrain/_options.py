@@ -1,6 +1,7 @@
 """Run options: how a brain runs (device, precision, debug, clipping...), not what it learns.
 
-``RunOptions`` holds SpeechBrain's run option names and defaults. ``RunOptions.from_sources``
+``RunOptions`` holds SpeechBrain's run option names and defaults (the few differences are listed
+in docs/run-options.md). ``RunOptions.from_sources``
 builds one with the precedence defaults < keys of the same name in the hyperparameters < options
 given explicitly, and names the key and the source of any bad value.
 """
@@ -155,10 +156,22 @@ def _validate(instance: object, attribute: attrs.Attribute[_V], value: _V) -> No
     _check(attribute.name, attribute.type, value)
 
 
+def _module_keys(value: tuple[str, ...] | list[str] | None) -> tuple[str, ...] | None:
+    """A ``*_module_keys`` list of strings, as a tuple (other values go to the check as given)."""
+    if not isinstance(value, list):
+        return value
+    if all(isinstance(key, str) for key in value):
+        return tuple(value)
+    return cast(tuple[str, ...], value)  # not all strings: the check reports the list as given
+
+
 @final
 @attrs.frozen(kw_only=True)
 class RunOptions:
-    """How a brain runs. Every SpeechBrain run option, with the same name and default.
+    """How a brain runs: SpeechBrain's run options, names and defaults (but two defaults).
+
+    ``device`` and ``compile_mode`` have other defaults than SpeechBrain's (see
+    docs/run-options.md).
 
     Build one with :meth:`from_sources` to get SpeechBrain's precedence; constructing it directly
     validates every value too. Bad values raise :class:`~typedbrain.RunOptionsError` naming the
@@ -225,9 +238,13 @@ class RunOptions:
     distributed_launch: bool = attrs.field(default=False, validator=_validate)
     find_unused_parameters: bool = attrs.field(default=False, validator=_validate)
     jit: bool = attrs.field(default=False, validator=_validate)
-    jit_module_keys: tuple[str, ...] | None = attrs.field(default=None, validator=_validate)
+    jit_module_keys: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_module_keys, validator=_validate
+    )
     compile: bool = attrs.field(default=False, validator=_validate)
-    compile_module_keys: tuple[str, ...] | None = attrs.field(default=None, validator=_validate)
+    compile_module_keys: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_module_keys, validator=_validate
+    )
     compile_mode: CompileMode = attrs.field(default="default", validator=_validate)
     compile_using_fullgraph: bool = attrs.field(default=False, validator=_validate)
     compile_using_dynamic_shape_tracing: bool = attrs.field(default=False, validator=_validate)
