@@ -6,10 +6,11 @@ import json
 import math
 import re
 import tempfile
+import types
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import typedbrain
 from tests.helpers import python_blocks, rewrite_manifest
+from typedbrain import _checkpoint
 from typedbrain._checkpoint import (
     Checkpoint,
     Checkpointer,
@@ -33,8 +36,8 @@ from typedbrain._errors import (
     ConfigurationError,
     CorruptCheckpointError,
 )
-from typedbrain._manifest import manifest_digest
-from typedbrain._protocols import CheckpointerLike
+from typedbrain._manifest import INTRA_EPOCH_CKPT_FLAG, manifest_digest
+from typedbrain._protocols import CheckpointerLike, Stateful
 
 if TYPE_CHECKING:
     from torch.types import Storage
@@ -212,6 +215,66 @@ def test_an_uncommitted_folder_left_under_a_given_name_is_removed_with_a_warning
     assert sorted(entry.name for entry in leftover.iterdir()) == ["MANIFEST.json", "counter.ckpt"]
     assert verify_checkpoint(leftover) == saved
     assert [c.path.name for c in checkpointer.list_checkpoints()] == ["epoch-1", "epoch-2"]
+
+
+@pytest.mark.parametrize(
+    ("plant", "in_the_way"),
+    [
+        (lambda folder: (folder / "notes.txt").write_text("mine"), "the file 'notes.txt'"),
+        (lambda folder: (folder / "runs").mkdir(), "the folder 'runs'"),
+        (lambda folder: (folder / "CKPT.yaml").write_text("end-of-epoch: true\n"), "CKPT.yaml"),
+        (lambda folder: (folder / "MANIFEST.ckpt").mkdir(), "the folder 'MANIFEST.ckpt'"),
+        (
+            lambda folder: (folder / "linked.ckpt").symlink_to(folder / "counter.ckpt"),
+            "the link 'linked.ckpt'",
+        ),
+    ],
+    ids=["a file", "a subfolder", "a SpeechBrain meta file", "a .ckpt folder", "a .ckpt link"],
+)
+def test_a_given_name_held_by_a_folder_that_is_not_a_save_leftover_is_refused_untouched(
+    tmp_path: Path, plant: Callable[[Path], object], in_the_way: str
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    folder = tmp_path / "finetune"
+    folder.mkdir()
+    (folder / "counter.ckpt").write_bytes(b"partial")  # what a save writes, next to the rest
+    plant(folder)
+    before = sorted(entry.name for entry in folder.iterdir())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(
+            CheckpointError,
+            match=rf"cannot save checkpoint .*finetune: .*it holds .*{re.escape(in_the_way)}.*"
+            "nothing was written or deleted",
+        ):
+            checkpointer.save_checkpoint(name="finetune")
+
+    assert sorted(entry.name for entry in folder.iterdir()) == before
+    assert (folder / "counter.ckpt").read_bytes() == b"partial"
+    with pytest.warns(CheckpointWarning, match="finetune: no MANIFEST.json"):
+        assert checkpointer.list_checkpoints() == []
+
+
+def test_a_given_name_held_by_another_checkpoints_folder_keeps_its_checkpoints(
+    tmp_path: Path,
+) -> None:
+    model = torch.nn.Linear(2, 2)
+    inner = Checkpointer(tmp_path / "finetune", {"model": model}).save_checkpoint()
+    outer = Checkpointer(tmp_path, {"model": model})
+    with pytest.raises(CheckpointError, match=rf"the folder '{re.escape(inner.path.name)}'"):
+        outer.save_checkpoint(name="finetune")
+    assert verify_checkpoint(inner.path) == inner
+
+
+def test_an_empty_folder_under_a_given_name_is_an_interrupted_save_and_is_reused(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "epoch-1").mkdir()  # a save killed right after it made its folder
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    with pytest.warns(CheckpointWarning, match="a save interrupted before its commit left it"):
+        saved = checkpointer.save_checkpoint(name="epoch-1")
+    assert verify_checkpoint(tmp_path / "epoch-1") == saved
 
 
 def test_a_given_name_held_by_a_damaged_manifest_or_a_file_is_refused_and_left_alone(
@@ -493,6 +556,117 @@ def test_predicate_limits_deletion_so_intra_epoch_checkpoints_replace_only_each_
     assert checkpointer.find_checkpoint(ckpt_predicate=not_intra) == saved[3]
     saved.append(save("I"))
     assert _surviving(checkpointer, saved) == [4, 6]
+
+
+def _is_intra(checkpoint: Checkpoint) -> bool:
+    return INTRA_EPOCH_CKPT_FLAG in checkpoint.meta
+
+
+def _save_intra(checkpointer: Checkpointer) -> Checkpoint:
+    """What the brain does every ``ckpt_interval_steps``."""
+    return checkpointer.save_and_keep_only(
+        meta={INTRA_EPOCH_CKPT_FLAG: True},
+        end_of_epoch=False,
+        num_to_keep=1,
+        ckpt_predicate=_is_intra,
+    )
+
+
+def test_the_checkpointers_intra_epoch_flag_is_the_brains() -> None:
+    assert INTRA_EPOCH_CKPT_FLAG == typedbrain.INTRA_EPOCH_CKPT_FLAG
+
+
+@pytest.mark.parametrize(
+    ("keep", "expected"),
+    [
+        ({"num_to_keep": 2}, [2, 3]),
+        ({"num_to_keep": 2, "min_keys": ["loss"]}, [1, 2, 3]),
+        ({"min_keys": ["loss"]}, [1, 3]),
+        ({"min_keys": ["loss"], "keep_recent": False}, [1, 3]),
+    ],
+    ids=["recency", "recency and loss", "loss and the newest", "loss only"],
+)
+def test_an_end_of_epoch_save_deletes_the_intra_epoch_checkpoints_before_it_uncounted(
+    tmp_path: Path, keep: dict[str, object], expected: list[int]
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    for epoch, loss in ((1, 0.5), (2, 0.7), (3, 0.9)):
+        _save_intra(checkpointer)
+        checkpointer.save_and_keep_only(meta={"epoch": epoch, "loss": loss}, **keep)  # type: ignore[arg-type]  # test passes the keep options through
+    assert [c.meta.get("epoch") for c in checkpointer.list_checkpoints()] == expected
+
+
+def test_an_intra_epoch_checkpoint_committed_after_the_end_of_epoch_one_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    intra = checkpointer.save_checkpoint(meta={INTRA_EPOCH_CKPT_FLAG: True}, end_of_epoch=False)
+    # Another writer committed it as the save below runs: the same number, a later commit.
+    rewrite_manifest(intra.path, lambda data: data.update(unixtime=intra.unixtime + 3600))
+    monkeypatch.setattr(checkpointer, "_next_sequence", lambda: intra.sequence)
+    checkpointer.save_and_keep_only(meta={"epoch": 1}, num_to_keep=2)
+    assert [c.meta for c in checkpointer.list_checkpoints()] == [
+        {"epoch": 1},
+        {INTRA_EPOCH_CKPT_FLAG: True},
+    ]
+
+
+def test_an_end_of_epoch_save_deletes_only_the_intra_epoch_checkpoints_its_predicate_accepts(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    intra = _save_intra(checkpointer)
+
+    def not_intra(checkpoint: Checkpoint) -> bool:
+        return not _is_intra(checkpoint)
+
+    checkpointer.save_and_keep_only(meta={"epoch": 1}, ckpt_predicate=not_intra)
+    assert intra in checkpointer.list_checkpoints()
+    checkpointer.save_and_keep_only(meta={"epoch": 2}, ckpt_predicate=_is_intra)
+    assert intra not in checkpointer.list_checkpoints()
+
+
+def test_a_save_that_is_not_end_of_epoch_keeps_counting_intra_epoch_checkpoints(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    epoch = checkpointer.save_checkpoint(meta={"epoch": 1})
+    first = _save_intra(checkpointer)
+    second = checkpointer.save_and_keep_only(meta={"user": True}, end_of_epoch=False, num_to_keep=2)
+    # Recency ranks the intra-epoch one as any other: the oldest is deleted, not the flagged one.
+    assert checkpointer.list_checkpoints() == [first, second]
+    assert not epoch.path.exists()
+
+
+def test_a_folder_that_cannot_be_deleted_is_a_warning_and_the_other_deletions_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
+    stuck, other = checkpointer.save_checkpoint(), checkpointer.save_checkpoint()
+    real_delete = _checkpoint._delete_folder
+
+    def refuse_stuck(folder: Path) -> None:
+        if folder == stuck.path:
+            raise PermissionError(13, "Permission denied", str(folder / "MANIFEST.json"))
+        real_delete(folder)
+
+    monkeypatch.setattr(_checkpoint, "_delete_folder", refuse_stuck)
+    newest = other
+    for _ in range(2):  # every later save too
+        with pytest.warns(CheckpointWarning) as caught:
+            newest = checkpointer.save_and_keep_only(num_to_keep=1)
+        assert len(caught) == 1
+        assert caught[0].filename == __file__
+        assert re.search(
+            rf"could not delete checkpoint .*{re.escape(stuck.path.name)} \(PermissionError: "
+            r"\[Errno 13\] Permission denied: .*MANIFEST.json'\); it is still a committed "
+            "checkpoint",
+            str(caught[0].message),
+        )
+        assert checkpointer.list_checkpoints() == [stuck, newest]
+        assert not other.path.exists()
+    with pytest.warns(CheckpointWarning, match="could not delete"):
+        assert checkpointer.delete_checkpoints(num_to_keep=0) == [newest]
 
 
 def test_delete_checkpoints_keeps_the_most_recent_by_default(tmp_path: Path) -> None:
@@ -847,6 +1021,57 @@ def test_a_failure_while_states_are_applied_never_falls_back_to_an_older_checkpo
 # ---------------------------------------------------------------------------- averaging
 
 
+def _tensor(value: object) -> torch.Tensor:
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
+class _Versioned(torch.nn.Linear):
+    """A module with an ``_extra_state`` entry (a dict, not a tensor) in its state dict."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(2, 2)
+        self.version = version
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"version": self.version}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.version = state["version"]
+
+
+def test_average_checkpoints_takes_entries_that_are_not_tensors_from_the_last(
+    tmp_path: Path,
+) -> None:
+    layer = _Versioned(1)
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Sequential(layer)})
+    saved = []
+    for version, value in ((1, 1.0), (2, 3.0)):
+        layer.version = version
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        saved.append(checkpointer.save_checkpoint())
+
+    averaged = average_checkpoints(saved, "model")
+
+    assert averaged["0._extra_state"] == {"version": 2}
+    assert torch.equal(_tensor(averaged["0.weight"]), torch.full((2, 2), 2.0))
+    fresh = _Versioned(0)
+    torch.nn.Sequential(fresh).load_state_dict(averaged)
+    assert fresh.version == 2
+    assert torch.equal(fresh.weight, torch.full((2, 2), 2.0))
+
+
+def test_average_checkpoints_refuses_an_entry_that_is_a_tensor_in_one_only(tmp_path: Path) -> None:
+    with_tensor = Checkpointer(tmp_path / "a", {"model": torch.nn.Linear(2, 2)}).save_checkpoint()
+    holder = _Holder({"weight": {"not": "a tensor"}, "bias": torch.zeros(2)})
+    without = Checkpointer(tmp_path / "b", {"model": holder}).save_checkpoint()
+    with pytest.raises(
+        CheckpointError, match=r"'weight' is a dict there and torch.float32 \(2, 2\) in the first"
+    ):
+        average_checkpoints([with_tensor, without], "model")
+
+
 def test_average_checkpoints_averages_floating_tensors_and_keeps_the_last_counters(
     tmp_path: Path,
 ) -> None:
@@ -865,9 +1090,9 @@ def test_average_checkpoints_averages_floating_tensors_and_keeps_the_last_counte
     averaged = average_checkpoints(saved, "model")
 
     assert set(averaged) == set(model.state_dict())
-    assert torch.equal(averaged["0.weight"], torch.full((2, 2), 3.0))
-    assert averaged["0.weight"].dtype == torch.float32
-    assert torch.equal(averaged["1.num_batches_tracked"], torch.tensor(6))
+    assert torch.equal(_tensor(averaged["0.weight"]), torch.full((2, 2), 3.0))
+    assert _tensor(averaged["0.weight"]).dtype == torch.float32
+    assert torch.equal(_tensor(averaged["1.num_batches_tracked"]), torch.tensor(6))
     fresh = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     fresh.load_state_dict(averaged)
 
@@ -885,7 +1110,7 @@ def test_average_checkpoints_averages_complex_tensors_too(tmp_path: Path) -> Non
         with torch.no_grad():
             model.weight.fill_(value)
         saved.append(checkpointer.save_checkpoint())
-    averaged = average_checkpoints(saved, "model")["weight"]
+    averaged = _tensor(average_checkpoints(saved, "model")["weight"])
     assert averaged.dtype == torch.complex64
     assert torch.equal(averaged, torch.full((2,), 2 - 1j, dtype=torch.complex64))
 
@@ -1032,6 +1257,30 @@ class _Holder:
         self.state = state
 
 
+class _ProxyCounter:
+    """A ``Stateful`` whose ``state_dict`` returns a read-only mapping, not a dict."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def state_dict(self) -> Mapping[str, object]:
+        return types.MappingProxyType({"count": self.count, "weights": torch.ones(2)})
+
+    def load_state_dict(self, state: dict[str, Any], /) -> None:
+        self.count = state["count"]
+
+
+def test_a_state_dict_that_is_a_mapping_but_not_a_dict_is_saved_as_a_dict(tmp_path: Path) -> None:
+    saved: Stateful = _ProxyCounter(7)  # the protocol promises any Mapping: the case
+    checkpoint = Checkpointer(tmp_path, {"counter": saved}).save_checkpoint()
+    stored = torch.load(checkpoint.paramfiles["counter"], weights_only=True)
+    assert type(stored) is dict
+    assert_state_equal(stored, {"count": 7, "weights": torch.ones(2)})
+    restored = _ProxyCounter(0)
+    Checkpointer(tmp_path, {"counter": restored}).recover_if_possible()
+    assert restored.count == 7
+
+
 @pytest.mark.parametrize(
     ("state", "message"),
     [
@@ -1044,8 +1293,8 @@ class _Holder:
         ({"step": np.int64(3)}, r"state\['step'\] is a int64 "),
         (
             [1, 2],
-            r"recoverable 'holder': its state_dict\(\) returned a list, not a dict; nothing "
-            "was saved",
+            r"recoverable 'holder': its state_dict\(\) returned a list, not a mapping; "
+            "nothing was saved",
         ),
     ],
 )

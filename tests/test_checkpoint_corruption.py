@@ -195,6 +195,58 @@ def test_loading_an_explicitly_given_damaged_checkpoint_raises_and_changes_nothi
     assert counter.current == 3  # listed first, but not loaded: files are checked before any load
 
 
+def _speechbrain_checkpoint(folder: Path) -> None:
+    (folder / "CKPT.yaml").write_text("end-of-epoch: true\n")
+    (folder / "model.ckpt").write_bytes(b"a SpeechBrain save")
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (
+            _speechbrain_checkpoint,
+            "no MANIFEST.json: it is a SpeechBrain checkpoint (it holds CKPT.yaml), which "
+            "typedbrain does not load",
+        ),
+        (
+            lambda folder: (folder / "events.out.tfevents.1").write_bytes(b"x"),
+            "no MANIFEST.json: not a checkpoint folder (it holds the file "
+            "'events.out.tfevents.1', which no save writes)",
+        ),
+        (
+            lambda folder: (folder / "plugins").mkdir(),
+            "no MANIFEST.json: not a checkpoint folder (it holds the folder 'plugins', which no "
+            "save writes)",
+        ),
+        (
+            lambda folder: None,
+            "no MANIFEST.json: an empty folder (a save interrupted before it wrote anything, or "
+            "not a checkpoint folder)",
+        ),
+        (
+            lambda folder: (folder / "model.ckpt").write_bytes(b"half"),
+            "no MANIFEST.json: the save was interrupted before its commit",
+        ),
+    ],
+    ids=["SpeechBrain checkpoint", "a logger's file", "a subfolder", "empty", "interrupted save"],
+)
+def test_a_folder_without_a_manifest_is_reported_as_what_it_is(
+    tmp_path: Path, make: Callable[[Path], object], reason: str
+) -> None:
+    folder = tmp_path / "CKPT+2024-01-01+00-00-00+00"
+    folder.mkdir()
+    make(folder)
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(1, 1)})
+    with pytest.warns(CheckpointWarning) as caught:
+        assert checkpointer.recover_if_possible() is None
+    assert [str(warning.message) for warning in caught] == [
+        f"ignoring folder {folder}: {reason}; it is left on disk"
+    ]
+    with pytest.raises(CorruptCheckpointError) as raised:
+        verify_checkpoint(folder)
+    assert raised.value.reason == reason
+
+
 def test_an_uncommitted_folder_is_reported_once_per_checkpointer_and_never_deleted(
     saved: Saved,
 ) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
@@ -15,7 +17,12 @@ from typedbrain._checkpoint import (
     mark_as_saver,
     register_checkpoint_hooks,
 )
-from typedbrain._errors import CheckpointError, ConfigurationError, HookContractError
+from typedbrain._errors import (
+    CheckpointError,
+    ConfigurationError,
+    HookContractError,
+    UnsafeCheckpointError,
+)
 
 
 @register_checkpoint_hooks
@@ -133,6 +140,142 @@ def test_marks_in_a_class_that_is_not_registered_are_refused_naming_the_class() 
         r"is not decorated with @register_checkpoint_hooks",
     ):
         Checkpointer(Path("unused"), {"module": Forgot(1, 1)})
+
+
+@attrs.define  # slotted: it builds a new class from the one register_checkpoint_hooks saw
+@register_checkpoint_hooks
+class SlottedVocabulary:
+    words: list[str] = attrs.field(factory=list)
+
+    @mark_as_saver
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.words))
+
+    @mark_as_loader
+    def load(self, path: Path, end_of_epoch: bool) -> None:
+        self.words = json.loads(path.read_text())
+
+
+@dataclasses.dataclass(slots=True)
+@register_checkpoint_hooks
+class SlottedWords:
+    words: list[str] = dataclasses.field(default_factory=list)
+
+    @mark_as_saver
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.words))
+
+    @mark_as_loader
+    def load(self, path: Path, end_of_epoch: bool) -> None:
+        self.words = json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("cls", [SlottedVocabulary, SlottedWords])
+def test_a_class_rebuilt_by_a_decorator_above_register_checkpoint_hooks_keeps_its_hooks(
+    tmp_path: Path, cls: type[SlottedVocabulary] | type[SlottedWords]
+) -> None:
+    assert "__slots__" in vars(cls)  # the class decorated was replaced: the case
+    checkpoint = Checkpointer(tmp_path, {"vocab": cls(["a", "b"])}).save_checkpoint()
+    assert json.loads(checkpoint.paramfiles["vocab"].read_text()) == ["a", "b"]
+    restored = cls([])
+    Checkpointer(tmp_path, {"vocab": restored}).recover_if_possible()
+    assert restored.words == ["a", "b"]
+
+
+def test_marks_registered_in_a_class_that_a_decorator_replaced_and_renamed_say_so() -> None:
+    def renaming(cls: type) -> type:
+        return type("Renamed", cls.__bases__, dict(vars(cls)))
+
+    @renaming
+    @register_checkpoint_hooks
+    class Original:
+        @mark_as_saver
+        def save(self, path: Path) -> None:
+            path.write_text("[]")
+
+        @mark_as_loader
+        def load(self, path: Path, end_of_epoch: bool) -> None:
+            pass
+
+    with pytest.raises(
+        HookContractError,
+        match=r"recoverable 'vocab': Renamed.save is marked with mark_as_saver and was registered "
+        r"by @register_checkpoint_hooks in the class .*Original, which is not .*Renamed: the "
+        r"decorated class was replaced by a new one after decoration .* Make "
+        r"@register_checkpoint_hooks the outermost \(top\) decorator",
+    ):
+        Checkpointer(Path("unused"), {"vocab": Original()})
+
+
+@register_checkpoint_hooks
+class SaverOnly(torch.nn.Module):
+    """Stateful, with a custom saver and the default loader: its file does not load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 3
+
+    @mark_as_saver
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"seen": self.seen}))
+
+
+@register_checkpoint_hooks
+class LoaderOnly(torch.nn.Linear):
+    """Stateful, with the default saver and a custom loader that cannot read its file."""
+
+    @mark_as_loader
+    def load(self, path: Path, end_of_epoch: bool) -> None:
+        json.loads(path.read_text())
+
+
+def test_a_class_marking_only_a_saver_fails_to_load_with_an_error_naming_both_hooks(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"stats": SaverOnly()})
+    checkpointer.save_checkpoint()
+    with pytest.raises(CheckpointError) as caught:
+        checkpointer.recover_if_possible()
+    assert not isinstance(caught.value, UnsafeCheckpointError)
+    message = str(caught.value)
+    assert (
+        "recoverable 'stats' (a SaverOnly) is saved by its custom saver SaverOnly.save" in message
+    )
+    assert "loaded by the default loader (load_state_dict" in message
+    assert "mark the method that reads the file back with @mark_as_loader in SaverOnly" in message
+    assert "unsafe" not in message
+
+
+def test_a_per_object_saver_without_a_loader_says_to_give_a_custom_load_hook(
+    tmp_path: Path,
+) -> None:
+    def save_text(module: torch.nn.Linear, path: Path) -> None:
+        path.write_text("weights")
+
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.add_recoverable("model", torch.nn.Linear(1, 1), custom_save_hook=save_text)
+    checkpointer.save_checkpoint()
+    with pytest.raises(
+        CheckpointError,
+        match=r"custom saver custom_save_hook 'test_a_per_object_saver_without_a_loader_says_to_"
+        r"give_a_custom_load_hook.<locals>.save_text' .*give add_recoverable a custom_load_hook",
+    ):
+        checkpointer.recover_if_possible()
+
+
+def test_a_class_marking_only_a_loader_fails_to_load_with_an_error_naming_both_hooks(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"layer": LoaderOnly(1, 1)})
+    checkpointer.save_checkpoint()
+    with pytest.raises(
+        CheckpointError,
+        match=r"recoverable 'layer' did not take its state .*UnicodeDecodeError.*Its hooks may be "
+        r"the cause: recoverable 'layer' \(a LoaderOnly\) is saved by the default saver "
+        r"\(torch.save of its state_dict\(\)\) but loaded by its custom loader LoaderOnly.load.*"
+        r"mark the method that writes the file with @mark_as_saver in LoaderOnly",
+    ):
+        checkpointer.recover_if_possible()
 
 
 def test_class_hooks_win_over_state_dict(tmp_path: Path) -> None:

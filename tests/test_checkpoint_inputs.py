@@ -231,10 +231,51 @@ def test_optional_load_that_is_not_a_bool_is_refused(tmp_path: Path) -> None:
     assert list(checkpointer.recoverables) == ["counter"]
 
 
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("x" * 251, 256), ("ü" * 126, 257)],
+    ids=["ASCII", "two bytes a character"],
+)
+def test_a_recoverable_name_too_long_for_a_file_name_is_refused_at_registration(
+    tmp_path: Path, name: str, size: int
+) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"recoverable name '{name[:40]}'\.\.\. \({len(name)} characters\) is too long: its "
+        rf"file name, <name>.ckpt, takes {size} bytes in UTF-8, more than the 255",
+    ):
+        checkpointer.add_recoverable(name, EpochCounter(2))
+    assert list(checkpointer.recoverables) == ["counter"]
+
+
+def test_a_recoverable_name_of_255_bytes_with_its_suffix_is_saved(tmp_path: Path) -> None:
+    name = "x" * (255 - len(".ckpt"))
+    checkpoint = Checkpointer(tmp_path, {name: EpochCounter(2)}).save_checkpoint()
+    assert checkpoint.paramfiles[name].name == f"{name}.ckpt"
+
+
+def test_a_checkpoint_name_too_long_for_a_folder_name_is_refused_before_writing(
+    tmp_path: Path,
+) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    with pytest.raises(
+        ConfigurationError, match=r"checkpoint name 'x{40}'\.\.\. \(256 characters\) is too long"
+    ):
+        checkpointer.save_checkpoint(name="x" * 256)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_a_module_dict_is_taken_as_recoverables(tmp_path: Path) -> None:
     modules = torch.nn.ModuleDict({"encoder": torch.nn.Linear(2, 2)})
-    checkpointer = Checkpointer(tmp_path, modules)  # type: ignore[arg-type]  # not a Mapping to mypy
+    checkpointer = Checkpointer(tmp_path, modules)  # mypy accepts it: the case
     assert checkpointer.recoverables == {"encoder": modules["encoder"]}
+    more = torch.nn.ModuleDict({"decoder": torch.nn.Linear(2, 2)})
+    checkpointer.add_recoverables(more)
+    assert checkpointer.recoverables == {
+        "encoder": modules["encoder"],
+        "decoder": more["decoder"],
+    }
 
 
 def test_a_checkpoints_dir_that_is_a_file_is_refused_at_construction_and_after(

@@ -54,7 +54,10 @@ from typedbrain._errors import (
 )
 from typedbrain._loadable import refusal, weights_only_reason
 from typedbrain._manifest import (
+    FILE_SUFFIX,
+    INTRA_EPOCH_CKPT_FLAG,
     MANIFEST_NAME,
+    MAX_FILE_NAME_BYTES,
     MAX_SEQUENCE,
     WRITE_BUFFER,
     Checkpoint,
@@ -63,13 +66,17 @@ from typedbrain._manifest import (
     JsonValue,
     check_present,
     commit_manifest,
+    describe_entries,
     hash_file,
     is_plain_name,
+    is_save_file,
+    name_bytes,
     open_present,
     read_manifest,
     sync_and_close,
     sync_directory,
     to_json_meta,
+    unexpected_entries,
     verify_checkpoint,
     verify_file,
 )
@@ -110,8 +117,6 @@ CheckpointPredicate: TypeAlias = Callable[[Checkpoint], bool]
 
 Device: TypeAlias = torch.device | str | None
 
-_SUFFIX: Final = ".ckpt"
-
 
 def ckpt_recency(checkpoint: Checkpoint) -> float:
     """The importance key that ranks checkpoints by recency (their commit sequence number)."""
@@ -126,6 +131,8 @@ class _Recoverable:
     saver: Callable[[Any, Path], None] | None
     loader: Callable[[Any, Path, bool], None] | None
     optional_load: bool
+    # Set when only one of saver / loader is custom: why a failed load may come from that.
+    one_sided: str | None = None
 
 
 @final
@@ -155,7 +162,8 @@ class Checkpointer:
 
     Args:
         checkpoints_dir: the folder holding the checkpoint folders (created when needed).
-        recoverables: name -> object, registered as by :meth:`add_recoverable`.
+        recoverables: name -> object (a mapping, or a ``torch.nn.ModuleDict``), registered as
+            by :meth:`add_recoverable`.
         allow_partial_load: load checkpoints that lack some registered recoverables (those keep
             their current state) instead of raising.
 
@@ -172,7 +180,7 @@ class Checkpointer:
     def __init__(
         self,
         checkpoints_dir: str | os.PathLike[str],
-        recoverables: Mapping[str, object] | None = None,
+        recoverables: Mapping[str, object] | torch.nn.ModuleDict | None = None,
         *,
         allow_partial_load: bool = False,
     ) -> None:
@@ -215,7 +223,8 @@ class Checkpointer:
 
         Args:
             name: the recoverable's name; its file is ``<name>.ckpt``, so it must be a plain
-                file name (no path separator, not starting with a dot).
+                file name (no path separator, not starting with a dot) of at most 255 bytes
+                with that suffix, in UTF-8.
             obj: the object.
             custom_save_hook: called as ``hook(obj, path)`` to write ``obj`` to ``path``.
             custom_load_hook: called as ``hook(obj, path, end_of_epoch)`` to restore it.
@@ -223,17 +232,19 @@ class Checkpointer:
                 state) instead of raising.
 
         Raises:
-            ConfigurationError: ``name`` is not a usable file name, ``obj`` is a class (not an
+            ConfigurationError: ``name`` is not a usable file name (or one too long for the
+                filesystem), ``obj`` is a class (not an
                 object of it) or can be neither saved nor loaded (not ``Stateful`` and no
                 hooks), or ``optional_load`` is not a bool; the message names it.
             HookContractError: a custom hook is not callable or has the wrong signature (the
                 check the class decorators make); the message names the recoverable.
         """
-        if not is_plain_name(name) or not is_plain_name(f"{name}{_SUFFIX}"):
+        if not is_plain_name(name) or not is_plain_name(f"{name}{FILE_SUFFIX}"):
             raise ConfigurationError(
                 f"recoverable name {name!r} must be a non-empty plain file name (no path "
                 "separator or colon, not starting with a dot)"
             )
+        _check_name_length("recoverable name", name, FILE_SUFFIX)
         if isinstance(obj, type):
             raise ConfigurationError(
                 f"recoverable {name!r} is the class {obj.__qualname__}, not an object of it; "
@@ -242,11 +253,18 @@ class Checkpointer:
         check_bool("optional_load", optional_load)
         hooks = resolve_hooks(name, obj, custom_save_hook, custom_load_hook)
         self._recoverables[name] = _Recoverable(
-            obj=obj, saver=hooks.saver, loader=hooks.loader, optional_load=optional_load
+            obj=obj,
+            saver=hooks.saver,
+            loader=hooks.loader,
+            optional_load=optional_load,
+            one_sided=hooks.one_sided,
         )
 
-    def add_recoverables(self, recoverables: Mapping[str, object]) -> None:
-        """Register every ``name -> object`` of ``recoverables`` (see :meth:`add_recoverable`)."""
+    def add_recoverables(self, recoverables: Mapping[str, object] | torch.nn.ModuleDict) -> None:
+        """Register every ``name -> object`` of ``recoverables`` (see :meth:`add_recoverable`).
+
+        ``recoverables`` is a mapping, or a ``torch.nn.ModuleDict`` (each module by its name).
+        """
         if not isinstance(recoverables, Mapping | torch.nn.ModuleDict):
             raise ConfigurationError(
                 "recoverables must be a mapping of name -> object, got "
@@ -291,10 +309,11 @@ class Checkpointer:
 
         Raises:
             ConfigurationError: ``meta`` is not JSON data (the message names the key),
-                ``end_of_epoch`` is not a bool, or ``name`` is not a plain folder name.
+                ``end_of_epoch`` is not a bool, or ``name`` is not a plain folder name (or is
+                longer than 255 bytes in UTF-8).
             CheckpointError: a committed checkpoint named ``name`` already exists, a save hook
                 wrote no file, or a ``state_dict`` returned something loading would refuse (not
-                a dict, or holding more than plain data and tensors: the message says where);
+                a mapping, or holding more than plain data and tensors: the message says where);
                 under ``torch.distributed``, on the other processes, when
                 one process failed (the main process to write, say): the message says which
                 and why.
@@ -349,6 +368,8 @@ class Checkpointer:
                 f"checkpoint name {name!r} must be a plain folder name (no path separator "
                 "or colon, not starting with a dot)"
             )
+        if name is not None:
+            _check_name_length("checkpoint name", name, "")
         return clean_meta, phase, bool(end_of_epoch)
 
     def _save_collectively(
@@ -372,7 +393,7 @@ class Checkpointer:
             for recoverable, entry in self._recoverables.items():
                 if entry.saver is None:
                     with _noted(f"taking the state of recoverable {recoverable!r}"):
-                        states[recoverable] = full_state(cast(Stateful, entry.obj).state_dict())
+                        states[recoverable] = full_state(_taken_state(entry.obj))
             clean_meta, phase, flag = self._checked_inputs(meta, end_of_epoch, name, ranking_keys)
         except BaseException as error:
             _agree(error, what)
@@ -470,7 +491,7 @@ class Checkpointer:
 
         Its state is taken from ``states`` when given, else from its ``state_dict`` now.
         """
-        path = folder / f"{name}{_SUFFIX}"
+        path = folder / f"{name}{FILE_SUFFIX}"
         if entry.saver is not None:
             with _noted(f"saving recoverable {name!r} with its save hook"):
                 entry.saver(entry.obj, path)
@@ -483,7 +504,7 @@ class Checkpointer:
             state = states[name]
         else:
             with _noted(f"taking the state of recoverable {name!r}"):
-                state = cast(Stateful, entry.obj).state_dict()
+                state = _taken_state(entry.obj)
         _check_loadable(name, state)
         raw = path.open("wb", buffering=WRITE_BUFFER)
         try:
@@ -531,9 +552,18 @@ class Checkpointer:
         """Save a checkpoint, then delete the older ones that no keep policy protects.
 
         Saving comes first, so the newest committed checkpoint is never removed before its
-        successor is committed, and the checkpoint just saved is always kept. Which of the
-        others are kept follows :meth:`delete_checkpoints`, with recency added to the
-        importance keys when ``keep_recent``.
+        successor is committed, and the checkpoint just saved is always kept. An end-of-epoch
+        checkpoint (``end_of_epoch=True``) supersedes the intra-epoch checkpoints saved before
+        it (those whose meta carries ``INTRA_EPOCH_CKPT_FLAG``, among those ``ckpt_predicate``
+        accepts): they are deleted, and do not count in the keep policy. (SpeechBrain counts
+        them like any other checkpoint, so there they can push out an end-of-epoch checkpoint
+        the policy should keep.) Which of the others are kept follows
+        :meth:`delete_checkpoints`, with recency added to the importance keys when
+        ``keep_recent``.
+
+        A checkpoint folder that cannot be deleted (a permission error, say) is reported with a
+        :class:`CheckpointWarning` naming it and the error; the other deletions go on, and the
+        call returns the checkpoint it saved.
 
         Under ``torch.distributed`` it is collective: the main process decides what to delete
         (the importance keys and ``ckpt_predicate`` run there only) and deletes it before any
@@ -576,7 +606,7 @@ class Checkpointer:
                     max_keys=maxima,
                     min_keys=minima,
                     ckpt_predicate=ckpt_predicate,
-                    keep=checkpoint.path,
+                    keep=checkpoint,
                 ),
                 f"delete old checkpoints in {self.checkpoints_dir}",
             )
@@ -590,8 +620,9 @@ class Checkpointer:
     def list_checkpoints(self) -> list[Checkpoint]:
         """Every committed checkpoint in ``checkpoints_dir``, oldest first (reads manifests only).
 
-        A folder without a readable manifest (an interrupted save, or damage) is skipped with a
-        :class:`CheckpointWarning` (once per folder for this checkpointer) and left on disk.
+        A folder without a readable manifest (an interrupted save, damage, or a folder that is
+        not a checkpoint: the warning says which) is skipped with a :class:`CheckpointWarning`
+        (once per folder for this checkpointer) and left on disk.
         Under ``torch.distributed`` it is collective: the main process lists, every process
         gets its list.
         """
@@ -622,7 +653,7 @@ class Checkpointer:
                 if report and entry not in self._reported:
                     self._reported.add(entry)
                     warn(
-                        f"ignoring checkpoint folder {entry}: {error.reason}; it is left on disk",
+                        f"ignoring folder {entry}: {error.reason}; it is left on disk",
                         CheckpointWarning,
                     )
         found.sort(key=lambda c: (c.sequence, c.unixtime, c.path.name))
@@ -706,6 +737,9 @@ class Checkpointer:
         Under ``torch.distributed`` it is collective: the main process decides and deletes,
         every process gets the list of deleted checkpoints once they are gone.
 
+        A folder that cannot be deleted is reported with a :class:`CheckpointWarning` naming
+        it and the error, the others are deleted still, and it is not in the list returned.
+
         Raises:
             ConfigurationError: ``num_to_keep`` is negative, or a keys argument is not a list
                 of keys (``min_keys="loss"`` instead of ``["loss"]``, say).
@@ -733,9 +767,21 @@ class Checkpointer:
         max_keys: Sequence[str],
         min_keys: Sequence[str],
         ckpt_predicate: CheckpointPredicate | None,
-        keep: Path | None,
+        keep: Checkpoint | None,
     ) -> list[Checkpoint]:
+        """Delete what the keep policy does not protect; return what was deleted.
+
+        ``keep`` is the checkpoint a ``save_and_keep_only`` just saved: it is kept, and if it
+        is an end-of-epoch one, the intra-epoch checkpoints saved before it (those
+        ``ckpt_predicate`` accepts) are deleted and left out of the rankings. A folder that
+        cannot be deleted is reported with a :class:`CheckpointWarning`; the others are
+        deleted still.
+        """
         checkpoints = self._scan(report=True)
+        superseded = _superseded(checkpoints, keep, ckpt_predicate)
+        if superseded:
+            gone = {checkpoint.path for checkpoint in superseded}
+            checkpoints = [checkpoint for checkpoint in checkpoints if checkpoint.path not in gone]
         rankings: list[list[Checkpoint]] = []
         for key in importance_keys:
             rankings.append(_rank(checkpoints, importance_key=key, ckpt_predicate=ckpt_predicate))
@@ -760,11 +806,12 @@ class Checkpointer:
         candidates = {c.path for ranking in rankings for c in ranking}
         protected = {c.path for ranking in rankings for c in ranking[:num_to_keep]}
         if keep is not None:
-            protected.add(keep)
-        deleted = [c for c in checkpoints if c.path in candidates and c.path not in protected]
-        for checkpoint in deleted:
-            _delete_folder(checkpoint.path)
-        return deleted
+            protected.add(keep.path)
+        ranked_out = [c for c in checkpoints if c.path in candidates and c.path not in protected]
+        doomed = sorted(
+            [*superseded, *ranked_out], key=lambda c: (c.sequence, c.unixtime, c.path.name)
+        )
+        return [checkpoint for checkpoint in doomed if _try_delete(checkpoint)]
 
     # ------------------------------------------------------------------ loading
 
@@ -831,6 +878,7 @@ class Checkpointer:
             decode=[name for name, entry in present.items() if entry.loader is None],
             device=device,
             keep_cpu=True,
+            hints={name: entry.one_sided for name, entry in present.items() if entry.one_sided},
         )
         return _Prepared(present=present, states=states)
 
@@ -848,7 +896,10 @@ class Checkpointer:
                     state = _for_layout(entry.obj, states[name])
                     cast(Stateful, entry.obj).load_state_dict(state)
             except Exception as error:
-                raise CheckpointError(_refused_state(checkpoint, name, error, loaded)) from error
+                refused = _refused_state(checkpoint, name, error, loaded)
+                if entry.one_sided is not None:
+                    refused = f"{refused}. Its hooks may be the cause: {entry.one_sided}"
+                raise CheckpointError(refused) from error
             loaded.append(name)
             logger.debug("restored %r from %s", name, path)
         logger.info("loaded checkpoint %s", checkpoint.path)
@@ -1274,6 +1325,73 @@ def _for_layout(obj: object, state: dict[str, Any]) -> dict[str, Any]:
     return sharded_like(state, cast(Stateful, obj).state_dict())
 
 
+_SHOWN_NAME: Final = 40
+"""A name too long for the filesystem is quoted up to this many characters."""
+
+
+def _check_name_length(what: str, name: str, suffix: str) -> None:
+    """Refuse a name whose file name (``name`` + ``suffix``) no common filesystem accepts.
+
+    Raises:
+        ConfigurationError: the file name is longer than 255 bytes in UTF-8; the message
+            names it.
+    """
+    size = name_bytes(f"{name}{suffix}")
+    if size > MAX_FILE_NAME_BYTES:
+        shown = f"{name[:_SHOWN_NAME]!r}... ({len(name)} characters)"
+        named = f"its file name, <name>{suffix}," if suffix else "it"
+        raise ConfigurationError(
+            f"{what} {shown} is too long: {named} takes {size} bytes in UTF-8, more than the "
+            f"{MAX_FILE_NAME_BYTES} a file name may have; choose a shorter name"
+        )
+
+
+def _superseded(
+    checkpoints: Sequence[Checkpoint],
+    keep: Checkpoint | None,
+    ckpt_predicate: CheckpointPredicate | None,
+) -> list[Checkpoint]:
+    """The intra-epoch checkpoints that ``keep``, an end-of-epoch checkpoint, supersedes.
+
+    Those are the checkpoints whose meta carries ``INTRA_EPOCH_CKPT_FLAG``, saved before
+    ``keep`` (a lower sequence number, or the same one and an earlier commit), and accepted by
+    ``ckpt_predicate`` when one is given. None when ``keep`` is ``None`` or not end-of-epoch.
+    """
+    if keep is None or not keep.end_of_epoch:
+        return []
+    return [
+        checkpoint
+        for checkpoint in checkpoints
+        if INTRA_EPOCH_CKPT_FLAG in checkpoint.meta
+        and checkpoint.path != keep.path
+        and (checkpoint.sequence, checkpoint.unixtime) < (keep.sequence, keep.unixtime)
+        and (ckpt_predicate is None or ckpt_predicate(checkpoint))
+    ]
+
+
+def _try_delete(checkpoint: Checkpoint) -> bool:
+    """Delete ``checkpoint``'s folder; if that fails, warn (naming it and why) and go on.
+
+    Returns:
+        Whether the folder was deleted.
+    """
+    try:
+        _delete_folder(checkpoint.path)
+    except (OSError, CheckpointError) as error:
+        state = (
+            "it is still a committed checkpoint"
+            if (checkpoint.path / MANIFEST_NAME).exists()
+            else "its manifest was removed, so it is no longer a checkpoint"
+        )
+        warn(
+            f"could not delete checkpoint {checkpoint.path} ({type(error).__name__}: {error}); "
+            f"{state}, left on disk. The other deletions went on",
+            CheckpointWarning,
+        )
+        return False
+    return True
+
+
 def _delete_folder(folder: Path) -> None:
     if folder.is_symlink():  # never delete a target through a link
         raise CheckpointError(f"refusing to delete {folder}: it is a symbolic link")
@@ -1288,12 +1406,16 @@ def _delete_folder(folder: Path) -> None:
 def _remove_leftover(folder: Path) -> None:
     """Make way for a checkpoint named ``folder``, which exists: only if a crash left it.
 
-    A real folder without a manifest is what a save interrupted before its commit leaves
-    behind (a checkpoint is only committed by its manifest's rename): it is removed with a
-    warning. Anything else (a committed checkpoint, a damaged manifest, a file, a link) stays.
+    A save interrupted before its commit leaves a real folder holding nothing but regular files
+    that a save writes (``<name>.ckpt`` files and the temporary manifest), and no manifest: such
+    a folder is removed, file by file, with a warning. Anything else stays as it is: a
+    committed checkpoint, a damaged manifest, a file, a link, or a folder holding anything else
+    (a subfolder, another file: another checkpoints folder, a SpeechBrain checkpoint, your
+    files). Nothing is removed until the whole folder has been checked.
 
     Raises:
-        CheckpointError: ``folder`` is not such a leftover; the message names it.
+        CheckpointError: ``folder`` is not such a leftover; the message names it and what is
+            in the way.
     """
     if folder.is_symlink() or not folder.is_dir():
         raise CheckpointError(
@@ -1302,15 +1424,37 @@ def _remove_leftover(folder: Path) -> None:
         )
     if (folder / MANIFEST_NAME).exists():
         raise CheckpointError(f"cannot save checkpoint {folder}: it exists")
+    try:
+        in_the_way = unexpected_entries(folder)
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot save checkpoint {folder}: a folder of that name exists and cannot be "
+            f"listed ({error})"
+        ) from error
+    if in_the_way:
+        raise CheckpointError(
+            f"cannot save checkpoint {folder}: a folder of that name exists, and it is not "
+            f"what an interrupted save leaves behind: it holds {describe_entries(in_the_way)}, "
+            "which no save writes; nothing was written or deleted. Move the folder out of the "
+            "way, or save under another name"
+        )
     warn(
         f"removing {folder}: a save interrupted before its commit left it (it has no "
-        f"{MANIFEST_NAME}); a new checkpoint is saved under its name",
+        f"{MANIFEST_NAME}, only files a save writes); a new checkpoint is saved under its name",
         CheckpointWarning,
-        # Here, _new_folder, _write, then without a process group _save, the public method
-        # and its caller; with one the lambda, _main_decides and _save_collectively come
-        # between _write and _save.
     )
-    shutil.rmtree(folder)
+    # File by file, never recursively: a file that appeared since the check stops the
+    # removal (the folder is then not empty) instead of being deleted unseen.
+    try:
+        for entry in folder.iterdir():
+            if is_save_file(entry):
+                entry.unlink()
+        folder.rmdir()
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot save checkpoint {folder}: removing what an interrupted save left there "
+            f"failed ({error})"
+        ) from error
 
 
 _HASH_WORKERS: Final = 4
@@ -1320,18 +1464,30 @@ As many as there are CPUs, not one fewer: decoding is mostly copying, and measur
 CPUs two hashing threads next to the decoding one load faster than one."""
 
 
+def _taken_state(obj: object) -> object:
+    """``obj.state_dict()``; a mapping that is not a dict (a ``MappingProxyType``) as a dict.
+
+    ``Stateful.state_dict`` may return any mapping; loading gives a dict whatever was saved,
+    so a mapping is saved as the dict of its items (a dict, ``OrderedDict`` included, as it is).
+    """
+    state: object = cast(Stateful, obj).state_dict()
+    if isinstance(state, Mapping) and not isinstance(state, dict):
+        return dict(state)
+    return state
+
+
 def _check_loadable(name: str, state: object) -> None:
     """Refuse to save a state that loading would refuse: a checkpoint of it could never resume.
 
     Raises:
-        CheckpointError: ``state`` is not a dict, or holds something that
-            ``torch.load(weights_only=True)`` does not unpickle; the message names the
-            recoverable and where in the state it lies.
+        CheckpointError: ``state`` is not a dict (what :func:`_taken_state` makes of a
+            mapping), or holds something that ``torch.load(weights_only=True)`` does not
+            unpickle; the message names the recoverable and where in the state it lies.
     """
     if not isinstance(state, dict):
         raise CheckpointError(
             f"recoverable {name!r}: its state_dict() returned a {type(state).__qualname__}, "
-            "not a dict; nothing was saved"
+            "not a mapping; nothing was saved"
         )
     refused = refusal(state)
     if refused is not None:
@@ -1375,11 +1531,14 @@ def _verified_states(
     device: Device,
     *,
     keep_cpu: bool = False,
+    hints: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Check the files of ``names`` against the manifest; return the decoded ``decode`` ones.
 
     ``device`` is where tensors are decoded (``map_location``); with ``keep_cpu``, only those
-    saved from an accelerator go there (see :func:`_map_location`).
+    saved from an accelerator go there (see :func:`_map_location`). ``hints`` (name -> why its
+    file may not decode: its saver is custom, its loader the default) replace the error of an
+    intact file that does not decode.
 
     Sizes are checked first (a stat each), so a truncated file is never decoded. Then worker
     threads hash the files while this thread decodes those in ``decode`` (``torch.load`` with
@@ -1392,11 +1551,12 @@ def _verified_states(
         ConfigurationError: ``device`` is not a device, or one this machine lacks.
         CorruptCheckpointError: a file fails its checks (the first in ``names`` order). This
             wins over a decoding error, which damage causes too.
-        UnsafeCheckpointError: every file passed its checks, and one in ``decode`` holds
-            objects that ``weights_only`` loading refuses.
+        UnsafeCheckpointError: every file passed its checks, and one in ``decode`` (without a
+            hint) holds objects that ``weights_only`` loading refuses.
         CheckpointError: every file passed its checks, and one in ``decode`` does not decode
             here: the file is intact, so the cause is this machine (a GPU checkpoint without a
             GPU, say), not damage, and the checkpoint must not be skipped as if it were damaged.
+            Or one with a hint does not decode: the message gives the hint.
     """
     _check_device(device)
     names = list(names)
@@ -1418,7 +1578,13 @@ def _verified_states(
             for name in decode:
                 try:
                     path = checkpoint.paramfiles[name]
-                    states[name] = _decode(streams[name], path, device, keep_cpu=keep_cpu)
+                    states[name] = _decode(
+                        streams[name],
+                        path,
+                        device,
+                        keep_cpu=keep_cpu,
+                        hint=None if hints is None else hints.get(name),
+                    )
                 except Exception:
                     # Damage makes files undecodable too: report it as such if it is.
                     for check in checks:
@@ -1434,13 +1600,42 @@ def _verified_states(
 
 
 def _decode(
-    stream: IO[bytes], path: Path, device: Device, *, keep_cpu: bool = False
+    stream: IO[bytes],
+    path: Path,
+    device: Device,
+    *,
+    keep_cpu: bool = False,
+    hint: str | None = None,
 ) -> dict[str, Any]:
     """``torch.load`` the checkpoint file ``path``, open as ``stream``, with ``weights_only=True``.
 
     Plain data only. Its caller reports a checksum mismatch first: an error from here stands
-    only for a file that is intact, so it is not a :class:`CorruptCheckpointError`.
+    only for a file that is intact, so it is not a :class:`CorruptCheckpointError`. With a
+    ``hint`` (the file was written by a custom saver and is read by the default loader), a
+    file that does not decode raises a :class:`CheckpointError` giving it, rather than an
+    :class:`UnsafeCheckpointError` that would call the saver's own file unsafe.
     """
+    try:
+        return _decoded(stream, path, device, keep_cpu=keep_cpu)
+    except CheckpointError as error:
+        if hint is None:
+            raise
+        cause = error.__cause__
+        if isinstance(cause, pickle.UnpicklingError):
+            detail = weights_only_reason(cause)
+        elif cause is not None:
+            detail = f"{type(cause).__name__}: {cause}"
+        else:
+            detail = str(error)
+        raise CheckpointError(
+            f"cannot load {path.name} of checkpoint {path.parent}: {hint}. (torch.load with "
+            f"weights_only=True, which unpickles nothing but plain data and tensors, refused "
+            f"the file: {detail})"
+        ) from error
+
+
+def _decoded(stream: IO[bytes], path: Path, device: Device, *, keep_cpu: bool) -> dict[str, Any]:
+    """What :func:`_decode` does without a hint."""
     try:
         state: object = torch.load(
             stream, map_location=_map_location(device, keep_cpu=keep_cpu), weights_only=True
@@ -1523,12 +1718,13 @@ _SUM_DTYPE: Final = {False: torch.float64, True: torch.complex128}
 
 def average_checkpoints(
     checkpoints: Sequence[Checkpoint], recoverable_name: str, device: Device = None
-) -> dict[str, Tensor]:
+) -> dict[str, object]:
     """Average a module's parameters over several checkpoints (checkpoint averaging).
 
     Floating-point tensors are averaged (in float64, complex ones in complex128, then cast
-    back to their dtype); other entries (integer counters such as BatchNorm's
-    ``num_batches_tracked``) are taken from the last checkpoint given. Load the result with
+    back to their dtype); the other entries (integer counters such as BatchNorm's
+    ``num_batches_tracked``, and entries that are not tensors, such as a module's
+    ``_extra_state``) are taken from the last checkpoint given. Load the result with
     ``module.load_state_dict``.
 
     Args:
@@ -1536,17 +1732,22 @@ def average_checkpoints(
         recoverable_name: the module's recoverable name.
         device: where to load the tensors.
 
+    Returns:
+        The averaged state dict: key -> tensor, or the last checkpoint's value for an entry
+        that is not a tensor.
+
     Raises:
         CheckpointError: no checkpoint was given, one lacks ``recoverable_name``, the state
-            dicts differ in keys, shapes or dtypes (the message names the checkpoint and key),
-            or a verified file does not decode here.
+            dicts differ in keys, or in the shape or dtype of a tensor entry, or an entry is a
+            tensor in one and not in another (the message names the checkpoint and key), or a
+            verified file does not decode here.
         CorruptCheckpointError: a file fails verification.
         ConfigurationError: ``device`` is not a device, or one this machine lacks.
     """
     if not checkpoints:
         raise CheckpointError("average_checkpoints needs at least one checkpoint")
     sums: dict[str, Tensor] = {}
-    result: dict[str, Tensor] = {}
+    result: dict[str, object] = {}
     reference: Checkpoint | None = None
     for checkpoint in checkpoints:
         if recoverable_name not in checkpoint.files:
@@ -1560,13 +1761,8 @@ def average_checkpoints(
         if reference is None:
             reference = checkpoint
             for key, value in state.items():
-                if not isinstance(value, Tensor):
-                    raise CheckpointError(
-                        f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
-                        "only module state dicts can be averaged"
-                    )
                 result[key] = value
-                if value.is_floating_point() or value.is_complex():
+                if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
                     sums[key] = value.to(_SUM_DTYPE[value.is_complex()])
             continue
         if set(state) != set(result):
@@ -1576,25 +1772,27 @@ def average_checkpoints(
             )
         for key, value in state.items():
             first = result[key]
-            if (
-                not isinstance(value, Tensor)
-                or value.shape != first.shape
-                or value.dtype != first.dtype
+            if isinstance(first, Tensor) != isinstance(value, Tensor) or (
+                isinstance(first, Tensor)
+                and isinstance(value, Tensor)
+                and (value.shape != first.shape or value.dtype != first.dtype)
             ):
-                described = (
-                    f"{value.dtype} {tuple(value.shape)}"
-                    if isinstance(value, Tensor)
-                    else type(value).__name__
-                )
                 raise CheckpointError(
-                    f"cannot average {path} with {reference.path}: {key!r} is {described} "
-                    f"there and {first.dtype} {tuple(first.shape)} in the first"
+                    f"cannot average {path} with {reference.path}: {key!r} is "
+                    f"{_described_entry(value)} there and {_described_entry(first)} in the first"
                 )
             if key in sums:
-                sums[key] += value.to(sums[key].dtype)
+                sums[key] += cast(Tensor, value).to(sums[key].dtype)
             else:
                 result[key] = value
     count = len(checkpoints)
     for key, total in sums.items():
-        result[key] = (total / count).to(result[key].dtype)
+        result[key] = (total / count).to(cast(Tensor, result[key]).dtype)
     return result
+
+
+def _described_entry(value: object) -> str:
+    """A state dict entry for a message: a tensor's dtype and shape, else its type."""
+    if isinstance(value, Tensor):
+        return f"{value.dtype} {tuple(value.shape)}"
+    return f"a {type(value).__name__}"

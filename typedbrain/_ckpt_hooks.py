@@ -51,6 +51,8 @@ _LoaderT = TypeVar("_LoaderT", bound=Callable[[Never, Path, bool], None])
 
 _Role: TypeAlias = Literal["saver", "loader"]
 _MARK: Final = "__typedbrain_checkpoint_hook__"
+_REGISTERED_IN: Final = "__typedbrain_registered_in__"
+"""Set on a marked function by register_checkpoint_hooks: the class's module and qualname."""
 
 # Internally a hook is called with the object it was registered for; its first parameter's type
 # was checked where it was registered, so here the object is passed as ``Any``.
@@ -179,14 +181,14 @@ def register_checkpoint_hooks(cls: _ClassT) -> _ClassT:
     overrides the hooks it marks, and a subclass that overrides a marked method (same name) has
     its override called, as Python's method lookup would.
 
+    A class decorator that builds a new class from the decorated one (``@attrs.define`` with
+    its default slots, ``@dataclass(slots=True)``) may come above or below this one: the new
+    class, which has the same name and the same marked functions, has the same hooks.
+
     Raises:
         HookContractError: the class marks no method, or more than one saver or loader.
     """
-    found: dict[_Role, list[tuple[str, object]]] = {"saver": [], "loader": []}
-    for name, value in vars(cls).items():
-        role = vars(value).get(_MARK) if inspect.isfunction(value) else None
-        if role in ("saver", "loader"):
-            found[role].append((name, value))
+    found = _marked(cls)
     if not found["saver"] and not found["loader"]:
         raise HookContractError(
             f"register_checkpoint_hooks: class {cls.__qualname__!r} marks no method with "
@@ -199,10 +201,54 @@ def register_checkpoint_hooks(cls: _ClassT) -> _ClassT:
                 f"register_checkpoint_hooks: class {cls.__qualname__!r} marks several "
                 f"{role}s ({names}); mark one"
             )
-    saver = found["saver"][0][0] if found["saver"] else None
-    loader = found["loader"][0][0] if found["loader"] else None
-    _CLASS_HOOKS[cls] = _ClassHooks(saver=saver, loader=loader)
+    _CLASS_HOOKS[cls] = _hooks_from(found)
+    for methods in found.values():
+        for _, function in methods:
+            vars(function)[_REGISTERED_IN] = _class_key(cls)
     return cls
+
+
+def _marked(cls: type) -> dict[_Role, list[tuple[str, object]]]:
+    """The functions of ``cls``'s own body marked as a saver or a loader, by role."""
+    found: dict[_Role, list[tuple[str, object]]] = {"saver": [], "loader": []}
+    for name, value in vars(cls).items():
+        role = vars(value).get(_MARK) if inspect.isfunction(value) else None
+        if role in ("saver", "loader"):
+            found[role].append((name, value))
+    return found
+
+
+def _hooks_from(found: dict[_Role, list[tuple[str, object]]]) -> _ClassHooks:
+    return _ClassHooks(
+        saver=found["saver"][0][0] if found["saver"] else None,
+        loader=found["loader"][0][0] if found["loader"] else None,
+    )
+
+
+def _class_key(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _hooks_of(cls: type) -> _ClassHooks | None:
+    """The hooks registered for ``cls`` itself (not its bases), or ``None``.
+
+    A class that a class decorator built from a registered one (``@attrs.define`` above
+    ``@register_checkpoint_hooks`` makes a new, slotted class) is not the class registered, but
+    holds the same marked functions under the same name: it has the same hooks.
+    """
+    hooks = _CLASS_HOOKS.get(cls)
+    if hooks is not None:
+        return hooks
+    found = _marked(cls)
+    functions = [function for methods in found.values() for _, function in methods]
+    key = _class_key(cls)
+    if (
+        functions
+        and all(len(methods) <= 1 for methods in found.values())
+        and all(vars(function).get(_REGISTERED_IN) == key for function in functions)
+    ):
+        return _hooks_from(found)
+    return None
 
 
 def _class_hook(name: str, cls: type, method: str, role: _Role) -> object:
@@ -233,25 +279,90 @@ def _check_marks_registered(name: str, cls: type) -> None:
             :func:`register_checkpoint_hooks`; the message names it.
     """
     for klass in cls.__mro__:
-        if klass in _CLASS_HOOKS:
+        if _hooks_of(klass) is not None:
             continue
         for attribute, value in vars(klass).items():
             role = vars(value).get(_MARK) if inspect.isfunction(value) else None
-            if role is not None:
+            if role is None:
+                continue
+            registered = vars(value).get(_REGISTERED_IN)
+            if registered is not None:
                 raise HookContractError(
                     f"recoverable {name!r}: {klass.__qualname__}.{attribute} is marked with "
-                    f"mark_as_{role}, but {klass.__qualname__} is not decorated with "
-                    "@register_checkpoint_hooks, so the mark does nothing; decorate the class"
+                    f"mark_as_{role} and was registered by @register_checkpoint_hooks in the "
+                    f"class {registered}, which is not {_class_key(klass)}: the decorated class "
+                    "was replaced by a new one after decoration (by a class decorator above "
+                    "@register_checkpoint_hooks that builds a new class and renames it), or the "
+                    f"method was copied into {klass.__qualname__}. Make "
+                    "@register_checkpoint_hooks the outermost (top) decorator of the class, or "
+                    f"decorate {klass.__qualname__} with it too"
                 )
+            raise HookContractError(
+                f"recoverable {name!r}: {klass.__qualname__}.{attribute} is marked with "
+                f"mark_as_{role}, but {klass.__qualname__} is not decorated with "
+                "@register_checkpoint_hooks, so the mark does nothing; decorate the class"
+            )
 
 
 @final
 @attrs.frozen
 class ResolvedHooks:
-    """The hooks that save and load one recoverable; ``None`` means the ``Stateful`` default."""
+    """The hooks that save and load one recoverable; ``None`` means the ``Stateful`` default.
+
+    Attributes:
+        saver: the custom saver, or ``None`` for ``torch.save(obj.state_dict())``.
+        loader: the custom loader, or ``None`` for ``obj.load_state_dict(torch.load(...))``.
+        one_sided: set when one hook is custom and the other the default (a class that marks
+            only a saver, say): a sentence naming the object, both hooks and how to give the
+            missing one, for the error of a load that fails because of it.
+    """
 
     saver: _AnySaver | None
     loader: _AnyLoader | None
+    one_sided: str | None = None
+
+
+@final
+@attrs.frozen
+class _Origin:
+    """Where a custom hook came from: for the message about a missing counterpart."""
+
+    described: str  # "custom_save_hook 'save_words'", "Stats.save"
+    marked_in: type | None  # the registered class that marks it; None for a per-object hook
+
+
+def _one_sided(name: str, obj: object, saver: _Origin | None, loader: _Origin | None) -> str | None:
+    """Why loading recoverable ``name`` may fail when only one of its hooks is custom."""
+    kind = type(obj).__qualname__
+    if saver is not None and loader is None:
+        if saver.marked_in is not None:
+            fix = (
+                f"mark the method that reads the file back with @mark_as_loader in "
+                f"{saver.marked_in.__qualname__} (def load(self, path: Path, end_of_epoch: "
+                "bool) -> None)"
+            )
+        else:
+            fix = "give add_recoverable a custom_load_hook as well (hook(obj, path, end_of_epoch))"
+        return (
+            f"recoverable {name!r} (a {kind}) is saved by its custom saver {saver.described} "
+            "but loaded by the default loader (load_state_dict of what torch.load with "
+            "weights_only=True reads from the file), which cannot read what that saver wrote: "
+            f"{fix}"
+        )
+    if loader is not None and saver is None:
+        if loader.marked_in is not None:
+            fix = (
+                f"mark the method that writes the file with @mark_as_saver in "
+                f"{loader.marked_in.__qualname__} (def save(self, path: Path) -> None)"
+            )
+        else:
+            fix = "give add_recoverable a custom_save_hook as well (hook(obj, path))"
+        return (
+            f"recoverable {name!r} (a {kind}) is saved by the default saver (torch.save of its "
+            f"state_dict()) but loaded by its custom loader {loader.described}, which may not "
+            f"read what that saver wrote: {fix}"
+        )
+    return None
 
 
 def resolve_hooks(
@@ -268,20 +379,25 @@ def resolve_hooks(
         ConfigurationError: neither a hook nor ``state_dict`` / ``load_state_dict`` covers
             saving or loading; the message names the recoverable ``name``.
     """
+    saver_origin = loader_origin = None
     if saver is not None:
         check_custom_hook(name, saver, "saver")
+        saver_origin = _Origin(f"custom_save_hook {_describe(saver)}", None)
     if loader is not None:
         check_custom_hook(name, loader, "loader")
+        loader_origin = _Origin(f"custom_load_hook {_describe(loader)}", None)
     cls = type(obj)
     _check_marks_registered(name, cls)
     for klass in cls.__mro__:
-        hooks = _CLASS_HOOKS.get(klass)
+        hooks = _hooks_of(klass)
         if hooks is None:
             continue
         if saver is None and hooks.saver is not None:
             saver = cast(_AnySaver, _class_hook(name, cls, hooks.saver, "saver"))
+            saver_origin = _Origin(f"{cls.__qualname__}.{hooks.saver}", klass)
         if loader is None and hooks.loader is not None:
             loader = cast(_AnyLoader, _class_hook(name, cls, hooks.loader, "loader"))
+            loader_origin = _Origin(f"{cls.__qualname__}.{hooks.loader}", klass)
     if (saver is None or loader is None) and not isinstance(obj, Stateful):
         missing = " and ".join(
             role for role, hook in (("save", saver), ("load", loader)) if hook is None
@@ -291,4 +407,6 @@ def resolve_hooks(
             "state_dict/load_state_dict, no class registered with register_checkpoint_hooks "
             "and no custom hook was given"
         )
-    return ResolvedHooks(saver=saver, loader=loader)
+    return ResolvedHooks(
+        saver=saver, loader=loader, one_sided=_one_sided(name, obj, saver_origin, loader_origin)
+    )

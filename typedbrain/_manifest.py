@@ -2,8 +2,9 @@
 
 A checkpoint folder holds one ``<name>.ckpt`` file per recoverable and ``MANIFEST.json``. The
 manifest is written last, to a temporary name, synced and renamed into place: a folder without
-it is an interrupted save, never a checkpoint. It records the size and SHA-256 of every file,
-so a truncated or altered file is found before anything is loaded from it.
+it is never a checkpoint (it is an interrupted save, or a folder of something else). It records
+the size and SHA-256 of every file, so a truncated or altered file is found before anything is
+loaded from it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ JsonValue: TypeAlias = str | int | float | bool | list["JsonValue"] | dict[str, 
 
 MANIFEST_NAME: Final = "MANIFEST.json"
 _TEMP_MANIFEST_NAME: Final = ".MANIFEST.json.tmp"
+FILE_SUFFIX: Final = ".ckpt"
+"""The suffix of a recoverable's file: ``<name>.ckpt``."""
+MAX_FILE_NAME_BYTES: Final = 255
+"""The longest file name (in bytes) that common filesystems (ext4, XFS, APFS, NTFS) accept."""
+INTRA_EPOCH_CKPT_FLAG: Final = "typedbrain_intra_epoch"
+"""The meta key that marks an intra-epoch checkpoint (the brain saves it as ``True``)."""
+_SPEECHBRAIN_META: Final = "CKPT.yaml"
+"""The file that holds a SpeechBrain checkpoint's meta: a folder with it is one of theirs."""
+_SHOWN_ENTRIES: Final = 5
+"""An uncommitted folder's unexpected entries are named up to this many in a message."""
 FORMAT: Final = "typedbrain-checkpoint"
 FORMAT_VERSION: Final = 2
 """2: the manifest holds its own SHA-256, and the brain's run state its present layout."""
@@ -313,6 +324,85 @@ def is_plain_name(name: object) -> bool:
     )
 
 
+def name_bytes(name: str) -> int:
+    """How many bytes the file name ``name`` takes on disk (UTF-8; lone surrogates count 3)."""
+    return len(name.encode("utf-8", "surrogatepass"))
+
+
+def is_save_file(entry: Path) -> bool:
+    """Whether ``entry`` is a file that a save writes into its folder before the commit.
+
+    Those are the recoverables' ``<name>.ckpt`` files and the temporary manifest, all regular
+    files (not links).
+    """
+    name = entry.name
+    written = name == _TEMP_MANIFEST_NAME or (
+        is_plain_name(name) and name.endswith(FILE_SUFFIX) and name != FILE_SUFFIX
+    )
+    return written and not entry.is_symlink() and entry.is_file()
+
+
+def unexpected_entries(folder: Path) -> list[str]:
+    """The entries of ``folder`` that no save writes, described (``"the folder runs"``).
+
+    An empty list means ``folder`` holds only what a save writes before its commit: it is what
+    a save interrupted before its commit leaves behind.
+
+    Raises:
+        OSError: ``folder`` cannot be listed.
+    """
+    found: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        if is_save_file(entry):
+            continue
+        if entry.is_symlink():
+            found.append(f"the link {entry.name!r}")
+        elif entry.is_dir():
+            found.append(f"the folder {entry.name!r}")
+        elif entry.is_file():
+            found.append(f"the file {entry.name!r}")
+        else:
+            found.append(f"{entry.name!r} (not a regular file)")
+    return found
+
+
+def describe_entries(entries: list[str]) -> str:
+    """``entries`` (from :func:`unexpected_entries`) as a phrase, naming the first few."""
+    shown = ", ".join(entries[:_SHOWN_ENTRIES])
+    rest = len(entries) - _SHOWN_ENTRIES
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
+def describe_uncommitted(folder: Path) -> str:
+    """Why the folder ``folder``, which has no manifest, is not a checkpoint: what it is.
+
+    A SpeechBrain checkpoint (it holds ``CKPT.yaml``), a save interrupted before its commit (it
+    holds only files a save writes), an empty folder, or some other folder (a logger's, say).
+    """
+    missing = f"no {MANIFEST_NAME}"
+    try:
+        if (folder / _SPEECHBRAIN_META).is_file():
+            return (
+                f"{missing}: it is a SpeechBrain checkpoint (it holds {_SPEECHBRAIN_META}), which "
+                "typedbrain does not load"
+            )
+        entries = unexpected_entries(folder)
+        empty = not entries and not any(folder.iterdir())
+    except OSError as error:
+        return f"{missing}, and its content cannot be listed: {error}"
+    if empty:
+        return (
+            f"{missing}: an empty folder (a save interrupted before it wrote anything, or not "
+            "a checkpoint folder)"
+        )
+    if not entries:
+        return f"{missing}: the save was interrupted before its commit"
+    return (
+        f"{missing}: not a checkpoint folder (it holds {describe_entries(entries)}, which no "
+        "save writes)"
+    )
+
+
 def _require(condition: bool, folder: Path, reason: str) -> None:
     if not condition:
         raise CorruptCheckpointError(folder, f"{MANIFEST_NAME}: {reason}")
@@ -345,16 +435,15 @@ def read_manifest(folder: Path) -> Checkpoint:
     """Read the committed manifest of ``folder`` (its files are not checked here).
 
     Raises:
-        CorruptCheckpointError: the manifest is missing, unreadable, of another format or
-            version, or malformed; ``reason`` says which.
+        CorruptCheckpointError: the manifest is missing (``reason`` then says what the folder
+            seems to be: an interrupted save, a SpeechBrain checkpoint, another folder),
+            unreadable, of another format or version, or malformed; ``reason`` says which.
     """
     manifest = folder / MANIFEST_NAME
     try:
         text = manifest.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise CorruptCheckpointError(
-            folder, f"no {MANIFEST_NAME}: the save was interrupted before its commit"
-        ) from None
+        raise CorruptCheckpointError(folder, describe_uncommitted(folder)) from None
     except (OSError, UnicodeDecodeError) as error:
         raise CorruptCheckpointError(folder, f"cannot read {MANIFEST_NAME}: {error}") from error
     try:

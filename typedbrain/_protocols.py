@@ -20,7 +20,11 @@ class Stateful(Protocol):
     """
 
     def state_dict(self) -> Mapping[str, object]:
-        """The object's state as a mapping of plain data and tensors."""
+        """The object's state as a mapping of plain data and tensors.
+
+        A checkpointer saves a mapping that is not a dict (a ``MappingProxyType``, say) as the
+        dict of its items; ``load_state_dict`` gets a dict back.
+        """
         ...
 
     # ``Any``: torch's own ``load_state_dict`` methods take ``dict[str, Any]``; a protocol asking
