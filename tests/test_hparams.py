@@ -168,3 +168,38 @@ def test_a_hparams_type_declared_through_a_generic_base_is_checked_and_kept() ->
 def test_a_typeddict_hparams_type_keeps_its_dict() -> None:
     values = FloatSettings(lr=0.5)
     assert TypedDictBrain(hparams=values).hparams is values
+
+
+class OptionalBrain(Brain[object, object, AttrsHparams | None]):
+    """Declares an optional attrs hparams class."""
+
+
+def test_brain_declaring_an_optional_hparams_class_accepts_none() -> None:
+    assert OptionalBrain().hparams is None
+    assert OptionalBrain(hparams=None).hparams is None
+    hparams = AttrsHparams(0.1, True)
+    assert OptionalBrain(hparams=hparams).hparams is hparams
+
+
+def test_a_union_hparams_type_reads_as_written_in_the_error() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        OptionalBrain(hparams={"lr": 0.1, "debug": True})
+    assert str(caught.value) == (
+        "OptionalBrain declares its hparams type as AttrsHparams | None, but was given a dict: "
+        "pass hparams=AttrsHparams(...)"
+    )
+
+
+class EitherBrain(Brain[object, object, AttrsHparams | DataclassHparams]):
+    """Declares one of two hparams classes."""
+
+
+def test_a_union_of_hparams_classes_names_each_in_the_error() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        EitherBrain()
+    assert str(caught.value) == (
+        "EitherBrain declares its hparams type as AttrsHparams | DataclassHparams, but was given "
+        "no hparams: pass hparams=AttrsHparams(...) or hparams=DataclassHparams(...)"
+    )
+    hparams = DataclassHparams(0.1, True)
+    assert EitherBrain(hparams=hparams).hparams is hparams

@@ -414,6 +414,5 @@ def test_modules_may_be_pairs_and_a_module_may_be_none_as_module_dict_allows() -
 
 def test_a_module_dict_is_taken_as_the_modules() -> None:
     model = torch.nn.Linear(4, 2)
-    # Not a Mapping to mypy, but what SpeechBrain recipes sometimes pass.
-    brain = RegressionBrain(torch.nn.ModuleDict({"model": model}))  # type: ignore[call-overload]
+    brain = RegressionBrain(torch.nn.ModuleDict({"model": model}))  # as SpeechBrain recipes may
     assert brain.modules["model"] is model

@@ -176,7 +176,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     @overload
     def __init__(
         self: Brain[BatchT, PredT, Hparams],
-        modules: Mapping[str, torch.nn.Module] | None = None,
+        modules: Mapping[str, torch.nn.Module] | torch.nn.ModuleDict | None = None,
         opt_class: OptimizerFactory | None = None,
         hparams: Mapping[str, object] | None = None,
         run_opts: RunOptionsDict | RunOptions | None = None,
@@ -185,7 +185,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     @overload
     def __init__(
         self,
-        modules: Mapping[str, torch.nn.Module] | None = None,
+        modules: Mapping[str, torch.nn.Module] | torch.nn.ModuleDict | None = None,
         opt_class: OptimizerFactory | None = None,
         *,
         hparams: HparamsT,
@@ -195,7 +195,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     @overload
     def __init__(
         self,
-        modules: Mapping[str, torch.nn.Module] | None,
+        modules: Mapping[str, torch.nn.Module] | torch.nn.ModuleDict | None,
         opt_class: OptimizerFactory | None,
         hparams: HparamsT,
         run_opts: RunOptionsDict | RunOptions | None = None,
@@ -203,7 +203,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     ) -> None: ...
     def __init__(
         self,
-        modules: Mapping[str, torch.nn.Module] | None = None,
+        modules: Mapping[str, torch.nn.Module] | torch.nn.ModuleDict | None = None,
         opt_class: OptimizerFactory | None = None,
         hparams: HparamsT | Mapping[str, object] | None = None,
         run_opts: RunOptionsDict | RunOptions | None = None,
@@ -1852,6 +1852,12 @@ def _check_fit_arguments(epoch_counter: object, train_set: object) -> None:
         )
     if train_set is None:
         raise ConfigurationError("fit(): train_set is None: give a DataLoader or a dataset")
+    # A str is a Sequence, so a file name type-checks as a dataset (of characters).
+    if isinstance(train_set, str | bytes | bytearray):
+        raise ConfigurationError(
+            f"fit(): train_set is the {type(train_set).__name__} {train_set!r:.80}, not a "
+            "dataset: load the data it names and give a DataLoader or a dataset"
+        )
 
 
 def _loss_value(loss: object) -> float:

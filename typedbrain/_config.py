@@ -70,7 +70,7 @@ class LoadedHparams(dict[str, object]):
 def load_hparams(
     source: str | os.PathLike[str] | TextIO,
     overrides: Mapping[str, object] | str | None = None,
-) -> dict[str, object]:
+) -> LoadedHparams:
     """Load a HyperPyYAML file, after checking the overrides against it.
 
     Every HyperPyYAML tag works (``!new:``, ``!name:``, ``!apply:``, ``!ref``, ``!copy``,

@@ -7,8 +7,14 @@ from typing import TYPE_CHECKING, final
 
 import attrs
 
+# The package, which is always being imported already when this module runs: this binds the
+# name and runs nothing. The annotations name typedbrain._phases.Phase through it, so that
+# typing.get_type_hints resolves them when called; importing Phase itself here would be an
+# import cycle (_phases imports this module).
+import typedbrain
+
 if TYPE_CHECKING:
-    from typedbrain._phases import Phase
+    import typedbrain._phases
 
 __all__ = [
     "ArgumentsError",
@@ -68,7 +74,12 @@ class RunOptionsError(ConfigurationError):
         self.key = key
 
 
-def _names(phases: Iterable[Phase]) -> str:
+def with_article(noun: str) -> str:
+    """``noun`` after "a", or "an" when it starts with a vowel: ``an EpochCounter``."""
+    return f"{'an' if noun[:1].lower() in {'a', 'e', 'i', 'o', 'u'} else 'a'} {noun}"
+
+
+def _names(phases: Iterable[typedbrain._phases.Phase]) -> str:
     names = sorted(phase.name for phase in phases)
     return ", ".join(names) if names else "none"
 
@@ -84,9 +95,9 @@ class PhaseTransitionError(TypedBrainError):
 
     def __init__(
         self,
-        current: Phase,
-        attempted: Phase,
-        allowed: frozenset[Phase],
+        current: typedbrain._phases.Phase,
+        attempted: typedbrain._phases.Phase,
+        allowed: frozenset[typedbrain._phases.Phase],
         *,
         detail: str = "",
     ) -> None:
@@ -109,7 +120,11 @@ class ReentrantCallError(PhaseTransitionError):
     """
 
     def __init__(
-        self, entry_point: str, current: Phase, attempted: Phase, allowed: frozenset[Phase]
+        self,
+        entry_point: str,
+        current: typedbrain._phases.Phase,
+        attempted: typedbrain._phases.Phase,
+        allowed: frozenset[typedbrain._phases.Phase],
     ) -> None:
         super().__init__(
             current,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, final
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 from typing_extensions import is_typeddict
 
-from typedbrain._errors import ConfigurationError
+from typedbrain._errors import ConfigurationError, with_article
 
 __all__ = ["Hparams", "hparams_items", "resolve_hparams"]
 
@@ -97,8 +98,9 @@ def resolve_hparams(hparams: object, declared: object, owner: str) -> object:
     """What ``brain.hparams`` becomes, checked against the brain's declared hparams type.
 
     A mapping (or ``None``) becomes an :class:`Hparams`, unless the brain declares a mapping
-    type the value already has (a ``dict`` for ``dict[str, float]``), in which case it is kept.
-    Anything else is kept as it is.
+    type the value already has (a ``dict`` for ``dict[str, float]``), in which case it is kept,
+    or ``None`` is given and the declared type allows it (``Settings | None``), in which case
+    ``None`` is kept. Anything else is kept as it is.
 
     Args:
         hparams: what was passed as ``hparams``.
@@ -114,16 +116,33 @@ def resolve_hparams(hparams: object, declared: object, owner: str) -> object:
         return hparams
     if declared is None or declared is Hparams or declared is typing.Any:
         return Hparams(hparams)
+    union = typing.get_origin(declared) in (typing.Union, types.UnionType)
+    arms = typing.get_args(declared) if union else (declared,)
+    if hparams is None and type(None) in arms:
+        return None
     # A TypedDict is a dict at run time (and refuses isinstance checks).
-    origin = dict if is_typeddict(declared) else typing.get_origin(declared) or declared
-    if hparams is not None and _is_instance(hparams, origin):
+    kinds = [dict if is_typeddict(arm) else typing.get_origin(arm) or arm for arm in arms]
+    if hparams is not None and any(_is_instance(hparams, kind) for kind in kinds):
         return hparams
-    given = "no hparams" if hparams is None else f"a {type(hparams).__name__}"
-    name = getattr(declared, "__name__", repr(declared))
+    if Hparams in arms or typing.Any in arms:
+        return Hparams(hparams)
+    given = "no hparams" if hparams is None else with_article(type(hparams).__name__)
+    hint = " or ".join(f"hparams={_type_name(arm)}(...)" for arm in arms if arm is not type(None))
     raise ConfigurationError(
-        f"{owner} declares its hparams type as {name}, but was given {given}: pass "
-        f"hparams={name}(...)"
+        f"{owner} declares its hparams type as {_type_name(declared)}, but was given {given}: "
+        f"pass {hint}"
     )
+
+
+def _type_name(tp: object) -> str:
+    """A type as its annotation reads: ``Settings``, ``Settings | None``, ``dict[str, float]``."""
+    if tp is type(None):
+        return "None"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arm) for arm in typing.get_args(tp))
+    if isinstance(tp, type) and typing.get_origin(tp) is None:
+        return tp.__name__
+    return repr(tp).removeprefix("typing.")
 
 
 def _is_instance(value: object, kind: object) -> bool:

@@ -3,8 +3,10 @@
 The library's cattrs converter does the work, through a child converter with hooks of its own:
 types are strict (``"5"`` is not an ``int``, ``1`` is not a ``bool``), and the objects
 HyperPyYAML builds (modules, optimizer factories, anything from ``!new:``/``!name:``/
-``!apply:``) pass through to fields typed with their class, a ``Callable`` or ``object``.
-Every problem found is reported in one :class:`~typedbrain.HparamsError`.
+``!apply:``) pass through to fields typed with their class, a protocol, a ``Callable`` or
+``object``. Every problem found in the values is reported in one
+:class:`~typedbrain.HparamsError`; a field type that cannot be resolved or structured is a
+:class:`~typedbrain.ConfigurationError` naming the class and the field.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import os
+import re
 import reprlib
 import types
 import typing
@@ -28,11 +31,14 @@ from cattrs.errors import (
     ForbiddenExtraKeysError,
     IterableValidationError,
     IterableValidationNote,
+    StructureHandlerNotFoundError,
 )
 from cattrs.gen import make_dict_structure_fn, make_mapping_structure_fn
+from cattrs.gen.typeddicts import make_dict_structure_fn as make_typeddict_structure_fn
+from typing_extensions import get_protocol_members, is_protocol, is_typeddict
 
 from typedbrain._config import KeyPath, LoadedHparams, format_key_path, load_hparams
-from typedbrain._errors import HparamsError, HparamsProblem
+from typedbrain._errors import ConfigurationError, HparamsError, HparamsProblem, with_article
 from typedbrain._options import RunOptions, _matches
 from typedbrain._state import converter
 from typedbrain._warn import warn
@@ -53,6 +59,8 @@ _SEQUENCES: Final = frozenset(
         collections.abc.MutableSequence,
         collections.abc.Set,
         collections.abc.MutableSet,
+        collections.abc.Collection,
+        collections.abc.Iterable,
     }
 )
 
@@ -63,22 +71,28 @@ def structure_hparams(
     """Build a ``cls`` (an attrs class of yours) from loaded hyperparameters.
 
     Values are checked strictly against the field types (``"5"`` is not an ``int``; an ``int``
-    is accepted for a ``float``); nested attrs classes are built from nested mappings; objects
-    that HyperPyYAML built pass through for fields typed with their class (``torch.nn.Module``),
-    ``Callable`` (an optimizer factory from ``!name:``) or ``object``. Top-level keys named like
-    a run option are left out unless ``cls`` has a field of that name: they are run options
-    (see :func:`~typedbrain.split_run_options`).
+    is accepted for a ``float``); nested attrs classes, dataclasses and ``TypedDict`` classes
+    are built from nested mappings; objects that HyperPyYAML built pass through for fields typed
+    with their class (``torch.nn.Module``), a protocol (``TrainLogger``: the object must have
+    its members), ``Callable`` (an optimizer factory from ``!name:``) or ``object``. Top-level
+    keys named like a run option are left out unless ``cls`` has a field of that name: they are
+    run options (see :func:`~typedbrain.split_run_options`).
 
     Args:
         loaded: what :func:`~typedbrain.load_hparams` returned (its file and line numbers are
             used in messages), or any mapping.
-        cls: the class to build, usually a frozen attrs class.
+        cls: the class to build: usually a frozen attrs class; a dataclass or a ``TypedDict``
+            (which gives a ``dict``) works too.
         source: the name the error message gives the hyperparameters; by default the file they
             were loaded from.
 
     Raises:
         HparamsError: the hyperparameters do not fit ``cls``; ``problems`` lists every missing
             key, unexpected key and wrong value, with its key path, file and line.
+        ConfigurationError: the type of a field of ``cls`` (or of a class it holds) cannot be
+            resolved (a name imported only under ``TYPE_CHECKING``, a class defined inside a
+            function) or names a type no value can be structured into; the message names the
+            class, the field and the type.
     """
     locations: Mapping[KeyPath, tuple[str, int]] = {}
     file: str | None = None
@@ -88,15 +102,25 @@ def structure_hparams(
     fields = _field_names(cls)
     options = RunOptions.names()
     data = {key: value for key, value in loaded.items() if key in fields or key not in options}
+    definition: str | None = None
+    problems: list[HparamsProblem] = []
     try:
         return _hparams_converter().structure(data, cls)
+    except (_TypeDefinitionError, StructureHandlerNotFoundError) as error:
+        definition = _definition_problem(error)
     except cattrs.BaseValidationError as error:
+        # A class met inside a list or a union is built (and its types resolved) only then.
+        definition = _definition_problem(error)
         found: list[tuple[KeyPath, str]] = []
         _collect(error, (), cls, found)
         problems = [_problem(path, message, locations, file) for path, message in found]
     except (ValueError, TypeError) as error:
         # Raised by cls itself (an attrs validator, __attrs_post_init__) after every field fit.
         problems = [HparamsProblem("", str(error) or type(error).__name__, source=file)]
+    if definition is not None:
+        raise ConfigurationError(
+            f"cannot structure hyperparameters into {_type_name(cls)}: {definition}"
+        )
     raise HparamsError(cls.__name__, name, problems)
 
 
@@ -130,12 +154,41 @@ def load_typed_hparams(
     return structured
 
 
-def _field_names(cls: type[object]) -> frozenset[str]:
+def _field_names(cls: object) -> frozenset[str]:
+    cls = get_origin(cls) or cls
+    if not isinstance(cls, type):
+        return frozenset()
     if attrs.has(cls):
         return frozenset(field.name for field in attrs.fields(cls))
     if dataclasses.is_dataclass(cls):
         return frozenset(field.name for field in dataclasses.fields(cls))
+    if is_typeddict(cls):
+        required: frozenset[str] = getattr(cls, "__required_keys__", frozenset())
+        optional: frozenset[str] = getattr(cls, "__optional_keys__", frozenset())
+        return required | optional
     return frozenset()
+
+
+class _TypeDefinitionError(Exception):
+    """A field type that no value can be structured into; the message names class and field.
+
+    Not a ``TypeError``: the union and sequence hooks, which try the next arm on those, must let
+    it through to :func:`structure_hparams`.
+    """
+
+
+def _definition_problem(error: BaseException) -> str | None:
+    """The message of the first type-definition error in ``error`` (a tree of them), if any."""
+    if isinstance(error, _TypeDefinitionError):
+        return str(error)
+    if isinstance(error, StructureHandlerNotFoundError):
+        return f"{_type_name(error.type_)} is not a type hyperparameters can be structured into"
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _definition_problem(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _problem(
@@ -293,20 +346,141 @@ def _is_sequence(tp: object) -> bool:
     return (get_origin(tp) or tp) in _SEQUENCES
 
 
+def _is_record(tp: object) -> bool:
+    """An attrs class, a dataclass or a ``TypedDict``: built key by key from a mapping."""
+    origin = get_origin(tp) or tp
+    return isinstance(origin, type) and (
+        attrs.has(origin) or dataclasses.is_dataclass(origin) or is_typeddict(origin)
+    )
+
+
 def _is_plain_class(tp: object) -> bool:
     return (
         isinstance(tp, type)
         and get_origin(tp) is None
         and tp not in (int, float, str, bool)
         and tp not in _SEQUENCES
-        and not attrs.has(tp)
+        and not _is_record(tp)
     )
+
+
+def _is_instance(value: object, tp: object) -> bool:
+    """``isinstance(value, tp)``; false for what no isinstance check can test (a TypedDict)."""
+    try:
+        return isinstance(tp, type) and isinstance(value, tp)
+    except TypeError:
+        return False
 
 
 def _type_name(tp: object) -> str:
     if tp is type(None):
         return "None"
-    return getattr(tp, "__name__", None) or str(tp)
+    if _is_union(tp):
+        return " | ".join(_type_name(arm) for arm in get_args(tp))
+    if isinstance(tp, type) and get_origin(tp) is None:
+        return tp.__name__
+    return str(tp).removeprefix("typing.")
+
+
+def _structure_protocol(value: object, tp: type[object]) -> object:
+    """A value for a field typed with a protocol: any object that has the protocol's members.
+
+    This is the test a ``runtime_checkable`` protocol's ``isinstance`` makes; the library's own
+    protocols (``TrainLogger``, ``CheckpointerLike``) are not runtime-checkable.
+    """
+    members = sorted(get_protocol_members(tp))
+    if all(hasattr(value, member) for member in members):
+        return value
+    having = f" (an object with {', '.join(members)})" if members else ""
+    raise TypeError(f"expected {with_article(tp.__name__)}{having}, {_got(value)}")
+
+
+# Field types --------------------------------------------------------------------------------
+
+
+def _resolved_fields(cls: type[object]) -> dict[str, object]:
+    """The field (or key) names of a record class, with their resolved types.
+
+    Raises:
+        _TypeDefinitionError: an annotation names something that is not defined where the
+            class is (a postponed annotation is resolved in the class's module).
+    """
+    try:
+        if attrs.has(cls):
+            # What cattrs reads too: the field types, which attrs.make_class sets without
+            # annotations.
+            return {field.name: field.type for field in attrs.fields(attrs.resolve_types(cls))}
+        hints = typing.get_type_hints(cls)
+    except (NameError, AttributeError, TypeError, SyntaxError) as error:
+        raise _TypeDefinitionError(_unresolved(cls, error)) from error
+    names = _field_names(cls)
+    return {name: hint for name, hint in hints.items() if name in names}
+
+
+def _unresolved(cls: type[object], error: Exception) -> str:
+    """Why an annotation of ``cls`` cannot be resolved, naming the fields that hold the name."""
+    missing: object = getattr(error, "name", None)
+    written: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        annotations: Mapping[str, object] = vars(base).get("__annotations__", {})
+        for field, annotation in annotations.items():
+            text = getattr(annotation, "__forward_arg__", annotation)
+            if isinstance(text, str):
+                written[field] = text
+    fields = [
+        f"{cls.__name__}.{field} ({text!r})"
+        for field, text in written.items()
+        if isinstance(missing, str) and re.search(rf"\b{re.escape(missing)}\b", text)
+    ]
+    where = ", ".join(fields) if fields else cls.__name__
+    noun = "annotation" if len(fields) == 1 else "annotations"
+    return (
+        f"the {noun} of {where} cannot be resolved ({type(error).__name__}: {error}): "
+        f"annotations are resolved when hyperparameters are structured, in the class's module "
+        f"({cls.__module__}), so import what they name at run time, not only under "
+        "TYPE_CHECKING, and define the classes they name at module level, not inside a function"
+    )
+
+
+def _check_fields(child: cattrs.Converter, cls: type[object]) -> None:
+    """Refuse a record class with a field type that cannot be resolved or structured.
+
+    Raises:
+        _TypeDefinitionError: naming the class, the field and the type.
+    """
+    for field, hint in _resolved_fields(cls).items():
+        unsupported = _unsupported(child, hint)
+        if unsupported is not None:
+            shown = "" if unsupported is hint else f" (in {_type_name(hint)})"
+            raise _TypeDefinitionError(
+                f"{cls.__name__}.{field} is typed {_type_name(unsupported)}{shown}, which "
+                "hyperparameters cannot be structured into: use a list, tuple, set, Sequence, "
+                "Collection, Iterable or mapping for YAML collections, a class (attrs, "
+                "dataclass, TypedDict) for a nested mapping, or the class, a protocol, a "
+                "Callable or object for an object the file builds"
+            )
+
+
+def _unsupported(child: cattrs.Converter, tp: object) -> object | None:
+    """The type inside ``tp`` that no hook structures (``tp`` itself, an item or arm), if any.
+
+    A record class inside it is left out: it is checked when its own hook is built.
+    """
+    if get_origin(tp) is typing.Annotated:
+        return _unsupported(child, get_args(tp)[0])
+    if isinstance(tp, TypeVar) or _is_record(tp):
+        return None
+    if not (_is_literal(tp) or _is_class_type(tp) or _is_callable(tp)):
+        for argument in get_args(tp):
+            if argument is not Ellipsis and not isinstance(argument, list):
+                found = _unsupported(child, argument)
+                if found is not None:
+                    return found
+    try:
+        child.get_structure_hook(tp)
+    except StructureHandlerNotFoundError:
+        return tp
+    return None
 
 
 def _make_hooks(
@@ -324,7 +498,7 @@ def _make_hooks(
             return None
         # An arm the value already is wins (an int for int | str), then the first that fits.
         for arm in arms:
-            fits = isinstance(arm, type) and arm is not type(None) and isinstance(value, arm)
+            fits = arm is not type(None) and _is_instance(value, arm)
             if fits and not (isinstance(value, bool) and arm in (int, float)):
                 return child.structure(value, arm)
         for arm in arms:
@@ -374,14 +548,16 @@ def _make_hooks(
 
     def structure_plain(value: object, tp: object) -> object:
         assert isinstance(tp, type)
+        if is_protocol(tp):
+            return _structure_protocol(value, tp)
         if isinstance(value, tp):
             return value
         if issubclass(tp, PurePath) and isinstance(value, str):
             return tp(value)
         try:
             return base.structure(value, tp)
-        except cattrs.errors.StructureHandlerNotFoundError:
-            raise TypeError(f"expected a {tp.__name__}, {_got(value)}") from None
+        except StructureHandlerNotFoundError:
+            raise TypeError(f"expected {with_article(tp.__name__)}, {_got(value)}") from None
 
     return structure_union, structure_sequence, structure_plain
 
@@ -419,17 +595,32 @@ def _hparams_converter() -> cattrs.Converter:
 
     child.register_structure_hook_factory(_is_mapping, mapping_hook)
 
-    def attrs_hook(tp: type[object]) -> Callable[[object, type[object]], object]:
-        build = make_dict_structure_fn(tp, child)
+    checking: set[type[object]] = set()  # a class may hold itself: check it once
+
+    def record_hook(tp: type[object]) -> Callable[[object, type[object]], object]:
+        origin: type[object] = get_origin(tp) or tp
+        if origin not in checking:
+            checking.add(origin)
+            try:
+                _check_fields(child, origin)
+            finally:
+                checking.discard(origin)
+        typed_dict = is_typeddict(origin)
+        build = (
+            make_typeddict_structure_fn(tp, child)
+            if typed_dict
+            else make_dict_structure_fn(tp, child)
+        )
+        what = "keys" if typed_dict else "fields"
 
         def structure(value: object, cls: type[object]) -> object:
-            if isinstance(value, cls):
+            if not typed_dict and _is_instance(value, origin):
                 return value
             if not isinstance(value, Mapping):
-                raise TypeError(f"expected a mapping of {cls.__name__}'s fields, {_got(value)}")
-            return build(value, cls)
+                raise TypeError(f"expected a mapping of {origin.__name__}'s {what}, {_got(value)}")
+            return build(dict(value), cls)
 
         return structure
 
-    child.register_structure_hook_factory(attrs.has, attrs_hook)
+    child.register_structure_hook_factory(_is_record, record_hook)
     return child
