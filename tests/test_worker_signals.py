@@ -230,3 +230,98 @@ def test_workers_outlive_a_stop_signal_from_another_process_and_the_epoch_comple
     rest = list(iterator)
     assert len(rest) == 4
     assert {int(pid) for batch in rest if isinstance(batch, Tensor) for pid in batch} == pids
+
+
+STARTING = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    from typedbrain import make_dataloader
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        loader = make_dataloader(
+            list(range(8)), seed=0, batch_size=2, num_workers=2,
+            multiprocessing_context=sys.argv[1],
+        )
+        iterator = iter(loader)
+        for worker in iterator._workers:  # still starting: spawn and forkserver take a while
+            os.kill(worker.pid, signal.SIGTERM)
+        print([batch.tolist() for batch in iterator], flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_stop_signal_to_workers_still_starting_loses_no_batch(
+    tmp_path: Path, method: str
+) -> None:
+    """A job's SIGTERM can reach the workers before they run: they start deaf to it."""
+    done = _run_script(tmp_path / "starting.py", STARTING, method)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[[0, 1], [2, 3], [4, 5], [6, 7]]"
+
+
+FAILED_FETCH = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    import torch
+    from torch.utils.data import DataLoader
+    import typedbrain as tb
+    from tests.helpers import RegressionBrain, examples, sgd
+
+    MARK = Path(sys.argv[1]) / "batch-2-done"
+
+    class DiesWithTheJob(torch.utils.data.Dataset):
+        # Item 12 starts batch 4 (batch size 4): the worker that loads it, once batch 2 is
+        # trained and the main process waits for batch 4 (its own loader's workers do not
+        # ignore a job's signal), is stopped with the job.
+        def __init__(self):
+            self.items = examples(24)
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, index):
+            if index == 12:
+                while not MARK.exists():
+                    time.sleep(0.01)
+                time.sleep(0.5)
+                os.kill(os.getppid(), signal.SIGTERM)
+                os._exit(1)
+            return self.items[index]
+
+    class Marking(RegressionBrain):
+        def on_fit_batch_end(self, batch, outputs, loss, should_step):
+            if self.step == 2:
+                MARK.touch()
+
+    torch.set_num_threads(1)
+    model = torch.nn.Linear(4, 2)
+    counter = tb.EpochCounter(2)
+    brain = Marking(
+        modules={"model": model}, opt_class=sgd(),
+        run_opts={"noprogressbar": True, "device": "cpu"},
+        checkpointer=tb.Checkpointer(
+            Path(sys.argv[1]) / "ckpt", recoverables={"model": model, "counter": counter}
+        ),
+    )
+    loader = DataLoader(DiesWithTheJob(), batch_size=4, num_workers=1)
+    brain.fit(counter, loader)
+    print("finished", flush=True)
+    """
+)
+
+
+def test_a_loader_failing_after_a_stop_signal_stops_the_fit_with_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A user's DataLoader whose worker a job's signal stopped: the fetch fails, and the fit
+    stops as the signal asks, saving the state after the last batch trained."""
+    done = _run_script(tmp_path / "fetch.py", FAILED_FETCH, str(tmp_path))
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "the training loader failed after 15" in done.stderr
+    assert "training stopped by signal 15; a checkpoint was saved" in done.stderr
+    saved = [path for path in (tmp_path / "ckpt").iterdir() if path.name.startswith("CKPT")]
+    assert len(saved) == 1

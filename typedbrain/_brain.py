@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sized
 from contextlib import AbstractContextManager, ExitStack
-from typing import Final, Generic, Protocol, cast, get_args, get_origin, overload
+from typing import Final, Generic, NoReturn, Protocol, cast, get_args, get_origin, overload
 from typing import TypeVar as TypeVarType
 
 import attrs
@@ -1265,7 +1265,24 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 )
             )
             stack.callback(setattr, self, "_in_train_stage", False)  # however the loop ends
-            for batch in progress:
+            # The batches' iterator is dropped however the loop ends: a failed fit's traceback
+            # keeps this frame, and the iterator's loader workers would otherwise live as long
+            # as the error is kept (in a notebook's sys.last_value, say).
+            fetching = [iter(progress)]
+            stack.callback(fetching.clear)
+            while True:
+                try:
+                    batch = next(fetching[0])
+                except StopIteration:
+                    break
+                except Exception as error:
+                    if stop.signal is None or agreement is not None:
+                        raise
+                    # The signal reached the loader's workers too (a job's whole process group
+                    # is signalled), and a worker it stopped failed this fetch: the state after
+                    # the last batch trained is whole, so the stop saves it as it would have.
+                    logger.warning("the training loader failed after %s: %s", stop.signal, error)
+                    self._stop_on_signal(stop.signal, save=True)
                 plan = self._plan or self._current_plan()
                 if plan.step_limit is not None and self.optimizer_step >= plan.step_limit:
                     break
@@ -1280,22 +1297,23 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     progress.show_loss("train_loss", self.avg_train_loss)
                 if profiler is not None:
                     profiler.step()
+                saved = False  # an interval checkpoint after this batch (the stop needs none)
                 if agreement is None:
                     if (plan.checkpoint_steps or plan.checkpoint_seconds) and self._checkpoint_due(
                         plan
                     ):
-                        self._save_intra_epoch_ckpt()
+                        saved = self._save_intra_epoch_ckpt()
                     if stop.signal is not None:
-                        self._stop_on_signal(stop.signal, save=True)
+                        self._stop_on_signal(stop.signal, save=True, saved=saved)
                 else:
                     # Every process saves and stops after the same batch (see _stop_agreement).
                     agreed = agreement.after_batch(
                         save_due=bool(plan.checkpoint_seconds) and self._checkpoint_due(plan)
                     )
                     if agreed.save or (plan.checkpoint_steps and self._checkpoint_due(plan)):
-                        self._save_intra_epoch_ckpt()
+                        saved = self._save_intra_epoch_ckpt()
                     if agreed.signal is not None:
-                        self._stop_on_signal(agreed.signal, save=True)
+                        self._stop_on_signal(agreed.signal, save=True, saved=saved)
                 if plan.batch_limit is not None and self.step >= plan.batch_limit:
                     break
             # The last batch's exchange: a process asked to stop during it stops every one here
@@ -1317,17 +1335,18 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self.avg_train_loss = 0.0
         self._end_stage()
 
-    def _save_intra_epoch_ckpt(self) -> None:
+    def _save_intra_epoch_ckpt(self) -> bool:
         """Save a checkpoint between two training batches, replacing the previous such one.
 
         Intra-epoch checkpoints carry ``meta={INTRA_EPOCH_CKPT_FLAG: True}`` and
         ``end_of_epoch=False``; they only ever replace each other, so the end-of-epoch
-        checkpoints your recipe keeps are not touched.
+        checkpoints your recipe keeps are not touched. Returns whether one was saved (not
+        without a checkpointer).
         """
         checkpointer = self.checkpointer
         self._last_checkpoint_time = time.monotonic()
         if checkpointer is None:
-            return
+            return False
         self._machine.move(Phase.CHECKPOINT)
         checkpointer.save_and_keep_only(
             meta={INTRA_EPOCH_CKPT_FLAG: True},
@@ -1336,6 +1355,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             ckpt_predicate=_is_intra_epoch,
         )
         self._machine.move(Phase.TRAIN)
+        return True
 
     def _checkpoint_due(self, plan: StepPlan) -> bool:
         if plan.checkpoint_steps:
@@ -1371,15 +1391,14 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if signum is not None:
             self._stop_on_signal(signum, save=False)
 
-    def _stop_on_signal(self, signum: int, *, save: bool) -> None:
+    def _stop_on_signal(self, signum: int, *, save: bool, saved: bool = False) -> NoReturn:
         """Stop ``fit`` for signal ``signum``, with a checkpoint first if ``save`` (and one can).
 
-        Saved in training, after a batch; not in validation (see ``_evaluate_loader``).
+        Saved in training, after a batch; not in validation (see ``_evaluate_loader``). When
+        ``saved``, a checkpoint of this very moment was just saved: it is not saved again.
         """
-        saved = False
-        if save and self.checkpointer is not None:
-            self._save_intra_epoch_ckpt()
-            saved = True
+        if save and not saved:
+            saved = self._save_intra_epoch_ckpt()
         error = TrainingInterruptedError(signum, checkpoint_saved=saved)
         logger.warning("%s", error)
         raise error
