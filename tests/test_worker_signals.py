@@ -9,6 +9,7 @@ Each test runs in a separate process, under a timeout, so that a hang fails rath
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -19,10 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
-from tests.helpers import PROJECT
+from tests.helpers import PROJECT, Batch, RegressionBrain, examples, sgd
+from typedbrain import LoaderKwargs, Stage
 from typedbrain._data import make_dataloader
 
 pytestmark = [
@@ -325,3 +328,22 @@ def test_a_loader_failing_after_a_stop_signal_stops_the_fit_with_a_checkpoint(
     assert "training stopped by signal 15; a checkpoint was saved" in done.stderr
     saved = [path for path in (tmp_path / "ckpt").iterdir() if path.name.startswith("CKPT")]
     assert len(saved) == 1
+
+
+class _FailsAtStep2(RegressionBrain):
+    def compute_forward(self, batch: Batch, stage: Stage) -> Tensor:
+        if stage is Stage.TRAIN and self.step == 2:
+            raise RuntimeError("failed in the middle of an epoch")
+        return super().compute_forward(batch, stage)
+
+
+def test_a_failed_fit_whose_error_is_kept_leaves_no_loader_worker_alive() -> None:
+    """A notebook keeps the last error (``sys.last_value``), and with it the failed frames."""
+    brain = _FailsAtStep2(
+        modules={"model": torch.nn.Linear(4, 2)}, opt_class=sgd(), run_opts={"noprogressbar": True}
+    )
+    loader_kwargs: LoaderKwargs = {"batch_size": 2, "num_workers": 2}
+    with pytest.raises(RuntimeError, match="failed in the middle of an epoch") as caught:
+        brain.fit(range(1, 2), examples(16), train_loader_kwargs=loader_kwargs)
+    assert caught.value.__traceback__ is not None  # the error, and its frames, are still held
+    assert multiprocessing.active_children() == []

@@ -1235,16 +1235,15 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self._stage_batches = self._planned_batches(loader)
         if self._old_window is not None:
             self._step_old_window(*self._old_window)
-        batches = cast(  # the loader yields what the recipe declares as its batch type
-            Iterable[BatchT],
-            batches_from(
-                loader,
-                epoch=epoch,
-                batches_done=batches_done,
-                batch_size=None if restored is None else restored.state.batch_size,
-                epoch_set=True,
-            ),
+        remaining = batches_from(
+            loader,
+            epoch=epoch,
+            batches_done=batches_done,
+            batch_size=None if restored is None else restored.state.batch_size,
+            epoch_set=True,
         )
+        # The loader yields what the recipe declares as its batch type.
+        batches = cast(Iterable[BatchT], remaining)
         if restored is not None and batches_done:
             # (A state saved in on_stage_start, before the first batch, is reached again by
             # running on_stage_start and iter(loader) from the epoch's generators above.)
@@ -1270,6 +1269,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             # as the error is kept (in a notebook's sys.last_value, say).
             fetching = [iter(progress)]
             stack.callback(fetching.clear)
+            stack.callback(remaining.close)
             while True:
                 try:
                     batch = next(fetching[0])

@@ -28,6 +28,7 @@ from typedbrain._warn import warn
 
 __all__ = [
     "Positionable",
+    "RemainingBatches",
     "ResumableSampler",
     "batches_from",
     "find_resumable_sampler",
@@ -556,14 +557,18 @@ def find_resumable_sampler(loader: DataLoader[object]) -> ResumableSampler | Non
     return None
 
 
-class _Remaining(Iterable[object]):
-    """The rest of a fast-forwarded loader's epoch, iterable once."""
+class RemainingBatches(Iterable[object]):
+    """The rest of a positioned loader's epoch, iterable once."""
 
     def __init__(self, iterator: Iterator[object]) -> None:
         self._iterator = iterator
 
     def __iter__(self) -> Iterator[object]:
         return self._iterator
+
+    def close(self) -> None:
+        """Drop the loader's iterator, which ends its worker processes once nothing holds it."""
+        self._iterator = iter(())
 
 
 def batches_from(
@@ -573,7 +578,7 @@ def batches_from(
     batches_done: int,
     batch_size: int | None = None,
     epoch_set: bool = False,
-) -> Iterable[object]:
+) -> RemainingBatches:
     """The loader's batches for ``epoch`` after the first ``batches_done``, iterable once.
 
     With ``epoch_set``, :func:`set_loader_epoch` has been called for ``epoch`` already (to read
@@ -603,7 +608,7 @@ def batches_from(
         ) from error
     iterator = iter(loader)
     if positioned:
-        return _Remaining(iterator)
+        return RemainingBatches(iterator)
     for drawn in range(batches_done):
         try:
             next(iterator)
@@ -612,4 +617,4 @@ def batches_from(
                 f"the checkpoint was taken after batch {batches_done} of epoch {epoch}, but "
                 f"the training loader has only {drawn} batches"
             ) from None
-    return _Remaining(iterator)
+    return RemainingBatches(iterator)
