@@ -264,6 +264,43 @@ def test_a_signal_after_the_last_batch_still_ends_fit_with_the_interruption() ->
     assert brain.optimizer_step == 2 * 2  # both epochs trained in full
 
 
+class _SignalsInBatch2(RegressionBrain):
+    def compute_forward(self, batch: Batch, stage: sb.Stage) -> Tensor:
+        if stage is sb.Stage.TRAIN and self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().compute_forward(batch, stage)
+
+
+class _CountsSaves:
+    saves = 0
+
+    def state_dict(self) -> dict[str, object]:
+        self.saves += 1
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, object], /) -> None:
+        del state
+
+
+def test_a_signal_in_a_batch_that_ends_with_an_interval_checkpoint_saves_it_once(
+    tmp_path: Path,
+) -> None:
+    counted = _CountsSaves()
+    brain = _SignalsInBatch2(
+        modules={"model": torch.nn.Linear(4, 2)},
+        opt_class=sgd(),
+        run_opts={"noprogressbar": True, "ckpt_interval_steps": 2},
+        checkpointer=Checkpointer(tmp_path, {"counted": counted}),
+    )
+    with pytest.raises(sb.TrainingInterruptedError) as caught:
+        brain.fit(range(1, 3), examples(8), train_loader_kwargs=LOADER)
+    assert caught.value.checkpoint_saved
+    assert counted.saves == 1
+    assert [c.meta for c in Checkpointer(tmp_path).list_checkpoints()] == [
+        {sb.INTRA_EPOCH_CKPT_FLAG: True}
+    ]
+
+
 def test_with_stop_on_signals_off_the_brain_leaves_signals_alone(tmp_path: Path) -> None:
     received: list[int] = []
     before = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
