@@ -197,3 +197,22 @@ def test_a_hook_set_on_the_instance_makes_the_brain_call_the_hooks() -> None:
     brain.on_fit_batch_start = lambda batch, should_step: calls.append(should_step)  # type: ignore[method-assign]  # a spy
     brain.fit(range(1, 2), ready_loader(batches(2, 4)), progressbar=False)
     assert calls == [True, True]
+
+
+class _NanAtStep1(RegressionBrain):
+    def compute_objectives(self, predictions: Tensor, batch: Batch, stage: Stage) -> Tensor:
+        loss = super().compute_objectives(predictions, batch, stage)
+        return loss * math.nan if stage is Stage.TRAIN and self.step == 1 else loss
+
+
+def test_a_non_finite_loss_on_the_inline_path_keeps_no_graph_alive() -> None:
+    brain = _NanAtStep1({"model": torch.nn.Linear(4, 2)}, OPTIMIZERS["sgd"])
+    brain.noprogressbar = True
+    assert brain._current_plan().inline_steps
+    brain.fit(range(1, 2), ready_loader(batches(3, 2)))
+    held = [
+        value
+        for value in vars(brain).values()
+        if isinstance(value, Tensor) and value.grad_fn is not None
+    ]
+    assert held == []

@@ -1129,6 +1129,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         value = _loss_value(loss)
         if not math.isfinite(value):
             self.check_loss_isfinite(loss)  # counts it, warns or raises NonFiniteLossError
+            self._read_tensor = None  # it holds the loss's graph, which no backward freed
             self._skipped += 1
             return
         torch.autograd.backward(loss)
