@@ -271,6 +271,29 @@ class _SignalsInBatch2(RegressionBrain):
         return super().compute_forward(batch, stage)
 
 
+class _SignalsTwiceInBatch2(RegressionBrain):
+    def compute_forward(self, batch: Batch, stage: sb.Stage) -> Tensor:
+        if stage is sb.Stage.TRAIN and self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().compute_forward(batch, stage)
+
+
+def test_a_second_sigterm_while_stopping_says_so_and_the_stop_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    brain = _SignalsTwiceInBatch2(
+        modules={"model": torch.nn.Linear(4, 2)}, opt_class=sgd(), run_opts={"noprogressbar": True}
+    )
+    with (
+        caplog.at_level("WARNING", logger="typedbrain"),
+        pytest.raises(sb.TrainingInterruptedError),
+    ):
+        brain.fit(range(1, 3), examples(8), train_loader_kwargs=LOADER)
+    assert "received SIGTERM again: already stopping after the current batch" in caplog.text
+    assert brain.optimizer_step == 2
+
+
 class _CountsSaves:
     saves = 0
 

@@ -58,6 +58,11 @@ class StopRequest:
             )
             return
         if signum != signal.SIGINT:
+            logger.warning(
+                "received %s again: already stopping after the current batch (SIGINT or "
+                "SIGKILL stops now)",
+                signal.Signals(signum).name,
+            )
             return
         previous = self._previous.get(signum)
         if callable(previous):
