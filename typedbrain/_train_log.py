@@ -11,7 +11,8 @@ All three read the values they are given the same way, before writing anything: 
 bool, an int or a float is logged as it is; any other real number (NumPy's ``float32`` or
 ``int64``, a ``Fraction``) as an int if its type is an integer type, else as a float; a tensor or
 a NumPy array of one element (``loss.detach()``, a 0-d array) as the number it holds. Anything
-else (a list, ``None``, a tensor of several elements, a complex number) is refused with a
+else (a list, ``None``, a tensor of several elements, a complex number) is written as its text
+by :class:`FileTrainLogger`, as SpeechBrain's does, and refused by the other two with a
 :class:`~typedbrain.ConfigurationError` naming the log, the stage, the key and the type.
 """
 
@@ -447,8 +448,8 @@ class FileTrainLogger(_FileLoggerBase):
         """The line :meth:`log_stats` writes for these stats (without its newline).
 
         Raises:
-            ConfigurationError: a key is not a string or a value is not a number or a string
-                (see the module doc); the message names the file, the stage and the key.
+            ConfigurationError: a key is not a string; the message names the file, the stage
+                and the key. (A value that is not a number or a string is written as its text.)
         """
         meta, train, valid, test = _plain_entry(
             self.save_file, stats_meta, train_stats, valid_stats, test_stats, as_text=True
@@ -478,8 +479,8 @@ class FileTrainLogger(_FileLoggerBase):
         """Append one line (main process only); with ``verbose`` also log it at INFO level.
 
         Raises:
-            ConfigurationError: a key is not a string or a value is not a number or a string
-                (see the module doc); nothing is written.
+            ConfigurationError: a key is not a string; nothing is written. (A value that is not
+                a number or a string is written as its text: see the module doc.)
         """
         if not if_main_process():
             return
