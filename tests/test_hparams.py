@@ -203,3 +203,10 @@ def test_a_union_of_hparams_classes_names_each_in_the_error() -> None:
     )
     hparams = DataclassHparams(0.1, True)
     assert EitherBrain(hparams=hparams).hparams is hparams
+
+
+def test_keys_hidden_by_mapping_methods_warn_and_read_by_item() -> None:
+    with pytest.warns(UserWarning, match=r"hyperparameters 'items', 'values' are hidden"):
+        hparams = Hparams({"lr": 0.1, "values": [1, 2], "items": 3})
+    assert hparams["values"] == [1, 2]
+    assert callable(hparams.values)

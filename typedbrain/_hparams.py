@@ -12,6 +12,7 @@ import attrs
 from typing_extensions import is_typeddict
 
 from typedbrain._errors import ConfigurationError, with_article
+from typedbrain._warn import warn
 
 __all__ = ["Hparams", "hparams_items", "resolve_hparams"]
 
@@ -34,6 +35,14 @@ class Hparams(Mapping[str, object]):
     def __init__(self, values: Mapping[str, object] | None = None, /) -> None:
         self._values: dict[str, object]
         object.__setattr__(self, "_values", dict(values or {}))
+        hidden = sorted(key for key in self._values if key in _MAPPING_ATTRIBUTES)
+        if hidden:
+            names = ", ".join(repr(key) for key in hidden)
+            warn(
+                f"hyperparameters {names} are hidden by the mapping methods of that name: "
+                f"hparams.{hidden[0]} is the method; read the value as hparams[{hidden[0]!r}]",
+                UserWarning,
+            )
 
     if not TYPE_CHECKING:  # hidden from mypy, which then reports an assignment statically
 
@@ -71,6 +80,12 @@ class Hparams(Mapping[str, object]):
 
     def __repr__(self) -> str:
         return f"Hparams({self._values!r})"
+
+
+_MAPPING_ATTRIBUTES: frozenset[str] = frozenset(
+    name for name in dir(Hparams) if not name.startswith("_")
+)
+"""Names ``hparams.<name>`` finds before a hyperparameter: ``keys``, ``items``, ``values``..."""
 
 
 def hparams_items(hparams: object) -> Mapping[str, object]:
