@@ -18,7 +18,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import typedbrain
 from tests.helpers import python_blocks, rewrite_manifest
 from typedbrain import _checkpoint
 from typedbrain._checkpoint import (
@@ -570,10 +569,6 @@ def _save_intra(checkpointer: Checkpointer) -> Checkpoint:
         num_to_keep=1,
         ckpt_predicate=_is_intra,
     )
-
-
-def test_the_checkpointers_intra_epoch_flag_is_the_brains() -> None:
-    assert INTRA_EPOCH_CKPT_FLAG == typedbrain.INTRA_EPOCH_CKPT_FLAG
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ Importing this package has no side effects: it sets no torch flag, adds no loggi
 patches nothing.
 """
 
-from typedbrain._brain import INTRA_EPOCH_CKPT_FLAG as INTRA_EPOCH_CKPT_FLAG
 from typedbrain._brain import BatchT as BatchT
 from typedbrain._brain import Brain as Brain
 from typedbrain._brain import HparamsT as HparamsT
@@ -69,6 +68,7 @@ from typedbrain._launch import detect_launch as detect_launch
 from typedbrain._launch import device_for as device_for
 from typedbrain._launch import init_distributed as init_distributed
 from typedbrain._launch import shutdown_distributed as shutdown_distributed
+from typedbrain._manifest import INTRA_EPOCH_CKPT_FLAG as INTRA_EPOCH_CKPT_FLAG
 from typedbrain._manifest import Checkpoint as Checkpoint
 from typedbrain._manifest import CheckpointFile as CheckpointFile
 from typedbrain._manifest import JsonValue as JsonValue

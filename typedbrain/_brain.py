@@ -50,6 +50,7 @@ from typedbrain._errors import (
 )
 from typedbrain._hparams import Hparams, hparams_items, resolve_hparams
 from typedbrain._launch import detect_launch, device_for, init_distributed
+from typedbrain._manifest import INTRA_EPOCH_CKPT_FLAG
 from typedbrain._modules import compile_modules, wrap_modules
 from typedbrain._numerics import (
     autocast,
@@ -109,9 +110,6 @@ HparamsT = TypeVar("HparamsT", default=Hparams)
 """The type of ``brain.hparams``: an attrs class of yours, or :class:`Hparams` for a mapping."""
 
 _NO_CONTEXT: Final = contextlib.nullcontext()
-
-INTRA_EPOCH_CKPT_FLAG: Final = "typedbrain_intra_epoch"
-"""The meta key that marks the brain's intra-epoch checkpoints."""
 
 # The hooks a training batch calls; when none is overridden, a plain step runs them inline.
 _PER_BATCH_HOOKS: Final = (
