@@ -235,36 +235,6 @@ def test_workers_outlive_a_stop_signal_from_another_process_and_the_epoch_comple
     assert {int(pid) for batch in rest if isinstance(batch, Tensor) for pid in batch} == pids
 
 
-STARTING = textwrap.dedent(
-    """
-    import os, signal, sys
-    import torch
-    from typedbrain import make_dataloader
-
-    if __name__ == "__main__":
-        torch.set_num_threads(1)
-        loader = make_dataloader(
-            list(range(8)), seed=0, batch_size=2, num_workers=2,
-            multiprocessing_context=sys.argv[1],
-        )
-        iterator = iter(loader)
-        for worker in iterator._workers:  # still starting: spawn and forkserver take a while
-            os.kill(worker.pid, signal.SIGTERM)
-        print([batch.tolist() for batch in iterator], flush=True)
-    """
-)
-
-
-@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
-def test_a_stop_signal_to_workers_still_starting_loses_no_batch(
-    tmp_path: Path, method: str
-) -> None:
-    """A job's SIGTERM can reach the workers before they run: they start deaf to it."""
-    done = _run_script(tmp_path / "starting.py", STARTING, method)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[[0, 1], [2, 3], [4, 5], [6, 7]]"
-
-
 FAILED_FETCH = textwrap.dedent(
     """
     import os, signal, sys, time

@@ -8,7 +8,6 @@ makes its next iteration skip the batches already consumed without loading them.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import difflib
 import hashlib
 import logging
@@ -18,8 +17,7 @@ import operator
 import os
 import random
 import signal
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from types import FrameType
 from typing import Any, SupportsIndex, TypeAlias, TypedDict, cast
 
@@ -27,7 +25,6 @@ import attrs
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
-from torch.utils.data.dataloader import _BaseDataLoaderIter
 from typing_extensions import Unpack
 
 from typedbrain._checks import check_int
@@ -169,62 +166,6 @@ class _StopSignalInWorker:
         )
 
 
-_STOP_SIGNALS: frozenset[signal.Signals] = frozenset({signal.SIGTERM, signal.SIGINT})
-
-
-class _Loader(DataLoader[object]):
-    """The ``DataLoader`` of :func:`make_dataloader`: workers start deaf to stop signals.
-
-    A job's SIGTERM (a scheduler stopping it) or Ctrl-C reaches the loader workers too, and a
-    worker it ends takes with it the batch the main process waits for. :class:`_WorkerInit`
-    gives each worker a handler that ignores them, but only once the worker runs: one started
-    with ``spawn`` or ``forkserver`` (macOS's default, and Linux's from Python 3.14) takes a
-    while to get there. So the workers start with the signals blocked (a forked worker inherits
-    the mask) and, for ``spawn`` and ``forkserver``, whose new programs start with an empty mask,
-    ignored (which a new program, and the workers the forkserver forks, inherit);
-    :class:`_WorkerInit` sets its handler, then unblocks them.
-    """
-
-    def _get_iterator(self) -> _BaseDataLoaderIter:
-        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
-            return super()._get_iterator()
-        with _stop_signals_held(ignore=_start_method(self.multiprocessing_context) != "fork"):
-            return super()._get_iterator()
-
-
-def _start_method(context: object) -> str:
-    """How a loader's workers start: its ``multiprocessing_context``'s method, or the default."""
-    if isinstance(context, multiprocessing.context.BaseContext):
-        return context.get_start_method()
-    # The default context: workers are about to fix it anyway, by starting under it.
-    return multiprocessing.get_start_method()
-
-
-@contextlib.contextmanager
-def _stop_signals_held(*, ignore: bool) -> Iterator[None]:
-    """Block SIGTERM and SIGINT in this thread (and, if ``ignore``, ignore them) meanwhile.
-
-    Signals to this process that arrive meanwhile wait and are handled as the mask is put back;
-    while they are ignored (from the main thread only), one that another thread of this process
-    happens to take is lost: the window is the few milliseconds of starting the workers'
-    processes (and a forkserver's), not their start-up.
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    handlers: dict[signal.Signals, Callable[[int, FrameType | None], object] | int] = {}
-    try:
-        if ignore and threading.current_thread() is threading.main_thread():
-            for signum in _STOP_SIGNALS:
-                handler = signal.getsignal(signum)
-                if handler is not None:  # None: set outside Python, which could not restore it
-                    handlers[signum] = handler
-                    signal.signal(signum, signal.SIG_IGN)
-        yield
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 class _WorkerInit:
     """What ``make_dataloader`` runs in each worker, then the user's ``worker_init_fn``.
 
@@ -246,12 +187,6 @@ class _WorkerInit:
         handler = _StopSignalInWorker(self.exiting)
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
-        if hasattr(signal, "pthread_sigmask"):  # blocked by _Loader while the worker started
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        if self.exiting.item():
-            # The main process began to exit while this worker started, and the SIGTERM that
-            # multiprocessing sent it then found the signal ignored: it would wait for it.
-            os._exit(0)
         if self.user_fn is not None:
             self.user_fn(worker_id)
 
@@ -482,7 +417,7 @@ def make_dataloader(
         _warn_if_unsharded(dataset, loader_kwargs, shard, iterable=True)
         # A sequence works as a map-style dataset: DataLoader only needs __getitem__ and
         # __len__.
-        return _Loader(cast(Dataset[object], dataset), **loader_kwargs)
+        return DataLoader(cast(Dataset[object], dataset), **loader_kwargs)
     _warn_if_unsharded(dataset, loader_kwargs, shard, iterable=False)
     user_generator = loader_kwargs.get("generator")
     seed = _draw_seed(user_generator) if seed is None else check_int("seed", seed, minimum=None)
@@ -508,7 +443,7 @@ def make_dataloader(
         batched = callable(getattr(dataset, "__getitems__", None))
         item_seeds = _ItemSeeds(seed)
         wrapper = (_SeededBatchedDataset if batched else _SeededDataset)(dataset, item_seeds)
-    loader = _Loader(
+    loader = DataLoader(
         wrapper if wrapper is not None else cast(Dataset[object], dataset), **loader_kwargs
     )
     register_loader_seeding(
