@@ -204,6 +204,17 @@ def test_an_unknown_key_under_a_bare_include_names_the_included_keys(tmp_path: P
         load_hparams(recipe, {"data": {"hiden": 32}})
 
 
+def test_keys_under_a_bare_include_inside_an_included_file_are_refused_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "inner.yaml").write_text("x: 1\n")
+    (tmp_path / "outer.yaml").write_text("a: 1\ndeep: !include:inner.yaml\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("sub: !include:outer.yaml\n")
+    with pytest.raises(OverrideError, match=r"'sub.deep' is a bare !include: in an included file"):
+        load_hparams(recipe, {"sub": {"deep": {"x": 5}}})
+
+
 def test_a_nested_unknown_override_names_key_file_and_parent_line(in_repo_root: None) -> None:
     with pytest.raises(OverrideError) as caught:
         load_hparams("tests/data/config/recipe.yaml", {"model": {"out_feature": 3}})

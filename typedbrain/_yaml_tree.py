@@ -470,8 +470,13 @@ def check_overrides(
     *,
     parent_line: int | None = None,
     included: tuple[MappingNode, str, Path | None] | None = None,
+    in_document: bool = True,
 ) -> None:
-    """Raise :class:`OverrideError` for the first override ``node`` cannot take."""
+    """Raise :class:`OverrideError` for the first override ``node`` cannot take.
+
+    ``in_document``: ``node`` is written in the document the overrides are applied to, not in a
+    file it includes (whose text they cannot change).
+    """
     own = _keys_as_read(node)
     more: dict[str, tuple[Node, Node]] = {}
     if included is not None:
@@ -481,10 +486,10 @@ def check_overrides(
         dotted = format_key_path(key_path)
         if key in own:
             key_node, value = own[key]
-            where, where_folder = source, folder
+            where, where_folder, written_here = source, folder, in_document
         elif key in more and included is not None:
             key_node, value = more[key]
-            where, where_folder = included[1], included[2]
+            where, where_folder, written_here = included[1], included[2], False
         else:
             raise OverrideError(
                 dotted,
@@ -494,14 +499,23 @@ def check_overrides(
             )
         if subtree is None or _holds_nothing(value):
             continue  # a whole value, or a mapping where the file has none to check it against
-        if isinstance(value, ScalarNode) and _is_include(value.tag):
-            # A bare `!include:`: the keys are checked against the included file alone.
+        if written_here and isinstance(value, ScalarNode) and _is_include(value.tag):
+            # A bare `!include:`: the keys are checked against the included file alone (and
+            # apply_overrides writes them under the tag). One in an included file stays a
+            # scalar: the overrides cannot write there.
             value = MappingNode(value.tag, [], start_mark=value.start_mark)
         if not isinstance(value, MappingNode):
+            reason = (
+                f"{dotted!r} is a bare !include: in an included file, whose text an override "
+                "cannot change to set keys under it; give it a whole new value, or write a "
+                "mapping under its tag there"
+                if _is_include(value.tag)
+                else f"{dotted!r} is not a mapping, so an override cannot set keys under it; "
+                "give it a whole new value instead"
+            )
             raise OverrideError(
                 dotted + "." + next(iter(subtree)) if subtree else dotted,
-                f"{dotted!r} is not a mapping, so an override cannot set keys under it; "
-                "give it a whole new value instead",
+                reason,
                 source=where,
                 line=_line(key_node),
             )
@@ -513,6 +527,7 @@ def check_overrides(
             where_folder,
             parent_line=_line(key_node),
             included=_include_root(value, where_folder),
+            in_document=written_here,
         )
 
 
