@@ -356,6 +356,25 @@ def test_test_entries_logged_after_the_checkpoint_survive_a_resumed_training_ent
     assert path.read_bytes() == (tmp_path / "reference.log").read_bytes()
 
 
+@pytest.mark.parametrize("train_stats", [{"loss:ctc": 0.5}, {"a - b": 0.5}, {}])
+def test_a_training_line_is_not_kept_at_a_resume_whatever_its_keys(
+    tmp_path: Path, train_stats: dict[str, StatValue]
+) -> None:
+    path = tmp_path / "log.txt"
+    reference = tmp_path / "reference.txt"
+    first = FileTrainLogger(path)
+    first.log_stats({"epoch": 1}, train_stats)
+    state = first.state_dict()
+    first.log_stats({"epoch": 2}, train_stats)  # cut off at the resume, and logged again
+    second = FileTrainLogger(path)
+    second.load_state_dict(dict(state))
+    second.log_stats({"epoch": 2}, train_stats)
+    straight = FileTrainLogger(reference)
+    straight.log_stats({"epoch": 1}, train_stats)
+    straight.log_stats({"epoch": 2}, train_stats)
+    assert path.read_text() == reference.read_text()
+
+
 @pytest.mark.parametrize("factory", FACTORIES)
 def test_state_records_bytes_and_entries(tmp_path: Path, factory: LoggerFactory) -> None:
     path = tmp_path / "log"

@@ -23,7 +23,6 @@ import logging
 import math
 import numbers
 import os
-import re
 import reprlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -410,10 +409,6 @@ class _FileLoggerBase:
             self._log.load_state_dict(state_dict)
 
 
-_TEXT_TRAINING_ITEMS: Final = re.compile(r" - (train|valid) [^:]*: ")
-"""Where a :class:`FileTrainLogger` line holds train or valid items."""
-
-
 @final
 class FileTrainLogger(_FileLoggerBase):
     """Writes one human-readable line per entry, in the format of SpeechBrain's FileTrainLogger.
@@ -461,7 +456,11 @@ class FileTrainLogger(_FileLoggerBase):
         return " - ".join(parts)
 
     def _kept_at_resume(self, line: str, index: int) -> str | None:
-        return None if _TEXT_TRAINING_ITEMS.search(line) else line
+        # A test entry's line is its meta, then " - test ..." and nothing else. A line that
+        # cannot be read so (a key holding " - ", stats given as {}) is cut, as a training
+        # entry is: keeping a training entry would log it twice.
+        stages = {part.split(" ", 1)[0] for part in line.split(" - ")[1:]}
+        return line if stages == {"test"} else None
 
     def _items(self, stats: Mapping[str, StatValue], prefix: str) -> str:
         return ", ".join(
