@@ -539,6 +539,7 @@ def test_a_restart_with_a_lower_epoch_limit_trains_nothing_and_evaluates(
     CountingBrain.passes = 0
     brain.fit(counter, data, train_loader_kwargs={"batch_size": 4})
     assert CountingBrain.passes == 0
+    assert counter.current == 3  # where the checkpoint left it, past the limit
     assert math.isfinite(brain.evaluate(examples(4)))
 
 

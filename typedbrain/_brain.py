@@ -1663,6 +1663,16 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             return False
         epoch = restored.state.epoch
         if isinstance(epoch_counter, EpochCounter) and epoch_counter.current == epoch:
+            if epoch > epoch_counter.limit:
+                # A run restarted with a lower limit, to stop it early: the counter is past it.
+                logger.warning(
+                    "the checkpoint interrupted epoch %s, beyond this epoch counter's limit of "
+                    "%s: that epoch is left unfinished",
+                    epoch,
+                    epoch_counter.limit,
+                )
+                self._restored = None
+                return False
             epoch_counter.current -= 1
         return True
 
