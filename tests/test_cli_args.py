@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -363,3 +364,51 @@ def test_every_run_option_has_a_description_from_the_docstring() -> None:
 def test_parsed_arguments_unpack_as_speechbrains_triple() -> None:
     hparams_file, run_opts, overrides = parse_arguments(["h.yaml", "--debug", "--lr", "0.5"])
     assert (hparams_file, run_opts, overrides) == (Path("h.yaml"), {"debug": True}, "lr: 0.5\n")
+
+
+@pytest.mark.parametrize(
+    "appended",
+    [["--local-rank=1"], ["--local-rank", "1"], ["--local_rank=1"], ["--local_rank", "1"]],
+    ids=["launch", "launch-spaced", "older-launch", "older-launch-spaced"],
+)
+def test_the_local_rank_torch_distributed_launch_appends_is_ignored(
+    appended: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # python -m torch.distributed.launch adds it after the script's own arguments; it must not
+    # become an override (load_hparams would refuse a key the file does not have).
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    parsed = parse_arguments([RECIPE, "--lr", "0.5", *appended])
+    assert parsed == parse_arguments([RECIPE, "--lr", "0.5"])
+    assert parsed.overrides == "lr: 0.5\n"
+
+
+def test_the_launchers_local_rank_is_ignored_without_local_rank_in_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert parse_arguments([RECIPE, "--local-rank=3"]).overrides == ""
+
+
+def test_a_local_rank_that_is_not_the_environments_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ArgumentsError) as raised:
+        parse_arguments([RECIPE, "--local-rank=1"])
+    assert raised.value.argument == "--local-rank"
+    assert "gives local rank 1, but the environment variable LOCAL_RANK is '0'" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--local-rank"], "expected the local rank (a number)"),
+        (["--local_rank=first"], "expected the local rank, a number, got 'first'"),
+    ],
+)
+def test_a_local_rank_without_a_number_is_an_error(
+    arguments: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ArgumentsError, match=re.escape(message)):
+        parse_arguments([RECIPE, *arguments])

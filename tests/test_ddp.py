@@ -21,11 +21,18 @@ from torch import Tensor
 from torch._C._distributed_c10d import HashStore
 from torch.distributed.tensor import DTensor
 
+from tests.ddp.evaluation_worker import batchnorm_model
 from tests.ddp.resume_worker import STOPPED_SUFFIX
 from tests.ddp.worker import evaluate, train
 from tests.resume_harness import RunConfig, differences
 from tests.test_crash_resume import saves_so_far
-from typedbrain._modules import cpu_fsdp_problem, sync_batchnorm, wrap_modules
+from typedbrain._modules import (
+    _param_groups,
+    collective_free_forwards,
+    cpu_fsdp_problem,
+    sync_batchnorm,
+    wrap_modules,
+)
 from typedbrain._options import RunOptions
 from typedbrain._state import converter
 
@@ -498,3 +505,166 @@ def test_a_non_finite_loss_past_the_patience_on_one_rank_stops_every_rank() -> N
     for process, (_, stderr) in zip(processes, outcomes, strict=True):
         assert process.returncode != 0
         assert b"NonFiniteLossError" in stderr
+
+
+# Evaluation stages in which the ranks hold unequal numbers of batches, some none at all.
+
+
+def evaluation_job(mode: str, tmp_path: Path) -> list[dict[str, object]]:
+    """Run ``tests.ddp.evaluation_worker MODE`` on 2 ranks; each rank's results.
+
+    A forward pass that made a collective would leave one rank waiting for the other, which
+    has no batch left, until the group's 30-minute timeout: ``finish_ranks`` fails first.
+    """
+    out = tmp_path / mode
+    assert finish_ranks(start_ranks("tests.ddp.evaluation_worker", mode, str(out))) == [0, 0]
+    return [load(out.with_name(f"{mode}.{rank}")) for rank in (0, 1)]
+
+
+def tensors(value: object) -> dict[str, Tensor]:
+    assert isinstance(value, dict)
+    return cast(dict[str, Tensor], value)
+
+
+def test_a_ddp_model_with_buffers_validates_on_a_set_that_leaves_a_rank_without_a_batch(
+    tmp_path: Path,
+) -> None:
+    first, second = evaluation_job("batchnorm-fit", tmp_path)
+    # One example: rank 0 validates it, with its buffers broadcast to rank 1 as DDP's own
+    # validation pass would, and every rank gets that loss.
+    assert first["losses"] == second["losses"]
+    for result in (first, second):
+        assert cast(list[float], result["losses"])[-1] == result["example_loss"]
+        assert set(tensors(result["with_validation"])) == set(tensors(first["with_validation"]))
+    for name, value in tensors(first["with_validation"]).items():
+        assert torch.equal(tensors(second["with_validation"])[name], value), name
+    # Validation computes nothing training uses: the parameters of both ranks and rank 0's
+    # buffers are those of the same run without a validation set (rank 1's buffers are
+    # rank 0's after a validation, its own after a training batch).
+    buffers = {name for name, _ in batchnorm_model().named_buffers()}
+    for rank, result in enumerate((first, second)):
+        alone, validated = tensors(result["without_validation"]), tensors(result["with_validation"])
+        for name, value in alone.items():
+            if rank == 0 or name not in buffers:
+                assert torch.equal(validated[name], value), (rank, name)
+
+
+def test_a_ddp_model_with_buffers_is_tested_when_a_rank_has_no_test_batch(
+    tmp_path: Path,
+) -> None:
+    for result in evaluation_job("batchnorm-evaluate", tmp_path):
+        # 3 examples in batches of 2 with drop_last: rank 0 tests examples 0 and 2, rank 1
+        # none; the loss is the one-process loss of those two.
+        assert result["loss"] == pytest.approx(result["rank_0_examples_loss"], rel=1e-6)
+
+
+@pytest.mark.skipif(
+    cpu_fsdp_problem(torch.device("cpu"), str(torch.__version__)) is not None,
+    reason="typedbrain refuses FSDP2 on the CPU under this torch (tested above)",
+)
+@pytest.mark.parametrize("mode", ["fsdp", "fsdp-nested"])
+def test_an_fsdp2_model_validates_on_uneven_shards_with_the_one_process_loss(
+    mode: str, tmp_path: Path
+) -> None:
+    # 1 example: rank 1 has no batch; 5 in batches of 1: rank 0 has 3, rank 1 has 2. With a
+    # nested sharded layer, each forward pass would all-gather it again.
+    for result in evaluation_job(mode, tmp_path):
+        for count in (1, 5):
+            assert result[f"losses_{count}"] == [
+                pytest.approx(result[f"example_mean_{count}"], rel=1e-6)
+            ]
+            if mode == "fsdp-nested":
+                # Kept gathered for the stage only: in training it reshards after forward.
+                assert result[f"nested_reshards_{count}"] is True
+
+
+def test_evaluation_forwards_run_through_the_wrapped_module_and_the_wrapper_comes_back() -> None:
+    dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
+    try:
+        inner = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+        modules = torch.nn.ModuleDict({"model": inner})
+        (wrapper,) = wrap_modules(modules, RunOptions(), torch.device("cpu"))
+        assert modules["model"] is wrapper
+        seen: list[torch.nn.Module] = []
+
+        def failing_stage() -> None:
+            with collective_free_forwards(modules):
+                seen.append(modules["model"])
+                raise ValueError("the stage failed")
+
+        with pytest.raises(ValueError, match="the stage failed"):
+            failing_stage()
+        assert seen == [inner]  # DDP's forward, with its broadcast, is not run in the stage
+        assert modules["model"] is wrapper  # back, although the stage raised
+        # As after DDP's own evaluation pass: the next training pass broadcasts nothing.
+        assert wrapper.require_forward_param_sync is False
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(
+    cpu_fsdp_problem(torch.device("cpu"), str(torch.__version__)) is not None,
+    reason="typedbrain refuses FSDP2 on the CPU under this torch (tested above)",
+)
+def test_fsdp2_modules_stay_gathered_for_the_evaluation_forwards_only() -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+        fully_shard(model[0], mesh=init_device_mesh("cpu", (1,)))  # the recipe's own sharding
+        modules = torch.nn.ModuleDict({"model": model})
+        wrap_modules(modules, RunOptions(fsdp=True), torch.device("cpu"))
+        layer = model[0]
+        assert isinstance(layer, FSDPModule)
+        with torch.no_grad(), collective_free_forwards(modules):
+            model(torch.randn(2, 3))
+            model(torch.randn(2, 3))
+            # Still gathered after its forward passes: the next one all-gathers nothing.
+            assert not isinstance(layer.weight, DTensor)
+            assert all(group.post_forward_mesh_info is None for group in _param_groups(layer))
+        assert isinstance(layer.weight, DTensor)  # resharded
+        assert isinstance(model[1].weight, DTensor)
+        # Its setting is back: in training it reshards after each forward pass again.
+        assert all(group.post_forward_mesh_info is not None for group in _param_groups(layer))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("what", "error"),
+    [
+        (
+            "examples",
+            "ConfigurationError: fit(): the processes disagree on the training examples "
+            "(rank 0: 16, rank 1: 20)",
+        ),
+        (
+            "batch-size",
+            "ConfigurationError: fit(): the processes disagree on the training batches per "
+            "epoch (rank 0: 4, rank 1: 2)",
+        ),
+        (
+            "accumulation",
+            "ConfigurationError: fit(): the processes disagree on the grad_accumulation_factor "
+            "(rank 0: 1, rank 1: 2)",
+        ),
+        (
+            "epochs",
+            "DistributedError: rank {rank}, fit: the processes disagree on the next epoch "
+            "(rank 0: no more epochs, rank 1: epoch 2)",
+        ),
+    ],
+)
+def test_ranks_that_disagree_on_training_all_stop_with_an_error_showing_each_ranks_value(
+    what: str, error: str
+) -> None:
+    # Without the check: a gloo abort (a C++ message, no traceback) on one rank, or a hang
+    # until the group's timeout, half an hour.
+    processes = start_ranks("tests.ddp.disagreement_worker", what)
+    outcomes = communicate_all(processes)
+    for rank, (process, (stdout, stderr)) in enumerate(zip(processes, outcomes, strict=True)):
+        assert process.returncode == 1, stderr.decode(errors="replace")
+        assert b"DONE" not in stdout
+        assert error.format(rank=rank) in stderr.decode(errors="replace")

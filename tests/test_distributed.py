@@ -217,6 +217,16 @@ def test_collectives_without_group_act_on_this_process_alone() -> None:
 
 
 @pytest.mark.usefixtures("single_process")
+def test_bool_tensors_are_counted_alone_as_with_several_processes() -> None:
+    flags = torch.tensor([True, False])
+    summed = all_reduce_sum(flags)
+    assert summed.dtype == torch.int64  # as the reduction over processes gives it
+    assert summed.tolist() == [1, 0]
+    assert all_reduce_mean(flags).tolist() == [1.0, 0.0]
+    assert flags.tolist() == [True, False]  # the input is left alone
+
+
+@pytest.mark.usefixtures("single_process")
 def test_broadcast_object_refuses_a_source_that_is_not_a_rank() -> None:
     with pytest.raises(ConfigurationError, match="source rank 1"):
         broadcast_object("x", src=1)
@@ -336,6 +346,18 @@ def test_two_ranks_initialise_gloo_and_agree_on_collectives(tmp_path: Path) -> N
     assert second["main_only"] == [None, []]
     assert first["post_func_saw_file"] == []  # post_func runs on the other ranks only
     assert second["post_func_saw_file"] == [True]  # after func finished on the main process
+
+
+@pytest.mark.slow
+def test_bool_tensors_are_counted_over_the_ranks_not_ored(tmp_path: Path) -> None:
+    # gloo's SUM of bool tensors is a logical OR: [True, True] summed would stay [True, True],
+    # and its mean over 2 ranks would be [0.5, 0.5].
+    with ranks("bool_reductions", tmp_path) as processes:
+        assert finish(processes, STARTUP_SECONDS) == [0, 0], processes[0].output
+        results = by_rank(processes)
+    for result in results:
+        assert result["sum"] == ["torch.int64", [2, 1]]
+        assert result["mean"] == ["torch.float32", [1.0, 0.5]]
 
 
 @pytest.mark.slow

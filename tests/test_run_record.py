@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.strategies import run_state
-from typedbrain import CheckpointError, ConfigurationError, ResumeWarning
+from typedbrain import CheckpointError, ConfigurationError
 from typedbrain._run_record import RunRecord, RunStateRecoverable
 from typedbrain._state import RunState, converter
 
@@ -70,19 +70,6 @@ def test_a_saved_record_comes_back_unchanged_through_a_weights_only_load(
 def test_a_single_process_saves_one_entry_of_plain_data(state: RunState) -> None:
     saved = _saving(RunRecord(state, [])).state_dict()
     assert saved == {"ranks": [{"state": converter.unstructure(state), "gradients": []}]}
-
-
-@given(first=run_state(), second=run_state())
-def test_a_checkpoint_of_two_processes_loads_rank_0s_entry_with_a_warning(
-    first: RunState, second: RunState
-) -> None:
-    entries = [
-        {"state": converter.unstructure(state), "gradients": []} for state in (first, second)
-    ]
-    loader, given_back = _loading()
-    with pytest.warns(ResumeWarning, match="saved by 2 processes and this run has 1"):
-        loader.load_state_dict({"ranks": entries})
-    assert [record.state for record in given_back] == [first]
 
 
 @pytest.mark.parametrize(

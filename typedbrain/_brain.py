@@ -12,7 +12,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from contextlib import AbstractContextManager, ExitStack
 from typing import Final, Generic, NoReturn, Protocol, cast, get_args, get_origin, overload
 from typing import TypeVar as TypeVarType
@@ -33,7 +33,10 @@ from typedbrain._data import (
 )
 from typedbrain._debug_folder import redirect_for_debug
 from typedbrain._distributed import (
+    all_gather_object,
     all_reduce_sum,
+    get_rank,
+    get_world_size,
     if_main_process,
     is_distributed,
     seed_from_main,
@@ -42,6 +45,7 @@ from typedbrain._epochs import EpochCounter
 from typedbrain._errors import (
     CheckpointError,
     ConfigurationError,
+    DistributedError,
     HookContractError,
     NonFiniteLossError,
     ReentrantCallError,
@@ -51,7 +55,7 @@ from typedbrain._errors import (
 from typedbrain._hparams import Hparams, hparams_items, resolve_hparams
 from typedbrain._launch import detect_launch, device_for, init_distributed
 from typedbrain._manifest import INTRA_EPOCH_CKPT_FLAG
-from typedbrain._modules import compile_modules, wrap_modules
+from typedbrain._modules import collective_free_forwards, compile_modules, wrap_modules
 from typedbrain._numerics import (
     autocast,
     grad_scaler_for,
@@ -907,6 +911,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 self._epoch_counter = epoch_counter
                 self.on_fit_start()
                 self._warn_about_fit_setup()
+                self._check_processes_agree(train_loader)
+                self._warn_about_another_process_count()
                 reentering = self._reenter_interrupted_epoch(epoch_counter)
                 self._last_checkpoint_time = time.monotonic()
                 show = self._progress_enabled(progressbar)
@@ -919,7 +925,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                         self.optimizer_step_limit,
                     )
                     epochs = ()
-                for epochs_run, epoch in enumerate(epochs, start=1):
+                for epochs_run, epoch in enumerate(self._agreed_epochs(epochs), start=1):
                     if isinstance(epoch_counter, EpochCounter):
                         open_epoch = epoch_counter
                     if not self._resume_at_validation(train_loader, epoch):
@@ -1639,6 +1645,78 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 UserWarning,
             )
 
+    def _check_processes_agree(self, train_loader: DataLoader[object]) -> None:
+        """Refuse to train when the processes disagree on what an epoch is. Collective.
+
+        Under torch.distributed every process must run as many training batches per epoch
+        and step after as many of them, or one waits in a gradient all-reduce that another
+        never starts; a data set sharded by the brain must also be the same on every process.
+        One exchange, when ``fit`` starts, compares them.
+
+        Raises:
+            ConfigurationError: on every process, naming each process's value.
+        """
+        if not is_distributed():
+            return
+        sampler = find_resumable_sampler(train_loader)
+        sharded = sampler is not None and sampler.world_size > 1
+        own: dict[str, object] = {
+            "training examples": _dataset_size(train_loader) if sharded else None,
+            "training batches per epoch": loader_length(train_loader),
+            "grad_accumulation_factor": self.grad_accumulation_factor,
+        }
+        every = all_gather_object(own)
+        for what in own:
+            values = [entry[what] for entry in every]
+            if len(set(map(repr, values))) > 1:
+                each = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(values))
+                raise ConfigurationError(
+                    f"fit(): the processes disagree on the {what} ({each}): every process "
+                    "must train on the same data set, with the same loader options and run "
+                    "options, or they fall out of step in the gradient all-reduce"
+                )
+
+    def _warn_about_another_process_count(self) -> None:
+        """Warn when fit continues from a run state saved by another number of processes."""
+        if self._restored is not None:
+            message = self._restored.layout_warning(get_world_size(), get_rank())
+            if message is not None:
+                warn(message, ResumeWarning)
+
+    def _agreed_epochs(self, epochs: Iterable[int]) -> Iterator[int]:
+        """``epochs``, each checked against every other process's before it starts. Collective.
+
+        Every process must run the same epochs: one that stops early (an early-stopping
+        decision taken from its own metric, say) would leave the others waiting in the next
+        epoch's collectives. Each epoch's number, or that none is left, is exchanged once before
+        the epoch.
+
+        Raises:
+            DistributedError: on every process, when they disagree, naming each one's epoch.
+        """
+        if not is_distributed():
+            yield from epochs
+            return
+        remaining = iter(epochs)
+        while True:
+            epoch = next(remaining, None)
+            numbers = all_gather_object(epoch)
+            if len(set(numbers)) > 1:
+                each = ", ".join(
+                    f"rank {rank}: {'no more epochs' if number is None else f'epoch {number}'}"
+                    for rank, number in enumerate(numbers)
+                )
+                raise DistributedError(
+                    f"the processes disagree on the next epoch ({each}): every process must "
+                    "run the same epochs; a stopping decision must be the same on all of them "
+                    "(reduce a per-process metric with all_reduce_sum before deciding on it)",
+                    rank=get_rank(),
+                    operation="fit",
+                )
+            if epoch is None:
+                return
+            yield epoch
+
     def _reenter_interrupted_epoch(self, epoch_counter: Iterable[int]) -> bool:
         """Have an :class:`EpochCounter` yield again the epoch a checkpoint interrupted.
 
@@ -1725,6 +1803,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         avg_loss = 0.0
         with (
             torch.no_grad(),
+            # The processes hold different numbers of batches, none for some: they synchronise
+            # here, once, and no forward pass of the stage makes a collective.
+            collective_free_forwards(self.modules),
             StageProgress(
                 loader,
                 enabled=show,

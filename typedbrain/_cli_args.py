@@ -8,6 +8,7 @@ their types, defaults and ``--help`` descriptions all come from :class:`~typedbr
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import sys
 import textwrap
@@ -35,6 +36,9 @@ _NONE_WORDS: Final = frozenset({"None", "none", "null"})
 _TRUE_WORDS: Final = frozenset({"true", "yes", "1"})
 _FALSE_WORDS: Final = frozenset({"false", "no", "0"})
 _PLAIN_KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+# What ``python -m torch.distributed.launch`` appends to each process's command line (older
+# releases spelt it with an underscore); the rank is read from the environment instead.
+_LAUNCH_LOCAL_RANK: Final = frozenset({"local-rank", "local_rank"})
 
 _Tree: TypeAlias = "dict[str, _Tree | str]"
 """Overrides by key path: nested mappings, with the YAML text of each value at the leaves."""
@@ -95,6 +99,10 @@ def parse_arguments(argv: Sequence[str], *, prog: str | None = None) -> ParsedAr
       (``--model.hidden_size 64``). Given twice, the last one wins. A value that is not one
       YAML value (``a: b``), or that YAML would read with a comment (``run #2``, whose ``#2``
       YAML drops), is refused with the quoted form that passes it as a string.
+    - ``--local-rank N`` (or ``--local_rank N``, with or without ``=``), which
+      ``python -m torch.distributed.launch`` appends to each process's arguments, is accepted
+      and ignored: the rank comes from the environment (``LOCAL_RANK``), as under ``torchrun``.
+      When ``LOCAL_RANK`` is set to another number, the command line is refused.
 
     Args:
         argv: the arguments.
@@ -102,8 +110,9 @@ def parse_arguments(argv: Sequence[str], *, prog: str | None = None) -> ParsedAr
 
     Raises:
         ArgumentsError: no hparams file, more than one, a missing value, a value that does
-            not parse (or holds a YAML comment) or a run option out of range; the message
-            names the argument.
+            not parse (or holds a YAML comment), a run option out of range, or a
+            ``--local-rank`` that is not the environment's ``LOCAL_RANK``; the message names
+            the argument.
         HelpRequested: ``--help`` or ``-h`` was given.
     """
     options = {field.name: field for field in attrs.fields(RunOptions)}
@@ -130,6 +139,16 @@ def parse_arguments(argv: Sequence[str], *, prog: str | None = None) -> ParsedAr
         argument = f"--{name}"
         if not name:
             raise ArgumentsError(token, "expected a name after --")
+        if name in _LAUNCH_LOCAL_RANK:
+            if has_inline:
+                text = inline
+            elif index < len(argv) and not argv[index].startswith("--"):
+                text = argv[index]
+                index += 1
+            else:
+                raise ArgumentsError(argument, "expected the local rank (a number)")
+            _check_local_rank(argument, text)
+            continue
         field = options.get(name)
         if field is not None and field.type is bool:
             run_opts[name] = _parse_flag(argument, inline) if has_inline else True
@@ -351,6 +370,22 @@ def _parse_value(argument: str, text: str, tp: object) -> object:
         elif arm is str or (get_origin(arm) is Literal and text in get_args(arm)):
             return text
     raise ArgumentsError(argument, f"expected {_type_words(tp)}, got {text!r}")
+
+
+def _check_local_rank(argument: str, text: str) -> None:
+    """Check the local rank a launcher put on the command line against ``$LOCAL_RANK``."""
+    if not text.isdecimal():
+        raise ArgumentsError(argument, f"expected the local rank, a number, got {text!r}")
+    environment = os.environ.get("LOCAL_RANK")
+    if environment is not None and not (
+        environment.strip().isdecimal() and int(environment) == int(text)
+    ):
+        raise ArgumentsError(
+            argument,
+            f"gives local rank {int(text)}, but the environment variable LOCAL_RANK is "
+            f"{environment!r}: typedbrain takes the rank from the environment, and the two "
+            "must agree (is the command line copied from another process?)",
+        )
 
 
 def _check_run_options(run_opts: dict[str, object]) -> None:

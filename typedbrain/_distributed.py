@@ -268,24 +268,30 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Return the element-wise sum of ``tensor`` over every process. Collective.
 
     ``tensor`` is left unchanged: the sum is a new tensor, detached from autograd, on
-    ``tensor``'s device. Every rank must pass a tensor of the same shape and dtype. A CPU
-    tensor under ``nccl`` (which reduces CUDA tensors only) travels through this process's
-    current CUDA device. Without a process group it returns a copy.
+    ``tensor``'s device. Every rank must pass a tensor of the same shape and dtype. A bool
+    tensor is counted: its sum is an ``int64`` tensor of how many processes hold ``True``
+    (the backends would otherwise OR the flags). A CPU tensor under ``nccl`` (which reduces
+    CUDA tensors only) travels through this process's current CUDA device. Without a process
+    group it returns a copy (a bool tensor as ``int64`` 0s and 1s: the count over one process).
 
     Args:
         tensor: this process's values.
 
     Returns:
-        The sum over ranks, same shape, dtype and device as ``tensor``.
+        The sum over ranks, same shape and device as ``tensor``; same dtype too, except that
+        a bool tensor gives ``int64`` counts.
 
     Raises:
         ConfigurationError: started by a launcher as one of several processes, before the
             process group is up (see :func:`~typedbrain.init_distributed`).
         DistributedError: a peer died or did not answer within the group's timeout.
     """
+    # Count the Trues: the backends' SUM of bool tensors is an OR.
+    dtype = torch.int64 if tensor.dtype == torch.bool else tensor.dtype
     if _without_group("all_reduce_sum"):
-        return tensor.detach().clone()
-    total = tensor.detach().to(_reduction_device(tensor.device, dist.get_backend()), copy=True)
+        return tensor.detach().to(dtype, copy=True)
+    device = _reduction_device(tensor.device, dist.get_backend())
+    total = tensor.detach().to(device, dtype, copy=True)
     with _collective("all_reduce_sum"):
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total.to(tensor.device)
@@ -333,7 +339,7 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     """Return the element-wise mean of ``tensor`` over every process. Collective.
 
     As :func:`all_reduce_sum`, divided by the number of processes; an integer tensor gives a
-    floating-point mean.
+    floating-point mean, and a bool tensor the fraction of processes that hold ``True``.
 
     Args:
         tensor: this process's values.

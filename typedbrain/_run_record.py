@@ -17,9 +17,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from typedbrain._distributed import is_distributed
-from typedbrain._errors import CheckpointError, ResumeWarning
+from typedbrain._errors import CheckpointError
 from typedbrain._state import RunState, converter, structure_state
-from typedbrain._warn import warn
 
 __all__ = ["RunRecord", "RunStateRecoverable"]
 
@@ -32,6 +31,24 @@ class RunRecord:
 
     state: RunState
     gradients: list[Tensor | None]
+    saved_by: int = 1
+    """How many processes saved the checkpoint it was loaded from (one record each)."""
+
+    def layout_warning(self, world_size: int, rank: int) -> str | None:
+        """Why a run of ``world_size`` processes cannot continue exactly from this record.
+
+        ``None`` when the checkpoint was saved by as many processes. Only continuing a run
+        (``fit``) is affected: evaluating the weights of a checkpoint saved by any number of
+        processes is exact.
+        """
+        if self.saved_by == world_size:
+            return None
+        return (
+            f"the checkpoint was saved by {self.saved_by} processes and this run has "
+            f"{world_size}: each process takes the saved state of rank "
+            f"{min(rank, self.saved_by - 1)}, and the run will not continue exactly as the "
+            "interrupted one would have"
+        )
 
 
 class RunStateRecoverable:
@@ -74,16 +91,9 @@ class RunStateRecoverable:
             raise CheckpointError(
                 f"{_SOURCE} should hold a non-empty 'ranks' list, found keys {sorted(state_dict)}"
             )
-        world_size = dist.get_world_size() if is_distributed() else 1
         rank = dist.get_rank() if is_distributed() else 0
-        if len(ranks) != world_size:
-            warn(
-                f"the checkpoint was saved by {len(ranks)} processes and this run has "
-                f"{world_size}: each process takes the saved state of rank "
-                f"{min(rank, len(ranks) - 1)}, and the run will not continue exactly as the "
-                "interrupted one would have",
-                ResumeWarning,
-            )
+        # Another number of processes is warned about when fit continues from the record
+        # (RunRecord.layout_warning), not here: evaluating the checkpoint is not affected.
         own = ranks[min(rank, len(ranks) - 1)]
         if not isinstance(own, Mapping) or set(own) != {"state", "gradients"}:
             raise CheckpointError(f"{_SOURCE}: a rank's entry should hold 'state' and 'gradients'")
@@ -93,4 +103,4 @@ class RunStateRecoverable:
             gradient is None or isinstance(gradient, Tensor) for gradient in gradients
         ):
             raise CheckpointError(f"{_SOURCE}: 'gradients' should be a list of tensors")
-        self._give(RunRecord(state, cast(list[Tensor | None], gradients)))
+        self._give(RunRecord(state, cast(list[Tensor | None], gradients), saved_by=len(ranks)))

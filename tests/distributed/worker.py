@@ -250,7 +250,24 @@ def fsdp() -> Result:
     }
 
 
+def bool_reductions() -> Result:
+    """Sum and mean of ``[True, rank == 0]``: every rank holds True, then rank 0 alone does."""
+    launch = init_distributed(timeout=timeout())
+    assert launch is not None
+    ready()
+    flags = torch.tensor([True, launch.rank == 0])
+    summed = all_reduce_sum(flags)
+    mean = all_reduce_mean(flags)
+    shutdown_distributed()
+    return {
+        "rank": launch.rank,
+        "sum": [str(summed.dtype), summed.tolist()],
+        "mean": [str(mean.dtype), mean.tolist()],
+    }
+
+
 SCENARIOS: Final[dict[str, Callable[[], Result]]] = {
+    "bool_reductions": bool_reductions,
     "collectives": collectives,
     "failures": failures,
     "dead_peer": dead_peer,
