@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import re
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from typing import TYPE_CHECKING, LiteralString, Protocol, TypedDict
 
 import attrs
 import pytest
@@ -244,7 +245,7 @@ def test_a_class_defined_inside_a_function_is_named_with_the_fields_that_use_it(
 @attrs.frozen
 class WithIterator:
     lr: float
-    steps: list[Iterator[int]]
+    steps: list[LiteralString]  # no value can be checked to be one
 
 
 @attrs.frozen
@@ -260,7 +261,7 @@ def test_a_field_type_no_value_fits_names_class_field_and_type() -> None:
         assert not isinstance(caught.value, HparamsError)
         assert str(caught.value).startswith(
             f"cannot structure hyperparameters into {cls.__name__}: WithIterator.steps is "
-            "typed collections.abc.Iterator[int] (in list[collections.abc.Iterator[int]]), which "
+            "typed LiteralString (in list[typing.LiteralString]), which "
             "hyperparameters cannot be structured into: use a list, tuple, set, Sequence, "
             "Collection, Iterable or mapping for YAML collections"
         )
@@ -289,3 +290,19 @@ def test_a_wrong_value_for_a_class_starting_with_a_vowel_reads_an() -> None:
     with pytest.raises(HparamsError) as caught:
         structure_hparams({"counter": {"limit": 3}}, WithCounter)
     assert _problems(caught) == ["counter: expected an EpochCounter, got dict {'limit': 3}"]
+
+
+@attrs.frozen
+class _WithGenericFields:
+    lr: float
+    pattern: re.Pattern[str] | None = None
+    path: os.PathLike[str] | None = None
+
+
+def test_fields_typed_with_a_parameterised_class_take_its_instances_or_their_default() -> None:
+    assert structure_hparams({"lr": 0.1}, _WithGenericFields) == _WithGenericFields(lr=0.1)
+    compiled = re.compile("a+")
+    built = structure_hparams({"lr": 0.1, "pattern": compiled}, _WithGenericFields)
+    assert built.pattern is compiled
+    with pytest.raises(HparamsError, match=r"pattern: expected re.Pattern\[str\] or None"):
+        structure_hparams({"lr": 0.1, "pattern": "a+"}, _WithGenericFields)

@@ -364,6 +364,32 @@ def _is_plain_class(tp: object) -> bool:
     )
 
 
+def _is_generic_class(tp: object) -> bool:
+    """A parameterised ordinary class (``Box[int]``, ``re.Pattern[str]``, ``os.PathLike[str]``).
+
+    Its value is whatever the file built: it is checked against the class alone, as Python
+    cannot check the parameters of an instance.
+    """
+    origin = get_origin(tp)
+    return (
+        isinstance(origin, type)
+        and origin is not type
+        and origin not in _SEQUENCES
+        and origin not in _MAPPINGS
+        and not _is_record(origin)
+    )
+
+
+def _structure_generic_class(value: object, tp: object) -> object:
+    origin = get_origin(tp)
+    assert isinstance(origin, type)
+    if is_protocol(origin):
+        return _structure_protocol(value, origin)
+    if isinstance(value, origin):
+        return value
+    raise TypeError(f"expected {with_article(_type_name(tp))}, {_got(value)}")
+
+
 def _is_instance(value: object, tp: object) -> bool:
     """``isinstance(value, tp)``; false for what no isinstance check can test (a TypedDict)."""
     try:
@@ -468,8 +494,8 @@ def _unsupported(child: cattrs.Converter, tp: object) -> object | None:
     """
     if get_origin(tp) is typing.Annotated:
         return _unsupported(child, get_args(tp)[0])
-    if isinstance(tp, TypeVar) or _is_record(tp):
-        return None
+    if isinstance(tp, TypeVar) or _is_record(tp) or _is_generic_class(tp):
+        return None  # (a generic class's value is checked against the class alone)
     if not (_is_literal(tp) or _is_class_type(tp) or _is_callable(tp)):
         for argument in get_args(tp):
             if argument is not Ellipsis and not isinstance(argument, list):
@@ -576,6 +602,7 @@ def _hparams_converter() -> cattrs.Converter:
     child = base.copy()
     union, sequence, plain = _make_hooks(child, base)
     child.register_structure_hook_func(_is_plain_class, plain)
+    child.register_structure_hook_func(_is_generic_class, _structure_generic_class)
     child.register_structure_hook_func(_is_sequence, sequence)
     child.register_structure_hook_func(_is_union, union)
     child.register_structure_hook_func(_is_callable, _structure_callable)
