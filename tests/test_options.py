@@ -104,6 +104,40 @@ def test_hparams_keys_that_are_not_options_are_ignored() -> None:
     assert options == RunOptions()
 
 
+@pytest.mark.parametrize(
+    ("key", "option"),
+    [
+        ("precison", "precision"),
+        ("max_grad_nrom", "max_grad_norm"),
+        ("debug_batchs", "debug_batches"),
+    ],
+)
+def test_a_hparams_key_like_a_misspelt_run_option_warns_naming_both(key: str, option: str) -> None:
+    with pytest.warns(UserWarning, match="is not a run option") as caught:
+        options = RunOptions.from_sources(hparams={key: "bf16", "lr": 0.1})
+    assert options == RunOptions()  # still a hyperparameter: it sets nothing
+    assert [str(warning.message) for warning in caught] == [
+        f"hyperparameter {key!r} is not a run option, so it sets none; did you mean the run "
+        f"option {option!r}? (if {key!r} is a hyperparameter of your own, ignore this warning)"
+    ]
+    assert caught[0].filename == __file__  # the user's line, not typedbrain's
+
+
+def test_a_brain_built_with_a_misspelt_run_option_in_its_hparams_warns_at_the_users_line() -> None:
+    with pytest.warns(UserWarning, match="did you mean the run option 'precision'") as caught:
+        brain = RegressionBrain(
+            {"model": torch.nn.Linear(1, 1)}, sgd(), hparams={"precison": "bf16"}
+        )
+    assert brain.precision == "fp32"
+    assert [warning.filename for warning in caught] == [__file__]
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("key", ["devise", "max_norm", "accumulation_factor", "lr", "model"])
+def test_a_hparams_key_merely_near_a_run_option_does_not_warn(key: str) -> None:
+    assert RunOptions.from_sources(hparams={key: 1}) == RunOptions()
+
+
 def test_unknown_run_option_is_an_error_that_suggests_the_closest_name() -> None:
     with pytest.raises(RunOptionsError) as caught:
         RunOptions.from_sources(run_opts={"max_grad_nrom": 1.0})

@@ -34,6 +34,7 @@ import torch
 
 from typedbrain._devices import missing_device
 from typedbrain._errors import ConfigurationError, RunOptionsError
+from typedbrain._warn import warn
 
 __all__ = [
     "CompileMode",
@@ -293,7 +294,8 @@ class RunOptions:
         Defaults < hyperparameters whose key is a run option's name < ``run_opts``. The two
         checkpoint intervals are one choice: an interval in ``run_opts`` replaces the other one
         in the hyperparameters (both in one source is an error). Keys of
-        ``hparams`` that are not run options are ignored (they are hyperparameters); a key of
+        ``hparams`` that are not run options are ignored (they are hyperparameters; one that looks
+        like a misspelt run option, ``precison``, gives a ``UserWarning``); a key of
         ``run_opts`` that is not a run option is an error. Lists are accepted for the
         ``*_module_keys`` options and integers for numeric options. ``run_opts`` may also be a
         whole ``RunOptions``: every option is then taken from it.
@@ -318,6 +320,7 @@ class RunOptions:
                 if key not in fields:
                     if strict:
                         raise RunOptionsError(key, _unknown_key_message(key, fields))
+                    _warn_if_misspelt(key, fields)
                     continue
                 normalized = _normalize(value, fields[key].type)
                 try:
@@ -353,6 +356,30 @@ def _unknown_key_message(key: str, fields: Mapping[str, object]) -> str:
     close = difflib.get_close_matches(key, list(fields), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else "; see RunOptions for the list"
     return f"no such run option{hint}"
+
+
+_MISSPELT_CUTOFF: Final = 0.9
+"""How alike (``difflib``'s ratio) a hyperparameter's key and a run option's name must be for
+the key to be taken for a misspelling: ``precison``, ``max_grad_nrom``, ``debug_batchs`` are;
+``devise`` (0.83), ``max_norm`` and ``accumulation_factor`` are not."""
+
+
+def _warn_if_misspelt(key: object, fields: Mapping[str, object]) -> None:
+    """Warn when a hyperparameter's key looks like a misspelt run option's name.
+
+    Hyperparameters whose key is a run option's name set that option; a misspelt one would
+    silently be a hyperparameter like any other, and the run would go on with the default.
+    """
+    if not isinstance(key, str):
+        return
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=_MISSPELT_CUTOFF)
+    if close:
+        warn(
+            f"hyperparameter {key!r} is not a run option, so it sets none; did you mean the "
+            f"run option {close[0]!r}? (if {key!r} is a hyperparameter of your own, ignore "
+            "this warning)",
+            UserWarning,
+        )
 
 
 def _normalize(value: object, tp: object) -> object:
