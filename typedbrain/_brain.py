@@ -30,6 +30,7 @@ from typedbrain._data import (
     Shard,
     loader_length,
     make_dataloader,
+    release_loader_frames,
 )
 from typedbrain._debug_folder import redirect_for_debug
 from typedbrain._distributed import (
@@ -941,12 +942,12 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 self._epoch = None
                 self._stop_if_asked_after_training()
                 self._machine.move(Phase.IDLE)
-        except BaseException:
+        except BaseException as error:
             if open_epoch is not None:
                 # The epoch did not finish: a later fit with this counter runs it again (a
                 # checkpoint recovered then puts the counter where it was saved anyway).
                 open_epoch.current -= 1
-            self._fail()
+            self._fail(error)
             raise
         finally:
             self._restored = None
@@ -1011,8 +1012,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self.on_stage_end(Stage.TEST, avg_test_loss, None)
             self._end_stage()
             self._machine.move(Phase.IDLE)
-        except BaseException:
-            self._fail()
+        except BaseException as error:
+            self._fail(error)
             raise
         finally:
             self._use_current_weights = False
@@ -1039,7 +1040,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if self._machine.notifying or not self._machine.can_move(target):
             raise ReentrantCallError(entry_point, self.phase, target, self._machine.allowed)
 
-    def _fail(self) -> None:
+    def _fail(self, error: BaseException) -> None:
+        """Move to FAILED as ``error`` leaves ``fit`` or ``evaluate``, freeing its loaders."""
+        release_loader_frames(error)  # the workers must not live as long as the error is kept
         if not self._machine.can_move(Phase.FAILED):
             # Only an observer of the last move, to IDLE, raises once the run is over: the
             # brain rests in IDLE and the observer's error reaches the caller.

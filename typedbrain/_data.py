@@ -8,10 +8,13 @@ makes its next iteration skip the batches already consumed without loading them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import difflib
 import hashlib
+import inspect
 import logging
 import multiprocessing.context
+import multiprocessing.synchronize
 import multiprocessing.util  # registers its exit handler before _exit_flag registers one
 import operator
 import os
@@ -47,6 +50,7 @@ __all__ = [
     "loader_length",
     "make_dataloader",
     "position_loader",
+    "release_loader_frames",
     "seed_worker",
     "set_loader_epoch",
 ]
@@ -139,25 +143,64 @@ def _exit_flag() -> torch.Tensor:
     return flag
 
 
+def _iteration_done_flag() -> multiprocessing.synchronize.Semaphore | None:
+    """In a loader worker: the semaphore behind its iterator's "workers done" event.
+
+    torch's iterator sets that event (``done_event`` of its worker loop) as it shuts its
+    workers down, before it sends SIGTERM to those that do not join in time. The worker loop
+    is the target of the worker's ``multiprocessing`` process, and its arguments are still on
+    that process object in the worker, whatever the start method. ``None`` outside a torch
+    worker, or if torch's worker loop stops taking a ``done_event``.
+    """
+    process = multiprocessing.current_process()
+    target = getattr(process, "_target", None)
+    if target is None or target is not torch.utils.data._utils.worker._worker_loop:
+        return None
+    try:
+        arguments = inspect.signature(target).bind(
+            *getattr(process, "_args", ()), **getattr(process, "_kwargs", {})
+        )
+    except TypeError:
+        return None
+    # Event.is_set takes the event's lock, which the worker loop may be holding where the
+    # signal interrupts it (it checks the event after each message): the handler would wait
+    # for itself. Its semaphore can be tried without blocking instead.
+    flag = getattr(arguments.arguments.get("done_event"), "_flag", None)
+    return flag if isinstance(flag, multiprocessing.synchronize.Semaphore) else None
+
+
 class _StopSignalInWorker:
-    """A loader worker's SIGTERM and SIGINT handler: ignore them unless the main process exits.
+    """A loader worker's SIGTERM and SIGINT handler: ignore them unless the main process says stop.
 
     A scheduler that stops a job (SLURM's ``scancel``, a time limit) sends SIGTERM to every
     process of it, and a terminal's Ctrl-C sends SIGINT to every process of the foreground job.
     The main process then finishes its batch and saves a checkpoint, and it may be waiting for
     that batch from a worker: a worker ending on the signal would make it fail (torch reports
     the death), so the worker carries on. It stops when the main process says so: torch sends
-    it the end of the iteration, and as the main process exits, ``multiprocessing`` sends
-    SIGTERM to the workers of an iterator still alive, after ``_exit_flag`` is set: this
-    handler exits then. It also stops when the main process dies (torch's watchdog).
+    it the end of the iteration; a worker that does not stop on that within seconds gets
+    SIGTERM from torch, which this handler obeys once the iterator is shutting its workers
+    down (``done``: see :func:`_iteration_done_flag`); and as the main process exits,
+    ``multiprocessing`` sends SIGTERM to the workers of an iterator still alive, after
+    ``_exit_flag`` is set: this handler exits then too. It also stops when the main process
+    dies (torch's watchdog).
     """
 
-    def __init__(self, exiting: torch.Tensor) -> None:
+    def __init__(
+        self, exiting: torch.Tensor, done: multiprocessing.synchronize.Semaphore | None
+    ) -> None:
         self._exiting = exiting
+        self._done = done
+
+    def _iteration_done(self) -> bool:
+        done = self._done
+        if done is None or not done.acquire(False):
+            return False
+        done.release()  # the event stays set for the worker loop and the other workers
+        return True
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         del frame
-        if self._exiting.item():
+        if self._exiting.item() or self._iteration_done():
             os._exit(0)  # as torch's own handler does for its main process's SIGTERM
         logger.debug(
             "loader worker %d ignores %s: its main process decides",
@@ -184,11 +227,41 @@ class _WorkerInit:
     def __call__(self, worker_id: int) -> None:
         if self.seed:
             seed_worker(worker_id)
-        handler = _StopSignalInWorker(self.exiting)
+        handler = _StopSignalInWorker(self.exiting, _iteration_done_flag())
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
         if self.user_fn is not None:
             self.user_fn(worker_id)
+
+
+_TORCH_DATA = os.path.dirname(os.path.abspath(torch.utils.data.__file__)) + os.sep
+
+
+def release_loader_frames(error: BaseException) -> None:
+    """Let go of the loader iterators that ``error``'s tracebacks keep in torch's frames.
+
+    An error raised while a ``DataLoader`` fetched a batch (a dataset error re-raised from a
+    worker, say) passed through the iterator's methods, whose frames hold the iterator, and
+    with it its worker processes, for as long as the error is kept: in a notebook's
+    ``sys.last_value`` until the next error. Clearing those finished frames' locals drops the
+    iterator at once, which shuts its workers down. The user's own frames are left whole, and
+    a worker's traceback is in the error's message, not in these frames.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback = current.__traceback__
+        while traceback is not None:
+            frame = traceback.tb_frame
+            if os.path.abspath(frame.f_code.co_filename).startswith(_TORCH_DATA):
+                with contextlib.suppress(RuntimeError):  # still running: not the error's
+                    frame.clear()
+            traceback = traceback.tb_next
+        pending += (current.__cause__, current.__context__)
 
 
 def _index_key(index: object) -> int | str:
@@ -355,10 +428,11 @@ def make_dataloader(
       workers);
     - with ``num_workers > 0``, the dataset is wrapped so that each item is loaded with torch,
       NumPy and ``random`` reseeded from (seed, epoch, index); each worker runs
-      :func:`seed_worker` and then ignores SIGTERM and SIGINT, which its main process acts on
-      (so that a job stopped by a scheduler or Ctrl-C still finishes its batch and saves its
-      checkpoint), before your ``worker_init_fn``. The wrapper passes attribute reads and
-      writes on to your dataset, which is ``loader.dataset.__wrapped__``.
+      :func:`seed_worker` and then ignores SIGTERM and SIGINT until its iteration shuts down,
+      leaving them to its main process (so that a job stopped by a scheduler or Ctrl-C still
+      finishes its batch and saves its checkpoint), before your ``worker_init_fn``. The
+      wrapper passes attribute reads and writes on to your dataset, which is
+      ``loader.dataset.__wrapped__``.
 
     Samplers, batch samplers and generators you pass are used as they are. An
     ``IterableDataset``, or a dataset without ``__len__``, is passed to ``DataLoader`` unchanged
