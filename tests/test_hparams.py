@@ -165,6 +165,33 @@ def test_a_hparams_type_declared_through_a_generic_base_is_checked_and_kept() ->
     assert isinstance(GenericBase(hparams=values).hparams, Hparams)  # nothing declared
 
 
+class OwnConstructor(Brain[object, object, HparamsVar], Generic[HparamsVar]):
+    """Left open in its hparams type, with a constructor of its own that passes them on."""
+
+    def __init__(self, hparams: HparamsVar) -> None:
+        super().__init__(hparams=hparams)
+
+
+class OwnConstructorInherited(OwnConstructor[HparamsVar]):
+    """Still open; the constructor is its base's."""
+
+
+class ClosedOwnConstructor(OwnConstructor[AttrsHparams]):
+    """Closes the type: the declared class is checked as ever."""
+
+
+def test_an_open_hparams_type_with_its_own_constructor_keeps_what_it_is_given() -> None:
+    """mypy infers the type from that constructor's argument (``dict[str, float]`` here)."""
+    values = {"lr": 0.1}
+    for brain_class in (OwnConstructor, OwnConstructorInherited):
+        brain = brain_class(values)
+        assert brain.hparams is values
+        assert brain.hparams.copy() == values  # a dict method, as mypy sees it
+    assert isinstance(GenericBase(hparams=values).hparams, Hparams)  # Brain's constructor
+    with pytest.raises(ConfigurationError, match="declares its hparams type as AttrsHparams"):
+        ClosedOwnConstructor({"lr": 0.1})  # type: ignore[arg-type]  # the mistake under test
+
+
 def test_a_typeddict_hparams_type_keeps_its_dict() -> None:
     values = FloatSettings(lr=0.5)
     assert TypedDictBrain(hparams=values).hparams is values

@@ -213,7 +213,15 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         checkpointer: CheckpointerLike | None = None,
     ) -> None:
         _check_hooks_take_their_keywords(type(self))
-        resolved = resolve_hparams(hparams, _declared_hparams(type(self)), type(self).__name__)
+        name, declared = type(self).__name__, _declared_hparams(type(self))
+        if isinstance(declared, TypeVarType):
+            # Left open in its hparams type: mypy infers that type from what a constructor of
+            # the brain's own is given, which is kept as it is; Brain's own constructor makes a
+            # mapping an Hparams (its overloads say so).
+            own_init = _has_own_init(type(self))
+            resolved = hparams if own_init else resolve_hparams(hparams, None, name)
+        else:
+            resolved = resolve_hparams(hparams, declared, name)
         self.hparams = cast(HparamsT, resolved)
         options = RunOptions.from_sources(
             hparams_items(hparams),
@@ -1895,20 +1903,29 @@ def _declared_hparams(cls: type[object], bound: Mapping[object, object] | None =
 
     Type variables are followed through generic base classes: with
     ``class Base(Brain[B, P, H], Generic[H])`` and ``class Child(Base[Settings])``, ``Child``
-    declares ``Settings``. ``bound`` maps the type variables of ``cls`` to their arguments.
+    declares ``Settings``; a class that leaves it open (``Base`` itself) gives the type
+    variable. ``bound`` maps the type variables of ``cls`` to their arguments.
     """
     for base in cls.__dict__.get("__orig_bases__", cls.__bases__):
         origin = get_origin(base) or base
         arguments = tuple((bound or {}).get(argument, argument) for argument in get_args(base))
         if origin is Brain:
-            declared = arguments[2] if len(arguments) == 3 else None
-            return None if isinstance(declared, TypeVarType) else declared
+            return arguments[2] if len(arguments) == 3 else None
         if isinstance(origin, type) and issubclass(origin, Brain):
             parameters = getattr(origin, "__parameters__", ())
             found = _declared_hparams(origin, dict(zip(parameters, arguments, strict=False)))
             if found is not None:
                 return found
     return None
+
+
+def _has_own_init(cls: type[object]) -> bool:
+    """Whether a subclass of ``Brain`` on the way from ``cls`` to it defines ``__init__``."""
+    return any(
+        "__init__" in vars(klass)
+        for klass in cls.__mro__
+        if klass is not Brain and issubclass(klass, Brain)
+    )
 
 
 def _dataset_size(loader: DataLoader[object]) -> int | None:

@@ -2,7 +2,9 @@
 
 A brain whose third type parameter is left out (it defaults to ``Hparams``) or is ``Hparams``
 gets its mapping wrapped: ``self.hparams`` is an ``Hparams`` whose values are ``object``.
-A brain generic in ``HparamsT`` infers it from the ``hparams`` argument.
+A brain generic in ``HparamsT`` infers it from the ``hparams`` argument: through ``Brain``'s
+constructor a mapping gives ``Hparams``; through a constructor of the brain's own it gives the
+mapping's own type, which the brain keeps as it is.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ class Reusable(Brain[Tensor, Tensor, HparamsT], Generic[HparamsT]):
     """A brain generic in its hyperparameters: each instance's type says which it got."""
 
 
+class ReusableWithOwnInit(Brain[Tensor, Tensor, HparamsT], Generic[HparamsT]):
+    """Generic too, with a constructor of its own: the type is the argument's, kept as given."""
+
+    def __init__(self, hparams: HparamsT) -> None:
+        super().__init__(hparams=hparams)
+
+
 @attrs.frozen
 class Settings:
     lr: float
@@ -67,6 +76,9 @@ def construct(yaml_hparams: dict[str, object], ro_hparams: Mapping[str, float]) 
     assert_type(Reusable(hparams=Settings(lr=0.1)).hparams.lr, float)
     assert_type(Reusable(None, None, Settings(lr=0.1)), Reusable[Settings])
     assert_type(Reusable(), Reusable[Hparams])
+    # With a constructor of its own, the mapping is kept: a dict stays a dict (run time agrees).
+    assert_type(ReusableWithOwnInit({"lr": 0.1}), ReusableWithOwnInit[dict[str, float]])
+    assert_type(ReusableWithOwnInit({"lr": 0.1}).hparams.copy(), dict[str, float])
 
     # The plain Brain too, once its batch and prediction types are given by the annotation.
     plain: Brain[Tensor, Tensor] = Brain(modules={"lin": torch.nn.Linear(1, 1)})
