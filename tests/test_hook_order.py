@@ -15,6 +15,7 @@ from tests.helpers import (
     batches,
     examples,
     ready_loader,
+    regression_brain,
     sgd,
     unsized_loader,
 )
@@ -262,3 +263,14 @@ def test_test_only_makes_fit_return_without_calling_any_hook() -> None:
     brain = RecordingBrain({"test_only": True})
     brain.fit(range(1, 3), examples(8), train_loader_kwargs=LOADER)
     assert brain.calls == []
+
+
+def test_debug_mode_with_fewer_batches_than_debug_batches_steps_on_the_last_batch() -> None:
+    brain = regression_brain(
+        run_opts={"debug": True, "debug_batches": 5, "grad_accumulation_factor": 2}
+    )
+    flags: list[bool] = []
+    brain.on_fit_batch_start = lambda batch, should_step: flags.append(should_step)  # type: ignore[method-assign]  # a spy
+    brain.fit(range(1, 2), ready_loader(batches(3, 4)))
+    assert flags == [False, True, True]
+    assert brain.optimizer_step == 2

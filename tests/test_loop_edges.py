@@ -4,6 +4,7 @@ a run after a failed one, and options changed on a built brain."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import cast
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+import typedbrain as tb
 import typedbrain._brain
 from tests.helpers import (
     Batch,
@@ -520,3 +522,53 @@ def test_a_shuffled_validation_set_is_shuffled_each_epoch_as_a_function_of_it() 
     assert sorted(orders) == [1, 2, 3]
     assert len({tuple(order) for order in orders.values()}) == 3  # torch's shuffle=True does so
     assert validation_orders() == orders  # and a run again sees the same orders
+
+
+class NonFiniteTraining(RegressionBrain):
+    """Every training loss is NaN; records the losses ``on_stage_end`` gets."""
+
+    seen: list[tuple[Stage, float]]
+
+    def compute_objectives(self, predictions: Tensor, batch: Batch, stage: Stage) -> Tensor:
+        loss = super().compute_objectives(predictions, batch, stage)
+        return loss * math.nan if stage is Stage.TRAIN else loss
+
+    def on_stage_end(self, stage: Stage, stage_loss: float, epoch: int | None = None) -> None:
+        self.seen.append((stage, stage_loss))
+
+
+@pytest.mark.parametrize("run_opts", [{}, {"grad_accumulation_factor": 2}])
+def test_a_training_stage_whose_every_loss_is_non_finite_ends_with_nan_and_had_batches(
+    run_opts: RunOptionsDict,
+) -> None:
+    brain = brain_of(NonFiniteTraining, {"nonfinite_patience": 10, **run_opts})
+    assert isinstance(brain, NonFiniteTraining)
+    brain.seen = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        brain.fit(range(1, 2), ready_loader(batches(3, 4)))
+    ((stage, train_loss),) = brain.seen
+    assert stage is Stage.TRAIN
+    assert math.isnan(train_loss)
+    assert brain.nonfinite_count == 3
+    assert not [w for w in caught if "had no batches" in str(w.message)]
+
+
+def test_evaluate_with_use_current_weights_recovers_no_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    brain = RegressionBrain(
+        {"model": model},
+        sgd(),
+        run_opts={"noprogressbar": True},
+        checkpointer=tb.Checkpointer(tmp_path, {"model": model}),
+    )
+    assert isinstance(brain.checkpointer, tb.Checkpointer)
+    brain.checkpointer.save_checkpoint()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    current = model.weight.clone()
+    brain.evaluate(ready_loader(batches(1, 4)), use_current_weights=True)
+    assert torch.equal(model.weight, current)
+    brain.evaluate(ready_loader(batches(1, 4)))  # the default recovers the checkpoint
+    assert not torch.equal(model.weight, current)

@@ -700,3 +700,70 @@ def test_windows_past_a_length_that_undercounts_still_step_their_mean_gradient()
     brain.fit(range(1, 2), DataLoader(Undercounted(), batch_size=None))
     assert brain.optimizer_step == 2
     assert model.weight.item() == pytest.approx(-2.0)  # two steps of the mean gradient, 1
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, -1.0])
+def test_skip_nonfinite_grads_does_not_clip_finite_gradients_when_clipping_is_off(
+    max_grad_norm: float,
+) -> None:
+    ready = batches(2, 4, seed=3)
+    checked = trained(
+        ready, run_opts={"skip_nonfinite_grads": True, "max_grad_norm": max_grad_norm}
+    )
+    plain = trained(ready, run_opts={"max_grad_norm": max_grad_norm})
+    assert_close(checked, plain)
+
+
+def test_a_step_skipped_for_nonfinite_gradients_is_logged_with_epoch_and_step(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    brain = nan_gradient_brain({"skip_nonfinite_grads": True})
+    with caplog.at_level(logging.WARNING, logger="typedbrain"):
+        brain.fit(range(1, 2), ready_loader(batches(2, 4)))
+    for step in (1, 2):
+        assert (
+            f"non-finite gradients at epoch 1, step {step}: optimizer step skipped" in caplog.text
+        )
+
+
+def test_check_gradients_given_a_nonfinite_loss_refuses_the_step_and_counts_it() -> None:
+    # The style of older recipes: a fit_batch of their own calls check_gradients(loss).
+    brain = regression_brain()
+    assert brain.check_gradients(torch.tensor(math.nan)) is False
+    assert brain.nonfinite_count == 1
+    assert brain.check_gradients(torch.tensor(1.0)) is True
+    assert brain.nonfinite_count == 1
+
+
+def test_fit_batch_returns_the_loss_detached() -> None:
+    brain = regression_brain()
+    brain.init_optimizers()
+    brain.step = 1
+    loss = brain.fit_batch(batches(1, 4)[0])
+    assert not loss.requires_grad
+    assert loss.grad_fn is None
+    assert loss.is_cpu
+
+
+def test_optimizer_step_limit_reached_at_an_epochs_end_starts_no_further_epoch() -> None:
+    brain = regression_brain(run_opts={"optimizer_step_limit": 4})
+    stages: list[tuple[Stage, int | None]] = []
+    brain.on_stage_start = lambda stage, epoch=None: stages.append((stage, epoch))  # type: ignore[method-assign]  # a spy
+    brain.fit(range(1, 4), ready_loader(batches(2, 4)), valid_set=ready_loader(batches(1, 4)))
+    assert brain.optimizer_step == 4
+    assert stages == [
+        (Stage.TRAIN, 1),
+        (Stage.VALID, 1),
+        (Stage.TRAIN, 2),
+        (Stage.VALID, 2),
+    ]
+
+
+def test_check_gradients_drops_nonfinite_gradients_when_it_refuses_the_step() -> None:
+    brain = nan_gradient_brain({"skip_nonfinite_grads": True})
+    brain.init_optimizers()
+    batch = batches(1, 4)[0]
+    predictions = brain.compute_forward(batch, Stage.TRAIN)
+    torch.autograd.backward(brain.compute_objectives(predictions, batch, Stage.TRAIN))
+    assert brain.check_gradients() is False
+    assert all(p.grad is None for p in brain.modules.parameters())
