@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# Where torch comes from, if not pip's default (PyPI's torch for Linux is a CUDA build): e.g.
+# `make TORCH_INDEX=https://download.pytorch.org/whl/cpu test` for the CPU build.
+TORCH_INDEX ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 # The project goes in as an editable install in setuptools' "compat" mode: a .pth file naming
 # this folder, which mypy follows, so code outside it type-checks against typedbrain (the
@@ -40,7 +43,7 @@ $(BIN)/python:
 # retried, never skipped (the project's install would then resolve an unpinned torch). The
 # marker holds the pin and serves as a constraints file for every later install.
 $(VENV)/.torch: $(BIN)/python
-	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	echo '$(TORCH_SPEC)' > $@
 
 $(VENV)/.installed-examples: $(VENV)/.torch pyproject.toml

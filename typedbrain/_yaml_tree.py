@@ -344,17 +344,22 @@ def apply_overrides(text: str, overrides: Mapping[str, object] | str | None) -> 
     try:
         yaml.dump(document, out)
     except RepresenterError as error:
-        where = _unwritable(yaml, values, ())
-        key = f"override {format_key_path(where)!r}: " if where is not None else ""
+        found = _unwritable(yaml, values, ())
+        # The value's repr, not ruamel's text for it, which differs between its versions.
+        what = (
+            f"override {format_key_path(found[0])!r}: cannot represent an object: {found[1]!r}"
+            if found is not None
+            else str(error)
+        )
         raise ConfigurationError(
-            f"{key}{error}; override values must be plain YAML data (strings, numbers, "
+            f"{what}; override values must be plain YAML data (strings, numbers, "
             "booleans, None, lists, mappings): write str(value) for a path, say"
         ) from error
     return out.getvalue()
 
 
-def _unwritable(yaml: YAML, value: object, path: KeyPath) -> KeyPath | None:
-    """The key path of the first override value YAML cannot write, if one is found."""
+def _unwritable(yaml: YAML, value: object, path: KeyPath) -> tuple[KeyPath, object] | None:
+    """The key path and value of the first override value YAML cannot write, if one is found."""
     if isinstance(value, Mapping):
         items: list[tuple[str | int, object]] = [(str(k), v) for k, v in value.items()]
     elif isinstance(value, list | tuple):
@@ -363,7 +368,7 @@ def _unwritable(yaml: YAML, value: object, path: KeyPath) -> KeyPath | None:
         try:
             yaml.dump([value], io.StringIO())
         except RepresenterError:
-            return path
+            return path, value
         return None
     for part, item in items:
         found = _unwritable(yaml, item, (*path, part))
