@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -351,3 +353,104 @@ def test_the_logging_guide_examples_run_in_order(
     saved = checkpointer.save_checkpoint()
     assert set(saved.files) == {"model", "counter", "train_log"}
     assert checkpointer.recover_if_possible() == saved
+
+
+# ----------------------------------------------------------------------------- failed writes
+
+
+def _under_file_size_limit(code: str, limit: int) -> dict[str, object]:
+    """Run ``code`` in a new Python whose files cannot grow past ``limit`` bytes.
+
+    A write past the limit fails with ``EFBIG``, as a write to a full disk fails with
+    ``ENOSPC``, part of the data written. ``code`` sees ``create_experiment_directory`` and
+    ``os``; the OSError it raises, if any, is returned as its errno and filename.
+    """
+    script = textwrap.dedent(
+        f"""\
+        import json, os, resource, signal
+        from typedbrain._experiment import create_experiment_directory
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process
+        resource.setrlimit(
+            resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])
+        )
+        try:
+            {code}
+        except OSError as error:
+            print(json.dumps({{"errno": error.errno, "filename": error.filename}}))
+        else:
+            print("{{}}")
+        """
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], check=True, timeout=120, capture_output=True, text=True
+    )
+    outcome: dict[str, object] = json.loads(completed.stdout.splitlines()[-1])
+    return outcome
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_file_that_cannot_be_rewritten_keeps_its_content_and_the_error_names_it(
+    tmp_path: Path, hparams_file: Path
+) -> None:
+    folder = create_experiment_directory(tmp_path / "run", hyperparams_to_save=hparams_file)
+    names = sorted(path.name for path in folder.iterdir())
+    before = (folder / "hyperparams.yaml").read_bytes()
+    larger = tmp_path / "larger.yaml"
+    larger.write_text(HPARAMS + "note: " + "x" * 20_000 + "\n", encoding="utf-8")
+    # A restart on a disk with room for 8 KiB per file: the new hyperparams.yaml does not fit.
+    outcome = _under_file_size_limit(
+        f"create_experiment_directory({str(folder)!r}, hyperparams_to_save={str(larger)!r})",
+        limit=8192,
+    )
+    assert outcome == {"errno": errno.EFBIG, "filename": str(folder / "hyperparams.yaml")}
+    assert (folder / "hyperparams.yaml").read_bytes() == before  # not cut to 8 KiB
+    assert sorted(path.name for path in folder.iterdir()) == names  # no temporary file left
+
+
+def test_a_rewritten_file_keeps_its_permissions_and_the_script_copy_those_of_the_script(
+    tmp_path: Path, hparams_file: Path
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("print('train')\n", encoding="utf-8")
+    script.chmod(0o750)
+    folder = create_experiment_directory(
+        tmp_path / "run", hyperparams_to_save=hparams_file, script_file=script
+    )
+    (folder / "hyperparams.yaml").chmod(0o600)
+    create_experiment_directory(folder, hyperparams_to_save=hparams_file, script_file=script)
+    assert (folder / "hyperparams.yaml").stat().st_mode & 0o777 == 0o600
+    assert (folder / "train.py").stat().st_mode & 0o777 == 0o750
+    assert (folder / "train.py").stat().st_mtime == script.stat().st_mtime  # as copy2 copies
+
+
+# ----------------------------------------------------------------------------- undecodable paths
+
+# A file name that is not valid UTF-8, as os.fsdecode gives it (with surrogate escapes).
+_UNDECODABLE = os.fsdecode(b"bad\xff\xfename")
+
+
+def test_a_record_naming_a_path_that_is_not_utf8_is_written_with_escapes(tmp_path: Path) -> None:
+    folder = create_experiment_directory(tmp_path / "run", save_env_desc=False)
+    logging.getLogger("typedbrain._brain").info("loading %s", tmp_path / _UNDECODABLE)
+    _flush()
+    last = (folder / "log.txt").read_bytes().splitlines()[-1]
+    assert last.endswith(b" - INFO - loading " + bytes(tmp_path) + b"/bad\\udcff\\udcfename")
+
+
+def test_hyperparameters_in_a_folder_that_is_not_utf8_are_saved(
+    tmp_path: Path, hparams_file: Path
+) -> None:
+    try:
+        source_folder = tmp_path / _UNDECODABLE
+        source_folder.mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    source = source_folder / "hparams.yaml"
+    shutil.copy(hparams_file, source)
+    folder = create_experiment_directory(tmp_path / "run", hyperparams_to_save=source)
+    first = (folder / "hyperparams.yaml").read_text(encoding="utf-8").splitlines()[0]
+    assert first == (
+        f"# Resolved from {tmp_path}/bad\\udcff\\udcfename/hparams.yaml by "
+        "typedbrain.create_experiment_directory."
+    )

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -615,3 +620,111 @@ def test_a_failed_tensorboard_start_still_purges_at_the_next_attempt(tmp_path: P
         board.log_stats({"epoch": 5}, {"loss": 1.0})
     board.log_stats({"epoch": 5}, {"loss": 1.0})
     assert calls == [5, 5]
+
+
+# ----------------------------------------------------------------------------- failed writes
+
+_LIMITS = """\
+import json, resource, signal
+from typedbrain._train_log import FileTrainLogger, JsonlTrainLogger
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, with EFBIG
+_HARD = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+def limit(size): resource.setrlimit(resource.RLIMIT_FSIZE, (size, _HARD))
+def lift(): resource.setrlimit(resource.RLIMIT_FSIZE, (_HARD, _HARD))
+def error(call):
+    try:
+        call()
+    except OSError as error:
+        return {"errno": error.errno, "filename": error.filename}
+"""
+
+
+def _with_file_size_limits(code: str) -> list[object]:
+    """Run ``code`` in a new Python where ``limit(size)`` stops files from growing past ``size``.
+
+    A write past the limit fails with ``EFBIG``, part of its data written, as one to a full
+    disk fails with ``ENOSPC``; ``lift()`` removes the limit, ``error(call)`` returns the
+    errno and filename of the OSError ``call()`` raises. Returns the JSON lines it prints.
+    """
+    completed = subprocess.run(
+        [sys.executable, "-c", _LIMITS + textwrap.dedent(code)],
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    return [json.loads(line) for line in completed.stdout.splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_failed_write_names_the_log_and_the_next_entry_removes_its_part(tmp_path: Path) -> None:
+    jsonl, text = tmp_path / "train_log.jsonl", tmp_path / "train_log.txt"
+    printed = _with_file_size_limits(
+        f"""\
+        for log in (JsonlTrainLogger({str(jsonl)!r}), FileTrainLogger({str(text)!r})):
+            log.log_stats({{"epoch": 1}}, train_stats={{"loss": 1.0}})
+            limit(log.save_file.stat().st_size + 100)
+            # A short line stays in the buffer: its write fails at the flush on close.
+            print(json.dumps(error(lambda: log.log_stats({{"epoch": 2, "note": "x" * 1000}}))))
+            lift()
+            log.log_stats({{"epoch": 3}}, train_stats={{"loss": 0.25}})
+        """
+    )
+    assert printed == [
+        {"errno": errno.EFBIG, "filename": str(jsonl)},
+        {"errno": errno.EFBIG, "filename": str(text)},
+    ]
+    assert [(entry.step, entry.epoch) for entry in read_jsonl_log(jsonl)] == [(1, 1), (2, 3)]
+    assert text.read_text(encoding="utf-8") == (
+        "epoch: 1 - train loss: 1.00e+00\nepoch: 3 - train loss: 2.50e-01\n"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_resume_that_cannot_write_the_kept_entries_leaves_the_log_as_it_was(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "train_log.jsonl"
+    first = JsonlTrainLogger(path)
+    _epoch(first, 1)
+    state = first.state_dict()
+    _epoch(first, 2)
+    first.log_stats({"Epoch loaded": 1}, test_stats={"note": "x" * 1000})  # kept at the cut
+    before = path.read_bytes()
+    printed = _with_file_size_limits(
+        f"""\
+        log = JsonlTrainLogger({str(path)!r})
+        log.load_state_dict({state!r})
+        limit({state["position"]} + 100)  # room for part of the test entry only
+        print(json.dumps(error(lambda: log.log_stats({{"epoch": 2}}, {{"loss": 5.0}}))))
+        print(json.dumps(sorted(path.name for path in log.save_file.parent.iterdir())))
+        print(json.dumps(log.save_file.read_bytes() == {before!r}))  # the test entry is kept
+        lift()
+        log.log_stats({{"epoch": 2}}, {{"loss": 5.0}})  # the cut is tried again
+        """
+    )
+    assert printed == [
+        {"errno": errno.EFBIG, "filename": str(path)},
+        ["train_log.jsonl"],  # no temporary file left
+        True,
+    ]
+    reference = JsonlTrainLogger(tmp_path / "reference.jsonl")
+    _epoch(reference, 1)
+    reference.log_stats({"Epoch loaded": 1}, test_stats={"note": "x" * 1000})
+    reference.log_stats({"epoch": 2}, {"loss": 5.0})
+    assert path.read_bytes() == reference.save_file.read_bytes()
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_a_value_naming_a_path_that_is_not_utf8_is_written_with_escapes(
+    tmp_path: Path, factory: LoggerFactory
+) -> None:
+    path = tmp_path / "log"
+    undecodable = os.fsdecode(b"/data/bad\xff\xfename")  # as os.fsdecode gives such a name
+    factory(path).log_stats({"epoch": 1, "data": undecodable})
+    assert b"/data/bad\\udcff\\udcfename" in path.read_bytes()
+    if factory is JsonlTrainLogger:
+        # The escape is JSON's: the value reads back as it was logged.
+        assert read_jsonl_log(path)[0].stats_meta["data"] == undecodable

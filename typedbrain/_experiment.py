@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import json
@@ -10,13 +11,15 @@ import logging.config
 import math
 import os
 import platform
+import secrets
 import shutil
+import stat
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Final, TextIO
+from typing import BinaryIO, Final, TextIO
 
 import torch
 
@@ -82,8 +85,10 @@ def create_experiment_directory(
       ``"-Infinity"`` or ``"NaN"`` (see :func:`json_safe`).
 
     Calling it again (a resumed run) adds no second handler: ``log.txt`` is appended to, and
-    the other files are rewritten for this start. A handler that an earlier call added for
-    another folder is removed. On other processes nothing is written and no handler is added;
+    the other files are replaced for this start, each written to a temporary file in the
+    folder that is then renamed over it (:func:`replace_file`): a write that fails (a full
+    disk) leaves the previous file whole. A handler that an earlier call added for another
+    folder is removed. On other processes nothing is written and no handler is added;
     run it with :func:`~typedbrain.run_on_main` if they must wait for the folder.
 
     Args:
@@ -106,6 +111,8 @@ def create_experiment_directory(
             :func:`~typedbrain.load_hparams` refuses it); nothing is written.
         ConfigurationError: ``hyperparams_to_save`` cannot be read, or it (or ``overrides``)
             is not valid HyperPyYAML; the message names the file, and nothing is written.
+        OSError: a file cannot be written (a full disk); the error names it, and the file's
+            previous content, if any, is kept.
     """
     folder = Path(experiment_directory)
     if not if_main_process():
@@ -123,16 +130,16 @@ def create_experiment_directory(
     else:
         _attach_log_file(folder / "log.txt")
     if hyperparams is not None:
-        (folder / "hyperparams.yaml").write_text(hyperparams, encoding="utf-8")
+        # A path that is not valid UTF-8 (in the header) is written with backslash escapes.
+        data = hyperparams.encode("utf-8", errors="backslashreplace")
+        replace_file(folder / "hyperparams.yaml", lambda stream: stream.write(data))
     if script is not None and script.is_file():
-        destination = folder / script.name
-        if destination.resolve() != script.resolve():
-            shutil.copy2(script, destination)
+        _copy_script(script, folder / script.name)
     if save_env_desc:
         environment = describe_environment(script, run_opts)
         document = json_safe(environment)
         text = json.dumps(document, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
-        (folder / "env.json").write_text(text, encoding="utf-8")
+        replace_file(folder / "env.json", lambda stream: stream.write(text.encode("utf-8")))
         logger.info(
             "experiment %s: typedbrain %s, torch %s, Python %s, git commit %s",
             folder,
@@ -144,6 +151,86 @@ def create_experiment_directory(
     else:
         logger.info("experiment %s", folder)
     return folder
+
+
+def _copy_script(script: Path, destination: Path) -> None:
+    """Copy ``script`` to ``destination`` with its permission bits and times (as ``copy2``)."""
+    if destination.resolve() == script.resolve():
+        return
+
+    def copy(stream: BinaryIO) -> None:
+        with script.open("rb") as source:
+            shutil.copyfileobj(source, stream)
+
+    replace_file(destination, copy, stat_from=script)
+
+
+def replace_file(
+    path: Path,
+    fill: Callable[[BinaryIO], object],
+    *,
+    sync: bool = False,
+    stat_from: Path | None = None,
+) -> None:
+    """Replace the file ``path`` by the bytes ``fill`` writes, through a temporary file.
+
+    ``fill`` writes to a new file in the folder of ``path`` (of its target, if ``path`` is a
+    symbolic link), which is then renamed over it (:func:`os.replace`). Whatever fails in
+    between, ``path`` holds either its previous content or the whole new one, and two
+    processes replacing it at once leave one of their files, not a mix.
+
+    Args:
+        path: the file to replace (or create).
+        fill: writes the new content to the binary stream it is given.
+        sync: whether to sync the new content to disk before the rename.
+        stat_from: a file whose permission bits and times the new file takes (as
+            :func:`shutil.copy2` copies them); by default it keeps the permission bits of
+            ``path``, or gets those of a new file where ``path`` does not exist.
+
+    Raises:
+        OSError: creating, writing, closing or renaming the file failed; the same type and
+            errno, naming ``path`` (see :func:`naming_file`). The temporary file is removed.
+    """
+    target = path.resolve()
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        try:
+            mode: int | None = stat.S_IMODE(target.stat().st_mode)
+        except FileNotFoundError:
+            mode = None
+        # 0o666 as open() uses: a new file gets the permissions the umask allows.
+        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with open(descriptor, "wb") as stream:
+            fill(stream)
+            if sync:
+                stream.flush()
+                os.fsync(stream.fileno())
+        if stat_from is not None:
+            shutil.copystat(stat_from, temp)
+        elif mode is not None:
+            os.chmod(temp, mode)
+        os.replace(temp, target)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        if isinstance(error, OSError):
+            raise naming_file(error, path) from error
+        raise
+
+
+def naming_file(error: OSError, path: Path) -> OSError:
+    """``error`` as an error of the same type and errno whose filename is ``path``.
+
+    The errors of a write and of the flush at close (``ENOSPC``, ``EIO``) name no file; an
+    error about a temporary file names a file the caller never asked for. The message reads
+    ``[Errno 28] No space left on device: '<path>'``.
+    """
+    if error.errno is None:
+        return OSError(f"{path}: {error}")
+    try:
+        return type(error)(error.errno, error.strerror, os.fspath(path))
+    except TypeError:  # a subclass whose constructor takes other arguments
+        return OSError(error.errno, error.strerror, os.fspath(path))
 
 
 def json_safe(value: object) -> object:
@@ -196,7 +283,11 @@ def _attach_log_file(log_file: Path) -> None:
                 root.removeHandler(handler)
                 handler.close()
     if not present:
-        handler = _ExperimentLogHandler(log_file, mode="a", encoding="utf-8")
+        # A character UTF-8 cannot encode (a path that is not valid UTF-8, decoded with
+        # surrogate escapes) is written as a backslash escape: a strict handler drops the record.
+        handler = _ExperimentLogHandler(
+            log_file, mode="a", encoding="utf-8", errors="backslashreplace"
+        )
         handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)

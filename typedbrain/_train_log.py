@@ -18,6 +18,7 @@ by :class:`FileTrainLogger`, as SpeechBrain's does, and refused by the other two
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ import os
 import reprlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeAlias, final
+from typing import Any, BinaryIO, Final, Protocol, TypeAlias, final
 
 import attrs
 import numpy as np
@@ -34,6 +35,7 @@ import torch
 
 from typedbrain._distributed import if_main_process
 from typedbrain._errors import ConfigurationError, ResumeWarning, TrainLogError
+from typedbrain._experiment import naming_file, replace_file
 from typedbrain._state import structure_state
 from typedbrain._warn import warn
 
@@ -244,6 +246,15 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _encoded(line: str) -> bytes:
+    r"""``line`` and its newline in UTF-8, a character UTF-8 cannot encode as a backslash escape.
+
+    Such a character comes from a path that is not valid UTF-8 (decoded with surrogate escapes);
+    in a JSON line its escape (``\udcff``) is the JSON escape that reads it back.
+    """
+    return line.encode("utf-8", errors="backslashreplace") + b"\n"
+
+
 def _byte_before(path: Path, position: int) -> bytes:
     with path.open("rb") as stream:
         stream.seek(position - 1)
@@ -263,7 +274,9 @@ class _LineLog:
     logged again by the resumed run. The other entries there (test entries, which no resumed
     run logs again) are kept, moved up to the cut (``keep`` says which lines those are, and
     renumbers them). Any other entry (a test entry, after ``evaluate`` loaded the best and not
-    the newest checkpoint) is appended after everything already in the file.
+    the newest checkpoint) is appended after everything already in the file. The cut writes a
+    new file that replaces the log (:func:`~typedbrain._experiment.replace_file`), so a failure
+    in the middle leaves the log as it was.
 
     The entries are counted once, then kept count of; when the file's size is not the size
     this log last left (another logger, or another program, wrote to it), they are counted
@@ -280,18 +293,31 @@ class _LineLog:
     def next_index(self, *, training: bool) -> int:
         """Settle a pending resume for an entry of the given kind; return its 1-based index."""
         if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._entries = self._settle(pending, training=training)
+            # Cleared once settled: after a failure (a full disk) the next entry tries again.
+            self._entries = self._settle(self._pending, training=training)
+            self._pending = None
             self._size_left = _size(self.path)
         return self._counted() + 1
 
     def write(self, line: str) -> None:
-        """Append ``line`` and a newline (call :meth:`next_index` first)."""
+        """Append ``line`` and a newline (call :meth:`next_index` first).
+
+        Raises:
+            OSError: the file cannot be written (a full disk, also found by the flush at
+                close); the same type and errno, naming the log.
+        """
         assert self._entries is not None, "next_index() comes first"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as stream:
-            stream.write(line.encode("utf-8") + b"\n")
-            self._size_left = stream.tell()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("ab") as stream:
+                stream.write(_encoded(line))
+                size = stream.tell()
+        except OSError as error:
+            # Part of the line may be on disk: the entries are counted again at the next one,
+            # which first removes a line left without its newline.
+            self._size_left = None
+            raise naming_file(error, self.path) from error
+        self._size_left = size
         self._entries += 1
 
     def _counted(self) -> int:
@@ -339,10 +365,23 @@ class _LineLog:
             line = self._keep(raw.decode("utf-8", errors="replace"), index)
             if line is not None:
                 kept.append(line)
-        with self.path.open("r+b") as stream:
-            stream.truncate(committed.position)
-            stream.seek(committed.position)
-            stream.write(b"".join(line.encode("utf-8") + b"\n" for line in kept))
+        prefix = committed.position
+
+        def rewrite(stream: BinaryIO) -> None:
+            with self.path.open("rb") as old:
+                copied = 0
+                while copied < prefix:
+                    chunk = old.read(min(1 << 20, prefix - copied))
+                    if not chunk:
+                        raise OSError(errno.EIO, "the file shrank while it was copied")
+                    stream.write(chunk)
+                    copied += len(chunk)
+            stream.write(b"".join(_encoded(line) for line in kept))
+
+        # The kept entries and the file's first bytes go to a new file that replaces the old
+        # one: a crash in between leaves the old file, which the next resume cuts again (the
+        # synced copy keeps the entries the checkpoint covers on disk through a power loss).
+        replace_file(self.path, rewrite, sync=True)
         logger.info(
             "removed the training entries logged after the checkpoint from %s (%d bytes; they "
             "are logged again)%s",
@@ -360,7 +399,10 @@ class _LineLog:
         if not self.path.exists():
             return {"position": 0, "entries": 0}
         with self.path.open("rb") as stream:
-            os.fsync(stream.fileno())
+            try:
+                os.fsync(stream.fileno())
+            except OSError as error:  # as a write's, the error of fsync names no file
+                raise naming_file(error, self.path) from error
         return {"position": _size(self.path), "entries": entries}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
@@ -480,6 +522,8 @@ class FileTrainLogger(_FileLoggerBase):
         Raises:
             ConfigurationError: a key is not a string; nothing is written. (A value that is not
                 a number or a string is written as its text: see the module doc.)
+            OSError: the log cannot be written (a full disk); the same type and errno, naming
+                the log. Part of the line may be written: the next entry removes it.
         """
         if not if_main_process():
             return
@@ -586,6 +630,8 @@ class JsonlTrainLogger(_FileLoggerBase):
         Raises:
             ConfigurationError: a key is not a string or a value is not a number or a string
                 (see the module doc); nothing is written.
+            OSError: the log cannot be written (a full disk); the same type and errno, naming
+                the log. Part of the line may be written: the next entry removes it.
         """
         if not if_main_process():
             return
