@@ -582,10 +582,12 @@ def test_tensorboard_rejects_a_bad_state(tmp_path: Path) -> None:
 @pytest.mark.skipif(
     importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed"
 )
-def test_tensorboard_missing_names_the_extra(tmp_path: Path) -> None:
-    board = TensorboardTrainLogger(tmp_path / "tb")
+def test_tensorboard_missing_is_told_when_the_logger_is_made_naming_the_extra(
+    tmp_path: Path,
+) -> None:
     with pytest.raises(ConfigurationError, match=r"typedbrain\[tensorboard\]"):
-        board.log_stats({"epoch": 1}, {"loss": 1.0})
+        TensorboardTrainLogger(tmp_path / "tb")
+    assert not (tmp_path / "tb").exists()
 
 
 def test_a_jsonl_line_is_valid_json_for_other_readers(tmp_path: Path) -> None:

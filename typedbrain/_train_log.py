@@ -19,6 +19,7 @@ by :class:`FileTrainLogger`, as SpeechBrain's does, and refused by the other two
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import logging
 import math
@@ -737,14 +738,17 @@ WriterFactory: TypeAlias = Callable[[Path, "int | None"], ScalarWriter]
 """Builds a writer for a log folder; the second argument is TensorBoard's ``purge_step``."""
 
 
+_NO_TENSORBOARD: Final = (
+    "TensorboardTrainLogger needs the tensorboard package: install the "
+    "'typedbrain[tensorboard]' extra (pip install 'typedbrain[tensorboard]')"
+)
+
+
 def _summary_writer(log_dir: Path, purge_step: int | None) -> ScalarWriter:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
-        raise ConfigurationError(
-            "TensorboardTrainLogger needs the tensorboard package: install the "
-            "'typedbrain[tensorboard]' extra (pip install 'typedbrain[tensorboard]')"
-        ) from error
+        raise ConfigurationError(_NO_TENSORBOARD) from error
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
@@ -767,9 +771,9 @@ class TensorboardTrainLogger:
             elsewhere (or, in tests, to record the calls).
 
     Raises:
-        ConfigurationError: when the first entry is logged, with the default factory, if
-            tensorboard is not installed; the message names the ``typedbrain[tensorboard]``
-            extra.
+        ConfigurationError: with the default factory, tensorboard is not installed (found
+            when the logger is made, not after an epoch of training); the message names the
+            ``typedbrain[tensorboard]`` extra.
     """
 
     def __init__(
@@ -778,6 +782,8 @@ class TensorboardTrainLogger:
         writer_factory: WriterFactory | None = None,
     ) -> None:
         self.save_dir = Path(save_dir)
+        if writer_factory is None and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigurationError(_NO_TENSORBOARD)
         self._factory: WriterFactory = (
             writer_factory if writer_factory is not None else _summary_writer
         )
