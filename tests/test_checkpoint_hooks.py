@@ -354,7 +354,8 @@ def test_a_save_hook_that_writes_nothing_fails_the_save_and_commits_nothing(
     checkpointer.add_recoverable("words", [], custom_save_hook=save, custom_load_hook=load)
     with pytest.raises(CheckpointError, match="save hook of recoverable 'words' wrote no file"):
         checkpointer.save_checkpoint()
-    assert list(tmp_path.iterdir()) == []
+    # Only the writer lock file that the first save leaves in the folder.
+    assert [path.name for path in tmp_path.iterdir()] == [".typedbrain-writer.lock"]
 
 
 def test_a_saver_with_the_wrong_signature_is_refused_at_decoration_naming_it() -> None:
@@ -492,3 +493,22 @@ def test_any_callable_of_the_right_shape_is_accepted_as_a_custom_hook(tmp_path: 
     )
     assert reader.recover_if_possible() is not None
     assert restored == ["a", "b"]
+
+
+def test_a_per_object_loader_without_a_saver_says_to_give_a_custom_save_hook(
+    tmp_path: Path,
+) -> None:
+    def load_json(module: torch.nn.Linear, path: Path, end_of_epoch: bool) -> None:
+        json.loads(path.read_text())
+
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.add_recoverable("model", torch.nn.Linear(1, 1), custom_load_hook=load_json)
+    checkpointer.save_checkpoint()
+    with pytest.raises(
+        CheckpointError,
+        match=r"recoverable 'model' did not take its state .*Its hooks may be the cause: "
+        r"recoverable 'model' \(a Linear\) is saved by the default saver .*custom loader "
+        r"custom_load_hook 'test_a_per_object_loader_without_a_saver_says_to_give_a_custom_save_"
+        r"hook.<locals>.load_json'.*give add_recoverable a custom_save_hook as well",
+    ):
+        checkpointer.recover_if_possible()

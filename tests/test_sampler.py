@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import cast
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from typedbrain._errors import ConfigurationError
-from typedbrain._sampler import Positionable, ResumableSampler, mix_seed
+from typedbrain._sampler import (
+    Positionable,
+    ResumableSampler,
+    batches_from,
+    mix_seed,
+    position_loader,
+)
 
 sizes = st.integers(0, 60)
 seeds = st.integers(-(2**70), 2**70)
@@ -367,3 +374,90 @@ def test_generator_states_restore_exactly_and_a_changed_count_warns_and_restores
     with pytest.warns(ResumeWarning, match="holds the states of 2 random generators of the loader"):
         restore_generators([first], states, "the loader")
     assert torch.equal(first.get_state(), before)
+
+
+class _PositionableBatches:
+    """A batch sampler with ``start_at``: batches of two, in order, from a batch position."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.position = 0
+
+    def start_at(self, position: int) -> None:
+        self.position = position
+
+    def __len__(self) -> int:
+        return (self.size + 1) // 2
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self.position = self.position, 0
+        for batch in range(start, len(self)):
+            yield list(range(2 * batch, min(2 * batch + 2, self.size)))
+
+
+def test_a_fresh_sampler_is_at_epoch_0_and_yields_that_epochs_order() -> None:
+    fresh = ResumableSampler(20, shuffle=True, seed=3)
+    assert fresh.epoch == 0
+    assert fresh.state_dict() == {"seed": 3, "epoch": 0}
+    set_to_zero = ResumableSampler(20, shuffle=True, seed=3)
+    set_to_zero.set_epoch(0)
+    assert list(fresh) == list(set_to_zero)
+
+
+def test_a_positionable_batch_sampler_is_positioned_in_batches() -> None:
+    data = cast(Dataset[object], list(range(7)))
+    loader = DataLoader(data, batch_sampler=_PositionableBatches(7))
+    assert position_loader(loader, epoch=1, batches_done=2)
+    assert [cast(torch.Tensor, batch).tolist() for batch in loader] == [[4, 5], [6]]
+
+
+def test_a_loader_without_batching_over_a_positionable_sampler_skips_that_many_items() -> None:
+    data = cast(Dataset[object], list(range(6)))
+    loader = DataLoader(data, batch_size=None, sampler=ResumableSampler(6, shuffle=False, seed=0))
+    assert position_loader(loader, epoch=1, batches_done=4)
+    assert list(loader) == [4, 5]
+
+
+def test_batches_from_sets_the_epoch_unless_told_it_is_set() -> None:
+    data = cast(Dataset[object], list(range(8)))
+    sampler = ResumableSampler(8, shuffle=True, seed=1)
+    loader = DataLoader(data, batch_size=2, sampler=sampler)
+    expected = ResumableSampler(8, shuffle=True, seed=1)
+    expected.set_epoch(5)
+    order = expected.epoch_order().tolist()
+    rest = batches_from(loader, epoch=5, batches_done=1)
+    assert sampler.epoch == 5
+    assert [cast(torch.Tensor, batch).tolist() for batch in rest] == [
+        order[2:4],
+        order[4:6],
+        order[6:8],
+    ]
+    sampler.set_epoch(2)
+    batches_from(loader, epoch=5, batches_done=0, epoch_set=True)
+    assert sampler.epoch == 2
+
+
+def test_more_batches_done_than_a_positionable_batch_sampler_holds_is_refused() -> None:
+    data = cast(Dataset[object], list(range(7)))
+    loader = DataLoader(data, batch_sampler=_PositionableBatches(7))
+    with pytest.raises(
+        ConfigurationError, match=r"batches_done must be <= 4 \(the loader's batches per epoch\)"
+    ):
+        position_loader(loader, epoch=1, batches_done=5)
+
+
+def test_more_items_done_than_an_unbatched_loader_holds_is_refused_in_its_terms() -> None:
+    data = cast(Dataset[object], list(range(6)))
+    loader = DataLoader(data, batch_size=None, sampler=ResumableSampler(6, shuffle=False, seed=0))
+    with pytest.raises(
+        ConfigurationError, match=r"batches_done must be <= 6 \(the loader's batches per epoch\)"
+    ):
+        position_loader(loader, epoch=1, batches_done=7)
+
+
+def test_batches_from_a_fresh_epoch_passes_a_bad_argument_on_as_a_configuration_error() -> None:
+    data = cast(Dataset[object], list(range(4)))
+    loader = DataLoader(data, batch_size=2, sampler=ResumableSampler(4, shuffle=False, seed=0))
+    with pytest.raises(ConfigurationError, match="epoch") as caught:
+        batches_from(loader, epoch=-1, batches_done=0)
+    assert "the checkpoint was taken" not in str(caught.value)

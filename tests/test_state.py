@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.strategies import rng_state, run_state, sampler_state, training_progress
-from typedbrain import ConfigurationError, ResumeWarning, TrainingProgress
+from typedbrain import CheckpointError, ConfigurationError, ResumeWarning, TrainingProgress
 from typedbrain._rng import RngState, capture_rng, restore_rng
 from typedbrain._state import RunState, converter, structure_state
 
@@ -135,3 +135,63 @@ def test_cuda_states_that_cannot_be_applied_here_are_left_with_a_warning(
     with pytest.warns(ResumeWarning, match=re.escape(fragment)):
         restore_rng(saved)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_numpy_rng_state_of_the_wrong_length_is_a_checkpoint_error_naming_the_lengths() -> None:
+    saved = capture_rng()
+    short = attrs.evolve(saved, numpy=attrs.evolve(saved.numpy, key=saved.numpy.key[:-1]))
+    with pytest.raises(CheckpointError, match=r"NumPy RNG state has 623 words, expected 624"):
+        restore_rng(short)
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"batch_size": 0}, "batch_size must be 1 or more, got 0"),
+        ({"accumulation": 0}, "accumulation must be 1 or more, got 0"),
+        ({"num_workers": -1}, "num_workers must be 0 or more, got -1"),
+        ({"dataset_size": -1}, "dataset_size must be 0 or more, got -1"),
+    ],
+)
+def test_optional_run_state_counts_out_of_range_are_refused_naming_the_field(
+    changes: dict[str, object], fragment: str
+) -> None:
+    plain = converter.unstructure(RunState(phase="TRAIN", epoch=1, rng=capture_rng()))
+    assert isinstance(plain, dict)
+    with pytest.raises(ConfigurationError, match=re.escape(fragment)):
+        structure_state({**plain, **changes}, RunState, source="brain.ckpt")
+
+
+def test_optional_run_state_counts_accept_none_and_their_smallest_value() -> None:
+    state = RunState(
+        phase="TRAIN",
+        rng=capture_rng(),
+        batch_size=1,
+        accumulation=1,
+        num_workers=0,
+        dataset_size=0,
+    )
+    plain = converter.unstructure(state)
+    assert structure_state(plain, RunState, source="brain.ckpt") == state
+    assert RunState(phase="TRAIN", rng=capture_rng()).batch_size is None
+
+
+@pytest.mark.parametrize("data", [None, 3, [1], "text"])
+def test_state_data_that_is_not_a_mapping_is_a_configuration_error_naming_the_source(
+    data: object,
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        structure_state(data, RunState, source="brain.ckpt")
+    assert str(caught.value) == (
+        "invalid RunState in brain.ckpt: expected a mapping of its fields, got "
+        f"{type(data).__name__}"
+    )
+
+
+def test_a_missing_state_field_is_described_as_missing_not_as_an_invalid_value() -> None:
+    plain = converter.unstructure(RunState(phase="TRAIN", epoch=1, rng=capture_rng()))
+    assert isinstance(plain, dict)
+    del plain["phase"]
+    with pytest.raises(ConfigurationError) as caught:
+        structure_state(plain, RunState, source="brain.ckpt")
+    assert str(caught.value) == "invalid RunState in brain.ckpt: required field missing @ $.phase"

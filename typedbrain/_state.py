@@ -8,7 +8,7 @@ when the state is saved.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, TypeVar, final
 
 import attrs
@@ -191,6 +191,11 @@ def structure_state(data: object, cls: type[_StateT], *, source: str) -> _StateT
         ConfigurationError: ``data`` does not describe a valid ``cls``; the message lists every
             problem cattrs found.
     """
+    if not isinstance(data, Mapping):  # cattrs would fail on a list or a str with its own error
+        raise ConfigurationError(
+            f"invalid {cls.__name__} in {source}: expected a mapping of its fields, got "
+            f"{type(data).__name__}"
+        )
     try:
         return converter.structure(data, cls)
     except (cattrs.BaseValidationError, ValueError, TypeError) as error:
