@@ -35,11 +35,17 @@ from typedbrain._errors import (
     ConfigurationError,
     CorruptCheckpointError,
 )
+from typedbrain._folder_lock import LOCK_NAME
 from typedbrain._manifest import INTRA_EPOCH_CKPT_FLAG, manifest_digest
 from typedbrain._protocols import CheckpointerLike, Stateful
 
 if TYPE_CHECKING:
     from torch.types import Storage
+
+
+def entries(folder: Path) -> list[str]:
+    """The names in ``folder``, sorted, but the writer lock file a first save leaves there."""
+    return sorted(entry.name for entry in folder.iterdir() if entry.name != LOCK_NAME)
 
 
 def assert_state_equal(actual: object, expected: object, where: str = "$") -> None:
@@ -192,7 +198,7 @@ def test_a_default_name_is_not_reused_after_a_keep_policy_deleted_its_folder(
     checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(3)})
     names = [checkpointer.save_and_keep_only(num_to_keep=1).path.name for _ in range(4)]
     assert names == [f"CKPT+2026-11-25+12-00-00+0{index}" for index in range(4)]
-    assert [entry.name for entry in tmp_path.iterdir()] == [names[-1]]
+    assert entries(tmp_path) == [names[-1]]
 
 
 def test_an_uncommitted_folder_left_under_a_given_name_is_removed_with_a_warning_and_reused(
@@ -403,7 +409,7 @@ def test_meta_that_is_not_json_data_is_refused_naming_the_key(
     checkpointer = Checkpointer(tmp_path, {"counter": EpochCounter(2)})
     with pytest.raises(ConfigurationError, match=message):
         checkpointer.save_checkpoint(meta=meta)
-    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+    assert not tmp_path.exists() or not entries(tmp_path)
 
 
 # ---------------------------------------------------------------------------- keep/find policy
@@ -494,7 +500,7 @@ def test_no_checkpoint_is_numbered_past_what_a_manifest_may_hold(tmp_path: Path)
         CheckpointError, match=r"cannot number a new checkpoint .*last has sequence number 9223"
     ):
         checkpointer.save_and_keep_only(num_to_keep=0)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["last"]
+    assert entries(tmp_path) == ["last"]
     assert [c.path.name for c in checkpointer.list_checkpoints()] == ["last"]
 
 
@@ -640,10 +646,10 @@ def test_a_folder_that_cannot_be_deleted_is_a_warning_and_the_other_deletions_go
     stuck, other = checkpointer.save_checkpoint(), checkpointer.save_checkpoint()
     real_delete = _checkpoint._delete_folder
 
-    def refuse_stuck(folder: Path) -> None:
-        if folder == stuck.path:
-            raise PermissionError(13, "Permission denied", str(folder / "MANIFEST.json"))
-        real_delete(folder)
+    def refuse_stuck(checkpoint: Checkpoint) -> None:
+        if checkpoint.path == stuck.path:
+            raise PermissionError(13, "Permission denied", str(stuck.path / "MANIFEST.json"))
+        real_delete(checkpoint)
 
     monkeypatch.setattr(_checkpoint, "_delete_folder", refuse_stuck)
     newest = other
@@ -744,7 +750,7 @@ def test_a_ranking_value_that_is_not_a_number_is_refused_before_anything_is_writ
         with pytest.raises(ConfigurationError, match=r"meta '(loss|acc)' is .*not a number.*"):
             checkpointer.save_and_keep_only(meta=meta, **keys)  # type: ignore[arg-type]  # the keys argument varies
     assert checkpointer.list_checkpoints() == [first]
-    assert [entry.name for entry in tmp_path.iterdir()] == [first.path.name]
+    assert entries(tmp_path) == [first.path.name]
     # A key absent from meta is no value, not a wrong one: the checkpoint is just not ranked.
     checkpointer.save_and_keep_only(meta={}, min_keys=["loss"], keep_recent=False)
     assert len(checkpointer.list_checkpoints()) == 2
@@ -1303,7 +1309,7 @@ def test_a_state_that_loading_would_refuse_is_refused_at_saving_and_the_previous
     with pytest.raises(CheckpointError, match=message):
         checkpointer.save_and_keep_only(num_to_keep=0)
     # Nothing half-written is left, nothing was deleted, and what is there still loads.
-    assert sorted(path.name for path in tmp_path.iterdir()) == [good.path.name]
+    assert entries(tmp_path) == [good.path.name]
     fresh = _Holder({})
     assert (
         Checkpointer(
@@ -1328,7 +1334,7 @@ def test_an_error_from_a_state_dict_keeps_its_type_and_names_the_recoverable(
     with pytest.raises(RuntimeError, match="no state today") as caught:
         checkpointer.save_checkpoint()
     assert caught.value.__notes__ == ["(while taking the state of recoverable 'aux')"]
-    assert list(tmp_path.iterdir()) == []
+    assert entries(tmp_path) == []
 
 
 def test_an_error_from_a_save_hook_keeps_its_type_and_names_the_recoverable(
@@ -1345,7 +1351,7 @@ def test_an_error_from_a_save_hook_keeps_its_type_and_names_the_recoverable(
     with pytest.raises(ValueError, match="cannot write that") as caught:
         checkpointer.save_checkpoint()
     assert caught.value.__notes__ == ["(while saving recoverable 'table' with its save hook)"]
-    assert list(tmp_path.iterdir()) == []
+    assert entries(tmp_path) == []
 
 
 def test_a_full_disk_while_torch_save_writes_is_an_oserror_naming_the_file_and_recoverable(
@@ -1379,7 +1385,7 @@ def test_a_full_disk_while_torch_save_writes_is_an_oserror_naming_the_file_and_r
     assert caught.value.filename is not None
     assert Path(caught.value.filename).name == "big.ckpt"
     assert checkpointer.list_checkpoints() == [good]
-    assert sorted(path.name for path in tmp_path.iterdir()) == [good.path.name]
+    assert entries(tmp_path) == [good.path.name]
 
 
 # ---------------------------------------------------------------------------- refused at loading

@@ -27,6 +27,7 @@ from typedbrain._errors import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
 )
+from typedbrain._folder_lock import LOCK_NAME
 
 
 @attrs.define
@@ -628,7 +629,7 @@ def test_a_link_to_a_checkpoint_folder_is_not_listed_and_nothing_is_deleted_thro
 
     checkpointer.save_and_keep_only(name="e2")
 
-    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["best", "e2"]
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == [LOCK_NAME, "best", "e2"]
     assert (tmp_path / "best").is_symlink()
     assert [c.path.name for c in checkpointer.list_checkpoints()] == ["e2"]
 

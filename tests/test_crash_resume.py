@@ -145,7 +145,9 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one_e
     out = tmp_path / "killed.pt"
     code, _ = finish(start(attrs.evolve(LONG, kill_at_save=5), folder, out))
     assert code == -signal.SIGKILL
-    half_written = [path for path in folder.iterdir() if not (path / "MANIFEST.json").exists()]
+    half_written = [
+        path for path in folder.iterdir() if path.is_dir() and not (path / "MANIFEST.json").exists()
+    ]
     assert len(half_written) == 1
     assert sorted(p.name for p in half_written[0].iterdir()) == [
         "counter.ckpt",

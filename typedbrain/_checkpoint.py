@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import pickle
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -52,6 +53,7 @@ from typedbrain._errors import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
 )
+from typedbrain._folder_lock import claim, other_writer
 from typedbrain._loadable import refusal, weights_only_reason
 from typedbrain._manifest import (
     FILE_SUFFIX,
@@ -66,11 +68,13 @@ from typedbrain._manifest import (
     JsonValue,
     check_present,
     commit_manifest,
+    committed_already,
     describe_entries,
     hash_file,
     is_plain_name,
     is_save_file,
     name_bytes,
+    naming,
     open_present,
     read_manifest,
     sync_and_close,
@@ -171,10 +175,15 @@ class Checkpointer:
         checkpoints_dir: the folder holding the checkpoint folders.
         allow_partial_load: see Args.
 
+    Only one run may write to a checkpoints folder: the first save or deletion of a process
+    takes the folder's writer lock (see "One run per checkpoint folder" in
+    docs/checkpoints.md), which every checkpointer of that process shares.
+
     Raises:
-        ConfigurationError: ``checkpoints_dir`` is not a path or is a file, ``recoverables`` is
-            not a mapping, or ``allow_partial_load`` is not a bool; see also
-            :meth:`add_recoverable`.
+        ConfigurationError: ``checkpoints_dir`` is not a path, is a file, or is (or lies under)
+            a symbolic link whose target does not exist (a filesystem that is not mounted,
+            say), ``recoverables`` is not a mapping, or ``allow_partial_load`` is not a bool;
+            see also :meth:`add_recoverable`.
     """
 
     def __init__(
@@ -196,6 +205,7 @@ class Checkpointer:
         self._phase_source: Callable[[], str | None] | None = None
         self._reported: set[Path] = set()
         self._last_stamp = ("", -1)  # the time stamp and index of the last folder made
+        self._claimed: set[str] = set()  # the real paths of the folders whose lock it shares
         if recoverables is not None:
             self.add_recoverables(recoverables)
 
@@ -288,9 +298,11 @@ class Checkpointer:
         """Save every recoverable as a new, committed checkpoint.
 
         The files are written and synced first; the checkpoint exists only once its manifest
-        has been renamed into place. If saving fails, the partial folder is removed and the
-        error propagates, with a note naming the recoverable when it came from its
-        ``state_dict`` or save hook (a full disk is an ``OSError`` naming the file).
+        has been renamed into place. If saving fails before that, the partial folder is removed
+        and the error propagates, with a note naming the recoverable when it came from its
+        ``state_dict`` or save hook. An ``OSError`` of writing, syncing or committing (a full
+        disk, an I/O error) is raised with its type and errno, naming the file; if syncing the
+        folder fails after the rename, the message says that the checkpoint is committed.
 
         Under ``torch.distributed`` every process must call it (it is collective): each one
         calls every ``state_dict`` (in registration order, so a ``state_dict`` may run
@@ -311,7 +323,9 @@ class Checkpointer:
             ConfigurationError: ``meta`` is not JSON data (the message names the key),
                 ``end_of_epoch`` is not a bool, or ``name`` is not a plain folder name (or is
                 longer than 255 bytes in UTF-8).
-            CheckpointError: a committed checkpoint named ``name`` already exists, a save hook
+            CheckpointError: another process writes to this checkpoints folder (see
+                "One run per checkpoint folder" in docs/checkpoints.md; the message names it),
+                a committed checkpoint named ``name`` already exists, a save hook
                 wrote no file, or a ``state_dict`` returned something loading would refuse (not
                 a mapping, or holding more than plain data and tensors: the message says where);
                 under ``torch.distributed``, on the other processes, when
@@ -440,21 +454,45 @@ class Checkpointer:
             if not (folder / MANIFEST_NAME).exists():
                 shutil.rmtree(folder, ignore_errors=True)
             raise
-        sync_directory(self.checkpoints_dir)
+        with committed_already(folder, self.checkpoints_dir):
+            sync_directory(self.checkpoints_dir)
         # Intra-epoch checkpoints can come every few batches: logged at DEBUG, not INFO.
         logger.log(logging.INFO if end_of_epoch else logging.DEBUG, "saved checkpoint %s", folder)
         return checkpoint
 
     def _check_folder(self) -> None:
-        """Refuse a ``checkpoints_dir`` that exists but is not a folder (a file, say)."""
-        if self.checkpoints_dir.exists() and not self.checkpoints_dir.is_dir():
-            raise ConfigurationError(
-                f"checkpoints_dir {self.checkpoints_dir} exists and is not a folder"
-            )
+        """Refuse a ``checkpoints_dir`` that exists but is not a folder (a file, say).
+
+        Or one that is, or lies under, a symbolic link to nothing (``save -> /scratch/...``
+        on a machine where that is not mounted): it would look like a folder without
+        checkpoints, and the first save would fail an epoch later.
+        """
+        folder = self.checkpoints_dir
+        for path in (folder, *folder.parents):
+            if path.is_symlink() and not path.exists():
+                inside = "" if path == folder else f" (checkpoints_dir {folder} lies under it)"
+                raise ConfigurationError(
+                    f"checkpoints_dir: {path} is a symbolic link to {os.readlink(path)}, which "
+                    f"does not exist{inside}; mount or create the target, or fix the link"
+                )
+        if folder.exists() and not folder.is_dir():
+            raise ConfigurationError(f"checkpoints_dir {folder} exists and is not a folder")
+
+    def _claim(self) -> None:
+        """Hold the writer lock of ``checkpoints_dir`` (which exists), shared in this process.
+
+        Raises:
+            CheckpointError: another process writes to the folder; the message names it.
+        """
+        key = os.path.realpath(self.checkpoints_dir)
+        if key not in self._claimed:
+            claim(self.checkpoints_dir, self)
+            self._claimed.add(key)
 
     def _new_folder(self, name: str | None) -> Path:
         self._check_folder()
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        self._claim()
         if name is not None:
             folder = self.checkpoints_dir / name
             try:
@@ -509,23 +547,29 @@ class Checkpointer:
         raw = path.open("wb", buffering=WRITE_BUFFER)
         try:
             writer = HashingWriter(raw, hasher)
-            try:
-                # cast: torch.save only calls write() and flush() on a stream.
-                torch.save(state, cast(IO[bytes], writer))
-            except RuntimeError as error:
-                # torch's writer reports a failed write (a full disk) as its own RuntimeError;
-                # the OSError it met is the error to raise, and the file is the one to name.
-                failure = error.__context__
-                if isinstance(failure, OSError):
-                    raise OSError(
-                        failure.errno, f"{failure.strerror} (recoverable {name!r})", str(path)
-                    ) from error
-                raise
-            raw.flush()
+            # A flush (torch.save's own, or this one) reports a full disk as a bare OSError.
+            with naming(path, f"recoverable {name!r}"):
+                try:
+                    # cast: torch.save only calls write() and flush() on a stream.
+                    torch.save(state, cast(IO[bytes], writer))
+                except RuntimeError as error:
+                    # torch's writer reports a failed write (a full disk) as its own
+                    # RuntimeError; the OSError it met is the error to raise, and the file is
+                    # the one to name.
+                    failure = error.__context__
+                    if isinstance(failure, OSError):
+                        raise OSError(
+                            failure.errno, f"{failure.strerror} (recoverable {name!r})", str(path)
+                        ) from error
+                    raise
+                raw.flush()
         except BaseException:
-            raw.close()
+            # Closing flushes what is left, which fails again on a full disk: the first
+            # error is the one to raise.
+            with contextlib.suppress(OSError):
+                raw.close()
             raise
-        return syncer.submit(sync_and_close, raw, writer.record(path.name))
+        return syncer.submit(sync_and_close, raw, path, writer.record(path.name))
 
     def _next_sequence(self) -> int:
         last = max(self._scan(report=False), key=lambda c: c.sequence, default=None)
@@ -620,11 +664,16 @@ class Checkpointer:
     def list_checkpoints(self) -> list[Checkpoint]:
         """Every committed checkpoint in ``checkpoints_dir``, oldest first (reads manifests only).
 
-        A folder without a readable manifest (an interrupted save, damage, or a folder that is
+        A folder without a valid manifest (an interrupted save, damage, or a folder that is
         not a checkpoint: the warning says which) is skipped with a :class:`CheckpointWarning`
         (once per folder for this checkpointer) and left on disk.
         Under ``torch.distributed`` it is collective: the main process lists, every process
         gets its list.
+
+        Raises:
+            CheckpointError: a manifest exists but cannot be read (a permission error, an I/O
+                error): the folder may be an intact checkpoint, so it is not skipped; the
+                message names the file and the OS error.
         """
         return _main_decides(
             lambda: self._scan(report=True),
@@ -743,6 +792,8 @@ class Checkpointer:
         Raises:
             ConfigurationError: ``num_to_keep`` is negative, or a keys argument is not a list
                 of keys (``min_keys="loss"`` instead of ``["loss"]``, say).
+            CheckpointError: another process writes to this checkpoints folder (the message
+                names it), or a manifest cannot be read (see :meth:`list_checkpoints`).
         """
         importance, maxima, minima = _checked_keep_policy(
             num_to_keep, importance_keys, max_keys, min_keys, ckpt_predicate
@@ -777,6 +828,11 @@ class Checkpointer:
         cannot be deleted is reported with a :class:`CheckpointWarning`; the others are
         deleted still.
         """
+        self._check_folder()
+        if not self.checkpoints_dir.is_dir():
+            return []
+        self._claim()
+        self._finish_deletions()
         checkpoints = self._scan(report=True)
         superseded = _superseded(checkpoints, keep, ckpt_predicate)
         if superseded:
@@ -812,6 +868,40 @@ class Checkpointer:
             [*superseded, *ranked_out], key=lambda c: (c.sequence, c.unixtime, c.path.name)
         )
         return [checkpoint for checkpoint in doomed if _try_delete(checkpoint)]
+
+    def _finish_deletions(self) -> None:
+        """Remove what deletions cut short left behind (see :func:`_delete_folder`).
+
+        Such a folder was renamed ``.deleting-...`` and holds nothing but files a save writes
+        (and maybe the manifest): it is no checkpoint any more. One holding anything else is
+        left alone, as is one that cannot be removed; a warning says so once per folder.
+        """
+        for entry in sorted(self.checkpoints_dir.iterdir()):
+            if not entry.name.startswith(_DELETING) or entry.is_symlink() or not entry.is_dir():
+                continue
+            try:
+                left = sorted(entry.iterdir())
+                foreign = [
+                    path.name
+                    for path in left
+                    if not (is_save_file(path) or _is_manifest_file(path))
+                ]
+                if not foreign:
+                    for path in left:
+                        path.unlink()
+                    entry.rmdir()
+                    logger.debug("finished deleting %s", entry)
+                    continue
+                problem = f"it holds {', '.join(map(repr, foreign))}, which no save writes"
+            except OSError as error:
+                problem = f"{type(error).__name__}: {error}"
+            if entry not in self._reported:
+                self._reported.add(entry)
+                warn(
+                    f"could not finish deleting {entry}, what a deletion of a checkpoint cut "
+                    f"short left behind ({problem}); it is no checkpoint, and is left on disk",
+                    CheckpointWarning,
+                )
 
     # ------------------------------------------------------------------ loading
 
@@ -936,12 +1026,19 @@ class Checkpointer:
         """Load the best usable checkpoint (the most recent by default); return it, or None.
 
         Candidates are ranked as by :meth:`find_checkpoints`. A candidate that fails
-        verification (a missing file, a wrong size or checksum, an unreadable manifest) is
-        skipped with a :class:`CheckpointWarning` naming its folder and the reason, and the
+        verification (a missing file, a wrong size or checksum, a manifest that is not valid)
+        is skipped with a :class:`CheckpointWarning` naming its folder and the reason, and the
         next one is tried; with no usable checkpoint nothing is loaded. A candidate whose
-        files are intact but do not decode on this machine (a GPU checkpoint without a GPU) is
-        not damaged: that stops the recovery with an error rather than falling back to an older
-        checkpoint, or to none.
+        files are intact but do not decode on this machine (a GPU checkpoint without a GPU),
+        or whose manifest or files exist but cannot be read (a permission error, EIO, ESTALE),
+        is not known to be damaged: that stops the recovery with an error rather than falling
+        back to an older checkpoint (which the next keep policy would then let replace it),
+        or to none.
+
+        Recovering takes no lock (evaluating the checkpoints of a run still training is
+        legitimate), but warns with a :class:`CheckpointWarning` when another live process of
+        this machine holds the folder's writer lock: a second run of the same job would fail
+        at its first save.
 
         Under ``torch.distributed`` it is collective: the main process picks the checkpoint
         (checking it, and skipping damaged ones with the warning, there only) and every process
@@ -956,6 +1053,7 @@ class Checkpointer:
             UnsafeCheckpointError: a verified file holds objects ``weights_only`` loading
                 refuses (a planted file: this is not skipped silently).
             CheckpointError: a registered recoverable is missing from the chosen checkpoint,
+                a manifest or file cannot be read (the message names it and the OS error),
                 or a verified file does not decode (the message names the file and the cause),
                 or a recoverable's ``load_state_dict`` or load hook fails (see
                 :meth:`load_checkpoint`); under ``torch.distributed``, on the other processes,
@@ -992,6 +1090,15 @@ class Checkpointer:
         A ``min_key`` / ``max_key`` that no checkpoint's meta holds (a typo, or a folder of
         intra-epoch checkpoints only) would otherwise recover nothing without a word.
         """
+        writer = other_writer(self.checkpoints_dir)
+        if writer is not None:
+            warn(
+                f"recovering from {self.checkpoints_dir} while {writer} writes to it (it holds "
+                "the folder's writer lock): a checkpoint it deletes meanwhile is skipped, and "
+                "this process cannot save there until that one ends. Two runs must not write "
+                "to one checkpoint folder",
+                CheckpointWarning,
+            )
         checkpoints = self._scan(report=True)
         ranked = _rank(
             checkpoints,
@@ -1369,19 +1476,42 @@ def _superseded(
     ]
 
 
+_DELETING: Final = ".deleting-"
+"""A checkpoint folder being deleted is first renamed to a name that starts with this."""
+
+
+class _PartlyDeletedError(Exception):
+    """A deletion that failed after its folder was renamed aside (no checkpoint any more)."""
+
+    def __init__(self, aside: Path, error: OSError) -> None:
+        super().__init__(str(error))
+        self.aside = aside
+        self.error = error
+
+
 def _try_delete(checkpoint: Checkpoint) -> bool:
     """Delete ``checkpoint``'s folder; if that fails, warn (naming it and why) and go on.
 
     Returns:
-        Whether the folder was deleted.
+        Whether it is no checkpoint any more: deleted, or renamed aside for deletion and left
+        for the next keep policy to finish.
     """
     try:
-        _delete_folder(checkpoint.path)
+        _delete_folder(checkpoint)
+    except _PartlyDeletedError as partly:
+        error = partly.error
+        warn(
+            f"could not finish deleting checkpoint {checkpoint.path} ({type(error).__name__}: "
+            f"{error}); it is no checkpoint any more: what is left of it is {partly.aside}, "
+            "which the next keep policy removes. The other deletions went on",
+            CheckpointWarning,
+        )
+        return True
     except (OSError, CheckpointError) as error:
         state = (
             "it is still a committed checkpoint"
             if (checkpoint.path / MANIFEST_NAME).exists()
-            else "its manifest was removed, so it is no longer a checkpoint"
+            else "it is not a committed checkpoint"
         )
         warn(
             f"could not delete checkpoint {checkpoint.path} ({type(error).__name__}: {error}); "
@@ -1392,15 +1522,65 @@ def _try_delete(checkpoint: Checkpoint) -> bool:
     return True
 
 
-def _delete_folder(folder: Path) -> None:
+def _delete_folder(checkpoint: Checkpoint) -> None:
+    """Delete ``checkpoint``'s folder, once it is sure the folder still holds that checkpoint.
+
+    The folder is first renamed to a unique ``.deleting-...`` name in the same checkpoints
+    folder (atomic: from then on it is not listed, so a deletion cut short never leaves a
+    committed checkpoint with files missing), then its manifest is checked against
+    ``checkpoint``: a folder replaced since it was ranked (the name given to a newer
+    checkpoint) is renamed back and kept. Then it is removed.
+
+    Raises:
+        CheckpointError: the folder is a symbolic link, or no longer holds ``checkpoint``.
+        OSError: it cannot be renamed (nothing changed).
+        _PartlyDeletedError: removing it failed after the rename.
+    """
+    folder = checkpoint.path
     if folder.is_symlink():  # never delete a target through a link
         raise CheckpointError(f"refusing to delete {folder}: it is a symbolic link")
-    # Uncommit first: a deletion cut short leaves an uncommitted folder, never a committed
-    # checkpoint with files missing.
-    (folder / MANIFEST_NAME).unlink(missing_ok=True)
-    sync_directory(folder)
-    shutil.rmtree(folder)
+    token = secrets.token_hex(6)
+    aside_name = f"{_DELETING}{token}-{folder.name}"
+    if name_bytes(aside_name) > MAX_FILE_NAME_BYTES:
+        aside_name = f"{_DELETING}{token}"
+    aside = folder.parent / aside_name
+    os.rename(folder, aside)
+    try:
+        found: Checkpoint | None = read_manifest(aside)
+    except CheckpointError:
+        found = None
+    if found is None or _identity(found) != _identity(checkpoint):
+        try:
+            os.rename(aside, folder)
+        except OSError as error:
+            raise CheckpointError(
+                f"did not delete {folder}: it no longer holds the checkpoint that was ranked "
+                f"(another checkpointer writes to this folder?), and putting it back from "
+                f"{aside} failed ({error}): it is there now"
+            ) from error
+        raise CheckpointError(
+            f"did not delete {folder}: it no longer holds the checkpoint that was ranked (its "
+            "manifest changed since: another checkpointer writes to this folder?); it is left "
+            "as it is"
+        )
+    try:
+        (aside / MANIFEST_NAME).unlink(missing_ok=True)
+        shutil.rmtree(aside)
+    except OSError as error:
+        raise _PartlyDeletedError(aside, error) from error
     logger.debug("deleted checkpoint %s", folder)
+
+
+def _identity(checkpoint: Checkpoint) -> tuple[int, float, Mapping[str, CheckpointFile]]:
+    """What tells two commits apart: the sequence, the commit time and every file's SHA-256.
+
+    (Not the whole :class:`Checkpoint`: a NaN in its meta is unequal to itself.)
+    """
+    return checkpoint.sequence, checkpoint.unixtime, checkpoint.files
+
+
+def _is_manifest_file(path: Path) -> bool:
+    return path.name == MANIFEST_NAME and not path.is_symlink() and path.is_file()
 
 
 def _remove_leftover(folder: Path) -> None:

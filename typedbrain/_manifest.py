@@ -24,7 +24,7 @@ import attrs
 import numpy as np
 import torch
 
-from typedbrain._errors import ConfigurationError, CorruptCheckpointError
+from typedbrain._errors import CheckpointError, ConfigurationError, CorruptCheckpointError
 
 __all__ = ["Checkpoint", "CheckpointFile", "JsonValue", "verify_checkpoint"]
 
@@ -227,33 +227,89 @@ class HashingWriter:
         return CheckpointFile(file=file, size=self.size, sha256=self._hash.hexdigest())
 
 
-def sync_and_close(stream: IO[bytes], record: CheckpointFile) -> CheckpointFile:
-    """Flush ``stream``, sync it to disk and close it; return ``record`` (for a background sync)."""
+@contextlib.contextmanager
+def naming(path: Path, doing: str) -> Iterator[None]:
+    """Re-raise an ``OSError`` that names no file as one naming ``path`` (same type and errno).
+
+    ``os.fsync``, a buffered stream's flush and close, and a write report a full disk (ENOSPC)
+    or an I/O error without a file name: the error raised names ``path`` and says what was
+    being done (``doing``), and has the original as its ``__cause__``. An error that already
+    names a file is re-raised as it is; one without an errno (raised by hand) gets a note.
+    """
     try:
-        stream.flush()
-        os.fsync(stream.fileno())
-    finally:
-        stream.close()
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        if error.errno is None:
+            error.add_note(f"({doing}: {path})")
+            raise
+        raise OSError(error.errno, f"{error.strerror} ({doing})", str(path)) from error
+
+
+def sync_and_close(stream: IO[bytes], path: Path, record: CheckpointFile) -> CheckpointFile:
+    """Flush ``stream`` (the file ``path``), sync it to disk and close it; return ``record``.
+
+    Raises:
+        OSError: flushing, syncing or closing failed (a full disk); it names ``path``.
+    """
+    with naming(path, "while writing and syncing the file"):
+        try:
+            stream.flush()
+            os.fsync(stream.fileno())
+        finally:
+            stream.close()
     return record
 
 
 def hash_file(path: Path) -> CheckpointFile:
-    """Record ``path`` (size and SHA-256) and sync it to disk: for files written by hooks."""
-    record = hash_file_readonly(path)
-    with path.open("rb") as stream:
-        os.fsync(stream.fileno())
+    """Record ``path`` (size and SHA-256) and sync it to disk: for files written by hooks.
+
+    Raises:
+        OSError: reading or syncing failed; it names ``path``.
+    """
+    with naming(path, "while hashing and syncing the file a save hook wrote"):
+        record = hash_file_readonly(path)
+        with path.open("rb") as stream:
+            os.fsync(stream.fileno())
     return record
 
 
 def sync_directory(path: Path) -> None:
-    """Make the entries of the folder ``path`` (renames, new files) durable."""
+    """Make the entries of the folder ``path`` (renames, new files) durable.
+
+    Raises:
+        OSError: the folder cannot be opened or synced; it names ``path``.
+    """
     if os.name == "nt":  # pragma: no cover - Windows cannot open a folder to sync it
         return
     descriptor = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(descriptor)
+        with naming(path, "while syncing the folder"):
+            os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+@contextlib.contextmanager
+def committed_already(checkpoint: Path, folder: Path) -> Iterator[None]:
+    """Say so when syncing ``folder`` fails after ``checkpoint`` was committed.
+
+    The manifest has been renamed into place: the checkpoint exists, and is not removed, but
+    the rename may not survive a crash of the machine. The ``OSError`` raised keeps the type
+    and errno of the original (its ``__cause__``) and names ``folder``.
+    """
+    try:
+        yield
+    except OSError as error:
+        said = (
+            f"checkpoint {checkpoint} is committed, but syncing the folder {folder} failed, "
+            "so the commit may not survive a crash of the machine"
+        )
+        if error.errno is None:
+            error.add_note(f"({said})")
+            raise
+        raise OSError(error.errno, f"{error.strerror} ({said})", str(folder)) from error
 
 
 def manifest_data(checkpoint: Checkpoint) -> dict[str, JsonValue]:
@@ -301,13 +357,20 @@ def commit_manifest(checkpoint: Checkpoint) -> None:
     """Commit ``checkpoint``: its manifest is renamed into place atomically, then synced.
 
     Every file of the checkpoint must already be written and synced.
+
+    Raises:
+        OSError: writing, syncing or renaming the manifest failed (it names the file, and
+            says when the checkpoint is committed already: syncing the folder after the
+            rename failed).
     """
     data = manifest_data(checkpoint)
     data[DIGEST_KEY] = manifest_digest(data)
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    temp = write_temp_manifest(checkpoint.path, text)
+    with naming(checkpoint.path / _TEMP_MANIFEST_NAME, "while writing the manifest"):
+        temp = write_temp_manifest(checkpoint.path, text)
     os.replace(temp, checkpoint.path / MANIFEST_NAME)
-    sync_directory(checkpoint.path)
+    with committed_already(checkpoint.path, checkpoint.path):
+        sync_directory(checkpoint.path)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -403,6 +466,20 @@ def describe_uncommitted(folder: Path) -> str:
     )
 
 
+def unreadable(path: Path, error: OSError, what: str) -> CheckpointError:
+    """The error for a file of a checkpoint that exists but cannot be read (``error``).
+
+    A permission error, an I/O error or a stale network handle says nothing about the file's
+    bytes: the checkpoint may be intact, so it is not damage (which recovery skips for an older
+    checkpoint, and a keep policy would then delete). ``what`` says which file it is.
+    """
+    return CheckpointError(
+        f"cannot read {path} ({what}): {type(error).__name__}: {error}. This is not damage "
+        "(the file may well be intact), so the checkpoint is neither skipped nor deleted: "
+        "fix the cause (permissions, the filesystem or its mount) and try again"
+    )
+
+
 def _require(condition: bool, folder: Path, reason: str) -> None:
     if not condition:
         raise CorruptCheckpointError(folder, f"{MANIFEST_NAME}: {reason}")
@@ -436,16 +513,22 @@ def read_manifest(folder: Path) -> Checkpoint:
 
     Raises:
         CorruptCheckpointError: the manifest is missing (``reason`` then says what the folder
-            seems to be: an interrupted save, a SpeechBrain checkpoint, another folder),
-            unreadable, of another format or version, or malformed; ``reason`` says which.
+            seems to be: an interrupted save, a SpeechBrain checkpoint, another folder), not
+            UTF-8 text, of another format or version, or malformed; ``reason`` says which.
+        CheckpointError: the manifest exists but cannot be read (a permission error, an I/O
+            error): that is not damage, and the message names the file and the OS error.
     """
     manifest = folder / MANIFEST_NAME
     try:
         text = manifest.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise CorruptCheckpointError(folder, describe_uncommitted(folder)) from None
-    except (OSError, UnicodeDecodeError) as error:
+    except IsADirectoryError:
+        raise CorruptCheckpointError(folder, f"{MANIFEST_NAME} is a folder, not a file") from None
+    except UnicodeDecodeError as error:
         raise CorruptCheckpointError(folder, f"cannot read {MANIFEST_NAME}: {error}") from error
+    except OSError as error:
+        raise unreadable(manifest, error, f"the manifest of checkpoint {folder}") from error
     try:
         data: object = json.loads(text)
     except json.JSONDecodeError as error:
@@ -529,8 +612,9 @@ def check_present(checkpoint: Checkpoint, name: str) -> Path:
     """The path of recoverable ``name``'s file, once its size matches the manifest (cheap: a stat).
 
     Raises:
-        CorruptCheckpointError: the file is missing, unreadable or of the wrong size; the
-            error's ``path`` is the checkpoint folder.
+        CorruptCheckpointError: the file is missing or of the wrong size; the error's ``path``
+            is the checkpoint folder.
+        CheckpointError: the file cannot be read (see :func:`unreadable`).
     """
     record = checkpoint.files[name]
     path = checkpoint.path / record.file
@@ -542,17 +626,25 @@ def check_present(checkpoint: Checkpoint, name: str) -> Path:
 
 @contextlib.contextmanager
 def _reading(checkpoint: Checkpoint, name: str) -> Iterator[None]:
-    """Turn a missing or unreadable file of recoverable ``name`` into a CorruptCheckpointError."""
+    """Turn a missing file of recoverable ``name`` into a CorruptCheckpointError.
+
+    Any other ``OSError`` (a permission error, EIO, ESTALE) is not damage: it becomes the
+    :class:`CheckpointError` of :func:`unreadable`.
+    """
     file = checkpoint.files[name].file
     try:
         yield
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise CorruptCheckpointError(
             checkpoint.path, f"the file {file} (recoverable {name!r}) is missing"
         ) from None
-    except OSError as error:
+    except IsADirectoryError:
         raise CorruptCheckpointError(
-            checkpoint.path, f"cannot read {file} (recoverable {name!r}): {error}"
+            checkpoint.path, f"the file {file} (recoverable {name!r}) is a folder"
+        ) from None
+    except OSError as error:
+        raise unreadable(
+            checkpoint.path / file, error, f"recoverable {name!r} of checkpoint {checkpoint.path}"
         ) from error
 
 
@@ -562,8 +654,9 @@ def open_present(checkpoint: Checkpoint, name: str) -> IO[bytes]:
     The size is that of the opened file (``fstat``), so it is the file the caller will read.
 
     Raises:
-        CorruptCheckpointError: the file is missing, unreadable or of the wrong size; the
-            error's ``path`` is the checkpoint folder.
+        CorruptCheckpointError: the file is missing or of the wrong size; the error's ``path``
+            is the checkpoint folder.
+        CheckpointError: the file cannot be read (see :func:`unreadable`).
     """
     record = checkpoint.files[name]
     with _reading(checkpoint, name):
@@ -586,9 +679,9 @@ def verify_file(checkpoint: Checkpoint, name: str, read_as: os.stat_result | Non
     decoded are the bytes checked.
 
     Raises:
-        CorruptCheckpointError: the file is missing, unreadable, replaced since ``read_as``, or
-            its size or SHA-256 differs from the manifest's; the error's ``path`` is the
-            checkpoint folder.
+        CorruptCheckpointError: the file is missing, replaced since ``read_as``, or its size or
+            SHA-256 differs from the manifest's; the error's ``path`` is the checkpoint folder.
+        CheckpointError: the file cannot be read (see :func:`unreadable`).
     """
     record = checkpoint.files[name]
     path = checkpoint.path / record.file
@@ -637,18 +730,16 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
     Raises:
         CorruptCheckpointError: the folder is not a usable checkpoint; ``reason`` says why.
+        CheckpointError: the manifest or a file exists but cannot be read (a permission error,
+            an I/O error): not damage; the message names the file and the OS error.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise CorruptCheckpointError(folder, "no such folder")
     checkpoint = read_manifest(folder)
     for name, record in checkpoint.files.items():
-        file = folder / record.file
-        if not file.is_file():
-            raise CorruptCheckpointError(
-                folder, f"the file {record.file} (recoverable {name!r}) is missing"
-            )
-        actual = hash_file_readonly(file)
+        with _reading(checkpoint, name):
+            actual = hash_file_readonly(folder / record.file)
         _check_bytes(checkpoint, name, record, actual.size, actual.sha256)
     return checkpoint
 

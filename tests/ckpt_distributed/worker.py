@@ -58,7 +58,8 @@ def _weight(model: torch.nn.Linear) -> float:
 
 
 def _folders(folder: Path) -> list[str]:
-    return sorted(entry.name for entry in folder.iterdir())
+    # Not the writer lock file that the first save leaves there.
+    return sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith("."))
 
 
 def _checkpoint_warnings(caught: Sequence[warnings.WarningMessage]) -> list[list[str]]:
