@@ -1450,3 +1450,27 @@ def test_the_checkpoints_guide_examples_run_in_order(
     # the predicate example, which that policy does not count.
     kept = Checkpointer(tmp_path / "results" / "save").list_checkpoints()
     assert [checkpoint.end_of_epoch for checkpoint in kept] == [True, False]
+
+
+def test_a_checkpoint_without_recoverables_holds_only_meta_and_is_recovered(
+    tmp_path: Path,
+) -> None:
+    saved = Checkpointer(tmp_path).save_checkpoint(meta={"loss": 0.5})
+    assert saved.files == {}
+    recovered = Checkpointer(tmp_path).recover_if_possible()
+    assert recovered is not None
+    assert recovered == saved
+    assert recovered.meta == {"loss": 0.5}
+
+
+def test_hidden_entries_in_the_checkpoints_folder_are_ignored_without_a_warning(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(1, 1)})
+    saved = checkpointer.save_checkpoint()
+    (tmp_path / ".trash").mkdir()
+    (tmp_path / ".trash" / "notes.txt").write_text("not a checkpoint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Checkpointer(tmp_path).list_checkpoints() == [saved]
+    assert (tmp_path / ".trash").is_dir()

@@ -28,6 +28,7 @@ from typedbrain._errors import (
     UnsafeCheckpointError,
 )
 from typedbrain._folder_lock import LOCK_NAME
+from typedbrain._manifest import MAX_SEQUENCE
 
 
 @attrs.define
@@ -647,3 +648,22 @@ def test_a_link_to_a_checkpoint_folder_is_never_deleted_through(tmp_path: Path) 
     assert deleted == []
     assert verify_checkpoint(first.path) == first
     assert (tmp_path / "best").is_symlink()
+
+
+@pytest.mark.parametrize(
+    ("sequence", "shown"),
+    [(-1, "-1"), (True, "True"), ("2", "'2'"), (2.0, "2.0"), (MAX_SEQUENCE, str(MAX_SEQUENCE))],
+)
+def test_a_manifest_whose_sequence_number_is_not_valid_is_refused_and_skipped(
+    tmp_path: Path, sequence: object, shown: str
+) -> None:
+    model = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer(tmp_path, {"model": model})
+    good = checkpointer.save_checkpoint()
+    newer = checkpointer.save_checkpoint()
+    rewrite_manifest(newer.path, lambda data: data.update(sequence=sequence))
+    reason = f"'sequence' is {shown}, not valid"
+    with pytest.raises(CorruptCheckpointError, match=reason):
+        verify_checkpoint(newer.path)
+    with pytest.warns(CheckpointWarning, match=reason):
+        assert Checkpointer(tmp_path, {"model": model}).recover_if_possible() == good
