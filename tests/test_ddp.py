@@ -665,6 +665,8 @@ def test_ranks_that_disagree_on_training_all_stop_with_an_error_showing_each_ran
     processes = start_ranks("tests.ddp.disagreement_worker", what)
     outcomes = communicate_all(processes)
     for rank, (process, (stdout, stderr)) in enumerate(zip(processes, outcomes, strict=True)):
-        assert process.returncode == 1, stderr.decode(errors="replace")
+        # Each rank raises and leaves at once; now and then gloo aborts one whose peer closed
+        # its connections first, as it tears the group down (after the error was printed).
+        assert process.returncode in (1, -signal.SIGABRT), stderr.decode(errors="replace")
         assert b"DONE" not in stdout
         assert error.format(rank=rank) in stderr.decode(errors="replace")
