@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,7 @@ from typing import IO, Any
 import pytest
 import torch
 
-from typedbrain import _checkpoint, _manifest
+from typedbrain import _checkpoint, _cli, _manifest
 from typedbrain._checkpoint import Checkpoint, Checkpointer, verify_checkpoint
 from typedbrain._epochs import EpochCounter
 from typedbrain._errors import (
@@ -151,6 +152,58 @@ def test_an_unreadable_manifest_is_an_error_not_an_uncommitted_folder(
     assert _checkpoint_folders(tmp_path) == before  # nothing written, nothing deleted
     monkeypatch.undo()
     assert len(checkpointer.list_checkpoints()) == 2
+
+
+def test_a_folder_this_process_cannot_look_into_is_skipped_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk's ``lost+found`` (root's, mode 700) in the checkpoints folder, say."""
+    _, newest = _two_checkpoints(tmp_path)
+    private = tmp_path / "lost+found"
+    private.mkdir()
+    _failing_manifest(monkeypatch, private)
+    real_lstat = os.lstat
+
+    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if Path(path) == private / "MANIFEST.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr("typedbrain._manifest.os.lstat", lstat)
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)})
+    with pytest.warns(CheckpointWarning, match="lost\\+found.*cannot look into the folder"):
+        assert [c.path for c in checkpointer.list_checkpoints()][-1] == newest.path
+    assert checkpointer.recover_if_possible() == newest
+
+
+def test_the_command_line_lists_an_unreadable_checkpoint_as_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    oldest, newest = _two_checkpoints(tmp_path)
+    _failing_manifest(monkeypatch, newest.path)
+    assert _cli.main(["checkpoints", str(tmp_path)]) == 1
+    output = capsys.readouterr().out
+    assert f"{newest.path.name}: UNREADABLE: cannot read {newest.path / 'MANIFEST.json'}" in output
+    assert oldest.path.name in output
+
+
+def test_where_folders_cannot_be_renamed_a_keep_policy_deletes_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a gcsfuse mount, which refuses to rename a folder."""
+    real_rename = os.rename
+
+    def rename(source: Any, destination: Any) -> None:
+        if Path(source).is_dir():
+            raise OSError(errno.ENOTSUP, "Operation not supported", str(source))
+        real_rename(source, destination)
+
+    monkeypatch.setattr("typedbrain._checkpoint.os.rename", rename)
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)})
+    saved = [checkpointer.save_and_keep_only(num_to_keep=1) for _ in range(3)]
+    newest = saved[-1]
+    assert [c.path for c in checkpointer.list_checkpoints()] == [newest.path]
+    assert _checkpoint_folders(tmp_path) == [newest.path.name]
 
 
 # ---------------------------------------------------------------------------- full disks
@@ -308,22 +361,64 @@ def test_a_second_run_cannot_write_to_a_folder_another_run_writes_to(other_run: 
     assert [path.name for path in other_run.iterdir()] == [LOCK_NAME]
 
 
+def test_the_lock_file_is_made_as_the_umask_says_so_a_group_shares_the_folder(
+    tmp_path: Path,
+) -> None:
+    previous = os.umask(0o002)
+    try:
+        Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)}).save_checkpoint()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / LOCK_NAME).stat().st_mode) == 0o664
+
+
+def test_a_lock_file_this_user_cannot_write_is_locked_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made by another member of the group whose umask kept it from the group."""
+    (tmp_path / LOCK_NAME).write_text('{"pid": 1, "host": "elsewhere", "since": "then"}\n')
+    real_open = os.open
+
+    def opening(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(path).name == LOCK_NAME and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr("typedbrain._folder_lock.os.open", opening)
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)})
+    checkpointer.save_checkpoint()
+    monkeypatch.undo()
+    # Held all the same: another process is refused.
+    descriptor = os.open(tmp_path / LOCK_NAME, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(descriptor)
+    assert "elsewhere" in (tmp_path / LOCK_NAME).read_text()  # no record written over it
+    del checkpointer
+
+
 def test_reading_takes_no_lock(other_run: Path) -> None:
     assert Checkpointer(other_run).recover_if_possible() is None
     assert Checkpointer(other_run).list_checkpoints() == []
 
 
-def test_recovering_warns_when_a_live_process_of_this_host_holds_the_lock(
-    tmp_path: Path,
+def test_recovering_says_so_when_a_live_process_of_this_host_holds_the_lock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Said at INFO, not warned: an evaluation next to the training is legitimate."""
     descriptor = os.open(tmp_path / LOCK_NAME, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         # The parent of this process: alive, on this host, and not this process.
         record = {"pid": os.getppid(), "host": socket.gethostname(), "since": "earlier"}
         os.write(descriptor, json.dumps(record).encode())
-        with pytest.warns(CheckpointWarning, match=rf"process {os.getppid()} on host"):
-            Checkpointer(tmp_path).recover_if_possible()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with caplog.at_level(logging.INFO, logger="typedbrain"):
+                Checkpointer(tmp_path).recover_if_possible()
+        assert f"while process {os.getppid()} on host" in caplog.text
     finally:
         os.close(descriptor)
 

@@ -14,6 +14,7 @@ processes" in docs/checkpoints.md).
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import math
@@ -1036,9 +1037,8 @@ class Checkpointer:
         or to none.
 
         Recovering takes no lock (evaluating the checkpoints of a run still training is
-        legitimate), but warns with a :class:`CheckpointWarning` when another live process of
-        this machine holds the folder's writer lock: a second run of the same job would fail
-        at its first save.
+        legitimate); it logs (at INFO) when another live process of this machine holds the
+        folder's writer lock: a second run of the same job would fail at its first save.
 
         Under ``torch.distributed`` it is collective: the main process picks the checkpoint
         (checking it, and skipping damaged ones with the warning, there only) and every process
@@ -1092,12 +1092,13 @@ class Checkpointer:
         """
         writer = other_writer(self.checkpoints_dir)
         if writer is not None:
-            warn(
-                f"recovering from {self.checkpoints_dir} while {writer} writes to it (it holds "
-                "the folder's writer lock): a checkpoint it deletes meanwhile is skipped, and "
-                "this process cannot save there until that one ends. Two runs must not write "
-                "to one checkpoint folder",
-                CheckpointWarning,
+            # Legitimate for an evaluation next to the training: said, not warned.
+            logger.info(
+                "recovering from %s while %s writes to it (it holds the folder's writer lock): "
+                "a checkpoint it deletes meanwhile is skipped, and this process cannot save "
+                "there until that one ends",
+                self.checkpoints_dir,
+                writer,
             )
         checkpoints = self._scan(report=True)
         ranked = _rank(
@@ -1476,6 +1477,11 @@ def _superseded(
     ]
 
 
+_NO_FOLDER_RENAME: Final = frozenset(
+    {errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM, errno.EINVAL}
+)
+"""``os.rename`` errors of a filesystem that cannot rename a folder (gcsfuse refuses to)."""
+
 _DELETING: Final = ".deleting-"
 """A checkpoint folder being deleted is first renamed to a name that starts with this."""
 
@@ -1544,7 +1550,20 @@ def _delete_folder(checkpoint: Checkpoint) -> None:
     if name_bytes(aside_name) > MAX_FILE_NAME_BYTES:
         aside_name = f"{_DELETING}{token}"
     aside = folder.parent / aside_name
-    os.rename(folder, aside)
+    try:
+        os.rename(folder, aside)
+    except OSError as error:
+        if error.errno not in _NO_FOLDER_RENAME:
+            raise
+        # A filesystem that cannot rename folders (some object-store mounts): uncommit in
+        # place first, so that a deletion cut short leaves no committed checkpoint with files
+        # missing. (Without the rename, a folder replaced since it was ranked is not noticed;
+        # the writer lock keeps other runs out.)
+        (folder / MANIFEST_NAME).unlink(missing_ok=True)
+        sync_directory(folder)
+        shutil.rmtree(folder)
+        logger.debug("deleted checkpoint %s in place (%s)", folder, error.strerror)
+        return
     try:
         found: Checkpoint | None = read_manifest(aside)
     except CheckpointError:

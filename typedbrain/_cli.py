@@ -22,7 +22,7 @@ import attrs
 
 from typedbrain._checkpoint import _rank
 from typedbrain._checks import real_number
-from typedbrain._errors import CorruptCheckpointError, TrainLogError
+from typedbrain._errors import CheckpointError, CorruptCheckpointError, TrainLogError
 from typedbrain._experiment import json_safe
 from typedbrain._manifest import MANIFEST_NAME, Checkpoint, read_manifest, verify_checkpoint
 from typedbrain._train_log import LogEntry, StatValue, read_jsonl_log
@@ -153,7 +153,7 @@ def _error(message: str) -> None:
 @attrs.frozen
 class _Row:
     name: str
-    status: str  # OK, COMMITTED (not verified), UNCOMMITTED or CORRUPT
+    status: str  # OK, COMMITTED (not verified), UNCOMMITTED, CORRUPT or UNREADABLE
     reason: str | None
     checkpoint: Checkpoint | None  # None when there is no readable manifest
     newest: bool = False
@@ -182,6 +182,8 @@ def _inspect(folder: Path, *, verify: bool) -> _Row:
         except CorruptCheckpointError:
             described = None
         return _Row(folder.name, "CORRUPT", error.reason, described)
+    except CheckpointError as error:  # it exists but cannot be read: not known to be damaged
+        return _Row(folder.name, "UNREADABLE", str(error), None)
     return _Row(folder.name, "OK" if verify else "COMMITTED", None, checkpoint)
 
 

@@ -139,7 +139,15 @@ def _take(folder: Path) -> int | None:
     if not _flock_available:  # pragma: no cover - Windows
         _unlocked(folder, "this platform has no flock")
         return None
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # 0o666 as open() uses: the umask decides, so a group-shared folder's lock file is
+    # writable by the group. One created by a user whose umask kept it from the others is
+    # still locked through a read-only descriptor (flock needs none other), without a record.
+    recording = True
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except PermissionError:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        recording = False
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -161,7 +169,8 @@ def _take(folder: Path) -> int | None:
             error.errno, f"{error.strerror} (while locking the checkpoints folder)", str(path)
         ) from error
     try:
-        _write_record(descriptor)
+        if recording:
+            _write_record(descriptor)
     except OSError as error:
         os.close(descriptor)
         raise OSError(
