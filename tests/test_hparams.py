@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
-from typing import Generic, TypedDict, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar
 
 import attrs
 import pytest
@@ -180,6 +180,18 @@ class ClosedOwnConstructor(OwnConstructor[AttrsHparams]):
     """Closes the type: the declared class is checked as ever."""
 
 
+class BareSubclass(OwnConstructor):  # type: ignore[type-arg]  # as SpeechBrain-style code has it
+    """Open[Any] to mypy: its mapping is an Hparams, read by attribute."""
+
+
+class PassingEverythingOn(Brain[object, object, HparamsVar], Generic[HparamsVar]):
+    """A constructor of its own that does not take ``hparams: HparamsVar``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.extra = 1
+
+
 def test_an_open_hparams_type_with_its_own_constructor_keeps_what_it_is_given() -> None:
     """mypy infers the type from that constructor's argument (``dict[str, float]`` here)."""
     values = {"lr": 0.1}
@@ -190,6 +202,14 @@ def test_an_open_hparams_type_with_its_own_constructor_keeps_what_it_is_given() 
     assert isinstance(GenericBase(hparams=values).hparams, Hparams)  # Brain's constructor
     with pytest.raises(ConfigurationError, match="declares its hparams type as AttrsHparams"):
         ClosedOwnConstructor({"lr": 0.1})  # type: ignore[arg-type]  # the mistake under test
+
+
+def test_an_open_hparams_type_otherwise_makes_a_mapping_an_hparams_read_by_attribute() -> None:
+    bare = BareSubclass({"lr": 0.1})
+    passing: PassingEverythingOn[Hparams] = PassingEverythingOn(hparams={"lr": 0.1})
+    for hparams in (bare.hparams, passing.hparams):
+        assert isinstance(hparams, Hparams)
+        assert hparams.lr == 0.1
 
 
 def test_a_typeddict_hparams_type_keeps_its_dict() -> None:

@@ -218,8 +218,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             # Left open in its hparams type: mypy infers that type from what a constructor of
             # the brain's own is given, which is kept as it is; Brain's own constructor makes a
             # mapping an Hparams (its overloads say so).
-            own_init = _has_own_init(type(self))
-            resolved = hparams if own_init else resolve_hparams(hparams, None, name)
+            kept = _keeps_given_hparams(type(self), declared)
+            resolved = hparams if kept else resolve_hparams(hparams, None, name)
         else:
             resolved = resolve_hparams(hparams, declared, name)
         self.hparams = cast(HparamsT, resolved)
@@ -1919,13 +1919,29 @@ def _declared_hparams(cls: type[object], bound: Mapping[object, object] | None =
     return None
 
 
-def _has_own_init(cls: type[object]) -> bool:
-    """Whether a subclass of ``Brain`` on the way from ``cls`` to it defines ``__init__``."""
-    return any(
-        "__init__" in vars(klass)
-        for klass in cls.__mro__
-        if klass is not Brain and issubclass(klass, Brain)
-    )
+def _keeps_given_hparams(cls: type[object], variable: TypeVarType) -> bool:
+    """Whether ``cls``, open in its hparams type ``variable``, keeps the hparams it is given.
+
+    mypy infers ``variable`` from what a constructor of the brain's own is given when that
+    constructor takes ``hparams: variable``, and the brain's own class declares its generic
+    bases (``class Open(Brain[B, P, H], Generic[H])``, ``class Child(Open[H])``). A bare
+    subclass (``class Child(Open)``) is ``Open[Any]`` to mypy: its mapping becomes an
+    ``Hparams``, as through ``Brain``'s own constructor, which SpeechBrain-style code reads by
+    attribute.
+    """
+    if "__orig_bases__" not in vars(cls):
+        return False
+    for klass in cls.__mro__:
+        if klass is Brain or not issubclass(klass, Brain):
+            return False
+        init = vars(klass).get("__init__")
+        if init is not None:
+            parameter = inspect.signature(init).parameters.get("hparams")
+            annotation = None if parameter is None else parameter.annotation
+            if isinstance(annotation, str):  # postponed evaluation: "H" or "tb.HparamsT"
+                return annotation.rpartition(".")[2] == variable.__name__
+            return annotation is variable
+    return False
 
 
 def _dataset_size(loader: DataLoader[object]) -> int | None:
