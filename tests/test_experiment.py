@@ -14,6 +14,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -454,3 +455,22 @@ def test_hyperparameters_in_a_folder_that_is_not_utf8_are_saved(
         f"# Resolved from {tmp_path}/bad\\udcff\\udcfename/hparams.yaml by "
         "typedbrain.create_experiment_directory."
     )
+
+
+def test_a_script_that_cannot_be_read_is_named_as_itself_not_as_its_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("print('training')\n", encoding="utf-8")
+    real_open = Path.open
+
+    def opening(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == script:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", opening)
+    with pytest.raises(PermissionError) as caught:
+        create_experiment_directory(tmp_path / "run", script_file=script, save_env_desc=False)
+    assert caught.value.filename == str(script)
+    assert not (tmp_path / "run" / "train.py").exists()

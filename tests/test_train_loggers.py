@@ -582,11 +582,13 @@ def test_tensorboard_rejects_a_bad_state(tmp_path: Path) -> None:
 @pytest.mark.skipif(
     importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed"
 )
-def test_tensorboard_missing_is_told_when_the_logger_is_made_naming_the_extra(
+def test_tensorboard_missing_is_warned_when_the_logger_is_made_and_raised_when_it_logs(
     tmp_path: Path,
 ) -> None:
+    with pytest.warns(UserWarning, match=r"typedbrain\[tensorboard\].*logging an entry will"):
+        board = TensorboardTrainLogger(tmp_path / "tb")
     with pytest.raises(ConfigurationError, match=r"typedbrain\[tensorboard\]"):
-        TensorboardTrainLogger(tmp_path / "tb")
+        board.log_stats({"epoch": 1}, {"loss": 1.0})
     assert not (tmp_path / "tb").exists()
 
 

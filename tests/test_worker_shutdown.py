@@ -145,6 +145,21 @@ def test_no_worker_survives_a_dataset_error_that_is_kept(entry_point: str) -> No
     assert caught.value.__traceback__ is not None  # kept, with its traceback, all along
 
 
+def test_without_workers_a_failed_fit_keeps_torchs_frames_for_a_post_mortem() -> None:
+    brain = RegressionBrain(
+        modules={"model": torch.nn.Linear(4, 2)}, opt_class=sgd(), run_opts={"noprogressbar": True}
+    )
+    with pytest.raises(ValueError, match="item 5 cannot be loaded") as caught:
+        brain.fit(range(1, 2), FailsAtItem5(), train_loader_kwargs={"batch_size": 2})
+    traceback = caught.value.__traceback__
+    names: set[str] = set()
+    while traceback is not None:
+        if "torch/utils/data" in traceback.tb_frame.f_code.co_filename:
+            names |= set(traceback.tb_frame.f_locals)
+        traceback = traceback.tb_next
+    assert {"self", "index"} <= names  # the fetching iterator's, as pdb.pm() shows them
+
+
 class SlowSecondBatch(Dataset[int]):
     """Eight items; item 2, the first of batch 1 (batch size 2), takes a minute to load.
 

@@ -235,6 +235,7 @@ class _WorkerInit:
 
 
 _TORCH_DATA = os.path.dirname(os.path.abspath(torch.utils.data.__file__)) + os.sep
+_WORKERS_ITERATOR = "_MultiProcessingDataLoaderIter."
 
 
 def release_loader_frames(error: BaseException) -> None:
@@ -245,8 +246,10 @@ def release_loader_frames(error: BaseException) -> None:
     with it its worker processes, for as long as the error is kept: in a notebook's
     ``sys.last_value`` until the next error. Clearing those finished frames' locals drops the
     iterator at once, which shuts its workers down. The user's own frames are left whole, and
-    a worker's traceback is in the error's message, not in these frames.
+    a worker's traceback is in the error's message, not in these frames. Without worker
+    processes (``num_workers=0``) nothing is cleared.
     """
+    frames: list[FrameType] = []
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:
@@ -258,10 +261,16 @@ def release_loader_frames(error: BaseException) -> None:
         while traceback is not None:
             frame = traceback.tb_frame
             if os.path.abspath(frame.f_code.co_filename).startswith(_TORCH_DATA):
-                with contextlib.suppress(RuntimeError):  # still running: not the error's
-                    frame.clear()
+                frames.append(frame)
             traceback = traceback.tb_next
         pending += (current.__cause__, current.__context__)
+    # Only for an iterator with worker processes (torch's class for them, by its methods'
+    # names: reading f_locals would keep a copy of the locals that clear() leaves): without
+    # them, nothing is held that must go, and a post-mortem debugger keeps torch's locals.
+    if any(frame.f_code.co_qualname.startswith(_WORKERS_ITERATOR) for frame in frames):
+        for frame in frames:
+            with contextlib.suppress(RuntimeError):  # still running: not the error's
+                frame.clear()
 
 
 def _index_key(index: object) -> int | str:

@@ -157,12 +157,11 @@ def _copy_script(script: Path, destination: Path) -> None:
     """Copy ``script`` to ``destination`` with its permission bits and times (as ``copy2``)."""
     if destination.resolve() == script.resolve():
         return
-
-    def copy(stream: BinaryIO) -> None:
-        with script.open("rb") as source:
-            shutil.copyfileobj(source, stream)
-
-    replace_file(destination, copy, stat_from=script)
+    # Opened first: a script that cannot be read is named as itself, not as the copy.
+    with script.open("rb") as source:
+        replace_file(
+            destination, lambda stream: shutil.copyfileobj(source, stream), stat_from=script
+        )
 
 
 def replace_file(

@@ -771,9 +771,11 @@ class TensorboardTrainLogger:
             elsewhere (or, in tests, to record the calls).
 
     Raises:
-        ConfigurationError: with the default factory, tensorboard is not installed (found
-            when the logger is made, not after an epoch of training); the message names the
-            ``typedbrain[tensorboard]`` extra.
+        ConfigurationError: when the first entry is logged, with the default factory, if
+            tensorboard is not installed; the message names the ``typedbrain[tensorboard]``
+            extra. Making the logger then warns already (a ``UserWarning``), so that this is
+            known before an epoch of training, while a recipe that names the logger still
+            loads where nothing is logged.
     """
 
     def __init__(
@@ -783,7 +785,9 @@ class TensorboardTrainLogger:
     ) -> None:
         self.save_dir = Path(save_dir)
         if writer_factory is None and importlib.util.find_spec("tensorboard") is None:
-            raise ConfigurationError(_NO_TENSORBOARD)
+            # Said now, not an epoch later; raised only where an entry is logged, so that a
+            # recipe naming this logger still loads where nothing is logged (an evaluation).
+            warn(f"{_NO_TENSORBOARD}; logging an entry will fail", UserWarning)
         self._factory: WriterFactory = (
             writer_factory if writer_factory is not None else _summary_writer
         )
