@@ -193,10 +193,16 @@ class _StopSignalInWorker:
 
     def _iteration_done(self) -> bool:
         done = self._done
-        if done is None or not done.acquire(False):
+        if done is None:
             return False
-        done.release()  # the event stays set for the worker loop and the other workers
-        return True
+        try:
+            # Read, not taken: a worker loop testing the event meanwhile must see it set.
+            return done.get_value() > 0
+        except NotImplementedError:  # macOS has no sem_getvalue: take it for a moment
+            if not done.acquire(False):
+                return False
+            done.release()  # the event stays set for the worker loop and the other workers
+            return True
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         del frame
