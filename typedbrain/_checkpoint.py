@@ -54,6 +54,7 @@ from typedbrain._errors import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
 )
+from typedbrain._files import naming
 from typedbrain._folder_lock import claim, other_writer
 from typedbrain._loadable import refusal, weights_only_reason
 from typedbrain._manifest import (
@@ -75,7 +76,6 @@ from typedbrain._manifest import (
     is_plain_name,
     is_save_file,
     name_bytes,
-    naming,
     open_present,
     read_manifest,
     sync_and_close,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import inspect
 import json
@@ -11,20 +10,19 @@ import logging.config
 import math
 import os
 import platform
-import secrets
 import shutil
-import stat
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import BinaryIO, Final, TextIO
+from typing import Final, TextIO
 
 import torch
 
 from typedbrain._distributed import if_main_process
 from typedbrain._errors import ConfigurationError
+from typedbrain._files import replace_file
 from typedbrain._version import __version__
 
 __all__ = ["LOG_FORMAT", "create_experiment_directory"]
@@ -162,74 +160,6 @@ def _copy_script(script: Path, destination: Path) -> None:
         replace_file(
             destination, lambda stream: shutil.copyfileobj(source, stream), stat_from=script
         )
-
-
-def replace_file(
-    path: Path,
-    fill: Callable[[BinaryIO], object],
-    *,
-    sync: bool = False,
-    stat_from: Path | None = None,
-) -> None:
-    """Replace the file ``path`` by the bytes ``fill`` writes, through a temporary file.
-
-    ``fill`` writes to a new file in the folder of ``path`` (of its target, if ``path`` is a
-    symbolic link), which is then renamed over it (:func:`os.replace`). Whatever fails in
-    between, ``path`` holds either its previous content or the whole new one, and two
-    processes replacing it at once leave one of their files, not a mix.
-
-    Args:
-        path: the file to replace (or create).
-        fill: writes the new content to the binary stream it is given.
-        sync: whether to sync the new content to disk before the rename.
-        stat_from: a file whose permission bits and times the new file takes (as
-            :func:`shutil.copy2` copies them); by default it keeps the permission bits of
-            ``path``, or gets those of a new file where ``path`` does not exist.
-
-    Raises:
-        OSError: creating, writing, closing or renaming the file failed; the same type and
-            errno, naming ``path`` (see :func:`naming_file`). The temporary file is removed.
-    """
-    target = path.resolve()
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        try:
-            mode: int | None = stat.S_IMODE(target.stat().st_mode)
-        except FileNotFoundError:
-            mode = None
-        # 0o666 as open() uses: a new file gets the permissions the umask allows.
-        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with open(descriptor, "wb") as stream:
-            fill(stream)
-            if sync:
-                stream.flush()
-                os.fsync(stream.fileno())
-        if stat_from is not None:
-            shutil.copystat(stat_from, temp)
-        elif mode is not None:
-            os.chmod(temp, mode)
-        os.replace(temp, target)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        if isinstance(error, OSError):
-            raise naming_file(error, path) from error
-        raise
-
-
-def naming_file(error: OSError, path: Path) -> OSError:
-    """``error`` as an error of the same type and errno whose filename is ``path``.
-
-    The errors of a write and of the flush at close (``ENOSPC``, ``EIO``) name no file; an
-    error about a temporary file names a file the caller never asked for. The message reads
-    ``[Errno 28] No space left on device: '<path>'``.
-    """
-    if error.errno is None:
-        return OSError(f"{path}: {error}")
-    try:
-        return type(error)(error.errno, error.strerror, os.fspath(path))
-    except TypeError:  # a subclass whose constructor takes other arguments
-        return OSError(error.errno, error.strerror, os.fspath(path))
 
 
 def json_safe(value: object) -> object:

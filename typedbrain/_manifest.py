@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from typedbrain._errors import CheckpointError, ConfigurationError, CorruptCheckpointError
+from typedbrain._files import naming
 
 __all__ = ["Checkpoint", "CheckpointFile", "JsonValue", "verify_checkpoint"]
 
@@ -225,26 +226,6 @@ class HashingWriter:
     def record(self, file: str) -> CheckpointFile:
         """The record of what was written, under the name ``file``."""
         return CheckpointFile(file=file, size=self.size, sha256=self._hash.hexdigest())
-
-
-@contextlib.contextmanager
-def naming(path: Path, doing: str) -> Iterator[None]:
-    """Re-raise an ``OSError`` that names no file as one naming ``path`` (same type and errno).
-
-    ``os.fsync``, a buffered stream's flush and close, and a write report a full disk (ENOSPC)
-    or an I/O error without a file name: the error raised names ``path`` and says what was
-    being done (``doing``), and has the original as its ``__cause__``. An error that already
-    names a file is re-raised as it is; one without an errno (raised by hand) gets a note.
-    """
-    try:
-        yield
-    except OSError as error:
-        if error.filename is not None:
-            raise
-        if error.errno is None:
-            error.add_note(f"({doing}: {path})")
-            raise
-        raise OSError(error.errno, f"{error.strerror} ({doing})", str(path)) from error
 
 
 def sync_and_close(stream: IO[bytes], path: Path, record: CheckpointFile) -> CheckpointFile:

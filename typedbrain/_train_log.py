@@ -36,7 +36,7 @@ import torch
 
 from typedbrain._distributed import if_main_process
 from typedbrain._errors import ConfigurationError, ResumeWarning, TrainLogError
-from typedbrain._experiment import naming_file, replace_file
+from typedbrain._files import naming_file, replace_file
 from typedbrain._state import structure_state
 from typedbrain._warn import warn
 
@@ -276,7 +276,7 @@ class _LineLog:
     run logs again) are kept, moved up to the cut (``keep`` says which lines those are, and
     renumbers them). Any other entry (a test entry, after ``evaluate`` loaded the best and not
     the newest checkpoint) is appended after everything already in the file. The cut writes a
-    new file that replaces the log (:func:`~typedbrain._experiment.replace_file`), so a failure
+    new file that replaces the log (:func:`~typedbrain._files.replace_file`), so a failure
     in the middle leaves the log as it was.
 
     The entries are counted once, then kept count of; when the file's size is not the size

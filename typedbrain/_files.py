@@ -1,0 +1,108 @@
+"""Writing files that survive failures: a file replaced whole, and OSErrors that name their file.
+
+A write, a flush at close and ``os.fsync`` report a full disk (ENOSPC) or an I/O error without
+a file name; the helpers here name it, keeping the error's type and errno.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["naming", "naming_file", "replace_file"]
+
+
+@contextlib.contextmanager
+def naming(path: Path, doing: str) -> Iterator[None]:
+    """Re-raise an ``OSError`` that names no file as one naming ``path`` (same type and errno).
+
+    ``os.fsync``, a buffered stream's flush and close, and a write report a full disk (ENOSPC)
+    or an I/O error without a file name: the error raised names ``path`` and says what was
+    being done (``doing``), and has the original as its ``__cause__``. An error that already
+    names a file is re-raised as it is; one without an errno (raised by hand) gets a note.
+    """
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        if error.errno is None:
+            error.add_note(f"({doing}: {path})")
+            raise
+        raise naming_file(error, path, doing) from error
+
+
+def replace_file(
+    path: Path,
+    fill: Callable[[BinaryIO], object],
+    *,
+    sync: bool = False,
+    stat_from: Path | None = None,
+) -> None:
+    """Replace the file ``path`` by the bytes ``fill`` writes, through a temporary file.
+
+    ``fill`` writes to a new file in the folder of ``path`` (of its target, if ``path`` is a
+    symbolic link), which is then renamed over it (:func:`os.replace`). Whatever fails in
+    between, ``path`` holds either its previous content or the whole new one, and two
+    processes replacing it at once leave one of their files, not a mix.
+
+    Args:
+        path: the file to replace (or create).
+        fill: writes the new content to the binary stream it is given.
+        sync: whether to sync the new content to disk before the rename.
+        stat_from: a file whose permission bits and times the new file takes (as
+            :func:`shutil.copy2` copies them); by default it keeps the permission bits of
+            ``path``, or gets those of a new file where ``path`` does not exist.
+
+    Raises:
+        OSError: creating, writing, closing or renaming the file failed; the same type and
+            errno, naming ``path`` (see :func:`naming_file`). The temporary file is removed.
+    """
+    target = path.resolve()
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        try:
+            mode: int | None = stat.S_IMODE(target.stat().st_mode)
+        except FileNotFoundError:
+            mode = None
+        # 0o666 as open() uses: a new file gets the permissions the umask allows.
+        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with open(descriptor, "wb") as stream:
+            fill(stream)
+            if sync:
+                stream.flush()
+                os.fsync(stream.fileno())
+        if stat_from is not None:
+            shutil.copystat(stat_from, temp)
+        elif mode is not None:
+            os.chmod(temp, mode)
+        os.replace(temp, target)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        if isinstance(error, OSError):
+            raise naming_file(error, path) from error
+        raise
+
+
+def naming_file(error: OSError, path: Path, doing: str | None = None) -> OSError:
+    """``error`` as an error of the same type and errno whose filename is ``path``.
+
+    The errors of a write and of the flush at close (``ENOSPC``, ``EIO``) name no file; an
+    error about a temporary file names a file the caller never asked for. The message reads
+    ``[Errno 28] No space left on device: '<path>'``, or with ``doing`` (what was being done)
+    ``[Errno 28] No space left on device (<doing>): '<path>'``.
+    """
+    if error.errno is None:
+        return OSError(f"{path}: {error}")
+    strerror = error.strerror if doing is None else f"{error.strerror} ({doing})"
+    try:
+        return type(error)(error.errno, strerror, os.fspath(path))
+    except TypeError:  # a subclass whose constructor takes other arguments
+        return OSError(error.errno, strerror, os.fspath(path))
