@@ -484,6 +484,26 @@ def test_where_the_filesystem_cannot_lock_a_warning_is_logged_once_and_saving_go
     assert len(checkpointer.list_checkpoints()) == 1
 
 
+def test_a_folder_on_a_read_only_mount_is_read_and_deletes_nothing_without_a_lock_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, newest = _two_checkpoints(tmp_path)
+    (tmp_path / LOCK_NAME).unlink(missing_ok=True)
+    real_open = os.open
+
+    def opening(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(path).name == LOCK_NAME and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr("typedbrain._folder_lock.os.open", opening)
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)})
+    assert checkpointer.recover_if_possible() == newest
+    with caplog.at_level(logging.WARNING, logger="typedbrain._folder_lock"):
+        assert checkpointer.delete_checkpoints(num_to_keep=5) == []
+    assert "the lock file cannot be made: Read-only file system" in caplog.text
+
+
 _SECOND_RUN = """
 import os, signal, sys
 import torch

@@ -145,8 +145,16 @@ def _take(folder: Path) -> int | None:
     recording = True
     try:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except PermissionError:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # A folder this process cannot write (a read-only mount): what it would write
+            # fails by itself, with its own error; there is nothing to lock.
+            _unlocked(folder, f"the lock file cannot be made: {error.strerror}")
+            return None
         recording = False
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
