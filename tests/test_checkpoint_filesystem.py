@@ -361,6 +361,18 @@ def test_a_second_run_cannot_write_to_a_folder_another_run_writes_to(other_run: 
     assert [path.name for path in other_run.iterdir()] == [LOCK_NAME]
 
 
+def _refused_lock_open(monkeypatch: pytest.MonkeyPatch, flag: int, code: int) -> None:
+    """Opening the lock file with ``flag`` fails with ``code`` (as for another user, or RO)."""
+    real_open = os.open
+
+    def opening(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(path).name == LOCK_NAME and flags & flag:
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr("typedbrain._folder_lock.os.open", opening)
+
+
 def test_the_lock_file_is_made_as_the_umask_says_so_a_group_shares_the_folder(
     tmp_path: Path,
 ) -> None:
@@ -377,14 +389,7 @@ def test_a_lock_file_this_user_cannot_write_is_locked_read_only(
 ) -> None:
     """Made by another member of the group whose umask kept it from the group."""
     (tmp_path / LOCK_NAME).write_text('{"pid": 1, "host": "elsewhere", "since": "then"}\n')
-    real_open = os.open
-
-    def opening(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if Path(path).name == LOCK_NAME and flags & os.O_RDWR:
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr("typedbrain._folder_lock.os.open", opening)
+    _refused_lock_open(monkeypatch, os.O_RDWR, errno.EACCES)
     checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)})
     checkpointer.save_checkpoint()
     monkeypatch.undo()
@@ -489,14 +494,7 @@ def test_a_folder_on_a_read_only_mount_is_read_and_deletes_nothing_without_a_loc
 ) -> None:
     _, newest = _two_checkpoints(tmp_path)
     (tmp_path / LOCK_NAME).unlink(missing_ok=True)
-    real_open = os.open
-
-    def opening(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if Path(path).name == LOCK_NAME and flags & os.O_CREAT:
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr("typedbrain._folder_lock.os.open", opening)
+    _refused_lock_open(monkeypatch, os.O_CREAT, errno.EROFS)
     checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)})
     assert checkpointer.recover_if_possible() == newest
     with caplog.at_level(logging.WARNING, logger="typedbrain._folder_lock"):

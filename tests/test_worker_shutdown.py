@@ -99,32 +99,10 @@ def test_no_worker_survives_a_dataset_error_once_the_error_is_dropped(
     assert new_children(before) == []
 
 
-def test_no_worker_survives_a_fit_that_a_dataset_error_failed() -> None:
-    before = set(multiprocessing.active_children())
-    brain = RegressionBrain(
-        modules={"model": torch.nn.Linear(4, 2)}, opt_class=sgd(), run_opts={"noprogressbar": True}
-    )
-    loader_kwargs: LoaderKwargs = {"batch_size": 2, "num_workers": 2}
-    with pytest.raises(ValueError, match=FAILED_IN_A_WORKER):
-        brain.fit(range(1, 2), FailsAtItem5(), train_loader_kwargs=loader_kwargs)
-    gc.collect()
-    assert new_children(before) == []
-
-
-def test_no_worker_survives_an_evaluation_that_a_dataset_error_failed() -> None:
-    before = set(multiprocessing.active_children())
-    brain = RegressionBrain(
-        modules={"model": torch.nn.Linear(4, 2)}, opt_class=sgd(), run_opts={"noprogressbar": True}
-    )
-    loader_kwargs: LoaderKwargs = {"batch_size": 2, "num_workers": 2}
-    with pytest.raises(ValueError, match=FAILED_IN_A_WORKER):
-        brain.evaluate(FailsAtItem5(), test_loader_kwargs=loader_kwargs)
-    gc.collect()
-    assert new_children(before) == []
-
-
 @pytest.mark.parametrize("entry_point", ["fit", "evaluate"])
-def test_no_worker_survives_a_dataset_error_that_is_kept(entry_point: str) -> None:
+def test_no_worker_survives_a_fit_or_evaluation_a_dataset_error_failed_while_it_is_kept(
+    entry_point: str,
+) -> None:
     """As a notebook keeps the last error (``sys.last_value``) until the next one."""
     before = set(multiprocessing.active_children())
     brain = RegressionBrain(
