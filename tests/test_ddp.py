@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, cast
 
@@ -185,16 +187,16 @@ def test_fsdp_shards_on_the_brains_device_where_torch_sees_an_accelerator(
     # GPU, on which a brain told to compute on the CPU must still get CPU shards. (Seen on an
     # H100: an FSDP2 job on the CPU failed there.)
     monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
-    dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
-    try:
+
+    def check() -> None:
         modules = torch.nn.ModuleDict({"model": torch.nn.Linear(4, 2)})
         wrap_modules(modules, RunOptions(fsdp=True), torch.device("cpu"))
         weight = modules["model"].weight
         assert isinstance(weight, DTensor)
         assert weight.device_mesh.device_type == "cpu"
         assert weight.device == torch.device("cpu")
-    finally:
-        dist.destroy_process_group()
+
+    one_process_group(check)
 
 
 def test_time_based_checkpoints_are_saved_after_the_same_batch_on_every_rank(
@@ -578,9 +580,23 @@ def test_an_fsdp2_model_validates_on_uneven_shards_with_the_one_process_loss(
                 assert result[f"nested_reshards_{count}"] is True
 
 
-def test_evaluation_forwards_run_through_the_wrapped_module_and_the_wrapper_comes_back() -> None:
+def one_process_group(check: Callable[[], None]) -> None:
+    """Run ``check`` in a one-process gloo group, and free what it made before the group goes.
+
+    A DDP wrapper (its reducer) or an FSDP module holds the process group: freed after
+    ``destroy_process_group``, the group's destructor can wait for its threads forever (seen
+    once in a full test run). ``check``'s objects are freed when it returns.
+    """
     dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
     try:
+        check()
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluation_forwards_run_through_the_wrapped_module_and_the_wrapper_comes_back() -> None:
+    def check() -> None:
         inner = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
         modules = torch.nn.ModuleDict({"model": inner})
         (wrapper,) = wrap_modules(modules, RunOptions(), torch.device("cpu"))
@@ -598,8 +614,8 @@ def test_evaluation_forwards_run_through_the_wrapped_module_and_the_wrapper_come
         assert modules["model"] is wrapper  # back, although the stage raised
         # As after DDP's own evaluation pass: the next training pass broadcasts nothing.
         assert wrapper.require_forward_param_sync is False
-    finally:
-        dist.destroy_process_group()
+
+    one_process_group(check)
 
 
 @pytest.mark.skipif(
@@ -610,8 +626,7 @@ def test_fsdp2_modules_stay_gathered_for_the_evaluation_forwards_only() -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
-    try:
+    def check() -> None:
         model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
         fully_shard(model[0], mesh=init_device_mesh("cpu", (1,)))  # the recipe's own sharding
         modules = torch.nn.ModuleDict({"model": model})
@@ -628,8 +643,8 @@ def test_fsdp2_modules_stay_gathered_for_the_evaluation_forwards_only() -> None:
         assert isinstance(model[1].weight, DTensor)
         # Its setting is back: in training it reshards after each forward pass again.
         assert all(group.post_forward_mesh_info is not None for group in _param_groups(layer))
-    finally:
-        dist.destroy_process_group()
+
+    one_process_group(check)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ compared with the uninterrupted run bit for bit."""
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 from collections.abc import Callable, Mapping
@@ -471,6 +472,7 @@ def test_under_a_process_group_an_accumulation_factor_change_mid_window_is_refus
                 run_opts={"grad_accumulation_factor": 2, "distributed_backend": "gloo"},
             )
     finally:
+        gc.collect()  # the brain, before its group (see tests.test_ddp.one_process_group)
         dist.destroy_process_group()
 
 
