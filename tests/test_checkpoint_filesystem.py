@@ -206,6 +206,65 @@ def test_where_folders_cannot_be_renamed_a_keep_policy_deletes_in_place(
     assert _checkpoint_folders(tmp_path) == [newest.path.name]
 
 
+def test_an_io_error_on_a_manifest_is_raised_even_when_its_folder_cannot_be_stat_either(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dying disk or a stale NFS handle fails both: not a folder to skip, nor damage."""
+    _, newest = _two_checkpoints(tmp_path)
+    real_read, real_lstat = Path.read_text, os.lstat
+    manifest = newest.path / "MANIFEST.json"
+
+    def reading(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self == manifest:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return real_read(self, *args, **kwargs)
+
+    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if Path(path) == manifest:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", reading)
+    monkeypatch.setattr("typedbrain._manifest.os.lstat", lstat)
+    with pytest.raises(CheckpointError, match="Input/output error") as caught:
+        Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)}).recover_if_possible()
+    assert not isinstance(caught.value, CorruptCheckpointError)
+
+
+def test_the_command_line_lists_a_folder_it_cannot_look_into_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _two_checkpoints(tmp_path)
+    private = tmp_path / "lost+found"
+    private.mkdir()
+    manifest = private / "MANIFEST.json"
+    real_read, real_lstat, real_exists = Path.read_text, os.lstat, Path.exists
+
+    def refused(path: object) -> PermissionError:
+        return PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    def reading(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self == manifest:
+            raise refused(self)
+        return real_read(self, *args, **kwargs)
+
+    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if Path(path) == manifest:
+            raise refused(path)
+        return real_lstat(path, *args, **kwargs)
+
+    def exists(self: Path, *args: Any, **kwargs: Any) -> bool:
+        if self == manifest:  # as Path.exists does on Python 3.11
+            raise refused(self)
+        return real_exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", reading)
+    monkeypatch.setattr("typedbrain._manifest.os.lstat", lstat)
+    monkeypatch.setattr(Path, "exists", exists)
+    assert _cli.main(["checkpoints", str(tmp_path)]) == 1
+    assert "lost+found: UNREADABLE: cannot look into the folder" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------- full disks
 
 
@@ -502,6 +561,23 @@ def test_a_folder_on_a_read_only_mount_is_read_and_deletes_nothing_without_a_loc
     assert "the lock file cannot be made: Read-only file system" in caplog.text
 
 
+@pytest.mark.slow
+def test_a_refusal_does_not_name_a_holder_that_has_ended(tmp_path: Path) -> None:
+    """The record of a killed run, left in a lock file the next holder could not write."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    record = {"pid": finished.pid, "host": socket.gethostname(), "since": "then"}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(record))
+    descriptor = os.open(tmp_path / LOCK_NAME, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the holder, without a record
+        result = _second_run(tmp_path, "stay")
+    finally:
+        os.close(descriptor)
+    assert result.returncode == 3
+    assert f"the lock file still names process {finished.pid}, which has ended" in result.stdout
+
+
 _SECOND_RUN = """
 import os, signal, sys
 import torch
@@ -573,6 +649,25 @@ def test_a_keep_policy_never_deletes_a_folder_replaced_since_it_ranked_it(
         newest_b = run_b.save_and_keep_only()
     assert saved_by_a[0].path == old.path  # the name was reused
     assert run_b.list_checkpoints() == [newest_b, saved_by_a[0]]
+
+
+def test_a_folder_rename_refused_for_permissions_deletes_nothing_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EPERM is a sticky folder or an immutable flag: reported, not worked around."""
+    real_rename = os.rename
+
+    def rename(source: Any, destination: Any) -> None:
+        if Path(source).is_dir():
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(source))
+        real_rename(source, destination)
+
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)})
+    first = checkpointer.save_checkpoint()
+    monkeypatch.setattr("typedbrain._checkpoint.os.rename", rename)
+    with pytest.warns(CheckpointWarning, match="could not delete checkpoint .*Operation not perm"):
+        checkpointer.save_and_keep_only(num_to_keep=1)
+    assert (first.path / "MANIFEST.json").exists()  # still whole, still committed
 
 
 def test_a_deletion_cut_short_is_no_checkpoint_and_the_next_keep_policy_finishes_it(

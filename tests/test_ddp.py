@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, cast
@@ -590,8 +591,11 @@ def one_process_group(check: Callable[[], None]) -> None:
     dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
     try:
         check()
-        gc.collect()
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)  # a failed check's objects go too
+        raise
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -204,6 +204,18 @@ def test_an_open_hparams_type_with_its_own_constructor_keeps_what_it_is_given() 
         ClosedOwnConstructor({"lr": 0.1})  # type: ignore[arg-type]  # the mistake under test
 
 
+OtherVar = TypeVar("OtherVar")
+
+
+class Reparameterised(OwnConstructor[OtherVar], Generic[OtherVar]):
+    """Open still, through a type variable of its own; the constructor is its base's."""
+
+
+def test_a_subclass_open_through_its_own_type_variable_keeps_what_it_is_given() -> None:
+    values = {"lr": 0.1}
+    assert Reparameterised(values).hparams is values
+
+
 def test_an_open_hparams_type_otherwise_makes_a_mapping_an_hparams_read_by_attribute() -> None:
     bare = BareSubclass({"lr": 0.1})
     passing: PassingEverythingOn[Hparams] = PassingEverythingOn(hparams={"lr": 0.1})

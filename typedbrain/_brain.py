@@ -218,7 +218,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             # Left open in its hparams type: mypy infers that type from what a constructor of
             # the brain's own is given, which is kept as it is; Brain's own constructor makes a
             # mapping an Hparams (its overloads say so).
-            kept = _keeps_given_hparams(type(self), declared)
+            kept = _keeps_given_hparams(type(self))
             resolved = hparams if kept else resolve_hparams(hparams, None, name)
         else:
             resolved = resolve_hparams(hparams, declared, name)
@@ -1919,12 +1919,13 @@ def _declared_hparams(cls: type[object], bound: Mapping[object, object] | None =
     return None
 
 
-def _keeps_given_hparams(cls: type[object], variable: TypeVarType) -> bool:
-    """Whether ``cls``, open in its hparams type ``variable``, keeps the hparams it is given.
+def _keeps_given_hparams(cls: type[object]) -> bool:
+    """Whether ``cls``, open in its hparams type, keeps the hparams it is given.
 
-    mypy infers ``variable`` from what a constructor of the brain's own is given when that
-    constructor takes ``hparams: variable``, and the brain's own class declares its generic
-    bases (``class Open(Brain[B, P, H], Generic[H])``, ``class Child(Open[H])``). A bare
+    mypy infers that type from what a constructor of the brain's own is given when that
+    constructor takes ``hparams`` typed by its class's type variable, and the brain's own
+    class declares its generic bases (``class Open(Brain[B, P, H], Generic[H])``,
+    ``class Child(Open[H2])``). A bare
     subclass (``class Child(Open)``) is ``Open[Any]`` to mypy: its mapping becomes an
     ``Hparams``, as through ``Brain``'s own constructor, which SpeechBrain-style code reads by
     attribute.
@@ -1936,11 +1937,16 @@ def _keeps_given_hparams(cls: type[object], variable: TypeVarType) -> bool:
             return False
         init = vars(klass).get("__init__")
         if init is not None:
+            # The constructor's own type variable (its class's): a subclass may re-parameterise
+            # it with another (class Child(Open[H2])).
+            own = _declared_hparams(klass)
+            if not isinstance(own, TypeVarType):
+                return False
             parameter = inspect.signature(init).parameters.get("hparams")
             annotation = None if parameter is None else parameter.annotation
             if isinstance(annotation, str):  # postponed evaluation: "H" or "tb.HparamsT"
-                return annotation.rpartition(".")[2] == variable.__name__
-            return annotation is variable
+                return annotation.rpartition(".")[2] == own.__name__
+            return annotation is own
     return False
 
 

@@ -1478,9 +1478,12 @@ def _superseded(
 
 
 _NO_FOLDER_RENAME: Final = frozenset(
-    {errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM, errno.EINVAL}
+    {errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 )
-"""``os.rename`` errors of a filesystem that cannot rename a folder (gcsfuse refuses to)."""
+"""``os.rename`` errors of a filesystem that cannot rename a folder (gcsfuse refuses to).
+
+Not EPERM: on a local filesystem that is a sticky folder or an immutable flag, a refusal to
+report, not a reason to delete in place."""
 
 _DELETING: Final = ".deleting-"
 """A checkpoint folder being deleted is first renamed to a name that starts with this."""
@@ -1555,10 +1558,15 @@ def _delete_folder(checkpoint: Checkpoint) -> None:
     except OSError as error:
         if error.errno not in _NO_FOLDER_RENAME:
             raise
-        # A filesystem that cannot rename folders (some object-store mounts): uncommit in
-        # place first, so that a deletion cut short leaves no committed checkpoint with files
-        # missing. (Without the rename, a folder replaced since it was ranked is not noticed;
-        # the writer lock keeps other runs out.)
+        # A filesystem that cannot rename folders (some object-store mounts): checked, then
+        # uncommitted in place first, so that a deletion cut short leaves no committed
+        # checkpoint with files missing.
+        if _identity(read_manifest(folder)) != _identity(checkpoint):
+            raise CheckpointError(
+                f"did not delete {folder}: it no longer holds the checkpoint that was ranked "
+                "(its manifest changed since: another checkpointer writes to this folder?); it "
+                "is left as it is"
+            ) from error
         (folder / MANIFEST_NAME).unlink(missing_ok=True)
         sync_directory(folder)
         shutil.rmtree(folder)

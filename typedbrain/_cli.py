@@ -169,7 +169,11 @@ def _inspect(folder: Path, *, verify: bool) -> _Row:
     try:
         checkpoint = verify_checkpoint(folder) if verify else read_manifest(folder)
     except CorruptCheckpointError as error:
-        if not (folder / MANIFEST_NAME).exists():
+        try:
+            committed = (folder / MANIFEST_NAME).exists()
+        except OSError:  # a folder this process cannot look into (Python 3.11 raises here)
+            return _Row(folder.name, "UNREADABLE", error.reason, None)
+        if not committed:
             reason = error.reason
             if _holds_checkpoints(folder):
                 reason = (

@@ -220,6 +220,19 @@ def _read_record(descriptor: int) -> dict[str, object]:
 def _describe(record: dict[str, object]) -> str:
     if not record:
         return "another process (it has not recorded itself in the lock file yet)"
+    pid = record.get("pid")
+    if (
+        record.get("host") == socket.gethostname()
+        and isinstance(pid, int)
+        and pid > 0
+        and not _alive(pid)
+    ):
+        # The record of a run that ended, left by a holder that could not write its own
+        # (it locked a lock file another user made, through a read-only descriptor).
+        return (
+            f"another process, which could not record itself (the lock file still names "
+            f"process {pid}, which has ended)"
+        )
     return (
         f"process {record.get('pid', '?')} on host {record.get('host', '?')} since "
         f"{record.get('since', '?')}"

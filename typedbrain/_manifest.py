@@ -511,12 +511,14 @@ def read_manifest(folder: Path) -> Checkpoint:
     except OSError as error:
         try:
             os.lstat(manifest)
-        except OSError:
+        except PermissionError:
             # A folder this process cannot even look into (another user's, a disk's
             # lost+found): nothing says it holds a checkpoint, and it is skipped, as before.
             raise CorruptCheckpointError(
                 folder, f"cannot look into the folder: {type(error).__name__}: {error}"
             ) from error
+        except OSError:  # EIO, ESTALE: nothing says the folder is not a checkpoint
+            pass
         raise unreadable(manifest, error, f"the manifest of checkpoint {folder}") from error
     try:
         data: object = json.loads(text)
