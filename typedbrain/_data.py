@@ -189,10 +189,10 @@ class _StopSignalInWorker:
         self, exiting: torch.Tensor, done: multiprocessing.synchronize.Semaphore | None
     ) -> None:
         self._exiting = exiting
-        self._done = done
+        self.done = done
 
     def _iteration_done(self) -> bool:
-        done = self._done
+        done = self.done
         if done is None:
             return False
         try:
@@ -231,11 +231,14 @@ class _WorkerInit:
         self.seed = seed
 
     def __call__(self, worker_id: int) -> None:
-        if self.seed:
-            seed_worker(worker_id)
-        handler = _StopSignalInWorker(self.exiting, _iteration_done_flag())
+        # The handler first: until it is set, a SIGTERM (the job's, or the main process's as
+        # it exits) kills the worker, which torch then reports as a failure.
+        handler = _StopSignalInWorker(self.exiting, None)
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        handler.done = _iteration_done_flag()
+        if self.seed:
+            seed_worker(worker_id)
         if self.user_fn is not None:
             self.user_fn(worker_id)
 
