@@ -1562,11 +1562,7 @@ def _delete_folder(checkpoint: Checkpoint) -> None:
         # uncommitted in place first, so that a deletion cut short leaves no committed
         # checkpoint with files missing.
         if _identity(read_manifest(folder)) != _identity(checkpoint):
-            raise CheckpointError(
-                f"did not delete {folder}: it no longer holds the checkpoint that was ranked "
-                "(its manifest changed since: another checkpointer writes to this folder?); it "
-                "is left as it is"
-            ) from error
+            raise _replaced_since_ranked(folder, "it is left as it is") from error
         (folder / MANIFEST_NAME).unlink(missing_ok=True)
         sync_directory(folder)
         shutil.rmtree(folder)
@@ -1580,22 +1576,24 @@ def _delete_folder(checkpoint: Checkpoint) -> None:
         try:
             os.rename(aside, folder)
         except OSError as error:
-            raise CheckpointError(
-                f"did not delete {folder}: it no longer holds the checkpoint that was ranked "
-                f"(another checkpointer writes to this folder?), and putting it back from "
-                f"{aside} failed ({error}): it is there now"
+            raise _replaced_since_ranked(
+                folder, f"putting it back from {aside} failed ({error}): it is there now"
             ) from error
-        raise CheckpointError(
-            f"did not delete {folder}: it no longer holds the checkpoint that was ranked (its "
-            "manifest changed since: another checkpointer writes to this folder?); it is left "
-            "as it is"
-        )
+        raise _replaced_since_ranked(folder, "it is left as it is")
     try:
         (aside / MANIFEST_NAME).unlink(missing_ok=True)
         shutil.rmtree(aside)
     except OSError as error:
         raise _PartlyDeletedError(aside, error) from error
     logger.debug("deleted checkpoint %s", folder)
+
+
+def _replaced_since_ranked(folder: Path, outcome: str) -> CheckpointError:
+    """The error for a folder a keep policy meant to delete that now holds another checkpoint."""
+    return CheckpointError(
+        f"did not delete {folder}: it no longer holds the checkpoint that was ranked (its "
+        f"manifest changed since: another checkpointer writes to this folder?); {outcome}"
+    )
 
 
 def _identity(checkpoint: Checkpoint) -> tuple[int, float, Mapping[str, CheckpointFile]]:

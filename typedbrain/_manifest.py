@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from typedbrain._errors import CheckpointError, ConfigurationError, CorruptCheckpointError
-from typedbrain._files import naming
+from typedbrain._files import naming, naming_file
 
 __all__ = ["Checkpoint", "CheckpointFile", "JsonValue", "verify_checkpoint"]
 
@@ -290,7 +290,7 @@ def committed_already(checkpoint: Path, folder: Path) -> Iterator[None]:
         if error.errno is None:
             error.add_note(f"({said})")
             raise
-        raise OSError(error.errno, f"{error.strerror} ({said})", str(folder)) from error
+        raise naming_file(error, folder, said) from error
 
 
 def manifest_data(checkpoint: Checkpoint) -> dict[str, JsonValue]:
