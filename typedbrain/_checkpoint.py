@@ -1038,7 +1038,12 @@ class Checkpointer:
 
         Recovering takes no lock (evaluating the checkpoints of a run still training is
         legitimate); it logs (at INFO) when another live process of this machine holds the
-        folder's writer lock: a second run of the same job would fail at its first save.
+        folder's writer lock: a second run of the same job would fail at its first save. A
+        candidate that such a writer deletes or replaces while it is being loaded (its folder
+        is gone, is there without its manifest, or holds another commit) is not damage: the
+        folder is scanned again (said at INFO, no warning) and the best of the new ranking is
+        tried, leaving out the folders found damaged; after 3 rescans, such a candidate is
+        skipped like a damaged one.
 
         Under ``torch.distributed`` it is collective: the main process picks the checkpoint
         (checking it, and skipping damaged ones with the warning, there only) and every process
@@ -1064,19 +1069,82 @@ class Checkpointer:
                 importance_key, max_key, min_key, ckpt_predicate, device
             )
         _check_device(device)
+        chosen = self._first_usable(
+            importance_key,
+            max_key,
+            min_key,
+            ckpt_predicate,
+            lambda checkpoint: self.load_checkpoint(checkpoint, device=device),
+        )
+        if chosen is None:
+            logger.info("no checkpoint to recover in %s", self.checkpoints_dir)
+        return chosen
+
+    def _first_usable(
+        self,
+        importance_key: ImportanceKey | None,
+        max_key: str | None,
+        min_key: str | None,
+        ckpt_predicate: CheckpointPredicate | None,
+        load: Callable[[Checkpoint], None],
+    ) -> Checkpoint | None:
+        """Try the candidates best first with ``load``; return the first that loads, or None.
+
+        A candidate that fails verification is skipped with a :class:`CheckpointWarning`. One
+        whose folder a writer deleted (or replaced) since it was ranked (see
+        :func:`_gone_since_ranked`) is not damage: a writer commits a successor before it
+        deletes its newest checkpoint, so the folder is scanned again (said at INFO) and the
+        new ranking is tried from its best, leaving out the folders already found damaged. After
+        :data:`_MAX_RESCANS` rescans, a vanished candidate is skipped like a damaged one.
+        """
         candidates = self._candidates(importance_key, max_key, min_key, ckpt_predicate)
-        for checkpoint in candidates:
-            try:
-                self.load_checkpoint(checkpoint, device=device)
-            except CorruptCheckpointError as error:
-                warn(
-                    f"skipping checkpoint {checkpoint.path}: {error.reason}; trying an older one",
-                    CheckpointWarning,
-                )
-                continue
-            return checkpoint
-        logger.info("no checkpoint to recover in %s", self.checkpoints_dir)
-        return None
+        damaged: set[tuple[Path, int, float]] = set()
+        rescans = 0
+        while True:
+            for checkpoint in candidates:
+                commit = (checkpoint.path, checkpoint.sequence, checkpoint.unixtime)
+                if commit in damaged:
+                    continue
+                try:
+                    load(checkpoint)
+                except CorruptCheckpointError as error:
+                    gone = _gone_since_ranked(checkpoint)
+                    if gone is not None and rescans < _MAX_RESCANS:
+                        rescans += 1
+                        if gone == "its manifest is gone":
+                            # A deletion in place goes on: the rescan need not call it an
+                            # interrupted save.
+                            self._reported.add(checkpoint.path)
+                        logger.info(
+                            "checkpoint %s was deleted or replaced while it was being loaded "
+                            "(%s: another process's keep policy, say); scanning %s again "
+                            "(rescan %d of at most %d)",
+                            checkpoint.path,
+                            gone,
+                            self.checkpoints_dir,
+                            rescans,
+                            _MAX_RESCANS,
+                        )
+                        break
+                    damaged.add(commit)
+                    reason = error.reason
+                    if gone is not None:
+                        reason = (
+                            f"{reason} ({gone}: it was deleted or replaced while it was being "
+                            f"loaded, and the folder has been scanned again {rescans} times "
+                            "already)"
+                        )
+                    warn(
+                        f"skipping checkpoint {checkpoint.path}: {reason}; trying an older one",
+                        CheckpointWarning,
+                    )
+                    continue
+                return checkpoint
+            else:
+                return None
+            candidates = self._candidates(
+                importance_key, max_key, min_key, ckpt_predicate, rescan=True
+            )
 
     def _candidates(
         self,
@@ -1084,19 +1152,23 @@ class Checkpointer:
         max_key: str | None,
         min_key: str | None,
         ckpt_predicate: CheckpointPredicate | None,
+        *,
+        rescan: bool = False,
     ) -> list[Checkpoint]:
         """The checkpoints to try recovering, best first; warns when a meta key ranks none.
 
         A ``min_key`` / ``max_key`` that no checkpoint's meta holds (a typo, or a folder of
-        intra-epoch checkpoints only) would otherwise recover nothing without a word.
+        intra-epoch checkpoints only) would otherwise recover nothing without a word. With
+        ``rescan`` (the folder changed while a candidate was loaded) the writer is not named
+        again.
         """
-        writer = other_writer(self.checkpoints_dir)
+        writer = None if rescan else other_writer(self.checkpoints_dir)
         if writer is not None:
             # Legitimate for an evaluation next to the training: said, not warned.
             logger.info(
                 "recovering from %s while %s writes to it (it holds the folder's writer lock): "
-                "a checkpoint it deletes meanwhile is skipped, and this process cannot save "
-                "there until that one ends",
+                "a checkpoint it deletes meanwhile is replaced by the best one left then, and "
+                "this process cannot save there until that one ends",
                 self.checkpoints_dir,
                 writer,
             )
@@ -1139,20 +1211,13 @@ class Checkpointer:
             # Every process checks its own device when it loads (_verified_states), and the
             # processes agree on the outcome there.
             _check_device(device)
-            ranked = self._candidates(importance_key, max_key, min_key, ckpt_predicate)
-            for checkpoint in ranked:
-                try:
-                    held.append(self._prepare(checkpoint, device))
-                except CorruptCheckpointError as error:
-                    warn(
-                        f"skipping checkpoint {checkpoint.path}: {error.reason}; trying an "
-                        "older one",
-                        CheckpointWarning,
-                        # choose, _main_decides, _recover_collectively, recover_if_possible, caller.
-                    )
-                    continue
-                return checkpoint
-            return None
+            return self._first_usable(
+                importance_key,
+                max_key,
+                min_key,
+                ckpt_predicate,
+                lambda checkpoint: held.append(self._prepare(checkpoint, device)),
+            )
 
         chosen = _main_decides(choose, f"recover a checkpoint from {self.checkpoints_dir}")
         if chosen is None:
@@ -1586,6 +1651,46 @@ def _delete_folder(checkpoint: Checkpoint) -> None:
     except OSError as error:
         raise _PartlyDeletedError(aside, error) from error
     logger.debug("deleted checkpoint %s", folder)
+
+
+_MAX_RESCANS: Final = 3
+"""How often one recovery scans the folder again after a candidate vanished while it loaded.
+
+A writer's keep policy deletes a checkpoint only after committing its successor, so one rescan
+normally settles it; the bound stops a folder that changes under every load from looping."""
+
+
+def _gone_since_ranked(checkpoint: Checkpoint) -> str | None:
+    """Why ``checkpoint``'s folder no longer holds it, if a writer deleted or replaced it.
+
+    Called after loading it failed verification. Deleted meanwhile: the folder is gone (a
+    deletion renames it aside, then removes it), or it is there without its manifest (a
+    filesystem that cannot rename folders deletes in place, the manifest first: nothing else
+    removes the manifest of a committed checkpoint). Replaced meanwhile: its manifest is that
+    of another commit (a checkpoint saved under the same name since). Anything else (the
+    same manifest with a file missing or changed, a manifest that is no longer valid, one that
+    cannot be read) is not explained by a writer: ``None``, and it is damage as before.
+    """
+    manifest = checkpoint.path / MANIFEST_NAME
+    try:
+        os.lstat(manifest)
+    except FileNotFoundError:
+        try:
+            os.lstat(checkpoint.path)
+        except FileNotFoundError:
+            return "its folder is gone"
+        except OSError:
+            return None
+        return "its manifest is gone"
+    except OSError:
+        return None
+    try:
+        found = read_manifest(checkpoint.path)
+    except CheckpointError:
+        return None
+    if _identity(found) != _identity(checkpoint):
+        return "its folder holds another checkpoint now"
+    return None
 
 
 def _replaced_since_ranked(folder: Path, outcome: str) -> CheckpointError:

@@ -158,6 +158,9 @@ class _Row:
     checkpoint: Checkpoint | None  # None when there is no readable manifest
     newest: bool = False
     best: bool = False
+    # UNREADABLE with a manifest or file that exists but cannot be read: recover_if_possible
+    # raises there rather than skip it (a folder it cannot look into is skipped: False).
+    stops_recovery: bool = False
 
     @property
     def usable(self) -> bool:
@@ -187,7 +190,11 @@ def _inspect(folder: Path, *, verify: bool) -> _Row:
             described = None
         return _Row(folder.name, "CORRUPT", error.reason, described)
     except CheckpointError as error:  # it exists but cannot be read: not known to be damaged
-        return _Row(folder.name, "UNREADABLE", str(error), None)
+        try:  # with --verify, a file may be what cannot be read: the manifest still ranks it
+            readable: Checkpoint | None = read_manifest(folder) if verify else None
+        except CheckpointError:
+            readable = None
+        return _Row(folder.name, "UNREADABLE", str(error), readable, stops_recovery=True)
     return _Row(folder.name, "OK" if verify else "COMMITTED", None, checkpoint)
 
 
@@ -223,29 +230,54 @@ def _checkpoints(
     entries = [entry for entry in visible if entry.is_dir() and not entry.is_symlink()]
     rows = [_inspect(entry, verify=verify) for entry in entries]
     usable = [row.checkpoint for row in rows if row.usable and row.checkpoint is not None]
-    newest = _rank(usable)
+    # Recovery tries these too, and raises at them: a usable one ranked below is not loaded.
+    stopping = [row for row in rows if row.stops_recovery]
+    blocking = [row.checkpoint for row in stopping if row.checkpoint is not None]
+    contenders = [*usable, *blocking]
+    newest = _rank(contenders)
     key = min_key if min_key is not None else max_key
-    unranked = [] if key is None else _not_numbers(usable, key)
+    unranked = [] if key is None else _not_numbers(contenders, key)
     # argparse refuses both keys at once, and the values that cannot rank are left out: this
     # ranking has nothing left to refuse.
-    rankable = [checkpoint for checkpoint in usable if checkpoint not in unranked]
+    rankable = [checkpoint for checkpoint in contenders if checkpoint not in unranked]
     best = [] if key is None else _rank(rankable, min_key=min_key, max_key=max_key)
+    notes = [f"{name}: a symbolic link, not a checkpoint folder; not listed" for name in links]
+    unlisted = [row.name for row in stopping if row.checkpoint is None]
+    if unlisted:
+        # Every scan reads every manifest, so recovery raises before it ranks anything.
+        newest = best = []
+        notes += [
+            f"{name}: its {MANIFEST_NAME} cannot be read, so recover_if_possible stops with an "
+            "error at it (as listing and keep policies do), whatever the other folders hold: "
+            "no folder is marked [newest] or [best]"
+            for name in unlisted
+        ]
+    argument = "min_key" if min_key is not None else "max_key"
+    for mark, ranking, call in (
+        ("newest", newest, "recover_if_possible()"),
+        ("best", best, f"recover_if_possible({argument}={key!r})"),
+    ):
+        if ranking and any(ranking[0] is checkpoint for checkpoint in blocking):
+            notes.append(
+                f"{ranking[0].path.name}: UNREADABLE, and it ranks above every usable "
+                f"checkpoint, so {call} stops with an error at it rather than load an older "
+                f"one: no folder is marked [{mark}]"
+            )
     rows = [
         attrs.evolve(
             row,
-            newest=bool(newest) and row.checkpoint is newest[0],
-            best=bool(best) and row.checkpoint is best[0],
+            newest=bool(newest) and row.usable and row.checkpoint is newest[0],
+            best=bool(best) and row.usable and row.checkpoint is best[0],
         )
         for row in rows
     ]
-    notes = [f"{name}: a symbolic link, not a checkpoint folder; not listed" for name in links]
     if key is not None:
         notes += [
             f"{checkpoint.path.name}: meta {key!r} is {checkpoint.meta[key]!r}, not a number; "
             f"not ranked by {key!r}"
             for checkpoint in unranked
         ]
-    if key is not None and not best:
+    if key is not None and not best and not unlisted:
         if unranked:
             notes.append(f"no usable checkpoint has a number as its meta {key!r}")
         else:
