@@ -204,6 +204,18 @@ def test_an_unknown_key_under_a_bare_include_names_the_included_keys(tmp_path: P
         load_hparams(recipe, {"data": {"hiden": 32}})
 
 
+@pytest.mark.parametrize("overrides", [None, {"data": {"hidden": 32}}, "data:\n  hidden: 32\n"])
+def test_an_include_that_is_missing_is_named_with_or_without_overrides_under_it(
+    tmp_path: Path, overrides: dict[str, object] | str | None
+) -> None:
+    # The keys under it cannot be checked: each used to be "unknown", hiding the missing file.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lr: 1\ndata: !include:missing.yaml\n")
+    with pytest.raises(FileNotFoundError) as caught:
+        load_hparams(recipe, overrides)
+    assert caught.value.filename == str(tmp_path / "missing.yaml")
+
+
 def test_keys_under_a_bare_include_inside_an_included_file_are_refused_with_the_reason(
     tmp_path: Path,
 ) -> None:

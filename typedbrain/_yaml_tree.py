@@ -432,17 +432,34 @@ def _scalar_kind(value: object) -> str | None:
     return "null" if value is None else None
 
 
+def _include_path(node: Node, folder: Path | None) -> Path | None:
+    """The file an ``!include:`` node names, relative to ``folder``; ``None`` for other nodes."""
+    tag = node.tag or ""
+    if not tag.startswith(_INCLUDE):
+        return None
+    path = Path(tag.removeprefix(_INCLUDE))
+    return path if folder is None else folder / path
+
+
+def _cannot_open(path: Path | None) -> bool:
+    """Whether ``path`` names a file that cannot be opened (missing, a folder, no permission)."""
+    if path is None:
+        return False
+    try:
+        path.open("rb").close()
+    except OSError:
+        return True
+    return False
+
+
 def _include_root(node: Node, folder: Path | None) -> tuple[MappingNode, str, Path | None] | None:
     """The composed document an ``!include:`` node names, or ``None`` if it cannot be read.
 
     An unreadable include is left for hyperpyyaml to report when it loads the file.
     """
-    tag = node.tag or ""
-    if not tag.startswith(_INCLUDE):
+    path = _include_path(node, folder)
+    if path is None:
         return None
-    path = Path(tag.removeprefix(_INCLUDE))
-    if folder is not None:
-        path = folder / path
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -504,6 +521,10 @@ def check_overrides(
             )
         if subtree is None or _holds_nothing(value):
             continue  # a whole value, or a mapping where the file has none to check it against
+        if _cannot_open(_include_path(value, where_folder)):
+            # Keys under an include that cannot be read cannot be checked (each would be
+            # "unknown"): the load reports the file itself (FileNotFoundError naming it).
+            continue
         if written_here and isinstance(value, ScalarNode) and _is_include(value.tag):
             # A bare `!include:`: the keys are checked against the included file alone (and
             # apply_overrides writes them under the tag). One in an included file stays a
