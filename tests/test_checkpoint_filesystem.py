@@ -623,6 +623,28 @@ def test_another_process_is_refused_while_this_one_writes_and_a_killed_run_block
     Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)}).save_checkpoint()
 
 
+@pytest.mark.slow
+def test_release_lock_lets_another_process_write_and_the_next_write_takes_it_again(
+    tmp_path: Path,
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)})
+    sharing = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)})
+    checkpointer.save_checkpoint()
+    sharing.save_checkpoint()
+    checkpointer.release_lock()
+    assert _second_run(tmp_path, "exit").returncode == 3  # the other checkpointer still holds it
+    sharing.release_lock()
+    sharing.release_lock()  # a second call does nothing
+    written = _second_run(tmp_path, "exit")
+    assert written.returncode == 0, written.stdout + written.stderr
+    # Still usable: its next write takes the lock again, and holds it.
+    checkpointer.save_checkpoint()
+    assert len(checkpointer.list_checkpoints()) == 4
+    refused = _second_run(tmp_path, "exit")
+    assert refused.returncode == 3
+    assert f"in use by process {os.getpid()}" in refused.stdout
+
+
 # ---------------------------------------------------------------------------- safe deletion
 
 

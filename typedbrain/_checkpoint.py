@@ -206,7 +206,8 @@ class Checkpointer:
         self._phase_source: Callable[[], str | None] | None = None
         self._reported: set[Path] = set()
         self._last_stamp = ("", -1)  # the time stamp and index of the last folder made
-        self._claimed: set[str] = set()  # the real paths of the folders whose lock it shares
+        # The real paths of the folders whose lock it shares, each with its way to let go.
+        self._claimed: dict[str, Callable[[], object]] = {}
         if recoverables is not None:
             self.add_recoverables(recoverables)
 
@@ -487,8 +488,20 @@ class Checkpointer:
         """
         key = os.path.realpath(self.checkpoints_dir)
         if key not in self._claimed:
-            claim(self.checkpoints_dir, self)
-            self._claimed.add(key)
+            self._claimed[key] = claim(self.checkpoints_dir, self)
+
+    def release_lock(self) -> None:
+        """Let go of the checkpoints folder's writer lock now, so another process may write.
+
+        A checkpointer holds the lock from its first write until it is garbage-collected: an
+        idle notebook kernel that trained into a folder would keep a script from writing there.
+        This lets go of this checkpointer's share (the lock goes once no other checkpointer of
+        the process that wrote to the folder holds it). The checkpointer stays usable: its
+        next write takes the lock again (and fails if another process holds it then).
+        """
+        claimed, self._claimed = self._claimed, {}
+        for release in claimed.values():
+            release()
 
     def _new_folder(self, name: str | None) -> Path:
         self._check_folder()

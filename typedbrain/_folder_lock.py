@@ -9,7 +9,8 @@ records there which process holds it, and keeps it; a write from another process
 
 Every :class:`~typedbrain.Checkpointer` of one process shares the lock of a folder (keyed by the
 folder's real path): a fresh checkpointer that resumes in the same process writes on. The lock
-is let go when the last checkpointer that took it is garbage-collected, and by the operating
+is let go when the last checkpointer that took it is garbage-collected (or lets go of it,
+``Checkpointer.release_lock``), and by the operating
 system when the process ends, however it ends (a run killed with SIGKILL does not block its
 restart). The lock file itself is never deleted: deleting it would let two processes lock two
 different files of one name.
@@ -28,6 +29,7 @@ import os
 import socket
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final, final
 
@@ -87,12 +89,13 @@ def _key(folder: Path) -> str:
     return os.path.realpath(folder)
 
 
-def claim(folder: Path, owner: object) -> None:
+def claim(folder: Path, owner: object) -> Callable[[], object]:
     """Hold the writer lock of ``folder`` (which exists) for ``owner`` from now on.
 
     The first claim of a folder in this process takes the lock; later claims (by other
     checkpointers of the process) share it. The lock is let go once every owner that claimed
-    it has been garbage-collected (call this once per owner and folder).
+    it has been garbage-collected or has called the function returned (call this once per
+    owner and folder, and that function at most once: later calls do nothing).
 
     Where the filesystem cannot lock (``flock`` fails with ENOLCK, as on some network
     filesystems, or there is no ``flock``), a warning is logged once per folder and writing
@@ -113,13 +116,14 @@ def claim(folder: Path, owner: object) -> None:
         held = _Held(_take(folder))
         _held[key] = held
     held.owners += 1
-    weakref.finalize(owner, _release, key, held, os.getpid())
+    return weakref.finalize(owner, _release, key, held, os.getpid())
 
 
 def _release(key: str, held: _Held, pid: int) -> None:
     """One owner of ``held`` is gone; the last one lets the lock go (in the process that took it).
 
-    Called by ``weakref.finalize``, in the process that claimed (not in a forked child).
+    Called by ``weakref.finalize`` (when the owner is collected, or early when it lets go), in
+    the process that claimed (not in a forked child).
     """
     if pid != os.getpid() or _held.get(key) is not held:
         return
@@ -166,7 +170,8 @@ def _take(folder: Path) -> int | None:
             f"{_describe(holder)}: two runs must not write to one checkpoint folder (each "
             "one's keep policy would delete the other's checkpoints). Stop the other run, or "
             f"give this one a folder of its own; {path} names the holder, and its lock goes "
-            "when that process ends, however it ends"
+            "when that process ends, however it ends (or when it calls "
+            "checkpointer.release_lock(): an idle notebook kernel, say)"
         ) from None
     except OSError as error:
         os.close(descriptor)
