@@ -52,6 +52,19 @@ def test_a_wrong_override_type_is_reported_with_the_key_and_file() -> None:
     assert str(RECIPE) in str(caught.value)
 
 
+def test_an_override_of_a_key_the_recipe_lacks_exits_2_naming_it_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(RECIPE), "--number_of_epoch", "5", "--output_folder", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("train.py: error: override 'number_of_epoch' ")
+    assert "did you mean 'number_of_epochs'?" in error
+    assert not (tmp_path / "run").exists()  # nothing was made
+
+
 def test_the_demo_stops_the_recipe_resumes_it_and_inspects_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

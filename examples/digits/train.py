@@ -195,12 +195,17 @@ class DigitsBrain(tb.Brain[Batch, Tensor, DigitsHparams]):
 def main(argv: Sequence[str] | None = None) -> float:
     """Train and test as the command line says; returns the test accuracy."""
     arguments = tb.parse_arguments_or_exit(argv)
-    loaded = tb.load_hparams(arguments.hparams_file, arguments.overrides)
-    yaml_options, rest = tb.split_run_options(loaded)
-    hparams = tb.structure_hparams(rest, DigitsHparams, source=str(arguments.hparams_file))
-    # Run options: the YAML's keys, then the command line's, each value checked (an interval
-    # given on the command line replaces the other one set in the YAML).
-    run_opts = tb.RunOptions.from_sources(hparams=yaml_options, run_opts=arguments.run_opts)
+    try:
+        loaded = tb.load_hparams(arguments.hparams_file, arguments.overrides)
+        yaml_options, rest = tb.split_run_options(loaded)
+        hparams = tb.structure_hparams(rest, DigitsHparams, source=str(arguments.hparams_file))
+        # Run options: the YAML's keys, then the command line's, each value checked (an
+        # interval given on the command line replaces the other one set in the YAML).
+        run_opts = tb.RunOptions.from_sources(hparams=yaml_options, run_opts=arguments.run_opts)
+    except tb.ConfigurationError as error:
+        # A mistake in the recipe or in an override: said like a bad command line, no traceback.
+        print(f"train.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     tb.create_experiment_directory(
         hparams.output_folder,
         hyperparams_to_save=arguments.hparams_file,
