@@ -808,3 +808,63 @@ def test_shutdown_distributed_frees_a_live_brains_own_control_group(
             dist.destroy_process_group()
     gc.collect()
     assert made[0]() is None  # the brain let go of it: it went with the default group
+
+
+class _Unhashable(_Regression):  # noqa: PLW1641  (unhashable on purpose)
+    def __eq__(self, other: object) -> bool:  # sets __hash__ to None
+        return self is other
+
+
+def test_a_brain_that_cannot_be_hashed_trains_under_a_group_and_lets_go_of_its_wrappers() -> None:
+    examples = [(torch.full((3,), float(i)), torch.zeros(2)) for i in range(4)]
+    inner = torch.nn.Linear(3, 2)
+    brain = _Unhashable(
+        {"model": inner},
+        lambda params: torch.optim.SGD(params, lr=0.01),
+        run_opts={"device": "cpu", "noprogressbar": True},
+    )
+    with pytest.raises(TypeError):
+        hash(brain)
+
+    def check() -> None:
+        brain.fit(range(1, 2), examples, train_loader_kwargs={"batch_size": 2})
+        assert isinstance(model_of(brain), torch.nn.parallel.DistributedDataParallel)
+        shutdown_distributed()
+        assert model_of(brain) is inner
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
+    try:
+        check()
+    finally:
+        if dist.is_initialized():
+            gc.collect()
+            dist.destroy_process_group()
+
+
+@pytest.mark.skipif(
+    cpu_fsdp_problem(torch.device("cpu"), str(torch.__version__)) is not None,
+    reason="typedbrain refuses fsdp on the CPU under this torch (see the tests above)",
+)
+def test_an_fsdp_brain_that_let_go_of_its_control_group_is_not_sharded_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under nccl a brain keeps a gloo group of its own (stood in for here), so an FSDP brain
+    # lets go of something at shutdown too; its modules stay sharded in place, and the next fit
+    # under a new group must not call fully_shard on them again (torch refuses that).
+    monkeypatch.setattr("typedbrain._brain.control_group", lambda: dist.new_group(backend="gloo"))
+    examples = [(torch.full((3,), float(i)), torch.zeros(2)) for i in range(4)]
+    brain = _Regression(
+        {"model": torch.nn.Linear(3, 2)},
+        lambda params: torch.optim.SGD(params, lr=0.01),
+        run_opts={"device": "cpu", "noprogressbar": True, "fsdp": True},
+    )
+    for epochs in (range(1, 2), range(1, 3)):
+        dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
+        try:
+            brain.fit(epochs, examples, train_loader_kwargs={"batch_size": 2})
+            assert isinstance(model_of(brain).weight, DTensor)
+            shutdown_distributed()
+        finally:
+            if dist.is_initialized():
+                gc.collect()
+                dist.destroy_process_group()
