@@ -216,6 +216,19 @@ def test_an_include_that_is_missing_is_named_with_or_without_overrides_under_it(
     assert caught.value.filename == str(tmp_path / "missing.yaml")
 
 
+def test_keys_under_a_bare_include_of_a_missing_file_inside_an_included_file_are_refused(
+    tmp_path: Path,
+) -> None:
+    # An override cannot write there whether or not the file exists: the reason, not the file.
+    (tmp_path / "outer.yaml").write_text("a: 1\ndeep: !include:missing.yaml\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("sub: !include:outer.yaml\n")
+    with pytest.raises(OverrideError, match=r"'sub.deep' is a bare !include: in an included file"):
+        load_hparams(recipe, {"sub": {"deep": {"x": 5}}})
+    with pytest.raises(FileNotFoundError):
+        load_hparams(recipe)
+
+
 def test_keys_under_a_bare_include_inside_an_included_file_are_refused_with_the_reason(
     tmp_path: Path,
 ) -> None:

@@ -521,9 +521,12 @@ def check_overrides(
             )
         if subtree is None or _holds_nothing(value):
             continue  # a whole value, or a mapping where the file has none to check it against
-        if _cannot_open(_include_path(value, where_folder)):
+        if (written_here or isinstance(value, MappingNode)) and _cannot_open(
+            _include_path(value, where_folder)
+        ):
             # Keys under an include that cannot be read cannot be checked (each would be
-            # "unknown"): the load reports the file itself (FileNotFoundError naming it).
+            # "unknown"): the load reports the file itself (FileNotFoundError naming it). A
+            # bare include in an included file is refused below whatever it names.
             continue
         if written_here and isinstance(value, ScalarNode) and _is_include(value.tag):
             # A bare `!include:`: the keys are checked against the included file alone (and
