@@ -1052,11 +1052,13 @@ class Checkpointer:
         Recovering takes no lock (evaluating the checkpoints of a run still training is
         legitimate); it logs (at INFO) when another live process of this machine holds the
         folder's writer lock: a second run of the same job would fail at its first save. A
-        candidate that such a writer deletes or replaces while it is being loaded (its folder
-        is gone, is there without its manifest, or holds another commit) is not damage: the
-        folder is scanned again (said at INFO, no warning) and the best of the new ranking is
-        tried, leaving out the folders found damaged; after 3 rescans, such a candidate is
-        skipped like a damaged one.
+        candidate that such a writer deletes or replaces before its files are verified (its
+        folder is gone, is there without its manifest, or holds another commit) is not damage:
+        the folder is scanned again (said at INFO, no warning) and the best of the new ranking
+        is tried, leaving out the folders found damaged; after 3 rescans, such a candidate is
+        skipped like a damaged one. A deletion later than that (while a custom load hook reads
+        its file, or, under ``torch.distributed``, before the other processes read theirs)
+        stops the recovery with a :class:`CheckpointError`.
 
         Under ``torch.distributed`` it is collective: the main process picks the checkpoint
         (checking it, and skipping damaged ones with the warning, there only) and every process
