@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
+import signal
+import subprocess
 import sys
+import textwrap
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, _utils
 
-from tests.helpers import Batch, RegressionBrain, examples, sgd
+from tests.helpers import PROJECT, Batch, RegressionBrain, examples, sgd
 from typedbrain import LoaderKwargs, ResumeWarning
 from typedbrain._data import make_dataloader
 
@@ -174,3 +179,192 @@ def test_a_worker_busy_with_an_item_when_its_iteration_ends_is_ended_by_torch(
         time.sleep(0.01)
     del iterator  # shut down now: worker 0 finishes, worker 1 gets SIGTERM
     assert new_children(before) == []
+
+
+STARTING_WORKERS_AT_EXIT = textwrap.dedent(
+    """
+    import multiprocessing, os, signal, sys, time
+    from pathlib import Path
+    import torch
+    from typedbrain import make_dataloader
+
+    ORDER = Path(sys.argv[1])
+    KEPT = []
+
+    def starting_slowly():
+        # In each forked worker, before torch's worker loop and typedbrain's handler: the
+        # exit's SIGTERM arrives while the worker starts (held until it has, then let through).
+        # The worker multiprocessing waits for first dies last, so the others die while the
+        # exiting process waits, and its SIGCHLD handler finds them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        while signal.SIGTERM not in signal.sigpending():
+            time.sleep(0.01)
+        while not ORDER.exists():
+            time.sleep(0.01)
+        if ORDER.read_text().split()[0] == str(os.getpid()):
+            time.sleep(0.5)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+    def body():
+        torch.set_num_threads(1)
+        loader = make_dataloader(
+            list(range(40)), seed=0, batch_size=2, num_workers=3, multiprocessing_context="fork"
+        )
+        os.register_at_fork(after_in_child=starting_slowly)
+        KEPT.append(iter(loader))  # alive until the exit
+        # The order in which multiprocessing's exit waits for the children: this one.
+        ORDER.write_text(" ".join(str(p.pid) for p in multiprocessing.active_children()))
+
+    if __name__ == "__main__":
+        if sys.argv[2] == "main":
+            body()
+        else:
+            child = multiprocessing.get_context(sys.argv[2]).Process(target=body)
+            child.start()
+            child.join()
+            sys.exit(child.exitcode)
+    """
+)
+
+
+@pytest.mark.parametrize("exiting", ["main", "fork", "spawn"])
+def test_an_exit_whose_sigterm_kills_starting_workers_is_clean(
+    tmp_path: Path, exiting: str
+) -> None:
+    """Workers still starting (their handler not set) when the exit's SIGTERM arrives die of it:
+    that is no worker failure. ``exiting``: the main process exits, or one that
+    ``multiprocessing`` started with that method (as a rank of torch.multiprocessing.spawn)."""
+    script = tmp_path / "starting_at_exit.py"
+    script.write_text(STARTING_WORKERS_AT_EXIT, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "order"), exiting],
+        cwd=PROJECT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len((tmp_path / "order").read_text().split()) == 3  # the workers did start
+
+
+class LoaderPids(Dataset[int]):
+    """Item ``i`` is the id of the process that loaded it."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, index: int) -> int:
+        time.sleep(0.01)
+        return os.getpid()
+
+
+def kill_and_iterate(iterator: Iterator[object], pid: int, signum: signal.Signals) -> None:
+    """Send ``signum`` to the worker ``pid`` and iterate on (its SIGCHLD may raise at once)."""
+    os.kill(pid, signum)
+    for _ in iterator:
+        pass
+
+
+WORKER_DIED = r"DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal|exited unexpectedly)"
+"""torch's error for a dead worker: from its SIGCHLD handler, or from a fetch that timed out."""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSEGV])
+def test_a_worker_killed_while_the_loader_is_iterated_is_still_reported(
+    signum: signal.Signals,
+) -> None:
+    """The exit's leniency does not reach a live process: torch's error stands."""
+    loader = make_dataloader(LoaderPids(), seed=0, batch_size=2, num_workers=2)
+    iterator = iter(loader)
+    batch = next(iterator)
+    assert isinstance(batch, Tensor)
+    with pytest.raises(RuntimeError, match=WORKER_DIED):
+        kill_and_iterate(iterator, int(batch[0]), signum)
+
+
+def _sleep_a_minute() -> None:
+    time.sleep(60)
+
+
+def _wait_until_ended(process: multiprocessing.process.BaseProcess) -> None:
+    """Wait until ``process`` has ended, without reaping it."""
+    assert process.pid is not None
+    deadline = time.monotonic() + 60
+    while os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        assert time.monotonic() < deadline, "the child did not end"
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not hasattr(os, "waitid"), reason="os.waitid")
+def test_at_exit_only_children_killed_by_sigterm_are_hidden_from_the_sigchld_handler() -> None:
+    from typedbrain._data import _ChildEndsAtExit
+
+    context = multiprocessing.get_context("fork")
+    terminated, killed = (context.Process(target=_sleep_a_minute, daemon=True) for _ in "ab")
+    terminated.start()
+    killed.start()
+    seen: list[tuple[int | None, int | None]] = []
+
+    def previous(signum: int, frame: object) -> None:
+        # What torch's handler looks at: each child's end, if nobody reaped it.
+        for child in (terminated, killed):
+            assert child.pid is not None
+            try:
+                ended = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                seen.append((child.pid, None))
+            else:
+                seen.append((child.pid, None if ended is None else ended.si_status))
+
+    handler = _ChildEndsAtExit(previous, [terminated, killed])
+    terminated.terminate()
+    killed.kill()
+    _wait_until_ended(terminated)
+    _wait_until_ended(killed)
+    handler(signal.SIGCHLD, None)
+    assert seen == [(terminated.pid, None), (killed.pid, signal.SIGKILL)]
+    assert terminated.exitcode == -signal.SIGTERM  # recorded by multiprocessing as it reaped
+    killed.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "waitid"), reason="os.waitid")
+@pytest.mark.parametrize("nested", [False, True])
+def test_at_exit_a_child_killed_by_sigterm_as_the_sigchld_handler_looks_is_no_failure(
+    nested: bool,
+) -> None:
+    """The child dies after the handler reaped, as the handler it replaced (torch's) looks, and
+    that one reports it. ``nested``: Python runs the handler again within itself, for the
+    child's own SIGCHLD, before the report reaches the outer run, and that inner run reaps it."""
+    from typedbrain._data import _ChildEndsAtExit
+
+    child = multiprocessing.get_context("fork").Process(target=_sleep_a_minute, daemon=True)
+    child.start()
+    calls: list[int] = []
+
+    def previous(signum: int, frame: object) -> None:
+        calls.append(signum)
+        if len(calls) == 1:
+            child.terminate()
+            _wait_until_ended(child)
+            if nested:
+                handler(signal.SIGCHLD, None)
+            raise RuntimeError("DataLoader worker (pid ...) is killed by signal: Terminated.")
+
+    handler = _ChildEndsAtExit(previous, [child])
+    handler(signal.SIGCHLD, None)  # no error
+    assert child.exitcode == -signal.SIGTERM
+    assert len(calls) == 3 if nested else 2  # the report, the inner run's look, a look again
+
+
+@pytest.mark.skipif(not hasattr(os, "waitid"), reason="os.waitid")
+def test_at_exit_an_error_of_the_replaced_sigchld_handler_with_nothing_reaped_stands() -> None:
+    from typedbrain._data import _ChildEndsAtExit
+
+    def previous(signum: int, frame: object) -> None:
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed.")
+
+    with pytest.raises(RuntimeError, match="Killed"):
+        _ChildEndsAtExit(previous, [])(signal.SIGCHLD, None)

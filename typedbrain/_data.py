@@ -20,6 +20,7 @@ import operator
 import os
 import random
 import signal
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from types import FrameType
 from typing import Any, SupportsIndex, TypeAlias, TypedDict, cast
@@ -126,21 +127,113 @@ _EXIT_FLAGS: dict[int, torch.Tensor] = {}
 def _exit_flag() -> torch.Tensor:
     """A one-element tensor in shared memory that this process sets to 1 as it exits.
 
-    Made, and its setting registered, on first use: it is set before ``multiprocessing``'s own
-    exit handler sends SIGTERM to the daemonic processes still alive (loader workers of an
-    iterator that was not shut down) and waits for them. In a main process that handler runs
-    at ``atexit``, which runs the last registered first (``multiprocessing.util``, imported
-    before, registered it earlier). A process ``multiprocessing`` started (a rank of
-    ``torch.multiprocessing.spawn``) runs no ``atexit`` handlers: it calls that handler
-    directly, which first runs the finalizers registered with ``multiprocessing.util``.
+    Made, and its setting registered, on first use: it is set (by :func:`_process_exits`)
+    before ``multiprocessing``'s own exit handler sends SIGTERM to the daemonic processes still
+    alive (loader workers of an iterator that was not shut down) and waits for them. In a main
+    process that handler runs at ``atexit``, which runs the last registered first
+    (``multiprocessing.util``, imported before, registered it earlier). A process
+    ``multiprocessing`` started (a rank of ``torch.multiprocessing.spawn``) runs no ``atexit``
+    handlers: it calls that handler directly, which first runs the finalizers registered with
+    ``multiprocessing.util``.
     """
     flag = _EXIT_FLAGS.get(os.getpid())
     if flag is None:
         flag = torch.zeros(1, dtype=torch.uint8).share_memory_()  # type: ignore[no-untyped-call]  # untyped in torch
         _EXIT_FLAGS[os.getpid()] = flag
-        atexit.register(flag.fill_, 1)
-        multiprocessing.util.Finalize(None, flag.fill_, args=(1,), exitpriority=100)
+        atexit.register(_process_exits, flag)
+        multiprocessing.util.Finalize(None, _process_exits, args=(flag,), exitpriority=100)
     return flag
+
+
+_SignalHandler: TypeAlias = Callable[[int, FrameType | None], Any]
+
+
+class _ChildEndsAtExit:
+    """The SIGCHLD handler of an exiting process: a child killed by SIGTERM is no worker failure.
+
+    torch's SIGCHLD handler (installed by the first iterator with workers) raises ``DataLoader
+    worker (pid ...) is killed by signal: Terminated`` for a worker that died of a signal and that
+    nobody has waited for yet. As the process exits, ``multiprocessing`` sends SIGTERM to the
+    workers still alive and then waits for them; a worker whose SIGTERM handler was not set yet (it
+    was still starting: from its fork to torch's worker loop, or all of a ``spawn`` worker's
+    imports) dies of it, and torch's handler, run while ``multiprocessing`` waits for another child,
+    raised then: a traceback at the exit, in a process ``multiprocessing`` started an exit status of
+    1, and, if it raised before every child was sent its SIGTERM, the others left running. This
+    handler first reaps the children present at the exit that a SIGTERM killed (through
+    ``multiprocessing``, which records their exit code), then calls the handler it replaced, which
+    no longer sees them. A child that ended otherwise (a segfault, SIGKILL) is left for that handler
+    to report. Where ``os.waitid`` is missing (macOS), which a child's end cannot be told without
+    reaping it, every child that ended is reaped.
+    """
+
+    def __init__(
+        self, previous: _SignalHandler, children: Iterable[multiprocessing.process.BaseProcess]
+    ) -> None:
+        self.previous = previous
+        self.children = set(children)
+        # How many children it reaped. Python may run the handler again within itself (for a
+        # SIGCHLD arriving meanwhile): what such a run reaps counts for the outer run too.
+        self.reaped = 0
+
+    def _reap_terminated(self) -> None:
+        """Reap the children that SIGTERM killed (counting them in ``reaped``)."""
+        for child in list(self.children):
+            pid = child.pid
+            if pid is None:
+                self.children.discard(child)
+                continue
+            if hasattr(os, "waitid"):
+                try:
+                    ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                except ChildProcessError:  # reaped already, or a forkserver's child
+                    self.children.discard(child)
+                    continue
+                if ended is None:  # alive
+                    continue
+                if (ended.si_code, ended.si_status) != (os.CLD_KILLED, signal.SIGTERM):
+                    self.children.discard(child)  # for the previous handler to report
+                    continue
+            try:
+                code = child.exitcode  # multiprocessing reaps it, and records the code
+            except ValueError:  # closed: reaped already
+                code = 0
+            if code is not None and child in self.children:
+                self.children.discard(child)
+                self.reaped += 1
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self._reap_terminated()
+        while True:
+            reaped = self.reaped
+            try:
+                self.previous(signum, frame)
+                return
+            except RuntimeError:
+                # A child killed by SIGTERM between the reaping and the previous handler's
+                # look: reap it, and look again. An error with nothing new reaped is real.
+                self._reap_terminated()
+                if self.reaped == reaped:
+                    raise
+
+
+def _process_exits(flag: torch.Tensor) -> None:
+    """Mark this process as exiting: set its exit flag, and make an exit's SIGTERM no failure.
+
+    Runs twice in a main process (at ``atexit``, then among ``multiprocessing``'s finalizers,
+    just before it ends the children): the second run takes the children again. SIGCHLD
+    handling is only changed from the main thread (the only one that may set it), and only
+    where a handler is set (torch's, once an iterator with workers was made): see
+    :class:`_ChildEndsAtExit`.
+    """
+    flag.fill_(1)
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        return  # Windows has no SIGCHLD (nor torch's handler of it)
+    current = signal.getsignal(signal.SIGCHLD)
+    if isinstance(current, _ChildEndsAtExit):
+        current.children = set(multiprocessing.active_children())
+    elif callable(current):
+        handler = _ChildEndsAtExit(current, multiprocessing.active_children())
+        signal.signal(signal.SIGCHLD, handler)
 
 
 def _iteration_done_flag() -> multiprocessing.synchronize.Semaphore | None:
