@@ -35,10 +35,10 @@ from typedbrain._data import (
     find_resumable_sampler,
     make_dataloader,
     position_loader,
-    seed_worker,
     set_loader_epoch,
 )
 from typedbrain._errors import ConfigurationError, ResumeWarning
+from typedbrain._loader_workers import seed_worker
 from typedbrain._sampler import ResumableSampler, loader_seed, set_loader_seed
 
 

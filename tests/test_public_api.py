@@ -11,7 +11,8 @@ from pathlib import Path
 
 import typedbrain
 from typedbrain._cli_args import run_options_help
-from typedbrain._data import seed_worker, set_loader_epoch
+from typedbrain._data import set_loader_epoch
+from typedbrain._loader_workers import seed_worker
 from typedbrain._train_log import format_stat
 
 

@@ -300,7 +300,7 @@ def _wait_until_ended(process: multiprocessing.process.BaseProcess) -> None:
 
 @pytest.mark.skipif(not hasattr(os, "waitid"), reason="os.waitid")
 def test_at_exit_only_children_killed_by_sigterm_are_hidden_from_the_sigchld_handler() -> None:
-    from typedbrain._data import _ChildEndsAtExit
+    from typedbrain._loader_workers import _ChildEndsAtExit
 
     context = multiprocessing.get_context("fork")
     terminated, killed = (context.Process(target=_sleep_a_minute, daemon=True) for _ in "ab")
@@ -338,7 +338,7 @@ def test_at_exit_a_child_killed_by_sigterm_as_the_sigchld_handler_looks_is_no_fa
     """The child dies after the handler reaped, as the handler it replaced (torch's) looks, and
     that one reports it. ``nested``: Python runs the handler again within itself, for the
     child's own SIGCHLD, before the report reaches the outer run, and that inner run reaps it."""
-    from typedbrain._data import _ChildEndsAtExit
+    from typedbrain._loader_workers import _ChildEndsAtExit
 
     child = multiprocessing.get_context("fork").Process(target=_sleep_a_minute, daemon=True)
     child.start()
@@ -361,7 +361,7 @@ def test_at_exit_a_child_killed_by_sigterm_as_the_sigchld_handler_looks_is_no_fa
 
 @pytest.mark.skipif(not hasattr(os, "waitid"), reason="os.waitid")
 def test_at_exit_an_error_of_the_replaced_sigchld_handler_with_nothing_reaped_stands() -> None:
-    from typedbrain._data import _ChildEndsAtExit
+    from typedbrain._loader_workers import _ChildEndsAtExit
 
     def previous(signum: int, frame: object) -> None:
         raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed.")

@@ -26,7 +26,6 @@ from typedbrain._data import LoaderKwargs as LoaderKwargs
 from typedbrain._data import Shard as Shard
 from typedbrain._data import make_dataloader as make_dataloader
 from typedbrain._data import position_loader as position_loader
-from typedbrain._data import seed_worker as seed_worker
 from typedbrain._data import set_loader_epoch as set_loader_epoch
 from typedbrain._distributed import all_gather_object as all_gather_object
 from typedbrain._distributed import all_reduce_mean as all_reduce_mean
@@ -68,6 +67,7 @@ from typedbrain._launch import detect_launch as detect_launch
 from typedbrain._launch import device_for as device_for
 from typedbrain._launch import init_distributed as init_distributed
 from typedbrain._launch import shutdown_distributed as shutdown_distributed
+from typedbrain._loader_workers import seed_worker as seed_worker
 from typedbrain._manifest import INTRA_EPOCH_CKPT_FLAG as INTRA_EPOCH_CKPT_FLAG
 from typedbrain._manifest import Checkpoint as Checkpoint
 from typedbrain._manifest import CheckpointFile as CheckpointFile

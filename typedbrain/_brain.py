@@ -30,7 +30,6 @@ from typedbrain._data import (
     Shard,
     loader_length,
     make_dataloader,
-    release_loader_frames,
 )
 from typedbrain._debug_folder import redirect_for_debug
 from typedbrain._distributed import (
@@ -56,6 +55,7 @@ from typedbrain._errors import (
 from typedbrain._group_holders import hold_group
 from typedbrain._hparams import Hparams, hparams_items, resolve_hparams
 from typedbrain._launch import detect_launch, device_for, init_distributed
+from typedbrain._loader_workers import release_loader_frames
 from typedbrain._manifest import INTRA_EPOCH_CKPT_FLAG
 from typedbrain._modules import collective_free_forwards, compile_modules, wrap_modules
 from typedbrain._numerics import (
