@@ -15,7 +15,16 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 # default mode installs an import hook that mypy cannot see through: typedbrain is then Any).
 EDITABLE := --config-settings editable_mode=compat -e
 
-.PHONY: demo test lint typecheck unit clean
+# A second environment with every runtime dependency at the floor pyproject.toml names (torch at
+# TORCH_SPEC: its floor is not on this disk), where the tests of what those dependencies serve
+# (configuration, hyperparameters, options, state, checkpoints) run again: a floor that no
+# longer works fails `make test`.
+FLOORS_VENV ?= .venv-floors
+FLOOR_TESTS := tests/test_config.py tests/test_typed_hparams.py tests/test_hparams.py \
+	tests/test_options.py tests/test_state.py tests/test_run_record.py tests/test_cli_args.py \
+	tests/test_checkpoint.py tests/test_experiment.py tests/test_train_loggers.py
+
+.PHONY: demo test test-floors lint typecheck unit clean
 
 demo: $(VENV)/.installed-examples
 	$(BIN)/python examples/digits/demo.py
@@ -25,6 +34,10 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
+	$(MAKE) test-floors
+
+test-floors: $(FLOORS_VENV)/.installed
+	$(FLOORS_VENV)/bin/python -m pytest -p no:cacheprovider -q -m "not slow" $(FLOOR_TESTS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
@@ -54,5 +67,16 @@ $(VENV)/.installed-dev: $(VENV)/.torch pyproject.toml
 	$(PIP) install -c $(VENV)/.torch $(EDITABLE) '.[dev]'
 	touch $@
 
+# Made afresh whenever pyproject.toml changes (an old floor's package must not stay behind).
+$(FLOORS_VENV)/.installed: pyproject.toml tools/dependency_floors.py
+	rm -rf $(FLOORS_VENV)
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python tools/dependency_floors.py --torch '$(TORCH_SPEC)' > $(FLOORS_VENV)/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip --disable-pip-version-check install $(TORCH_SPEC) \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(FLOORS_VENV)/bin/python -m pip --disable-pip-version-check install \
+		-c $(FLOORS_VENV)/floors.txt -r $(FLOORS_VENV)/floors.txt pytest hypothesis
+	touch $@
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis results
+	rm -rf $(VENV) $(FLOORS_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis results
