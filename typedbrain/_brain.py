@@ -1054,8 +1054,6 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         later ``fit`` under a new group wraps them again.
         """
         self._control_group = None
-        if not self._ddp_modules:
-            return  # FSDP2 modules stay sharded (in place): a later fit must not shard again
         wrappers = {id(wrapper) for wrapper in self._ddp_modules}
         for key, module in list(self.modules.items()):
             if id(module) in wrappers:

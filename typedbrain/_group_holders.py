@@ -15,14 +15,13 @@ class GroupHolder(Protocol):
     def _release_group(self) -> None: ...
 
 
-# The objects of this process holding a process group, released before it is destroyed; by
-# id, since a brain need not be hashable (a subclass that defines __eq__ is not).
-_holders: weakref.WeakValueDictionary[int, GroupHolder] = weakref.WeakValueDictionary()
+# The objects of this process holding a process group, released before it is destroyed.
+_holders: weakref.WeakSet[GroupHolder] = weakref.WeakSet()
 
 
 def hold_group(holder: GroupHolder) -> None:
     """Have :func:`release_groups` ask ``holder`` to drop what holds the process group."""
-    _holders[id(holder)] = holder
+    _holders.add(holder)
 
 
 def release_groups() -> None:
@@ -34,7 +33,7 @@ def release_groups() -> None:
     it sometimes aborts the process ("terminate called without an active exception", exit
     status 134) at the end of a run that succeeded.
     """
-    holders = list(_holders.values())
+    holders = list(_holders)
     _holders.clear()
     for holder in holders:
         holder._release_group()
