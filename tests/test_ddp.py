@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import traceback
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, cast
@@ -25,13 +24,11 @@ from torch import Tensor
 from torch._C._distributed_c10d import HashStore
 from torch.distributed.tensor import DTensor
 
-import typedbrain as sb
 from tests.ddp.evaluation_worker import batchnorm_model
 from tests.ddp.resume_worker import STOPPED_SUFFIX
 from tests.ddp.worker import evaluate, train
 from tests.resume_harness import RunConfig, differences
 from tests.test_crash_resume import saves_so_far
-from typedbrain._launch import shutdown_distributed
 from typedbrain._modules import (
     _param_groups,
     collective_free_forwards,
@@ -692,119 +689,3 @@ def test_ranks_that_disagree_on_training_all_stop_with_an_error_showing_each_ran
         assert process.returncode in (1, -signal.SIGABRT), stderr.decode(errors="replace")
         assert b"DONE" not in stdout
         assert error.format(rank=rank) in stderr.decode(errors="replace")
-
-
-class _Regression(sb.Brain[tuple[Tensor, Tensor], Tensor]):
-    def compute_forward(self, batch: tuple[Tensor, Tensor], stage: sb.Stage) -> Tensor:
-        predictions: Tensor = self.modules["model"](batch[0])
-        return predictions
-
-    def compute_objectives(
-        self, predictions: Tensor, batch: tuple[Tensor, Tensor], stage: sb.Stage
-    ) -> Tensor:
-        return torch.nn.functional.mse_loss(predictions, batch[1])
-
-
-def _live_ddp_wrappers() -> list[torch.nn.parallel.DistributedDataParallel]:
-    gc.collect()
-    return [
-        cast(torch.nn.parallel.DistributedDataParallel, obj)
-        for obj in gc.get_objects()
-        # type(), not isinstance: a deprecated torch alias warns when asked for its __class__
-        if issubclass(type(obj), torch.nn.parallel.DistributedDataParallel)
-    ]
-
-
-def model_of(brain: _Regression) -> torch.nn.Module:
-    """The brain's ``model`` module as it is now (a wrapper, or the module)."""
-    return brain.modules["model"]
-
-
-def test_shutdown_distributed_frees_a_live_brains_ddp_wrappers_before_destroying_the_group(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A wrapper's reducer holds the group: freed after destroy_process_group (the brain going
-    # later, or at exit), gloo's destructor aborted about one 2-process job in thirty.
-    examples = [(torch.full((3,), float(i)), torch.zeros(2)) for i in range(4)]
-    inner = torch.nn.Linear(3, 2)
-    brain = _Regression(
-        {"model": inner},
-        lambda params: torch.optim.SGD(params, lr=0.01),
-        run_opts={"device": "cpu", "noprogressbar": True},
-    )
-    dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
-    destroyed_with: list[list[torch.nn.parallel.DistributedDataParallel]] = []
-    real_destroy = dist.destroy_process_group
-
-    def destroy(*args: object) -> None:
-        destroyed_with.append(_live_ddp_wrappers())
-        real_destroy()
-
-    try:
-        brain.fit(range(1, 2), examples, train_loader_kwargs={"batch_size": 2})
-        assert isinstance(model_of(brain), torch.nn.parallel.DistributedDataParallel)
-        with monkeypatch.context() as patch:
-            patch.setattr(dist, "destroy_process_group", destroy)
-            shutdown_distributed()
-    finally:
-        if dist.is_initialized():
-            gc.collect()
-            real_destroy()
-    assert destroyed_with == [[]]  # no wrapper was alive when the group was destroyed
-    assert model_of(brain) is inner
-    assert brain.no_sync() is brain.no_sync(use=False)  # no DDP modules left to hold back
-
-    # The brain trains on without a group, and a group started later wraps it again.
-    brain.fit(range(1, 3), examples, train_loader_kwargs={"batch_size": 2})
-    assert model_of(brain) is inner
-
-    def check() -> None:
-        brain.fit(range(1, 4), examples, train_loader_kwargs={"batch_size": 2})
-        wrapper = model_of(brain)
-        assert isinstance(wrapper, torch.nn.parallel.DistributedDataParallel)
-        assert wrapper.module is inner
-        del wrapper
-        shutdown_distributed()
-        assert _live_ddp_wrappers() == []
-        assert model_of(brain) is inner
-
-    dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
-    try:
-        check()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def test_shutdown_distributed_frees_a_live_brains_own_control_group(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Under nccl the brain makes a gloo group of its own for its stop exchanges and keeps it
-    # for the next fit; stand in for that here with a second gloo group.
-    made: list[weakref.ref[dist.ProcessGroup]] = []
-
-    def own_group() -> dist.ProcessGroup:
-        group = dist.new_group(backend="gloo")
-        assert isinstance(group, dist.ProcessGroup)
-        made.append(weakref.ref(group))
-        return group
-
-    monkeypatch.setattr("typedbrain._brain.control_group", own_group)
-    examples = [(torch.full((3,), float(i)), torch.zeros(2)) for i in range(4)]
-    brain = _Regression(
-        {"model": torch.nn.Linear(3, 2)},
-        lambda params: torch.optim.SGD(params, lr=0.01),
-        run_opts={"device": "cpu", "noprogressbar": True, "stop_on_signals": True},
-    )
-    dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
-    try:
-        brain.fit(range(1, 2), examples, train_loader_kwargs={"batch_size": 2})
-        assert len(made) == 1
-        assert made[0]() is not None  # kept by the brain for its next fit
-        shutdown_distributed()
-    finally:
-        if dist.is_initialized():
-            gc.collect()
-            dist.destroy_process_group()
-    gc.collect()
-    assert made[0]() is None  # the brain let go of it: it went with the default group

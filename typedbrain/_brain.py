@@ -52,7 +52,6 @@ from typedbrain._errors import (
     ResumeWarning,
     TrainingInterruptedError,
 )
-from typedbrain._group_holders import hold_group
 from typedbrain._hparams import Hparams, hparams_items, resolve_hparams
 from typedbrain._launch import detect_launch, device_for, init_distributed
 from typedbrain._loader_workers import release_loader_frames
@@ -1040,26 +1039,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         """Wrap trainable modules in DDP (under a process group) or DataParallel, once."""
         if not self._wrapped:
             self._ddp_modules = wrap_modules(self.modules, self.run_opts, self._device)
-            # Without a group or DataParallel nothing was wrapped: a later fit under a group
-            # (one started after this fit) wraps then.
-            self._wrapped = is_distributed() or self.run_opts.data_parallel_backend
-            if self._ddp_modules:
-                hold_group(self)
-
-    def _release_group(self) -> None:
-        """Drop what holds the process group, which is going: DDP wrappers, the control group.
-
-        Called by ``shutdown_distributed`` (and at exit) before it destroys the group, so that
-        none of it outlives the group; the modules go back in place of their wrappers, and a
-        later ``fit`` under a new group wraps them again.
-        """
-        self._control_group = None
-        wrappers = {id(wrapper) for wrapper in self._ddp_modules}
-        for key, module in list(self.modules.items()):
-            if id(module) in wrappers:
-                self.modules[key] = cast(torch.nn.parallel.DistributedDataParallel, module).module
-        self._ddp_modules = []
-        self._wrapped = False
+            self._wrapped = True
 
     # ----------------------------------------------------------------------------------------
     # The loop's inner workings
@@ -1414,7 +1394,6 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             # it to the interpreter's last moments, when destroying it can abort the process.
             if group is not dist.group.WORLD:
                 self._control_group = group
-                hold_group(self)
         return StopAgreement(self._stop, group)
 
     def _stop_if_asked_after_training(self) -> None:

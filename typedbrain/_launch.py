@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 
 from typedbrain._errors import ConfigurationError
-from typedbrain._group_holders import release_groups
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -319,9 +318,7 @@ def shutdown_distributed() -> None:
     the processes first wait for each other (at most 10 seconds): a process that tore its
     connections down while a peer still used them could make gloo abort that peer. Called
     while an error propagates (from a ``finally:``), it does not wait: see
-    :func:`_shutdown_at_exit`. The process's brains then let go of what holds the group (their
-    modules go back in place of their DDP wrappers) before it is destroyed: a wrapper freed
-    after the group ran its teardown late, which with gloo could abort the process.
+    :func:`_shutdown_at_exit`.
     """
     _shutdown(wait=not _error_in_flight())
 
@@ -354,5 +351,4 @@ def _shutdown(*, wait: bool) -> None:
             dist.monitored_barrier(timeout=_SHUTDOWN_WAIT)
         except RuntimeError as error:  # a peer is gone already: nothing left to wait for
             logger.debug("leaving without the other processes: %s", error)
-    release_groups()
     dist.destroy_process_group()
