@@ -24,6 +24,7 @@ from torch import Tensor
 from torch._C._distributed_c10d import HashStore
 from torch.distributed.tensor import DTensor
 
+import typedbrain as sb
 from tests.ddp.evaluation_worker import batchnorm_model
 from tests.ddp.resume_worker import STOPPED_SUFFIX
 from tests.ddp.worker import evaluate, train
@@ -689,3 +690,38 @@ def test_ranks_that_disagree_on_training_all_stop_with_an_error_showing_each_ran
         assert process.returncode in (1, -signal.SIGABRT), stderr.decode(errors="replace")
         assert b"DONE" not in stdout
         assert error.format(rank=rank) in stderr.decode(errors="replace")
+
+
+class _Regression(sb.Brain[tuple[Tensor, Tensor], Tensor]):
+    def compute_forward(self, batch: tuple[Tensor, Tensor], stage: sb.Stage) -> Tensor:
+        predictions: Tensor = self.modules["model"](batch[0])
+        return predictions
+
+    def compute_objectives(
+        self, predictions: Tensor, batch: tuple[Tensor, Tensor], stage: sb.Stage
+    ) -> Tensor:
+        return torch.nn.functional.mse_loss(predictions, batch[1])
+
+
+def test_a_brain_whose_first_fit_had_no_group_wraps_its_modules_in_a_fit_under_one() -> None:
+    # Before, the first fit settled "wrapped" for good: each process then trained on its own.
+    examples = [(torch.full((3,), float(i)), torch.zeros(2)) for i in range(4)]
+    inner = torch.nn.Linear(3, 2)
+    brains = [
+        _Regression(
+            {"model": inner},
+            lambda params: torch.optim.SGD(params, lr=0.01),
+            run_opts={"device": "cpu", "noprogressbar": True},
+        )
+    ]
+    brains[0].fit(range(1, 2), examples, train_loader_kwargs={"batch_size": 2})
+    assert brains[0].modules["model"] is inner
+
+    def check() -> None:
+        brain = brains.pop()  # freed with check's frame, before the group goes
+        brain.fit(range(1, 3), examples, train_loader_kwargs={"batch_size": 2})
+        wrapper = brain.modules["model"]
+        assert isinstance(wrapper, torch.nn.parallel.DistributedDataParallel)
+        assert wrapper.module is inner
+
+    one_process_group(check)

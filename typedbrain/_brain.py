@@ -1039,7 +1039,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         """Wrap trainable modules in DDP (under a process group) or DataParallel, once."""
         if not self._wrapped:
             self._ddp_modules = wrap_modules(self.modules, self.run_opts, self._device)
-            self._wrapped = True
+            # Without a group or DataParallel nothing was wrapped: a later fit under a group
+            # (one started after this fit) wraps then.
+            self._wrapped = is_distributed() or self.run_opts.data_parallel_backend
 
     # ----------------------------------------------------------------------------------------
     # The loop's inner workings
