@@ -12,6 +12,7 @@ import datetime
 import logging
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -181,6 +182,36 @@ def test_init_distributed_without_launcher_sets_up_nothing() -> None:
     assert init_distributed(backend="nccl") is None
     assert not is_distributed()
     shutdown_distributed()  # nothing to shut down: no error
+
+
+@pytest.mark.usefixtures("single_process")
+def test_shutdown_leaves_the_gil_to_the_backends_threads_after_destroying_the_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A gloo thread still freeing a finished collective's tensors needs the GIL; once the
+    # interpreter finalizes it cannot have it, and the process aborted (see _THREADS_GRACE).
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import HashStore
+
+    import typedbrain._launch as launch
+
+    events: list[str] = []
+    real_destroy = dist.destroy_process_group
+
+    def destroy() -> None:
+        events.append("destroy")
+        real_destroy()
+
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+    monkeypatch.setattr(time, "sleep", lambda seconds: events.append(f"sleep {seconds}"))
+    dist.init_process_group("gloo", rank=0, world_size=1, store=HashStore())
+    try:
+        shutdown_distributed()
+    finally:
+        if dist.is_initialized():
+            real_destroy()
+    assert events == ["destroy", f"sleep {launch._THREADS_GRACE.total_seconds()}"]
+    assert datetime.timedelta(milliseconds=50) <= launch._THREADS_GRACE
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, datetime.timedelta(0)])
