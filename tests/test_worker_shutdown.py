@@ -368,3 +368,46 @@ def test_at_exit_an_error_of_the_replaced_sigchld_handler_with_nothing_reaped_st
 
     with pytest.raises(RuntimeError, match="Killed"):
         _ChildEndsAtExit(previous, [])(signal.SIGCHLD, None)
+
+
+def test_at_exit_a_closed_child_is_no_error_of_the_sigchld_handler() -> None:
+    from typedbrain._loader_workers import _ChildEndsAtExit
+
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(0,))
+    child.start()
+    child.join()
+    calls: list[int] = []
+    handler = _ChildEndsAtExit(lambda signum, frame: calls.append(signum), [child])
+    child.close()  # its pid cannot be read any more
+    handler(signal.SIGCHLD, None)
+    assert calls == [signal.SIGCHLD]
+    assert handler.children == set()
+
+
+_FORKS_AND_EXITS = """
+import os, sys
+from typedbrain import make_dataloader
+from typedbrain._loader_workers import _EXIT_FLAGS
+make_dataloader(list(range(8)), seed=0, batch_size=2, num_workers=1)
+flag = _EXIT_FLAGS[os.getpid()]
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a plain fork's child ends normally: it runs the hooks it inherited
+os.waitpid(child, 0)
+print("flag", int(flag.item()))
+"""
+
+
+@pytest.mark.slow
+def test_a_plain_fork_child_that_exits_leaves_the_parents_exit_flag_alone() -> None:
+    # Set, it made the parent's loader workers obey a job's SIGTERM instead of ignoring it.
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKS_AND_EXITS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=PROJECT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["flag", "0"]

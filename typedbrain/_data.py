@@ -11,8 +11,6 @@ import difflib
 import hashlib
 import logging
 import multiprocessing.context
-import multiprocessing.synchronize
-import multiprocessing.util  # registers its exit handler before _exit_flag registers one
 import operator
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized

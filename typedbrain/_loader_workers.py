@@ -84,8 +84,12 @@ def _exit_flag() -> torch.Tensor:
     if flag is None:
         flag = torch.zeros(1, dtype=torch.uint8).share_memory_()  # type: ignore[no-untyped-call]  # untyped in torch
         _EXIT_FLAGS[os.getpid()] = flag
-        atexit.register(_process_exits, flag)
-        multiprocessing.util.Finalize(None, _process_exits, args=(flag,), exitpriority=100)
+        # A child of a plain os.fork() inherits the atexit hook: the pid keeps it off the
+        # parent's flag (multiprocessing's finalizers check the pid themselves).
+        atexit.register(_process_exits, flag, os.getpid())
+        multiprocessing.util.Finalize(
+            None, _process_exits, args=(flag, os.getpid()), exitpriority=100
+        )
     return flag
 
 
@@ -115,60 +119,63 @@ class _ChildEndsAtExit:
     ) -> None:
         self.previous = previous
         self.children = set(children)
-        # How many children it reaped. Python may run the handler again within itself (for a
-        # SIGCHLD arriving meanwhile): what such a run reaps counts for the outer run too.
-        self.reaped = 0
+        # How many children it has settled (reaped, or left to the previous handler). Python
+        # may run the handler again within itself (for a SIGCHLD arriving meanwhile): what such
+        # a run settles counts for the outer run too.
+        self.settled = 0
+
+    def _settle(self, child: multiprocessing.process.BaseProcess) -> None:
+        if child in self.children:
+            self.children.discard(child)
+            self.settled += 1
 
     def _reap_terminated(self) -> None:
-        """Reap the children that SIGTERM killed (counting them in ``reaped``)."""
+        """Reap the children that SIGTERM killed; leave the others that ended to the previous."""
         for child in list(self.children):
-            pid = child.pid
-            if pid is None:
-                self.children.discard(child)
-                continue
-            if hasattr(os, "waitid"):
-                try:
-                    ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-                except ChildProcessError:  # reaped already, or a forkserver's child
-                    self.children.discard(child)
-                    continue
-                if ended is None:  # alive
-                    continue
-                if (ended.si_code, ended.si_status) != (os.CLD_KILLED, signal.SIGTERM):
-                    self.children.discard(child)  # for the previous handler to report
-                    continue
             try:
-                code = child.exitcode  # multiprocessing reaps it, and records the code
+                pid = child.pid
+                if pid is not None and hasattr(os, "waitid"):
+                    ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                    if ended is None:  # alive
+                        continue
+                    if (ended.si_code, ended.si_status) != (os.CLD_KILLED, signal.SIGTERM):
+                        self._settle(child)  # for the previous handler to report
+                        continue
+                if pid is not None and child.exitcode is None:  # reaps it, recording the code
+                    continue  # alive (only without waitid)
             except ValueError:  # closed: reaped already
-                code = 0
-            if code is not None and child in self.children:
-                self.children.discard(child)
-                self.reaped += 1
+                pass
+            except ChildProcessError:  # reaped already, or a forkserver's child
+                pass
+            self._settle(child)
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         self._reap_terminated()
         while True:
-            reaped = self.reaped
+            settled = self.settled
             try:
                 self.previous(signum, frame)
                 return
             except RuntimeError:
                 # A child killed by SIGTERM between the reaping and the previous handler's
-                # look: reap it, and look again. An error with nothing new reaped is real.
+                # look: reap it, and look again. An error with nothing newly settled is real.
                 self._reap_terminated()
-                if self.reaped == reaped:
+                if self.settled == settled:
                     raise
 
 
-def _process_exits(flag: torch.Tensor) -> None:
+def _process_exits(flag: torch.Tensor, pid: int) -> None:
     """Mark this process as exiting: set its exit flag, and make an exit's SIGTERM no failure.
 
     Runs twice in a main process (at ``atexit``, then among ``multiprocessing``'s finalizers,
     just before it ends the children): the second run takes the children again. SIGCHLD
     handling is only changed from the main thread (the only one that may set it), and only
     where a handler is set (torch's, once an iterator with workers was made): see
-    :class:`_ChildEndsAtExit`.
+    :class:`_ChildEndsAtExit`. Does nothing in another process than ``pid`` (a child of a
+    plain ``os.fork`` that inherited the hook): the flag is the parent's.
     """
+    if os.getpid() != pid:
+        return
     flag.fill_(1)
     if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
         return  # Windows has no SIGCHLD (nor torch's handler of it)
