@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, _utils
 
 from tests.helpers import PROJECT, Batch, RegressionBrain, examples, sgd
+from tests.test_worker_signals import WorkerPids
 from typedbrain import LoaderKwargs, ResumeWarning
 from typedbrain._data import make_dataloader
 
@@ -250,17 +251,6 @@ def test_an_exit_whose_sigterm_kills_starting_workers_is_clean(
     assert len((tmp_path / "order").read_text().split()) == 3  # the workers did start
 
 
-class LoaderPids(Dataset[int]):
-    """Item ``i`` is the id of the process that loaded it."""
-
-    def __len__(self) -> int:
-        return 40
-
-    def __getitem__(self, index: int) -> int:
-        time.sleep(0.01)
-        return os.getpid()
-
-
 def kill_and_iterate(iterator: Iterator[object], pid: int, signum: signal.Signals) -> None:
     """Send ``signum`` to the worker ``pid`` and iterate on (its SIGCHLD may raise at once)."""
     os.kill(pid, signum)
@@ -277,7 +267,7 @@ def test_a_worker_killed_while_the_loader_is_iterated_is_still_reported(
     signum: signal.Signals,
 ) -> None:
     """The exit's leniency does not reach a live process: torch's error stands."""
-    loader = make_dataloader(LoaderPids(), seed=0, batch_size=2, num_workers=2)
+    loader = make_dataloader(WorkerPids(), seed=0, batch_size=2, num_workers=2)
     iterator = iter(loader)
     batch = next(iterator)
     assert isinstance(batch, Tensor)
