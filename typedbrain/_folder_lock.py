@@ -9,11 +9,10 @@ records there which process holds it, and keeps it; a write from another process
 
 Every :class:`~typedbrain.Checkpointer` of one process shares the lock of a folder (keyed by the
 folder's real path): a fresh checkpointer that resumes in the same process writes on. The lock
-is let go when the last checkpointer that took it is garbage-collected (or lets go of it,
-``Checkpointer.release_lock``), and by the operating
-system when the process ends, however it ends (a run killed with SIGKILL does not block its
-restart). The lock file itself is never deleted: deleting it would let two processes lock two
-different files of one name.
+is let go when the last checkpointer that took it is garbage-collected (or lets go of it with
+``Checkpointer.release_lock``), and by the operating system when the process ends, however it
+ends (a run killed with SIGKILL does not block its restart). The lock file itself is never
+deleted: deleting it would let two processes lock two different files of one name.
 
 Reading takes no lock: evaluating the checkpoints of a run that is still training is
 legitimate.
