@@ -86,6 +86,22 @@ def _rotate_on_load(
     return calls
 
 
+def _recover_while_rotating(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    reader: Checkpointer,
+    rotation: Rotation,
+    max_key: str | None = None,
+) -> tuple[Checkpoint | None, list[Path]]:
+    """``reader.recover_if_possible(max_key=...)``, ``rotation`` before each load, INFO captured.
+
+    Returns what it recovered and the folders it was asked to load, in order.
+    """
+    calls = _rotate_on_load(monkeypatch, reader, rotation)
+    with caplog.at_level(logging.INFO, logger="typedbrain._checkpoint"):
+        return reader.recover_if_possible(max_key=max_key), calls
+
+
 @pytest.fixture
 def caught() -> Iterator[list[warnings.WarningMessage]]:
     with warnings.catch_warnings(record=True) as recorded:
@@ -127,9 +143,7 @@ def test_a_checkpoint_the_keep_policy_deletes_while_it_loads_gives_way_to_its_su
             assert not newer.path.exists()
             assert not older.path.exists()
 
-    calls = _rotate_on_load(monkeypatch, reader, rotate)
-    with caplog.at_level(logging.INFO, logger="typedbrain._checkpoint"):
-        recovered = reader.recover_if_possible()
+    recovered, calls = _recover_while_rotating(monkeypatch, caplog, reader, rotate)
 
     assert recovered == successor[0]
     assert _weight(model) == 3.0
@@ -166,9 +180,7 @@ def test_a_deletion_in_place_cut_short_is_not_taken_for_damage(
             for file in newer.paramfiles.values():
                 file.unlink()
 
-    calls = _rotate_on_load(monkeypatch, reader, rotate)
-    with caplog.at_level(logging.INFO, logger="typedbrain._checkpoint"):
-        recovered = reader.recover_if_possible()
+    recovered, calls = _recover_while_rotating(monkeypatch, caplog, reader, rotate)
 
     assert recovered == successor[0]
     assert _weight(model) == 3.0
@@ -196,9 +208,7 @@ def test_a_checkpoint_replaced_under_its_name_gives_way_to_the_new_commit(
             writer.delete(first)
             replacement.append(writer.save(5.0, name="best"))
 
-    calls = _rotate_on_load(monkeypatch, reader, rotate)
-    with caplog.at_level(logging.INFO, logger="typedbrain._checkpoint"):
-        recovered = reader.recover_if_possible()
+    recovered, calls = _recover_while_rotating(monkeypatch, caplog, reader, rotate)
 
     assert recovered == replacement[0]
     assert _weight(model) == 5.0
@@ -230,9 +240,7 @@ def test_a_damaged_folder_still_warns_once_and_is_left_out_of_the_rescan(
             successor.append(writer.save(3.0, meta={"score": 7.0}))
             writer.delete(middling)
 
-    calls = _rotate_on_load(monkeypatch, reader, rotate)
-    with caplog.at_level(logging.INFO, logger="typedbrain._checkpoint"):
-        recovered = reader.recover_if_possible(max_key="score")
+    recovered, calls = _recover_while_rotating(monkeypatch, caplog, reader, rotate, max_key="score")
 
     assert recovered == successor[0]
     assert _weight(model) == 3.0
@@ -264,9 +272,7 @@ def test_rescans_are_bounded_then_a_vanished_candidate_is_skipped_as_before(
             writer.save(10.0 + call)
             writer.delete(checkpoint)
 
-    calls = _rotate_on_load(monkeypatch, reader, rotate)
-    with caplog.at_level(logging.INFO, logger="typedbrain._checkpoint"):
-        recovered = reader.recover_if_possible()
+    recovered, calls = _recover_while_rotating(monkeypatch, caplog, reader, rotate)
 
     # The first candidate and one per rescan vanish; then the last scan's list is walked on,
     # as recovery always did: its next candidate is the oldest, which loads.
