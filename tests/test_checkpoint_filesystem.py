@@ -187,18 +187,23 @@ def test_the_command_line_lists_an_unreadable_checkpoint_as_unreadable(
     assert oldest.path.name in output
 
 
-def test_where_folders_cannot_be_renamed_a_keep_policy_deletes_in_place(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """As on a gcsfuse mount, which refuses to rename a folder."""
+def _refuse_folder_renames(monkeypatch: pytest.MonkeyPatch, refusal: OSError) -> None:
+    """Make the checkpointer's renames of a folder fail with ``refusal`` (files still rename)."""
     real_rename = os.rename
 
     def rename(source: Any, destination: Any) -> None:
         if Path(source).is_dir():
-            raise OSError(errno.ENOTSUP, "Operation not supported", str(source))
+            raise type(refusal)(refusal.errno, refusal.strerror, str(source))
         real_rename(source, destination)
 
     monkeypatch.setattr("typedbrain._checkpoint.os.rename", rename)
+
+
+def test_where_folders_cannot_be_renamed_a_keep_policy_deletes_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a gcsfuse mount, which refuses to rename a folder."""
+    _refuse_folder_renames(monkeypatch, OSError(errno.ENOTSUP, "Operation not supported"))
     checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)})
     saved = [checkpointer.save_and_keep_only(num_to_keep=1) for _ in range(3)]
     newest = saved[-1]
@@ -677,16 +682,9 @@ def test_a_folder_rename_refused_for_permissions_deletes_nothing_in_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """EPERM is a sticky folder or an immutable flag: reported, not worked around."""
-    real_rename = os.rename
-
-    def rename(source: Any, destination: Any) -> None:
-        if Path(source).is_dir():
-            raise PermissionError(errno.EPERM, "Operation not permitted", str(source))
-        real_rename(source, destination)
-
     checkpointer = Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)})
     first = checkpointer.save_checkpoint()
-    monkeypatch.setattr("typedbrain._checkpoint.os.rename", rename)
+    _refuse_folder_renames(monkeypatch, PermissionError(errno.EPERM, "Operation not permitted"))
     with pytest.warns(CheckpointWarning, match="could not delete checkpoint .*Operation not perm"):
         checkpointer.save_and_keep_only(num_to_keep=1)
     assert (first.path / "MANIFEST.json").exists()  # still whole, still committed
