@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -160,7 +161,7 @@ def test_checkpoint_folder_holds_one_file_per_recoverable_and_a_manifest(tmp_pat
         "counter": checkpoint.path / "counter.ckpt",
     }
     manifest = json.loads((checkpoint.path / "MANIFEST.json").read_text())
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert manifest["manifest_sha256"] == manifest_digest(manifest)
     assert manifest["sequence"] == 1
     assert manifest["end_of_epoch"] is False
@@ -168,7 +169,11 @@ def test_checkpoint_folder_holds_one_file_per_recoverable_and_a_manifest(tmp_pat
     assert manifest["torch_version"] == str(torch.__version__)
     assert set(manifest["typedbrain_version"]) <= set("0123456789.abcdevr+")
     for name, record in manifest["files"].items():
-        assert record["size"] == (checkpoint.path / f"{name}.ckpt").stat().st_size
+        data = (checkpoint.path / f"{name}.ckpt").read_bytes()
+        assert record["size"] == len(data)
+        # Files smaller than a piece: one SHA-256, that of the whole file (sha256sum's).
+        assert record["piece_bytes"] == 16 << 20
+        assert record["sha256"] == [hashlib.sha256(data).hexdigest()]
     # What save_checkpoint returns is what the folder says.
     assert verify_checkpoint(checkpoint.path) == checkpoint
     assert checkpointer.list_checkpoints() == [checkpoint]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -464,19 +465,19 @@ def test_a_file_replaced_between_its_opening_and_its_hashing_is_refused(
     # The loader opens the file it decodes before hashing starts. A copy renamed over it in
     # between (same bytes, so only the file's identity tells) must fail the check: the bytes
     # decoded would not be the bytes hashed.
-    real_verify = _manifest.verify_file
+    real_verify = _manifest.verify_piece
 
     def replace_then_verify(
-        checkpoint: Checkpoint, name: str, read_as: os.stat_result | None = None
+        checkpoint: Checkpoint, name: str, index: int, read_as: os.stat_result | None = None
     ) -> None:
         path = checkpoint.path / checkpoint.files[name].file
-        if replaced and name == "model":
+        if replaced and name == "model" and index == 0:
             copy = path.with_name(path.name + ".copy")
             shutil.copyfile(path, copy)
             os.replace(copy, path)
-        real_verify(checkpoint, name, read_as)
+        real_verify(checkpoint, name, index, read_as)
 
-    monkeypatch.setattr(_checkpoint, "verify_file", replace_then_verify)
+    monkeypatch.setattr(_checkpoint, "verify_piece", replace_then_verify)
     model = torch.nn.Linear(4, 4)
     before = model.weight.detach().clone()
     checkpointer = Checkpointer(
@@ -495,17 +496,30 @@ def test_a_file_replaced_between_its_opening_and_its_hashing_is_refused(
         assert torch.equal(model.weight, saved.newer_weight)
 
 
-def test_threaded_hashing_writer_records_the_files_size_and_sha256(tmp_path: Path) -> None:
+@pytest.mark.parametrize("piece_bytes", [None, 1 << 20, (3 << 20) + 7], ids=str)
+def test_threaded_hashing_writer_records_the_files_size_and_sha256_of_each_piece(
+    tmp_path: Path, piece_bytes: int | None
+) -> None:
+    # Writes of every size, some crossing one piece's end or several (hashed in parallel).
     path = tmp_path / "file"
     with (
-        ThreadPoolExecutor(1) as hasher,
+        ThreadPoolExecutor(2) as hasher,
         path.open("wb") as raw,
     ):
-        writer = _manifest.HashingWriter(raw, hasher)
-        for size in (3, 2 << 20, 10, 5 << 20, 1):
+        writer = _manifest.HashingWriter(raw, hasher, piece_bytes)
+        for size in (3, 2 << 20, 10, 5 << 20, 1, (1 << 20) - 14, 7 << 20):
             writer.write(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
         writer.flush()
-    assert writer.record("file") == _manifest.hash_file_readonly(path)
+    record = writer.record("file")
+    data = path.read_bytes()
+    step = _manifest.PIECE_BYTES if piece_bytes is None else piece_bytes
+    assert record.size == len(data)
+    assert record.piece_bytes == step
+    assert record.sha256 == tuple(
+        hashlib.sha256(data[start : start + step]).hexdigest()
+        for start in range(0, len(data), step)
+    )
+    assert record == _manifest.hash_file_readonly(path, piece_bytes)
 
 
 def test_saving_next_to_a_manifest_that_python_cannot_read_skips_it(saved: Saved) -> None:

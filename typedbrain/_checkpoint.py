@@ -83,8 +83,9 @@ from typedbrain._manifest import (
     to_json_meta,
     unexpected_entries,
     verify_checkpoint,
-    verify_file,
+    verify_piece,
 )
+from typedbrain._own_memory import copy_out_of_file
 from typedbrain._protocols import Stateful
 from typedbrain._version import __version__
 from typedbrain._warn import warn
@@ -429,10 +430,11 @@ class Checkpointer:
         folder = self._new_folder(name)
         try:
             # Each file's fsync (and a hook's file's hashing) runs in the background while the
-            # next one is written; all are done before the manifest commits. Leaving the
+            # next one is written, and the pieces of a large write are hashed in parallel
+            # while it is written; all are done before the manifest commits. Leaving the
             # ``with`` joins them, on failure too, before the folder is removed.
             with (
-                ThreadPoolExecutor(1, "typedbrain-hash") as hasher,
+                ThreadPoolExecutor(_hash_workers(), "typedbrain-hash") as hasher,
                 ThreadPoolExecutor(1, "typedbrain-sync") as syncer,
             ):
                 pending = {
@@ -1782,11 +1784,17 @@ def _remove_leftover(folder: Path) -> None:
         ) from error
 
 
-_HASH_WORKERS: Final = 4
-"""At most this many files are hashed at once while loading (and no more than the CPUs).
+_HASH_WORKERS: Final = 8
+"""At most this many pieces of files are hashed at once, saving or loading (and no more than
+the CPUs).
 
-As many as there are CPUs, not one fewer: decoding is mostly copying, and measured on two
-CPUs two hashing threads next to the decoding one load faster than one."""
+As many as there are CPUs, not one fewer: decoding (or writing) is mostly copying, and measured
+on two CPUs two hashing threads next to the decoding one load faster than one."""
+
+
+def _hash_workers() -> int:
+    """How many threads hash the pieces of checkpoint files: the CPUs, up to ``_HASH_WORKERS``."""
+    return max(1, min(_HASH_WORKERS, os.cpu_count() or 1))
 
 
 def _taken_state(obj: object) -> object:
@@ -1866,11 +1874,15 @@ def _verified_states(
     intact file that does not decode.
 
     Sizes are checked first (a stat each), so a truncated file is never decoded. Then worker
-    threads hash the files while this thread decodes those in ``decode`` (``torch.load`` with
-    ``weights_only=True``, which unpickles only plain data and tensors). Nothing is returned
-    unless every file's SHA-256 matches: a damaged file's decoded state is dropped unused. A
-    file in ``decode`` is opened once, before its hashing starts, and its hash must come from
-    that same file, so a file replaced meanwhile fails its check.
+    threads hash the files' pieces, in parallel, while this thread decodes those in ``decode``
+    (``torch.load`` with ``weights_only=True``, which unpickles only plain data and tensors;
+    memory-mapped when the file is a zip archive, as ``torch.save`` writes). Nothing is
+    returned unless every piece's SHA-256 matches: a damaged file's decoded state is dropped
+    unused. A mapped file's CPU tensors are copied out of the mapping as it is decoded, while
+    the hashing goes on (:func:`copy_out_of_file`): no state stays backed by a checkpoint
+    file. A file in
+    ``decode`` is opened once, before its hashing starts, and its hash must come from that same
+    file, and so must the mapping, so a file replaced meanwhile fails its check.
 
     Raises:
         ConfigurationError: ``device`` is not a device, or one this machine lacks.
@@ -1896,9 +1908,16 @@ def _verified_states(
             else:
                 check_present(checkpoint, name)
         read_as = {name: os.fstat(stream.fileno()) for name, stream in streams.items()}
-        workers = min(len(names), _HASH_WORKERS, os.cpu_count() or 1)
-        pool = files.enter_context(ThreadPoolExecutor(workers, "typedbrain-verify"))
-        checks = [pool.submit(verify_file, checkpoint, name, read_as.get(name)) for name in names]
+        tasks = [
+            (name, index) for name in names for index in range(len(checkpoint.files[name].sha256))
+        ]
+        pool = files.enter_context(
+            ThreadPoolExecutor(min(len(tasks), _hash_workers()), "typedbrain-verify")
+        )
+        checks = [
+            pool.submit(verify_piece, checkpoint, name, index, read_as.get(name))
+            for name, index in tasks
+        ]
         try:
             for name in decode:
                 try:
@@ -1960,14 +1979,27 @@ def _decode(
 
 
 def _decoded(stream: IO[bytes], path: Path, device: Device, *, keep_cpu: bool) -> dict[str, Any]:
-    """What :func:`_decode` does without a hint."""
+    """What :func:`_decode` does without a hint.
+
+    A zip archive (what ``torch.save`` writes) is memory-mapped rather than read, and its CPU
+    tensors are then copied out of the mapping (:func:`copy_out_of_file`): one copy, as a read
+    makes, but one that leaves the pieces' hashing alone with the file's pages. ``torch.load``
+    maps it by ``path``, so the file mapped must be the one open as ``stream`` (whose hash is
+    checked): one replaced or deleted meanwhile fails.
+    """
+    mapped = _is_zip(stream)
     try:
         state: object = torch.load(
-            stream, map_location=_map_location(device, keep_cpu=keep_cpu), weights_only=True
+            path if mapped else stream,
+            map_location=_map_location(device, keep_cpu=keep_cpu),
+            weights_only=True,
+            mmap=mapped,
         )
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(path, weights_only_reason(error)) from error
     except (RuntimeError, EOFError, ValueError, OSError) as error:
+        if mapped:
+            _check_same_file(stream, path)
         raise CheckpointError(
             f"cannot load {path.name} of checkpoint {path.parent} with device={device!r}: "
             f"{type(error).__name__}: {error} (its size and SHA-256 match the manifest: the "
@@ -1980,12 +2012,43 @@ def _decoded(stream: IO[bytes], path: Path, device: Device, *, keep_cpu: bool) -
             f"{error}; its size and SHA-256 match the manifest, so it was written so: not by "
             "torch.save (a custom save hook's file, read without its load hook?)"
         ) from error
+    if mapped:
+        _check_same_file(stream, path)
+        copy_out_of_file(state)
     if not isinstance(state, dict):
         raise CheckpointError(
             f"cannot load {path.name} of checkpoint {path.parent}: it holds a "
             f"{type(state).__name__}, not a state dict"
         )
     return state
+
+
+_ZIP_MAGIC: Final = b"PK\x03\x04"
+"""How a zip archive begins: ``torch.save``'s files do."""
+
+
+def _is_zip(stream: IO[bytes]) -> bool:
+    """Whether the file open as ``stream`` (at its start) is a zip archive; left at its start."""
+    head = stream.read(len(_ZIP_MAGIC))
+    stream.seek(0)
+    return head == _ZIP_MAGIC
+
+
+def _check_same_file(stream: IO[bytes], path: Path) -> None:
+    """Refuse a mapping of ``path`` unless ``path`` is still the file open as ``stream``.
+
+    Raises:
+        CorruptCheckpointError: ``path`` was deleted or replaced since ``stream`` was opened
+            (another process's keep policy, say), so what was mapped may not be what is hashed.
+    """
+    try:
+        now = os.stat(path)
+    except OSError:
+        now = None
+    if now is None or not os.path.samestat(now, os.fstat(stream.fileno())):
+        raise CorruptCheckpointError(
+            path.parent, f"the file {path.name} was deleted or replaced while it was being loaded"
+        )
 
 
 def _map_location(device: Device, *, keep_cpu: bool) -> MAP_LOCATION:

@@ -316,7 +316,7 @@ def one_process_fails_to_verify(folder: Path) -> Observed:
     checkpoint = checkpointer.list_checkpoints()[0]
     if _rank() == 1:
         # What process 1 would see if its view of the file differed from the main process's.
-        record = attrs.evolve(checkpoint.files["model"], sha256="0" * 64)
+        record = attrs.evolve(checkpoint.files["model"], sha256=("0" * 64,))
         checkpoint = attrs.evolve(checkpoint, files={"model": record})
     return _failed_load(fresh, checkpointer, checkpoint)
 

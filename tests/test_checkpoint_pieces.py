@@ -1,0 +1,270 @@
+"""Files are checksummed piece by piece; decoded states own their memory; format 2 still loads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from tests.helpers import rewrite_manifest
+from typedbrain import _checkpoint, _manifest
+from typedbrain._checkpoint import Checkpoint, Checkpointer, verify_checkpoint
+from typedbrain._errors import CheckpointWarning, CorruptCheckpointError
+from typedbrain._own_memory import copy_out_of_file
+
+_PIECE = 4096
+"""A piece size small enough that a test model's file has several."""
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_manifest, "PIECE_BYTES", _PIECE)
+
+
+def _two_checkpoints(folder: Path) -> tuple[Checkpoint, Checkpoint, Tensor]:
+    """An older and a newer checkpoint of a model; the weight the older one holds."""
+    model = torch.nn.Linear(64, 64)
+    checkpointer = Checkpointer(folder, {"model": model})
+    older = checkpointer.save_checkpoint()
+    weight = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    return older, checkpointer.save_checkpoint(), weight
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_a_large_file_is_recorded_with_the_sha256_of_each_piece(tmp_path: Path) -> None:
+    _, newer, _ = _two_checkpoints(tmp_path)
+    record = newer.files["model"]
+    data = newer.paramfiles["model"].read_bytes()
+    assert record.piece_bytes == _PIECE
+    assert len(record.sha256) == -(-len(data) // _PIECE) > 4
+    assert record.sha256 == tuple(
+        hashlib.sha256(data[start : start + _PIECE]).hexdigest()
+        for start in range(0, len(data), _PIECE)
+    )
+    assert verify_checkpoint(newer.path) == newer
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize("where", ["first byte", "end of a piece", "start of a piece", "last byte"])
+def test_a_changed_byte_in_any_piece_is_found_and_its_bytes_named(
+    tmp_path: Path, where: str
+) -> None:
+    older, newer, weight = _two_checkpoints(tmp_path)
+    path = newer.paramfiles["model"]
+    size = path.stat().st_size
+    offset = {
+        "first byte": 0,
+        "end of a piece": 2 * _PIECE - 1,
+        "start of a piece": 2 * _PIECE,
+        "last byte": size - 1,
+    }[where]
+    _flip(path, offset)
+    index = offset // _PIECE
+    first, last = index * _PIECE, min(size, (index + 1) * _PIECE) - 1
+    named = re.escape(
+        f"fails its SHA-256 check in bytes {first}-{last} (piece {index + 1} of "
+        f"{len(newer.files['model'].sha256)})"
+    )
+
+    with pytest.raises(CorruptCheckpointError, match=named):
+        verify_checkpoint(newer.path)
+    model = torch.nn.Linear(64, 64)
+    with pytest.warns(CheckpointWarning, match=named):
+        assert Checkpointer(tmp_path, {"model": model}).recover_if_possible() == older
+    assert torch.equal(model.weight, weight)
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_each_piece_is_checked_by_a_task_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What lets the pieces of one large file be hashed on several CPUs at once.
+    _, newer, _ = _two_checkpoints(tmp_path)
+    checked: list[tuple[str, int]] = []
+    real = _manifest.verify_piece
+
+    def counting(
+        checkpoint: Checkpoint, name: str, index: int, read_as: os.stat_result | None = None
+    ) -> None:
+        checked.append((name, index))
+        real(checkpoint, name, index, read_as)
+
+    monkeypatch.setattr(_checkpoint, "verify_piece", counting)
+    Checkpointer(tmp_path, {"model": torch.nn.Linear(64, 64)}).load_checkpoint(newer)
+    assert sorted(checked) == [("model", i) for i in range(len(newer.files["model"].sha256))]
+
+
+def _as_format_2(checkpoint: Checkpoint) -> None:
+    """Rewrite ``checkpoint``'s manifest as format version 2 wrote it: one SHA-256 per file."""
+
+    def whole_files(data: dict[str, object]) -> None:
+        data["format_version"] = 2
+        files = data["files"]
+        assert isinstance(files, dict)
+        for name, entry in files.items():
+            del entry["piece_bytes"]
+            entry["sha256"] = hashlib.sha256(checkpoint.paramfiles[name].read_bytes()).hexdigest()
+
+    rewrite_manifest(checkpoint.path, whole_files)
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_a_checkpoint_of_format_version_2_loads_and_is_checked_whole(tmp_path: Path) -> None:
+    older, newer, weight = _two_checkpoints(tmp_path)
+    newer_weight = torch.load(newer.paramfiles["model"], weights_only=True)["weight"]
+    for checkpoint in (older, newer):
+        _as_format_2(checkpoint)
+    read = verify_checkpoint(newer.path)
+    size = newer.paramfiles["model"].stat().st_size
+    assert read.files["model"].piece_bytes == size
+    assert len(read.files["model"].sha256) == 1
+
+    model = torch.nn.Linear(64, 64)
+    assert Checkpointer(tmp_path, {"model": model}).recover_if_possible() == read
+    assert torch.equal(model.weight, newer_weight)
+
+    _flip(newer.paramfiles["model"], size - 1)
+    model = torch.nn.Linear(64, 64)
+    message = r"model\.ckpt \(recoverable 'model'\) fails its SHA-256 check \(its bytes"
+    with pytest.warns(CheckpointWarning, match=message):
+        Checkpointer(tmp_path, {"model": model}).recover_if_possible()
+    assert torch.equal(model.weight, weight)
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (
+            lambda entry: entry["sha256"].append("0" * 64),
+            r"'files\.model\.sha256' is .* \(it must list 1 SHA-256: one per piece of the file\)",
+        ),
+        (lambda entry: entry.update(sha256=[]), r"it must list 1 SHA-256"),
+        (lambda entry: entry.update(sha256=["0" * 63]), r"it must list 1 SHA-256"),
+        (lambda entry: entry.update(piece_bytes=0), r"'files\.model\.piece_bytes' is 0"),
+        (lambda entry: entry.update(piece_bytes=True), r"'files\.model\.piece_bytes' is True"),
+        (lambda entry: entry.pop("piece_bytes"), r"'files\.model\.piece_bytes' is None"),
+    ],
+    ids=["a digest too many", "no digest", "short digest", "zero", "true", "missing"],
+)
+def test_a_manifest_whose_piece_records_do_not_fit_the_file_is_refused(
+    tmp_path: Path, edit: Any, reason: str
+) -> None:
+    _, newer, _ = _two_checkpoints(tmp_path)
+
+    def damage(data: dict[str, object]) -> None:
+        files = data["files"]
+        assert isinstance(files, dict)
+        edit(files["model"])
+
+    rewrite_manifest(newer.path, damage)
+    with pytest.raises(CorruptCheckpointError, match=reason):
+        verify_checkpoint(newer.path)
+
+
+def test_a_loaded_optimizer_state_does_not_read_the_checkpoint_file(tmp_path: Path) -> None:
+    # Decoding maps the file; the state handed on must not stay backed by it: Adam's
+    # load_state_dict keeps the tensors it is given, so a file changed in place (or deleted)
+    # afterwards would otherwise change the run's moments.
+    model = torch.nn.Linear(32, 32)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 32)).sum().backward()
+    optimizer.step()
+    checkpoint = Checkpointer(tmp_path, {"model": model, "optimizer": optimizer}).save_checkpoint()
+    expected = [state["exp_avg"].clone() for state in optimizer.state_dict()["state"].values()]
+
+    fresh_model = torch.nn.Linear(32, 32)
+    fresh = torch.optim.Adam(fresh_model.parameters())
+    Checkpointer(tmp_path, {"model": fresh_model, "optimizer": fresh}).load_checkpoint(checkpoint)
+    for path in checkpoint.paramfiles.values():
+        with path.open("r+b") as stream:
+            stream.write(bytes(path.stat().st_size))
+    shutil.rmtree(checkpoint.path)
+
+    loaded = [state["exp_avg"] for state in fresh.state_dict()["state"].values()]
+    assert len(loaded) == len(expected) == 2
+    for got, want in zip(loaded, expected, strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(fresh_model.weight, model.weight)
+
+
+class _Views:
+    """A Stateful whose state holds a tensor, a view of it and the tensor again."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        base = torch.arange(6.0)
+        return {"base": base, "view": base[2:5], "again": [base], "pair": (base, 1)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+def test_loaded_tensors_that_shared_a_storage_still_share_one(tmp_path: Path) -> None:
+    checkpoint = Checkpointer(tmp_path, {"views": _Views()}).save_checkpoint()
+    views = _Views()
+    Checkpointer(tmp_path, {"views": views}).load_checkpoint(checkpoint)
+    state = views.state
+    assert torch.equal(state["view"], torch.tensor([2.0, 3.0, 4.0]))
+    state["base"][3] = 30.0
+    assert state["view"].tolist() == [2.0, 30.0, 4.0]
+    assert state["again"][0][3].item() == 30.0
+    assert state["pair"][0][3].item() == 30.0
+    assert state["pair"][1] == 1
+
+
+def test_copy_out_of_file_keeps_dict_attributes_parameters_and_other_devices() -> None:
+    state = torch.nn.Linear(2, 2).state_dict()  # an OrderedDict with _metadata
+    nested: dict[str, Any] = {
+        "module": state,
+        "parameter": torch.nn.Parameter(torch.ones(2), requires_grad=False),
+        "meta": torch.ones(2, device="meta"),
+        "number": 3,
+    }
+    weight = state["weight"]
+    result = copy_out_of_file(nested)
+    assert result is nested
+    assert nested["module"] is state
+    assert hasattr(state, "_metadata")
+    assert torch.equal(state["weight"], weight)
+    assert state["weight"].untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+    assert type(nested["parameter"]) is torch.nn.Parameter
+    assert nested["parameter"].requires_grad is False
+    assert nested["meta"].device.type == "meta"
+    assert nested["number"] == 3
+
+
+@pytest.mark.parametrize("change", ["replaced", "deleted"])
+def test_a_file_replaced_or_deleted_before_it_is_mapped_is_refused(
+    tmp_path: Path, change: str
+) -> None:
+    # torch maps the file by its path: the file mapped must be the one whose hash is checked.
+    path = tmp_path / "model.ckpt"
+    torch.save({"weight": torch.ones(3)}, path)
+    with path.open("rb") as stream:
+        if change == "replaced":
+            torch.save({"weight": torch.zeros(3)}, tmp_path / "other.ckpt")
+            os.replace(tmp_path / "other.ckpt", path)
+        else:
+            path.unlink()
+        with pytest.raises(
+            CorruptCheckpointError,
+            match=r"the file model\.ckpt was deleted or replaced while it was being loaded",
+        ):
+            _checkpoint._decoded(stream, path, None, keep_cpu=False)

@@ -1,0 +1,63 @@
+"""Give the tensors of a state decoded from a memory-mapped file memory of their own.
+
+``torch.load(mmap=True)`` decodes a file without copying it: its CPU tensors read the file's
+pages. A state kept like that would change if the file did, and would hold the file open after
+a keep policy deleted it, so once the file has passed its checks, :func:`copy_out_of_file`
+copies each storage once into ordinary memory and points the tensors there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["copy_out_of_file"]
+
+_StorageKey = tuple[int, int]
+"""A storage's address and size: tensors with the same key share one storage."""
+
+
+def copy_out_of_file(state: object) -> object:
+    """``state`` with each CPU tensor in it moved into memory of its own; returns ``state``.
+
+    Containers (dicts, lists) are changed in place, so a dict's attributes (a module state
+    dict's ``_metadata``) stay; tuples are rebuilt. Tensors that shared a storage still share
+    one (a copy of it), with their offsets and strides: views and tied weights stay so.
+    Tensors on other devices are left as they are (``map_location`` copied them there).
+    """
+    return _copied(state, {})
+
+
+def _copied(value: object, copies: dict[_StorageKey, torch.UntypedStorage]) -> object:
+    if isinstance(value, Tensor):
+        return _tensor_copy(value, copies)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            value[key] = _copied(item, copies)
+        return value
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            value[index] = _copied(item, copies)
+        return value
+    if type(value) is tuple:
+        return tuple(_copied(item, copies) for item in value)
+    return value
+
+
+def _tensor_copy(tensor: Tensor, copies: dict[_StorageKey, torch.UntypedStorage]) -> Tensor:
+    if tensor.device.type != "cpu":
+        return tensor
+    if type(tensor) not in (Tensor, torch.nn.Parameter) or tensor.layout != torch.strided:
+        return tensor.clone()
+    storage = tensor.untyped_storage()
+    key = (storage.data_ptr(), storage.nbytes())
+    copy = copies.get(key)
+    if copy is None:
+        whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+        copy = copies[key] = whole.clone().untyped_storage()
+    moved = torch.empty(0, dtype=tensor.dtype).set_(
+        copy, tensor.storage_offset(), tensor.size(), tensor.stride()
+    )
+    if isinstance(tensor, torch.nn.Parameter):
+        return torch.nn.Parameter(moved, requires_grad=tensor.requires_grad)
+    return moved
