@@ -268,3 +268,89 @@ def test_a_file_replaced_or_deleted_before_it_is_mapped_is_refused(
             match=r"the file model\.ckpt was deleted or replaced while it was being loaded",
         ):
             _checkpoint._decoded(stream, path, None, keep_cpu=False)
+
+
+class _KeepsWhatItLoads(torch.nn.Module):
+    """A module whose own loading code keeps the tensors it is given (``assign`` style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(64, 64))
+        self.register_buffer("scale", torch.zeros(64))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        self.weight = torch.nn.Parameter(state_dict[prefix + "weight"])
+        self.scale = state_dict[prefix + "scale"]
+
+
+def _rewrite_in_place(checkpoint: Checkpoint) -> None:
+    """Overwrite every file of ``checkpoint`` with zeros, in place, then delete the folder."""
+    for path in checkpoint.paramfiles.values():
+        with path.open("r+b") as stream:
+            stream.write(bytes(path.stat().st_size))
+    shutil.rmtree(checkpoint.path)
+
+
+@pytest.mark.parametrize("module", ["plain", "keeps what it loads"])
+def test_a_loaded_modules_parameters_and_buffers_do_not_read_the_checkpoint_file(
+    tmp_path: Path, module: str
+) -> None:
+    saved = _KeepsWhatItLoads()
+    with torch.no_grad():
+        saved.weight.normal_()
+        saved.scale.uniform_()
+    checkpoint = Checkpointer(tmp_path, {"model": saved}).save_checkpoint()
+
+    fresh: torch.nn.Module = torch.nn.Module() if module == "plain" else _KeepsWhatItLoads()
+    if module == "plain":
+        fresh.weight = torch.nn.Parameter(torch.zeros(64, 64))
+        fresh.register_buffer("scale", torch.zeros(64))
+    Checkpointer(tmp_path, {"model": fresh}).load_checkpoint(checkpoint)
+    _rewrite_in_place(checkpoint)
+
+    assert torch.equal(fresh.get_parameter("weight"), saved.weight)
+    assert torch.equal(fresh.get_buffer("scale"), saved.scale)
+
+
+def test_a_modules_state_is_copied_once_by_its_load_state_dict_and_an_optimizers_out_of_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A module's load_state_dict copies into its parameters: its state is not copied out of
+    # the mapped file first (no second copy). Adam keeps what it is given: its state is.
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    lazy = torch.nn.LazyLinear(3)
+    lazy(torch.randn(2, 5))  # initialised now; its parameters are plain again
+    uninitialised = torch.nn.LazyLinear(3)
+    recoverables = {"model": model, "optimizer": optimizer, "lazy": lazy}
+    checkpoint = Checkpointer(tmp_path, recoverables).save_checkpoint()
+    copied: list[list[str]] = []
+    real = copy_out_of_file
+
+    def recording(state: Any) -> object:
+        copied.append(sorted(state))
+        return real(state)
+
+    monkeypatch.setattr(_checkpoint, "copy_out_of_file", recording)
+    fresh_model = torch.nn.Linear(8, 8)
+    fresh = {
+        "model": fresh_model,
+        "optimizer": torch.optim.Adam(fresh_model.parameters()),
+        "lazy": uninitialised,
+    }
+    Checkpointer(tmp_path, fresh).load_checkpoint(checkpoint)
+    # The optimizer's state, and the lazy module's (its parameters were not plain tensors).
+    assert sorted(copied) == [["bias", "weight"], ["param_groups", "state"]]
+    assert torch.equal(fresh_model.weight, model.weight)
+    assert torch.equal(uninitialised.weight, lazy.weight)

@@ -23,7 +23,7 @@ import pickle
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -73,6 +73,7 @@ from typedbrain._manifest import (
     committed_already,
     describe_entries,
     hash_file,
+    hash_workers,
     is_plain_name,
     is_save_file,
     name_bytes,
@@ -85,7 +86,7 @@ from typedbrain._manifest import (
     verify_checkpoint,
     verify_piece,
 )
-from typedbrain._own_memory import copy_out_of_file
+from typedbrain._own_memory import copy_kept_out_of_file, copy_out_of_file, file_storages
 from typedbrain._protocols import Stateful
 from typedbrain._version import __version__
 from typedbrain._warn import warn
@@ -148,6 +149,8 @@ class _Prepared:
 
     present: dict[str, _Recoverable]
     states: dict[str, dict[str, Any]]
+    # Modules whose states were left in the mapped files: their load_state_dict copies.
+    mapped: frozenset[str] = frozenset()
 
 
 class Checkpointer:
@@ -434,7 +437,7 @@ class Checkpointer:
             # while it is written; all are done before the manifest commits. Leaving the
             # ``with`` joins them, on failure too, before the folder is removed.
             with (
-                ThreadPoolExecutor(_hash_workers(), "typedbrain-hash") as hasher,
+                ThreadPoolExecutor(hash_workers(), "typedbrain-hash") as hasher,
                 ThreadPoolExecutor(1, "typedbrain-sync") as syncer,
             ):
                 pending = {
@@ -978,15 +981,18 @@ class Checkpointer:
                     "allow_partial_load=True to the Checkpointer or optional_load=True to "
                     "add_recoverable to load it anyway"
                 )
+        decode = [name for name, entry in present.items() if entry.loader is None]
+        mapped = frozenset(name for name in decode if _loads_by_copying(present[name].obj))
         states = _verified_states(
             checkpoint,
             present,
-            decode=[name for name, entry in present.items() if entry.loader is None],
+            decode=decode,
             device=device,
             keep_cpu=True,
             hints={name: entry.one_sided for name, entry in present.items() if entry.one_sided},
+            keep_mapped=mapped,
         )
-        return _Prepared(present=present, states=states)
+        return _Prepared(present=present, states=states, mapped=mapped)
 
     def _apply(self, checkpoint: Checkpoint, prepared: _Prepared) -> None:
         """Hand the states of a prepared checkpoint to its recoverables (load hooks run here)."""
@@ -1001,6 +1007,8 @@ class Checkpointer:
                 else:
                     state = _for_layout(entry.obj, states[name])
                     cast(Stateful, entry.obj).load_state_dict(state)
+                    if name in prepared.mapped:
+                        _unmap_kept(name, cast(torch.nn.Module, entry.obj), states[name])
             except Exception as error:
                 refused = _refused_state(checkpoint, name, error, loaded)
                 if entry.one_sided is not None:
@@ -1504,6 +1512,37 @@ def _rank(
     return ranked if max_num_checkpoints is None else ranked[:max_num_checkpoints]
 
 
+def _loads_by_copying(obj: object) -> bool:
+    """Whether ``obj`` is a module whose state may be loaded from a mapped file as it is.
+
+    A module's ``load_state_dict`` copies what it is given into its parameters and buffers,
+    so the state need not be copied out of the mapping first (:func:`_decoded`): one copy, as
+    a plain load into a module makes, not two. Only modules whose parameters and buffers are
+    all plain tensors (no DTensor, no lazy parameter, whose loading may keep what it is
+    given); :func:`_unmap_kept` checks afterwards.
+    """
+    if not isinstance(obj, torch.nn.Module):
+        return False
+    held = itertools.chain(obj.parameters(), obj.buffers())
+    return all(type(tensor) in (Tensor, torch.nn.Parameter) for tensor in held)
+
+
+def _unmap_kept(name: str, module: torch.nn.Module, state: object) -> None:
+    """Copy out any parameter or buffer of ``module`` still in the mapped file of ``state``.
+
+    ``load_state_dict`` copies, unless the module's own loading code (an override of
+    ``_load_from_state_dict``, a hook) kept a tensor it was given: that one gets memory of
+    its own here, so no parameter or buffer reads a checkpoint file.
+    """
+    moved = copy_kept_out_of_file(module, file_storages(state))
+    if moved:
+        logger.debug(
+            "recoverable %r kept %d tensors of its mapped state: copied out of the file",
+            name,
+            moved,
+        )
+
+
 def _for_layout(obj: object, state: dict[str, Any]) -> dict[str, Any]:
     """A loaded state, cut to the shards ``obj`` holds when it is FSDP2-sharded."""
     if not _collective():
@@ -1784,19 +1823,6 @@ def _remove_leftover(folder: Path) -> None:
         ) from error
 
 
-_HASH_WORKERS: Final = 8
-"""At most this many pieces of files are hashed at once, saving or loading (and no more than
-the CPUs).
-
-As many as there are CPUs, not one fewer: decoding (or writing) is mostly copying, and measured
-on two CPUs two hashing threads next to the decoding one load faster than one."""
-
-
-def _hash_workers() -> int:
-    """How many threads hash the pieces of checkpoint files: the CPUs, up to ``_HASH_WORKERS``."""
-    return max(1, min(_HASH_WORKERS, os.cpu_count() or 1))
-
-
 def _taken_state(obj: object) -> object:
     """``obj.state_dict()``; a mapping that is not a dict (a ``MappingProxyType``) as a dict.
 
@@ -1865,13 +1891,15 @@ def _verified_states(
     *,
     keep_cpu: bool = False,
     hints: Mapping[str, str] | None = None,
+    keep_mapped: Collection[str] = (),
 ) -> dict[str, dict[str, Any]]:
     """Check the files of ``names`` against the manifest; return the decoded ``decode`` ones.
 
     ``device`` is where tensors are decoded (``map_location``); with ``keep_cpu``, only those
     saved from an accelerator go there (see :func:`_map_location`). ``hints`` (name -> why its
     file may not decode: its saver is custom, its loader the default) replace the error of an
-    intact file that does not decode.
+    intact file that does not decode. The states of ``keep_mapped`` are not copied out of
+    their mapped files (see below): their caller makes sure nothing keeps them.
 
     Sizes are checked first (a stat each), so a truncated file is never decoded. Then worker
     threads hash the files' pieces, in parallel, while this thread decodes those in ``decode``
@@ -1912,7 +1940,7 @@ def _verified_states(
             (name, index) for name in names for index in range(len(checkpoint.files[name].sha256))
         ]
         pool = files.enter_context(
-            ThreadPoolExecutor(min(len(tasks), _hash_workers()), "typedbrain-verify")
+            ThreadPoolExecutor(min(len(tasks), hash_workers()), "typedbrain-verify")
         )
         checks = [
             pool.submit(verify_piece, checkpoint, name, index, read_as.get(name))
@@ -1928,6 +1956,7 @@ def _verified_states(
                         device,
                         keep_cpu=keep_cpu,
                         hint=None if hints is None else hints.get(name),
+                        copy_out=name not in keep_mapped,
                     )
                 except Exception:
                     # Damage makes files undecodable too: report it as such if it is.
@@ -1950,6 +1979,7 @@ def _decode(
     *,
     keep_cpu: bool = False,
     hint: str | None = None,
+    copy_out: bool = True,
 ) -> dict[str, Any]:
     """``torch.load`` the checkpoint file ``path``, open as ``stream``, with ``weights_only=True``.
 
@@ -1960,7 +1990,7 @@ def _decode(
     :class:`UnsafeCheckpointError` that would call the saver's own file unsafe.
     """
     try:
-        return _decoded(stream, path, device, keep_cpu=keep_cpu)
+        return _decoded(stream, path, device, keep_cpu=keep_cpu, copy_out=copy_out)
     except CheckpointError as error:
         if hint is None:
             raise
@@ -1978,12 +2008,15 @@ def _decode(
         ) from error
 
 
-def _decoded(stream: IO[bytes], path: Path, device: Device, *, keep_cpu: bool) -> dict[str, Any]:
+def _decoded(
+    stream: IO[bytes], path: Path, device: Device, *, keep_cpu: bool, copy_out: bool = True
+) -> dict[str, Any]:
     """What :func:`_decode` does without a hint.
 
     A zip archive (what ``torch.save`` writes) is memory-mapped rather than read, and its CPU
     tensors are then copied out of the mapping (:func:`copy_out_of_file`): one copy, as a read
-    makes, but one that leaves the pieces' hashing alone with the file's pages. ``torch.load``
+    makes. Without ``copy_out`` they are left in the mapping, for a module's
+    ``load_state_dict`` to copy into its parameters (see :func:`_loads_by_copying`). ``torch.load``
     maps it by ``path``, so the file mapped must be the one open as ``stream`` (whose hash is
     checked): one replaced or deleted meanwhile fails.
     """
@@ -2014,7 +2047,8 @@ def _decoded(stream: IO[bytes], path: Path, device: Device, *, keep_cpu: bool) -
         ) from error
     if mapped:
         _check_same_file(stream, path)
-        copy_out_of_file(state)
+        if copy_out:
+            copy_out_of_file(state)
     if not isinstance(state, dict):
         raise CheckpointError(
             f"cannot load {path.name} of checkpoint {path.parent}: it holds a "

@@ -17,7 +17,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Final, TypeAlias, final
 
@@ -64,6 +64,12 @@ WRITE_BUFFER: Final = 1 << 20
 _HASH_ASIDE_MIN: Final = 1 << 20
 """Writes at least this large are hashed by other threads while they are written."""
 
+_HASH_WORKERS: Final = 8
+"""At most this many pieces of files are hashed at once, saving or loading (and no more than
+the CPUs).
+
+As many as there are CPUs, not one fewer: decoding (or writing) is mostly copying, and measured
+on two CPUs two hashing threads next to the decoding one load faster than one."""
 _SHA256_HEX_LENGTH: Final = 64
 MAX_SEQUENCE: Final = 1 << 63
 """Sequence numbers are below this (a float holds them, for ranking by recency)."""
@@ -89,6 +95,11 @@ class CheckpointFile:
     size: int
     sha256: tuple[str, ...]
     piece_bytes: int
+
+
+def hash_workers() -> int:
+    """How many threads hash the pieces of checkpoint files: the CPUs, up to ``_HASH_WORKERS``."""
+    return max(1, min(_HASH_WORKERS, os.cpu_count() or 1))
 
 
 def pieces(size: int, piece_bytes: int) -> list[tuple[int, int]]:
@@ -819,13 +830,21 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not folder.is_dir():
         raise CorruptCheckpointError(folder, "no such folder")
     checkpoint = read_manifest(folder)
-    for name, record in checkpoint.files.items():
-        with _reading(checkpoint, name):
-            actual = hash_file_readonly(folder / record.file, record.piece_bytes)
-        _check_size(checkpoint, name, record, actual.size)
-        for index, (expected, found) in enumerate(zip(record.sha256, actual.sha256, strict=True)):
-            if found != expected:
-                raise CorruptCheckpointError(checkpoint.path, _failed_piece(record, name, index))
+    tasks = [
+        (name, index)
+        for name, record in checkpoint.files.items()
+        for index in range(len(record.sha256))
+    ]
+    if not tasks:
+        return checkpoint
+    with ThreadPoolExecutor(min(len(tasks), hash_workers()), "typedbrain-verify") as pool:
+        checks = [pool.submit(verify_piece, checkpoint, name, index) for name, index in tasks]
+        try:
+            for check in checks:  # the first failure in the manifest's order is raised
+                check.result()
+        finally:
+            for check in checks:
+                check.cancel()
     return checkpoint
 
 

@@ -2,16 +2,20 @@
 
 ``torch.load(mmap=True)`` decodes a file without copying it: its CPU tensors read the file's
 pages. A state kept like that would change if the file did, and would hold the file open after
-a keep policy deleted it, so once the file has passed its checks, :func:`copy_out_of_file`
-copies each storage once into ordinary memory and points the tensors there.
+a keep policy deleted it, so :func:`copy_out_of_file` copies each storage once into ordinary
+memory and points the tensors there. A state loaded into a module by ``load_state_dict`` is
+copied into its parameters anyway: :func:`copy_kept_out_of_file` then checks that none of
+them kept a tensor of the file.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
-__all__ = ["copy_out_of_file"]
+__all__ = ["copy_kept_out_of_file", "copy_out_of_file", "file_storages"]
 
 _StorageKey = tuple[int, int]
 """A storage's address and size: tensors with the same key share one storage."""
@@ -60,4 +64,37 @@ def _tensor_copy(tensor: Tensor, copies: dict[_StorageKey, torch.UntypedStorage]
     )
     if isinstance(tensor, torch.nn.Parameter):
         return torch.nn.Parameter(moved, requires_grad=tensor.requires_grad)
+    return moved
+
+
+def file_storages(state: object) -> set[int]:
+    """The addresses of the storages of the CPU tensors in ``state`` (dicts, lists, tuples)."""
+    found: set[int] = set()
+    pending = [state]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, Tensor):
+            if value.device.type == "cpu" and value.layout == torch.strided:
+                found.add(value.untyped_storage().data_ptr())
+        elif isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list | tuple):
+            pending.extend(value)
+    found.discard(0)  # empty storages have no address: nothing of the file is in them
+    return found
+
+
+def copy_kept_out_of_file(module: torch.nn.Module, storages: set[int]) -> int:
+    """Move each parameter and buffer of ``module`` whose storage is in ``storages`` to a copy.
+
+    ``storages`` are addresses from :func:`file_storages`. The tensors keep their identity
+    (their ``.data`` is replaced) and, when several shared a storage, share its copy. Returns
+    how many were moved.
+    """
+    copies: dict[_StorageKey, torch.UntypedStorage] = {}
+    moved = 0
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in storages:
+            tensor.data = _tensor_copy(tensor.data, copies)
+            moved += 1
     return moved
