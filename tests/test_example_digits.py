@@ -117,3 +117,39 @@ def test_an_interval_on_the_command_line_replaces_the_recipes_and_is_recorded(
     main([*argv, "--ckpt_interval_minutes", "5", "--output_folder", str(folder), "--noprogressbar"])
     recorded = json.loads((folder / "env.json").read_text())["run_opts"]
     assert (recorded["ckpt_interval_minutes"], recorded["ckpt_interval_steps"]) == (5.0, 0)
+
+
+def _recipe_with(tmp_path: Path, old: str, new: str) -> Path:
+    """A copy of the recipe with ``old`` replaced by ``new`` (which must be in it once)."""
+    text = RECIPE.read_text()
+    assert text.count(old) == 1
+    recipe = tmp_path / "hparams.yaml"
+    recipe.write_text(text.replace(old, new))
+    return recipe
+
+
+@pytest.mark.parametrize("mistake", ["unknown class", "missing include", "missing device"])
+def test_a_recipe_mistake_found_while_building_exits_2_naming_it_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mistake: str
+) -> None:
+    recipe, extra = RECIPE, []
+    if mistake == "unknown class":
+        recipe = _recipe_with(tmp_path, "!new:torch.nn.ReLU", "!new:torch.nn.NoSuchReLU")
+        expected = r"ImportError: .*torch\.nn\.NoSuchReLU.*\(while building"
+    elif mistake == "missing include":
+        missing = tmp_path / "absent.yaml"
+        recipe = _recipe_with(
+            tmp_path, "\nseed: 1234\n", f"\nseed: 1234\nextra: !include:{missing}\n"
+        )
+        expected = rf"FileNotFoundError: .*{re.escape(str(missing))}.*\(while loading"
+    else:
+        extra = ["--device", "cuda:99"]  # no machine has a hundredth GPU
+        expected = r"run option 'device': 'cuda:99' is not available"
+    argv = [str(recipe), "--output_folder", str(tmp_path / "run"), *extra]
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("train.py: error: ")
+    assert re.search(expected, error), error
+    assert "Traceback" not in error

@@ -31,7 +31,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, NoReturn
 
 import attrs
 import numpy as np
@@ -192,6 +192,22 @@ class DigitsBrain(tb.Brain[Batch, Tensor, DigitsHparams]):
         hparams.checkpointer.save_and_keep_only(meta={"error": error}, min_keys=["error"])
 
 
+def _usage_error(error: Exception) -> NoReturn:
+    """Say ``error`` (a mistake in the recipe or in the command line) as argparse would; exit 2.
+
+    No traceback: the message names the key, file or value. What Python noted on the way (the
+    key being built, the file being loaded) is said too.
+    """
+    said = (
+        str(error)
+        if isinstance(error, tb.ConfigurationError)
+        else f"{type(error).__name__}: {error}"
+    )
+    notes = "".join(f" ({note})" for note in getattr(error, "__notes__", ()))
+    print(f"train.py: error: {said}{notes}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def main(argv: Sequence[str] | None = None) -> float:
     """Train and test as the command line says; returns the test accuracy."""
     arguments = tb.parse_arguments_or_exit(argv)
@@ -202,10 +218,10 @@ def main(argv: Sequence[str] | None = None) -> float:
         # Run options: the YAML's keys, then the command line's, each value checked (an
         # interval given on the command line replaces the other one set in the YAML).
         run_opts = tb.RunOptions.from_sources(hparams=yaml_options, run_opts=arguments.run_opts)
-    except tb.ConfigurationError as error:
-        # A mistake in the recipe or in an override: said like a bad command line, no traceback.
-        print(f"train.py: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (tb.ConfigurationError, ImportError, FileNotFoundError) as error:
+        # A mistake in the recipe or in an override (a key, a value, an !include: file or a
+        # !new: class that does not exist): said like a bad command line.
+        _usage_error(error)
     tb.create_experiment_directory(
         hparams.output_folder,
         hyperparams_to_save=arguments.hparams_file,
@@ -213,13 +229,16 @@ def main(argv: Sequence[str] | None = None) -> float:
         run_opts=attrs.asdict(run_opts),
     )
     splits = load_splits(hparams.split_seed, hparams.valid_fraction, hparams.test_fraction)
-    brain = DigitsBrain(
-        modules={"model": hparams.model},
-        opt_class=hparams.opt_class,
-        hparams=hparams,
-        run_opts=run_opts,
-        checkpointer=hparams.checkpointer,
-    )
+    try:
+        brain = DigitsBrain(
+            modules={"model": hparams.model},
+            opt_class=hparams.opt_class,
+            hparams=hparams,
+            run_opts=run_opts,
+            checkpointer=hparams.checkpointer,
+        )
+    except tb.ConfigurationError as error:  # a run option this machine cannot honour (device)
+        _usage_error(error)
     loader: tb.LoaderKwargs = {"batch_size": hparams.batch_size, "collate_fn": collate}
     brain.fit(
         hparams.epoch_counter,
