@@ -76,7 +76,19 @@ $(FLOORS_VENV)/.installed: pyproject.toml tools/dependency_floors.py
 		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(FLOORS_VENV)/bin/python -m pip --disable-pip-version-check install \
 		-c $(FLOORS_VENV)/floors.txt -r $(FLOORS_VENV)/floors.txt pytest hypothesis
+	echo '$(TORCH_SPEC)' > $(FLOORS_VENV)/.torch
 	touch $@
+
+# A marker made with another TORCH_SPEC is out of date: that venv gets the new pin (the floors'
+# venv is made afresh). Without this, `make test TORCH_SPEC=...` would test the torch it had.
+ifneq ($(shell cat $(VENV)/.torch 2>/dev/null),$(TORCH_SPEC))
+$(VENV)/.torch: FORCE
+endif
+ifneq ($(shell cat $(FLOORS_VENV)/.torch 2>/dev/null),$(TORCH_SPEC))
+$(FLOORS_VENV)/.installed: FORCE
+endif
+.PHONY: FORCE
+FORCE:
 
 clean:
 	rm -rf $(VENV) $(FLOORS_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis results
