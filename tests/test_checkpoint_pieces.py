@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor
 from tests.helpers import rewrite_manifest
 from typedbrain import _checkpoint, _manifest
 from typedbrain._checkpoint import Checkpoint, Checkpointer, verify_checkpoint
-from typedbrain._errors import CheckpointWarning, CorruptCheckpointError
+from typedbrain._errors import CheckpointError, CheckpointWarning, CorruptCheckpointError
 from typedbrain._own_memory import copy_out_of_file
 
 _PIECE = 4096
@@ -267,7 +267,7 @@ def test_a_file_replaced_or_deleted_before_it_is_mapped_is_refused(
             CorruptCheckpointError,
             match=r"the file model\.ckpt was deleted or replaced while it was being loaded",
         ):
-            _checkpoint._decoded(stream, path, None, keep_cpu=False)
+            _checkpoint._decoded(stream, path, None, keep_cpu=False, mapped=True)
 
 
 class _KeepsWhatItLoads(torch.nn.Module):
@@ -321,11 +321,12 @@ def test_a_loaded_modules_parameters_and_buffers_do_not_read_the_checkpoint_file
     assert torch.equal(fresh.get_buffer("scale"), saved.scale)
 
 
-def test_a_modules_state_is_copied_once_by_its_load_state_dict_and_an_optimizers_out_of_the_file(
+def test_a_modules_file_is_mapped_and_an_optimizers_or_a_lazy_modules_file_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A module's load_state_dict copies into its parameters: its state is not copied out of
-    # the mapped file first (no second copy). Adam keeps what it is given: its state is.
+    # A module's load_state_dict copies into its parameters: its file is mapped (one copy, not
+    # a read and a copy). Adam keeps what it is given, and a lazy module's parameters are not
+    # plain tensors: their files are read.
     model = torch.nn.Linear(8, 8)
     optimizer = torch.optim.Adam(model.parameters())
     model(torch.randn(2, 8)).sum().backward()
@@ -335,14 +336,16 @@ def test_a_modules_state_is_copied_once_by_its_load_state_dict_and_an_optimizers
     uninitialised = torch.nn.LazyLinear(3)
     recoverables = {"model": model, "optimizer": optimizer, "lazy": lazy}
     checkpoint = Checkpointer(tmp_path, recoverables).save_checkpoint()
-    copied: list[list[str]] = []
-    real = copy_out_of_file
+    decoded: dict[str, bool] = {}
+    real = _checkpoint._decoded
 
-    def recording(state: Any) -> object:
-        copied.append(sorted(state))
-        return real(state)
+    def recording(
+        stream: Any, path: Path, device: Any, *, keep_cpu: bool, mapped: bool = False
+    ) -> dict[str, Any]:
+        decoded[path.name] = mapped
+        return real(stream, path, device, keep_cpu=keep_cpu, mapped=mapped)
 
-    monkeypatch.setattr(_checkpoint, "copy_out_of_file", recording)
+    monkeypatch.setattr(_checkpoint, "_decoded", recording)
     fresh_model = torch.nn.Linear(8, 8)
     fresh = {
         "model": fresh_model,
@@ -350,7 +353,120 @@ def test_a_modules_state_is_copied_once_by_its_load_state_dict_and_an_optimizers
         "lazy": uninitialised,
     }
     Checkpointer(tmp_path, fresh).load_checkpoint(checkpoint)
-    # The optimizer's state, and the lazy module's (its parameters were not plain tensors).
-    assert sorted(copied) == [["bias", "weight"], ["param_groups", "state"]]
+    assert decoded == {"model.ckpt": True, "optimizer.ckpt": False, "lazy.ckpt": False}
     assert torch.equal(fresh_model.weight, model.weight)
     assert torch.equal(uninitialised.weight, lazy.weight)
+
+
+class _TableInExtraState(torch.nn.Module):
+    """A module whose ``set_extra_state`` keeps the tensor it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.table = torch.zeros(256)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"table": self.table, "pair": _Pair(self.table[:2], 7)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.table = state["table"]
+        self.pair = state["pair"]
+
+
+class _Pair(NamedTuple):
+    values: Tensor
+    number: int
+
+
+def test_a_modules_extra_state_does_not_read_the_checkpoint_file(tmp_path: Path) -> None:
+    saved = _TableInExtraState()
+    saved.table = torch.arange(256.0)
+    fresh = _TableInExtraState()
+    with torch.serialization.safe_globals([_Pair]):
+        checkpoint = Checkpointer(tmp_path, {"model": saved}).save_checkpoint()
+        Checkpointer(tmp_path, {"model": fresh}).load_checkpoint(checkpoint)
+    _rewrite_in_place(checkpoint)
+    assert torch.equal(fresh.table, torch.arange(256.0))
+    assert isinstance(fresh.pair, _Pair)
+    assert fresh.pair.values.tolist() == [0.0, 1.0]
+    assert fresh.pair.number == 7
+
+
+class _KeepsThenFails(_KeepsWhatItLoads):
+    """Keeps the tensors it is given, then fails its load."""
+
+    def _load_from_state_dict(self, *args: Any) -> None:
+        super()._load_from_state_dict(*args)
+        raise RuntimeError("refused after keeping")
+
+
+def test_a_module_that_kept_tensors_and_then_failed_its_load_does_not_read_the_file(
+    tmp_path: Path,
+) -> None:
+    saved = _KeepsWhatItLoads()
+    with torch.no_grad():
+        saved.weight.normal_()
+    checkpoint = Checkpointer(tmp_path, {"model": saved}).save_checkpoint()
+    fresh = _KeepsThenFails()
+    with pytest.raises(CheckpointError, match="refused after keeping"):
+        Checkpointer(tmp_path, {"model": fresh}).load_checkpoint(checkpoint)
+    _rewrite_in_place(checkpoint)
+    assert torch.equal(fresh.weight, saved.weight)
+
+
+def test_a_file_that_does_not_load_mapped_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A filesystem that cannot map files makes torch.load(mmap=True) fail: the file is read.
+    model = torch.nn.Linear(4, 4)
+    checkpoint = Checkpointer(tmp_path, {"model": model}).save_checkpoint()
+    real = torch.load
+
+    def no_mapping(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("mmap"):
+            raise RuntimeError("unable to mmap 1234 bytes from file: No such device (19)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", no_mapping)
+    fresh = torch.nn.Linear(4, 4)
+    Checkpointer(tmp_path, {"model": fresh}).load_checkpoint(checkpoint)
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_copy_out_of_file_keeps_what_a_storage_copy_would_lose() -> None:
+    z = torch.tensor([1 + 2j, 3 - 1j])
+    state: dict[str, Any] = {
+        "conj": z.conj(),
+        "neg": torch._neg_view(z),
+        "grad": torch.ones(3, requires_grad=True),
+        "named": _Pair(torch.ones(2), 3),
+    }
+    named_storage = state["named"].values.untyped_storage().data_ptr()
+    expected = {
+        "conj": z.conj().resolve_conj(),
+        "neg": -z,
+        "grad": torch.ones(3),
+    }
+    copy_out_of_file(state)
+    for key, value in expected.items():
+        assert torch.equal(state[key].resolve_conj().resolve_neg(), value), key
+    assert state["grad"].requires_grad
+    assert state["grad"].is_leaf
+    assert isinstance(state["named"], _Pair)
+    assert state["named"].number == 3
+    assert state["named"].values.untyped_storage().data_ptr() != named_storage
+
+
+def test_a_manifest_claiming_an_enormous_file_is_refused_at_once(tmp_path: Path) -> None:
+    # Counting its pieces is arithmetic: nothing is built per piece before the check.
+    _, newer, _ = _two_checkpoints(tmp_path)
+
+    def enormous(data: dict[str, object]) -> None:
+        files = data["files"]
+        assert isinstance(files, dict)
+        files["model"].update(size=10**18, piece_bytes=1)
+
+    rewrite_manifest(newer.path, enormous)
+    with pytest.raises(CorruptCheckpointError, match=r"it must list 10{18} SHA-256"):
+        verify_checkpoint(newer.path)

@@ -14,6 +14,7 @@ some CUDA kernels give different bits from run to run, resumed or not.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,6 +128,10 @@ def test_a_checkpoint_written_on_cuda_resumes_on_a_process_without_cuda_and_warn
 ) -> None:
     with pytest.raises(SimulatedCrashError):
         run(DROPOUT, tmp_path / "ckpt", stop_at=DROPOUT_STOP)
+    # The crashed run's checkpointer (kept in a reference cycle through the exception's
+    # traceback) holds the folder's writer lock until it is collected: the restart below is
+    # another process, which would be refused the folder.
+    gc.collect()
     # The same recipe, told to run on the CPU, in a process that sees no GPU.
     on_cpu = attrs.evolve(DROPOUT, device="cpu")
     out = tmp_path / "out.pt"

@@ -990,7 +990,7 @@ class Checkpointer:
             device=device,
             keep_cpu=True,
             hints={name: entry.one_sided for name, entry in present.items() if entry.one_sided},
-            keep_mapped=mapped,
+            mapped=mapped,
         )
         return _Prepared(present=present, states=states, mapped=mapped)
 
@@ -1006,9 +1006,11 @@ class Checkpointer:
                     entry.loader(entry.obj, path, checkpoint.end_of_epoch)
                 else:
                     state = _for_layout(entry.obj, states[name])
-                    cast(Stateful, entry.obj).load_state_dict(state)
-                    if name in prepared.mapped:
-                        _unmap_kept(name, cast(torch.nn.Module, entry.obj), states[name])
+                    try:
+                        cast(Stateful, entry.obj).load_state_dict(state)
+                    finally:  # a load that failed half-way may have kept tensors too
+                        if name in prepared.mapped:
+                            _unmap_kept(name, cast(torch.nn.Module, entry.obj), states[name])
             except Exception as error:
                 refused = _refused_state(checkpoint, name, error, loaded)
                 if entry.one_sided is not None:
@@ -1516,10 +1518,11 @@ def _loads_by_copying(obj: object) -> bool:
     """Whether ``obj`` is a module whose state may be loaded from a mapped file as it is.
 
     A module's ``load_state_dict`` copies what it is given into its parameters and buffers,
-    so the state need not be copied out of the mapping first (:func:`_decoded`): one copy, as
-    a plain load into a module makes, not two. Only modules whose parameters and buffers are
-    all plain tensors (no DTensor, no lazy parameter, whose loading may keep what it is
-    given); :func:`_unmap_kept` checks afterwards.
+    so its file is memory-mapped rather than read (:func:`_decoded`): one copy of each tensor,
+    where reading the file first makes two. Only modules whose parameters and buffers are all
+    plain tensors (no DTensor, no lazy parameter, whose loading may keep what it is given);
+    :func:`_unmap_kept` checks afterwards. Other states are read: an optimizer keeps the
+    tensors it is given.
     """
     if not isinstance(obj, torch.nn.Module):
         return False
@@ -1891,26 +1894,25 @@ def _verified_states(
     *,
     keep_cpu: bool = False,
     hints: Mapping[str, str] | None = None,
-    keep_mapped: Collection[str] = (),
+    mapped: Collection[str] = (),
 ) -> dict[str, dict[str, Any]]:
     """Check the files of ``names`` against the manifest; return the decoded ``decode`` ones.
 
     ``device`` is where tensors are decoded (``map_location``); with ``keep_cpu``, only those
     saved from an accelerator go there (see :func:`_map_location`). ``hints`` (name -> why its
     file may not decode: its saver is custom, its loader the default) replace the error of an
-    intact file that does not decode. The states of ``keep_mapped`` are not copied out of
-    their mapped files (see below): their caller makes sure nothing keeps them.
+    intact file that does not decode. The files of ``mapped`` (modules whose
+    ``load_state_dict`` copies, see :func:`_loads_by_copying`) are decoded memory-mapped, and
+    their tensors left in the mapping: their caller checks that nothing keeps them
+    (:func:`_unmap_kept`).
 
     Sizes are checked first (a stat each), so a truncated file is never decoded. Then worker
     threads hash the files' pieces, in parallel, while this thread decodes those in ``decode``
-    (``torch.load`` with ``weights_only=True``, which unpickles only plain data and tensors;
-    memory-mapped when the file is a zip archive, as ``torch.save`` writes). Nothing is
-    returned unless every piece's SHA-256 matches: a damaged file's decoded state is dropped
-    unused. A mapped file's CPU tensors are copied out of the mapping as it is decoded, while
-    the hashing goes on (:func:`copy_out_of_file`): no state stays backed by a checkpoint
-    file. A file in
-    ``decode`` is opened once, before its hashing starts, and its hash must come from that same
-    file, and so must the mapping, so a file replaced meanwhile fails its check.
+    (``torch.load`` with ``weights_only=True``, which unpickles only plain data and tensors).
+    Nothing is returned unless every piece's SHA-256 matches: a damaged file's decoded state is
+    dropped unused. A file in ``decode`` is opened once, before its hashing starts, and its
+    hash must come from that same file, and so must a mapping of it, so a file replaced
+    meanwhile fails its check.
 
     Raises:
         ConfigurationError: ``device`` is not a device, or one this machine lacks.
@@ -1956,7 +1958,7 @@ def _verified_states(
                         device,
                         keep_cpu=keep_cpu,
                         hint=None if hints is None else hints.get(name),
-                        copy_out=name not in keep_mapped,
+                        mapped=name in mapped,
                     )
                 except Exception:
                     # Damage makes files undecodable too: report it as such if it is.
@@ -1979,7 +1981,7 @@ def _decode(
     *,
     keep_cpu: bool = False,
     hint: str | None = None,
-    copy_out: bool = True,
+    mapped: bool = False,
 ) -> dict[str, Any]:
     """``torch.load`` the checkpoint file ``path``, open as ``stream``, with ``weights_only=True``.
 
@@ -1990,7 +1992,7 @@ def _decode(
     :class:`UnsafeCheckpointError` that would call the saver's own file unsafe.
     """
     try:
-        return _decoded(stream, path, device, keep_cpu=keep_cpu, copy_out=copy_out)
+        return _decoded(stream, path, device, keep_cpu=keep_cpu, mapped=mapped)
     except CheckpointError as error:
         if hint is None:
             raise
@@ -2009,30 +2011,54 @@ def _decode(
 
 
 def _decoded(
-    stream: IO[bytes], path: Path, device: Device, *, keep_cpu: bool, copy_out: bool = True
+    stream: IO[bytes], path: Path, device: Device, *, keep_cpu: bool, mapped: bool = False
 ) -> dict[str, Any]:
     """What :func:`_decode` does without a hint.
 
-    A zip archive (what ``torch.save`` writes) is memory-mapped rather than read, and its CPU
-    tensors are then copied out of the mapping (:func:`copy_out_of_file`): one copy, as a read
-    makes. Without ``copy_out`` they are left in the mapping, for a module's
-    ``load_state_dict`` to copy into its parameters (see :func:`_loads_by_copying`). ``torch.load``
-    maps it by ``path``, so the file mapped must be the one open as ``stream`` (whose hash is
-    checked): one replaced or deleted meanwhile fails.
+    With ``mapped``, a zip archive (what ``torch.save`` writes) is memory-mapped rather than
+    read, for a module's ``load_state_dict`` to copy its tensors straight into its parameters
+    (see :func:`_loads_by_copying`); its extra states (``get_extra_state``) are copied out of
+    the mapping here. ``torch.load`` maps it by ``path``, so the file mapped must be the one
+    open as ``stream`` (whose hash is checked): one replaced or deleted meanwhile fails. A file
+    that does not load mapped (a filesystem that cannot map files) is read instead.
     """
-    mapped = _is_zip(stream)
+    if not (mapped and _is_zip(stream)):
+        return _dict_state(_read_state(stream, path, device, keep_cpu=keep_cpu), path)
     try:
         state: object = torch.load(
-            path if mapped else stream,
+            path,
             map_location=_map_location(device, keep_cpu=keep_cpu),
             weights_only=True,
-            mmap=mapped,
+            mmap=True,
+        )
+    except pickle.UnpicklingError as error:
+        raise UnsafeCheckpointError(path, weights_only_reason(error)) from error
+    except Exception:
+        _check_same_file(stream, path)
+        logger.debug("%s did not load memory-mapped: reading it", path, exc_info=True)
+        stream.seek(0)
+        return _decoded(stream, path, device, keep_cpu=keep_cpu)
+    _check_same_file(stream, path)
+    state = _dict_state(state, path)
+    for key, value in state.items():
+        if key.endswith(_EXTRA_STATE_SUFFIX):
+            state[key] = copy_out_of_file(value)
+    return state
+
+
+_EXTRA_STATE_SUFFIX: Final = "_extra_state"
+"""How a module state dict names the entries of ``get_extra_state`` (``<prefix>_extra_state``)."""
+
+
+def _read_state(stream: IO[bytes], path: Path, device: Device, *, keep_cpu: bool) -> object:
+    """``torch.load`` the file open as ``stream`` (``path``), read, with ``weights_only=True``."""
+    try:
+        return torch.load(
+            stream, map_location=_map_location(device, keep_cpu=keep_cpu), weights_only=True
         )
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(path, weights_only_reason(error)) from error
     except (RuntimeError, EOFError, ValueError, OSError) as error:
-        if mapped:
-            _check_same_file(stream, path)
         raise CheckpointError(
             f"cannot load {path.name} of checkpoint {path.parent} with device={device!r}: "
             f"{type(error).__name__}: {error} (its size and SHA-256 match the manifest: the "
@@ -2045,10 +2071,10 @@ def _decoded(
             f"{error}; its size and SHA-256 match the manifest, so it was written so: not by "
             "torch.save (a custom save hook's file, read without its load hook?)"
         ) from error
-    if mapped:
-        _check_same_file(stream, path)
-        if copy_out:
-            copy_out_of_file(state)
+
+
+def _dict_state(state: object, path: Path) -> dict[str, Any]:
+    """``state``, a decoded file's content, once it is known to be a state dict."""
     if not isinstance(state, dict):
         raise CheckpointError(
             f"cannot load {path.name} of checkpoint {path.parent}: it holds a "

@@ -102,11 +102,20 @@ def hash_workers() -> int:
     return max(1, min(_HASH_WORKERS, os.cpu_count() or 1))
 
 
+def piece_count(size: int, piece_bytes: int) -> int:
+    """How many pieces a file of ``size`` bytes has: one if it is empty."""
+    return max(1, -(-size // piece_bytes))
+
+
+def piece_span(size: int, piece_bytes: int, index: int) -> tuple[int, int]:
+    """The ``(offset, length)`` of piece ``index`` of a file of ``size`` bytes."""
+    offset = index * piece_bytes
+    return offset, max(0, min(piece_bytes, size - offset))
+
+
 def pieces(size: int, piece_bytes: int) -> list[tuple[int, int]]:
     """The ``(offset, length)`` of each piece of a file of ``size`` bytes; one if it is empty."""
-    if size == 0:
-        return [(0, 0)]
-    return [(offset, min(piece_bytes, size - offset)) for offset in range(0, size, piece_bytes)]
+    return [piece_span(size, piece_bytes, index) for index in range(piece_count(size, piece_bytes))]
 
 
 @final
@@ -669,7 +678,7 @@ def _file_record(
     piece_bytes = entry.get("piece_bytes")
     if not (isinstance(piece_bytes, int) and not isinstance(piece_bytes, bool)) or piece_bytes < 1:
         raise _bad(folder, f"files.{name}.piece_bytes", piece_bytes)
-    count = len(pieces(size, piece_bytes))
+    count = piece_count(size, piece_bytes)  # arithmetic: a crafted size allocates nothing
     if not (isinstance(sha256, list) and len(sha256) == count and all(map(_is_sha256, sha256))):
         shown = _bad(folder, f"files.{name}.sha256", sha256).reason
         raise CorruptCheckpointError(
@@ -768,7 +777,7 @@ def verify_piece(
         CheckpointError: the file cannot be read (see :func:`unreadable`).
     """
     record = checkpoint.files[name]
-    offset, length = pieces(record.size, record.piece_bytes)[index]
+    offset, length = piece_span(record.size, record.piece_bytes, index)
     path = checkpoint.path / record.file
     with _reading(checkpoint, name), path.open("rb", buffering=0) as stream:
         status = os.fstat(stream.fileno())
@@ -791,7 +800,7 @@ def _failed_piece(record: CheckpointFile, name: str, index: int) -> str:
     """Why the file of ``record`` is refused: piece ``index`` fails its SHA-256 check."""
     where = ""
     if len(record.sha256) > 1:
-        offset, length = pieces(record.size, record.piece_bytes)[index]
+        offset, length = piece_span(record.size, record.piece_bytes, index)
         where = (
             f" in bytes {offset}-{offset + length - 1} (piece {index + 1} of {len(record.sha256)})"
         )

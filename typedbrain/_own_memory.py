@@ -1,11 +1,12 @@
 """Give the tensors of a state decoded from a memory-mapped file memory of their own.
 
 ``torch.load(mmap=True)`` decodes a file without copying it: its CPU tensors read the file's
-pages. A state kept like that would change if the file did, and would hold the file open after
-a keep policy deleted it, so :func:`copy_out_of_file` copies each storage once into ordinary
-memory and points the tensors there. A state loaded into a module by ``load_state_dict`` is
-copied into its parameters anyway: :func:`copy_kept_out_of_file` then checks that none of
-them kept a tensor of the file.
+pages. A module's ``load_state_dict`` copies them into its parameters, which is why a module's
+file is mapped; whatever else is kept would change if the file did, and would hold the file
+open after a keep policy deleted it. :func:`copy_out_of_file` copies each storage of a part of
+the state (a module's extra state) once into ordinary memory and points its tensors there;
+:func:`copy_kept_out_of_file` does the same for the parameters and buffers that a module's own
+loading code kept instead of copying.
 """
 
 from __future__ import annotations
@@ -43,16 +44,28 @@ def _copied(value: object, copies: dict[_StorageKey, torch.UntypedStorage]) -> o
         for index, item in enumerate(value):
             value[index] = _copied(item, copies)
         return value
-    if type(value) is tuple:
-        return tuple(_copied(item, copies) for item in value)
+    if isinstance(value, tuple):
+        items = [_copied(item, copies) for item in value]
+        if type(value) is tuple:
+            return tuple(items)
+        make = getattr(value, "_make", None)  # a named tuple
+        return make(items) if callable(make) else value
     return value
 
 
 def _tensor_copy(tensor: Tensor, copies: dict[_StorageKey, torch.UntypedStorage]) -> Tensor:
     if tensor.device.type != "cpu":
         return tensor
-    if type(tensor) not in (Tensor, torch.nn.Parameter) or tensor.layout != torch.strided:
-        return tensor.clone()
+    if (
+        type(tensor) not in (Tensor, torch.nn.Parameter)
+        or tensor.layout != torch.strided
+        or tensor.is_quantized
+        or tensor.is_conj()
+        or tensor.is_neg()
+    ):
+        # What a storage copy would not carry (a quantizer, a lazy conjugation or negation,
+        # a subclass's data) is kept by cloning the tensor itself.
+        return _with_grad_flag(tensor, tensor.detach().clone())
     storage = tensor.untyped_storage()
     key = (storage.data_ptr(), storage.nbytes())
     copy = copies.get(key)
@@ -62,9 +75,16 @@ def _tensor_copy(tensor: Tensor, copies: dict[_StorageKey, torch.UntypedStorage]
     moved = torch.empty(0, dtype=tensor.dtype).set_(
         copy, tensor.storage_offset(), tensor.size(), tensor.stride()
     )
+    return _with_grad_flag(tensor, moved)
+
+
+def _with_grad_flag(tensor: Tensor, copy: Tensor) -> Tensor:
+    """``copy`` of ``tensor``, a ``Parameter`` if it was one, requiring grad if it did."""
     if isinstance(tensor, torch.nn.Parameter):
-        return torch.nn.Parameter(moved, requires_grad=tensor.requires_grad)
-    return moved
+        return torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
+    if tensor.requires_grad:
+        copy.requires_grad_(True)
+    return copy
 
 
 def file_storages(state: object) -> set[int]:
