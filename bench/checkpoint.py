@@ -13,17 +13,18 @@ from and ending in the same state:
   file fsynced, then an atomically renamed, fsynced manifest) against plain
   ``torch.save`` of the two state dicts to new files, and against plain ``torch.save`` plus
   ``os.fsync`` of both files and their folder (what saving durably costs anyway).
-* load: ``Checkpointer.recover_if_possible`` (find the newest checkpoint, check every file's size
-  and the SHA-256 of its pieces in parallel threads while decoding it with
-  ``torch.load(weights_only=True, mmap=True)`` and copying its tensors out of the mapping, then
-  ``load_state_dict``) against ``torch.load(path, weights_only=True)`` + ``load_state_dict``,
-  into the same model and optimizer. For context: the plain load preceded by ``hashlib``'s
-  SHA-256 of both files (checking them by hand, one after the other); that hashing alone; and
-  the SHA-256 of the files' pieces alone, in as many threads as typedbrain's load hashes them
-  with, which is the work typedbrain's load cannot avoid on top of the plain one.
+* load: ``Checkpointer.recover_if_possible`` (find the newest checkpoint, check every file's
+  size and the SHA-256 of its pieces in parallel threads while decoding it with
+  ``torch.load(weights_only=True)``, the model's file memory-mapped for ``load_state_dict`` to
+  copy from, then ``load_state_dict``) against ``torch.load(path, weights_only=True)`` +
+  ``load_state_dict``, into the same model and optimizer. For context: the plain load preceded
+  by ``hashlib``'s SHA-256 of both files (checking them by hand, one after the other); that
+  hashing alone; and the SHA-256 of the files' pieces alone, in as many threads as typedbrain's
+  load hashes them with, which is the work typedbrain's load cannot avoid on top of the plain
+  one.
 * models of a checked load, for the checksum decision the 1.2x target needs: the plain files
-  decoded as typedbrain decodes them (memory-mapped, then copied out of the mapping with
-  typedbrain's own function) while their pieces are hashed in that many threads, without a
+  decoded as typedbrain decodes them (the model's memory-mapped, the optimizer's read) while
+  their pieces are hashed in that many threads, without a
   checksum, with SHA-256 (which models typedbrain's load) and with each checksum of
   ``OTHER_CHECKSUMS`` whose package is installed (BLAKE3, cryptographic; XXH3-128, not); and
   each of those checksums of the files alone.
@@ -76,7 +77,6 @@ from typing_extensions import Buffer
 from typedbrain import Brain, EpochCounter, Phase, Stage
 from typedbrain._checkpoint import Checkpoint, Checkpointer
 from typedbrain._manifest import PIECE_BYTES, hash_workers, pieces
-from typedbrain._own_memory import copy_out_of_file
 from typedbrain._rng import capture_rng
 
 TARGET_RATIO: Final = 1.2
@@ -310,8 +310,9 @@ def part_save_load(options: Options) -> list[Row]:
         def modelled_load(new_hash: Callable[[], _Hash] | None) -> Callable[[], None]:
             """The plain files decoded as typedbrain decodes them, their pieces hashed meanwhile.
 
-            The files are memory-mapped (``torch.load(mmap=True)``) and their tensors copied
-            out of the mapping, while the pieces are hashed in threads (none without a hash).
+            The model's file is memory-mapped (``torch.load(mmap=True)``: ``load_state_dict``
+            copies from the mapping), the optimizer's read, while the pieces are hashed in
+            threads (none without a hash).
             """
 
             def load() -> None:
@@ -319,8 +320,8 @@ def part_save_load(options: Options) -> list[Row]:
                 with ThreadPoolExecutor(hash_workers()) as pool:
                     digests = _digest_pieces(paths, new_hash, pool) if new_hash else []
                     states = [
-                        copy_out_of_file(torch.load(path, weights_only=True, mmap=True))
-                        for path in paths
+                        torch.load(path, weights_only=True, mmap=mapped)
+                        for path, mapped in zip(paths, (True, False), strict=True)
                     ]
                     for hashed in digests:
                         hashed.result()  # a real check compares it with the manifest
@@ -425,13 +426,14 @@ def part_save_load(options: Options) -> list[Row]:
             None,
         ),
         row(
-            "(model) memory-mapped load, no checksum, vs the plain load",
+            "(model) decoded as typedbrain decodes, no checksum, vs the plain load",
             "mapped load",
             "plain load",
             None,
         ),
         row(
-            "(model) memory-mapped load, SHA-256 of the pieces in threads, vs the plain load",
+            "(model) decoded as typedbrain decodes, SHA-256 of the pieces in threads, vs the "
+            "plain load",
             "SHA-256 mapped load",
             "plain load",
             None,
@@ -440,7 +442,8 @@ def part_save_load(options: Options) -> list[Row]:
     for label in others:
         rows += [
             row(
-                f"(model) memory-mapped load, {label} of the pieces in threads, vs the plain load",
+                f"(model) decoded as typedbrain decodes, {label} of the pieces in threads, vs the "
+                "plain load",
                 f"{label} mapped load",
                 "plain load",
                 None,
