@@ -78,6 +78,7 @@ from typedbrain._manifest import (
     is_save_file,
     name_bytes,
     open_present,
+    piece_tasks,
     read_manifest,
     sync_and_close,
     sync_directory,
@@ -1938,9 +1939,7 @@ def _verified_states(
             else:
                 check_present(checkpoint, name)
         read_as = {name: os.fstat(stream.fileno()) for name, stream in streams.items()}
-        tasks = [
-            (name, index) for name in names for index in range(len(checkpoint.files[name].sha256))
-        ]
+        tasks = piece_tasks(checkpoint, names)
         pool = files.enter_context(
             ThreadPoolExecutor(min(len(tasks), hash_workers()), "typedbrain-verify")
         )

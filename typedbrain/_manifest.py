@@ -16,7 +16,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Final, TypeAlias, final
@@ -111,6 +111,11 @@ def piece_span(size: int, piece_bytes: int, index: int) -> tuple[int, int]:
     """The ``(offset, length)`` of piece ``index`` of a file of ``size`` bytes."""
     offset = index * piece_bytes
     return offset, max(0, min(piece_bytes, size - offset))
+
+
+def piece_tasks(checkpoint: Checkpoint, names: Iterable[str]) -> list[tuple[str, int]]:
+    """``(name, index)`` of every piece of the files of ``names``, for :func:`verify_piece`."""
+    return [(name, index) for name in names for index in range(len(checkpoint.files[name].sha256))]
 
 
 def pieces(size: int, piece_bytes: int) -> list[tuple[int, int]]:
@@ -839,11 +844,7 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not folder.is_dir():
         raise CorruptCheckpointError(folder, "no such folder")
     checkpoint = read_manifest(folder)
-    tasks = [
-        (name, index)
-        for name, record in checkpoint.files.items()
-        for index in range(len(record.sha256))
-    ]
+    tasks = piece_tasks(checkpoint, checkpoint.files)
     if not tasks:
         return checkpoint
     with ThreadPoolExecutor(min(len(tasks), hash_workers()), "typedbrain-verify") as pool:
