@@ -17,7 +17,6 @@ from tests.helpers import rewrite_manifest
 from typedbrain import _checkpoint, _manifest
 from typedbrain._checkpoint import Checkpoint, Checkpointer, verify_checkpoint
 from typedbrain._errors import CheckpointError, CheckpointWarning, CorruptCheckpointError
-from typedbrain._own_memory import copy_out_of_file
 
 _PIECE = 4096
 """A piece size small enough that a test model's file has several."""
@@ -229,27 +228,6 @@ def test_loaded_tensors_that_shared_a_storage_still_share_one(tmp_path: Path) ->
     assert state["pair"][1] == 1
 
 
-def test_copy_out_of_file_keeps_dict_attributes_parameters_and_other_devices() -> None:
-    state = torch.nn.Linear(2, 2).state_dict()  # an OrderedDict with _metadata
-    nested: dict[str, Any] = {
-        "module": state,
-        "parameter": torch.nn.Parameter(torch.ones(2), requires_grad=False),
-        "meta": torch.ones(2, device="meta"),
-        "number": 3,
-    }
-    weight = state["weight"]
-    result = copy_out_of_file(nested)
-    assert result is nested
-    assert nested["module"] is state
-    assert hasattr(state, "_metadata")
-    assert torch.equal(state["weight"], weight)
-    assert state["weight"].untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
-    assert type(nested["parameter"]) is torch.nn.Parameter
-    assert nested["parameter"].requires_grad is False
-    assert nested["meta"].device.type == "meta"
-    assert nested["number"] == 3
-
-
 @pytest.mark.parametrize("change", ["replaced", "deleted"])
 def test_a_file_replaced_or_deleted_before_it_is_mapped_is_refused(
     tmp_path: Path, change: str
@@ -434,28 +412,70 @@ def test_a_file_that_does_not_load_mapped_is_read(
     assert torch.equal(fresh.weight, model.weight)
 
 
-def test_copy_out_of_file_keeps_what_a_storage_copy_would_lose() -> None:
+class _Box:
+    """An object of a class allowed with ``add_safe_globals``, holding a tensor."""
+
+    def __init__(self, tensor: Tensor | None = None) -> None:
+        self.tensor = tensor
+
+
+class _OddExtraState(torch.nn.Module):
+    """A module whose extra state holds what a copy storage by storage would get wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+        self.kept: dict[str, Any] = {}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        z = torch.tensor([1 + 2j, 3 - 1j])
+        return {
+            "conj": z.conj(),
+            "neg": torch._neg_view(z),
+            "grad": torch.ones(3, requires_grad=True),
+            "named": _Pair(torch.full((2,), 3.0), 3),
+            "box": _Box(torch.full((4,), 5.0)),
+            "set": {torch.full((2,), 6.0)},
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.kept = state
+
+
+def test_an_extra_state_of_any_kind_is_copied_out_of_the_file_whole(tmp_path: Path) -> None:
     z = torch.tensor([1 + 2j, 3 - 1j])
-    state: dict[str, Any] = {
-        "conj": z.conj(),
-        "neg": torch._neg_view(z),
-        "grad": torch.ones(3, requires_grad=True),
-        "named": _Pair(torch.ones(2), 3),
-    }
-    named_storage = state["named"].values.untyped_storage().data_ptr()
-    expected = {
-        "conj": z.conj().resolve_conj(),
-        "neg": -z,
-        "grad": torch.ones(3),
-    }
-    copy_out_of_file(state)
-    for key, value in expected.items():
-        assert torch.equal(state[key].resolve_conj().resolve_neg(), value), key
-    assert state["grad"].requires_grad
-    assert state["grad"].is_leaf
-    assert isinstance(state["named"], _Pair)
-    assert state["named"].number == 3
-    assert state["named"].values.untyped_storage().data_ptr() != named_storage
+    fresh = _OddExtraState()
+    with torch.serialization.safe_globals([_Pair, _Box]):
+        checkpoint = Checkpointer(tmp_path, {"model": _OddExtraState()}).save_checkpoint()
+        Checkpointer(tmp_path, {"model": fresh}).load_checkpoint(checkpoint)
+    _rewrite_in_place(checkpoint)
+    kept = fresh.kept
+    assert torch.equal(kept["conj"].resolve_conj(), z.conj().resolve_conj())
+    assert torch.equal(kept["neg"].resolve_neg(), -z)
+    assert kept["grad"].requires_grad
+    assert kept["grad"].is_leaf
+    assert torch.equal(kept["grad"].detach(), torch.ones(3))
+    assert isinstance(kept["named"], _Pair)
+    assert kept["named"].values.tolist() == [3.0, 3.0]
+    assert isinstance(kept["box"], _Box)
+    assert kept["box"].tensor is not None
+    assert kept["box"].tensor.tolist() == [5.0] * 4
+    [in_set] = kept["set"]
+    assert in_set.tolist() == [6.0, 6.0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+def test_a_damaged_checkpoint_skipped_for_an_older_one_is_not_left_mapped(
+    tmp_path: Path,
+) -> None:
+    older, newer, weight = _two_checkpoints(tmp_path)
+    path = newer.paramfiles["model"]
+    _flip(path, path.stat().st_size - 1)
+    model = torch.nn.Linear(64, 64)
+    with pytest.warns(CheckpointWarning, match="fails its SHA-256 check"):
+        assert Checkpointer(tmp_path, {"model": model}).recover_if_possible() == older
+    assert torch.equal(model.weight, weight)
+    assert str(path) not in Path("/proc/self/maps").read_text()
 
 
 def test_a_manifest_claiming_an_enormous_file_is_refused_at_once(tmp_path: Path) -> None:

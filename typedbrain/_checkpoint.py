@@ -14,6 +14,7 @@ processes" in docs/checkpoints.md).
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import itertools
 import logging
@@ -87,7 +88,7 @@ from typedbrain._manifest import (
     verify_checkpoint,
     verify_piece,
 )
-from typedbrain._own_memory import copy_kept_out_of_file, copy_out_of_file, file_storages
+from typedbrain._own_memory import copy_kept_out_of_file, file_storages
 from typedbrain._protocols import Stateful
 from typedbrain._version import __version__
 from typedbrain._warn import warn
@@ -1969,6 +1970,9 @@ def _verified_states(
         except BaseException:
             for check in checks:
                 check.cancel()
+            # Drop what was decoded now: a mapped file would stay mapped (and open) for as
+            # long as the error's traceback, which the failed futures keep in a cycle.
+            states.clear()
             raise
     return states
 
@@ -2016,8 +2020,8 @@ def _decoded(
 
     With ``mapped``, a zip archive (what ``torch.save`` writes) is memory-mapped rather than
     read, for a module's ``load_state_dict`` to copy its tensors straight into its parameters
-    (see :func:`_loads_by_copying`); its extra states (``get_extra_state``) are copied out of
-    the mapping here. ``torch.load`` maps it by ``path``, so the file mapped must be the one
+    (see :func:`_loads_by_copying`); its extra states (``get_extra_state``) are deep-copied out
+    of the mapping here. ``torch.load`` maps it by ``path``, so the file mapped must be the one
     open as ``stream`` (whose hash is checked): one replaced or deleted meanwhile fails. A file
     that does not load mapped (a filesystem that cannot map files) is read instead.
     """
@@ -2040,8 +2044,8 @@ def _decoded(
     _check_same_file(stream, path)
     state = _dict_state(state, path)
     for key, value in state.items():
-        if key.endswith(_EXTRA_STATE_SUFFIX):
-            state[key] = copy_out_of_file(value)
+        if key.endswith(_EXTRA_STATE_SUFFIX):  # any object: handed over as it is
+            state[key] = copy.deepcopy(value)
     return state
 
 
