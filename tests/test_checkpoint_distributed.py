@@ -32,6 +32,7 @@ WORLD_SIZE: Final = 2
 REPO: Final = Path(__file__).resolve().parent.parent
 WORKING_WAIT_S: Final = 120.0
 FAILING_WAIT_S: Final = 60.0
+BACKGROUND_WAIT_S: Final = 60.0
 # Longer than the failing launch's wait: a process stuck in a collective shows up as a hang,
 # not as a gloo timeout.
 PROCESS_GROUP_TIMEOUT_S: Final = 90.0
@@ -136,6 +137,12 @@ def working(tmp_path_factory: pytest.TempPathFactory) -> Launch:
 @pytest.fixture(scope="module")
 def failing(tmp_path_factory: pytest.TempPathFactory) -> Launch:
     return launch("failing", tmp_path_factory.mktemp("failing"), FAILING_WAIT_S)
+
+
+@pytest.fixture(scope="module")
+def background(tmp_path_factory: pytest.TempPathFactory) -> Launch:
+    """A launch of checkpointers that commit in the background (``commit_in_background``)."""
+    return launch("background", tmp_path_factory.mktemp("background"), BACKGROUND_WAIT_S)
 
 
 def test_a_save_from_every_process_writes_exactly_one_committed_folder(working: Launch) -> None:
@@ -275,6 +282,109 @@ def test_a_process_failing_to_verify_its_files_stops_every_process_from_loading(
     assert "SHA-256" in other["raised"]["message"]
     # The main process's files were fine, but it changed nothing either.
     assert main["weight"] == other["weight"] == 0.0
+
+
+# ----------------------------------------------------------- committing in the background
+
+
+def test_a_background_save_and_keep_only_returns_the_same_checkpoint_everywhere_uncommitted(
+    background: Launch,
+) -> None:
+    main, other = background.observed("background_keep_only")
+    assert main["held"] is True  # the main process's commit thread was held at its fsync
+    for observed in (main, other):
+        assert observed["returned"] == "third"
+        assert observed["same_everywhere"] is True
+        # The main process's commit is held: the files are there, the manifest is not, and the
+        # keep policy has deleted nothing yet.
+        assert observed["before_wait"] == ["first", "second", "third"]
+        assert observed["committed_before_wait"] is False
+
+
+def test_wait_returns_on_every_process_once_the_main_process_committed_and_deleted(
+    background: Launch,
+) -> None:
+    main, other = background.observed("background_keep_only")
+    # The other process commits nothing itself, yet its wait() waits for the main process's.
+    assert other["still_waiting"] is True
+    for observed in (main, other):
+        assert observed["wait_raised"] is None
+        assert observed["committed_after_wait"] is True
+        assert observed["after_wait"] == ["second", "third"]
+        assert observed["listed"] == ["second", "third"]
+        # The checkpoint the save returned is the one its manifest holds.
+        assert observed["listed_equals_returned"] is True
+
+
+def test_recover_after_a_background_save_loads_it_on_every_process(background: Launch) -> None:
+    for observed in background.observed("background_keep_only"):
+        assert observed["recovered"] == "third"
+        assert observed["weight"] == 3.0
+
+
+def _raised_from_main_commit(main: object, other: object, doomed: str, what: str) -> None:
+    """The main process raised its commit's OSError; the other one a CheckpointError about it."""
+    assert isinstance(main, dict)
+    assert main["type"] == "OSError"
+    assert "No space left on device" in main["message"]
+    assert f"{doomed}/model.ckpt" in main["message"]
+    assert main["notes"] == [
+        f"(while committing checkpoint {doomed} in the background, after the save returned)"
+    ]
+    assert isinstance(other, dict)
+    assert other["type"] == "CheckpointError"
+    assert f"the main process failed to {what} a checkpoint in" in other["message"]
+    assert "OSError: [Errno 28] No space left on device" in other["message"]
+
+
+def test_a_background_commit_failing_on_the_main_process_is_raised_by_wait_everywhere(
+    background: Launch,
+) -> None:
+    main, other = background.observed("background_commit_fails_at_wait")
+    assert main["doomed"] == other["doomed"]
+    assert isinstance(main["doomed"], str)
+    assert main["same_everywhere"] is other["same_everywhere"] is True
+    _raised_from_main_commit(main["wait_raised"], other["wait_raised"], main["doomed"], "commit")
+    # The uncommitted folder is gone; the keep policy did not run, so the older one is kept.
+    assert main["left"] == other["left"] == ["kept"]
+    # Raised once: the next wait() has nothing to raise.
+    assert main["wait_raised_again"] is other["wait_raised_again"] is None
+    assert isinstance(main["logged"], list)
+    assert len(main["logged"]) == 1
+    level, message = main["logged"][0]
+    assert level == "ERROR"
+    assert main["doomed"] in message
+    assert "No space left on device" in message
+    assert other["logged"] == []  # the other process committed nothing
+    assert background.returncodes == (0,) * WORLD_SIZE, background.output
+
+
+def test_a_background_commit_failing_on_the_main_process_is_raised_by_the_next_save_everywhere(
+    background: Launch,
+) -> None:
+    main, other = background.observed("background_commit_fails_at_next_save")
+    assert main["doomed"] == other["doomed"]
+    assert isinstance(main["doomed"], str)
+    assert main["same_everywhere"] is other["same_everywhere"] is True
+    _raised_from_main_commit(main["save_raised"], other["save_raised"], main["doomed"], "save")
+    # The failing save wrote nothing of its own, and the older checkpoint is kept.
+    assert main["left"] == other["left"] == ["kept"]
+    assert main["wait_raised"] is other["wait_raised"] is None  # raised once
+    assert background.returncodes == (0,) * WORLD_SIZE, background.output
+
+
+@pytest.mark.parametrize(
+    "scenario", ["background_commit_fails_at_wait", "background_commit_fails_at_next_save"]
+)
+def test_after_a_background_commit_failed_the_next_save_works_on_every_process(
+    background: Launch, scenario: str
+) -> None:
+    for observed in background.observed(scenario):
+        assert observed["again_same_everywhere"] is True
+        assert observed["again_wait_raised"] is None
+        assert observed["again_left"] == ["again"]
+        assert observed["recovered"] == "again"
+        assert observed["weight"] == 5.0
 
 
 def test_without_a_process_group_no_collective_runs(

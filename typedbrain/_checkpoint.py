@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import itertools
 import logging
 import math
@@ -25,7 +26,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final, TypeAlias, TypeVar, cast, final
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.serialization import default_restore_location
 
+from typedbrain._background import BackgroundWork, PendingRecords
 from typedbrain._checks import check_bool, real_number
 from typedbrain._ckpt_hooks import (
     LoadHook,
@@ -74,6 +76,8 @@ from typedbrain._manifest import (
     committed_already,
     describe_entries,
     hash_file,
+    hash_pieces,
+    hash_sync_and_close,
     hash_workers,
     is_plain_name,
     is_save_file,
@@ -83,6 +87,7 @@ from typedbrain._manifest import (
     read_manifest,
     sync_and_close,
     sync_directory,
+    sync_file,
     to_json_meta,
     unexpected_entries,
     verify_checkpoint,
@@ -177,10 +182,15 @@ class Checkpointer:
             by :meth:`add_recoverable`.
         allow_partial_load: load checkpoints that lack some registered recoverables (those keep
             their current state) instead of raising.
+        commit_in_background: a save returns once the files are written and their checksums
+            taken; syncing them to disk, committing the manifest and the keep policy's
+            deletions then run in a background thread, while training goes on (see
+            "Committing in the background" in docs/checkpoints.md and :meth:`wait`).
 
     Attributes:
         checkpoints_dir: the folder holding the checkpoint folders.
         allow_partial_load: see Args.
+        commit_in_background: see Args.
 
     Only one run may write to a checkpoints folder: the first save or deletion of a process
     takes the folder's writer lock (see "One run per checkpoint folder" in
@@ -189,8 +199,8 @@ class Checkpointer:
     Raises:
         ConfigurationError: ``checkpoints_dir`` is not a path, is a file, or is (or lies under)
             a symbolic link whose target does not exist (a filesystem that is not mounted,
-            say), ``recoverables`` is not a mapping, or ``allow_partial_load`` is not a bool;
-            see also :meth:`add_recoverable`.
+            say), ``recoverables`` is not a mapping, or ``allow_partial_load`` or
+            ``commit_in_background`` is not a bool; see also :meth:`add_recoverable`.
     """
 
     def __init__(
@@ -199,15 +209,20 @@ class Checkpointer:
         recoverables: Mapping[str, object] | torch.nn.ModuleDict | None = None,
         *,
         allow_partial_load: bool = False,
+        commit_in_background: bool = False,
     ) -> None:
         if not isinstance(checkpoints_dir, str | os.PathLike):
             raise ConfigurationError(
                 f"checkpoints_dir must be a path (a str or os.PathLike), got {checkpoints_dir!r}"
             )
         check_bool("allow_partial_load", allow_partial_load)
+        check_bool("commit_in_background", commit_in_background)
         self.checkpoints_dir = Path(checkpoints_dir)
         self._check_folder()
         self.allow_partial_load = allow_partial_load
+        self.commit_in_background = commit_in_background
+        # The end of the last save, when it commits in the background.
+        self._background = BackgroundWork()
         self._recoverables: dict[str, _Recoverable] = {}
         self._phase_source: Callable[[], str | None] | None = None
         self._reported: set[Path] = set()
@@ -312,11 +327,17 @@ class Checkpointer:
         disk, an I/O error) is raised with its type and errno, naming the file; if syncing the
         folder fails after the rename, the message says that the checkpoint is committed.
 
+        With ``commit_in_background`` it returns once the files are written: hashing and
+        syncing them and the commit run in a background thread, whose failure the next save
+        or :meth:`wait` raises. Reading the returned checkpoint's ``files`` waits for the
+        commit.
+
         Under ``torch.distributed`` every process must call it (it is collective): each one
         calls every ``state_dict`` (in registration order, so a ``state_dict`` may run
         collectives), then the main process alone runs the custom save hooks, writes the files
         and commits, with its own ``meta`` and ``name``. It returns on any process only once the
-        checkpoint is committed, and the same :class:`Checkpoint` on every process.
+        checkpoint is committed (with ``commit_in_background``, once the files are hashed: the
+        commit follows on the main process), and the same :class:`Checkpoint` on every process.
 
         Args:
             meta: JSON data stored with the checkpoint (validation metrics, say); 0-d tensors
@@ -348,12 +369,17 @@ class Checkpointer:
         end_of_epoch: object,
         name: str | None,
         ranking_keys: Sequence[tuple[str, str]],
+        after: Callable[[Checkpoint], object] | None = None,
     ) -> Checkpoint:
-        """Save a checkpoint; ``ranking_keys``: (argument, meta key) pairs whose values rank."""
+        """Save a checkpoint; ``ranking_keys``: (argument, meta key) pairs whose values rank.
+
+        ``after`` runs (on the main process) once the checkpoint is committed in the
+        background; it is for a checkpointer that commits there only.
+        """
         if _collective():
-            return self._save_collectively(meta, end_of_epoch, name, ranking_keys)
+            return self._save_collectively(meta, end_of_epoch, name, ranking_keys, after)
         clean_meta, phase, flag = self._checked_inputs(meta, end_of_epoch, name, ranking_keys)
-        return self._write(clean_meta, phase, flag, name, states=None)
+        return self._write(clean_meta, phase, flag, name, states=None, after=after)
 
     def _checked_inputs(
         self,
@@ -400,6 +426,7 @@ class Checkpointer:
         end_of_epoch: object,
         name: str | None,
         ranking_keys: Sequence[tuple[str, str]],
+        after: Callable[[Checkpoint], object] | None,
     ) -> Checkpoint:
         what = f"save a checkpoint in {self.checkpoints_dir}"
         try:
@@ -421,7 +448,9 @@ class Checkpointer:
             _agree(error, what)
             raise
         _agree(None, what)
-        return _main_decides(lambda: self._write(clean_meta, phase, flag, name, states), what)
+        return _main_decides(
+            lambda: self._write(clean_meta, phase, flag, name, states, after=after), what
+        )
 
     def _write(
         self,
@@ -430,44 +459,136 @@ class Checkpointer:
         end_of_epoch: bool,
         name: str | None,
         states: Mapping[str, object] | None,
+        *,
+        after: Callable[[Checkpoint], object] | None = None,
     ) -> Checkpoint:
-        """Write and commit a checkpoint; ``states`` holds the state dicts already taken."""
+        """Write and commit a checkpoint; ``states`` holds the state dicts already taken.
+
+        Committing in the background, it returns once the files are written, and their
+        hashing, syncing and the commit (then ``after``) run in a thread of its own. Under
+        ``torch.distributed`` the files are hashed before it returns all the same: the
+        checkpoint returned is broadcast to the other processes with its records. A commit
+        still running from the last save is waited for first, and its failure raised.
+        """
+        self._background.settle()
+        self._raise_background_failure()
+        background = self.commit_in_background
+        hash_later = background and not _collective()
         folder = self._new_folder(name)
+        hasher = ThreadPoolExecutor(hash_workers(), "typedbrain-hash")
+        finishes: list[tuple[str, Callable[[], CheckpointFile]]] = []
         try:
-            # Each file's fsync (and a hook's file's hashing) runs in the background while the
-            # next one is written, and the pieces of a large write are hashed in parallel
-            # while it is written; all are done before the manifest commits. Leaving the
-            # ``with`` joins them, on failure too, before the folder is removed.
-            with (
-                ThreadPoolExecutor(hash_workers(), "typedbrain-hash") as hasher,
-                ThreadPoolExecutor(1, "typedbrain-sync") as syncer,
-            ):
-                pending = {
-                    recoverable: self._save_one(recoverable, entry, folder, hasher, syncer, states)
-                    for recoverable, entry in self._recoverables.items()
-                }
-                files = {recoverable: done.result() for recoverable, done in pending.items()}
-            checkpoint = Checkpoint(
-                path=folder,
-                sequence=self._next_sequence(),
-                unixtime=time.time(),
-                end_of_epoch=end_of_epoch,
-                phase=phase,
-                meta=clean_meta,
-                files=files,
-                typedbrain_version=__version__,
-                torch_version=str(torch.__version__),
-            )
+            if background:
+                records: dict[str, CheckpointFile] = {}
+                for recoverable, entry in self._recoverables.items():
+                    record, finish = self._save_one(
+                        recoverable, entry, folder, hasher, states, hash_later=hash_later
+                    )
+                    finishes.append((recoverable, finish))
+                    if record is not None:
+                        records[recoverable] = record
+                pending = PendingRecords(folder) if hash_later else None
+                checkpoint = self._new_checkpoint(
+                    folder, end_of_epoch, phase, clean_meta, records if pending is None else pending
+                )
+                self._background.start(
+                    f"committing checkpoint {folder}",
+                    functools.partial(self._commit, checkpoint, finishes, hasher, pending, after),
+                )
+                return checkpoint
+            # The pieces of a large write are hashed in parallel while it is written. Each
+            # file's fsync runs in a thread of its own while the next one is written, and all
+            # are done before the manifest commits; leaving the ``with`` joins them, on
+            # failure too, before the folder is removed.
+            with ThreadPoolExecutor(1, "typedbrain-sync") as syncer:
+                synced = {}
+                for recoverable, entry in self._recoverables.items():
+                    _, finish = self._save_one(
+                        recoverable, entry, folder, hasher, states, hash_later=False
+                    )
+                    synced[recoverable] = syncer.submit(finish)
+                files = {recoverable: done.result() for recoverable, done in synced.items()}
+            checkpoint = self._new_checkpoint(folder, end_of_epoch, phase, clean_meta, files)
             commit_manifest(checkpoint)
         except BaseException:
+            # In the background mode, files whose syncs never started are still open.
+            with contextlib.suppress(Exception):
+                _finish_all(finishes)
+            hasher.shutdown()
             if not (folder / MANIFEST_NAME).exists():
                 shutil.rmtree(folder, ignore_errors=True)
             raise
-        with committed_already(folder, self.checkpoints_dir):
-            sync_directory(self.checkpoints_dir)
-        # Intra-epoch checkpoints can come every few batches: logged at DEBUG, not INFO.
-        logger.log(logging.INFO if end_of_epoch else logging.DEBUG, "saved checkpoint %s", folder)
+        hasher.shutdown()
+        self._after_commit(checkpoint)
         return checkpoint
+
+    def _new_checkpoint(
+        self,
+        folder: Path,
+        end_of_epoch: bool,
+        phase: str | None,
+        clean_meta: dict[str, JsonValue],
+        files: Mapping[str, CheckpointFile],
+    ) -> Checkpoint:
+        return Checkpoint(
+            path=folder,
+            sequence=self._next_sequence(),
+            unixtime=time.time(),
+            end_of_epoch=end_of_epoch,
+            phase=phase,
+            meta=clean_meta,
+            files=files,
+            typedbrain_version=__version__,
+            torch_version=str(torch.__version__),
+        )
+
+    def _commit(
+        self,
+        checkpoint: Checkpoint,
+        finishes: Sequence[tuple[str, Callable[[], CheckpointFile]]],
+        hasher: Executor,
+        pending: PendingRecords | None,
+        after: Callable[[Checkpoint], object] | None,
+    ) -> None:
+        """Hash and sync ``checkpoint``'s files, commit it, then run ``after`` (in the background).
+
+        ``pending`` (the returned checkpoint's records, unless they were taken already) gets
+        the records once committed.
+        """
+        records: dict[str, CheckpointFile] = {}
+        try:
+            try:
+                records = _finish_all(finishes)
+            finally:
+                hasher.shutdown()
+            committed = attrs.evolve(checkpoint, files=records)
+            commit_manifest(committed)
+        except BaseException as error:
+            if (checkpoint.path / MANIFEST_NAME).exists():
+                # Committed, but syncing its folder failed (the error says so): it stands.
+                if pending is not None:
+                    pending.resolve(records)
+            else:
+                if pending is not None:
+                    pending.fail(error)
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
+            raise
+        if pending is not None:
+            pending.resolve(records)
+        self._after_commit(committed)
+        if after is not None:
+            after(committed)
+
+    def _after_commit(self, checkpoint: Checkpoint) -> None:
+        """Make the new folder's entry durable and say that ``checkpoint`` is saved."""
+        with committed_already(checkpoint.path, checkpoint.path.parent):
+            sync_directory(checkpoint.path.parent)
+        # Intra-epoch checkpoints can come every few batches: logged at DEBUG, not INFO.
+        logger.log(
+            logging.INFO if checkpoint.end_of_epoch else logging.DEBUG,
+            "saved checkpoint %s",
+            checkpoint.path,
+        )
 
     def _check_folder(self) -> None:
         """Refuse a ``checkpoints_dir`` that exists but is not a folder (a file, say).
@@ -506,6 +627,7 @@ class Checkpointer:
         the process that wrote to the folder holds it). The checkpointer stays usable: its
         next write takes the lock again (and fails if another process holds it then).
         """
+        self._background.settle()  # a save's commit still running in the background
         claimed, self._claimed = self._claimed, {}
         for release in claimed.values():
             release()
@@ -543,11 +665,16 @@ class Checkpointer:
         entry: _Recoverable,
         folder: Path,
         hasher: Executor,
-        syncer: Executor,
         states: Mapping[str, object] | None,
-    ) -> Future[CheckpointFile]:
-        """Write recoverable ``name``'s file; the future gives its record once it is synced.
+        *,
+        hash_later: bool,
+    ) -> tuple[CheckpointFile | None, Callable[[], CheckpointFile]]:
+        """Write recoverable ``name``'s file; return its record and the call that syncs it.
 
+        The record is taken now (``None`` is returned with ``hash_later``): the stream the
+        state is saved through takes the checksums, or a save hook's file is hashed once
+        written. With ``hash_later`` the call returned hashes the file before syncing it, and
+        returns the record (it always does). The pieces are hashed in ``hasher``'s threads.
         Its state is taken from ``states`` when given, else from its ``state_dict`` now.
         """
         path = folder / f"{name}{FILE_SUFFIX}"
@@ -558,7 +685,11 @@ class Checkpointer:
                 raise CheckpointError(
                     f"the save hook of recoverable {name!r} wrote no file at {path}"
                 )
-            return syncer.submit(hash_file, path)
+            if hash_later:
+                return None, functools.partial(hash_file, path, hasher)
+            with naming(path, "while hashing the file a save hook wrote"):
+                hooked = hash_pieces(path, hasher)
+            return hooked, functools.partial(sync_file, path, hooked)
         if states is not None:
             state = states[name]
         else:
@@ -567,12 +698,12 @@ class Checkpointer:
         _check_loadable(name, state)
         raw = path.open("wb", buffering=WRITE_BUFFER)
         try:
-            writer = HashingWriter(raw, hasher)
+            writer = None if hash_later else HashingWriter(raw, hasher)
             # A flush (torch.save's own, or this one) reports a full disk as a bare OSError.
             with naming(path, f"recoverable {name!r}"):
                 try:
                     # cast: torch.save only calls write() and flush() on a stream.
-                    torch.save(state, cast(IO[bytes], writer))
+                    torch.save(state, cast(IO[bytes], raw if writer is None else writer))
                 except RuntimeError as error:
                     # torch's writer reports a failed write (a full disk) as its own
                     # RuntimeError; the OSError it met is the error to raise, and the file is
@@ -590,7 +721,10 @@ class Checkpointer:
             with contextlib.suppress(OSError):
                 raw.close()
             raise
-        return syncer.submit(sync_and_close, raw, path, writer.record(path.name))
+        if writer is None:
+            return None, functools.partial(hash_sync_and_close, raw, path, hasher)
+        record = writer.record(path.name)
+        return record, functools.partial(sync_and_close, raw, path, record)
 
     def _next_sequence(self) -> int:
         last = max(self._scan(report=False), key=lambda c: c.sequence, default=None)
@@ -634,6 +768,10 @@ class Checkpointer:
         (the importance keys and ``ckpt_predicate`` run there only) and deletes it before any
         process returns.
 
+        With ``commit_in_background``, the deletions run after the commit, in its background
+        thread (on the main process), and their failures are raised by the next save or
+        :meth:`wait`.
+
         Args:
             meta: see :meth:`save_checkpoint`.
             end_of_epoch: see :meth:`save_checkpoint`.
@@ -661,24 +799,60 @@ class Checkpointer:
             num_to_keep, importance_keys, max_keys, min_keys, ckpt_predicate
         )
         ranking_keys = [("min_keys", key) for key in minima] + [("max_keys", key) for key in maxima]
-        checkpoint = self._save(meta, end_of_epoch, name, ranking_keys)
         keys = (*importance, ckpt_recency) if keep_recent else importance
-        try:
-            _main_decides(
-                lambda: self._delete(
+
+        def delete_old(checkpoint: Checkpoint) -> list[Checkpoint]:
+            try:
+                return self._delete(
                     num_to_keep=num_to_keep,
                     importance_keys=keys,
                     max_keys=maxima,
                     min_keys=minima,
                     ckpt_predicate=ckpt_predicate,
                     keep=checkpoint,
-                ),
-                f"delete old checkpoints in {self.checkpoints_dir}",
-            )
-        except ConfigurationError as error:  # raised while ranking, before any deletion
-            error.add_note(f"(checkpoint {checkpoint.path} was saved; none was deleted)")
-            raise
+                )
+            except ConfigurationError as error:  # raised while ranking, before any deletion
+                error.add_note(f"(checkpoint {checkpoint.path} was saved; none was deleted)")
+                raise
+
+        if self.commit_in_background:
+            # The deletions follow the commit in its thread (on the main process).
+            return self._save(meta, end_of_epoch, name, ranking_keys, after=delete_old)
+        checkpoint = self._save(meta, end_of_epoch, name, ranking_keys)
+        _main_decides(
+            lambda: delete_old(checkpoint), f"delete old checkpoints in {self.checkpoints_dir}"
+        )
         return checkpoint
+
+    def wait(self) -> None:
+        """Wait until the last save's commit in the background is done; raise what failed there.
+
+        With ``commit_in_background``, a save returns before its checkpoint is committed.
+        Every later call of the checkpointer waits for that commit first (a listing, say, sees
+        the checkpoint), and the next save, or this, raises what failed in it (a full disk,
+        say: the checkpoint was not committed, its folder is removed). Call it where you need
+        the checkpoint on disk (a :class:`~typedbrain.Brain` does at the end of ``fit``).
+        Without a save in the background it returns at once (but under
+        ``torch.distributed`` every process must call it all the same).
+
+        Under ``torch.distributed`` it is collective: a failure on the main process (the only
+        one that commits) is raised on every process.
+
+        Raises:
+            OSError, CheckpointError, ConfigurationError: what the commit, or the deletions of
+                the ``save_and_keep_only`` that started it, raised (see
+                :meth:`save_and_keep_only`); it carries a note saying it comes from the
+                background. Each failure is raised once.
+        """
+        self._background.settle()
+        _main_decides(
+            self._raise_background_failure, f"commit a checkpoint in {self.checkpoints_dir}"
+        )
+
+    def _raise_background_failure(self) -> None:
+        failure = self._background.take_failure()
+        if failure is not None:
+            raise failure
 
     # ------------------------------------------------------------------ listing and finding
 
@@ -696,6 +870,7 @@ class Checkpointer:
                 error): the folder may be an intact checkpoint, so it is not skipped; the
                 message names the file and the OS error.
         """
+        self._background.settle()  # a save's commit still running in the background
         return _main_decides(
             lambda: self._scan(report=True),
             f"list the checkpoints in {self.checkpoints_dir}",
@@ -760,6 +935,7 @@ class Checkpointer:
                 key) or a function (an importance key), an importance key returned something
                 other than a number, or ``max_num_checkpoints`` is negative.
         """
+        self._background.settle()  # a save's commit still running in the background
         return _main_decides(
             lambda: _rank(
                 self._scan(report=True),
@@ -819,6 +995,7 @@ class Checkpointer:
         importance, maxima, minima = _checked_keep_policy(
             num_to_keep, importance_keys, max_keys, min_keys, ckpt_predicate
         )
+        self._background.settle()  # a save's commit still running in the background
         return _main_decides(
             lambda: self._delete(
                 num_to_keep=num_to_keep,
@@ -961,6 +1138,7 @@ class Checkpointer:
                 (the message says which and why) or when they were given different
                 checkpoints.
         """
+        self._background.settle()  # a save's commit still running in the background
         if _collective():
             self._load_collectively(checkpoint, device, prepared=None)
             return
@@ -1093,6 +1271,7 @@ class Checkpointer:
                 :meth:`load_checkpoint`); under ``torch.distributed``, on the other processes,
                 when one process failed (the message says which and why).
         """
+        self._background.settle()  # a save's commit still running in the background
         if _collective():
             return self._recover_collectively(
                 importance_key, max_key, min_key, ckpt_predicate, device
@@ -1256,6 +1435,36 @@ class Checkpointer:
         return chosen
 
 
+def _finish_all(
+    finishes: Iterable[tuple[str, Callable[[], CheckpointFile]]],
+) -> dict[str, CheckpointFile]:
+    """Run every file's finishing call (each closes its file, on failure too); their records.
+
+    Raises:
+        BaseException: the first failure, once every call has run.
+    """
+    records: dict[str, CheckpointFile] = {}
+    failures: list[BaseException] = []
+    for name, finish in finishes:
+        try:
+            records[name] = finish()
+        except BaseException as error:
+            failures.append(error)
+    if failures:
+        raise failures[0]
+    return records
+
+
+def finish_background_commit(checkpointer: Checkpointer) -> BaseException | None:
+    """Wait for ``checkpointer``'s commit in the background; return its failure, if any.
+
+    Unlike :meth:`Checkpointer.wait` it is never collective (for a brain's ``fit`` that is
+    failing: the other processes may not be failing with it).
+    """
+    checkpointer._background.settle()
+    return checkpointer._background.take_failure()
+
+
 # ---------------------------------------------------------------------- several processes
 
 
@@ -1265,7 +1474,9 @@ def _collective() -> bool:
 
 
 def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+    """The error's type and message, with its notes (where it came from) for other processes."""
+    notes = " ".join(getattr(error, "__notes__", ()))
+    return f"{type(error).__name__}: {error}" + (f" {notes}" if notes else "")
 
 
 def _broadcast(value: object) -> object:

@@ -11,6 +11,7 @@ before anything is loaded from it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -315,16 +316,84 @@ def sync_and_close(stream: IO[bytes], path: Path, record: CheckpointFile) -> Che
     return record
 
 
-def hash_file(path: Path) -> CheckpointFile:
+def hash_file(path: Path, hasher: Executor | None = None) -> CheckpointFile:
     """Record ``path`` (size and SHA-256 of each piece) and sync it: for files written by hooks.
+
+    The pieces are hashed in ``hasher``'s threads when given (see :func:`hash_pieces`).
 
     Raises:
         OSError: reading or syncing failed; it names ``path``.
+        CheckpointError: the file changed size while it was hashed.
     """
-    with naming(path, "while hashing and syncing the file a save hook wrote"):
-        record = hash_file_readonly(path)
-        with path.open("rb") as stream:
+    with naming(path, "while hashing the file a save hook wrote"):
+        record = hash_pieces(path, hasher)
+    return sync_file(path, record)
+
+
+def hash_sync_and_close(stream: IO[bytes], path: Path, hasher: Executor) -> CheckpointFile:
+    """Flush ``stream`` (the file ``path``), take its record, sync it and close it.
+
+    For a file written without a :class:`HashingWriter`: it is read back (from the page cache,
+    as a rule) and its pieces hashed in ``hasher``'s threads.
+
+    Raises:
+        OSError: flushing, reading, syncing or closing failed (a full disk); it names ``path``.
+        CheckpointError: the file changed size while it was hashed.
+    """
+    with naming(path, "while hashing and syncing the file"):
+        try:
+            stream.flush()
+            record = hash_pieces(path, hasher)
             os.fsync(stream.fileno())
+        finally:
+            stream.close()
+    return record
+
+
+def hash_pieces(path: Path, hasher: Executor | None) -> CheckpointFile:
+    """Size and SHA-256 of each :data:`PIECE_BYTES` piece of the file ``path``.
+
+    The pieces are hashed in parallel in ``hasher``'s threads, or one after the other without.
+
+    Raises:
+        OSError: the file cannot be read.
+        CheckpointError: the file changed size while it was hashed (something else writes in
+            the checkpoint folder).
+    """
+    if hasher is None:
+        return hash_file_readonly(path)
+    size = path.stat().st_size
+    hash_piece = functools.partial(_hash_piece, path, size)
+    try:
+        done = [hasher.submit(hash_piece, index) for index in range(piece_count(size, PIECE_BYTES))]
+    except RuntimeError:
+        # The interpreter is exiting (a commit in the background finishing): executors take
+        # no new work then, so this thread hashes the file itself.
+        return hash_file_readonly(path)
+    digests = tuple(piece.result() for piece in done)
+    return CheckpointFile(file=path.name, size=size, sha256=digests, piece_bytes=PIECE_BYTES)
+
+
+def _hash_piece(path: Path, size: int, index: int) -> str:
+    """The SHA-256 of piece ``index`` of ``path``, a file of ``size`` bytes."""
+    offset, length = piece_span(size, PIECE_BYTES, index)
+    with path.open("rb", buffering=0) as stream:
+        stream.seek(offset)
+        count, sha256 = _hash_stream(stream, length)
+        # A byte past the end: the file grew since its size was read.
+        if count < length or (index == piece_count(size, PIECE_BYTES) - 1 and stream.read(1)):
+            raise CheckpointError(f"the file {path} changed size while it was being hashed")
+    return sha256
+
+
+def sync_file(path: Path, record: CheckpointFile) -> CheckpointFile:
+    """Sync the closed file ``path`` (written by a save hook) to disk; return ``record``.
+
+    Raises:
+        OSError: opening or syncing failed; it names ``path``.
+    """
+    with naming(path, "while syncing the file a save hook wrote"), path.open("rb") as stream:
+        os.fsync(stream.fileno())
     return record
 
 

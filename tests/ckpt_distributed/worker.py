@@ -10,15 +10,20 @@ every process sees), and writes what each scenario observed to
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
+import os
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final, TypeAlias
+from unittest import mock
 
 import attrs
 import torch
@@ -321,6 +326,219 @@ def one_process_fails_to_verify(folder: Path) -> Observed:
     return _failed_load(fresh, checkpointer, checkpoint)
 
 
+# ----------------------------------------------------------- committing in the background
+
+COMMIT_THREAD: Final = "typedbrain-commit"
+"""The name prefix of the thread in which a checkpointer commits its saves in the background."""
+
+RELEASE_WAIT_S: Final = 30.0
+"""The longest a held commit waits to be released: a bug must not hang the launch for good."""
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    """``None`` if ``call`` returned, else what it raised: its type, message and notes."""
+    try:
+        call()
+    except Exception as error:  # the scenario records whatever was raised
+        notes: list[str] = list(getattr(error, "__notes__", []))
+        return {"type": type(error).__name__, "message": str(error), "notes": notes}
+    return None
+
+
+@contextlib.contextmanager
+def _in_commit_thread(before_fsync: Callable[[], None]) -> Iterator[list[str]]:
+    """Run ``before_fsync`` before each ``os.fsync`` of this process's background commit.
+
+    The fsyncs of other threads (a save's own, say) are left alone. The library calls
+    ``os.fsync`` through the ``os`` module, so replacing the module's attribute reaches them.
+    Yields the names of the threads ``before_fsync`` ran in, filled in as it runs.
+    """
+    real = os.fsync
+    ran_in: list[str] = []
+
+    def fsync(descriptor: int) -> None:
+        name = threading.current_thread().name
+        if name.startswith(COMMIT_THREAD):
+            ran_in.append(name)
+            before_fsync()
+        real(descriptor)
+
+    with mock.patch.object(os, "fsync", fsync):
+        yield ran_in
+
+
+def _held_until(marker: Path) -> Callable[[], None]:
+    """Something that waits until ``marker`` exists (at most :data:`RELEASE_WAIT_S`)."""
+
+    def hold() -> None:
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    return hold
+
+
+def _fsync_fails() -> None:
+    raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+
+class _Records(logging.Handler):
+    """Keeps the level and message of each record it handles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append([record.levelname, record.getMessage()])
+
+
+@contextlib.contextmanager
+def _background_log() -> Iterator[list[list[str]]]:
+    """What the ``typedbrain._background`` logger logs meanwhile: [level, message] pairs."""
+    handler = _Records()
+    background_logger = logging.getLogger("typedbrain._background")
+    background_logger.addHandler(handler)
+    try:
+        yield handler.seen
+    finally:
+        background_logger.removeHandler(handler)
+
+
+def _same_everywhere(checkpoint: Checkpoint) -> bool:
+    """Whether every process holds a checkpoint equal to ``checkpoint``."""
+    everyone: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, checkpoint)
+    return all(other == checkpoint for other in everyone)
+
+
+def _recovered(folder: Path) -> Observed:
+    """Recover a fresh model from ``folder`` (collectively): which folder, and its weight."""
+    fresh = _model(0.0)
+    checkpointer = Checkpointer(folder, {"model": fresh}, commit_in_background=True)
+    recovered = checkpointer.recover_if_possible()
+    return {
+        "recovered": None if recovered is None else recovered.path.name,
+        "weight": _weight(fresh),
+    }
+
+
+def background_keep_only(folder: Path) -> Observed:
+    """``save_and_keep_only`` committing in the background, its commit held on the main process.
+
+    The main process's commit thread is held (at its first fsync) until the other process has
+    called ``wait()`` and seen it still waiting: so what both see before ``wait()`` returns is
+    the checkpoint written but not committed, and nothing deleted yet.
+    """
+    rank = _rank()
+    model = _model(0.0)
+    checkpointer = Checkpointer(folder, {"model": model}, commit_in_background=True)
+    for weight, name in ((1.0, "first"), (2.0, "second")):
+        _fill(model, weight)
+        checkpointer.save_and_keep_only(name=name, num_to_keep=2)
+    checkpointer.wait()
+    released = folder.parent / f"{folder.name}.released"
+    _fill(model, 3.0)
+    held: contextlib.AbstractContextManager[list[str]] = contextlib.nullcontext([])
+    if rank == 0:
+        held = _in_commit_thread(_held_until(released))
+    with held as held_in:
+        saved = checkpointer.save_and_keep_only(name="third", num_to_keep=2)
+        same_everywhere = _same_everywhere(saved)
+        before_wait = _folders(folder)
+        committed_before_wait = (saved.path / MANIFEST_NAME).is_file()
+        still_waiting: bool | None = None
+        if rank == 0:
+            raised = _outcome(checkpointer.wait)
+        else:
+            outcome: list[object] = []
+            waiter = threading.Thread(target=lambda: outcome.append(_outcome(checkpointer.wait)))
+            waiter.start()
+            waiter.join(timeout=0.3)
+            still_waiting = waiter.is_alive()
+            released.touch()
+            waiter.join(timeout=2 * RELEASE_WAIT_S)
+            if waiter.is_alive():
+                raise RuntimeError("wait() did not return once the main process could commit")
+            raised = outcome[0]
+    listed = checkpointer.list_checkpoints()
+    return {
+        "held": bool(held_in),
+        "returned": saved.path.name,
+        "same_everywhere": same_everywhere,
+        "before_wait": before_wait,
+        "committed_before_wait": committed_before_wait,
+        "still_waiting": still_waiting,
+        "wait_raised": raised,
+        "after_wait": _folders(folder),
+        "committed_after_wait": (saved.path / MANIFEST_NAME).is_file(),
+        "listed": [c.path.name for c in listed],
+        "listed_equals_returned": listed[-1] == saved,
+        **_recovered(folder),
+    }
+
+
+def _doomed_save(checkpointer: Checkpointer) -> tuple[Checkpoint, bool]:
+    """Save ``doomed``; also whether every process got the same checkpoint back."""
+    doomed = checkpointer.save_and_keep_only(name="doomed", num_to_keep=1)
+    return doomed, _same_everywhere(doomed)
+
+
+def _save_works_again(folder: Path, checkpointer: Checkpointer, model: torch.nn.Linear) -> Observed:
+    """After a failure: save ``again`` (weight 5), wait, and recover it on a fresh model."""
+    _fill(model, 5.0)
+    again = checkpointer.save_and_keep_only(name="again", num_to_keep=1)
+    return {
+        "again_same_everywhere": _same_everywhere(again),
+        "again_wait_raised": _outcome(checkpointer.wait),
+        "again_left": _folders(folder),
+        **_recovered(folder),
+    }
+
+
+def background_commit_fails_at_wait(folder: Path) -> Observed:
+    """The main process's commit fails (a full disk at fsync); ``wait()`` raises it."""
+    model = _model(1.0)
+    checkpointer = Checkpointer(folder, {"model": model}, commit_in_background=True)
+    checkpointer.save_and_keep_only(name="kept", num_to_keep=1)
+    checkpointer.wait()
+    failing = _in_commit_thread(_fsync_fails) if _rank() == 0 else contextlib.nullcontext()
+    with _background_log() as logged, failing:
+        doomed, same_everywhere = _doomed_save(checkpointer)
+        raised = _outcome(checkpointer.wait)
+    left = _folders(folder)
+    return {
+        "doomed": str(doomed.path),
+        "same_everywhere": same_everywhere,
+        "wait_raised": raised,
+        "logged": logged,
+        "left": left,
+        "wait_raised_again": _outcome(checkpointer.wait),
+        **_save_works_again(folder, checkpointer, model),
+    }
+
+
+def background_commit_fails_at_next_save(folder: Path) -> Observed:
+    """The main process's commit fails (a full disk at fsync); the next save raises it."""
+    model = _model(1.0)
+    checkpointer = Checkpointer(folder, {"model": model}, commit_in_background=True)
+    checkpointer.save_and_keep_only(name="kept", num_to_keep=1)
+    checkpointer.wait()
+    failing = _in_commit_thread(_fsync_fails) if _rank() == 0 else contextlib.nullcontext()
+    with failing:
+        doomed, same_everywhere = _doomed_save(checkpointer)
+        raised = _outcome(lambda: checkpointer.save_checkpoint(name="next"))
+    left = _folders(folder)
+    return {
+        "doomed": str(doomed.path),
+        "same_everywhere": same_everywhere,
+        "save_raised": raised,
+        "left": left,
+        "wait_raised": _outcome(checkpointer.wait),
+        **_save_works_again(folder, checkpointer, model),
+    }
+
+
 GROUPS: Final[Mapping[str, Mapping[str, Scenario]]] = {
     "working": {
         "save_once": save_once,
@@ -337,6 +555,11 @@ GROUPS: Final[Mapping[str, Mapping[str, Scenario]]] = {
         "state_dict_fails_on_one_process": state_dict_fails_on_one_process,
         "different_checkpoints": different_checkpoints,
         "one_process_fails_to_verify": one_process_fails_to_verify,
+    },
+    "background": {
+        "background_keep_only": background_keep_only,
+        "background_commit_fails_at_wait": background_commit_fails_at_wait,
+        "background_commit_fails_at_next_save": background_commit_fails_at_next_save,
     },
 }
 

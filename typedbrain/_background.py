@@ -1,0 +1,148 @@
+"""Work a checkpointer finishes in a background thread, one piece at a time, failures kept.
+
+A checkpointer that commits in the background hands the end of each save (hashing and syncing
+the files, committing the manifest, its keep policy's deletions) to :class:`BackgroundWork`,
+which runs it in a thread of its own; the checkpoint's file records wait in
+:class:`PendingRecords` until then. The next call of the checkpointer waits for it first
+(:meth:`BackgroundWork.settle`), and the next save, or ``wait()``, raises what failed there
+(:meth:`BackgroundWork.take_failure`). The thread is not a daemon: a process that ends
+normally finishes the work first (``concurrent.futures`` joins its threads at exit).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from typedbrain._errors import CheckpointError
+from typedbrain._manifest import CheckpointFile
+
+logger = logging.getLogger(__name__)
+
+
+class BackgroundWork:
+    """At most one piece of work running in a background thread, and the last failure."""
+
+    def __init__(self) -> None:
+        self._running: Future[None] | None = None
+        self._what = ""
+        self._failure: BaseException | None = None
+        self._settling = threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        """Whether work was started and not settled since."""
+        return self._running is not None
+
+    def start(self, what: str, work: Callable[[], None]) -> None:
+        """Run ``work`` in a new thread; ``what`` describes it (``"committing ..."``).
+
+        The work started before must be settled: pieces of work never overlap.
+        """
+        if self._running is not None:
+            raise AssertionError(f"{self._what} is still running")  # pragma: no cover
+        executor = ThreadPoolExecutor(1, thread_name_prefix="typedbrain-commit")
+        try:
+            self._running = executor.submit(_logged, what, work)
+        finally:
+            # The thread ends once the work is done; nothing else is ever submitted to it.
+            executor.shutdown(wait=False)
+        self._what = what
+
+    def settle(self) -> None:
+        """Wait for the work started last, if any; keep its failure for :meth:`take_failure`.
+
+        Callers in several threads all wait; the first to see the work done keeps its failure.
+        """
+        running = self._running
+        if running is None:
+            return
+        failure = running.exception()  # waits
+        with self._settling:
+            if self._running is not running:
+                return
+            self._running = None
+            if failure is not None:
+                failure.add_note(f"(while {self._what} in the background, after the save returned)")
+                self._failure = failure
+
+    def take_failure(self) -> BaseException | None:
+        """The failure of settled work not taken yet (then forgotten), or ``None``."""
+        failure, self._failure = self._failure, None
+        return failure
+
+
+def _logged(what: str, work: Callable[[], None]) -> None:
+    """Run ``work``; a failure is logged at once (nobody may ask for it) and raised."""
+    try:
+        work()
+    except BaseException as error:
+        logger.error(
+            "%s failed in the background: %s: %s (the next save, or wait(), raises it)",
+            what,
+            type(error).__name__,
+            error,
+        )
+        raise
+
+
+class PendingRecords(Mapping[str, CheckpointFile]):
+    """The file records of a checkpoint being committed in the background; reading them waits.
+
+    A save that commits in the background returns before its files are hashed: the
+    :class:`~typedbrain.Checkpoint` it returns holds this mapping, which the commit's thread
+    fills (:meth:`resolve`) once the checkpoint is committed, or fails (:meth:`fail`). Reading
+    it (comparing the checkpoint, copying or pickling it) waits until then; after a failure it
+    raises :class:`CheckpointError`. Its ``repr`` never waits.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._done = threading.Event()
+        self._records: Mapping[str, CheckpointFile] = {}
+        self._failure: BaseException | None = None
+
+    def resolve(self, records: Mapping[str, CheckpointFile]) -> None:
+        """The records are known: the checkpoint is committed."""
+        self._records = dict(records)
+        self._done.set()
+
+    def fail(self, failure: BaseException) -> None:
+        """The commit failed with ``failure``: the checkpoint has no records."""
+        self._failure = failure
+        self._done.set()
+
+    def _get(self) -> Mapping[str, CheckpointFile]:
+        self._done.wait()
+        if self._failure is not None:
+            raise CheckpointError(
+                f"checkpoint {self._folder} was not committed (committing it in the background "
+                f"failed: {type(self._failure).__name__}: {self._failure}), so its files have "
+                "no records"
+            ) from self._failure
+        return self._records
+
+    def __getitem__(self, name: str) -> CheckpointFile:
+        return self._get()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __repr__(self) -> str:
+        if not self._done.is_set():
+            return "<file records being taken in the background>"
+        if self._failure is not None:
+            return "<no file records: the commit failed>"
+        return repr(dict(self._records))
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[dict[str, CheckpointFile]], tuple[dict[str, CheckpointFile]]]:
+        # Pickled (broadcast to other processes) or copied as the plain records, once known.
+        return dict, (dict(self._get()),)
