@@ -67,6 +67,8 @@ class RunConfig:
     save_point: Literal["none", "train_start", "train_end", "valid_start"] = "none"
     stop_on_signals: bool = True
     fsdp: bool = False  # under a process group: shard the model with FSDP2 instead of DDP
+    # The checkpointer commits in a background thread (a save returns before its commit).
+    commit_in_background: bool = False
 
 
 class NoisyDataset(Dataset[Batch]):
@@ -208,6 +210,7 @@ def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, 
             "log": log,
             "tripwire": Tripwire(config.kill_at_save),
         },
+        commit_in_background=config.commit_in_background,
     )
     brain_class = HarnessBrain if config.user_save_at is None else UserSavingBrain
     brain = brain_class(

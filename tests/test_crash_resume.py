@@ -116,22 +116,31 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "straight.pt"
 
 
+# Committing in the background changes no saved value: the uninterrupted reference is the
+# same. A kill then also lands while a commit runs in its thread, after the save returned.
+BACKGROUND = pytest.mark.parametrize(
+    "background", [False, True], ids=["commit in save", "commit in background"]
+)
+
+
+@BACKGROUND
 def test_run_killed_many_times_at_random_moments_ends_identical(
-    tmp_path: Path, uninterrupted: Path
+    tmp_path: Path, uninterrupted: Path, background: bool
 ) -> None:
+    config = attrs.evolve(LONG, commit_in_background=background)
     chooser = random.Random(20261125)
     folder = tmp_path / "killed" / "ckpt"
     folder.parent.mkdir()
     out = tmp_path / "killed.pt"
     kills = 0
     while kills < 8:
-        process = start(LONG, folder, out)
+        process = start(config, folder, out)
         # Anywhere after 1 to 4 more saves: between batches, in validation, inside a save.
         if not kill_after_saves(process, folder, chooser.randint(1, 4), chooser.uniform(0, 0.05)):
             finish(process)
             break
         kills += 1
-    code, stderr = finish(start(LONG, folder, out)) if not out.exists() else (0, "")
+    code, stderr = finish(start(config, folder, out)) if not out.exists() else (0, "")
     assert code == 0, stderr
     assert kills == 8, "the run finished before it could be killed 8 times"
     assert differences(load(uninterrupted), load(out)) == []
@@ -161,13 +170,15 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one_e
     assert differences(load(uninterrupted), load(out)) == []
 
 
+@BACKGROUND
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_the_run_resumes_exactly(
-    tmp_path: Path, uninterrupted: Path
+    tmp_path: Path, uninterrupted: Path, background: bool
 ) -> None:
+    config = attrs.evolve(LONG, commit_in_background=background)
     folder = tmp_path / "stopped" / "ckpt"
     folder.parent.mkdir()
     out = tmp_path / "stopped.pt"
-    process = start(LONG, folder, out)
+    process = start(config, folder, out)
     deadline = time.monotonic() + 120
     while not committed(folder) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -176,7 +187,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_the_run_resumes_exactly(
     assert code == 128 + signal.SIGTERM, stderr
     assert "training stopped by signal 15; a checkpoint was saved" in stderr
     assert not out.exists()
-    code, stderr = finish(start(LONG, folder, out))
+    # The stop's checkpoint, as every other, was committed before the process exited.
+    folders = sorted(path for path in folder.iterdir() if path.is_dir())
+    assert [path / "MANIFEST.json" for path in folders] == committed(folder)
+    code, stderr = finish(start(config, folder, out))
     assert code == 0, stderr
     assert differences(load(uninterrupted), load(out)) == []
 

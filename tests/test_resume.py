@@ -67,6 +67,9 @@ def configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, Interruption]:
         save_point=draw(
             st.sampled_from(["none", "none", "train_start", "train_end", "valid_start"])
         ),
+        # Both modes of the checkpointer: committing in the background, fit lets the last
+        # save's commit end as the crash leaves it, and the restart resumes from it.
+        commit_in_background=draw(st.booleans()),
     )
     interruption = Interruption(
         stop_at=draw(st.integers(1, total_forward_passes(config))),

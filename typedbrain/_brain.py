@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import TypeVar, Unpack
 
+from typedbrain._checkpoint import Checkpointer, finish_background_commit
 from typedbrain._data import (
     DataSource,
     LoaderKwargs,
@@ -863,6 +864,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                         loss = evaluate_batch(batch, Stage.VALID)
                         avg_valid_loss = update_average(loss, avg_valid_loss)
                     on_stage_end(Stage.VALID, avg_valid_loss, epoch)
+            checkpointer.wait()     # a Checkpointer's commit in the background, if any
             [IDLE]                                     # [FAILED] if anything raised
 
         With a checkpointer, ``on_fit_start`` recovers the newest checkpoint; when it was taken
@@ -949,12 +951,15 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                         break
                 self._epoch = None
                 self._stop_if_asked_after_training()
+                if isinstance(self.checkpointer, Checkpointer):
+                    self.checkpointer.wait()
                 self._machine.move(Phase.IDLE)
         except BaseException as error:
             if open_epoch is not None:
                 # The epoch did not finish: a later fit with this counter runs it again (a
                 # checkpoint recovered then puts the counter where it was saved anyway).
                 open_epoch.current -= 1
+            self._finish_checkpoint(error)
             self._fail(error)
             raise
         finally:
@@ -1049,6 +1054,21 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     def _check_can_start(self, entry_point: str, target: Phase) -> None:
         if self._machine.notifying or not self._machine.can_move(target):
             raise ReentrantCallError(entry_point, self.phase, target, self._machine.allowed)
+
+    def _finish_checkpoint(self, error: BaseException) -> None:
+        """Let a commit in the background end before ``error`` leaves ``fit``; note a failure.
+
+        A stop by signal saved its checkpoint in the background: it is committed before the
+        process can exit. Not collective (the other processes may not be failing).
+        """
+        if not isinstance(self.checkpointer, Checkpointer):
+            return
+        failure = finish_background_commit(self.checkpointer)
+        if failure is not None:
+            error.add_note(
+                "(and committing a checkpoint in the background failed: "
+                f"{type(failure).__name__}: {failure})"
+            )
 
     def _fail(self, error: BaseException) -> None:
         """Move to FAILED as ``error`` leaves ``fit`` or ``evaluate``, freeing its loaders."""
