@@ -32,11 +32,6 @@ class BackgroundWork:
         self._failure: BaseException | None = None
         self._settling = threading.Lock()
 
-    @property
-    def busy(self) -> bool:
-        """Whether work was started and not settled since."""
-        return self._running is not None
-
     def start(self, what: str, work: Callable[[], None]) -> None:
         """Run ``work`` in a new thread; ``what`` describes it (``"committing ..."``).
 

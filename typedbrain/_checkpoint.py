@@ -530,6 +530,7 @@ class Checkpointer:
         clean_meta: dict[str, JsonValue],
         files: Mapping[str, CheckpointFile],
     ) -> Checkpoint:
+        """The record of the checkpoint saved now in ``folder``, numbered after the others."""
         return Checkpoint(
             path=folder,
             sequence=self._next_sequence(),
