@@ -14,8 +14,8 @@ from and ending in the same state:
   ``torch.save`` of the two state dicts to new files, and against plain ``torch.save`` plus
   ``os.fsync`` of both files and their folder (what saving durably costs anyway). Twice: with
   a ``Checkpointer(commit_in_background=True)``, timed until ``save_checkpoint`` returns (the
-  files written and hashed; what a training loop waits for) and until ``wait()`` returns (the
-  fsyncs and the commit, which ran in a background thread, done), and with the default
+  files written; what a training loop waits for) and until ``wait()`` returns (the hashing,
+  the fsyncs and the commit, which ran in a background thread, done), and with the default
   checkpointer, whose save returns once committed.
 * load: ``Checkpointer.recover_if_possible`` (find the newest checkpoint, check every file's
   size and the SHA-256 of its pieces in parallel threads while decoding it with

@@ -22,7 +22,7 @@ import typedbrain as sb
 from tests import resume_harness
 from tests.helpers import LOADER, Batch, RegressionBrain, examples, sgd
 from tests.resume_harness import HarnessBrain, RunConfig, differences, final_state, run
-from typedbrain import Checkpointer, Phase, Stage
+from typedbrain import Checkpointer, Phase, Stage, _brain
 
 _real_fsync = os.fsync
 
@@ -243,3 +243,43 @@ def test_an_error_of_fit_carries_a_note_when_a_commit_in_the_background_failed(
     assert brain.phase is Phase.FAILED
     assert folders_in(tmp_path) == []  # the uncommitted folder was removed
     checkpointer.wait()  # the failure was handed over once, in the note
+
+
+def test_a_stop_whose_commit_fails_says_that_no_checkpoint_was_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "stopped"
+    disk = Disk(folder, fail=1)  # the stop's checkpoint: its commit meets a full disk
+    disk.install(monkeypatch)
+    with pytest.raises(sb.TrainingInterruptedError) as caught:
+        run(attrs.evolve(TWO_SAVES, signal_at=3), folder)
+    assert not caught.value.checkpoint_saved
+    assert "no checkpoint was saved" in str(caught.value)
+    cause = caught.value.__cause__
+    assert isinstance(cause, OSError)
+    assert cause.errno == errno.ENOSPC
+    [note] = caught.value.__notes__
+    assert note.startswith("(its checkpoint was not committed: OSError: ")
+    assert committed(folder) == []
+
+
+def test_an_interrupt_while_a_failing_fit_waits_for_its_commit_leaves_the_brain_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(checkpointer: Checkpointer) -> BaseException | None:
+        raise KeyboardInterrupt  # a second Ctrl-C, while fit waits on its way out
+
+    monkeypatch.setattr(_brain, "finish_background_commit", interrupted)
+    model = nn.Linear(4, 2)
+    checkpointer = Checkpointer(tmp_path, {"model": model}, commit_in_background=True)
+    brain = _LossFailsAtStep3(
+        modules={"model": model},
+        opt_class=sgd(),
+        run_opts={"noprogressbar": True, "ckpt_interval_steps": 2},
+        checkpointer=checkpointer,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        brain.fit(range(1, 3), examples(16), train_loader_kwargs=LOADER)
+    assert brain.phase is Phase.FAILED
+    checkpointer.wait()
+    assert len(committed(tmp_path)) == 1  # the checkpoint after step 2

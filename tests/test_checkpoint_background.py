@@ -6,6 +6,7 @@ timing): while it waits, the save has returned and its checkpoint is not committ
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -608,3 +609,113 @@ def test_a_process_killed_during_its_commit_leaves_an_uncommitted_folder_skipped
     assert recovered is not None
     assert recovered.path != uncommitted
     assert filled_with(model, 1.0)
+
+
+def test_another_checkpointer_of_the_folder_waits_for_the_commit_and_recovers_it(
+    tmp_path: Path, held: HeldFsync
+) -> None:
+    first = Checkpointer(tmp_path, {"model": linear(1.0)}, commit_in_background=True)
+    saved = first.save_checkpoint()
+    model = linear(0.0)
+    second = Checkpointer(tmp_path, {"model": model})  # a fresh one, in the same process
+    recovering, recovered = in_thread(second.recover_if_possible)
+    recovering.join(timeout=0.3)
+    assert recovering.is_alive()  # waits for the first one's commit
+    held.release()
+    recovering.join(WAIT_S)
+    assert recovered == [saved]
+    assert filled_with(model, 1.0)
+
+
+def test_two_checkpointers_saving_in_turn_into_one_folder_number_their_checkpoints_apart(
+    tmp_path: Path, held: HeldFsync
+) -> None:
+    first = Checkpointer(tmp_path, {"model": linear(1.0)}, commit_in_background=True)
+    second = Checkpointer(tmp_path, {"model": linear(2.0)}, commit_in_background=True)
+    first.save_checkpoint()
+    saving, _ = in_thread(second.save_checkpoint)
+    saving.join(timeout=0.3)
+    assert saving.is_alive()  # the second save waits for the first one's commit
+    held.release()
+    saving.join(WAIT_S)
+    second.wait()
+    assert [c.sequence for c in Checkpointer(tmp_path).list_checkpoints()] == [1, 2]
+
+
+def test_a_save_failing_in_the_foreground_closes_its_files_unhashed_and_removes_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[Path] = []
+    real_hash = _manifest.hash_pieces
+
+    def spy(path: Path, hasher: object) -> object:
+        hashed.append(path)
+        return real_hash(path, hasher)  # type: ignore[arg-type]  # the hasher it was given
+
+    monkeypatch.setattr(_manifest, "hash_pieces", spy)
+
+    class Broken(torch.nn.Module):
+        def state_dict(self, *args: object, **kwargs: object) -> dict[str, object]:  # type: ignore[override]  # a failing state_dict
+            raise RuntimeError("no state today")
+
+    checkpointer = Checkpointer(
+        tmp_path, {"model": linear(1.0), "broken": Broken()}, commit_in_background=True
+    )
+    with pytest.raises(RuntimeError, match="no state today"):
+        checkpointer.save_checkpoint()
+    assert hashed == []  # the model's file, written first, was closed, not hashed and synced
+    assert entries(tmp_path) == []
+    open_files = []
+    for descriptor in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor, closed
+            open_files.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+    held_lock = str(tmp_path / LOCK_NAME)
+    assert [t for t in open_files if str(tmp_path) in t and t != held_lock] == []
+
+
+_FORKED_DURING_COMMIT = """
+import os, sys, threading, time
+import torch
+from typedbrain import Checkpointer
+
+model = torch.nn.Linear(2, 2)
+checkpointer = Checkpointer(sys.argv[1], {"model": model}, commit_in_background=True)
+real, release = os.fsync, threading.Event()
+
+def held(descriptor):
+    release.wait(60)
+    real(descriptor)
+
+os.fsync = held
+checkpointer.save_checkpoint()
+child = os.fork()
+if child == 0:
+    checkpointer.list_checkpoints()  # nothing of the parent's commit runs here to wait for
+    os._exit(0)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    done, status = os.waitpid(child, os.WNOHANG)
+    if done:
+        print("child", os.waitstatus_to_exitcode(status), flush=True)
+        break
+    time.sleep(0.05)
+else:
+    os.kill(child, 9)
+    print("child hung", flush=True)
+release.set()
+checkpointer.wait()
+print("parent", len(checkpointer.list_checkpoints()), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_child_forked_during_a_commit_does_not_wait_for_it(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_FORKED_DURING_COMMIT), str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.stdout.split("\n")[:2] == ["child 0", "parent 1"], done.stderr

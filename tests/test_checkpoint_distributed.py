@@ -402,3 +402,18 @@ def test_without_a_process_group_no_collective_runs(
     assert checkpointer.recover_if_possible() == saved
     checkpointer.load_checkpoint(saved)
     assert checkpointer.delete_checkpoints(num_to_keep=1) == []
+
+
+def test_a_save_whose_processes_differ_in_commit_mode_is_refused_everywhere(
+    background: Launch,
+) -> None:
+    main, other = background.observed("background_modes_differ")
+    for observed in (main, other):
+        raised = observed["raised"]
+        assert isinstance(raised, dict)
+        assert raised["type"] == "CheckpointError"
+        assert "disagree" in raised["message"]
+        assert "commit_in_background=True" in raised["message"]
+        assert "commit_in_background=False" in raised["message"]
+        assert observed["left"] == []  # nothing was written
+    assert background.returncodes == (0,) * WORLD_SIZE, background.output

@@ -12,6 +12,7 @@ normally finishes the work first (``concurrent.futures`` joins its threads at ex
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,36 @@ from typedbrain._errors import CheckpointError
 from typedbrain._manifest import CheckpointFile
 
 logger = logging.getLogger(__name__)
+
+
+class _Registry:
+    """The background work of each checkpoints folder (by real path) in this process.
+
+    Shared by every checkpointer that writes there: one waits for another's commit as for its
+    own.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.work: dict[str, BackgroundWork] = {}
+        self.fork_hook = False  # registered on first use, not at import
+
+    def forget(self) -> None:
+        """In a forked child: the parent's commits do not run there, nothing to wait for."""
+        self.lock = threading.Lock()
+        self.work = {}
+
+
+_registry = _Registry()
+
+
+def work_for(folder: Path) -> BackgroundWork:
+    """The background work of the checkpoints folder ``folder`` in this process."""
+    with _registry.lock:
+        if not _registry.fork_hook:
+            os.register_at_fork(after_in_child=_registry.forget)
+            _registry.fork_hook = True
+        return _registry.work.setdefault(os.path.realpath(folder), BackgroundWork())
 
 
 class BackgroundWork:

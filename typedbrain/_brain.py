@@ -959,8 +959,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 # The epoch did not finish: a later fit with this counter runs it again (a
                 # checkpoint recovered then puts the counter where it was saved anyway).
                 open_epoch.current -= 1
-            self._finish_checkpoint(error)
-            self._fail(error)
+            try:
+                self._finish_checkpoint(error)
+            finally:  # a second Ctrl-C while waiting: the brain still fails
+                self._fail(error)
             raise
         finally:
             self._restored = None
@@ -1437,9 +1439,22 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         """
         if save and not saved:
             saved = self._save_intra_epoch_ckpt()
-        error = TrainingInterruptedError(signum, checkpoint_saved=saved)
-        logger.warning("%s", error)
-        raise error
+        failure: Exception | None = None
+        if saved and isinstance(self.checkpointer, Checkpointer):
+            # Committing in the background: saved means committed. (Every process is here:
+            # the stop, and so this save, is agreed under torch.distributed.)
+            try:
+                self.checkpointer.wait()
+            except Exception as error:
+                failure, saved = error, False
+        stop = TrainingInterruptedError(signum, checkpoint_saved=saved)
+        logger.warning("%s", stop)
+        if failure is not None:
+            stop.add_note(
+                f"(its checkpoint was not committed: {type(failure).__name__}: {failure})"
+            )
+            raise stop from failure
+        raise stop
 
     def _record_run(self) -> RunRecord:
         """The run state to save now, with the gradients held mid-epoch (see below)."""

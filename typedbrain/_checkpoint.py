@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.serialization import default_restore_location
 
-from typedbrain._background import BackgroundWork, PendingRecords
+from typedbrain._background import PendingRecords, work_for
 from typedbrain._checks import check_bool, real_number
 from typedbrain._ckpt_hooks import (
     LoadHook,
@@ -182,10 +182,10 @@ class Checkpointer:
             by :meth:`add_recoverable`.
         allow_partial_load: load checkpoints that lack some registered recoverables (those keep
             their current state) instead of raising.
-        commit_in_background: a save returns once the files are written and their checksums
-            taken; syncing them to disk, committing the manifest and the keep policy's
-            deletions then run in a background thread, while training goes on (see
-            "Committing in the background" in docs/checkpoints.md and :meth:`wait`).
+        commit_in_background: a save returns once the files are written; hashing them,
+            syncing them to disk, committing the manifest and the keep policy's deletions then
+            run in a background thread, while training goes on (see "Committing in the
+            background" in docs/checkpoints.md and :meth:`wait`).
 
     Attributes:
         checkpoints_dir: the folder holding the checkpoint folders.
@@ -221,8 +221,6 @@ class Checkpointer:
         self._check_folder()
         self.allow_partial_load = allow_partial_load
         self.commit_in_background = commit_in_background
-        # The end of the last save, when it commits in the background.
-        self._background = BackgroundWork()
         self._recoverables: dict[str, _Recoverable] = {}
         self._phase_source: Callable[[], str | None] | None = None
         self._reported: set[Path] = set()
@@ -429,6 +427,7 @@ class Checkpointer:
         after: Callable[[Checkpoint], object] | None,
     ) -> Checkpoint:
         what = f"save a checkpoint in {self.checkpoints_dir}"
+        mode = f"commit_in_background={self.commit_in_background}"
         try:
             # Every process calls every state_dict, in the same order: one may run collectives
             # (the brain's run state gathers each process's RNG state). Only the main
@@ -445,9 +444,10 @@ class Checkpointer:
                         states[recoverable] = full_state(_taken_state(entry.obj))
             clean_meta, phase, flag = self._checked_inputs(meta, end_of_epoch, name, ranking_keys)
         except BaseException as error:
-            _agree(error, what)
+            _agree(error, what, mode)
             raise
-        _agree(None, what)
+        # The same commit mode everywhere: it decides which collectives follow.
+        _agree(None, what, mode)
         return _main_decides(
             lambda: self._write(clean_meta, phase, flag, name, states, after=after), what
         )
@@ -470,19 +470,21 @@ class Checkpointer:
         checkpoint returned is broadcast to the other processes with its records. A commit
         still running from the last save is waited for first, and its failure raised.
         """
-        self._background.settle()
+        work = work_for(self.checkpoints_dir)
+        work.settle()
         self._raise_background_failure()
         background = self.commit_in_background
         hash_later = background and not _collective()
         folder = self._new_folder(name)
         hasher = ThreadPoolExecutor(hash_workers(), "typedbrain-hash")
         finishes: list[tuple[str, Callable[[], CheckpointFile]]] = []
+        opened: list[IO[bytes]] = []  # the files written, open until synced
         try:
             if background:
                 records: dict[str, CheckpointFile] = {}
                 for recoverable, entry in self._recoverables.items():
                     record, finish = self._save_one(
-                        recoverable, entry, folder, hasher, states, hash_later=hash_later
+                        recoverable, entry, folder, hasher, states, opened, hash_later=hash_later
                     )
                     finishes.append((recoverable, finish))
                     if record is not None:
@@ -491,7 +493,7 @@ class Checkpointer:
                 checkpoint = self._new_checkpoint(
                     folder, end_of_epoch, phase, clean_meta, records if pending is None else pending
                 )
-                self._background.start(
+                work.start(
                     f"committing checkpoint {folder}",
                     functools.partial(self._commit, checkpoint, finishes, hasher, pending, after),
                 )
@@ -504,19 +506,22 @@ class Checkpointer:
                 synced = {}
                 for recoverable, entry in self._recoverables.items():
                     _, finish = self._save_one(
-                        recoverable, entry, folder, hasher, states, hash_later=False
+                        recoverable, entry, folder, hasher, states, opened, hash_later=False
                     )
                     synced[recoverable] = syncer.submit(finish)
                 files = {recoverable: done.result() for recoverable, done in synced.items()}
             checkpoint = self._new_checkpoint(folder, end_of_epoch, phase, clean_meta, files)
             commit_manifest(checkpoint)
         except BaseException:
-            # In the background mode, files whose syncs never started are still open.
-            with contextlib.suppress(Exception):
-                _finish_all(finishes)
-            hasher.shutdown()
-            if not (folder / MANIFEST_NAME).exists():
-                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                # Files whose syncs never ran (in the background mode) are still open.
+                for stream in opened:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+            finally:
+                hasher.shutdown()
+                if not (folder / MANIFEST_NAME).exists():
+                    shutil.rmtree(folder, ignore_errors=True)
             raise
         hasher.shutdown()
         self._after_commit(checkpoint)
@@ -628,7 +633,7 @@ class Checkpointer:
         the process that wrote to the folder holds it). The checkpointer stays usable: its
         next write takes the lock again (and fails if another process holds it then).
         """
-        self._background.settle()  # a save's commit still running in the background
+        self._settle()
         claimed, self._claimed = self._claimed, {}
         for release in claimed.values():
             release()
@@ -667,6 +672,7 @@ class Checkpointer:
         folder: Path,
         hasher: Executor,
         states: Mapping[str, object] | None,
+        opened: list[IO[bytes]],
         *,
         hash_later: bool,
     ) -> tuple[CheckpointFile | None, Callable[[], CheckpointFile]]:
@@ -676,7 +682,8 @@ class Checkpointer:
         state is saved through takes the checksums, or a save hook's file is hashed once
         written. With ``hash_later`` the call returned hashes the file before syncing it, and
         returns the record (it always does). The pieces are hashed in ``hasher``'s threads.
-        Its state is taken from ``states`` when given, else from its ``state_dict`` now.
+        Its state is taken from ``states`` when given, else from its ``state_dict`` now. The
+        file written, still open, is added to ``opened``.
         """
         path = folder / f"{name}{FILE_SUFFIX}"
         if entry.saver is not None:
@@ -698,6 +705,7 @@ class Checkpointer:
                 state = _taken_state(entry.obj)
         _check_loadable(name, state)
         raw = path.open("wb", buffering=WRITE_BUFFER)
+        opened.append(raw)
         try:
             writer = None if hash_later else HashingWriter(raw, hasher)
             # A flush (torch.save's own, or this one) reports a full disk as a bare OSError.
@@ -845,13 +853,17 @@ class Checkpointer:
                 :meth:`save_and_keep_only`); it carries a note saying it comes from the
                 background. Each failure is raised once.
         """
-        self._background.settle()
+        self._settle()
         _main_decides(
             self._raise_background_failure, f"commit a checkpoint in {self.checkpoints_dir}"
         )
 
+    def _settle(self) -> None:
+        """Wait for a commit running in the background in this folder (any checkpointer's)."""
+        work_for(self.checkpoints_dir).settle()
+
     def _raise_background_failure(self) -> None:
-        failure = self._background.take_failure()
+        failure = work_for(self.checkpoints_dir).take_failure()
         if failure is not None:
             raise failure
 
@@ -871,7 +883,7 @@ class Checkpointer:
                 error): the folder may be an intact checkpoint, so it is not skipped; the
                 message names the file and the OS error.
         """
-        self._background.settle()  # a save's commit still running in the background
+        self._settle()
         return _main_decides(
             lambda: self._scan(report=True),
             f"list the checkpoints in {self.checkpoints_dir}",
@@ -936,7 +948,7 @@ class Checkpointer:
                 key) or a function (an importance key), an importance key returned something
                 other than a number, or ``max_num_checkpoints`` is negative.
         """
-        self._background.settle()  # a save's commit still running in the background
+        self._settle()
         return _main_decides(
             lambda: _rank(
                 self._scan(report=True),
@@ -996,7 +1008,7 @@ class Checkpointer:
         importance, maxima, minima = _checked_keep_policy(
             num_to_keep, importance_keys, max_keys, min_keys, ckpt_predicate
         )
-        self._background.settle()  # a save's commit still running in the background
+        self._settle()
         return _main_decides(
             lambda: self._delete(
                 num_to_keep=num_to_keep,
@@ -1139,7 +1151,7 @@ class Checkpointer:
                 (the message says which and why) or when they were given different
                 checkpoints.
         """
-        self._background.settle()  # a save's commit still running in the background
+        self._settle()
         if _collective():
             self._load_collectively(checkpoint, device, prepared=None)
             return
@@ -1272,7 +1284,7 @@ class Checkpointer:
                 :meth:`load_checkpoint`); under ``torch.distributed``, on the other processes,
                 when one process failed (the message says which and why).
         """
-        self._background.settle()  # a save's commit still running in the background
+        self._settle()
         if _collective():
             return self._recover_collectively(
                 importance_key, max_key, min_key, ckpt_predicate, device
@@ -1462,8 +1474,8 @@ def finish_background_commit(checkpointer: Checkpointer) -> BaseException | None
     Unlike :meth:`Checkpointer.wait` it is never collective (for a brain's ``fit`` that is
     failing: the other processes may not be failing with it).
     """
-    checkpointer._background.settle()
-    return checkpointer._background.take_failure()
+    checkpointer._settle()
+    return work_for(checkpointer.checkpoints_dir).take_failure()
 
 
 # ---------------------------------------------------------------------- several processes

@@ -539,6 +539,14 @@ def background_commit_fails_at_next_save(folder: Path) -> Observed:
     }
 
 
+def background_modes_differ(folder: Path) -> Observed:
+    """The main process commits in the background, the other does not: the save is refused."""
+    model = _model(1.0)
+    checkpointer = Checkpointer(folder, {"model": model}, commit_in_background=_rank() == 0)
+    raised = _outcome(lambda: checkpointer.save_checkpoint(name="mixed"))
+    return {"raised": raised, "left": _folders(folder) if folder.exists() else []}
+
+
 GROUPS: Final[Mapping[str, Mapping[str, Scenario]]] = {
     "working": {
         "save_once": save_once,
@@ -558,6 +566,7 @@ GROUPS: Final[Mapping[str, Mapping[str, Scenario]]] = {
     },
     "background": {
         "background_keep_only": background_keep_only,
+        "background_modes_differ": background_modes_differ,
         "background_commit_fails_at_wait": background_commit_fails_at_wait,
         "background_commit_fails_at_next_save": background_commit_fails_at_next_save,
     },
