@@ -460,6 +460,40 @@ def test_an_fsdp2_job_stopped_mid_epoch_resumes_bit_for_bit(
     assert saved["0.weight"].shape == (8, 4)
 
 
+# The main process commits in the background; the checkpoints hold the same states.
+BACKGROUND_RUN = attrs.evolve(DDP_RUN, commit_in_background=True)
+
+
+def test_a_torchrun_job_committing_in_the_background_stopped_and_restarted_ends_identical(
+    tmp_path: Path, uninterrupted_torchrun_job: Path
+) -> None:
+    stop_at = STOP_POINTS["mid-accumulation, after a checkpoint"]
+    out = stopped_and_restarted(BACKGROUND_RUN, tmp_path, stop_at)
+    assert_same_ranks(uninterrupted_torchrun_job / "straight.pt", out)
+
+
+def test_a_sigterm_to_one_rank_committing_in_the_background_saves_on_every_rank_then_resumes(
+    tmp_path: Path, uninterrupted_torchrun_job: Path
+) -> None:
+    # The stop waits (collectively) for its checkpoint's commit before saying it saved one.
+    signal_at = SIGNAL_POINTS["in training"][0]
+    stopped = attrs.evolve(BACKGROUND_RUN, signal_at=signal_at, signal_rank=0)
+    folder, out = tmp_path / "stopped", tmp_path / "stopped.pt"
+    config_path = tmp_path / "stopped.json"
+    config_path.write_text(json.dumps(converter.unstructure(stopped)))
+    ranks = start_ranks("tests.ddp.resume_worker", str(config_path), str(folder), str(out))
+    codes = finish_ranks(ranks, timeout=60, may_abort=True)
+    assert set(codes) <= {128 + signal.SIGTERM, -signal.SIGABRT}
+    for rank in (0, 1):
+        outcome = json.loads(Path(f"{out}.{rank}{STOPPED_SUFFIX}").read_text())
+        assert outcome == {"signal": signal.SIGTERM, "checkpoint_saved": True}
+    # Every checkpoint folder was committed when the ranks exited.
+    folders = sorted(path for path in folder.iterdir() if path.is_dir())
+    assert sorted(manifest.parent for manifest in folder.glob("*/MANIFEST.json")) == folders
+    assert resume_job(BACKGROUND_RUN, folder, out) == [0, 0]
+    assert_same_ranks(uninterrupted_torchrun_job / "straight.pt", out)
+
+
 @pytest.mark.parametrize("way", ["atexit", "finally"])
 def test_a_rank_that_raises_ends_the_job_at_once_rather_than_at_the_groups_timeout(
     way: str,
