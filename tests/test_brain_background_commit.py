@@ -220,19 +220,25 @@ class _LossFailsAtStep3(RegressionBrain):
         return super().compute_objectives(predictions, batch, stage)
 
 
-def test_an_error_of_fit_carries_a_note_when_a_commit_in_the_background_failed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    disk = Disk(tmp_path, fail=1)  # the checkpoint saved after step 2
-    disk.install(monkeypatch)
+def _failing_at_step3(folder: Path) -> tuple[_LossFailsAtStep3, Checkpointer]:
+    """A brain saving every 2 steps into ``folder``, in the background, failing at step 3."""
     model = nn.Linear(4, 2)
-    checkpointer = Checkpointer(tmp_path, {"model": model}, commit_in_background=True)
+    checkpointer = Checkpointer(folder, {"model": model}, commit_in_background=True)
     brain = _LossFailsAtStep3(
         modules={"model": model},
         opt_class=sgd(),
         run_opts={"noprogressbar": True, "ckpt_interval_steps": 2},
         checkpointer=checkpointer,
     )
+    return brain, checkpointer
+
+
+def test_an_error_of_fit_carries_a_note_when_a_commit_in_the_background_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = Disk(tmp_path, fail=1)  # the checkpoint saved after step 2
+    disk.install(monkeypatch)
+    brain, checkpointer = _failing_at_step3(tmp_path)
     with pytest.raises(RuntimeError, match="step 3 cannot be computed") as caught:
         brain.fit(range(1, 3), examples(16), train_loader_kwargs=LOADER)
     assert type(caught.value) is RuntimeError  # the original error, not the commit's
@@ -270,14 +276,7 @@ def test_an_interrupt_while_a_failing_fit_waits_for_its_commit_leaves_the_brain_
         raise KeyboardInterrupt  # a second Ctrl-C, while fit waits on its way out
 
     monkeypatch.setattr(_brain, "finish_background_commit", interrupted)
-    model = nn.Linear(4, 2)
-    checkpointer = Checkpointer(tmp_path, {"model": model}, commit_in_background=True)
-    brain = _LossFailsAtStep3(
-        modules={"model": model},
-        opt_class=sgd(),
-        run_opts={"noprogressbar": True, "ckpt_interval_steps": 2},
-        checkpointer=checkpointer,
-    )
+    brain, checkpointer = _failing_at_step3(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         brain.fit(range(1, 3), examples(16), train_loader_kwargs=LOADER)
     assert brain.phase is Phase.FAILED

@@ -107,6 +107,19 @@ def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[object
     return thread, result
 
 
+def waits_for_the_commit(call: Callable[[], object], held: HeldFsync) -> list[object]:
+    """Run ``call`` in a thread, check it still waits while the commit is held, release it.
+
+    Returns what ``call`` returned (or raised), in a list.
+    """
+    thread, result = in_thread(call)
+    thread.join(timeout=0.3)
+    assert thread.is_alive()  # still waiting for the commit
+    held.release()
+    thread.join(WAIT_S)
+    return result
+
+
 def save_json(obj: dict[str, int], path: Path) -> None:
     """A save hook: ``obj`` as JSON."""
     path.write_text(json.dumps(obj))
@@ -182,12 +195,7 @@ def test_a_listing_started_during_the_commit_waits_for_it_and_sees_the_checkpoin
 ) -> None:
     checkpointer = Checkpointer(tmp_path, {"model": linear(1.0)}, commit_in_background=True)
     saved = checkpointer.save_checkpoint()
-    listing, listed = in_thread(checkpointer.list_checkpoints)
-    listing.join(timeout=0.3)
-    assert listing.is_alive()  # still waiting for the commit
-    held.release()
-    listing.join(WAIT_S)
-    assert listed == [[saved]]
+    assert waits_for_the_commit(checkpointer.list_checkpoints, held) == [[saved]]
 
 
 def test_waits_in_two_threads_both_wait_for_the_commit_and_its_failure_is_raised_once(
@@ -618,12 +626,7 @@ def test_another_checkpointer_of_the_folder_waits_for_the_commit_and_recovers_it
     saved = first.save_checkpoint()
     model = linear(0.0)
     second = Checkpointer(tmp_path, {"model": model})  # a fresh one, in the same process
-    recovering, recovered = in_thread(second.recover_if_possible)
-    recovering.join(timeout=0.3)
-    assert recovering.is_alive()  # waits for the first one's commit
-    held.release()
-    recovering.join(WAIT_S)
-    assert recovered == [saved]
+    assert waits_for_the_commit(second.recover_if_possible, held) == [saved]
     assert filled_with(model, 1.0)
 
 
@@ -633,11 +636,7 @@ def test_two_checkpointers_saving_in_turn_into_one_folder_number_their_checkpoin
     first = Checkpointer(tmp_path, {"model": linear(1.0)}, commit_in_background=True)
     second = Checkpointer(tmp_path, {"model": linear(2.0)}, commit_in_background=True)
     first.save_checkpoint()
-    saving, _ = in_thread(second.save_checkpoint)
-    saving.join(timeout=0.3)
-    assert saving.is_alive()  # the second save waits for the first one's commit
-    held.release()
-    saving.join(WAIT_S)
+    waits_for_the_commit(second.save_checkpoint, held)  # for the first one's commit
     second.wait()
     assert [c.sequence for c in Checkpointer(tmp_path).list_checkpoints()] == [1, 2]
 

@@ -415,13 +415,15 @@ SIGNAL_POINTS = {
 }
 
 
-@pytest.mark.parametrize(("signal_at", "saves"), SIGNAL_POINTS.values(), ids=SIGNAL_POINTS.keys())
-def test_a_sigterm_that_reaches_one_rank_stops_every_rank_after_the_same_batch(
-    signal_at: int, saves: bool, tmp_path: Path, uninterrupted_torchrun_job: Path
-) -> None:
-    # Rank 0 alone gets the signal: the ranks must agree on where to stop, save one checkpoint
-    # together and leave with SIGTERM's exit status, not hang in mismatched collectives.
-    stopped = attrs.evolve(DDP_RUN, signal_at=signal_at, signal_rank=0)
+def stopped_on_rank_0(
+    config: RunConfig, signal_at: int, saves: bool, tmp_path: Path
+) -> tuple[Path, Path]:
+    """Run ``config`` on 2 ranks, SIGTERM to rank 0 at ``signal_at``; its folder and output.
+
+    Checks that every rank left with SIGTERM's status, having saved a checkpoint or not as
+    ``saves`` says.
+    """
+    stopped = attrs.evolve(config, signal_at=signal_at, signal_rank=0)
     folder, out = tmp_path / "stopped", tmp_path / "stopped.pt"
     config_path = tmp_path / "stopped.json"
     config_path.write_text(json.dumps(converter.unstructure(stopped)))
@@ -431,6 +433,16 @@ def test_a_sigterm_that_reaches_one_rank_stops_every_rank_after_the_same_batch(
     for rank in (0, 1):
         outcome = json.loads(Path(f"{out}.{rank}{STOPPED_SUFFIX}").read_text())
         assert outcome == {"signal": signal.SIGTERM, "checkpoint_saved": saves}
+    return folder, out
+
+
+@pytest.mark.parametrize(("signal_at", "saves"), SIGNAL_POINTS.values(), ids=SIGNAL_POINTS.keys())
+def test_a_sigterm_that_reaches_one_rank_stops_every_rank_after_the_same_batch(
+    signal_at: int, saves: bool, tmp_path: Path, uninterrupted_torchrun_job: Path
+) -> None:
+    # Rank 0 alone gets the signal: the ranks must agree on where to stop, save one checkpoint
+    # together and leave with SIGTERM's exit status, not hang in mismatched collectives.
+    folder, out = stopped_on_rank_0(DDP_RUN, signal_at, saves, tmp_path)
     assert not (tmp_path / "stopped.pt.0").exists()
     assert resume_job(DDP_RUN, folder, out) == [0, 0]
     assert_same_ranks(uninterrupted_torchrun_job / "straight.pt", tmp_path / "stopped.pt")
@@ -477,16 +489,7 @@ def test_a_sigterm_to_one_rank_committing_in_the_background_saves_on_every_rank_
 ) -> None:
     # The stop waits (collectively) for its checkpoint's commit before saying it saved one.
     signal_at = SIGNAL_POINTS["in training"][0]
-    stopped = attrs.evolve(BACKGROUND_RUN, signal_at=signal_at, signal_rank=0)
-    folder, out = tmp_path / "stopped", tmp_path / "stopped.pt"
-    config_path = tmp_path / "stopped.json"
-    config_path.write_text(json.dumps(converter.unstructure(stopped)))
-    ranks = start_ranks("tests.ddp.resume_worker", str(config_path), str(folder), str(out))
-    codes = finish_ranks(ranks, timeout=60, may_abort=True)
-    assert set(codes) <= {128 + signal.SIGTERM, -signal.SIGABRT}
-    for rank in (0, 1):
-        outcome = json.loads(Path(f"{out}.{rank}{STOPPED_SUFFIX}").read_text())
-        assert outcome == {"signal": signal.SIGTERM, "checkpoint_saved": True}
+    folder, out = stopped_on_rank_0(BACKGROUND_RUN, signal_at, True, tmp_path)
     # Every checkpoint folder was committed when the ranks exited.
     folders = sorted(path for path in folder.iterdir() if path.is_dir())
     assert sorted(manifest.parent for manifest in folder.glob("*/MANIFEST.json")) == folders
