@@ -1060,8 +1060,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
     def _finish_checkpoint(self, error: BaseException) -> None:
         """Let a commit in the background end before ``error`` leaves ``fit``; note a failure.
 
-        A stop by signal saved its checkpoint in the background: it is committed before the
-        process can exit. Not collective (the other processes may not be failing).
+        What was saved before the error is then on disk when ``fit`` raises (a stop by signal
+        has waited for its own checkpoint already). Not collective (the other processes may not
+        be failing).
         """
         if not isinstance(self.checkpointer, Checkpointer):
             return
