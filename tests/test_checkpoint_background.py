@@ -120,6 +120,18 @@ def waits_for_the_commit(call: Callable[[], object], held: HeldFsync) -> list[ob
     return result
 
 
+def run_script(script: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a new Python process, from the repository, with ``folder`` as argument."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), str(folder)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def save_json(obj: dict[str, int], path: Path) -> None:
     """A save hook: ``obj`` as JSON."""
     path.write_text(json.dumps(obj))
@@ -548,14 +560,7 @@ print(checkpointer.save_checkpoint().path, flush=True)
 
 @pytest.mark.slow
 def test_a_process_that_ends_right_after_a_save_commits_it_first(tmp_path: Path) -> None:
-    ended = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_ENDS_AT_ONCE), str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    ended = run_script(_ENDS_AT_ONCE, tmp_path)
     assert ended.returncode == 0, ended.stderr
     [saved] = Checkpointer(tmp_path).list_checkpoints()
     assert str(saved.path) == ended.stdout.strip()
@@ -709,12 +714,5 @@ print("parent", len(checkpointer.list_checkpoints()), flush=True)
 
 @pytest.mark.slow
 def test_a_child_forked_during_a_commit_does_not_wait_for_it(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_FORKED_DURING_COMMIT), str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_script(_FORKED_DURING_COMMIT, tmp_path)
     assert done.stdout.split("\n")[:2] == ["child 0", "parent 1"], done.stderr
