@@ -12,6 +12,7 @@ import errno
 import os
 import stat
 import threading
+import warnings
 from pathlib import Path
 
 import attrs
@@ -22,7 +23,7 @@ import typedbrain as sb
 from tests import resume_harness
 from tests.helpers import LOADER, Batch, RegressionBrain, examples, sgd
 from tests.resume_harness import HarnessBrain, RunConfig, differences, final_state, run
-from typedbrain import Checkpointer, Phase, Stage, _brain
+from typedbrain import Checkpointer, Phase, Stage, _brain, _checkpoint
 
 _real_fsync = os.fsync
 
@@ -211,6 +212,26 @@ def test_a_stop_by_signal_commits_its_checkpoint_before_fit_raises_and_resumes_e
     straight = attrs.evolve(config, signal_at=None, commit_in_background=False)
     expected = final_state(run(straight, tmp_path / "straight"))
     assert differences(expected, resumed) == []
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["default", "background"])
+def test_a_stop_whose_keep_policy_warning_is_made_an_error_raises_it_as_in_the_default_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    def refused(checkpoint: sb.Checkpoint) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(checkpoint.path))
+
+    monkeypatch.setattr(_checkpoint, "_delete_folder", refused)
+    folder = tmp_path / "stopped"
+    # A checkpoint after step 2; the stop's, after step 3, cannot delete it.
+    config = attrs.evolve(
+        TWO_SAVES, ckpt_interval_steps=2, signal_at=3, commit_in_background=background
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sb.CheckpointWarning)
+        with pytest.raises(sb.CheckpointWarning, match="could not delete checkpoint"):
+            run(config, folder)
+    assert len(committed(folder)) == 2  # the stop's checkpoint was committed all the same
 
 
 class _LossFailsAtStep3(RegressionBrain):

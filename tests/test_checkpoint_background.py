@@ -17,13 +17,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from typedbrain import _manifest
+from typedbrain import _checkpoint, _manifest
 from typedbrain._checkpoint import Checkpoint, Checkpointer
 from typedbrain._epochs import EpochCounter
 from typedbrain._errors import CheckpointError, CheckpointWarning, ConfigurationError
@@ -433,6 +434,61 @@ def test_an_importance_key_returning_a_non_number_is_raised_by_wait_and_deletes_
     checkpointer.wait()
 
 
+def _deletions_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keep policy can delete no checkpoint: each one it tries is warned about and kept."""
+
+    def refused(checkpoint: Checkpoint) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(checkpoint.path))
+
+    monkeypatch.setattr(_checkpoint, "_delete_folder", refused)
+
+
+def test_a_warning_of_the_commit_is_logged_there_and_issued_once_by_wait_in_the_callers_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"model": linear(1.0)}, commit_in_background=True)
+    old = checkpointer.save_checkpoint()
+    _deletions_refused(monkeypatch)
+    with (
+        caplog.at_level(logging.WARNING, logger="typedbrain._background"),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        new = checkpointer.save_and_keep_only(num_to_keep=1)
+        assert checkpointer.list_checkpoints() == [old, new]  # waited for the commit
+        assert caught == []  # issued neither in the commit's thread nor by the listing
+        checkpointer.wait()
+        checkpointer.wait()  # issued once
+    [warned] = caught
+    assert warned.category is CheckpointWarning
+    assert f"could not delete checkpoint {old.path}" in str(warned.message)
+    assert warned.filename == __file__  # attributed to the call of wait() above
+    [logged] = caplog.records
+    assert logged.levelno == logging.WARNING
+    assert str(logged.threadName).startswith("typedbrain-commit")
+    assert f"could not delete checkpoint {old.path}" in logged.getMessage()
+
+
+def test_a_warning_of_the_commit_that_a_filter_makes_an_error_is_raised_by_wait_not_as_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkpointer = Checkpointer(tmp_path, {"model": linear(1.0)}, commit_in_background=True)
+    old = checkpointer.save_checkpoint()
+    _deletions_refused(monkeypatch)
+    with (
+        caplog.at_level(logging.WARNING, logger="typedbrain._background"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("error", CheckpointWarning)
+        new = checkpointer.save_and_keep_only(num_to_keep=1)
+        with pytest.raises(CheckpointWarning, match=re.escape(str(old.path))) as raised:
+            checkpointer.wait()
+        checkpointer.wait()
+    assert not any(BACKGROUND_NOTE in note for note in getattr(raised.value, "__notes__", []))
+    assert [record.levelno for record in caplog.records] == [logging.WARNING]  # no failure
+    assert checkpointer.list_checkpoints() == [old, new]  # committed; nothing deleted
+
+
 # ------------------------------------------------------------------- what is committed
 
 
@@ -680,7 +736,7 @@ def test_a_save_failing_in_the_foreground_closes_its_files_unhashed_and_removes_
 _FORKED_DURING_COMMIT = """
 import os, sys, threading, time
 import torch
-from typedbrain import Checkpointer
+from typedbrain import Checkpointer, CheckpointError
 
 model = torch.nn.Linear(2, 2)
 checkpointer = Checkpointer(sys.argv[1], {"model": model}, commit_in_background=True)
@@ -691,10 +747,14 @@ def held(descriptor):
     real(descriptor)
 
 os.fsync = held
-checkpointer.save_checkpoint()
+saved = checkpointer.save_checkpoint()
 child = os.fork()
 if child == 0:
     checkpointer.list_checkpoints()  # nothing of the parent's commit runs here to wait for
+    try:
+        len(saved.files)  # the records come to the parent only
+    except CheckpointError as error:
+        os._exit(3 if "forked from it before the commit was done" in str(error) else 4)
     os._exit(0)
 deadline = time.monotonic() + 20
 while time.monotonic() < deadline:
@@ -713,6 +773,8 @@ print("parent", len(checkpointer.list_checkpoints()), flush=True)
 
 
 @pytest.mark.slow
-def test_a_child_forked_during_a_commit_does_not_wait_for_it(tmp_path: Path) -> None:
+def test_a_child_forked_during_a_commit_waits_for_nothing_and_cannot_read_the_records(
+    tmp_path: Path,
+) -> None:
     done = run_script(_FORKED_DURING_COMMIT, tmp_path)
-    assert done.stdout.split("\n")[:2] == ["child 0", "parent 1"], done.stderr
+    assert done.stdout.split("\n")[:2] == ["child 3", "parent 1"], done.stderr

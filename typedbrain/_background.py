@@ -4,9 +4,10 @@ A checkpointer that commits in the background hands the end of each save (hashin
 the files, committing the manifest, its keep policy's deletions) to :class:`BackgroundWork`,
 which runs it in a thread of its own; the checkpoint's file records wait in
 :class:`PendingRecords` until then. The next call of the checkpointer waits for it first
-(:meth:`BackgroundWork.settle`), and the next save, or ``wait()``, raises what failed there
-(:meth:`BackgroundWork.take_failure`). The thread is not a daemon: a process that ends
-normally finishes the work first (``concurrent.futures`` joins its threads at exit).
+(:meth:`BackgroundWork.settle`), and the next save, or ``wait()``, issues the warnings the work
+kept back and raises what failed there (:meth:`BackgroundWork.take_warnings`,
+:meth:`BackgroundWork.take_failure`). The thread is not a daemon: a process that ends normally
+finishes the work first (``concurrent.futures`` joins its threads at exit).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from typedbrain._errors import CheckpointError
 from typedbrain._manifest import CheckpointFile
+from typedbrain._warn import Deferred, deferred
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +57,13 @@ def work_for(folder: Path) -> BackgroundWork:
 
 
 class BackgroundWork:
-    """At most one piece of work running in a background thread, and the last failure."""
+    """At most one piece of work running in a background thread; its warnings and failure."""
 
     def __init__(self) -> None:
         self._running: Future[None] | None = None
         self._what = ""
+        self._running_warnings: Deferred = []  # kept back by the work running
+        self._warnings: Deferred = []  # of settled work, not taken yet
         self._failure: BaseException | None = None
         self._settling = threading.Lock()
 
@@ -71,15 +75,16 @@ class BackgroundWork:
         if self._running is not None:
             raise AssertionError(f"{self._what} is still running")  # pragma: no cover
         executor = ThreadPoolExecutor(1, thread_name_prefix="typedbrain-commit")
+        self._running_warnings = []
         try:
-            self._running = executor.submit(_logged, what, work)
+            self._running = executor.submit(_logged, what, work, self._running_warnings)
         finally:
             # The thread ends once the work is done; nothing else is ever submitted to it.
             executor.shutdown(wait=False)
         self._what = what
 
     def settle(self) -> None:
-        """Wait for the work started last, if any; keep its failure for :meth:`take_failure`.
+        """Wait for the work started last, if any; keep its warnings and failure to be taken.
 
         Callers in several threads all wait; the first to see the work done keeps its failure.
         """
@@ -91,9 +96,15 @@ class BackgroundWork:
             if self._running is not running:
                 return
             self._running = None
+            self._warnings.extend(self._running_warnings)
             if failure is not None:
                 failure.add_note(f"(while {self._what} in the background, after the save returned)")
                 self._failure = failure
+
+    def take_warnings(self) -> Deferred:
+        """The warnings settled work kept back, not taken yet (then forgotten), in order."""
+        kept, self._warnings = self._warnings, []
+        return kept
 
     def take_failure(self) -> BaseException | None:
         """The failure of settled work not taken yet (then forgotten), or ``None``."""
@@ -101,10 +112,15 @@ class BackgroundWork:
         return failure
 
 
-def _logged(what: str, work: Callable[[], None]) -> None:
-    """Run ``work``; a failure is logged at once (nobody may ask for it) and raised."""
+def _logged(what: str, work: Callable[[], None], kept: Deferred) -> None:
+    """Run ``work``, its warnings kept back in ``kept``; log them, and a failure, at once.
+
+    Nobody may ask for them later (a process that ends after its last save). A failure is
+    raised too.
+    """
     try:
-        work()
+        with deferred(kept):
+            work()
     except BaseException as error:
         logger.error(
             "%s failed in the background: %s: %s (the next save, or wait(), raises it)",
@@ -113,6 +129,14 @@ def _logged(what: str, work: Callable[[], None]) -> None:
             error,
         )
         raise
+    finally:
+        for message, category in kept:
+            logger.warning(
+                "%s: %s: %s (the next save, or wait(), issues it)",
+                what,
+                category.__name__,
+                message,
+            )
 
 
 class PendingRecords(Mapping[str, CheckpointFile]):
@@ -122,11 +146,13 @@ class PendingRecords(Mapping[str, CheckpointFile]):
     :class:`~typedbrain.Checkpoint` it returns holds this mapping, which the commit's thread
     fills (:meth:`resolve`) once the checkpoint is committed, or fails (:meth:`fail`). Reading
     it (comparing the checkpoint, copying or pickling it) waits until then; after a failure it
-    raises :class:`CheckpointError`. Its ``repr`` never waits.
+    raises :class:`CheckpointError`, as it does in a process forked before the commit was done
+    (the commit runs in the parent only: the records never come). Its ``repr`` never waits.
     """
 
     def __init__(self, folder: Path) -> None:
         self._folder = folder
+        self._pid = os.getpid()  # the process whose thread commits
         self._done = threading.Event()
         self._records: Mapping[str, CheckpointFile] = {}
         self._failure: BaseException | None = None
@@ -142,6 +168,12 @@ class PendingRecords(Mapping[str, CheckpointFile]):
         self._done.set()
 
     def _get(self) -> Mapping[str, CheckpointFile]:
+        if not self._done.is_set() and os.getpid() != self._pid:
+            raise CheckpointError(
+                f"checkpoint {self._folder} is being committed in the background by process "
+                f"{self._pid}, and this process was forked from it before the commit was "
+                "done, so its files' records never come here; read them in that process"
+            )
         self._done.wait()
         if self._failure is not None:
             raise CheckpointError(

@@ -1446,6 +1446,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             # the stop, and so this save, is agreed under torch.distributed.)
             try:
                 self.checkpointer.wait()
+            except Warning:
+                # A filter made a warning of its deletions an error, as it would be raised by
+                # the save in the default mode: it was committed, and this is what leaves.
+                raise
             except Exception as error:
                 failure, saved = error, False
         stop = TrainingInterruptedError(signum, checkpoint_saved=saved)

@@ -472,7 +472,7 @@ class Checkpointer:
         """
         work = work_for(self.checkpoints_dir)
         work.settle()
-        self._raise_background_failure()
+        self._report_background()
         background = self.commit_in_background
         hash_later = background and not _collective()
         folder = self._new_folder(name)
@@ -839,13 +839,15 @@ class Checkpointer:
         With ``commit_in_background``, a save returns before its checkpoint is committed.
         Every later call of the checkpointer waits for that commit first (a listing, say, sees
         the checkpoint), and the next save, or this, raises what failed in it (a full disk,
-        say: the checkpoint was not committed, its folder is removed). Call it where you need
-        the checkpoint on disk (a :class:`~typedbrain.Brain` does at the end of ``fit``).
-        Without a save in the background it returns at once (but under
-        ``torch.distributed`` every process must call it all the same).
+        say: the checkpoint was not committed, its folder is removed). The warnings of the
+        commit (a keep policy's deletion that failed) are issued here too, in this thread, as
+        they would be by the save in the default mode. Call it where you need the checkpoint
+        on disk (a :class:`~typedbrain.Brain` does at the end of ``fit``). Without a save in
+        the background it returns at once (but under ``torch.distributed`` every process must
+        call it all the same).
 
         Under ``torch.distributed`` it is collective: a failure on the main process (the only
-        one that commits) is raised on every process.
+        one that commits) is raised on every process; its warnings are issued there.
 
         Raises:
             OSError, CheckpointError, ConfigurationError: what the commit, or the deletions of
@@ -854,16 +856,22 @@ class Checkpointer:
                 background. Each failure is raised once.
         """
         self._settle()
-        _main_decides(
-            self._raise_background_failure, f"commit a checkpoint in {self.checkpoints_dir}"
-        )
+        _main_decides(self._report_background, f"commit a checkpoint in {self.checkpoints_dir}")
 
     def _settle(self) -> None:
         """Wait for a commit running in the background in this folder (any checkpointer's)."""
         work_for(self.checkpoints_dir).settle()
 
-    def _raise_background_failure(self) -> None:
-        failure = work_for(self.checkpoints_dir).take_failure()
+    def _report_background(self) -> None:
+        """Issue the warnings of the settled background work, then raise its failure, if any.
+
+        A warning that a filter makes an error is raised first; the failure waits for the next
+        call.
+        """
+        work = work_for(self.checkpoints_dir)
+        for message, category in work.take_warnings():
+            warn(message, category)
+        failure = work.take_failure()
         if failure is not None:
             raise failure
 
