@@ -75,13 +75,12 @@ class BackgroundWork:
         if self._running is not None:
             raise AssertionError(f"{self._what} is still running")  # pragma: no cover
         executor = ThreadPoolExecutor(1, thread_name_prefix="typedbrain-commit")
-        self._running_warnings = []
+        self._what, self._running_warnings = what, []
         try:
             self._running = executor.submit(_logged, what, work, self._running_warnings)
         finally:
             # The thread ends once the work is done; nothing else is ever submitted to it.
             executor.shutdown(wait=False)
-        self._what = what
 
     def settle(self) -> None:
         """Wait for the work started last, if any; keep its warnings and failure to be taken.
@@ -95,11 +94,11 @@ class BackgroundWork:
         with self._settling:
             if self._running is not running:
                 return
-            self._running = None
             self._warnings.extend(self._running_warnings)
             if failure is not None:
                 failure.add_note(f"(while {self._what} in the background, after the save returned)")
                 self._failure = failure
+            self._running = None  # last: the next work may start, and replace what it read
 
     def take_warnings(self) -> Deferred:
         """The warnings settled work kept back, not taken yet (then forgotten), in order."""
