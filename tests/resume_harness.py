@@ -19,7 +19,7 @@ import attrs
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 import typedbrain as sb
 from typedbrain._checkpoint import Checkpointer
@@ -57,6 +57,8 @@ class RunConfig:
     user_loader: bool = False  # a plain DataLoader (not positionable) instead of a dataset
     loader_generator: bool = False  # that DataLoader shuffles from a generator of its own
     user_sampler: bool = False  # a plain DataLoader over a ResumableSampler instead
+    # make_dataloader given a sampler of yours, a RandomSampler drawing from its own generator
+    kwargs_sampler: bool = False
     valid_num_workers: int = 0
     signal_at: int | None = None  # send this process SIGTERM at this forward pass
     signal_rank: int | None = None  # under a process group: only this rank signals itself
@@ -272,6 +274,10 @@ def run(
     elif config.user_sampler:
         sampler = ResumableSampler(train, shuffle=config.shuffle, seed=config.data_seed)
         train_set = DataLoader(train, batch_size=train_batch, sampler=sampler)
+    elif config.kwargs_sampler:
+        drawn_from = torch.Generator().manual_seed(config.data_seed)
+        del loader_kwargs["shuffle"]  # the sampler orders the epoch
+        loader_kwargs["sampler"] = RandomSampler(train, generator=drawn_from)
     valid_set: sb.DataSource = valid
     if config.valid_loader_generator:
         own_valid = torch.Generator().manual_seed(config.data_seed + 1)

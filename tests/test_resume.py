@@ -43,7 +43,11 @@ class Interruption:
 @st.composite
 def configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, Interruption]:
     batch_size = draw(st.integers(2, 5))
-    user_loader = draw(st.booleans())
+    # The training set: a dataset (make_dataloader builds the loader), given with a sampler of
+    # yours drawing from its own generator, or a DataLoader of yours (shuffling itself, or
+    # over a ResumableSampler).
+    source = draw(st.sampled_from(["dataset", "kwargs_sampler", "user_loader", "user_sampler"]))
+    user_loader = source == "user_loader"
     config = RunConfig(
         data_seed=draw(st.integers(0, 2**31 - 1)),
         samples=draw(st.integers(batch_size * 2, 20)),
@@ -60,7 +64,8 @@ def configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, Interruption]:
         valid_loader_generator=draw(st.booleans()),
         user_loader=user_loader,
         loader_generator=user_loader and draw(st.booleans()),
-        user_sampler=not user_loader and draw(st.booleans()),
+        user_sampler=source == "user_sampler",
+        kwargs_sampler=source == "kwargs_sampler",
         # Two workers now and then: each epoch starts worker processes, which is slow.
         num_workers=draw(st.sampled_from([0, 0, 0, 0, 0, 0, 0, 2])),
         # The recipe's own checkpoints at the stage boundaries, now and then.
@@ -128,10 +133,10 @@ def assert_resumes_exactly(config: RunConfig, interruption: Interruption) -> Non
             warnings.warn_explicit(
                 warning.message, warning.category, warning.filename, warning.lineno
             )
-    # The one fallback there is: a plain DataLoader's sampler cannot be positioned, so its
-    # consumed batches are drawn and dropped. A loader built by make_dataloader, or over a
-    # ResumableSampler, never needs it.
-    if config.user_loader:
+    # The one fallback there is: a sampler that cannot be positioned (a plain DataLoader's, or
+    # one given to make_dataloader), whose consumed batches are drawn and dropped. A loader
+    # built by make_dataloader with its own sampler, or over a ResumableSampler, never needs it.
+    if config.user_loader or config.kwargs_sampler:
         assert all("without loading them" in message for message in resume_warnings)
     else:
         assert resume_warnings == []
@@ -212,6 +217,13 @@ def test_a_user_dataloader_over_a_resumable_sampler_resumes_exactly(tmp_path: Pa
     expected = final_state(run(config, tmp_path / "straight"))
     resumed = interrupted_then_resumed(config, 9, tmp_path / "broken")
     assert differences(expected, resumed) == []
+
+
+def test_a_sampler_with_its_own_generator_given_to_make_dataloader_resumes_exactly() -> None:
+    """The sampler's generator is saved with the run state and put back: the resumed epoch
+    draws the order the interrupted one drew (its consumed batches drawn and dropped)."""
+    config = RunConfig(data_seed=3, samples=16, batch_size=4, epochs=3, kwargs_sampler=True)
+    assert_resumes_exactly(config, Interruption(stop_at=11, restart_seed=None))  # epoch 2
 
 
 def test_a_restart_with_another_batch_size_continues_after_the_samples_used_and_warns(

@@ -344,7 +344,7 @@ def test_positioning_a_users_loader_with_workers_warns_that_their_randomness_sta
         assert position_loader(made, epoch=1, batches_done=2)
 
 
-def test_loader_generators_are_a_users_loaders_own_and_its_samplers_each_once() -> None:
+def test_loader_generators_are_those_not_reseeded_by_the_run_each_once() -> None:
     from torch.utils.data import DataLoader, Dataset, RandomSampler
 
     from typedbrain._data import make_dataloader
@@ -356,8 +356,12 @@ def test_loader_generators_are_a_users_loaders_own_and_its_samplers_each_once() 
     sampled = DataLoader(data, sampler=RandomSampler(range(8), generator=samplers), generator=own)
     assert loader_generators(sampled) == [own, samplers]
     assert loader_generators(DataLoader(data, batch_size=2)) == []  # draws from the globals
-    # make_dataloader reseeds its loaders from (seed, epoch): nothing of theirs to keep.
-    assert loader_generators(make_dataloader(list(range(8)), shuffle=True, generator=own)) == []
+    # make_dataloader reseeds the generator it makes from (seed, epoch): not kept; the ones
+    # it is given, the loader's or a sampler's, are.
+    assert loader_generators(make_dataloader(list(range(8)), shuffle=True)) == []
+    assert loader_generators(make_dataloader(list(range(8)), shuffle=True, generator=own)) == [own]
+    given = RandomSampler(range(8), generator=samplers)
+    assert loader_generators(make_dataloader(list(range(8)), sampler=given)) == [samplers]
 
 
 def test_generator_states_restore_exactly_and_a_changed_count_warns_and_restores_none() -> None:

@@ -334,20 +334,25 @@ def set_loader_seed(loader: DataLoader[object], seed: int) -> None:
 
 
 def loader_generators(loader: DataLoader[object]) -> list[torch.Generator]:
-    """The random generators of a loader ``make_dataloader`` did not build, each once.
+    """The random generators of a loader that the run does not reseed itself, each once.
 
     Its own (``generator=``, from which ``iter(loader)`` draws the workers' base seed and a
     ``shuffle=True`` loader's sampler its order) and its samplers' (``RandomSampler(...,
     generator=g)``). A checkpoint keeps their states so that a resumed run draws as the
-    interrupted one did. A loader ``make_dataloader`` built reseeds from (seed, epoch) instead:
-    it has none to keep.
+    interrupted one did. The generator ``make_dataloader`` made for a loader it built is left
+    out: it is reseeded from (seed, epoch) instead. A generator or sampler you gave
+    ``make_dataloader`` is not, so it is kept.
     """
-    if loader in _SEEDINGS:
-        return []
+    seeding = _SEEDINGS.get(loader)
+    reseeded = None if seeding is None else seeding.generator
     found: list[torch.Generator] = []
     candidates = [loader.generator, *(getattr(s, "generator", None) for s in _samplers(loader))]
     for candidate in candidates:
-        if isinstance(candidate, torch.Generator) and all(candidate is not g for g in found):
+        if (
+            isinstance(candidate, torch.Generator)
+            and candidate is not reseeded
+            and all(candidate is not g for g in found)
+        ):
             found.append(candidate)
     return found
 
