@@ -576,6 +576,57 @@ def test_evaluate_leaves_no_recovered_run_state_for_a_later_fit(tmp_path: Path) 
     assert brain.trained == [1, 2, 3, 4]  # epoch 2, whole; not the rest of epoch 1
 
 
+class DrawsAtTestBrain(CountingBrain):
+    """Notes what torch, Python and NumPy draw first as its test stage starts."""
+
+    drawn: tuple[list[float], float, float] | None = None
+
+    def on_stage_start(self, stage: Stage, epoch: int | None = None) -> None:
+        if stage is Stage.TEST:
+            self.drawn = (torch.rand(3).tolist(), random.random(), float(np.random.rand()))
+
+
+class EpochEndSavingBrain(CountingBrain):
+    """Saves a checkpoint at the end of each epoch, as recipes do: the newest is one of those."""
+
+    def on_stage_end(self, stage: Stage, stage_loss: float, epoch: int | None = None) -> None:
+        if stage is Stage.TRAIN and isinstance(self.checkpointer, tb.Checkpointer):
+            self.checkpointer.save_checkpoint(end_of_epoch=True)
+
+
+@pytest.mark.parametrize(
+    ("saved_by", "crash_at"),
+    [(CountingBrain, 7), (EpochEndSavingBrain, None)],
+    ids=["intra-epoch", "end-of-epoch"],
+)
+def test_evaluate_tests_with_the_random_generators_of_the_checkpoint_it_recovers(
+    tmp_path: Path, saved_by: type[CountingBrain], crash_at: int | None
+) -> None:
+    """Whatever the generators held before ``evaluate``, its test stage draws the same."""
+    data = examples(16)
+    if crash_at is None:
+        _run(saved_by, tmp_path, lambda: data, crash_at=None)
+    else:
+        with pytest.raises(CrashError):  # the newest: an intra-epoch checkpoint, epoch 2
+            _run(saved_by, tmp_path, lambda: data, crash_at=crash_at)
+    newest = tb.Checkpointer(tmp_path).find_checkpoint()
+    assert newest is not None
+    assert newest.end_of_epoch is (crash_at is None)
+    drawn = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        modules = {"first": torch.nn.Linear(4, 4), "second": torch.nn.Linear(4, 2)}
+        checkpointer = tb.Checkpointer(tmp_path, {**modules, "counter": tb.EpochCounter(3)})
+        brain = DrawsAtTestBrain(
+            modules, _adam, run_opts={"noprogressbar": True}, checkpointer=checkpointer
+        )
+        brain.evaluate(examples(4))
+        drawn.append(brain.drawn)
+    assert drawn[0] == drawn[1]
+
+
 def _one_epoch(
     folder: Path,
     data: tb.DataSource,

@@ -1557,8 +1557,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         """Take a recovered run state: the counters now, the rest when training starts."""
         self.optimizer_step = record.state.progress.optimizer_step
         self._restored = record
-        if not record.state.mid_epoch:
+        if not record.state.mid_epoch or self.phase is Phase.TEST:
             # Taken between epochs (or stages): the run goes on from here, with these numbers.
+            # Taken mid-epoch, they are put back once the training stage re-entered the epoch
+            # (see _train_stage), which evaluate (in TEST) never reaches: it takes them now.
             restore_rng(record.state.rng)
 
     def _take_restored(self, loader: DataLoader[object], epoch: int) -> RunRecord | None:
