@@ -540,6 +540,24 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank_alike(
         assert torch.equal(mine, theirs)
 
 
+def test_a_window_left_over_after_a_loader_without_a_length_steps_the_mean_over_the_ranks(
+    tmp_path: Path,
+) -> None:
+    # 3 batches with a factor of 2: the last window holds one batch. Without a length, no
+    # backward pass is known to end it, so DDP synced none: the loop must, or each rank steps
+    # its own gradient and the replicas drift apart.
+    for sized in ("unsized", "sized"):
+        run_ranks("tests.ddp.leftover_worker", "3", sized, str(tmp_path / sized))
+    parameters = {
+        (sized, rank): cast(list[Tensor], load(tmp_path / f"{sized}.{rank}")["parameters"])
+        for sized in ("unsized", "sized")
+        for rank in (0, 1)
+    }
+    for rank in (0, 1):
+        for mine, expected in zip(parameters["unsized", rank], parameters["sized", 0], strict=True):
+            assert torch.equal(mine, expected)  # as the loader with a length steps it
+
+
 def test_a_non_finite_loss_past_the_patience_on_one_rank_stops_every_rank() -> None:
     processes = start_ranks("tests.ddp.nonfinite_worker", "1", "2", "0", "unused")
     outcomes = communicate_all(processes)

@@ -1367,6 +1367,11 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 epoch,
                 self._window,
             )
+            if self._ddp_modules:
+                # None of its backward passes was known to end a window (a loader without a
+                # length, or one yielding fewer batches than its length): all ran under
+                # no_sync, so their gradients are averaged over the processes here.
+                self._sync_gradients()
             self._close_window(self._plan or self._current_plan())
         self.zero_grad(set_to_none=True)
         train_loss = self._stage_loss(self.avg_train_loss, Stage.TRAIN)
