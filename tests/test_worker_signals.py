@@ -245,10 +245,11 @@ FAILED_FETCH = textwrap.dedent(
     from tests.helpers import RegressionBrain, examples, sgd
 
     MARK = Path(sys.argv[1]) / "batch-2-done"
+    STAGE = tb.Stage(sys.argv[2])  # the stage whose loader fails: train or valid
 
     class DiesWithTheJob(torch.utils.data.Dataset):
         # Item 12 starts batch 4 (batch size 4): the worker that loads it, once batch 2 is
-        # trained and the main process waits for batch 4 (its own loader's workers do not
+        # done and the main process waits for batch 4 (its own loader's workers do not
         # ignore a job's signal), is stopped with the job.
         def __init__(self):
             self.items = examples(24)
@@ -267,8 +268,14 @@ FAILED_FETCH = textwrap.dedent(
 
     class Marking(RegressionBrain):
         def on_fit_batch_end(self, batch, outputs, loss, should_step):
-            if self.step == 2:
+            if self.step == 2 and STAGE is tb.Stage.TRAIN:
                 MARK.touch()
+
+        def evaluate_batch(self, batch, stage):
+            loss = super().evaluate_batch(batch, stage)
+            if self.step == 2 and STAGE is tb.Stage.VALID:
+                MARK.touch()
+            return loss
 
     torch.set_num_threads(1)
     model = torch.nn.Linear(4, 2)
@@ -280,8 +287,11 @@ FAILED_FETCH = textwrap.dedent(
             Path(sys.argv[1]) / "ckpt", recoverables={"model": model, "counter": counter}
         ),
     )
-    loader = DataLoader(DiesWithTheJob(), batch_size=4, num_workers=1)
-    brain.fit(counter, loader)
+    dies = DataLoader(DiesWithTheJob(), batch_size=4, num_workers=1)
+    if STAGE is tb.Stage.TRAIN:
+        brain.fit(counter, dies)
+    else:
+        brain.fit(counter, examples(8), dies, train_loader_kwargs={"batch_size": 4})
     print("finished", flush=True)
     """
 )
@@ -292,12 +302,24 @@ def test_a_loader_failing_after_a_stop_signal_stops_the_fit_with_a_checkpoint(
 ) -> None:
     """A user's DataLoader whose worker a job's signal stopped: the fetch fails, and the fit
     stops as the signal asks, saving the state after the last batch trained."""
-    done = _run_script(tmp_path / "fetch.py", FAILED_FETCH, str(tmp_path))
+    done = _run_script(tmp_path / "fetch.py", FAILED_FETCH, str(tmp_path), "train")
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert "the training loader failed after 15" in done.stderr
     assert "training stopped by signal 15; a checkpoint was saved" in done.stderr
     saved = [path for path in (tmp_path / "ckpt").iterdir() if path.name.startswith("CKPT")]
     assert len(saved) == 1
+
+
+def test_a_validation_loader_failing_after_a_stop_signal_stops_the_fit_as_asked(
+    tmp_path: Path,
+) -> None:
+    """The same in validation: the fit stops as the signal asks, without a checkpoint (a stop
+    in validation saves none), rather than failing with the loader's error."""
+    done = _run_script(tmp_path / "fetch.py", FAILED_FETCH, str(tmp_path), "valid")
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "the validation loader failed after 15" in done.stderr
+    assert "training stopped by signal 15; no checkpoint was saved" in done.stderr
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").glob("CKPT*"))
 
 
 class _FailsAtStep2(RegressionBrain):

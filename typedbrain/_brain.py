@@ -1317,13 +1317,9 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 except StopIteration:
                     break
                 except Exception as error:
-                    if stop.signal is None or agreement is not None:
-                        raise
-                    # The signal reached the loader's workers too (a job's whole process group
-                    # is signalled), and a worker it stopped failed this fetch: the state after
-                    # the last batch trained is whole, so the stop saves it as it would have.
-                    logger.warning("the training loader failed after %s: %s", stop.signal, error)
-                    self._stop_on_signal(stop.signal, save=True)
+                    # The state after the last batch trained is whole: the stop saves it.
+                    self._stop_if_fetch_failed_for_it(error, "training", save=True)
+                    raise
                 plan = self._plan or self._current_plan()
                 if plan.step_limit is not None and self.optimizer_step >= plan.step_limit:
                     break
@@ -1436,6 +1432,21 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         signum = self._stop.signal if agreement is None else agreement.now()
         if signum is not None:
             self._stop_on_signal(signum, save=False)
+
+    def _stop_if_fetch_failed_for_it(self, error: Exception, loader: str, *, save: bool) -> None:
+        """Stop as asked (see ``_stop_on_signal``) if a stop signal came before fetching failed.
+
+        The signal reached the loader's workers too (a job's whole process group is
+        signalled), and a worker it ended (one still starting, or a ``DataLoader`` of yours)
+        failed the fetch: the run stops as it was asked to, not with the loader's error. Not
+        under torch.distributed, where the processes agree on stops batch by batch and one
+        that cannot fetch its batch cannot take part: the fetch's error is raised there.
+        """
+        signum = self._stop.signal
+        if signum is None or self._agreement is not None:
+            return
+        logger.warning("the %s loader failed after %s: %s", loader, signum, error)
+        self._stop_on_signal(signum, save=save)
 
     def _stop_on_signal(self, signum: int, *, save: bool, saved: bool = False) -> NoReturn:
         """Stop ``fit`` for signal ``signum``, with a checkpoint first if ``save`` (and one can).
@@ -1873,8 +1884,20 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 total=self._planned_batches(loader),
                 colour="blue" if self.tqdm_colored_bar else None,
             ) as batches,
+            ExitStack() as stack,
         ):
-            for batch in batches:
+            # (The batches' iterator is dropped however the loop ends, as in _train_stage.)
+            fetching = [iter(batches)]
+            stack.callback(fetching.clear)
+            while True:
+                try:
+                    batch = next(fetching[0])
+                except StopIteration:
+                    break
+                except Exception as error:
+                    if stage is Stage.VALID:
+                        self._stop_if_fetch_failed_for_it(error, "validation", save=False)
+                    raise
                 self.step += 1
                 self._read_tensor = None
                 loss = self.evaluate_batch(self.move_batch(batch), stage)
@@ -1975,9 +1998,9 @@ def _keeps_given_hparams(cls: type[object]) -> bool:
     constructor takes ``hparams`` typed by its class's type variable, and the brain's own
     class declares its generic bases (``class Open(Brain[B, P, H], Generic[H])``,
     ``class Child(Open[H2])``). A bare
-    subclass (``class Child(Open)``) is ``Open[Any]`` to mypy: its mapping becomes an
-    ``Hparams``, as through ``Brain``'s own constructor, which SpeechBrain-style code reads by
-    attribute.
+    subclass (``class Child(Open)``) is ``Open[Hparams]`` to mypy (the type variable's
+    default): its mapping becomes an ``Hparams``, as through ``Brain``'s own constructor,
+    which SpeechBrain-style code reads by attribute.
     """
     if "__orig_bases__" not in vars(cls):
         return False
