@@ -243,7 +243,7 @@ def test_the_command_line_lists_a_folder_it_cannot_look_into_without_a_traceback
     private = tmp_path / "lost+found"
     private.mkdir()
     manifest = private / "MANIFEST.json"
-    real_read, real_lstat, real_exists = Path.read_text, os.lstat, Path.exists
+    real_read, real_lstat, real_stat, real_exists = Path.read_text, os.lstat, os.stat, Path.exists
 
     def refused(path: object) -> PermissionError:
         return PermissionError(errno.EACCES, "Permission denied", str(path))
@@ -258,16 +258,38 @@ def test_the_command_line_lists_a_folder_it_cannot_look_into_without_a_traceback
             raise refused(path)
         return real_lstat(path, *args, **kwargs)
 
+    def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if Path(path) == manifest:
+            raise refused(path)
+        return real_stat(path, *args, **kwargs)
+
     def exists(self: Path, *args: Any, **kwargs: Any) -> bool:
-        if self == manifest:  # as Path.exists does on Python 3.11
-            raise refused(self)
-        return real_exists(self, *args, **kwargs)
+        # As Path.exists answers from Python 3.12 on (3.11 raises): the listing must not
+        # take the folder for an uncommitted one.
+        return False if self == manifest else real_exists(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "read_text", reading)
     monkeypatch.setattr("typedbrain._manifest.os.lstat", lstat)
+    monkeypatch.setattr("typedbrain._cli.os.stat", stat)
     monkeypatch.setattr(Path, "exists", exists)
     assert _cli.main(["checkpoints", str(tmp_path)]) == 1
     assert "lost+found: UNREADABLE: cannot look into the folder" in capsys.readouterr().out
+
+
+def test_the_command_line_says_so_when_it_cannot_list_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path) -> Any:
+        if self == tmp_path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert _cli.main(["checkpoints", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error == f"typedbrain: error: {tmp_path}: cannot list the folder: Permission denied\n"
 
 
 # ---------------------------------------------------------------------------- full disks

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -427,6 +428,20 @@ def test_plot_under_a_path_that_is_a_file_is_status_2(
     log = _training_log(tmp_path / "log.jsonl")
     status, _, err = _run(capsys, "plot", str(log), "--out", str(out))
     assert (status, err) == (2, f"typedbrain: error: {out}: {tmp_path / 'file'} is not a folder\n")
+
+
+def test_plot_draws_no_panel_for_a_metric_without_a_finite_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "log.jsonl"
+    for epoch in (1, 2):
+        JsonlTrainLogger(log).log_stats({"epoch": epoch}, {"loss": 1.0 / epoch, "err": math.nan})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns about a legend with nothing in it
+        status, stdout, err = _run(capsys, "plot", str(log), "--out", str(tmp_path / "x.png"))
+    assert (status, err) == (0, "")
+    assert stdout == f"wrote {tmp_path / 'x.png'} (1 panel(s), 2 entries)\n"
 
 
 def test_plot_leaves_out_an_integer_too_large_for_a_float(

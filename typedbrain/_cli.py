@@ -173,9 +173,14 @@ def _inspect(folder: Path, *, verify: bool) -> _Row:
         checkpoint = verify_checkpoint(folder) if verify else read_manifest(folder)
     except CorruptCheckpointError as error:
         try:
-            committed = (folder / MANIFEST_NAME).exists()
-        except OSError:  # a folder this process cannot look into (Python 3.11 raises here)
+            # Not Path.exists: from Python 3.13 it says False where it cannot look.
+            os.stat(folder / MANIFEST_NAME)
+        except FileNotFoundError:
+            committed = False
+        except OSError:  # a folder this process cannot look into
             return _Row(folder.name, "UNREADABLE", error.reason, None)
+        else:
+            committed = True
         if not committed:
             reason = error.reason
             if _holds_checkpoints(folder):
@@ -224,7 +229,11 @@ def _checkpoints(
     if not folder.is_dir():
         _error(f"{folder}: not a folder")
         return EXIT_USAGE
-    visible = sorted(entry for entry in folder.iterdir() if not entry.name.startswith("."))
+    try:
+        visible = sorted(entry for entry in folder.iterdir() if not entry.name.startswith("."))
+    except OSError as error:
+        _error(f"{folder}: cannot list the folder: {error.strerror or error}")
+        return EXIT_USAGE
     # A link to a checkpoint folder is not a checkpoint: the checkpointer ignores it too.
     links = [entry.name for entry in visible if entry.is_symlink()]
     entries = [entry for entry in visible if entry.is_dir() and not entry.is_symlink()]
@@ -398,12 +407,13 @@ def _plot_value(value: StatValue | None) -> float:
 
 
 def _metrics(entries: Sequence[LogEntry]) -> list[str]:
+    """The names of the train and valid stats with a value to draw (a finite number), in order."""
     names: dict[str, None] = {}
     for entry in entries:
         for stats in (entry.train, entry.valid):
             if stats is not None:
                 for name, value in stats.items():
-                    if not isinstance(value, str):
+                    if not math.isnan(_plot_value(value)):
                         names.setdefault(name)
     return list(names)
 
