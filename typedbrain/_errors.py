@@ -85,7 +85,10 @@ def _names(phases: Iterable[typedbrain._phases.Phase]) -> str:
 
 
 class PhaseTransitionError(TypedBrainError):
-    """A phase change that the transition table does not allow.
+    """A phase change that is refused: not in the transition table, or asked for too early.
+
+    The message names the phases and what the table allows from ``current``; a subclass that
+    refuses for another reason (:class:`ReentrantCallError`) gives its own ``message``.
 
     Attributes:
         current: the phase the machine was in.
@@ -99,13 +102,14 @@ class PhaseTransitionError(TypedBrainError):
         attempted: typedbrain._phases.Phase,
         allowed: frozenset[typedbrain._phases.Phase],
         *,
-        detail: str = "",
+        message: str | None = None,
     ) -> None:
-        message = (
-            f"cannot move from phase {current.name} to {attempted.name}; "
-            f"allowed from {current.name}: {_names(allowed)}"
-        )
-        super().__init__(f"{message}. {detail}" if detail else message)
+        if message is None:
+            message = (
+                f"cannot move from phase {current.name} to {attempted.name}; "
+                f"allowed from {current.name}: {_names(allowed)}"
+            )
+        super().__init__(message)
         self.current = current
         self.attempted = attempted
         self.allowed = allowed
@@ -126,13 +130,16 @@ class ReentrantCallError(PhaseTransitionError):
         attempted: typedbrain._phases.Phase,
         allowed: frozenset[typedbrain._phases.Phase],
     ) -> None:
+        # Not the table's "allowed from ...": the move may be in the table (an observer of the
+        # move to IDLE calling evaluate) and is refused because the running call is not over.
         super().__init__(
             current,
             attempted,
             allowed,
-            detail=(
+            message=(
                 f"{entry_point}() was called while the brain is running (phase {current.name}); "
-                "fit() and evaluate() cannot be called from inside a hook or a phase observer"
+                "fit() and evaluate() cannot be called from inside a hook or a phase observer: "
+                "make the second call once the first has returned"
             ),
         )
         self.entry_point = entry_point
