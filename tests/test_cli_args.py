@@ -184,6 +184,11 @@ def test_two_dashes_end_a_list_of_module_keys_before_the_hparams_file() -> None:
             "options are flags: write --name=false, not --name false",
         ),
         (
+            ["--debug", "false", RECIPE],
+            f"unexpected argument '{RECIPE}': only one hparams file can be given; boolean run "
+            "options are flags: write --name=false, not --name false",
+        ),
+        (
             [RECIPE, "--optimizer_step_limit", "five"],
             "argument --optimizer_step_limit: expected an integer or None, got 'five'",
         ),

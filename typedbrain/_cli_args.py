@@ -416,7 +416,9 @@ def _one_file(
     if len(positionals) > 1:
         extra = positionals[1]
         hint = ""
-        if extra.lower() in _TRUE_WORDS | _FALSE_WORDS and any(
+        # A flag's "value" taken as a positional: after the file (recipe.yaml --debug false),
+        # or before it (--debug false recipe.yaml, where it was taken as the file).
+        if any(word.lower() in _TRUE_WORDS | _FALSE_WORDS for word in positionals[:2]) and any(
             value is True for value in run_opts.values()
         ):
             hint = "; boolean run options are flags: write --name=false, not --name false"
