@@ -71,6 +71,9 @@ class RunConfig:
     fsdp: bool = False  # under a process group: shard the model with FSDP2 instead of DDP
     # The checkpointer commits in a background thread (a save returns before its commit).
     commit_in_background: bool = False
+    # The recipe draws from Python's, NumPy's and torch's generators in on_fit_start, after the
+    # recovery (its own set-up, say): a resumed run must still train as the interrupted one.
+    draw_in_fit_start: bool = False
 
 
 class NoisyDataset(Dataset[Batch]):
@@ -160,6 +163,13 @@ class HarnessBrain(sb.Brain[Batch, Tensor]):
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=0.5)
         self.ckpt.add_recoverable("scheduler", self.scheduler)
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.hparams["draw_in_fit_start"]:
+            random.random()
+            np.random.rand()
+            torch.rand(1)
+
     def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
         point = {sb.Stage.TRAIN: "train_start", sb.Stage.VALID: "valid_start"}.get(stage)
         if point == self.hparams["save_point"]:
@@ -224,6 +234,7 @@ def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, 
             "signal_rank": config.signal_rank,
             "user_save_at": config.user_save_at,
             "save_point": config.save_point,
+            "draw_in_fit_start": config.draw_in_fit_start,
         },
         run_opts={
             "precision": config.precision,

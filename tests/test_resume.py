@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import attrs
 import pytest
@@ -75,6 +76,7 @@ def configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, Interruption]:
         # Both modes of the checkpointer: committing in the background, fit lets the last
         # save's commit end as the crash leaves it, and the restart resumes from it.
         commit_in_background=draw(st.booleans()),
+        draw_in_fit_start=draw(st.booleans()),
     )
     interruption = Interruption(
         stop_at=draw(st.integers(1, total_forward_passes(config))),
@@ -224,6 +226,31 @@ def test_a_sampler_with_its_own_generator_given_to_make_dataloader_resumes_exact
     draws the order the interrupted one drew (its consumed batches drawn and dropped)."""
     config = RunConfig(data_seed=3, samples=16, batch_size=4, epochs=3, kwargs_sampler=True)
     assert_resumes_exactly(config, Interruption(stop_at=11, restart_seed=None))  # epoch 2
+
+
+# 16 samples in batches of 4 and 8 to validate in 2: an epoch is 6 forward passes. No interval
+# checkpoints: the recipe's, at the end of an epoch (or of its training), are the last ones.
+DRAWS_IN_FIT_START = RunConfig(
+    data_seed=6,
+    samples=16,
+    batch_size=4,
+    dropout=0.3,
+    ckpt_interval_steps=100,
+    draw_in_fit_start=True,
+)
+
+
+@pytest.mark.parametrize(
+    ("save_point", "stop_at"),
+    [("none", 7), ("train_end", 5)],  # epoch 2's first batch; epoch 1's validation
+    ids=["after-the-epoch", "before-its-validation"],
+)
+def test_a_recipe_drawing_random_numbers_in_on_fit_start_resumes_exactly(
+    save_point: Literal["none", "train_end"], stop_at: int
+) -> None:
+    """Its draws, after the recovery, must not shift the generators the next stage starts from."""
+    config = attrs.evolve(DRAWS_IN_FIT_START, save_point=save_point)
+    assert resume_differences(config, Interruption(stop_at=stop_at, restart_seed=None)) == []
 
 
 def test_a_restart_with_another_batch_size_continues_after_the_samples_used_and_warns(

@@ -1570,7 +1570,11 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             parameter.grad = None if gradient is None else sharded_as(gradient, parameter)
 
     def _recovered(self, record: RunRecord) -> None:
-        """Take a recovered run state: the counters now, the rest when training starts."""
+        """Take a recovered run state: the counters now, the rest when training starts.
+
+        The generators of a state taken between epochs (or stages) are put back now, and again
+        as the next stage starts (see ``_take_restored``).
+        """
         self.optimizer_step = record.state.progress.optimizer_step
         self._restored = record
         if not record.state.mid_epoch or self.phase is Phase.TEST:
@@ -1618,8 +1622,11 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 "the validation loader",
             )
         if not state.mid_epoch:
-            # Taken between epochs: the next epoch's iter(loader) draws from here, and an
+            # Taken between epochs: the next stage draws from here (the recovery put these
+            # generators back already, but what on_fit_start did after it, or anything else
+            # since, may have drawn from them), and the next epoch's iter(loader) too; an
             # optimizer freeze_optimizers left out of the last steps still holds its gradients.
+            restore_rng(state.rng)
             restore_generators(loader_generators(loader), state.loader_rng, "the training loader")
             self._restore_gradients(restored.gradients)
         pending_validation = state.valid_pending and self._valid_loader is not None
