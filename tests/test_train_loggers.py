@@ -427,6 +427,125 @@ def test_a_test_entry_after_loading_an_older_checkpoint_is_appended(tmp_path: Pa
     ]
 
 
+def _fit_then_two_evaluates(
+    log: FileTrainLogger | JsonlTrainLogger, *, stop: bool
+) -> tuple[dict[str, int], dict[str, int]]:
+    """``fit`` (2 epochs, a checkpoint after each), then ``evaluate(valid); evaluate(test)``.
+
+    Each evaluate recovers the checkpoint of epoch 1 (the best) first; with ``stop`` the
+    script stops during the second, before it logs. Returns the best and newest checkpoints'
+    states of the log.
+    """
+    _epoch(log, 1)
+    best = log.state_dict()
+    _epoch(log, 2)
+    newest = log.state_dict()
+    log.load_state_dict(dict(best))
+    log.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    log.load_state_dict(dict(best))
+    if not stop:
+        log.log_stats({"Epoch loaded": 1}, test_stats={"loss": 3.0})
+    return best, newest
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_a_script_restarted_during_its_evaluates_logs_each_test_entry_once(
+    tmp_path: Path, factory: LoggerFactory
+) -> None:
+    _fit_then_two_evaluates(factory(tmp_path / "reference.log"), stop=False)
+    path = tmp_path / "resumed.log"
+    best, newest = _fit_then_two_evaluates(factory(path), stop=True)
+    # Started again: fit recovers the newest checkpoint and has nothing left to train; the
+    # evaluates run again, the first logging what the stopped script logged already.
+    again = factory(path)
+    again.load_state_dict(dict(newest))
+    again.load_state_dict(dict(best))
+    again.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    again.load_state_dict(dict(best))
+    again.log_stats({"Epoch loaded": 1}, test_stats={"loss": 3.0})
+    assert path.read_bytes() == (tmp_path / "reference.log").read_bytes()
+
+
+def test_an_entry_logged_again_is_recognised_once_so_a_second_equal_one_is_written(
+    tmp_path: Path,
+) -> None:
+    """A script whose two evaluates log equal entries, stopped after the first: both stay."""
+    path = tmp_path / "train_log.jsonl"
+    first = JsonlTrainLogger(path)
+    _epoch(first, 1)
+    best = first.state_dict()
+    first.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})  # then it stops
+    again = JsonlTrainLogger(path)
+    for _ in range(2):
+        again.load_state_dict(dict(best))
+        again.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    assert [(entry.step, entry.test) for entry in read_jsonl_log(path)] == [
+        (1, None),
+        (2, {"loss": 2.0}),
+        (3, {"loss": 2.0}),
+    ]
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_a_finished_run_restarted_with_more_epochs_logs_its_new_evaluation_too(
+    tmp_path: Path, factory: LoggerFactory
+) -> None:
+    """After a resumed training entry, no entry is taken for one an earlier process wrote."""
+    path = tmp_path / "train_log"
+    first = factory(path)
+    _epoch(first, 1)
+    best = first.state_dict()
+    _epoch(first, 2)
+    newest = first.state_dict()
+    first.load_state_dict(dict(best))
+    first.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})  # the run is over
+    again = factory(path)  # the same script, with a higher epoch limit
+    again.load_state_dict(dict(newest))
+    _epoch(again, 3)
+    again.load_state_dict(dict(best))  # epoch 1 is still the best: the same evaluation
+    again.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    reference = factory(tmp_path / "reference")
+    for epoch in (1, 2):
+        _epoch(reference, epoch)
+    reference.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    _epoch(reference, 3)
+    reference.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    assert path.read_bytes() == (tmp_path / "reference").read_bytes()
+
+
+def test_one_script_logging_the_same_test_entry_twice_keeps_both(tmp_path: Path) -> None:
+    """Only entries an earlier process wrote are recognised as logged again."""
+    path = tmp_path / "train_log.jsonl"
+    log = JsonlTrainLogger(path)
+    _epoch(log, 1)
+    best = log.state_dict()
+    for _ in range(2):
+        log.load_state_dict(dict(best))
+        log.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    assert [entry.step for entry in read_jsonl_log(path)] == [1, 2, 3]
+
+
+def test_a_restart_logging_another_test_entry_appends_it_and_recognises_no_later_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "train_log.txt"
+    first = FileTrainLogger(path)
+    _epoch(first, 1)
+    best = first.state_dict()
+    first.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    first.log_stats({"Epoch loaded": 1}, test_stats={"loss": 3.0})
+    again = FileTrainLogger(path)
+    again.load_state_dict(dict(best))
+    again.log_stats({"Epoch loaded": 1}, test_stats={"loss": 9.0})  # not the entry there
+    again.log_stats({"Epoch loaded": 1}, test_stats={"loss": 3.0})  # order broken: appended
+    assert [line.split(" - ")[1] for line in path.read_text().splitlines()[1:]] == [
+        "test loss: 2.00",
+        "test loss: 3.00",
+        "test loss: 9.00",
+        "test loss: 3.00",
+    ]
+
+
 def test_a_log_shorter_than_the_checkpoint_says_is_warned_about(tmp_path: Path) -> None:
     path = tmp_path / "log.txt"
     log = FileTrainLogger(path)

@@ -275,9 +275,12 @@ class _LineLog:
     logged again by the resumed run. The other entries there (test entries, which no resumed
     run logs again) are kept, moved up to the cut (``keep`` says which lines those are, and
     renumbers them). Any other entry (a test entry, after ``evaluate`` loaded the best and not
-    the newest checkpoint) is appended after everything already in the file. The cut writes a
-    new file that replaces the log (:func:`~typedbrain._files.replace_file`), so a failure
-    in the middle leaves the log as it was.
+    the newest checkpoint) is appended after everything already in the file, unless it repeats
+    the next test entry an earlier process wrote after the committed position: a restarted
+    script running its ``evaluate`` again, which logs what the stopped one logged (that entry
+    is then left where it is, and not written twice). The cut writes a new file that replaces
+    the log (:func:`~typedbrain._files.replace_file`), so a failure in the middle leaves the
+    log as it was.
 
     The entries are counted once, then kept count of; when the file's size is not the size
     this log last left (another logger, or another program, wrote to it), they are counted
@@ -290,6 +293,34 @@ class _LineLog:
         self._entries: int | None = None
         self._size_left: int | None = None  # the file's size after this log's last change
         self._pending: _Committed | None = None
+        # The bytes earlier processes wrote, until this log writes: entries there that a
+        # restarted script logs again are recognised (see append), once each.
+        self._inherited = _size(path)
+        self._repeated: set[int] = set()  # offsets of inherited entries logged again
+        self._replayable: list[tuple[int, int, str]] = []  # (offset, index, line), in order
+
+    def append(self, line_at: Callable[[int], str], *, training: bool) -> str:
+        """Log an entry whose line, as entry number ``index``, is ``line_at(index)``; return it.
+
+        A test entry after a resume that is the next one an earlier process wrote after the
+        committed position (the same line at that entry's number) is not written again.
+
+        Raises:
+            OSError: the file cannot be written (see :meth:`write`).
+        """
+        index = self.next_index(training=training)
+        if not training and self._replayable:
+            offset, number, line = self._replayable.pop(0)
+            if line_at(number) == line:
+                self._repeated.add(offset)
+                return line
+        # From here on nothing is taken for an earlier process's entry: this log writes (and a
+        # training entry's settling may have moved the entries kept).
+        self._replayable = []
+        self._inherited = 0
+        line = line_at(index)
+        self.write(line)
+        return line
 
     def next_index(self, *, training: bool) -> int:
         """Settle a pending resume for an entry of the given kind; return its 1-based index."""
@@ -342,6 +373,7 @@ class _LineLog:
         return _count_lines(self.path)
 
     def _settle(self, committed: _Committed, *, training: bool) -> int:
+        self._replayable = []
         size = _size(self.path)
         if size < committed.position or (
             committed.position > 0 and _byte_before(self.path, committed.position) != b"\n"
@@ -354,7 +386,9 @@ class _LineLog:
             )
             return self._open_existing()
         if not training:
-            return self._open_existing()
+            entries = self._open_existing()
+            self._replayable = self._inherited_tests(committed)
+            return entries
         if size <= committed.position:
             return committed.entries
         with self.path.open("rb") as stream:
@@ -391,6 +425,26 @@ class _LineLog:
             f" and kept the {len(kept)} other entries there" if kept else "",
         )
         return committed.entries + len(kept)
+
+    def _inherited_tests(self, committed: _Committed) -> list[tuple[int, int, str]]:
+        """The test entries earlier processes wrote after ``committed``: (offset, index, line).
+
+        Only those not logged again already, in the file's order.
+        """
+        end = min(self._inherited, _size(self.path))
+        if end <= committed.position:
+            return []
+        with self.path.open("rb") as stream:
+            stream.seek(committed.position)
+            tail = stream.read(end - committed.position)
+        found: list[tuple[int, int, str]] = []
+        offset = committed.position
+        for number, raw in enumerate(tail.split(b"\n")[:-1], start=committed.entries + 1):
+            line = raw.decode("utf-8", errors="replace")
+            if offset not in self._repeated and self._keep(line, number) is not None:
+                found.append((offset, number, line))
+            offset += len(raw) + 1
+        return found
 
     def state_dict(self) -> dict[str, int]:
         """The committed position: the file's size and entry count, synced to disk."""
@@ -529,8 +583,7 @@ class FileTrainLogger(_FileLoggerBase):
         if not if_main_process():
             return
         line = self.format_line(stats_meta, train_stats, valid_stats, test_stats)
-        self._log.next_index(training=_is_training(train_stats, valid_stats))
-        self._log.write(line)
+        self._log.append(lambda index: line, training=_is_training(train_stats, valid_stats))
         if verbose:
             logger.info("%s", line)
 
@@ -639,12 +692,14 @@ class JsonlTrainLogger(_FileLoggerBase):
         meta, train, valid, test = _plain_entry(
             self.save_file, stats_meta, train_stats, valid_stats, test_stats
         )
-        step = self._log.next_index(training=_is_training(train, valid))
         entry = LogEntry(
-            step=step, epoch=_epoch_of(meta), stats_meta=meta, train=train, valid=valid, test=test
+            step=0, epoch=_epoch_of(meta), stats_meta=meta, train=train, valid=valid, test=test
         )
-        line = entry.to_json()
-        self._log.write(line)
+
+        def line_at(index: int) -> str:
+            return attrs.evolve(entry, step=index).to_json()
+
+        line = self._log.append(line_at, training=_is_training(train, valid))
         if verbose:
             logger.info("%s", line)
 
