@@ -497,7 +497,9 @@ class _FileLoggerBase:
 
         Nothing changes on disk until the next entry: a training entry (with train or valid
         stats) first cuts the file back to the recorded position, removing what a stopped run
-        logged after that checkpoint; any other entry is appended at the end of the file.
+        logged after that checkpoint; any other entry is appended at the end of the file,
+        unless it repeats the next test entry an earlier process wrote after that position (a
+        restarted script evaluating again), which is left where it is.
 
         Raises:
             ConfigurationError: ``state_dict`` is not a state this logger saved.
