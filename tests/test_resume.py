@@ -55,7 +55,7 @@ def configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, Interruption]:
         batch_size=batch_size,
         epochs=draw(st.integers(1, 3)),
         accumulation=draw(st.integers(1, 3)),
-        precision=draw(st.sampled_from(["fp32", "bf16"])),
+        precision=draw(st.sampled_from(["fp32", "bf16", "fp16"])),  # fp16: a grad scaler
         dropout=draw(st.sampled_from([0.0, 0.3])),
         augment=draw(st.booleans()),
         valid=draw(st.booleans()),
