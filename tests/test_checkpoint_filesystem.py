@@ -264,7 +264,7 @@ def test_the_command_line_lists_a_folder_it_cannot_look_into_without_a_traceback
         return real_stat(path, *args, **kwargs)
 
     def exists(self: Path, *args: Any, **kwargs: Any) -> bool:
-        # As Path.exists answers from Python 3.12 on (3.11 raises): the listing must not
+        # As Path.exists answers from Python 3.13 on (3.11 raises): the listing must not
         # take the folder for an uncommitted one.
         return False if self == manifest else real_exists(self, *args, **kwargs)
 

@@ -427,6 +427,12 @@ def test_a_test_entry_after_loading_an_older_checkpoint_is_appended(tmp_path: Pa
     ]
 
 
+def _evaluate(log: FileTrainLogger | JsonlTrainLogger, best: dict[str, int], loss: float) -> None:
+    """What an ``evaluate`` does to the log: recover the best checkpoint, log a test entry."""
+    log.load_state_dict(dict(best))
+    log.log_stats({"Epoch loaded": 1}, test_stats={"loss": loss})
+
+
 def _fit_then_two_evaluates(
     log: FileTrainLogger | JsonlTrainLogger, *, stop: bool
 ) -> tuple[dict[str, int], dict[str, int]]:
@@ -440,11 +446,11 @@ def _fit_then_two_evaluates(
     best = log.state_dict()
     _epoch(log, 2)
     newest = log.state_dict()
-    log.load_state_dict(dict(best))
-    log.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
-    log.load_state_dict(dict(best))
-    if not stop:
-        log.log_stats({"Epoch loaded": 1}, test_stats={"loss": 3.0})
+    _evaluate(log, best, 2.0)
+    if stop:
+        log.load_state_dict(dict(best))  # the second evaluate's recovery, then it stops
+    else:
+        _evaluate(log, best, 3.0)
     return best, newest
 
 
@@ -459,10 +465,8 @@ def test_a_script_restarted_during_its_evaluates_logs_each_test_entry_once(
     # evaluates run again, the first logging what the stopped script logged already.
     again = factory(path)
     again.load_state_dict(dict(newest))
-    again.load_state_dict(dict(best))
-    again.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
-    again.load_state_dict(dict(best))
-    again.log_stats({"Epoch loaded": 1}, test_stats={"loss": 3.0})
+    _evaluate(again, best, 2.0)
+    _evaluate(again, best, 3.0)
     assert path.read_bytes() == (tmp_path / "reference.log").read_bytes()
 
 
@@ -477,8 +481,7 @@ def test_an_entry_logged_again_is_recognised_once_so_a_second_equal_one_is_writt
     first.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})  # then it stops
     again = JsonlTrainLogger(path)
     for _ in range(2):
-        again.load_state_dict(dict(best))
-        again.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+        _evaluate(again, best, 2.0)
     assert [(entry.step, entry.test) for entry in read_jsonl_log(path)] == [
         (1, None),
         (2, {"loss": 2.0}),
@@ -497,13 +500,11 @@ def test_a_finished_run_restarted_with_more_epochs_logs_its_new_evaluation_too(
     best = first.state_dict()
     _epoch(first, 2)
     newest = first.state_dict()
-    first.load_state_dict(dict(best))
-    first.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})  # the run is over
+    _evaluate(first, best, 2.0)  # the run is over
     again = factory(path)  # the same script, with a higher epoch limit
     again.load_state_dict(dict(newest))
     _epoch(again, 3)
-    again.load_state_dict(dict(best))  # epoch 1 is still the best: the same evaluation
-    again.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    _evaluate(again, best, 2.0)  # epoch 1 is still the best: the same evaluation
     reference = factory(tmp_path / "reference")
     for epoch in (1, 2):
         _epoch(reference, epoch)
@@ -520,8 +521,7 @@ def test_one_script_logging_the_same_test_entry_twice_keeps_both(tmp_path: Path)
     _epoch(log, 1)
     best = log.state_dict()
     for _ in range(2):
-        log.load_state_dict(dict(best))
-        log.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+        _evaluate(log, best, 2.0)
     assert [entry.step for entry in read_jsonl_log(path)] == [1, 2, 3]
 
 
@@ -535,8 +535,7 @@ def test_a_restart_logging_another_test_entry_appends_it_and_recognises_no_later
     first.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
     first.log_stats({"Epoch loaded": 1}, test_stats={"loss": 3.0})
     again = FileTrainLogger(path)
-    again.load_state_dict(dict(best))
-    again.log_stats({"Epoch loaded": 1}, test_stats={"loss": 9.0})  # not the entry there
+    _evaluate(again, best, 9.0)  # not the entry there
     again.log_stats({"Epoch loaded": 1}, test_stats={"loss": 3.0})  # order broken: appended
     assert [line.split(" - ")[1] for line in path.read_text().splitlines()[1:]] == [
         "test loss: 2.00",
