@@ -74,6 +74,13 @@ class RunConfig:
     # The recipe draws from Python's, NumPy's and torch's generators in on_fit_start, after the
     # recovery (its own set-up, say): a resumed run must still train as the interrupted one.
     draw_in_fit_start: bool = False
+    # The learning-rate schedule: StepLR stepped as each epoch's training ends, OneCycleLR stepped
+    # after every optimizer step (from on_fit_batch_end), or ReduceLROnPlateau stepped on the
+    # last stage's loss of each epoch.
+    schedule: Literal["step_epoch", "onecycle_batch", "plateau"] = "step_epoch"
+    # Two optimizers (Adam for the first layer, SGD with momentum for the last) that
+    # freeze_optimizers alternates between, one per optimizer step; the schedule drives the first.
+    two_optimizers: bool = False
 
 
 class NoisyDataset(Dataset[Batch]):
@@ -138,7 +145,7 @@ class HarnessBrain(sb.Brain[Batch, Tensor]):
     stop_at: int | None = None
     forward_calls = 0
     log: LossLog
-    scheduler: torch.optim.lr_scheduler.StepLR
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     counter: sb.EpochCounter
     ckpt: Checkpointer
 
@@ -159,8 +166,29 @@ class HarnessBrain(sb.Brain[Batch, Tensor]):
         return torch.nn.functional.cross_entropy(predictions.float(), targets.to(self.device))
 
     def init_optimizers(self) -> None:
-        super().init_optimizers()
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=0.5)
+        if self.hparams["two_optimizers"]:
+            layers = self.modules["model"]
+            assert isinstance(layers, torch.nn.Sequential)  # not wrapped: one process only
+            first = torch.optim.Adam(layers[0].parameters(), lr=0.01)
+            last = torch.optim.SGD(layers[-1].parameters(), lr=0.05, momentum=0.9)
+            self.optimizers_dict = {"first": first, "last": last}
+            self.optimizer = first
+            self.ckpt.add_recoverables({"first": first, "last": last})
+        else:
+            super().init_optimizers()
+        schedule = self.hparams["schedule"]
+        if schedule == "onecycle_batch":
+            passes = self.hparams["passes"]
+            assert isinstance(passes, int)
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=0.05, total_steps=passes
+            )
+        elif schedule == "plateau":
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, factor=0.5, patience=0
+            )
+        else:
+            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=0.5)
         self.ckpt.add_recoverable("scheduler", self.scheduler)
 
     def on_fit_start(self) -> None:
@@ -179,16 +207,20 @@ class HarnessBrain(sb.Brain[Batch, Tensor]):
         assert epoch is not None
         self.log.entries.append((stage.name, epoch, stage_loss))
         if stage is sb.Stage.TRAIN:
-            self.scheduler.step()
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.StepLR):
+                self.scheduler.step()
             if self.hparams["save_point"] == "train_end":
                 self.ckpt.save_checkpoint(meta={"by": "train_end"}, end_of_epoch=False)
         last_stage = sb.Stage.VALID if self.hparams["valid"] else sb.Stage.TRAIN
         if stage is last_stage:
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(stage_loss)
             self.ckpt.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"])
 
 
-class UserSavingBrain(HarnessBrain):
-    """Also saves a checkpoint itself, from ``on_fit_batch_end``, at pass ``user_save_at``.
+class BatchHookBrain(HarnessBrain):
+    """Also acts after each training batch: saves a checkpoint itself at pass ``user_save_at``
+    and steps a per-batch schedule after each optimizer step.
 
     Overriding that hook takes the brain off the inline step path, so only runs that ask for
     it use this class.
@@ -197,8 +229,33 @@ class UserSavingBrain(HarnessBrain):
     def on_fit_batch_end(
         self, batch: Batch, outputs: Tensor, loss: Tensor, should_step: bool
     ) -> None:
+        if should_step and self.hparams["schedule"] == "onecycle_batch":
+            self.scheduler.step()
         if self.forward_calls == self.hparams["user_save_at"]:
             self.ckpt.save_checkpoint(meta={"by": "on_fit_batch_end"}, end_of_epoch=False)
+
+
+class AlternatingBrain(HarnessBrain):
+    """Steps its two optimizers in turn: the first at even optimizer steps, the last at odd."""
+
+    def freeze_optimizers(
+        self, optimizers: Mapping[str, torch.optim.Optimizer]
+    ) -> Mapping[str, torch.optim.Optimizer]:
+        name = "first" if self.optimizer_step % 2 == 0 else "last"
+        return {name: optimizers[name]}
+
+
+class AlternatingBatchHookBrain(AlternatingBrain, BatchHookBrain):
+    """Both of the above."""
+
+
+BRAIN_CLASSES: Final[dict[tuple[bool, bool], type[HarnessBrain]]] = {
+    # (acts after each batch, alternates two optimizers)
+    (False, False): HarnessBrain,
+    (True, False): BatchHookBrain,
+    (False, True): AlternatingBrain,
+    (True, True): AlternatingBatchHookBrain,
+}
 
 
 def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, sb.EpochCounter]:
@@ -224,7 +281,8 @@ def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, 
         },
         commit_in_background=config.commit_in_background,
     )
-    brain_class = HarnessBrain if config.user_save_at is None else UserSavingBrain
+    batch_hook = config.user_save_at is not None or config.schedule == "onecycle_batch"
+    brain_class = BRAIN_CLASSES[batch_hook, config.two_optimizers]
     brain = brain_class(
         modules={"model": model},
         opt_class=lambda params: torch.optim.Adam(params, lr=0.01),
@@ -235,6 +293,9 @@ def build(config: RunConfig, folder: Path, *, seed: int) -> tuple[HarnessBrain, 
             "user_save_at": config.user_save_at,
             "save_point": config.save_point,
             "draw_in_fit_start": config.draw_in_fit_start,
+            "schedule": config.schedule,
+            "two_optimizers": config.two_optimizers,
+            "passes": total_forward_passes(config),  # more than the optimizer steps
         },
         run_opts={
             "precision": config.precision,
@@ -321,7 +382,7 @@ def final_state(brain: HarnessBrain) -> dict[str, object]:
     """Everything that must be identical after an interrupted and resumed run."""
     return {
         "model": brain.modules.state_dict(),
-        "optimizer": brain.optimizer.state_dict(),
+        "optimizers": {name: opt.state_dict() for name, opt in brain.optimizers_dict.items()},
         "scheduler": brain.scheduler.state_dict(),
         "counter": brain.counter.state_dict(),
         "optimizer_step": brain.optimizer_step,

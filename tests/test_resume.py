@@ -77,6 +77,8 @@ def configs_and_stops(draw: st.DrawFn) -> tuple[RunConfig, Interruption]:
         # save's commit end as the crash leaves it, and the restart resumes from it.
         commit_in_background=draw(st.booleans()),
         draw_in_fit_start=draw(st.booleans()),
+        schedule=draw(st.sampled_from(["step_epoch", "onecycle_batch", "plateau"])),
+        two_optimizers=draw(st.booleans()),
     )
     interruption = Interruption(
         stop_at=draw(st.integers(1, total_forward_passes(config))),
