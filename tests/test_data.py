@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -389,6 +389,53 @@ def test_iterable_dataset_is_passed_through_unchanged() -> None:
 def test_unknown_option_is_rejected_with_a_suggestion() -> None:
     with pytest.raises(ConfigurationError, match="'batch_szie'; did you mean 'batch_size'"):
         make_dataloader(list(range(3)), batch_szie=2)  # type: ignore[call-arg]  # the typo under test
+
+
+def _three() -> Iterator[int]:
+    yield from range(3)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: None, "None: give a dataset"),
+        (lambda: 5, "an int 5, not a dataset: give a dataset (a torch Dataset, an"),
+        (lambda: "data.csv", "the str 'data.csv', not a dataset: load the data it names"),
+        (lambda: b"data.csv", "the bytes b'data.csv', not a dataset: load the data it names"),
+        (_three, "a generator <generator object"),
+        (lambda: {"a": 1}, "a dict (a mapping), not a dataset: a DataLoader reads a dataset by"),
+        (lambda: {0: "a", 1: "b"}, "a dict (a mapping), not a dataset"),
+        (lambda: {1, 2}, "a set {1, 2}, not a dataset"),
+        (lambda: DataLoader(CountingDataset(2)), "already a DataLoader: use it as it is"),
+        (lambda: Words, "the class Words, not a dataset: give an instance of it"),
+    ],
+)
+def test_what_a_dataloader_cannot_read_is_refused_naming_the_argument_and_its_type(
+    make: Callable[[], object], message: str
+) -> None:
+    # Without the check, the loader is built and fails when read (torch's `KeyError: 0` for
+    # a dict, "object of type 'int' has no len()" for a number), or yields characters.
+    with pytest.raises(ConfigurationError) as caught:
+        make_dataloader(make())  # type: ignore[arg-type]  # the mistakes under test
+    assert str(caught.value).startswith(f"make_dataloader(): dataset is {message}")
+
+
+class Words:
+    """Read by index and sized, but neither a torch Dataset nor a Sequence."""
+
+    def __getitem__(self, index: int) -> str:
+        return f"word{index}"
+
+    def __len__(self) -> int:
+        return 4
+
+
+def test_what_a_dataloader_reads_by_index_is_taken_though_no_sequence() -> None:
+    words = make_dataloader(Words(), batch_size=2, collate_fn=list)  # type: ignore[arg-type]  # read by index, not a Sequence
+    assert list(words) == [["word0", "word1"], ["word2", "word3"]]
+    numbers = make_dataloader(torch.arange(6), batch_size=3)  # type: ignore[arg-type]  # idem
+    assert as_lists(list(numbers)) == [[0, 1, 2], [3, 4, 5]]
+    assert len(make_dataloader(np.arange(4), batch_size=2)) == 2  # type: ignore[arg-type]  # idem
 
 
 def test_a_seed_that_is_not_an_int_is_rejected() -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
-from typing import Any, Generic, TypedDict, TypeVar
+from pathlib import Path
+from typing import Any, Generic, NamedTuple, TypedDict, TypeVar
 
 import attrs
 import pytest
 
 from typedbrain import Brain, ConfigurationError, Hparams
+from typedbrain._errors import with_article
 from typedbrain._hparams import hparams_items
 
 
@@ -269,3 +271,61 @@ def test_keys_hidden_by_mapping_methods_warn_and_read_by_item() -> None:
         hparams = Hparams({"lr": 0.1, "values": [1, 2], "items": 3})
     assert hparams["values"] == [1, 2]
     assert callable(hparams.values)
+
+
+class Settings(NamedTuple):
+    lr: float
+
+
+@pytest.mark.parametrize(
+    ("hparams", "hint"),
+    [
+        ("hparams.yaml", True),
+        (Path("hparams.yaml"), True),
+        (["lr", 0.1], False),
+        (("lr", 0.1), False),
+        (5, False),
+        (True, False),
+    ],
+)
+def test_a_brain_declaring_no_hparams_class_refuses_a_plain_value(
+    hparams: object, hint: bool
+) -> None:
+    # Without the check the value is kept, and the first hook reading self.hparams.lr fails.
+    for brain_class in (Brain, BareSubclass):
+        with pytest.raises(ConfigurationError) as caught:
+            brain_class(hparams=hparams)
+        message = str(caught.value)
+        assert message.startswith(
+            "hparams must be a mapping of hyperparameter names to values, or an object that "
+            f"holds them as attributes (an attrs instance, say), got {type(hparams).__name__} "
+            f"{hparams!r}"
+        )
+        assert (
+            message.endswith(
+                "with load_hparams() (or load_typed_hparams()) and pass what that returns"
+            )
+            is hint
+        )
+
+
+def test_a_brain_declaring_no_hparams_class_keeps_an_object_with_attributes() -> None:
+    for hparams in (
+        AttrsHparams(0.1, True),
+        DataclassHparams(0.1, True),
+        PlainHparams(),
+        Settings(0.1),  # a tuple, but read by attribute
+    ):
+        assert Brain(hparams=hparams).hparams is hparams
+
+
+@pytest.mark.parametrize("hparams", ["hparams.yaml", ["lr", 0.1], DataclassHparams(0.1, True)])
+def test_a_brain_declaring_a_hparams_class_refuses_an_object_of_another_type(
+    hparams: object,
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        TypedBrain(hparams=hparams)  # type: ignore[call-overload]  # the mistake under test
+    assert str(caught.value) == (
+        "TypedBrain declares its hparams type as AttrsHparams, but was given "
+        f"{with_article(type(hparams).__name__)}: pass hparams=AttrsHparams(...)"
+    )

@@ -29,6 +29,7 @@ from typedbrain._data import (
     DataSource,
     LoaderKwargs,
     Shard,
+    check_data_source,
     loader_length,
     make_dataloader,
 )
@@ -148,11 +149,14 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
     Args:
         modules: the trainable modules by name; they become ``self.modules``, a
-            ``torch.nn.ModuleDict`` moved to ``self.device``.
+            ``torch.nn.ModuleDict`` moved to ``self.device``. A name ``ModuleDict`` cannot hold
+            (empty, with a ``.``, or one of its own attributes such as ``keys``) is refused.
         opt_class: builds the optimizer from the modules' parameters in :meth:`init_optimizers`.
         hparams: hyperparameters, as ``self.hparams``. A mapping is wrapped in
             :class:`Hparams` (``hp.lr`` and ``hp["lr"]`` both work); any other object (an attrs
-            instance, typically) is kept as it is. Keys named like a run option set it.
+            instance, typically) is kept as it is, but a plain value (a file name, a list, a
+            number) is refused, and so is an object that is not of the hparams class the brain
+            declares. Keys named like a run option set it.
         run_opts: run options, as a mapping of option names to values (see
             :class:`RunOptions`) or a whole ``RunOptions`` (another brain's ``run_opts``, say);
             they override the ones in ``hparams``.
@@ -160,6 +164,13 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             ``on_evaluate_start``. In debug mode without ``debug_persistently``, the brain
             points it at a temporary folder for its lifetime (see the ``debug_persistently``
             run option).
+
+    Every argument is checked before the modules are moved to the device and before the
+    process group is joined: a refused brain leaves them as they were.
+
+    Raises:
+        ConfigurationError: an argument of the wrong kind, named in the message (the
+            :class:`RunOptionsError` subclass for a run option).
 
     Attributes:
         modules: the modules, as a ``ModuleDict``.
@@ -223,36 +234,28 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             resolved = hparams if kept else resolve_hparams(hparams, None, name)
         else:
             resolved = resolve_hparams(hparams, declared, name)
-        self.hparams = cast(HparamsT, resolved)
         options = RunOptions.from_sources(
             hparams_items(hparams),
             run_opts if isinstance(run_opts, RunOptions) else cast(Mapping[str, object], run_opts),
         )
+        # Every argument is checked before anything happens to the modules or the process: a
+        # refused brain leaves the user's modules where they were (on "meta", moving them
+        # loses their weights) and joins no process group.
+        named = _named_modules(modules)
+        _check_opt_class(opt_class)
+        _check_checkpointer(checkpointer)
         launch = detect_launch()
         if options.device is None:
             options = attrs.evolve(options, device=device_for(launch))
         device = available_device(cast(str, options.device))
         if launch is not None:  # started by torchrun: join (or reuse) the group
             init_distributed(backend=options.distributed_backend, device=options.device)
+        self.hparams = cast(HparamsT, resolved)
         self._plan: StepPlan | None = None
         self._run_opts = options
         self._device = device
         # torch's ModuleDict keeps a None module as it is; its annotations say Module only.
-        named = cast(dict[str, torch.nn.Module], _named_modules(modules))
-        self.modules = torch.nn.ModuleDict(named).to(self._device)
-        if opt_class is not None and not callable(opt_class):
-            raise ConfigurationError(
-                f"opt_class must be callable (parameters -> optimizer), such as "
-                f"torch.optim.Adam or a lambda, not {type(opt_class).__name__} {opt_class!r}"
-            )
-        if checkpointer is not None and not all(
-            callable(getattr(checkpointer, name, None))
-            for name in ("add_recoverable", "recover_if_possible", "save_and_keep_only")
-        ):
-            raise ConfigurationError(
-                "checkpointer must be a Checkpointer (sb.Checkpointer(folder, recoverables)), "
-                f"not {type(checkpointer).__name__} {checkpointer!r}"
-            )
+        self.modules = torch.nn.ModuleDict(cast(dict[str, torch.nn.Module], named)).to(device)
         self.opt_class = opt_class
         self.checkpointer = checkpointer
         self.optimizers_dict = {}
@@ -455,13 +458,33 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
         Override to build several optimizers: put each in ``self.optimizers_dict`` (and
         register them with the checkpointer) so ``optimizers_step`` steps them all.
+
+        Raises:
+            ConfigurationError: ``opt_class`` is given but the modules have no parameters, or
+                it returned something other than a ``torch.optim.Optimizer``.
         """
         if self.opt_class is None:
             return
+        if next(self.modules.parameters(), None) is None:
+            modules = (
+                f"its modules ({', '.join(self.modules)}) have none"
+                if self.modules
+                else "it has no modules"
+            )
+            raise ConfigurationError(
+                f"opt_class was given, but the brain has no parameters for it to optimize: "
+                f"{modules}; pass the trainable modules to Brain(), or leave opt_class out"
+            )
         if self.remove_vector_weight_decay:
-            self.optimizer = self.opt_class(vector_weight_decay_groups(self.modules))
+            optimizer = self.opt_class(vector_weight_decay_groups(self.modules))
         else:
-            self.optimizer = self.opt_class(self.modules.parameters())
+            optimizer = self.opt_class(self.modules.parameters())
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigurationError(
+                "opt_class must return a torch.optim.Optimizer (built over the parameters it is "
+                f"given), but it returned {type(optimizer).__name__} {optimizer!r:.80}"
+            )
+        self.optimizer = optimizer
         self.optimizers_dict = {"opt_class": self.optimizer}
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("optimizer", self.optimizer)
@@ -496,7 +519,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
         Args:
             dataset: a torch ``Dataset`` or any sequence of examples; a ``DataLoader`` is
-                returned as it is.
+                returned as it is. Anything a ``DataLoader`` cannot read (``None``, a str, a
+                mapping, a generator, a number) is refused with a ``ConfigurationError``.
             stage: the stage the loader is for.
             ckpt_prefix: kept for SpeechBrain compatibility; the brain saves the training
                 sampler's state in its own run state.
@@ -897,6 +921,11 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
         Raises:
             ReentrantCallError: called while ``fit`` or ``evaluate`` is running.
+            ConfigurationError: before anything runs, ``epoch_counter`` is not an iterable of
+                epoch numbers (a str, say), or ``train_set`` or ``valid_set`` is not a data set
+                (``None`` for ``train_set``, a str, a mapping, a generator, a number); when
+                ``init_optimizers`` runs, ``opt_class`` is given for modules without parameters
+                or returns no optimizer.
             NonFiniteLossError: an epoch saw more than ``nonfinite_patience`` non-finite losses.
             TrainingInterruptedError: SIGTERM or SIGINT arrived; the run stopped after a batch
                 (and saved an intra-epoch checkpoint during training, with a checkpointer).
@@ -905,7 +934,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             logger.info("test_only is set: fit() returns without training")
             return
         self._check_can_start("fit", Phase.FIT_START)
-        _check_fit_arguments(epoch_counter, train_set)
+        _check_fit_arguments(epoch_counter, train_set, valid_set)
         open_epoch: EpochCounter | None = None  # drawn from the counter, not yet finished
         try:
             with StopRequest(enabled=self.stop_on_signals) as self._stop:
@@ -1012,8 +1041,11 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
         Raises:
             ReentrantCallError: called while ``fit`` or ``evaluate`` is running.
+            ConfigurationError: ``test_set`` is not a data set (``None``, a str, a mapping, a
+                generator, a number); nothing has run then.
         """
         self._check_can_start("evaluate", Phase.TEST)
+        _check_data_set(test_set, "evaluate(): test_set")
         self._use_current_weights = use_current_weights
         try:
             self._machine.move(Phase.TEST)
@@ -2069,25 +2101,82 @@ def _named_modules(modules: object) -> dict[str, torch.nn.Module | None]:
                 f"modules must map names to torch modules: modules[{name!r}] is "
                 f"{type(module).__name__}, not a torch.nn.Module"
             )
+        _check_module_name(name)
         named[name] = module
     return named
 
 
-def _check_fit_arguments(epoch_counter: object, train_set: object) -> None:
-    """Refuse ``fit`` arguments of the wrong kind before anything runs."""
-    if not isinstance(epoch_counter, Iterable):
+def _check_module_name(name: str) -> None:
+    """Refuse a module name ``torch.nn.ModuleDict`` would refuse, naming the key."""
+    if name == "" or "." in name:
+        suggestion = name.replace(".", "_") or "model"
+        raise ConfigurationError(
+            f"modules must map names to torch modules: modules[{name!r}] cannot be named so, as "
+            "torch.nn.ModuleDict refuses an empty name and a name with a '.' in it; use "
+            f"{suggestion!r}, say"
+        )
+    if hasattr(_EMPTY_MODULE_DICT, name):
+        raise ConfigurationError(
+            f"modules must map names to torch modules: modules[{name!r}] cannot be named so, as "
+            f"torch.nn.ModuleDict has an attribute {name!r} of its own; rename the module"
+        )
+
+
+_EMPTY_MODULE_DICT: Final = torch.nn.ModuleDict()
+"""For the names a ``ModuleDict`` holds itself (``keys``, ``training``, ``forward``...)."""
+
+
+def _check_opt_class(opt_class: object) -> None:
+    if opt_class is not None and not callable(opt_class):
+        raise ConfigurationError(
+            f"opt_class must be callable (parameters -> optimizer), such as "
+            f"torch.optim.Adam or a lambda, not {type(opt_class).__name__} {opt_class!r}"
+        )
+
+
+def _check_checkpointer(checkpointer: object) -> None:
+    if isinstance(checkpointer, type):  # its methods are callable, unbound, on the class too
+        raise ConfigurationError(
+            "checkpointer must be a Checkpointer (sb.Checkpointer(folder, recoverables)), not "
+            f"the class {checkpointer.__qualname__} itself: build one and pass it"
+        )
+    if checkpointer is not None and not all(
+        callable(getattr(checkpointer, name, None))
+        for name in ("add_recoverable", "recover_if_possible", "save_and_keep_only")
+    ):
+        raise ConfigurationError(
+            "checkpointer must be a Checkpointer (sb.Checkpointer(folder, recoverables)), "
+            f"not {type(checkpointer).__name__} {checkpointer!r}"
+        )
+
+
+def _check_fit_arguments(epoch_counter: object, train_set: object, valid_set: object) -> None:
+    """Refuse ``fit`` arguments of the wrong kind before anything runs.
+
+    A bad ``valid_set`` would otherwise fail only when its loader is first read: after a whole
+    training epoch.
+    """
+    # A str is iterable (its characters), so "10" would fail only at its first epoch number.
+    if isinstance(epoch_counter, str | bytes | bytearray) or not isinstance(
+        epoch_counter, Iterable
+    ):
         raise ConfigurationError(
             "fit(): epoch_counter must yield the epoch numbers (range(1, 11), or an "
-            f"EpochCounter), not {type(epoch_counter).__name__} {epoch_counter!r}"
+            f"EpochCounter), not {type(epoch_counter).__name__} {epoch_counter!r:.80}"
         )
-    if train_set is None:
-        raise ConfigurationError("fit(): train_set is None: give a DataLoader or a dataset")
-    # A str is a Sequence, so a file name type-checks as a dataset (of characters).
-    if isinstance(train_set, str | bytes | bytearray):
-        raise ConfigurationError(
-            f"fit(): train_set is the {type(train_set).__name__} {train_set!r:.80}, not a "
-            "dataset: load the data it names and give a DataLoader or a dataset"
-        )
+    _check_data_set(train_set, "fit(): train_set")
+    if valid_set is not None:
+        _check_data_set(valid_set, "fit(): valid_set")
+
+
+def _check_data_set(data: object, name: str) -> None:
+    """Refuse a data set that neither a ``DataLoader`` nor ``make_dataloader`` can read.
+
+    A str is a Sequence, so a file name type-checks as a dataset (of characters); a dict, a
+    generator or a number would fail only when the loader is first read.
+    """
+    if not isinstance(data, DataLoader):
+        check_data_source(data, name, loader_too=True)
 
 
 def _loss_value(loss: object) -> float:

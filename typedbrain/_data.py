@@ -13,7 +13,7 @@ import logging
 import multiprocessing.context
 import operator
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any, SupportsIndex, TypeAlias, TypedDict, cast
 
 import attrs
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from typing_extensions import Unpack
 
 from typedbrain._checks import check_int
-from typedbrain._errors import ConfigurationError, ResumeWarning
+from typedbrain._errors import ConfigurationError, ResumeWarning, with_article
 from typedbrain._loader_workers import _exit_flag, _WorkerInit
 from typedbrain._sampler import (
     ResumableSampler,
@@ -221,6 +221,61 @@ class Shard:
     pad: bool = True
 
 
+def check_data_source(data: object, name: str, *, loader_too: bool) -> None:
+    """Refuse what a ``DataLoader`` cannot read as a dataset, naming it and its type.
+
+    A dataset is a torch ``Dataset`` (an ``IterableDataset`` included), or an object read by
+    index: a sequence other than a str, or anything else with ``__getitem__`` (or
+    ``__getitems__``) that is not a mapping (a NumPy array, a tensor).
+
+    Args:
+        data: what was given.
+        name: how the message names it, such as ``"fit(): valid_set"``.
+        loader_too: whether a ``DataLoader`` is accepted there as well (it is not checked
+            here; the message then offers one).
+
+    Raises:
+        ConfigurationError: ``data`` is ``None``, a str or bytes (a file name, say), a mapping
+            (``DataLoader`` would read it by the keys 0, 1, ...), a class, or an object not read
+            by index (a number, a generator, a set).
+    """
+    if isinstance(data, Dataset):
+        return
+    accepted = "a DataLoader or a dataset" if loader_too else "a dataset"
+    shown = f"{with_article(type(data).__name__)} {data!r:.80}"
+    if data is None:
+        raise ConfigurationError(f"{name} is None: give {accepted}")
+    if isinstance(data, str | bytes | bytearray):
+        raise ConfigurationError(
+            f"{name} is the {type(data).__name__} {data!r:.80}, not a dataset: load the data it "
+            f"names and give {accepted}"
+        )
+    if isinstance(data, DataLoader):
+        raise ConfigurationError(f"{name} is already a DataLoader: use it as it is")
+    if isinstance(data, type):
+        raise ConfigurationError(
+            f"{name} is the class {data.__qualname__}, not a dataset: give an instance of it"
+        )
+    if isinstance(data, Mapping):
+        raise ConfigurationError(
+            f"{name} is {with_article(type(data).__name__)} (a mapping), not a dataset: a "
+            "DataLoader reads a dataset by the indices 0, 1, 2..., not by key; give a list of "
+            "its examples (list(mapping.values())) or a Dataset"
+        )
+    if hasattr(type(data), "__getitem__") or hasattr(type(data), "__getitems__"):
+        return
+    if isinstance(data, Iterator):
+        raise ConfigurationError(
+            f"{name} is {shown}, not a dataset: a DataLoader reads a dataset by index (or an "
+            "IterableDataset), and an iterator can be read only once; give a list of its "
+            "examples, or an IterableDataset that yields them"
+        )
+    raise ConfigurationError(
+        f"{name} is {shown}, not a dataset: give {accepted} (a torch Dataset, an "
+        "IterableDataset, or a sequence of examples)"
+    )
+
+
 def _draw_seed(generator: torch.Generator | None) -> int:
     return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
 
@@ -265,15 +320,18 @@ def make_dataloader(
         loader_kwargs: ``DataLoader`` options (``batch_size``, ``shuffle``...).
 
     Raises:
-        ConfigurationError: an option that ``DataLoader`` does not have (the message names it
-            and suggests the closest one), a ``seed`` that is not an int, or
-            ``in_order=False`` (batches in the order workers finish them cannot be resumed).
+        ConfigurationError: a ``dataset`` that a ``DataLoader`` cannot read (``None``, a str, a
+            mapping, a generator, a number: see :func:`check_data_source`), an option that
+            ``DataLoader`` does not have (the message names it and suggests the closest one), a
+            ``seed`` that is not an int, or ``in_order=False`` (batches in the order workers
+            finish them cannot be resumed).
 
     Warns:
         ResumeWarning: ``persistent_workers=True`` with workers: state your dataset keeps in
             the workers carries over from epoch to epoch there, which a resumed run's fresh
             workers cannot reproduce.
     """
+    check_data_source(dataset, "make_dataloader(): dataset", loader_too=False)
     for key in loader_kwargs:
         if key not in _LOADER_KEYS:
             close = difflib.get_close_matches(key, sorted(_LOADER_KEYS | {"seed", "shard"}), n=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -115,7 +116,9 @@ def resolve_hparams(hparams: object, declared: object, owner: str) -> object:
     A mapping (or ``None``) becomes an :class:`Hparams`, unless the brain declares a mapping
     type the value already has (a ``dict`` for ``dict[str, float]``), in which case it is kept,
     or ``None`` is given and the declared type allows it (``Settings | None``), in which case
-    ``None`` is kept. Anything else is kept as it is.
+    ``None`` is kept. Any other object is kept as it is when it has the declared type; with no
+    declared type (or ``Hparams``, or one no ``isinstance`` can test), any object but a plain
+    value (a str, a path, a number, a list...) is kept.
 
     Args:
         hparams: what was passed as ``hparams``.
@@ -125,12 +128,12 @@ def resolve_hparams(hparams: object, declared: object, owner: str) -> object:
 
     Raises:
         ConfigurationError: the brain declares a hparams class (an attrs class, say) but got a
-            mapping or nothing: its hooks would read attributes that are not there.
+            mapping, nothing, or an object of another type; or it declares none and got a
+            plain value (a file name, a list): its hooks would read attributes that are not
+            there.
     """
-    if hparams is not None and not isinstance(hparams, Mapping):
-        return hparams
     if declared is None or declared is Hparams or declared is typing.Any:
-        return Hparams(hparams)
+        return _untyped(hparams)
     union = typing.get_origin(declared) in (typing.Union, types.UnionType)
     arms = typing.get_args(declared) if union else (declared,)
     if hparams is None and type(None) in arms:
@@ -140,12 +143,60 @@ def resolve_hparams(hparams: object, declared: object, owner: str) -> object:
     if hparams is not None and any(_is_instance(hparams, kind) for kind in kinds):
         return hparams
     if Hparams in arms or typing.Any in arms:
-        return Hparams(hparams)
+        return _untyped(hparams)
+    if not isinstance(hparams, Mapping | None) and not all(isinstance(k, type) for k in kinds):
+        return _kept_object(hparams)  # a declared type no isinstance check can test
     given = "no hparams" if hparams is None else with_article(type(hparams).__name__)
     hint = " or ".join(f"hparams={_type_name(arm)}(...)" for arm in arms if arm is not type(None))
     raise ConfigurationError(
         f"{owner} declares its hparams type as {_type_name(declared)}, but was given {given}: "
         f"pass {hint}"
+    )
+
+
+def _untyped(hparams: object) -> object:
+    """Hyperparameters for a brain that declares no hparams class: a mapping as an Hparams."""
+    if hparams is None or isinstance(hparams, Mapping):
+        return Hparams(hparams)
+    return _kept_object(hparams)
+
+
+_PLAIN_VALUES: tuple[type, ...] = (
+    str,
+    bytes,
+    bytearray,
+    int,
+    float,
+    complex,
+    list,
+    tuple,
+    set,
+    frozenset,
+    os.PathLike,
+)
+"""Kinds of value that hold no hyperparameters by name (``bool`` is an ``int``)."""
+
+
+def _kept_object(hparams: object) -> object:
+    """``hparams`` as it is, unless it is a plain value, which no hook could read by name.
+
+    Raises:
+        ConfigurationError: ``hparams`` is a str, a path, a number or a collection (a named
+            tuple, read by attribute, is kept).
+    """
+    named_tuple = isinstance(hparams, tuple) and hasattr(hparams, "_fields")
+    if named_tuple or not isinstance(hparams, _PLAIN_VALUES):
+        return hparams
+    hint = (
+        ": load the file it names with load_hparams() (or load_typed_hparams()) and pass what "
+        "that returns"
+        if isinstance(hparams, str | bytes | os.PathLike)
+        else ""
+    )
+    raise ConfigurationError(
+        "hparams must be a mapping of hyperparameter names to values, or an object that holds "
+        f"them as attributes (an attrs instance, say), got {type(hparams).__name__} "
+        f"{hparams!r:.80}{hint}"
     )
 
 
