@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
@@ -152,3 +154,19 @@ def rewrite_manifest(folder: Path, edit: Callable[[dict[str, object]], None]) ->
     edit(data)
     data[DIGEST_KEY] = manifest_digest(data)
     manifest.write_text(json.dumps(data), encoding="utf-8")
+
+
+def refuse_opening(monkeypatch: pytest.MonkeyPatch, target: Path, error: OSError) -> None:
+    """Opening ``target`` raises ``error``; every other file opens.
+
+    typedbrain opens what it reads from a checkpoint with ``os.open`` (refusing FIFOs and
+    devices before it reads), so that is where a refusal of the OS is played.
+    """
+    real_open = os.open
+
+    def opening(path: object, flags: int, *args: int, **kwargs: int | None) -> int:
+        if isinstance(path, str | os.PathLike) and Path(path) == target:
+            raise error
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]  # as given
+
+    monkeypatch.setattr(os, "open", opening)

@@ -23,6 +23,7 @@ from typing import IO, Any
 import pytest
 import torch
 
+from tests.helpers import refuse_opening
 from typedbrain import _checkpoint, _cli, _manifest
 from typedbrain._checkpoint import Checkpoint, Checkpointer, verify_checkpoint
 from typedbrain._epochs import EpochCounter
@@ -61,15 +62,7 @@ def _two_checkpoints(folder: Path) -> tuple[Checkpoint, Checkpoint]:
 
 def _failing_open(monkeypatch: pytest.MonkeyPatch, target: Path, code: int, text: str) -> None:
     """Opening ``target`` fails with the OS error ``code``; every other file opens."""
-    real_open = Path.open
-
-    def opening(self: Path, *args: Any, **kwargs: Any) -> IO[Any]:
-        if self == target:
-            raise OSError(code, text, str(self))
-        stream: IO[Any] = real_open(self, *args, **kwargs)
-        return stream
-
-    monkeypatch.setattr(Path, "open", opening)
+    refuse_opening(monkeypatch, target, OSError(code, text, str(target)))
 
 
 @pytest.mark.parametrize(("code", "text"), UNREADABLE)
@@ -123,14 +116,10 @@ def _checkpoint_folders(folder: Path) -> list[str]:
 
 
 def _failing_manifest(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
-    real_read = Path.read_text
-
-    def reading(self: Path, *args: Any, **kwargs: Any) -> str:
-        if self == folder / "MANIFEST.json":
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real_read(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "read_text", reading)
+    manifest = folder / "MANIFEST.json"
+    refuse_opening(
+        monkeypatch, manifest, PermissionError(errno.EACCES, "Permission denied", str(manifest))
+    )
 
 
 def test_an_unreadable_manifest_is_an_error_not_an_uncommitted_folder(
@@ -216,20 +205,15 @@ def test_an_io_error_on_a_manifest_is_raised_even_when_its_folder_cannot_be_stat
 ) -> None:
     """A dying disk or a stale NFS handle fails both: not a folder to skip, nor damage."""
     _, newest = _two_checkpoints(tmp_path)
-    real_read, real_lstat = Path.read_text, os.lstat
+    real_lstat = os.lstat
     manifest = newest.path / "MANIFEST.json"
-
-    def reading(self: Path, *args: Any, **kwargs: Any) -> str:
-        if self == manifest:
-            raise OSError(errno.EIO, "Input/output error", str(self))
-        return real_read(self, *args, **kwargs)
 
     def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
         if Path(path) == manifest:
             raise OSError(errno.EIO, "Input/output error", str(path))
         return real_lstat(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_text", reading)
+    refuse_opening(monkeypatch, manifest, OSError(errno.EIO, "Input/output error", str(manifest)))
     monkeypatch.setattr("typedbrain._manifest.os.lstat", lstat)
     with pytest.raises(CheckpointError, match="Input/output error") as caught:
         Checkpointer(tmp_path, {"model": torch.nn.Linear(2, 2)}).recover_if_possible()
@@ -243,15 +227,10 @@ def test_the_command_line_lists_a_folder_it_cannot_look_into_without_a_traceback
     private = tmp_path / "lost+found"
     private.mkdir()
     manifest = private / "MANIFEST.json"
-    real_read, real_lstat, real_stat, real_exists = Path.read_text, os.lstat, os.stat, Path.exists
+    real_lstat, real_stat, real_exists = os.lstat, os.stat, Path.exists
 
     def refused(path: object) -> PermissionError:
         return PermissionError(errno.EACCES, "Permission denied", str(path))
-
-    def reading(self: Path, *args: Any, **kwargs: Any) -> str:
-        if self == manifest:
-            raise refused(self)
-        return real_read(self, *args, **kwargs)
 
     def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
         if Path(path) == manifest:
@@ -268,7 +247,7 @@ def test_the_command_line_lists_a_folder_it_cannot_look_into_without_a_traceback
         # take the folder for an uncommitted one.
         return False if self == manifest else real_exists(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_text", reading)
+    refuse_opening(monkeypatch, manifest, refused(manifest))
     monkeypatch.setattr("typedbrain._manifest.os.lstat", lstat)
     monkeypatch.setattr("typedbrain._cli.os.stat", stat)
     monkeypatch.setattr(Path, "exists", exists)

@@ -20,11 +20,11 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
 
 import pytest
 import torch
 
+from tests.helpers import refuse_opening
 from typedbrain._checkpoint import _MAX_RESCANS, Checkpoint, Checkpointer
 from typedbrain._cli import main
 from typedbrain._errors import CheckpointError, CheckpointWarning, CorruptCheckpointError
@@ -299,15 +299,9 @@ def _refuse_reading(monkeypatch: pytest.MonkeyPatch, target: Path) -> None:
     if os.geteuid() != 0:
         target.chmod(0)
         return
-    real_open = Path.open  # root reads a file of mode 000: refuse it at the open instead
-
-    def opening(self: Path, *args: Any, **kwargs: Any) -> IO[Any]:
-        if self == target:
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        stream: IO[Any] = real_open(self, *args, **kwargs)
-        return stream
-
-    monkeypatch.setattr(Path, "open", opening)
+    # root reads a file of mode 000: refuse it at the open instead
+    refused = PermissionError(errno.EACCES, "Permission denied", str(target))
+    refuse_opening(monkeypatch, target, refused)
 
 
 def _listing(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:

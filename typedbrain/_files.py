@@ -7,15 +7,65 @@ a file name; the helpers here name it, keeping the error's type and errno.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
 import secrets
 import shutil
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
-__all__ = ["naming", "naming_file", "replace_file"]
+__all__ = ["NotAFileError", "naming", "naming_file", "open_regular", "replace_file"]
+
+
+class NotAFileError(OSError):
+    """A path names something other than a regular file or a folder: a FIFO, a device, a socket.
+
+    Reading such a thing may block forever (a FIFO nobody writes to) or never end (``/dev/zero``).
+    """
+
+
+_KINDS: Final = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def open_regular(path: Path, *, follow_links: bool = True) -> io.FileIO:
+    """Open ``path`` for reading, unbuffered, if it is a regular file.
+
+    It is opened without blocking (a FIFO nobody writes to would block an ordinary open) and
+    checked with ``fstat`` on the opened descriptor, so what is read is what was checked.
+
+    Args:
+        path: the file.
+        follow_links: whether a symbolic link is followed (to a regular file); if not, a link
+            is refused with ``ELOOP``.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder.
+        NotAFileError: ``path`` is a FIFO, a device or a socket (the message says which).
+        OSError: ``path`` cannot be opened (missing, a link with ``follow_links=False``...).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_links:
+        flags |= os.O_NOFOLLOW
+    descriptor = os.open(path, flags)
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "of another kind")
+            raise NotAFileError(errno.EINVAL, f"{kind}, not a regular file", os.fspath(path))
+        return io.FileIO(descriptor, "rb", closefd=True)
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 @contextlib.contextmanager

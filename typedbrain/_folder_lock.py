@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 import weakref
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Final, final
 
 from typedbrain._errors import CheckpointError
+from typedbrain._files import open_regular
 
 try:
     import fcntl
@@ -142,17 +144,16 @@ def _take(folder: Path) -> int | None:
     if not _flock_available:  # pragma: no cover - Windows
         _unlocked(folder, "this platform has no flock")
         return None
-    # 0o666 as open() uses: the umask decides, so a group-shared folder's lock file is
-    # writable by the group. One created by a user whose umask kept it from the others is
-    # still locked through a read-only descriptor (flock needs none other), without a record.
+    # A lock file created by a user whose umask kept it from the others is still locked
+    # through a read-only descriptor (flock needs none other), without a record.
     recording = True
     try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        descriptor = _open_lock_file(path, os.O_RDWR | os.O_CREAT)
     except OSError as error:
         if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            descriptor = _open_lock_file(path, os.O_RDONLY)
         except FileNotFoundError:
             # A folder this process cannot write (a read-only mount): what it would write
             # fails by itself, with its own error; there is nothing to lock.
@@ -191,6 +192,40 @@ def _take(folder: Path) -> int | None:
             str(path),
         ) from error
     return descriptor
+
+
+def _open_lock_file(path: Path, flags: int) -> int:
+    """Open the lock file ``path`` with ``flags``: a regular file, never through a link.
+
+    The lock file is written (its holder's record, and cut to nothing when the lock goes), so a
+    link planted in its place (in a shared or unpacked folder) would have this process
+    overwrite the file it points to; a FIFO or a device would block or never end.
+
+    Raises:
+        CheckpointError: ``path`` is a symbolic link, or not a regular file.
+        OSError: it cannot be opened (created) for another reason.
+    """
+    try:
+        # 0o666 as open() uses: the umask decides, so a group-shared folder's lock file is
+        # writable by the group.
+        descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise _not_a_lock_file(path, "a symbolic link") from None
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        raise _not_a_lock_file(path, "not a regular file")
+    return descriptor
+
+
+def _not_a_lock_file(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"the checkpoints folder's lock file {path} is {what}: typedbrain writes its lock "
+        "only into a regular file of its own, never through a link (it would overwrite the "
+        "file linked to); remove it and start again"
+    )
 
 
 def _unlocked(folder: Path, why: str) -> None:
@@ -254,9 +289,9 @@ def other_writer(folder: Path) -> str | None:
     if not _flock_available or _key(folder) in _held:  # (os.kill(pid, 0) kills on Windows)
         return None
     try:
-        with (folder / LOCK_NAME).open("rb") as stream:
+        with open_regular(folder / LOCK_NAME, follow_links=False) as stream:
             data: object = json.loads(stream.read(_RECORD_BYTES).decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # a link or a FIFO planted there included: no writer named
         return None
     if not isinstance(data, dict):
         return None

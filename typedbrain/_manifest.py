@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from typedbrain._errors import CheckpointError, ConfigurationError, CorruptCheckpointError
-from typedbrain._files import naming, naming_file
+from typedbrain._files import NotAFileError, naming, naming_file, open_regular
 
 __all__ = ["Checkpoint", "CheckpointFile", "JsonValue", "verify_checkpoint"]
 
@@ -75,6 +75,9 @@ _SHA256_HEX_LENGTH: Final = 64
 MAX_SEQUENCE: Final = 1 << 63
 """Sequence numbers are below this (a float holds them, for ranking by recency)."""
 _SHOWN_MAX: Final = 80
+MAX_MANIFEST_BYTES: Final = 64 << 20
+"""A manifest larger than this is not read (one lists a SHA-256 per 16 MiB of its files, about
+4 KiB per GiB, and the user's meta): a file of endless bytes (``/dev/zero``) is not one."""
 """A rejected manifest value is quoted up to this many characters in the reason."""
 
 
@@ -647,11 +650,19 @@ def read_manifest(folder: Path) -> Checkpoint:
     """
     manifest = folder / MANIFEST_NAME
     try:
-        text = manifest.read_text(encoding="utf-8")
+        with io.BufferedReader(open_regular(manifest)) as stream:
+            content = stream.read(MAX_MANIFEST_BYTES + 1)
+        if len(content) > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                folder, f"{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes"
+            )
+        text = content.decode("utf-8")
     except (FileNotFoundError, NotADirectoryError):
         raise CorruptCheckpointError(folder, describe_uncommitted(folder)) from None
     except IsADirectoryError:
         raise CorruptCheckpointError(folder, f"{MANIFEST_NAME} is a folder, not a file") from None
+    except NotAFileError as error:
+        raise CorruptCheckpointError(folder, f"{MANIFEST_NAME} is {error.strerror}") from None
     except UnicodeDecodeError as error:
         raise CorruptCheckpointError(folder, f"cannot read {MANIFEST_NAME}: {error}") from error
     except OSError as error:
@@ -740,7 +751,10 @@ def _file_record(
 ) -> CheckpointFile:
     """The record of recoverable ``name`` in a manifest; ``whole_file``: format version 2."""
     file, size, sha256 = entry.get("file"), entry.get("size"), entry.get("sha256")
-    if not (isinstance(file, str) and is_plain_name(file)):
+    if (
+        not (isinstance(file, str) and is_plain_name(file))
+        or name_bytes(file) > MAX_FILE_NAME_BYTES
+    ):
         raise _bad(folder, f"files.{name}.file", file)
     if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
         raise _bad(folder, f"files.{name}.size", size)
@@ -806,6 +820,10 @@ def _reading(checkpoint: Checkpoint, name: str) -> Iterator[None]:
         raise CorruptCheckpointError(
             checkpoint.path, f"the file {file} (recoverable {name!r}) is a folder"
         ) from None
+    except NotAFileError as error:
+        raise CorruptCheckpointError(
+            checkpoint.path, f"the file {file} (recoverable {name!r}) is {error.strerror}"
+        ) from None
     except OSError as error:
         raise unreadable(
             checkpoint.path / file, error, f"recoverable {name!r} of checkpoint {checkpoint.path}"
@@ -824,7 +842,7 @@ def open_present(checkpoint: Checkpoint, name: str) -> IO[bytes]:
     """
     record = checkpoint.files[name]
     with _reading(checkpoint, name):
-        stream = (checkpoint.path / record.file).open("rb")
+        stream = io.BufferedReader(open_regular(checkpoint.path / record.file))
         try:
             _check_size(checkpoint, name, record, os.fstat(stream.fileno()).st_size)
         except BaseException:
@@ -853,7 +871,7 @@ def verify_piece(
     record = checkpoint.files[name]
     offset, length = piece_span(record.size, record.piece_bytes, index)
     path = checkpoint.path / record.file
-    with _reading(checkpoint, name), path.open("rb", buffering=0) as stream:
+    with _reading(checkpoint, name), open_regular(path) as stream:
         status = os.fstat(stream.fileno())
         if read_as is not None and not os.path.samestat(read_as, status):
             raise CorruptCheckpointError(
