@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from typedbrain._checkpoint import Checkpoint, Checkpointer, verify_checkpoint
+from typedbrain._checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    average_checkpoints,
+    verify_checkpoint,
+)
 from typedbrain._epochs import EpochCounter
 from typedbrain._errors import ConfigurationError
 
@@ -315,3 +321,80 @@ def test_an_integer_too_long_for_json_in_meta_is_refused_naming_the_key_before_w
     ):
         checkpointer.save_checkpoint(meta={"count": {"inner": 10**5000}})
     assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- paths
+
+
+def test_an_empty_checkpoints_dir_is_refused_not_taken_for_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"checkpoints_dir is an empty path"):
+        Checkpointer("", {"counter": EpochCounter(3)})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("depth", ["save", "runs/save"])
+def test_a_checkpoints_dir_under_a_file_is_refused_at_construction_naming_the_file(
+    tmp_path: Path, depth: str
+) -> None:
+    file = tmp_path / "afile"
+    file.write_text("not a folder")
+    folder = file / depth
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"checkpoints_dir {folder} lies under {file}, which is not a folder",
+    ):
+        _checkpointer(folder)
+    assert file.read_text() == "not a folder"
+
+
+def test_a_checkpoints_dir_whose_parent_becomes_a_file_is_refused_at_the_next_save(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "run" / "save"
+    checkpointer = _checkpointer(folder)
+    checkpointer.save_checkpoint()
+    shutil.rmtree(tmp_path / "run")
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(ConfigurationError, match=r"lies under .*run, which is not a folder"):
+        checkpointer.save_checkpoint()
+
+
+# ---------------------------------------------------------------- a path for a Checkpoint
+
+
+@pytest.mark.parametrize(("kind", "name"), [(str, "str"), (Path, "PosixPath|WindowsPath")])
+def test_load_checkpoint_given_a_path_says_to_pass_a_checkpoint(
+    tmp_path: Path, kind: Callable[[Path], object], name: str
+) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    saved = checkpointer.save_checkpoint()
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"checkpoint must be a Checkpoint, such as find_checkpoint\(\)'s result .*got "
+        rf"({name}) ",
+    ):
+        checkpointer.load_checkpoint(kind(saved.path))  # type: ignore[arg-type]  # wrong on purpose
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("save/CKPT", r"checkpoints must be a list of Checkpoint, .*got str 'save/CKPT'"),
+        (None, r"checkpoints must be a list of Checkpoint, .*got NoneType None"),
+        (["save/CKPT"], r"each of checkpoints must be a Checkpoint, .*got str 'save/CKPT'"),
+    ],
+)
+def test_average_checkpoints_given_paths_says_to_pass_checkpoints(
+    given: object, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        average_checkpoints(given, "model")  # type: ignore[arg-type]  # wrong on purpose
+
+
+def test_average_checkpoints_given_one_checkpoint_not_a_list_says_so(tmp_path: Path) -> None:
+    saved = _checkpointer(tmp_path).save_checkpoint()
+    with pytest.raises(ConfigurationError, match=r"checkpoints must be a list of Checkpoint"):
+        average_checkpoints(saved, "counter")  # type: ignore[arg-type]  # wrong on purpose

@@ -274,6 +274,33 @@ def test_a_bad_command_line_raises_an_error_naming_the_argument(
 
 
 @pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            "h.yaml --debug",
+            r"argv must be a list of the arguments, such as sys\.argv\[1:\] .*not "
+            r"str 'h\.yaml --debug'",
+        ),
+        (None, r"argv must be a list of the arguments, .*not NoneType None"),
+        (
+            ["h.yaml", 5],
+            r"argv must be a list of strings, such as sys\.argv\[1:\], but holds int 5",
+        ),
+    ],
+)
+def test_argv_that_is_not_a_list_of_strings_is_refused_saying_what_to_pass(
+    argv: object, message: str
+) -> None:
+    with pytest.raises(ArgumentsError, match=message) as caught:
+        parse_arguments(argv)  # type: ignore[arg-type]  # wrong on purpose
+    assert caught.value.argument is None
+
+
+def test_a_tuple_of_arguments_is_a_command_line() -> None:
+    assert parse_arguments((RECIPE, "--debug")) == parse_arguments([RECIPE, "--debug"])
+
+
+@pytest.mark.parametrize(
     "text",
     [
         "it's: here",

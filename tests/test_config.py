@@ -410,6 +410,152 @@ def test_a_placeholder_in_a_list_points_at_the_key_holding_the_list(tmp_path: Pa
     assert load_hparams(parsed.hparams_file, parsed.overrides)["paths"] == {"folders": ["a", "b"]}
 
 
+# References -----------------------------------------------------------------------------------
+
+_REFERENCES = """\
+hidden_size: 8
+folder: results
+model: !new:torch.nn.Linear
+    in_features: 4
+    out_features: 2
+sizes:
+    small: 2
+layers: [1, 2]
+"""
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            "out: !ref <hidden_sise>",
+            "'out' (recipe.yaml:9): !ref <hidden_sise>: no top-level key 'hidden_sise'; did you "
+            "mean 'hidden_size'?",
+        ),
+        (
+            "out: !ref <hidden_sise> * 2",
+            "'out' (recipe.yaml:9): !ref <hidden_sise> * 2: no top-level key 'hidden_sise'; did "
+            "you mean 'hidden_size'?",
+        ),
+        (
+            "out: !ref <folder>/<nmae>/log",
+            "'out' (recipe.yaml:9): !ref <folder>/<nmae>/log: no top-level key 'nmae'",
+        ),
+        (
+            "out: !ref <sizes[smal]>",
+            "'out' (recipe.yaml:9): !ref <sizes[smal]>: 'sizes' has no key 'smal'; did you mean "
+            "'small'?",
+        ),
+        (
+            "out: !ref <model[in_feature]>",
+            "'out' (recipe.yaml:9): !ref <model[in_feature]>: 'model' has no key 'in_feature'; "
+            "did you mean 'in_features'?",
+        ),
+        (
+            "out: !ref <modle.weight>",
+            "'out' (recipe.yaml:9): !ref <modle.weight>: no top-level key 'modle'; did you mean "
+            "'model'?",
+        ),
+        (
+            "out: !ref <sizes.small>",
+            "'out' (recipe.yaml:9): !ref <sizes.small>: <sizes.small> reads the attribute 'small' "
+            "of 'sizes', a mapping, which has no such attribute: to name its key write "
+            "<sizes[small]>",
+        ),
+        (
+            "out: !ref <layers[0]>",
+            "'out' (recipe.yaml:9): !ref <layers[0]>: 'layers' is a list, and a reference names "
+            "keys of mappings only, not items of a list (such as '0')",
+        ),
+        (
+            "out: !copy <modl>",
+            "'out' (recipe.yaml:9): !copy <modl>: no top-level key 'modl'; did you mean 'model'?",
+        ),
+        (
+            "out:\n    - 1\n    - deep: !ref <hiden_size>",
+            "'out[1].deep' (recipe.yaml:11): !ref <hiden_size>: no top-level key 'hiden_size'; "
+            "did you mean 'hidden_size'?",
+        ),
+    ],
+    ids=[
+        "missing",
+        "in an expression",
+        "in a path",
+        "nested",
+        "an argument of a new object",
+        "attribute of a missing key",
+        "attribute of a mapping",
+        "item of a list",
+        "copy",
+        "deep in a list",
+    ],
+)
+def test_a_reference_to_a_missing_key_names_the_referring_key_line_and_a_close_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("recipe.yaml").write_text(_REFERENCES + line + "\n", encoding="utf-8")
+    with pytest.raises(ConfigurationError) as caught:
+        load_hparams("recipe.yaml")
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("out: !ref <hidden_size> * 2", 16),
+        ("out: !ref <folder>/<hidden_size>", "results/8"),
+        ("out: !ref <sizes[small]>", 2),
+        ("out: !ref <model[in_features]>", 4),
+        ("out: !ref <model.in_features>", 4),  # an attribute of the object built
+    ],
+)
+def test_references_hyperpyyaml_resolves_still_load(
+    tmp_path: Path, line: str, expected: object
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(_REFERENCES + line + "\n", encoding="utf-8")
+    assert load_hparams(recipe)["out"] == expected
+
+
+def test_a_reference_through_a_merge_key_loads() -> None:
+    text = "base: &base {x: 1}\nderived:\n    <<: *base\n    y: 2\nout: !ref <derived[x]>\n"
+    assert load_hparams(io.StringIO(text))["out"] == 1
+
+
+def test_a_reference_an_override_replaces_is_not_checked_and_one_in_the_overrides_is() -> None:
+    text = "lr: 0.1\nout: !ref <missing>\n"
+    assert load_hparams(io.StringIO(text), {"out": 3})["out"] == 3
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^'out' \(the overrides, line 1\): !ref <lrr>: no top-level key 'lrr'; did you "
+        r"mean 'lr'\?$",
+    ):
+        load_hparams(io.StringIO(text), "out: !ref <lrr>\n")
+    assert load_hparams(io.StringIO(text), "out: !ref <lr>\n")["out"] == 0.1
+
+
+def test_a_reference_to_a_key_an_override_adds_under_a_null_value_loads() -> None:
+    text = "sizes: null\nout: !ref <sizes[small]>\n"
+    assert load_hparams(io.StringIO(text), "sizes: {small: 3}")["out"] == 3
+
+
+def test_a_reference_in_the_overrides_of_an_include_names_the_main_file(tmp_path: Path) -> None:
+    (tmp_path / "model.yaml").write_text("size: 1\n", encoding="utf-8")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "hidden: 4\nmodel: !include:model.yaml\n    size: !ref <hiden>\n", encoding="utf-8"
+    )
+    with pytest.raises(
+        ConfigurationError, match=r"^'model.size' \(.*recipe.yaml:3\): !ref <hiden>"
+    ):
+        load_hparams(recipe)
+    recipe.write_text(
+        "hidden: 4\nmodel: !include:model.yaml\n    size: !ref <hidden>\n", encoding="utf-8"
+    )
+    assert load_hparams(recipe)["model"] == {"size": 4}
+
+
 # Files ----------------------------------------------------------------------------------------
 
 
@@ -419,6 +565,22 @@ def test_a_missing_file_is_a_configuration_error(tmp_path: Path) -> None:
     assert str(caught.value) == (
         f"cannot read hyperparameter file {tmp_path / 'absent.yaml'}: No such file or directory"
     )
+
+
+@pytest.mark.parametrize("source", [5, None, ["recipe.yaml"]])
+def test_a_source_that_is_neither_a_path_nor_a_stream_is_refused_naming_it(source: object) -> None:
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^the hyperparameter source must be a path \(a str or os.PathLike\) or an open "
+        rf"text stream, got {type(source).__name__} ",
+    ):
+        load_hparams(source)  # type: ignore[arg-type]  # wrong on purpose
+
+
+def test_a_binary_stream_is_refused_saying_to_open_it_as_text() -> None:
+    stream = io.BytesIO(b"lr: 0.1\n")
+    with pytest.raises(ConfigurationError, match=r"gave bytes, not text: open it in text mode"):
+        load_hparams(stream)  # type: ignore[arg-type]  # wrong on purpose
 
 
 def test_a_document_that_is_not_a_mapping_is_rejected() -> None:
@@ -494,8 +656,11 @@ def test_a_build_error_deep_in_the_file_names_the_nested_key_path(tmp_path: Path
 
 
 def test_an_error_outside_any_value_being_built_names_the_file() -> None:
+    # A reference through another one that hyperpyyaml has not resolved yet (it resolves them
+    # in the file's order): the key exists, and hyperpyyaml refuses it while no value is built.
+    text = "b: !ref <alias[x]>\nbase: {x: 1}\nalias: !ref <base>\n"
     with pytest.raises(ValueError, match="not valid") as caught:
-        load_hparams(io.StringIO("a: 1\nb: !ref <c>\n"))
+        load_hparams(io.StringIO(text))
     assert caught.value.__notes__ == ["while loading hyperparameters from <stream>"]
 
 
@@ -676,6 +841,16 @@ def test_split_run_options_separates_run_options_from_the_rest() -> None:
     assert rest.locations[("lr",)] == (str(DATA / "run_options.yaml"), 1)
     run_options = RunOptions.from_sources(options)
     assert (run_options.precision, run_options.grad_accumulation_factor) == ("bf16", 2)
+
+
+@pytest.mark.parametrize("loaded", [5, None, [("lr", 0.1)]])
+def test_split_run_options_refuses_what_is_not_a_mapping_naming_it(loaded: object) -> None:
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"split_run_options takes the loaded hyperparameters, a mapping such as "
+        rf"load_hparams' result, got {type(loaded).__name__} ",
+    ):
+        split_run_options(loaded)  # type: ignore[arg-type]  # wrong on purpose
 
 
 def test_a_string_for_an_integer_run_option_in_yaml_is_an_error_naming_the_key() -> None:

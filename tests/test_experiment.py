@@ -203,8 +203,13 @@ def test_log_config_replaces_the_default_handler(tmp_path: Path) -> None:
 def test_bad_hyperparameters_are_a_configuration_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("a: !ref <missing>\n", encoding="utf-8")
+    with pytest.raises(ConfigurationError, match=r"^'a' \(.*bad\.yaml:1\): !ref <missing>: no top"):
+        create_experiment_directory(tmp_path / "run", hyperparams_to_save=path)
+    # A reference through one hyperpyyaml has not resolved yet (it goes in the file's order).
+    path.write_text("a: !ref <alias[x]>\nbase: {x: 1}\nalias: !ref <base>\n", encoding="utf-8")
     with pytest.raises(ConfigurationError, match=r"cannot resolve the hyperparameters .*bad\.yaml"):
         create_experiment_directory(tmp_path / "run", hyperparams_to_save=path)
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigurationError, match="cannot read the hyperparameters"):
         create_experiment_directory(tmp_path / "run", hyperparams_to_save=tmp_path / "absent")
 
@@ -226,6 +231,70 @@ def test_an_override_of_a_key_the_file_lacks_is_refused_as_load_hparams_refuses_
         load_hparams(hparams_file, overrides)
     assert str(caught.value) == str(from_load.value)
     assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"run_opts": ["--debug"]}, r"run_opts must be a mapping .*got list \['--debug'\]"),
+        ({"run_opts": "cpu"}, r"run_opts must be a mapping .*got str 'cpu'"),
+        ({"log_config": {"version": 2}}, r"log_config: 'version' must be 1 .*got 2"),
+        ({"log_config": {"handlers": {}}}, r"log_config: 'version' must be 1 .*got None"),
+        ({"log_config": "logging.ini"}, r"log_config must be a logging.config.dictConfig"),
+        ({"save_env_desc": "no"}, r"save_env_desc must be a bool, got 'no'"),
+        ({"overrides": ["lr=0.2"]}, r"overrides must be a mapping or a YAML string"),
+        ({"script_file": 5}, r"script_file must be a path .*got int 5"),
+        ({"hyperparams_to_save": ""}, r"hyperparams_to_save is an empty path"),
+    ],
+)
+def test_a_wrong_argument_is_refused_naming_it_before_anything_is_written(
+    hparams_file: Path, arguments: dict[str, Any], message: str
+) -> None:
+    run = hparams_file.parent / "run"
+    given: dict[str, Any] = {"hyperparams_to_save": hparams_file, **arguments}
+    with pytest.raises(ConfigurationError, match=message):
+        create_experiment_directory(run, **given)
+    assert not run.exists()
+    assert _experiment_handlers() == []
+
+
+@pytest.mark.parametrize("given", [None, 5, ""])
+def test_an_experiment_directory_that_is_no_path_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: object
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ConfigurationError, match=r"experiment_directory (must be a path|is an emp)"
+    ):
+        create_experiment_directory(given)  # type: ignore[arg-type]  # wrong on purpose
+    assert list(tmp_path.iterdir()) == []
+    assert _experiment_handlers() == []
+
+
+@pytest.mark.parametrize("under", ["", "run"], ids=["the file", "under the file"])
+def test_an_experiment_directory_that_is_or_lies_under_a_file_is_refused_naming_it(
+    hparams_file: Path, under: str
+) -> None:
+    file = hparams_file.parent / "exp"
+    file.write_text("not a folder", encoding="utf-8")
+    folder = file / under if under else file
+    message = (
+        rf"experiment_directory {folder} lies under {file}, which is not a folder"
+        if under
+        else rf"experiment_directory {file} exists and is not a folder"
+    )
+    with pytest.raises(ConfigurationError, match=message):
+        create_experiment_directory(folder, hyperparams_to_save=hparams_file)
+    assert file.read_text(encoding="utf-8") == "not a folder"
+    assert _experiment_handlers() == []
+
+
+def test_a_log_config_that_logging_refuses_leaves_no_folder(tmp_path: Path) -> None:
+    config = {"version": 1, "handlers": {"own": {"class": "no.such.Handler"}}}
+    run = tmp_path / "results" / "run"
+    with pytest.raises(ConfigurationError, match=r"log_config: logging cannot use it: .*own"):
+        create_experiment_directory(run, log_config=config)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_include_is_read_next_to_the_recipe_not_in_the_working_folder(

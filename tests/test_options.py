@@ -372,6 +372,22 @@ def test_run_opts_that_is_no_mapping_is_a_configuration_error_naming_its_type(
         RunOptions.from_sources(None, given)  # type: ignore[arg-type]  # wrong on purpose
 
 
+@pytest.mark.parametrize("key", [1, None, ("debug",)])
+def test_a_run_opts_key_that_is_not_a_string_is_refused_naming_it(key: object) -> None:
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"run_opts must map run option names \(strings\) to values, got the key "
+        rf"{type(key).__qualname__} ",
+    ) as caught:
+        RunOptions.from_sources(None, {key: True})  # type: ignore[dict-item]  # wrong on purpose
+    assert repr(key) in str(caught.value)
+
+
+def test_a_hyperparameter_key_that_is_not_a_string_is_left_alone() -> None:
+    # Hyperparameters are not all run options: a key of any type is simply not one.
+    assert RunOptions.from_sources({1: True}, None) == RunOptions()  # type: ignore[dict-item]  # the case
+
+
 def test_bad_hparams_run_option_fails_the_constructor() -> None:
     with pytest.raises(RunOptionsError, match=r"'precision'.*\(from hparams\)"):
         RegressionBrain({"model": torch.nn.Linear(4, 2)}, sgd(), hparams={"precision": "fp8"})

@@ -86,6 +86,34 @@ def test_file_logger_rejects_a_negative_precision(tmp_path: Path) -> None:
         FileTrainLogger(tmp_path / "log.txt", precision=-1)
 
 
+@pytest.mark.parametrize(
+    ("logger_class", "usual"),
+    [(FileTrainLogger, "train_log.txt"), (JsonlTrainLogger, "train_log.jsonl")],
+)
+def test_a_folder_as_the_log_file_is_refused_at_construction_naming_it(
+    tmp_path: Path, logger_class: type[FileTrainLogger | JsonlTrainLogger], usual: str
+) -> None:
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"save_file {tmp_path} is a folder, not a file; name the log file in it, such as "
+        rf"{tmp_path / usual}",
+    ):
+        logger_class(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("logger_class", [FileTrainLogger, JsonlTrainLogger])
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [(None, r"save_file must be a path .*got NoneType None"), ("", r"save_file is an empty")],
+)
+def test_a_log_file_that_is_no_path_is_refused_naming_it(
+    logger_class: type[FileTrainLogger | JsonlTrainLogger], given: object, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        logger_class(given)  # type: ignore[arg-type]  # wrong on purpose
+
+
 def test_verbose_logs_the_line_at_info(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="typedbrain"):
         FileTrainLogger(tmp_path / "log.txt").log_stats({"epoch": 1}, {"loss": 2.5}, verbose=True)

@@ -197,10 +197,11 @@ class Checkpointer:
     docs/checkpoints.md), which every checkpointer of that process shares.
 
     Raises:
-        ConfigurationError: ``checkpoints_dir`` is not a path, is a file, or is (or lies under)
-            a symbolic link whose target does not exist (a filesystem that is not mounted,
-            say), ``recoverables`` is not a mapping, or ``allow_partial_load`` or
-            ``commit_in_background`` is not a bool; see also :meth:`add_recoverable`.
+        ConfigurationError: ``checkpoints_dir`` is not a path, is empty, is a file or lies
+            under one, or is (or lies under) a symbolic link whose target does not exist (a
+            filesystem that is not mounted, say), ``recoverables`` is not a mapping, or
+            ``allow_partial_load`` or ``commit_in_background`` is not a bool; see also
+            :meth:`add_recoverable`.
     """
 
     def __init__(
@@ -214,6 +215,12 @@ class Checkpointer:
         if not isinstance(checkpoints_dir, str | os.PathLike):
             raise ConfigurationError(
                 f"checkpoints_dir must be a path (a str or os.PathLike), got {checkpoints_dir!r}"
+            )
+        if os.fspath(checkpoints_dir) == "":
+            # Path("") is the working folder: checkpoints and the writer lock would land there.
+            raise ConfigurationError(
+                "checkpoints_dir is an empty path; name the folder, such as 'save' "
+                "('.' for the working folder)"
             )
         check_bool("allow_partial_load", allow_partial_load)
         check_bool("commit_in_background", commit_in_background)
@@ -599,9 +606,10 @@ class Checkpointer:
     def _check_folder(self) -> None:
         """Refuse a ``checkpoints_dir`` that exists but is not a folder (a file, say).
 
-        Or one that is, or lies under, a symbolic link to nothing (``save -> /scratch/...``
-        on a machine where that is not mounted): it would look like a folder without
-        checkpoints, and the first save would fail an epoch later.
+        Or one under a file (``afile/save``), which cannot be made, or one that is, or lies
+        under, a symbolic link to nothing (``save -> /scratch/...`` on a machine where that is
+        not mounted): it would look like a folder without checkpoints, and the first save would
+        fail an epoch later.
         """
         folder = self.checkpoints_dir
         for path in (folder, *folder.parents):
@@ -613,6 +621,12 @@ class Checkpointer:
                 )
         if folder.exists() and not folder.is_dir():
             raise ConfigurationError(f"checkpoints_dir {folder} exists and is not a folder")
+        above = next((path for path in folder.parents if path.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ConfigurationError(
+                f"checkpoints_dir {folder} lies under {above}, which is not a folder, so it "
+                "cannot be made"
+            )
 
     def _claim(self) -> None:
         """Hold the writer lock of ``checkpoints_dir`` (which exists), shared in this process.
@@ -1144,7 +1158,8 @@ class Checkpointer:
                 next to its parameters anyway. ``"cpu"`` loads everything on the CPU.
 
         Raises:
-            ConfigurationError: ``device`` is not a device, or one this machine lacks.
+            ConfigurationError: ``checkpoint`` is not a :class:`Checkpoint` (a path, say), or
+                ``device`` is not a device, or one this machine lacks.
             CorruptCheckpointError: a file is missing, or has the wrong size or checksum.
             UnsafeCheckpointError: a file holds objects that ``weights_only`` loading refuses.
             CheckpointError: a registered recoverable is not in the checkpoint (and neither
@@ -1159,6 +1174,7 @@ class Checkpointer:
                 (the message says which and why) or when they were given different
                 checkpoints.
         """
+        _check_checkpoint("checkpoint", checkpoint)
         self._settle()
         if _collective():
             self._load_collectively(checkpoint, device, prepared=None)
@@ -1641,6 +1657,16 @@ def _check_predicate(ckpt_predicate: object) -> None:
         raise ConfigurationError(
             f"ckpt_predicate must be a function (Checkpoint -> bool) or None, got "
             f"{ckpt_predicate!r}"
+        )
+
+
+def _check_checkpoint(argument: str, value: object) -> None:
+    """Refuse a ``value`` of ``argument`` that is not a :class:`Checkpoint` (a path, say)."""
+    if not isinstance(value, Checkpoint):
+        raise ConfigurationError(
+            f"{argument} must be a Checkpoint, such as find_checkpoint()'s result (or "
+            f"verify_checkpoint(path) for a checkpoint folder), got {type(value).__name__} "
+            f"{value!r}"
         )
 
 
@@ -2425,8 +2451,19 @@ def average_checkpoints(
             tensor in one and not in another (the message names the checkpoint and key), or a
             verified file does not decode here.
         CorruptCheckpointError: a file fails verification.
-        ConfigurationError: ``device`` is not a device, or one this machine lacks.
+        ConfigurationError: ``checkpoints`` is not a list of :class:`Checkpoint` (a path,
+            say), or ``device`` is not a device, or one this machine lacks.
     """
+    if isinstance(checkpoints, str | bytes | os.PathLike | Checkpoint) or not isinstance(
+        checkpoints, Iterable
+    ):
+        raise ConfigurationError(
+            "checkpoints must be a list of Checkpoint, such as find_checkpoints()' result, got "
+            f"{type(checkpoints).__name__} {checkpoints!r}"
+        )
+    checkpoints = tuple(checkpoints)
+    for checkpoint in checkpoints:
+        _check_checkpoint("each of checkpoints", checkpoint)
     if not checkpoints:
         raise CheckpointError("average_checkpoints needs at least one checkpoint")
     sums: dict[str, Tensor] = {}

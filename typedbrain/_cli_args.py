@@ -112,9 +112,10 @@ def parse_arguments(argv: Sequence[str], *, prog: str | None = None) -> ParsedAr
         ArgumentsError: no hparams file, more than one, a missing value, a value that does
             not parse (or holds a YAML comment), a run option out of range, or a
             ``--local-rank`` that is not the environment's ``LOCAL_RANK``; the message names
-            the argument.
+            the argument. Or ``argv`` is not a list of strings (one string, say).
         HelpRequested: ``--help`` or ``-h`` was given.
     """
+    _check_argv(argv)
     options = {field.name: field for field in attrs.fields(RunOptions)}
     positionals: list[str] = []
     run_opts: dict[str, object] = {}
@@ -186,6 +187,27 @@ def parse_arguments(argv: Sequence[str], *, prog: str | None = None) -> ParsedAr
         run_opts=cast(RunOptionsDict, run_opts),  # every key and value was checked above
         overrides=_dump(overrides),
     )
+
+
+def _check_argv(argv: object) -> None:
+    """Refuse an ``argv`` that is not a list of strings: one string would be read by letter.
+
+    Raises:
+        ArgumentsError: it is not; the message says what to pass.
+    """
+    if isinstance(argv, str | bytes) or not isinstance(argv, Sequence):
+        raise ArgumentsError(
+            None,
+            "argv must be a list of the arguments, such as sys.argv[1:] (or "
+            f"shlex.split(line) for one command line), not {type(argv).__name__} {argv!r}",
+        )
+    for token in argv:
+        if not isinstance(token, str):
+            raise ArgumentsError(
+                None,
+                f"argv must be a list of strings, such as sys.argv[1:], but holds "
+                f"{type(token).__name__} {token!r}",
+            )
 
 
 def parse_arguments_or_exit(

@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from typing import TextIO, TypeAlias, final
 
+from typedbrain._errors import ConfigurationError
 from typedbrain._options import RunOptions
 
 __all__ = ["KeyPath", "LoadedHparams", "format_key_path", "load_hparams", "split_run_options"]
@@ -102,9 +103,9 @@ def load_hparams(
         OverrideError: an override names a key the file does not have, or sets keys under a
             value that is not a mapping.
         PlaceholderError: a ``!PLACEHOLDER`` is left without a value.
-        ConfigurationError: the file or the overrides are not valid YAML, the file does not
-            hold a mapping, one of its top-level keys is not a string, or an override value is
-            not plain YAML data.
+        ConfigurationError: ``source`` is neither a path nor a text stream, the file or the
+            overrides are not valid YAML, the file does not hold a mapping, one of its
+            top-level keys is not a string, or an override value is not plain YAML data.
     """
     # Imported here, not at the top: importing ruamel.yaml (which hyperpyyaml uses) adds warning
     # filters, and importing typedbrain must change nothing global.
@@ -153,7 +154,15 @@ def split_run_options(loaded: Mapping[str, object]) -> tuple[dict[str, object], 
     mapping to :meth:`RunOptions.from_sources` as its ``hparams`` (or pass the whole loaded mapping
     as a brain's ``hparams``, which does the same), and the second to
     :func:`~typedbrain.structure_hparams`. The second keeps :class:`LoadedHparams`' locations.
+
+    Raises:
+        ConfigurationError: ``loaded`` is not a mapping (what :func:`load_hparams` returns).
     """
+    if not isinstance(loaded, Mapping):
+        raise ConfigurationError(
+            "split_run_options takes the loaded hyperparameters, a mapping such as "
+            f"load_hparams' result, got {type(loaded).__name__} {loaded!r}"
+        )
     names = RunOptions.names()
     options = {key: value for key, value in loaded.items() if key in names}
     rest = {key: value for key, value in loaded.items() if key not in names}

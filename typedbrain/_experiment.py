@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import json
@@ -20,6 +21,7 @@ from typing import Final, TextIO
 
 import torch
 
+from typedbrain._checks import check_bool
 from typedbrain._distributed import if_main_process
 from typedbrain._errors import ConfigurationError
 from typedbrain._files import replace_file
@@ -108,13 +110,36 @@ def create_experiment_directory(
         OverrideError: an override names a key ``hyperparams_to_save`` does not have (as
             :func:`~typedbrain.load_hparams` refuses it); nothing is written.
         ConfigurationError: ``hyperparams_to_save`` cannot be read, or it (or ``overrides``)
-            is not valid HyperPyYAML; the message names the file, and nothing is written.
+            is not valid HyperPyYAML; the message names the file, and nothing is written. Or
+            an argument has the wrong type (a path that is not one or is empty, ``run_opts``
+            or ``log_config`` not a mapping, ``save_env_desc`` not a bool), ``log_config``'s
+            ``version`` is not 1, or ``experiment_directory`` is a file or lies under one: the
+            message names it, and nothing is written. Or ``logging.config.dictConfig`` refuses
+            ``log_config``; the folders made are removed.
         OSError: a file cannot be written (a full disk); the error names it, and the file's
             previous content, if any, is kept.
     """
-    folder = Path(experiment_directory)
+    # Every argument is checked first, on every process: a wrong one leaves nothing behind.
+    folder = Path(_checked_path("experiment_directory", experiment_directory))
+    if hyperparams_to_save is not None:
+        _checked_path("hyperparams_to_save", hyperparams_to_save)
+    if script_file is not None:
+        _checked_path("script_file", script_file)
+    if overrides is not None and not isinstance(overrides, str | Mapping):
+        raise ConfigurationError(
+            "overrides must be a mapping or a YAML string holding one, got "
+            f"{type(overrides).__name__} {overrides!r}"
+        )
+    _check_log_config(log_config)
+    check_bool("save_env_desc", save_env_desc)
+    if run_opts is not None and not isinstance(run_opts, Mapping):
+        raise ConfigurationError(
+            "run_opts must be a mapping of run option names to values (attrs.asdict(options) "
+            f"for a RunOptions), got {type(run_opts).__name__} {run_opts!r}"
+        )
     if not if_main_process():
         return folder
+    _check_folder(folder)
     script = Path(script_file) if script_file is not None else _calling_script()
     # Resolved first: hyperparameters or overrides that do not fit leave nothing behind.
     hyperparams = (
@@ -122,9 +147,15 @@ def create_experiment_directory(
         if hyperparams_to_save is None
         else _resolved_hyperparams(Path(hyperparams_to_save), overrides)
     )
-    folder.mkdir(parents=True, exist_ok=True)
+    made = _make_folder(folder)
     if log_config is not None:
-        logging.config.dictConfig(dict(log_config))
+        try:
+            logging.config.dictConfig(dict(log_config))
+        except (ValueError, TypeError, AttributeError, ImportError, KeyError) as error:
+            for path in made:  # the folders made for it, while they are empty
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            raise ConfigurationError(f"log_config: logging cannot use it: {error}") from error
     else:
         _attach_log_file(folder / "log.txt")
     if hyperparams is not None:
@@ -149,6 +180,57 @@ def create_experiment_directory(
     else:
         logger.info("experiment %s", folder)
     return folder
+
+
+def _checked_path(argument: str, value: object) -> str | os.PathLike[str]:
+    """``value`` if it is a non-empty path (a str or os.PathLike).
+
+    Raises:
+        ConfigurationError: it is not, naming ``argument`` and the value.
+    """
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigurationError(
+            f"{argument} must be a path (a str or os.PathLike), got {type(value).__name__} "
+            f"{value!r}"
+        )
+    if os.fspath(value) == "":
+        raise ConfigurationError(f"{argument} is an empty path; name a file or folder")
+    return value
+
+
+def _check_log_config(log_config: object) -> None:
+    """Refuse a ``log_config`` that :func:`logging.config.dictConfig` would refuse outright."""
+    if log_config is None:
+        return
+    if not isinstance(log_config, Mapping):
+        raise ConfigurationError(
+            "log_config must be a logging.config.dictConfig mapping or None, got "
+            f"{type(log_config).__name__} {log_config!r}"
+        )
+    version = log_config.get("version")
+    if isinstance(version, bool) or version != 1:
+        raise ConfigurationError(
+            f"log_config: 'version' must be 1 (the only dictConfig schema), got {version!r}"
+        )
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse an ``experiment_directory`` that is a file, or lies under one."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigurationError(f"experiment_directory {folder} exists and is not a folder")
+    above = next((path for path in folder.parents if path.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigurationError(
+            f"experiment_directory {folder} lies under {above}, which is not a folder, so it "
+            "cannot be made"
+        )
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; the ones made, innermost first."""
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def _copy_script(script: Path, destination: Path) -> None:

@@ -303,7 +303,8 @@ class RunOptions:
         Raises:
             RunOptionsError: an unknown key in ``run_opts``, a wrong type or a value out of
                 range; the message names the key and where the value came from.
-            ConfigurationError: ``run_opts`` is neither a mapping nor a ``RunOptions``.
+            ConfigurationError: ``run_opts`` is neither a mapping nor a ``RunOptions``, or
+                has a key that is not a string.
         """
         if isinstance(run_opts, RunOptions):  # every option given, as that one holds it
             run_opts = attrs.asdict(run_opts, recurse=False)
@@ -317,6 +318,11 @@ class RunOptions:
         origin: dict[str, str] = {}
         for source, values, strict in (("hparams", hparams, False), ("run_opts", run_opts, True)):
             for key, value in (values or {}).items():
+                if strict and not isinstance(key, str):
+                    raise ConfigurationError(
+                        "run_opts must map run option names (strings) to values, got the key "
+                        f"{type(key).__qualname__} {key!r}"
+                    )
                 if key not in fields:
                     if strict:
                         raise RunOptionsError(key, _unknown_key_message(key, fields))

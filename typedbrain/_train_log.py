@@ -470,8 +470,25 @@ class _LineLog:
 class _FileLoggerBase:
     """The resume and main-process logic the file and JSONL loggers share."""
 
+    _usual_name: str  # the log's usual file name, suggested when a folder is given
+
     def __init__(self, save_file: str | os.PathLike[str]) -> None:
+        # Checked here, not at the first entry, which comes an epoch later.
+        if not isinstance(save_file, str | os.PathLike):
+            raise ConfigurationError(
+                f"save_file must be a path (a str or os.PathLike), got "
+                f"{type(save_file).__name__} {save_file!r}"
+            )
+        if os.fspath(save_file) == "":
+            raise ConfigurationError(
+                f"save_file is an empty path; name the log file, such as {self._usual_name!r}"
+            )
         self.save_file = Path(save_file)
+        if self.save_file.is_dir():
+            raise ConfigurationError(
+                f"save_file {self.save_file} is a folder, not a file; name the log file in it, "
+                f"such as {self.save_file / self._usual_name}"
+            )
         self._log = _LineLog(self.save_file, self._kept_at_resume)
 
     def _kept_at_resume(self, line: str, index: int) -> str | None:
@@ -523,7 +540,13 @@ class FileTrainLogger(_FileLoggerBase):
     Args:
         save_file: the log file, ``train_log.txt`` by convention.
         precision: digits after the decimal point for floats.
+
+    Raises:
+        ConfigurationError: ``save_file`` is not a path, is empty or is an existing folder, or
+            ``precision`` is not an integer >= 0.
     """
+
+    _usual_name = "train_log.txt"
 
     def __init__(self, save_file: str | os.PathLike[str], precision: int = 2) -> None:
         super().__init__(save_file)
@@ -662,7 +685,12 @@ class JsonlTrainLogger(_FileLoggerBase):
 
     Args:
         save_file: the log file, ``train_log.jsonl`` by convention.
+
+    Raises:
+        ConfigurationError: ``save_file`` is not a path, is empty or is an existing folder.
     """
+
+    _usual_name = "train_log.jsonl"
 
     def _kept_at_resume(self, line: str, index: int) -> str | None:
         try:

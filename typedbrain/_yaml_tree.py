@@ -50,6 +50,7 @@ __all__ = [
     "building_key",
     "check_overrides",
     "check_placeholders",
+    "check_references",
     "checked_document",
     "compose",
     "override_tree",
@@ -83,8 +84,18 @@ def read_source(source: str | os.PathLike[str] | TextIO) -> tuple[str, str, Path
                 f"at byte {error.start})"
             ) from error
         return text, str(path), path.resolve().parent
+    if not callable(getattr(source, "read", None)):
+        raise ConfigurationError(
+            "the hyperparameter source must be a path (a str or os.PathLike) or an open text "
+            f"stream, got {type(source).__name__} {source!r}"
+        )
     text = source.read()
     name = getattr(source, "name", None)
+    if not isinstance(text, str):
+        raise ConfigurationError(
+            f"the hyperparameter stream {name if isinstance(name, str) else source!r} gave "
+            f"{type(text).__name__}, not text: open it in text mode (encoding='utf-8')"
+        )
     if isinstance(name, str) and Path(name).is_file():
         return text, name, Path(name).resolve().parent
     return text, name if isinstance(name, str) and name else "<stream>", None
@@ -245,13 +256,15 @@ def checked_document(
     """The document's node tree and the overrides' tree, once every override fits the document.
 
     Raises:
-        ConfigurationError: the document or the overrides are not valid YAML mappings.
+        ConfigurationError: the document or the overrides are not valid YAML mappings, or a
+            ``!ref`` / ``!copy`` names a key they do not have (see :func:`check_references`).
         OverrideError: an override names a key the document does not have (see
             :func:`check_overrides`).
     """
     root = compose(text, name)
     tree = override_tree(overrides)
     check_overrides(tree, root, (), name, folder)
+    check_references(root, tree, text, overrides, name)
     return root, tree
 
 
@@ -646,6 +659,114 @@ def check_placeholders(root: MappingNode, tree: _OverrideTree, source: str) -> N
                 line=line,
                 override=".".join(settable) if settable else None,
             )
+
+
+# How hyperpyyaml finds the references in a !ref or !copy value, and splits each one: the key
+# path before the first ".", in brackets (``a[b][c]``), then an attribute read from its value.
+_HYPERPYYAML_REFERENCE: Final = re.compile(r"<[^>]*>")
+
+
+def check_references(
+    root: MappingNode,
+    tree: _OverrideTree,
+    text: str,
+    overrides: Mapping[str, object] | str | None,
+    source: str,
+) -> None:
+    """Refuse a ``!ref`` or ``!copy`` that names a key the document does not have.
+
+    hyperpyyaml would refuse it too, when it loads, but with a plain ``ValueError`` naming
+    neither the key that holds the reference nor its line. Every reference of a value is
+    checked (``!ref <a> * 2``, ``!ref <folder>/<name>``), written in the document (where no
+    override replaces it) or in overrides given as YAML text, against the document with the
+    overrides applied. A reference is followed through mappings only (it cannot name an item
+    of a list): where it reaches another value, or an ``!include:`` (whose keys the included
+    file gives), it is left for hyperpyyaml to resolve. References in included files name the
+    included file's own keys and are left to hyperpyyaml as well.
+
+    Raises:
+        ConfigurationError: the message names the key that holds the reference, its file and
+            line, the reference, the key missing and a close name, if one is.
+    """
+    referring = [
+        (path, node, f"{source}:{_line(node)}")
+        for path, node in _reference_nodes(root, ())
+        if not _replaced(tree, path)
+    ]
+    if isinstance(overrides, str):
+        given = _compose_overrides(overrides)
+        if given is not None:
+            referring += [
+                (path, node, f"the overrides, line {_line(node)}")
+                for path, node in _reference_nodes(given, ())
+            ]
+    if not referring:
+        return
+    target = root if not overrides else compose(apply_overrides(text, overrides), source)
+    for path, node, where in referring:
+        for found in _HYPERPYYAML_REFERENCE.findall(str(node.value)):
+            problem = _reference_problem(found.strip("<>"), target)
+            if problem is not None:
+                raise ConfigurationError(
+                    f"{format_key_path(path)!r} ({where}): {node.tag} {node.value}: {problem}"
+                )
+
+
+def _reference_nodes(node: Node, path: KeyPath) -> Iterator[tuple[KeyPath, ScalarNode]]:
+    """Every ``!ref`` / ``!copy`` scalar under ``node`` (key path, node), in document order."""
+    if isinstance(node, ScalarNode) and str(node.tag) in _REFERENCE_TAGS:
+        yield path, node
+    elif isinstance(node, MappingNode):
+        for key, _, value in _items(node):
+            yield from _reference_nodes(value, (*path, key))
+    elif isinstance(node, SequenceNode):
+        for index, item in enumerate(node.value):
+            yield from _reference_nodes(item, (*path, index))
+
+
+def _reference_problem(reference: str, root: MappingNode) -> str | None:
+    """What is wrong with ``reference`` (``a[b].c``) in ``root``, or ``None`` if nothing is found.
+
+    The key path is walked as hyperpyyaml's ``deref`` walks it; ``None`` also where the walk
+    reaches a value whose keys this check cannot see.
+    """
+    keys_text, dot, attribute = reference.partition(".")
+    node: Node = root
+    walked: list[str] = []
+    for raw in keys_text.split("["):
+        part = raw.strip("]")
+        if isinstance(node, SequenceNode) and walked:
+            # hyperpyyaml looks a part up with `in`, which tests a list's items, not its indices.
+            return (
+                f"{_reference_text(walked)!r} is a list, and a reference names keys of mappings "
+                f"only, not items of a list (such as {part!r})"
+            )
+        if not isinstance(node, MappingNode) or _is_include(node.tag):
+            return None
+        known = _keys_as_read(node)
+        if part not in known:
+            where = f"{_reference_text(walked)!r} has no key" if walked else "no top-level key"
+            close = [part.strip()] if part.strip() in known else []
+            close = close or difflib.get_close_matches(part, list(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            return f"{where} {part!r}{hint}"
+        walked.append(part)
+        node = known[part][1]
+    plain_mapping = isinstance(node, MappingNode) and str(node.tag) == _MAP_TAG
+    if dot and plain_mapping and not hasattr(dict, attribute):
+        # <a.b> reads the attribute b of a's value: a plain mapping is a dict, which has none.
+        keys = [*walked, *attribute.split(".")]
+        return (
+            f"<{reference}> reads the attribute {attribute!r} of {_reference_text(walked)!r}, "
+            f"a mapping, which has no such attribute: to name its key write "
+            f"<{_reference_text(keys)}>"
+        )
+    return None
+
+
+def _reference_text(keys: list[str]) -> str:
+    """A key path as a reference writes it: ``a[b][c]``."""
+    return keys[0] + "".join(f"[{key}]" for key in keys[1:])
 
 
 def record_locations(
