@@ -151,9 +151,10 @@ def test_a_numpy_rng_state_of_the_wrong_length_is_a_checkpoint_error_naming_the_
         ({"accumulation": 0}, "accumulation must be 1 or more, got 0"),
         ({"num_workers": -1}, "num_workers must be 0 or more, got -1"),
         ({"dataset_size": -1}, "dataset_size must be 0 or more, got -1"),
+        ({"phase": "junk"}, "phase must be the name of a phase (INIT, FIT_START, "),
     ],
 )
-def test_optional_run_state_counts_out_of_range_are_refused_naming_the_field(
+def test_run_state_values_out_of_range_are_refused_naming_the_field(
     changes: dict[str, object], fragment: str
 ) -> None:
     plain = converter.unstructure(RunState(phase="TRAIN", epoch=1, rng=capture_rng()))

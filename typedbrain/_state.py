@@ -15,6 +15,7 @@ import attrs
 import cattrs
 
 from typedbrain._errors import ConfigurationError
+from typedbrain._phases import Phase
 from typedbrain._rng import RngState
 
 __all__ = ["RunState", "SamplerState", "TrainingProgress", "converter", "structure_state"]
@@ -45,6 +46,13 @@ def _optional_at_least(
 
 _optional_positive = _optional_at_least(1)
 _optional_non_negative = _optional_at_least(0)
+
+
+def _phase_name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    del instance
+    if value not in Phase.__members__:
+        names = ", ".join(Phase.__members__)
+        raise ValueError(f"{attribute.name} must be the name of a phase ({names}), got {value!r}")
 
 
 def _finite(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -128,7 +136,7 @@ class RunState:
             interrupted epoch is continued in an order made for that many items.
     """
 
-    phase: str
+    phase: str = attrs.field(validator=_phase_name)
     epoch: int | None = None
     mid_epoch: bool = False
     valid_pending: bool = False
