@@ -282,6 +282,45 @@ def test_a_class_that_holds_itself_is_checked_once_and_built() -> None:
 
 
 @attrs.frozen
+class _Lr:
+    lr: float
+
+
+@pytest.mark.parametrize(
+    ("loaded", "shown"),
+    [
+        ([1], "a list [1]"),
+        (3, "an int 3"),
+        (None, "a NoneType None"),
+        (b"lr: 1", "a bytes b'lr: 1'"),
+    ],
+)
+def test_loaded_hyperparameters_that_are_not_a_mapping_are_refused_naming_the_argument(
+    loaded: object, shown: str
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        structure_hparams(loaded, _Lr)  # type: ignore[arg-type]  # what the check is for
+    assert not isinstance(caught.value, HparamsError)
+    assert str(caught.value) == (
+        "structure_hparams: loaded must be the loaded hyperparameters, a mapping such as "
+        f"load_hparams' result, not {shown}"
+    )
+
+
+@pytest.mark.parametrize("path", ["hparams.yaml", Path("hparams.yaml")], ids=["str", "Path"])
+def test_a_path_given_as_loaded_hyperparameters_points_to_load_typed_hparams(
+    path: str | Path,
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        structure_hparams(path, _Lr)  # type: ignore[arg-type]  # what the check is for
+    message = str(caught.value)
+    assert message.startswith("structure_hparams: loaded must be the loaded hyperparameters, ")
+    assert message.endswith(
+        f"not a {type(path).__name__} {path!r}; to load a file, call load_typed_hparams(path, _Lr)"
+    )
+
+
+@attrs.frozen
 class WithCounter:
     counter: EpochCounter
 

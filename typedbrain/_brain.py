@@ -115,6 +115,8 @@ PredT = TypeVar("PredT")
 """The type ``compute_forward`` returns and ``compute_objectives`` receives."""
 HparamsT = TypeVar("HparamsT", default=Hparams)
 """The type of ``brain.hparams``: an attrs class of yours, or :class:`Hparams` for a mapping."""
+_NotNoneT = TypeVar("_NotNoneT")
+"""The hparams type of a brain whose hparams are optional (``Brain[..., Hyper | None]``)."""
 
 _NO_CONTEXT: Final = contextlib.nullcontext()
 
@@ -194,6 +196,17 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         modules: Mapping[str, torch.nn.Module] | torch.nn.ModuleDict | None = None,
         opt_class: OptimizerFactory | None = None,
         hparams: Mapping[str, object] | None = None,
+        run_opts: RunOptionsDict | RunOptions | None = None,
+        checkpointer: CheckpointerLike | None = None,
+    ) -> None: ...
+    # A brain declaring optional hparams (Brain[..., Hyper | None]) built without them: mypy
+    # takes the call without this overload (python/mypy#17916), pyright holds each self-type.
+    @overload
+    def __init__(
+        self: Brain[BatchT, PredT, _NotNoneT | None],
+        modules: Mapping[str, torch.nn.Module] | torch.nn.ModuleDict | None = None,
+        opt_class: OptimizerFactory | None = None,
+        hparams: None = None,
         run_opts: RunOptionsDict | RunOptions | None = None,
         checkpointer: CheckpointerLike | None = None,
     ) -> None: ...

@@ -460,7 +460,12 @@ _T = TypeVar("_T")
 
 
 class _HasRunOptions(Protocol):
-    run_opts: RunOptions
+    # A property, not an attribute: pyright holds a protocol's plain attribute invariant and
+    # would refuse Brain, whose ``run_opts`` is a property with a setter (mypy takes either).
+    @property
+    def run_opts(self) -> RunOptions: ...
+    @run_opts.setter
+    def run_opts(self, options: RunOptions) -> None: ...
 
 
 @final

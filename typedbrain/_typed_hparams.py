@@ -89,11 +89,13 @@ def structure_hparams(
     Raises:
         HparamsError: the hyperparameters do not fit ``cls``; ``problems`` lists every missing
             key, unexpected key and wrong value, with its key path, file and line.
-        ConfigurationError: the type of a field of ``cls`` (or of a class it holds) cannot be
-            resolved (a name imported only under ``TYPE_CHECKING``, a class defined inside a
-            function) or names a type no value can be structured into; the message names the
-            class, the field and the type.
+        ConfigurationError: ``loaded`` is not a mapping (a list, a str, a number), or the type
+            of a field of ``cls`` (or of a class it holds) cannot be resolved (a name imported
+            only under ``TYPE_CHECKING``, a class defined inside a function) or names a type no
+            value can be structured into; the message names the class, the field and the type.
     """
+    if not isinstance(loaded, Mapping):  # an untyped caller may pass anything
+        raise _not_a_mapping(loaded, cls)
     locations: Mapping[KeyPath, tuple[str, int]] = {}
     file: str | None = None
     if isinstance(loaded, LoadedHparams):
@@ -122,6 +124,19 @@ def structure_hparams(
             f"cannot structure hyperparameters into {_type_name(cls)}: {definition}"
         )
     raise HparamsError(cls.__name__, name, problems)
+
+
+def _not_a_mapping(loaded: object, cls: type[object]) -> ConfigurationError:
+    """The error for a ``loaded`` that is not a mapping; a path is pointed to the loader."""
+    hint = (
+        f"; to load a file, call load_typed_hparams(path, {_type_name(cls)})"
+        if isinstance(loaded, str | os.PathLike)
+        else ""
+    )
+    return ConfigurationError(
+        "structure_hparams: loaded must be the loaded hyperparameters, a mapping such as "
+        f"load_hparams' result, not {with_article(type(loaded).__name__)} {loaded!r:.80}{hint}"
+    )
 
 
 def load_typed_hparams(
