@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -322,6 +323,85 @@ def test_a_saved_time_out_of_the_platforms_range_is_shown_as_the_number(
     assert row.split()[:3] == ["COMMITTED", "1", "1e+300"]
 
 
+_HOSTILE_PHASE = "\x1b[2J\x1b[31mOK\x1b[0m\r\u202e\ud800"  # clear, red, overwrite, RTL, surrogate
+
+
+def test_a_hostile_phase_is_shown_escaped_in_the_table_and_as_json_in_json(
+    good_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rewrite_manifest(good_folder / "CKPT-a", lambda data: data.update(phase=_HOSTILE_PHASE))
+    status, out, _ = _run(capsys, "checkpoints", str(good_folder))
+    assert status == 0
+    (row,) = [line for line in out.splitlines() if "CKPT-a" in line]
+    assert row.split()[5] == r"\x1b[2J\x1b[31mOK\x1b[0m\r\u202e\ud800"
+    assert all(line.isprintable() for line in out.splitlines())
+    status, out, _ = _run(capsys, "checkpoints", str(good_folder), "--json")
+    assert status == 0
+    assert out.isascii()
+    assert json.loads(out)["checkpoints"][0]["phase"] == _HOSTILE_PHASE
+
+
+def test_a_folder_name_that_is_not_utf8_is_shown_escaped(
+    good_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = os.fsdecode(b"CKPT-\xff\x1b[2J")  # "CKPT-\udcff\x1b[2J", as listing it gives
+    try:
+        (good_folder / name).mkdir()
+    except (OSError, UnicodeEncodeError):  # a file system that takes UTF-8 names only
+        pytest.skip("the file system refuses a name that is not UTF-8")
+    status, out, _ = _run(capsys, "checkpoints", str(good_folder))
+    assert status == 1  # the folder has no manifest
+    assert "CKPT-\\udcff\\x1b[2J" in out
+    assert all(line.isprintable() for line in out.splitlines())
+    status, out, _ = _run(capsys, "checkpoints", str(good_folder), "--json")
+    names = [row["name"] for row in json.loads(out)["checkpoints"]]
+    assert name in names
+
+
+def _nested(depth: int) -> object:
+    value: object = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_meta_value_nested_too_deeply_to_print_is_replaced_with_a_note(
+    good_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Deep enough for json.dumps's Python encoder (--json indents) to run out of stack.
+    rewrite_manifest(
+        good_folder / "CKPT-a", lambda data: data.update(meta={"loss": 0.2, "k": _nested(500)})
+    )
+    placeholder = "<nested more than 100 levels deep: not shown>"
+    status, out, _ = _run(capsys, "checkpoints", str(good_folder), "--json", "--min-key", "loss")
+    assert status == 0
+    document = json.loads(out)
+    row = document["checkpoints"][0]
+    assert (row["name"], row["best"]) == ("CKPT-a", True)
+    assert row["meta"] == {"loss": 0.2, "k": placeholder}
+    assert document["notes"] == [
+        f"CKPT-a: meta 'k' nests lists or objects more than 100 levels deep; shown as "
+        f"{placeholder!r}"
+    ]
+    status, out, _ = _run(capsys, "checkpoints", str(good_folder), "--min-key", "k")
+    assert status == 0
+    assert placeholder in out
+    assert "CKPT-a: meta 'k' is [[[[[[[...]]]]]]], not a number; not ranked by 'k'" in out
+
+
+def test_a_meta_value_nested_at_the_limit_is_printed(
+    good_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rewrite_manifest(
+        good_folder / "CKPT-a", lambda data: data.update(meta={"loss": 0.2, "k": _nested(100)})
+    )
+    status, out, _ = _run(capsys, "checkpoints", str(good_folder), "--json")
+    assert status == 0
+    document = json.loads(out)
+    assert document["checkpoints"][0]["meta"]["k"] == _nested(100)
+    assert document["notes"] == []
+
+
 def test_help_returns_0(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = _run(capsys, "--help")
     assert status == 0
@@ -387,6 +467,24 @@ def test_plot_of_a_corrupt_log_names_the_line_with_status_1(
     status, _, err = _run(capsys, "plot", str(log), "--out", str(tmp_path / "x.png"))
     assert status == 1
     assert err.startswith(f"typedbrain: error: training log {log}, line 2: not JSON")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [("[" * 100_000 + "]" * 100_000, "nested too deeply"), ("1" * 100_000, "an integer of more")],
+)
+def test_plot_of_a_hostile_log_line_is_status_1_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, reason: str
+) -> None:
+    log = _training_log(tmp_path / "log.jsonl")
+    with log.open("a", encoding="utf-8") as stream:
+        stream.write(line + "\n")
+    count = len(log.read_text(encoding="utf-8").splitlines())
+    status, _, err = _run(capsys, "plot", str(log), "--out", str(tmp_path / "x.png"))
+    assert status == 1
+    assert err.startswith(f"typedbrain: error: training log {log}, line {count}: ")
+    assert reason in err
     assert not (tmp_path / "x.png").exists()
 
 

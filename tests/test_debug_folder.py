@@ -114,11 +114,12 @@ def test_a_checkpointer_that_cannot_be_redirected_is_warned_about(tmp_path: Path
 
 
 def test_a_debug_folder_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:
-    (tmp_path / "results").write_text("a file where the experiment folder should be")
     real = tmp_path / "results" / "save"
+    checkpointer = tb.Checkpointer(real)  # (a Checkpointer under a file is refused itself)
+    (tmp_path / "results").write_text("a file where the experiment folder should be")
     expected = f"could not create a temporary checkpoint folder beside {real}"
     with pytest.raises(tb.CheckpointError, match=re.escape(expected)):
-        regression_brain(run_opts=DEBUG, checkpointer=tb.Checkpointer(real))
+        regression_brain(run_opts=DEBUG, checkpointer=checkpointer)
 
 
 @pytest.mark.parametrize(

@@ -543,3 +543,104 @@ def test_a_script_that_cannot_be_read_is_named_as_itself_not_as_its_copy(
         create_experiment_directory(tmp_path / "run", script_file=script, save_env_desc=False)
     assert caught.value.filename == str(script)
     assert not (tmp_path / "run" / "train.py").exists()
+
+
+# ----------------------------------------------------------------------------- planted links
+
+_SENTINEL = b"precious data outside the experiment folder\n"
+
+
+def _sentinel(tmp_path: Path) -> Path:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    sentinel = outside / "precious.txt"
+    sentinel.write_bytes(_SENTINEL)
+    return sentinel
+
+
+@pytest.mark.parametrize("name", ["log.txt", "hyperparams.yaml", "env.json", "train.py"])
+def test_a_link_at_a_file_it_writes_is_refused_naming_it_and_its_target_is_untouched(
+    tmp_path: Path, hparams_file: Path, name: str
+) -> None:
+    sentinel = _sentinel(tmp_path)
+    script = tmp_path / "train.py"
+    script.write_text("print('train')\n", encoding="utf-8")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / name).symlink_to(sentinel)
+    with pytest.raises(ConfigurationError) as caught:
+        create_experiment_directory(folder, hyperparams_to_save=hparams_file, script_file=script)
+    assert str(folder / name) in str(caught.value)
+    assert f"a symbolic link (to {sentinel})" in str(caught.value)
+    logging.getLogger("typedbrain._brain").warning("a record after the refusal")
+    assert sentinel.read_bytes() == _SENTINEL
+    assert [path.name for path in folder.iterdir()] == [name]  # nothing written
+    assert _experiment_handlers() == []
+
+
+def test_a_dangling_link_at_log_txt_is_refused_and_its_target_not_created(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "log.txt").symlink_to(tmp_path / "elsewhere.txt")
+    with pytest.raises(ConfigurationError, match=r"log\.txt is a symbolic link"):
+        create_experiment_directory(folder, save_env_desc=False)
+    assert not (tmp_path / "elsewhere.txt").exists()
+
+
+def test_a_link_made_after_the_check_is_still_not_written_through(
+    tmp_path: Path, hparams_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The links appear between the check and the writes (a race): the writes themselves do not
+    # follow them. log.txt's open and the read of the earlier hyperparams.yaml refuse theirs;
+    # env.json and the script's copy replace theirs.
+    sentinel = _sentinel(tmp_path)
+    script = tmp_path / "train.py"
+    script.write_text("print('train')\n", encoding="utf-8")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("log.txt", "hyperparams.yaml", "env.json", "train.py"):
+        (folder / name).symlink_to(sentinel)
+    monkeypatch.setattr("typedbrain._experiment._check_no_links", lambda folder, names: None)
+    with pytest.raises(ConfigurationError, match=r"log\.txt is a symbolic link"):
+        create_experiment_directory(folder, script_file=script)
+    (folder / "log.txt").unlink()
+    (folder / "log.txt").symlink_to(tmp_path / "elsewhere.txt")  # dangling: O_CREAT would make it
+    with pytest.raises(ConfigurationError, match=r"log\.txt is a symbolic link"):
+        create_experiment_directory(folder, script_file=script)
+    assert not (tmp_path / "elsewhere.txt").exists()
+    no_log = {"version": 1, "disable_existing_loggers": False}
+    with pytest.raises(ConfigurationError, match=r"hyperparams\.yaml is a symbolic link"):
+        create_experiment_directory(folder, hparams_file, script_file=script, log_config=no_log)
+    create_experiment_directory(folder, script_file=script, log_config=no_log)
+    assert sentinel.read_bytes() == _SENTINEL
+    assert not (folder / "env.json").is_symlink()
+    assert json.loads((folder / "env.json").read_text(encoding="utf-8"))["script"] == str(script)
+    assert not (folder / "train.py").is_symlink()
+    assert (folder / "train.py").read_bytes() == script.read_bytes()
+
+
+def test_a_link_at_the_scripts_name_to_the_script_itself_is_left_alone(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("print('train')\n", encoding="utf-8")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "train.py").symlink_to(script)  # nothing is copied over it: no write through it
+    create_experiment_directory(folder, script_file=script, save_env_desc=False)
+    assert (folder / "train.py").is_symlink()
+    assert script.read_text(encoding="utf-8") == "print('train')\n"
+
+
+def test_replace_file_follows_a_link_unless_told_not_to(tmp_path: Path) -> None:
+    from typedbrain._files import replace_file
+
+    target = tmp_path / "target.txt"
+    target.write_bytes(b"old\n")
+    link = tmp_path / "link.txt"
+    link.symlink_to(target)
+    replace_file(link, lambda stream: stream.write(b"followed\n"))
+    assert link.is_symlink()
+    assert target.read_bytes() == b"followed\n"
+    replace_file(link, lambda stream: stream.write(b"replaced\n"), follow_links=False)
+    assert not link.is_symlink()
+    assert link.read_bytes() == b"replaced\n"
+    assert target.read_bytes() == b"followed\n"

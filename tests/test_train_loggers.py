@@ -231,6 +231,56 @@ def test_reading_a_missing_log_raises_file_not_found(tmp_path: Path) -> None:
         read_jsonl_log(tmp_path / "absent.jsonl")
 
 
+_GOOD_LINE = (
+    '{"step": 1, "epoch": 1, "stats_meta": {"epoch": 1}, "train": {"loss": 1.5}, '
+    '"valid": null, "test": null}'
+)
+_HOSTILE_LINES = [  # (line, reason): lines no logger writes, that json.loads cannot return
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, "nested too deeply", id="deep"),
+    pytest.param(
+        _GOOD_LINE.replace("1.5", "[" * 5000 + "]" * 5000).encode(),
+        "nested too deeply",
+        id="deep-in-stats",
+    ),
+    pytest.param(b"1" * 100_000, "an integer of more than", id="long-int"),
+    pytest.param(
+        _GOOD_LINE.replace("1.5", "7" * 10_000).encode(),
+        "an integer of more than",
+        id="long-int-in-stats",
+    ),
+    pytest.param(
+        _GOOD_LINE.encode().replace(b"1.5", b'"\xff"'),
+        "not UTF-8",
+        id="not-utf8",
+    ),
+]
+
+
+@pytest.mark.parametrize(("line", "reason"), _HOSTILE_LINES)
+def test_a_hostile_line_is_a_train_log_error_naming_file_and_line(
+    tmp_path: Path, line: bytes, reason: str
+) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(_GOOD_LINE.encode() + b"\n" + line + b"\n")
+    with pytest.raises(TrainLogError) as caught:
+        read_jsonl_log(path)
+    assert (caught.value.path, caught.value.line) == (path, 2)
+    assert reason in caught.value.reason
+
+
+@pytest.mark.parametrize(("line", "reason"), _HOSTILE_LINES)
+def test_a_resume_cuts_a_hostile_line_after_the_checkpoint(
+    tmp_path: Path, line: bytes, reason: str
+) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(_GOOD_LINE.encode() + b"\n" + line + b"\n")
+    resumed = JsonlTrainLogger(path)
+    resumed.load_state_dict({"position": len(_GOOD_LINE) + 1, "entries": 1})
+    del reason  # the resumed logger cuts the line, whatever is wrong with it
+    resumed.log_stats({"epoch": 2}, {"loss": 0.5})
+    assert [(entry.step, entry.epoch) for entry in read_jsonl_log(path)] == [(1, 1), (2, 2)]
+
+
 # ----------------------------------------------------------------------------- values
 
 
@@ -610,6 +660,116 @@ def test_two_loggers_on_one_file_number_its_entries_in_order(
     assert first.state_dict() == {"position": path.stat().st_size, "entries": 3}
     if isinstance(first, JsonlTrainLogger):
         assert [entry.step for entry in read_jsonl_log(path)] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- links
+
+_PRECIOUS = b"precious data outside the experiment folder\nwithout a last newline"
+
+
+def _planted_link(tmp_path: Path) -> tuple[Path, Path]:
+    """An experiment folder whose ``train_log`` is a link to a file outside it: (link, file)."""
+    outside = tmp_path / "outside" / "precious.txt"
+    outside.parent.mkdir()
+    outside.write_bytes(_PRECIOUS)
+    folder = tmp_path / "handed-over"
+    folder.mkdir()
+    link = folder / "train_log"
+    link.symlink_to(outside)
+    return link, outside
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_a_log_that_is_a_link_is_refused_at_construction_naming_it(
+    tmp_path: Path, factory: LoggerFactory
+) -> None:
+    link, outside = _planted_link(tmp_path)
+    with pytest.raises(ConfigurationError, match=rf"training log {link} is a symbolic link"):
+        factory(link)
+    assert outside.read_bytes() == _PRECIOUS
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_a_fifo_as_the_log_is_refused_before_it_is_read(
+    tmp_path: Path, factory: LoggerFactory
+) -> None:
+    """Counting a FIFO's lines would wait for a writer that never comes."""
+    path = tmp_path / "train_log"
+    os.mkfifo(path)
+    with pytest.raises(ConfigurationError, match=rf"training log {path} is not a regular file"):
+        factory(path)
+    path.unlink()
+    log = factory(path)
+    os.mkfifo(path)  # planted after the logger was made
+    with pytest.raises(ConfigurationError, match="is not a regular file"):
+        log.log_stats({"epoch": 1}, train_stats={"loss": 1.0})
+    with pytest.raises(ConfigurationError, match="is not a regular file"):
+        log.state_dict()
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+@pytest.mark.parametrize("training", [True, False])
+def test_a_link_planted_after_construction_is_neither_cut_nor_appended_to(
+    tmp_path: Path, factory: LoggerFactory, training: bool
+) -> None:
+    link, outside = _planted_link(tmp_path)
+    link.unlink()
+    log = factory(link)
+    link.symlink_to(outside)
+    # A training entry or a test one: the incomplete last line is removed before either.
+    stats: dict[str, StatValue] = {"loss": 1.0}
+    train, test = (stats, None) if training else (None, stats)
+    with pytest.raises(ConfigurationError, match="is a symbolic link"):
+        log.log_stats({"epoch": 1}, train_stats=train, test_stats=test)
+    assert outside.read_bytes() == _PRECIOUS
+    with pytest.raises(ConfigurationError, match="is a symbolic link"):
+        log.state_dict()  # which would also remove the incomplete line, and count through it
+    assert outside.read_bytes() == _PRECIOUS
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_a_resume_does_not_replace_the_target_of_a_link(
+    tmp_path: Path, factory: LoggerFactory
+) -> None:
+    link, outside = _planted_link(tmp_path)
+    outside.write_bytes(_PRECIOUS + b"\n")
+    link.unlink()
+    log = factory(link)
+    link.symlink_to(outside)
+    log.load_state_dict({"position": 0, "entries": 0})  # a hostile checkpoint's state
+    with pytest.raises(ConfigurationError, match="is a symbolic link"):
+        _epoch(log, 1)  # the cut back to 0 bytes would replace the file
+    assert outside.read_bytes() == _PRECIOUS + b"\n"
+    assert link.is_symlink()
+    assert sorted(path.name for path in link.parent.iterdir()) == ["train_log"]
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_a_dangling_link_does_not_create_its_target(tmp_path: Path, factory: LoggerFactory) -> None:
+    link, outside = _planted_link(tmp_path)
+    link.unlink()
+    log = factory(link)
+    link.symlink_to(tmp_path / "outside" / "created.txt")
+    with pytest.raises(ConfigurationError, match="is a symbolic link"):
+        _epoch(log, 1)
+    assert sorted(path.name for path in outside.parent.iterdir()) == ["precious.txt"]
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_a_log_in_a_linked_folder_is_written(tmp_path: Path, factory: LoggerFactory) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (tmp_path / "results").symlink_to(scratch, target_is_directory=True)
+    path = tmp_path / "results" / "train_log"
+    log = factory(path)
+    _epoch(log, 1)
+    state = log.state_dict()
+    _epoch(log, 2)
+    resumed = factory(path)
+    resumed.load_state_dict(dict(state))
+    _epoch(resumed, 2)  # the cut replaces the file in the linked folder
+    assert (scratch / "train_log").read_bytes() == path.read_bytes()
+    assert len(path.read_bytes().splitlines()) == 2
 
 
 def test_a_bad_state_is_a_configuration_error(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import reprlib
 import sys
 import time
 from collections.abc import Sequence
@@ -143,7 +144,51 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> None:
-    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    print(f"{_PROG}: error: {_shown(message)}", file=sys.stderr)
+
+
+def _shown(text: str) -> str:
+    r"""``text`` fit for a terminal: each character that is not printable as its Python escape.
+
+    Control characters (an escape sequence's ``\x1b``, a ``\r`` that would overwrite the
+    line), format characters (a right-to-left override) and lone surrogates (a name that is
+    not valid UTF-8, which standard output cannot encode) come from manifests and folder names
+    anyone may write; they are shown as ``repr`` shows them (``\x1b``, ``\r``, ``\u202e``,
+    ``\udcff``). Other characters, accented letters included, are kept.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
+_SHORT_REPR: Final = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80  # names a value; a long or deep one is cut
+
+_MAX_META_DEPTH: Final = 100
+"""How deeply a meta value may nest lists and objects and still be printed."""
+_TOO_DEEP: Final = f"<nested more than {_MAX_META_DEPTH} levels deep: not shown>"
+"""What is printed instead of such a value (``json.dumps`` and Python's stack run out)."""
+
+
+def _nests_too_deeply(value: object) -> bool:
+    """Whether ``value`` nests lists and dicts more than :data:`_MAX_META_DEPTH` levels deep."""
+    pending: list[tuple[object, int]] = [(value, 0)]  # a loop, not a recursion: any depth
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list | tuple):
+            if depth >= _MAX_META_DEPTH:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _shown_meta(checkpoint: Checkpoint) -> dict[str, object]:
+    """The checkpoint's meta, each value nested too deeply to print replaced by a placeholder."""
+    return {
+        key: _TOO_DEEP if _nests_too_deeply(value) else value
+        for key, value in checkpoint.meta.items()
+    }
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -282,8 +327,8 @@ def _checkpoints(
     ]
     if key is not None:
         notes += [
-            f"{checkpoint.path.name}: meta {key!r} is {checkpoint.meta[key]!r}, not a number; "
-            f"not ranked by {key!r}"
+            f"{checkpoint.path.name}: meta {key!r} is {_SHORT_REPR.repr(checkpoint.meta[key])}, "
+            f"not a number; not ranked by {key!r}"
             for checkpoint in unranked
         ]
     if key is not None and not best and not unlisted:
@@ -291,6 +336,14 @@ def _checkpoints(
             notes.append(f"no usable checkpoint has a number as its meta {key!r}")
         else:
             notes.append(f"no usable checkpoint has the meta key {key!r}")
+    notes += [
+        f"{row.name}: meta {key!r} nests lists or objects more than {_MAX_META_DEPTH} levels "
+        f"deep; shown as {_TOO_DEEP!r}"
+        for row in rows
+        if row.checkpoint is not None
+        for key, value in row.checkpoint.meta.items()
+        if _nests_too_deeply(value)
+    ]
     if as_json:
         _print_json(folder, rows, notes, out)
     else:
@@ -324,7 +377,7 @@ def _print_json(folder: Path, rows: Sequence[_Row], notes: Sequence[str], out: T
                 "unixtime": None if checkpoint is None else checkpoint.unixtime,
                 "end_of_epoch": None if checkpoint is None else checkpoint.end_of_epoch,
                 "phase": None if checkpoint is None else checkpoint.phase,
-                "meta": None if checkpoint is None else dict(checkpoint.meta),
+                "meta": None if checkpoint is None else _shown_meta(checkpoint),
                 "newest": row.newest,
                 "best": row.best,
             }
@@ -355,11 +408,11 @@ def _print_table(
     out: TextIO,
 ) -> None:
     checked = "files verified" if verify else "manifests read, files not verified"
-    print(f"{folder}: {len(rows)} checkpoint folder(s), {checked}", file=out)
+    print(f"{_shown(str(folder))}: {len(rows)} checkpoint folder(s), {checked}", file=out)
     if rows:
         _print_rows(rows, out)
     for note in notes:
-        print(note, file=out)
+        print(_shown(note), file=out)
 
 
 def _print_rows(rows: Sequence[_Row], out: TextIO) -> None:
@@ -367,20 +420,20 @@ def _print_rows(rows: Sequence[_Row], out: TextIO) -> None:
     for row in rows:
         checkpoint = row.checkpoint
         if checkpoint is None:
-            table.append([row.status, "-", "-", "-", "-", row.name, "-"])
+            table.append([row.status, "-", "-", "-", "-", _shown(row.name), "-"])
             continue
         saved = _saved_at(checkpoint.unixtime)
         marks = [mark for mark, on in (("newest", row.newest), ("best", row.best)) if on]
-        name = f"{row.name} [{', '.join(marks)}]" if marks else row.name
+        name = _shown(row.name) + (f" [{', '.join(marks)}]" if marks else "")
         table.append(
             [
                 row.status,
                 str(checkpoint.sequence),
                 saved,
                 "epoch" if checkpoint.end_of_epoch else "mid",
-                checkpoint.phase or "-",
+                _shown(checkpoint.phase or "-"),
                 name,
-                json.dumps(dict(checkpoint.meta), sort_keys=True),
+                json.dumps(_shown_meta(checkpoint), sort_keys=True),  # ASCII: escapes all
             ]
         )
     widths = [max(len(line[column]) for line in table) for column in range(len(table[0]) - 1)]
@@ -389,7 +442,7 @@ def _print_rows(rows: Sequence[_Row], out: TextIO) -> None:
         print("  ".join([*cells, line[-1]]).rstrip(), file=out)
     for row in rows:
         if row.reason is not None:
-            print(f"{row.name}: {row.status}: {row.reason}", file=out)
+            print(_shown(f"{row.name}: {row.status}: {row.reason}"), file=out)
 
 
 # ----------------------------------------------------------------------------- plot

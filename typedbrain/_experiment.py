@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import inspect
 import json
 import logging
@@ -12,9 +13,11 @@ import math
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Mapping
+from io import TextIOWrapper
 from pathlib import Path
 from types import FrameType
 from typing import Final, TextIO
@@ -24,7 +27,8 @@ import torch
 from typedbrain._checks import check_bool
 from typedbrain._distributed import if_main_process
 from typedbrain._errors import ConfigurationError
-from typedbrain._files import replace_file
+from typedbrain._files import NotAFileError, replace_file
+from typedbrain._hyperparams_file import save_hyperparams
 from typedbrain._version import __version__
 
 __all__ = ["LOG_FORMAT", "create_experiment_directory"]
@@ -36,10 +40,38 @@ LOG_FORMAT: Final = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 
 _GIT_TIMEOUT_S: Final = 10.0
 _PACKAGE_DIR: Final = Path(__file__).resolve().parent
+_LOG_NAME: Final = "log.txt"
+_HYPERPARAMS_NAME: Final = "hyperparams.yaml"
 
 
 class _ExperimentLogHandler(logging.FileHandler):
-    """The handler that feeds an experiment's ``log.txt``; recognised when called again."""
+    """The handler that feeds an experiment's ``log.txt``; recognised when called again.
+
+    The file is opened with ``O_NOFOLLOW``: a symbolic link at its name, even one made after
+    :func:`create_experiment_directory` checked the folder, makes the open fail, so no record
+    is appended to the file the link points to (a check followed by an ordinary open would
+    leave that window open). ``O_NONBLOCK`` keeps a FIFO at its name from blocking the open;
+    anything but a regular file is refused.
+    """
+
+    def _open(self) -> TextIOWrapper:
+        flags = (
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        )
+        try:
+            descriptor = os.open(self.baseFilename, flags, 0o666)
+        except OSError as error:
+            if error.errno == errno.ELOOP and os.path.islink(self.baseFilename):
+                raise _planted_link(Path(self.baseFilename)) from error
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise NotAFileError(errno.EINVAL, "not a regular file", self.baseFilename)
+            os.set_blocking(descriptor, True)
+            return open(descriptor, "a", encoding=self.encoding, errors=self.errors)
+        except BaseException:
+            os.close(descriptor)
+            raise
 
 
 class _ConsoleHandler(logging.StreamHandler[TextIO]):
@@ -91,6 +123,17 @@ def create_experiment_directory(
     folder is removed. On other processes nothing is written and no handler is added;
     run it with :func:`~typedbrain.run_on_main` if they must wait for the folder.
 
+    A ``hyperparams.yaml`` an earlier start wrote that differs from the new one is kept, under
+    the next free name ``hyperparams.<n>.yaml`` (1, 2...; never overwritten), before the new
+    one is written. If their values differ (not only the header's comments), a
+    :class:`~typedbrain.ResumeWarning` names the keys changed (``lr``, ``model.hidden_size``)
+    and says that a run resumed from a checkpoint keeps the checkpoint's optimizer, scheduler
+    and other saved state. An identical file is replaced with no copy and no warning.
+
+    typedbrain never writes through a symbolic link at the names of its own files in the
+    folder (``log.txt``, ``hyperparams.yaml``, ``env.json``, the script's copy): a link there,
+    which typedbrain does not make, is refused before anything is written.
+
     Args:
         experiment_directory: the folder (``results/<experiment>/<seed>`` by convention).
         hyperparams_to_save: the recipe's HyperPyYAML file, if it should be saved.
@@ -114,10 +157,16 @@ def create_experiment_directory(
             an argument has the wrong type (a path that is not one or is empty, ``run_opts``
             or ``log_config`` not a mapping, ``save_env_desc`` not a bool), ``log_config``'s
             ``version`` is not 1, or ``experiment_directory`` is a file or lies under one: the
-            message names it, and nothing is written. Or ``logging.config.dictConfig`` refuses
-            ``log_config``; the folders made are removed.
-        OSError: a file cannot be written (a full disk); the error names it, and the file's
+            message names it, and nothing is written. Or one of the files it writes is a
+            symbolic link in the folder: the message names the link and its target, and
+            nothing is written. Or ``logging.config.dictConfig`` refuses ``log_config``; the
+            folders made are removed.
+        OSError: a file cannot be written (a full disk), or the earlier ``hyperparams.yaml``
+            cannot be read (or is not a regular file); the error names it, and the file's
             previous content, if any, is kept.
+
+    Warns:
+        ResumeWarning: the earlier ``hyperparams.yaml`` holds other values than the new one.
     """
     # Every argument is checked first, on every process: a wrong one leaves nothing behind.
     folder = Path(_checked_path("experiment_directory", experiment_directory))
@@ -147,6 +196,13 @@ def create_experiment_directory(
         if hyperparams_to_save is None
         else _resolved_hyperparams(Path(hyperparams_to_save), overrides)
     )
+    written = [
+        *([_LOG_NAME] if log_config is None else []),
+        *([_HYPERPARAMS_NAME] if hyperparams is not None else []),
+        *([script.name] if script is not None and _copied(script, folder) else []),
+        *(["env.json"] if save_env_desc else []),
+    ]
+    _check_no_links(folder, written)
     made = _make_folder(folder)
     if log_config is not None:
         try:
@@ -157,18 +213,26 @@ def create_experiment_directory(
                     path.rmdir()
             raise ConfigurationError(f"log_config: logging cannot use it: {error}") from error
     else:
-        _attach_log_file(folder / "log.txt")
+        _attach_log_file(folder / _LOG_NAME)
     if hyperparams is not None:
-        # A path that is not valid UTF-8 (in the header) is written with backslash escapes.
-        data = hyperparams.encode("utf-8", errors="backslashreplace")
-        replace_file(folder / "hyperparams.yaml", lambda stream: stream.write(data))
-    if script is not None and script.is_file():
+        target = folder / _HYPERPARAMS_NAME
+        try:
+            save_hyperparams(target, hyperparams)
+        except OSError as error:  # the earlier one is read without following a link
+            if error.errno == errno.ELOOP and target.is_symlink():
+                raise _planted_link(target) from error
+            raise
+    if script is not None and _copied(script, folder):
         _copy_script(script, folder / script.name)
     if save_env_desc:
         environment = describe_environment(script, run_opts)
         document = json_safe(environment)
         text = json.dumps(document, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
-        replace_file(folder / "env.json", lambda stream: stream.write(text.encode("utf-8")))
+        replace_file(
+            folder / "env.json",
+            lambda stream: stream.write(text.encode("utf-8")),
+            follow_links=False,
+        )
         logger.info(
             "experiment %s: typedbrain %s, torch %s, Python %s, git commit %s",
             folder,
@@ -226,6 +290,32 @@ def _check_folder(folder: Path) -> None:
         )
 
 
+def _copied(script: Path, folder: Path) -> bool:
+    """Whether ``script`` is copied into ``folder``: it is a file, and not that copy itself."""
+    return script.is_file() and (folder / script.name).resolve() != script.resolve()
+
+
+def _planted_link(path: Path) -> ConfigurationError:
+    """The error refusing the symbolic link ``path`` at the name of a file typedbrain writes."""
+    try:
+        target = os.readlink(path)
+    except OSError:  # removed since
+        target = "?"
+    return ConfigurationError(
+        f"{path} is a symbolic link (to {target}): create_experiment_directory writes its own "
+        "files in the experiment folder and never through a link, which it does not make "
+        "itself (one there may mean the folder is not what it seems). Remove the link; "
+        "nothing was written through it"
+    )
+
+
+def _check_no_links(folder: Path, names: list[str]) -> None:
+    """Refuse a symbolic link at any of ``names`` in ``folder`` (missing names are fine)."""
+    for name in names:
+        if (folder / name).is_symlink():
+            raise _planted_link(folder / name)
+
+
 def _make_folder(folder: Path) -> list[Path]:
     """Make ``folder`` and its missing parents; the ones made, innermost first."""
     missing = [path for path in (folder, *folder.parents) if not path.exists()]
@@ -240,7 +330,10 @@ def _copy_script(script: Path, destination: Path) -> None:
     # Opened first: a script that cannot be read is named as itself, not as the copy.
     with script.open("rb") as source:
         replace_file(
-            destination, lambda stream: shutil.copyfileobj(source, stream), stat_from=script
+            destination,
+            lambda stream: shutil.copyfileobj(source, stream),
+            stat_from=script,
+            follow_links=False,
         )
 
 
@@ -284,7 +377,8 @@ def _attach_log_file(log_file: Path) -> None:
         console = _ConsoleHandler()  # standard error, as the last-resort handler writes
         console.setLevel(logging.WARNING)
         root.addHandler(console)
-    target = str(log_file.resolve())
+    # The folder's links are followed (the user chose the path), the file's name is not.
+    target = os.path.join(log_file.parent.resolve(), log_file.name)
     present = False
     for handler in list(root.handlers):
         if isinstance(handler, _ExperimentLogHandler):
@@ -297,7 +391,7 @@ def _attach_log_file(log_file: Path) -> None:
         # A character UTF-8 cannot encode (a path that is not valid UTF-8, decoded with
         # surrogate escapes) is written as a backslash escape: a strict handler drops the record.
         handler = _ExperimentLogHandler(
-            log_file, mode="a", encoding="utf-8", errors="backslashreplace"
+            target, mode="a", encoding="utf-8", errors="backslashreplace"
         )
         handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))

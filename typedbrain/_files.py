@@ -94,12 +94,13 @@ def replace_file(
     *,
     sync: bool = False,
     stat_from: Path | None = None,
+    follow_links: bool = True,
 ) -> None:
     """Replace the file ``path`` by the bytes ``fill`` writes, through a temporary file.
 
     ``fill`` writes to a new file in the folder of ``path`` (of its target, if ``path`` is a
-    symbolic link), which is then renamed over it (:func:`os.replace`). Whatever fails in
-    between, ``path`` holds either its previous content or the whole new one, and two
+    symbolic link followed), which is then renamed over it (:func:`os.replace`). Whatever fails
+    in between, ``path`` holds either its previous content or the whole new one, and two
     processes replacing it at once leave one of their files, not a mix.
 
     Args:
@@ -109,18 +110,24 @@ def replace_file(
         stat_from: a file whose permission bits and times the new file takes (as
             :func:`shutil.copy2` copies them); by default it keeps the permission bits of
             ``path``, or gets those of a new file where ``path`` does not exist.
+        follow_links: whether a symbolic link at ``path`` is followed: its target is replaced
+            and the link kept. If not, the new file replaces the link itself (the rename does
+            not follow it, so no check-then-write race exists) and the link's target is left
+            as it is; the new file then gets the permission bits of a new file.
 
     Raises:
         OSError: creating, writing, closing or renaming the file failed; the same type and
             errno, naming ``path`` (see :func:`naming_file`). The temporary file is removed.
     """
-    target = path.resolve()
+    target = path.resolve() if follow_links else path
     temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     try:
         try:
-            mode: int | None = stat.S_IMODE(target.stat().st_mode)
+            status = target.stat() if follow_links else target.lstat()
         except FileNotFoundError:
-            mode = None
+            mode: int | None = None
+        else:
+            mode = None if stat.S_ISLNK(status.st_mode) else stat.S_IMODE(status.st_mode)
         # 0o666 as open() uses: a new file gets the permissions the umask allows.
         descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with open(descriptor, "wb") as stream:

@@ -26,6 +26,8 @@ import math
 import numbers
 import os
 import reprlib
+import stat
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Protocol, TypeAlias, final
@@ -262,6 +264,52 @@ def _byte_before(path: Path, position: int) -> bytes:
         return stream.read(1)
 
 
+def _linked_log(path: Path) -> ConfigurationError:
+    try:
+        target = f" (to {os.readlink(path)!r})"
+    except OSError:
+        target = ""
+    return ConfigurationError(
+        f"the training log {path} is a symbolic link{target}: a training logger does not write "
+        "through a link, whose target may be a file outside the experiment folder that a "
+        "resume would cut or replace; name the file itself as save_file, or remove the link"
+    )
+
+
+def _refuse_link(path: Path) -> None:
+    """Raise if ``path`` is a symbolic link (a dangling one included), a FIFO or a device.
+
+    Raises:
+        ConfigurationError: it is one; the message names it (and a link's target).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise _linked_log(path)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder has its own error
+        raise ConfigurationError(
+            f"the training log {path} is not a regular file (a FIFO, a device or a socket): "
+            "reading it could wait forever; name a file as save_file, or remove it"
+        )
+
+
+def _open_unlinked(path: Path, flags: int) -> int:
+    """``os.open(path, flags)``, refusing a symbolic link at ``path`` as it is opened.
+
+    Raises:
+        ConfigurationError: ``path`` is a symbolic link.
+        OSError: it cannot be opened.
+    """
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP and path.is_symlink():
+            raise _linked_log(path) from error
+        raise
+
+
 _KeepLine: TypeAlias = Callable[[str, int], str | None]
 """Given an entry's line cut off at a resume and the index it would take, the line to keep."""
 
@@ -281,6 +329,11 @@ class _LineLog:
     is then left where it is, and not written twice). The cut writes a new file that replaces
     the log (:func:`~typedbrain._files.replace_file`), so a failure in the middle leaves the
     log as it was.
+
+    A log path that is a symbolic link is refused (a :class:`ConfigurationError`) before
+    anything is read or written, at each entry and each :meth:`state_dict`: nothing is
+    appended to, cut from or replaced through a link, whose target may lie outside the
+    experiment folder (a link planted in a folder someone else handed over).
 
     The entries are counted once, then kept count of; when the file's size is not the size
     this log last left (another logger, or another program, wrote to it), they are counted
@@ -323,7 +376,12 @@ class _LineLog:
         return line
 
     def next_index(self, *, training: bool) -> int:
-        """Settle a pending resume for an entry of the given kind; return its 1-based index."""
+        """Settle a pending resume for an entry of the given kind; return its 1-based index.
+
+        Raises:
+            ConfigurationError: the log is a symbolic link; nothing was changed.
+        """
+        _refuse_link(self.path)
         if self._pending is not None:
             # Cleared once settled: after a failure (a full disk) the next entry tries again.
             self._entries = self._settle(self._pending, training=training)
@@ -335,13 +393,15 @@ class _LineLog:
         """Append ``line`` and a newline (call :meth:`next_index` first).
 
         Raises:
+            ConfigurationError: the log is a symbolic link; nothing is written.
             OSError: the file cannot be written (a full disk, also found by the flush at
                 close); the same type and errno, naming the log.
         """
         assert self._entries is not None, "next_index() comes first"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("ab") as stream:
+            descriptor = _open_unlinked(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            with open(descriptor, "ab") as stream:
                 stream.write(_encoded(line))
                 size = stream.tell()
         except OSError as error:
@@ -366,7 +426,13 @@ class _LineLog:
             with self.path.open("rb") as stream:
                 data = stream.read()
             keep = data.rfind(b"\n") + 1
-            os.truncate(self.path, keep)
+            descriptor = _open_unlinked(self.path, os.O_WRONLY)
+            try:
+                os.ftruncate(descriptor, keep)
+            except OSError as error:
+                raise naming_file(error, self.path) from error
+            finally:
+                os.close(descriptor)
             logger.warning(
                 "removed an incomplete last line (%d bytes) from %s", size - keep, self.path
             )
@@ -416,7 +482,10 @@ class _LineLog:
         # The kept entries and the file's first bytes go to a new file that replaces the old
         # one: a crash in between leaves the old file, which the next resume cuts again (the
         # synced copy keeps the entries the checkpoint covers on disk through a power loss).
-        replace_file(self.path, rewrite, sync=True)
+        # Checked again for the message; a link planted after the check is replaced itself,
+        # never its target.
+        _refuse_link(self.path)
+        replace_file(self.path, rewrite, sync=True, follow_links=False)
         logger.info(
             "removed the training entries logged after the checkpoint from %s (%d bytes; they "
             "are logged again)%s",
@@ -447,9 +516,14 @@ class _LineLog:
         return found
 
     def state_dict(self) -> dict[str, int]:
-        """The committed position: the file's size and entry count, synced to disk."""
+        """The committed position: the file's size and entry count, synced to disk.
+
+        Raises:
+            ConfigurationError: the log is a symbolic link (see the class doc).
+        """
         if self._pending is not None:
             return {"position": self._pending.position, "entries": self._pending.entries}
+        _refuse_link(self.path)
         entries = self._counted()
         if not self.path.exists():
             return {"position": 0, "entries": 0}
@@ -484,6 +558,7 @@ class _FileLoggerBase:
                 f"save_file is an empty path; name the log file, such as {self._usual_name!r}"
             )
         self.save_file = Path(save_file)
+        _refuse_link(self.save_file)
         if self.save_file.is_dir():
             raise ConfigurationError(
                 f"save_file {self.save_file} is a folder, not a file; name the log file in it, "
@@ -503,6 +578,9 @@ class _FileLoggerBase:
 
         A checkpoint saves it; the file is synced to disk first, so the recorded position
         survives a crash. Processes other than the main one return zeros.
+
+        Raises:
+            ConfigurationError: the log is a symbolic link (nothing is read through it).
         """
         if not if_main_process():
             return {"position": 0, "entries": 0}
@@ -542,8 +620,8 @@ class FileTrainLogger(_FileLoggerBase):
         precision: digits after the decimal point for floats.
 
     Raises:
-        ConfigurationError: ``save_file`` is not a path, is empty or is an existing folder, or
-            ``precision`` is not an integer >= 0.
+        ConfigurationError: ``save_file`` is not a path, is empty, is an existing folder or
+            is a symbolic link, or ``precision`` is not an integer >= 0.
     """
 
     _usual_name = "train_log.txt"
@@ -600,8 +678,9 @@ class FileTrainLogger(_FileLoggerBase):
         """Append one line (main process only); with ``verbose`` also log it at INFO level.
 
         Raises:
-            ConfigurationError: a key is not a string; nothing is written. (A value that is not
-                a number or a string is written as its text: see the module doc.)
+            ConfigurationError: a key is not a string, or the log is a symbolic link; nothing
+                is written. (A value that is not a number or a string is written as its text:
+                see the module doc.)
             OSError: the log cannot be written (a full disk); the same type and errno, naming
                 the log. Part of the line may be written: the next entry removes it.
         """
@@ -687,7 +766,8 @@ class JsonlTrainLogger(_FileLoggerBase):
         save_file: the log file, ``train_log.jsonl`` by convention.
 
     Raises:
-        ConfigurationError: ``save_file`` is not a path, is empty or is an existing folder.
+        ConfigurationError: ``save_file`` is not a path, is empty, is an existing folder or is
+            a symbolic link.
     """
 
     _usual_name = "train_log.jsonl"
@@ -713,7 +793,7 @@ class JsonlTrainLogger(_FileLoggerBase):
 
         Raises:
             ConfigurationError: a key is not a string or a value is not a number or a string
-                (see the module doc); nothing is written.
+                (see the module doc), or the log is a symbolic link; nothing is written.
             OSError: the log cannot be written (a full disk); the same type and errno, naming
                 the log. Part of the line may be written: the next entry removes it.
         """
@@ -742,21 +822,28 @@ def read_jsonl_log(path: str | os.PathLike[str]) -> list[LogEntry]:
 
     Raises:
         FileNotFoundError: there is no such file (other ``OSError`` s propagate too).
-        TrainLogError: a line is not JSON, not an object with the logger's keys, or holds
+        TrainLogError: a line is not UTF-8 JSON (or nests too deeply, or holds an integer
+            of more digits than Python reads), not an object with the logger's keys, or holds
             values of the wrong type; the error names the file and the line.
     """
     file = Path(path)
     entries: list[LogEntry] = []
-    with file.open("r", encoding="utf-8", newline="\n") as stream:
-        text = stream.read()
-    lines = text.split("\n")
+    with file.open("rb") as stream:
+        data = stream.read()
+    lines = data.split(b"\n")
     if lines[-1].strip():
         warn(
             f"skipped line {len(lines)} of {file}: it has no newline, so its write was "
             "interrupted (the logger removes it before its next entry)",
             UserWarning,
         )
-    for number, line in enumerate(lines[:-1], start=1):
+    for number, raw in enumerate(lines[:-1], start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:  # the logger writes UTF-8 only
+            raise TrainLogError(
+                file, number, f"not UTF-8 text (byte {error.start + 1} of the line)"
+            ) from error
         if line.strip():
             entries.append(_parse_entry(file, number, line))
     return entries
@@ -767,6 +854,17 @@ def _parse_entry(file: Path, number: int, line: str) -> LogEntry:
         data: object = json.loads(line)
     except json.JSONDecodeError as error:
         raise TrainLogError(file, number, f"not JSON: {error.msg}") from error
+    except RecursionError as error:  # arrays or objects nested deeper than Python's stack
+        raise TrainLogError(
+            file, number, "not a log entry: JSON nested too deeply to read"
+        ) from error
+    except ValueError as error:  # an integer of more digits than Python converts
+        raise TrainLogError(
+            file,
+            number,
+            f"not a log entry: an integer of more than {sys.get_int_max_str_digits()} digits, "
+            "more than Python reads",
+        ) from error
     if not isinstance(data, dict):
         raise TrainLogError(file, number, f"a JSON {type(data).__name__}, not an object")
     if tuple(sorted(data)) != tuple(sorted(_ENTRY_KEYS)):

@@ -1,0 +1,182 @@
+"""create_experiment_directory on a restart: an earlier hyperparams.yaml that differs is kept."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from typedbrain._errors import ResumeWarning
+from typedbrain._experiment import create_experiment_directory
+
+HPARAMS = textwrap.dedent(
+    """\
+    seed: 3
+    lr: 0.1
+    model: !new:torch.nn.Linear
+        in_features: 4
+        out_features: 1
+    """
+)
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "hparams.yaml"
+    path.write_text(HPARAMS, encoding="utf-8")
+    return path
+
+
+def _start(folder: Path, recipe: Path, overrides: dict[str, object] | str | None = None) -> None:
+    create_experiment_directory(
+        folder, recipe, overrides, save_env_desc=False, script_file=recipe.parent / "none.py"
+    )
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def test_a_restart_with_a_changed_override_keeps_the_earlier_file_and_warns_naming_the_key(
+    tmp_path: Path, recipe: Path
+) -> None:
+    folder = tmp_path / "run"
+    _start(folder, recipe, {"lr": 0.01})
+    first = (folder / "hyperparams.yaml").read_bytes()
+    with pytest.warns(ResumeWarning) as caught:
+        _start(folder, recipe, {"lr": 0.05})
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "kept as hyperparams.1.yaml; changed: lr." in message
+    assert "keeps the checkpoint's optimizer, scheduler and other saved state" in message
+    assert caught[0].filename == __file__  # points at the caller's line
+    assert _names(folder) == ["hyperparams.1.yaml", "hyperparams.yaml", "log.txt"]
+    assert (folder / "hyperparams.1.yaml").read_bytes() == first
+    assert "\nlr: 0.05\n" in (folder / "hyperparams.yaml").read_text(encoding="utf-8")
+
+    with pytest.warns(ResumeWarning, match=r"kept as hyperparams\.2\.yaml; changed: seed, lr\."):
+        _start(folder, recipe, {"lr": 0.1, "seed": 4})
+    assert (folder / "hyperparams.1.yaml").read_bytes() == first  # never overwritten
+    assert "\nlr: 0.05\n" in (folder / "hyperparams.2.yaml").read_text(encoding="utf-8")
+
+
+def test_nested_keys_and_added_or_removed_keys_are_named_by_their_path(
+    tmp_path: Path, recipe: Path
+) -> None:
+    folder = tmp_path / "run"
+    _start(folder, recipe)
+    recipe.write_text(
+        HPARAMS.replace("in_features: 4", "in_features: 8").replace("seed: 3\n", "")
+        + "dropout: 0.1\n",
+        encoding="utf-8",
+    )
+    with pytest.warns(ResumeWarning, match=r"changed: seed, model\.in_features, dropout\."):
+        _start(folder, recipe)
+
+
+def test_an_unchanged_restart_neither_warns_nor_copies(tmp_path: Path, recipe: Path) -> None:
+    folder = tmp_path / "run"
+    _start(folder, recipe, "lr: 0.05")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _start(folder, recipe, "lr: 0.05")
+    assert _names(folder) == ["hyperparams.yaml", "log.txt"]
+
+
+def test_a_header_that_differs_with_the_same_values_is_kept_without_a_warning(
+    tmp_path: Path, recipe: Path
+) -> None:
+    folder = tmp_path / "run"
+    _start(folder, recipe)
+    first = (folder / "hyperparams.yaml").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _start(folder, recipe, {"lr": 0.1})  # the value the file has: only the header changes
+    assert (folder / "hyperparams.1.yaml").read_bytes() == first
+    log = (folder / "log.txt").read_text(encoding="utf-8")
+    assert "as hyperparams.1.yaml: its header or layout differs, not its values" in log
+
+
+def test_an_earlier_file_that_is_not_yaml_is_kept_and_the_warning_says_so(
+    tmp_path: Path, recipe: Path
+) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "hyperparams.yaml").write_text("[not: a mapping\n", encoding="utf-8")
+    with pytest.warns(ResumeWarning, match="not a YAML mapping it can compare"):
+        _start(folder, recipe)
+    assert (folder / "hyperparams.1.yaml").read_text(encoding="utf-8") == "[not: a mapping\n"
+
+
+def test_the_copy_takes_the_next_number_and_never_writes_through_a_link(
+    tmp_path: Path, recipe: Path
+) -> None:
+    sentinel = tmp_path / "precious.txt"
+    sentinel.write_bytes(b"precious\n")
+    folder = tmp_path / "run"
+    _start(folder, recipe)
+    (folder / "hyperparams.1.yaml").symlink_to(sentinel)
+    (folder / "hyperparams.7.yaml").write_text("mine\n", encoding="utf-8")
+    with pytest.warns(ResumeWarning, match=r"kept as hyperparams\.8\.yaml"):
+        _start(folder, recipe, {"lr": 0.5})
+    assert sentinel.read_bytes() == b"precious\n"
+    assert (folder / "hyperparams.7.yaml").read_text(encoding="utf-8") == "mine\n"
+    assert "\nlr: 0.1\n" in (folder / "hyperparams.8.yaml").read_text(encoding="utf-8")
+
+
+def test_the_copy_keeps_the_earlier_files_permission_bits(tmp_path: Path, recipe: Path) -> None:
+    folder = tmp_path / "run"
+    _start(folder, recipe)
+    (folder / "hyperparams.yaml").chmod(0o640)
+    with pytest.warns(ResumeWarning):
+        _start(folder, recipe, {"lr": 0.5})
+    assert (folder / "hyperparams.1.yaml").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_failed_write_leaves_the_earlier_file_in_place_and_no_copy(
+    tmp_path: Path, recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "run"
+    _start(folder, recipe)
+    first = (folder / "hyperparams.yaml").read_bytes()
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device", str(folder / "hyperparams.yaml"))
+
+    monkeypatch.setattr("typedbrain._hyperparams_file.replace_file", full_disk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(OSError, match="No space left"):
+            _start(folder, recipe, {"lr": 0.5})
+    assert (folder / "hyperparams.yaml").read_bytes() == first
+    assert _names(folder) == ["hyperparams.yaml", "log.txt"]
+
+
+def test_other_ranks_neither_copy_nor_warn(
+    tmp_path: Path, recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "run"
+    _start(folder, recipe)
+    first = (folder / "hyperparams.yaml").read_bytes()
+    monkeypatch.setenv("RANK", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _start(folder, recipe, {"lr": 0.5})
+    assert _names(folder) == ["hyperparams.yaml", "log.txt"]
+    assert (folder / "hyperparams.yaml").read_bytes() == first
