@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import shutil
-import stat
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -27,7 +26,7 @@ import torch
 from typedbrain._checks import check_bool
 from typedbrain._distributed import if_main_process
 from typedbrain._errors import ConfigurationError
-from typedbrain._files import NotAFileError, replace_file
+from typedbrain._files import open_file, replace_file
 from typedbrain._hyperparams_file import save_hyperparams
 from typedbrain._version import __version__
 
@@ -55,19 +54,14 @@ class _ExperimentLogHandler(logging.FileHandler):
     """
 
     def _open(self) -> TextIOWrapper:
-        flags = (
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-        )
+        path = Path(self.baseFilename)
         try:
-            descriptor = os.open(self.baseFilename, flags, 0o666)
+            descriptor = open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         except OSError as error:
-            if error.errno == errno.ELOOP and os.path.islink(self.baseFilename):
-                raise _planted_link(Path(self.baseFilename)) from error
+            if error.errno == errno.ELOOP and path.is_symlink():
+                raise _planted_link(path) from error
             raise
         try:
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-                raise NotAFileError(errno.EINVAL, "not a regular file", self.baseFilename)
-            os.set_blocking(descriptor, True)
             return open(descriptor, "a", encoding=self.encoding, errors=self.errors)
         except BaseException:
             os.close(descriptor)

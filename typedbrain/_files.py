@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Final
 
-__all__ = ["NotAFileError", "naming", "naming_file", "open_regular", "replace_file"]
+__all__ = ["NotAFileError", "naming", "naming_file", "open_file", "open_regular", "replace_file"]
 
 
 class NotAFileError(OSError):
@@ -35,26 +35,25 @@ _KINDS: Final = (
 )
 
 
-def open_regular(path: Path, *, follow_links: bool = True) -> io.FileIO:
-    """Open ``path`` for reading, unbuffered, if it is a regular file.
+def open_file(path: Path, flags: int, *, follow_links: bool = False) -> int:
+    """``os.open(path, flags)``, if ``path`` is a regular file: its descriptor.
 
-    It is opened without blocking (a FIFO nobody writes to would block an ordinary open) and
-    checked with ``fstat`` on the opened descriptor, so what is read is what was checked.
-
-    Args:
-        path: the file.
-        follow_links: whether a symbolic link is followed (to a regular file); if not, a link
-            is refused with ``ELOOP``.
+    For the files typedbrain reads or writes in folders it may be handed (checkpoints, logs,
+    locks): it is opened without blocking (a FIFO nobody writes to would block an ordinary
+    open; the descriptor blocks again once checked), checked with ``fstat`` on the opened
+    descriptor (so what is used is what was checked), and, unless ``follow_links``, never
+    through a symbolic link. A file ``flags`` create gets the permissions the umask allows.
 
     Raises:
         IsADirectoryError: ``path`` is a folder.
         NotAFileError: ``path`` is a FIFO, a device or a socket (the message says which).
-        OSError: ``path`` cannot be opened (missing, a link with ``follow_links=False``...).
+        OSError: ``path`` cannot be opened: missing, or (``ELOOP``) a symbolic link while
+            ``follow_links`` is false.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    flags |= os.O_NONBLOCK | os.O_CLOEXEC
     if not follow_links:
         flags |= os.O_NOFOLLOW
-    descriptor = os.open(path, flags)
+    descriptor = os.open(path, flags, 0o666)
     try:
         mode = os.fstat(descriptor).st_mode
         if stat.S_ISDIR(mode):
@@ -62,10 +61,16 @@ def open_regular(path: Path, *, follow_links: bool = True) -> io.FileIO:
         if not stat.S_ISREG(mode):
             kind = next((name for test, name in _KINDS if test(mode)), "of another kind")
             raise NotAFileError(errno.EINVAL, f"{kind}, not a regular file", os.fspath(path))
-        return io.FileIO(descriptor, "rb", closefd=True)
+        os.set_blocking(descriptor, True)
     except BaseException:
         os.close(descriptor)
         raise
+    return descriptor
+
+
+def open_regular(path: Path, *, follow_links: bool = True) -> io.FileIO:
+    """Open ``path`` for reading, unbuffered, if it is a regular file (see :func:`open_file`)."""
+    return io.FileIO(open_file(path, os.O_RDONLY, follow_links=follow_links), "rb", closefd=True)
 
 
 @contextlib.contextmanager

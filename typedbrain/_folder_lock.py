@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import socket
-import stat
 import time
 import weakref
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Final, final
 
 from typedbrain._errors import CheckpointError
-from typedbrain._files import open_regular
+from typedbrain._files import NotAFileError, open_file, open_regular
 
 try:
     import fcntl
@@ -206,18 +205,15 @@ def _open_lock_file(path: Path, flags: int) -> int:
         OSError: it cannot be opened (created) for another reason.
     """
     try:
-        # 0o666 as open() uses: the umask decides, so a group-shared folder's lock file is
-        # writable by the group.
-        descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        # The umask decides the permissions, so a group-shared folder's lock file is writable
+        # by the group.
+        return open_file(path, flags)
+    except NotAFileError:
+        raise _not_a_lock_file(path, "not a regular file") from None
     except OSError as error:
         if error.errno != errno.ELOOP:
             raise
         raise _not_a_lock_file(path, "a symbolic link") from None
-    mode = os.fstat(descriptor).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(descriptor)
-        raise _not_a_lock_file(path, "not a regular file")
-    return descriptor
 
 
 def _not_a_lock_file(path: Path, what: str) -> CheckpointError:

@@ -38,7 +38,7 @@ import torch
 
 from typedbrain._distributed import if_main_process
 from typedbrain._errors import ConfigurationError, ResumeWarning, TrainLogError
-from typedbrain._files import naming_file, replace_file
+from typedbrain._files import naming_file, open_file, replace_file
 from typedbrain._state import structure_state
 from typedbrain._warn import warn
 
@@ -296,14 +296,15 @@ def _refuse_link(path: Path) -> None:
 
 
 def _open_unlinked(path: Path, flags: int) -> int:
-    """``os.open(path, flags)``, refusing a symbolic link at ``path`` as it is opened.
+    """``os.open(path, flags)`` of a regular file, refusing a symbolic link as it is opened.
 
     Raises:
         ConfigurationError: ``path`` is a symbolic link.
-        OSError: it cannot be opened.
+        OSError: it cannot be opened, or is not a regular file (see
+            :func:`~typedbrain._files.open_file`).
     """
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        return open_file(path, flags)
     except OSError as error:
         if error.errno == errno.ELOOP and path.is_symlink():
             raise _linked_log(path) from error
