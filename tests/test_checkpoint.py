@@ -35,6 +35,7 @@ from typedbrain._errors import (
     CheckpointWarning,
     ConfigurationError,
     CorruptCheckpointError,
+    ResumeWarning,
 )
 from typedbrain._folder_lock import LOCK_NAME
 from typedbrain._manifest import INTRA_EPOCH_CKPT_FLAG, manifest_digest
@@ -1479,3 +1480,21 @@ def test_hidden_entries_in_the_checkpoints_folder_are_ignored_without_a_warning(
         warnings.simplefilter("error")
         assert Checkpointer(tmp_path).list_checkpoints() == [saved]
     assert (tmp_path / ".trash").is_dir()
+
+
+def test_a_module_built_in_another_dtype_than_its_checkpoint_loads_with_a_resume_warning(
+    tmp_path: Path,
+) -> None:
+    saved = torch.nn.Linear(2, 2).double()
+    Checkpointer(tmp_path, {"model": saved}).save_checkpoint()
+    other_dtype = torch.nn.Linear(2, 2)  # float32: another default dtype when it was built
+    with pytest.warns(
+        ResumeWarning,
+        match=r"2 of its tensors .* \(first 'weight': torch.float64 into torch.float32",
+    ):
+        Checkpointer(tmp_path, {"model": other_dtype}).recover_if_possible()
+    assert torch.equal(other_dtype.weight, saved.weight.float())  # cast, as torch does
+    same_dtype = torch.nn.Linear(2, 2).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Checkpointer(tmp_path, {"model": same_dtype}).recover_if_possible()

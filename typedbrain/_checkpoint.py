@@ -55,6 +55,7 @@ from typedbrain._errors import (
     CheckpointWarning,
     ConfigurationError,
     CorruptCheckpointError,
+    ResumeWarning,
     UnsafeCheckpointError,
 )
 from typedbrain._files import naming
@@ -1223,6 +1224,8 @@ class Checkpointer:
                     entry.loader(entry.obj, path, checkpoint.end_of_epoch)
                 else:
                     state = _for_layout(entry.obj, states[name])
+                    if isinstance(entry.obj, torch.nn.Module):
+                        _warn_if_cast(checkpoint, name, entry.obj, state)
                     try:
                         cast(Stateful, entry.obj).load_state_dict(state)
                     finally:  # a load that failed half-way may have kept tensors too
@@ -1803,6 +1806,36 @@ def _unmap_kept(name: str, module: torch.nn.Module, state: object) -> None:
             "recoverable %r kept %d tensors of its mapped state: copied out of the file",
             name,
             moved,
+        )
+
+
+def _warn_if_cast(
+    checkpoint: Checkpoint, name: str, module: torch.nn.Module, state: Mapping[str, object]
+) -> None:
+    """Warn when ``module``'s ``load_state_dict`` will cast ``state``'s tensors to other dtypes.
+
+    A module built in another precision than the one that saved it (another default dtype, a
+    ``.double()`` left out) takes the values cast, silently: the run goes on, but not as the
+    one that saved the checkpoint.
+    """
+    own = module.state_dict(keep_vars=True)
+    cast_keys = [
+        key
+        for key, value in state.items()
+        if isinstance(value, Tensor)
+        and isinstance(own.get(key), Tensor)
+        and value.dtype != own[key].dtype
+    ]
+    if cast_keys:
+        first = cast_keys[0]
+        saved = cast(Tensor, state[first]).dtype
+        warn(
+            f"recoverable {name!r} of checkpoint {checkpoint.path}: {len(cast_keys)} of its "
+            f"tensors are loaded into tensors of another dtype and cast (first {first!r}: "
+            f"{saved} into {own[first].dtype}), so the run does not go on exactly "
+            "as the one that saved them; build the module in the precision it was saved in "
+            "(the default dtype, .double()/.half()) to continue it exactly",
+            ResumeWarning,
         )
 
 
