@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import TypeVar, Unpack
 
-from typedbrain._checkpoint import Checkpointer, finish_background_commit
+from typedbrain._checkpoint import Checkpointer, added_after_load, finish_background_commit
 from typedbrain._data import (
     DataSource,
     LoaderKwargs,
@@ -1746,7 +1746,14 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         return progress.step
 
     def _warn_about_fit_setup(self) -> None:
-        """Warn, after ``on_fit_start``, about settings that will silently do nothing."""
+        """Warn, after ``on_fit_start``, about settings that will silently do nothing.
+
+        And about a recovery that left something out: an object registered with the
+        checkpointer after it recovered (its saved state was not loaded), or an epoch counter
+        that is not registered (its epochs would be trained again).
+        """
+        self._warn_about_late_recoverables()
+        self._warn_about_unregistered_counter()
         if self.opt_class is not None and not self.optimizers_dict:
             warn(
                 "fit() trains with no optimizer: opt_class was given, but "
@@ -1767,6 +1774,47 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 "checkpointer=sb.Checkpointer(folder, recoverables) to Brain())",
                 UserWarning,
             )
+
+    def _warn_about_late_recoverables(self) -> None:
+        late = (
+            added_after_load(self.checkpointer)
+            if isinstance(self.checkpointer, Checkpointer)
+            else None
+        )
+        if late is None:
+            return
+        checkpoint, names = late
+        listed = ", ".join(repr(name) for name in names)
+        warn(
+            f"{listed} registered with the checkpointer after checkpoint {checkpoint.path} was "
+            "recovered, which holds their state: it was not loaded into them, so the run does "
+            "not continue as the interrupted one. Register them before the recovery: build "
+            "schedulers and other objects of the optimizer in an init_optimizers() override "
+            "(called by on_fit_start() before it recovers), or before fit()",
+            ResumeWarning,
+        )
+
+    def _warn_about_unregistered_counter(self) -> None:
+        restored, counter = self._restored, self._epoch_counter
+        if restored is None or not isinstance(counter, EpochCounter):
+            return
+        state = restored.state
+        recoverables = getattr(self.checkpointer, "recoverables", None)
+        registered = recoverables if isinstance(recoverables, Mapping) else {}
+        if state.epoch is None or self._counter_name() is not None:
+            return
+        if state.counter is not None and state.counter in registered:
+            return  # another fit's counter (a recipe's other training stage): its own business
+        if counter.current >= state.epoch:
+            return
+        warn(
+            f"fit()'s epoch counter is not registered with the checkpointer: it starts at epoch "
+            f"{counter.current + 1}, while the checkpoint it recovered was saved in epoch "
+            f"{state.epoch}, so those epochs are trained again. Register the counter to "
+            "continue the run (Checkpointer(folder, {'counter': counter, ...}), or "
+            "checkpointer.add_recoverable('counter', counter))",
+            ResumeWarning,
+        )
 
     def _check_processes_agree(self, train_loader: DataLoader[object]) -> None:
         """Refuse to train when the processes disagree on what an epoch is. Collective.

@@ -235,6 +235,10 @@ class Checkpointer:
         self._last_stamp = ("", -1)  # the time stamp and index of the last folder made
         # The real paths of the folders whose lock it shares, each with its way to let go.
         self._claimed: dict[str, Callable[[], object]] = {}
+        # The checkpoint loaded last, and the recoverables registered since whose state it
+        # holds: they were not loaded (see added_after_load).
+        self._loaded: Checkpoint | None = None
+        self._added_after_load: dict[str, None] = {}
         if recoverables is not None:
             self.add_recoverables(recoverables)
 
@@ -291,6 +295,14 @@ class Checkpointer:
             )
         check_bool("optional_load", optional_load)
         hooks = resolve_hooks(name, obj, custom_save_hook, custom_load_hook)
+        previous = self._recoverables.get(name)
+        loaded = self._loaded
+        if (
+            loaded is not None
+            and name in loaded.files
+            and (previous is None or previous.obj is not obj)
+        ):
+            self._added_after_load[name] = None
         self._recoverables[name] = _Recoverable(
             obj=obj,
             saver=hooks.saver,
@@ -1238,6 +1250,8 @@ class Checkpointer:
                 raise CheckpointError(refused) from error
             loaded.append(name)
             logger.debug("restored %r from %s", name, path)
+        self._loaded = checkpoint
+        self._added_after_load.clear()
         logger.info("loaded checkpoint %s", checkpoint.path)
 
     def _load_collectively(
@@ -1493,6 +1507,19 @@ def _finish_all(
     if failures:
         raise failures[0]
     return records
+
+
+def added_after_load(checkpointer: Checkpointer) -> tuple[Checkpoint, tuple[str, ...]] | None:
+    """The checkpoint ``checkpointer`` loaded last, and the recoverables registered since.
+
+    Only those whose state that checkpoint holds, and only objects other than the one loaded
+    under that name: their state was not loaded (a brain recovers in ``on_fit_start``, so a
+    scheduler registered after ``super().on_fit_start()`` starts afresh). ``None`` when there
+    are none.
+    """
+    if checkpointer._loaded is None or not checkpointer._added_after_load:
+        return None
+    return checkpointer._loaded, tuple(checkpointer._added_after_load)
 
 
 def finish_background_commit(checkpointer: Checkpointer) -> BaseException | None:
