@@ -439,6 +439,47 @@ def test_test_entries_logged_after_the_checkpoint_survive_a_resumed_training_ent
     assert path.read_bytes() == (tmp_path / "reference.log").read_bytes()
 
 
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_a_resume_says_how_many_entries_it_removed_and_kept(
+    tmp_path: Path, factory: LoggerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "resumed.log"
+    first = factory(path)
+    _epoch(first, 1)
+    state = first.state_dict()  # the checkpoint after epoch 1
+    _epoch(first, 2)
+    first.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    training_line = path.read_bytes()[state["position"] :].split(b"\n")[0]  # epoch 2's
+    second = factory(path)
+    second.load_state_dict(dict(state))
+    with caplog.at_level(logging.INFO, logger="typedbrain"):
+        _epoch(second, 2)
+    [message] = [r.getMessage() for r in caplog.records if "after the checkpoint" in r.message]
+    assert message == (
+        f"removed 1 entry logged after the checkpoint from {path} ({len(training_line) + 1} "
+        "bytes; it is logged again) and kept the 1 other entry there"
+    )
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_a_resume_after_which_only_test_entries_were_logged_leaves_the_log_untouched(
+    tmp_path: Path, factory: LoggerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A finished run started again with more epochs: its test entry stays, nothing is cut."""
+    path = tmp_path / "resumed.log"
+    first = factory(path)
+    _epoch(first, 1)
+    state = first.state_dict()  # the checkpoint after the last epoch
+    first.log_stats({"Epoch loaded": 1}, test_stats={"loss": 2.0})
+    before = path.read_bytes()
+    second = factory(path)
+    second.load_state_dict(dict(state))
+    with caplog.at_level(logging.INFO, logger="typedbrain"):
+        _epoch(second, 2)
+    assert not [r for r in caplog.records if "after the checkpoint" in r.getMessage()]
+    assert path.read_bytes().startswith(before)  # the new epoch is appended after it
+
+
 @pytest.mark.parametrize("train_stats", [{"loss:ctc": 0.5}, {"a - b": 0.5}, {}])
 def test_a_training_line_is_not_kept_at_a_resume_whatever_its_keys(
     tmp_path: Path, train_stats: dict[str, StatValue]

@@ -264,6 +264,11 @@ def _byte_before(path: Path, position: int) -> bytes:
         return stream.read(1)
 
 
+def _entries(count: int, kind: str = "") -> str:
+    """``count`` entries, in words: "1 entry", "3 other entries"."""
+    return f"{count} {kind}{'entry' if count == 1 else 'entries'}"
+
+
 def _linked_log(path: Path) -> ConfigurationError:
     try:
         target = f" (to {os.readlink(path)!r})"
@@ -462,11 +467,15 @@ class _LineLog:
             stream.seek(committed.position)
             tail = stream.read()
         kept: list[str] = []
-        for raw in tail.split(b"\n")[:-1]:  # a last line without its newline is not an entry
+        lines = tail.split(b"\n")[:-1]  # a last line without its newline is not an entry
+        for raw in lines:
             index = committed.entries + len(kept) + 1
             line = self._keep(raw.decode("utf-8", errors="replace"), index)
             if line is not None:
                 kept.append(line)
+        new_tail = b"".join(_encoded(line) for line in kept)
+        if new_tail == tail:  # every entry after the checkpoint stays as it is
+            return committed.entries + len(kept)
         prefix = committed.position
 
         def rewrite(stream: BinaryIO) -> None:
@@ -478,7 +487,7 @@ class _LineLog:
                         raise OSError(errno.EIO, "the file shrank while it was copied")
                     stream.write(chunk)
                     copied += len(chunk)
-            stream.write(b"".join(_encoded(line) for line in kept))
+            stream.write(new_tail)
 
         # The kept entries and the file's first bytes go to a new file that replaces the old
         # one: a crash in between leaves the old file, which the next resume cuts again (the
@@ -487,12 +496,14 @@ class _LineLog:
         # never its target.
         _refuse_link(self.path)
         replace_file(self.path, rewrite, sync=True, follow_links=False)
+        removed = len(lines) - len(kept)
         logger.info(
-            "removed the training entries logged after the checkpoint from %s (%d bytes; they "
-            "are logged again)%s",
+            "removed %s logged after the checkpoint from %s (%d bytes; %s logged again)%s",
+            _entries(removed),
             self.path,
-            size - committed.position,
-            f" and kept the {len(kept)} other entries there" if kept else "",
+            len(tail) - len(new_tail),
+            "it is" if removed == 1 else "they are",
+            f" and kept the {_entries(len(kept), 'other ')} there" if kept else "",
         )
         return committed.entries + len(kept)
 
