@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -195,10 +196,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_the_run_resumes_exactly(
     assert differences(load(uninterrupted), load(out)) == []
 
 
-def test_a_signal_in_training_stops_after_the_batch_with_a_checkpoint(tmp_path: Path) -> None:
+def test_a_signal_in_training_stops_after_the_batch_with_a_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     before = signal.getsignal(signal.SIGTERM)
     config = RunConfig(data_seed=1, ckpt_interval_steps=100, signal_at=3)  # no interval saves
-    with pytest.raises(sb.TrainingInterruptedError) as caught:
+    with pytest.raises(sb.TrainingInterruptedError) as caught, caplog.at_level(logging.INFO):
         run(config, tmp_path / "stopped")
     assert (caught.value.signal, caught.value.code) == (signal.SIGTERM, 143)
     assert caught.value.checkpoint_saved
@@ -206,6 +209,8 @@ def test_a_signal_in_training_stops_after_the_batch_with_a_checkpoint(tmp_path: 
     checkpoints = Checkpointer(tmp_path / "stopped").list_checkpoints()
     assert [c.meta for c in checkpoints] == [{"typedbrain_intra_epoch": True}]
     assert checkpoints[0].phase == "CHECKPOINT"
+    # The folder a restart resumes from is named (intra-epoch saves are logged at DEBUG).
+    assert f"saved a checkpoint to stop: {checkpoints[0].path}" in caplog.messages
     resumed = run(attrs.evolve(config, signal_at=None), tmp_path / "stopped")
     expected = run(attrs.evolve(config, signal_at=None), tmp_path / "straight")
     assert differences(final_state(expected), final_state(resumed)) == []
@@ -322,7 +327,7 @@ class _CountsSaves:
 
 
 def test_a_signal_in_a_batch_that_ends_with_an_interval_checkpoint_saves_it_once(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     counted = _CountsSaves()
     brain = _SignalsInBatch2(
@@ -331,10 +336,12 @@ def test_a_signal_in_a_batch_that_ends_with_an_interval_checkpoint_saves_it_once
         run_opts={"noprogressbar": True, "ckpt_interval_steps": 2},
         checkpointer=Checkpointer(tmp_path, {"counted": counted}),
     )
-    with pytest.raises(sb.TrainingInterruptedError) as caught:
+    with pytest.raises(sb.TrainingInterruptedError) as caught, caplog.at_level(logging.INFO):
         brain.fit(range(1, 3), examples(8), train_loader_kwargs=LOADER)
     assert caught.value.checkpoint_saved
     assert counted.saves == 1
+    [saved] = Checkpointer(tmp_path).list_checkpoints()
+    assert f"saved a checkpoint to stop: {saved.path}" in caplog.messages
     assert [c.meta for c in Checkpointer(tmp_path).list_checkpoints()] == [
         {sb.INTRA_EPOCH_CKPT_FLAG: True}
     ]

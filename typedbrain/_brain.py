@@ -1384,7 +1384,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                     if (plan.checkpoint_steps or plan.checkpoint_seconds) and self._checkpoint_due(
                         plan
                     ):
-                        saved = self._save_intra_epoch_ckpt()
+                        saved = self._save_intra_epoch_ckpt(stopping=stop.signal is not None)
                     if stop.signal is not None:
                         self._stop_on_signal(stop.signal, save=True, saved=saved)
                 else:
@@ -1393,7 +1393,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                         save_due=bool(plan.checkpoint_seconds) and self._checkpoint_due(plan)
                     )
                     if agreed.save or (plan.checkpoint_steps and self._checkpoint_due(plan)):
-                        saved = self._save_intra_epoch_ckpt()
+                        saved = self._save_intra_epoch_ckpt(stopping=agreed.signal is not None)
                     if agreed.signal is not None:
                         self._stop_on_signal(agreed.signal, save=True, saved=saved)
                 if plan.batch_limit is not None and self.step >= plan.batch_limit:
@@ -1422,26 +1422,29 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         self.avg_train_loss = 0.0
         self._end_stage()
 
-    def _save_intra_epoch_ckpt(self) -> bool:
+    def _save_intra_epoch_ckpt(self, *, stopping: bool = False) -> bool:
         """Save a checkpoint between two training batches, replacing the previous such one.
 
         Intra-epoch checkpoints carry ``meta={INTRA_EPOCH_CKPT_FLAG: True}`` and
         ``end_of_epoch=False``; they only ever replace each other, so the end-of-epoch
         checkpoints your recipe keeps are not touched. Returns whether one was saved (not
-        without a checkpointer).
+        without a checkpointer). ``stopping``: the run stops after it (a signal), and the
+        folder a restart resumes from is logged (the checkpointer logs these saves at DEBUG).
         """
         checkpointer = self.checkpointer
         self._last_checkpoint_time = time.monotonic()
         if checkpointer is None:
             return False
         self._machine.move(Phase.CHECKPOINT)
-        checkpointer.save_and_keep_only(
+        saved = checkpointer.save_and_keep_only(
             meta={INTRA_EPOCH_CKPT_FLAG: True},
             end_of_epoch=False,
             num_to_keep=1,
             ckpt_predicate=_is_intra_epoch,
         )
         self._machine.move(Phase.TRAIN)
+        if stopping:
+            logger.info("saved a checkpoint to stop: %s", getattr(saved, "path", saved))
         return True
 
     def _checkpoint_due(self, plan: StepPlan) -> bool:
@@ -1500,7 +1503,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         ``saved``, a checkpoint of this very moment was just saved: it is not saved again.
         """
         if save and not saved:
-            saved = self._save_intra_epoch_ckpt()
+            saved = self._save_intra_epoch_ckpt(stopping=True)
         failure: Exception | None = None
         if saved and isinstance(self.checkpointer, Checkpointer):
             # Committing in the background: saved means committed. (Every process is here:
