@@ -7,6 +7,7 @@ registering the epoch counter. Either way the run goes on, but not as the interr
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -159,3 +160,12 @@ def test_an_unregistered_counter_already_past_the_checkpoints_epoch_does_not_war
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResumeWarning)
         brain.fit(counter, examples(8), train_loader_kwargs={"batch_size": 4})
+
+
+def test_a_finished_run_started_again_says_why_it_trains_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _fit(Regressor, tmp_path, epochs=2)
+    with caplog.at_level(logging.INFO, logger="typedbrain"):
+        _fit(Regressor, tmp_path, epochs=2)
+    assert "the epoch counter is at its limit (epoch 2 of 2): no epoch to train" in caplog.messages

@@ -978,6 +978,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                         self.optimizer_step_limit,
                     )
                     epochs = ()
+                epochs_run = 0
                 for epochs_run, epoch in enumerate(self._agreed_epochs(epochs), start=1):
                     if isinstance(epoch_counter, EpochCounter):
                         open_epoch = epoch_counter
@@ -992,6 +993,17 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                         logger.info("optimizer_step_limit=%s reached", self.optimizer_step_limit)
                         break
                 self._epoch = None
+                if (
+                    epochs_run == 0
+                    and isinstance(epoch_counter, EpochCounter)
+                    and epoch_counter.current >= epoch_counter.limit
+                ):
+                    # A finished run started again (to evaluate, say): say why nothing trained.
+                    logger.info(
+                        "the epoch counter is at its limit (epoch %d of %d): no epoch to train",
+                        epoch_counter.current,
+                        epoch_counter.limit,
+                    )
                 self._stop_if_asked_after_training()
                 if isinstance(self.checkpointer, Checkpointer):
                     self.checkpointer.wait()
