@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import typedbrain._brain
-from tests.helpers import RegressionBrain, examples, sgd
-from typedbrain import Checkpointer, ConfigurationError, Phase
+from tests.helpers import Batch, RegressionBrain, call, examples, sgd
+from typedbrain import Checkpointer, ConfigurationError, Phase, Stage
 from typedbrain._launch import LaunchInfo
 
 # Each refused argument, with what the message says about it.
@@ -118,8 +118,8 @@ def test_an_opt_class_that_returns_no_optimizer_is_refused_before_training() -> 
     with pytest.raises(ConfigurationError) as caught:
         brain.fit(range(1, 2), examples(4), progressbar=False)
     assert str(caught.value) == (
-        "opt_class must return a torch.optim.Optimizer (built over the parameters it is "
-        "given), but it returned int 3"
+        "opt_class must return an optimizer (a torch.optim.Optimizer, built over the "
+        "parameters it is given), but it returned int 3"
     )
     assert brain.optimizers_dict == {}
     assert brain.phase is Phase.FAILED
@@ -143,6 +143,53 @@ def test_an_opt_class_for_a_brain_without_parameters_says_so(
     with pytest.raises(ConfigurationError) as caught:
         brain.fit(range(1, 2), examples(4), progressbar=False)
     assert str(caught.value) == (
-        "opt_class was given, but the brain has no parameters for it to optimize: "
-        f"{which}; pass the trainable modules to Brain(), or leave opt_class out"
+        f"opt_class refused the brain's parameters: {which} (optimizer got an empty parameter "
+        "list); pass the trainable modules to Brain(), or leave opt_class out"
     )
+
+
+class _Wrapped:
+    """An optimizer in all but its class: a wrapper that forwards to a torch optimizer."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.inner = inner
+        self.param_groups = inner.param_groups
+        self.state = inner.state
+
+    def step(self) -> None:
+        self.inner.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, object]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def test_an_opt_class_may_return_an_optimizer_that_is_not_a_torch_subclass() -> None:
+    model = torch.nn.Linear(4, 2)
+    before = model.weight.detach().clone()
+    brain = RegressionBrain(
+        {"model": model},
+        opt_class=lambda params: _Wrapped(torch.optim.SGD(params, lr=0.1)),  # type: ignore[arg-type, return-value]  # a duck-typed optimizer
+    )
+    brain.fit(range(1, 2), examples(4), progressbar=False)
+    assert not torch.equal(model.weight, before)
+
+
+def test_an_opt_class_that_optimizes_parameters_of_its_own_needs_none_from_the_modules() -> None:
+    outside = torch.nn.Linear(4, 2)  # trained through a module the brain does not hold
+    before = outside.weight.detach().clone()
+
+    class Outside(RegressionBrain):
+        def compute_forward(self, batch: Batch, stage: Stage) -> torch.Tensor:
+            return call(outside, batch[0])
+
+    brain = Outside(
+        {"act": torch.nn.ReLU()}, opt_class=lambda _: torch.optim.SGD(outside.parameters(), lr=0.1)
+    )
+    brain.fit(range(1, 2), examples(4), progressbar=False)
+    assert not torch.equal(outside.weight, before)

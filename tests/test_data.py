@@ -403,8 +403,8 @@ def _three() -> Iterator[int]:
         (lambda: "data.csv", "the str 'data.csv', not a dataset: load the data it names"),
         (lambda: b"data.csv", "the bytes b'data.csv', not a dataset: load the data it names"),
         (_three, "a generator <generator object"),
-        (lambda: {"a": 1}, "a dict (a mapping), not a dataset: a DataLoader reads a dataset by"),
-        (lambda: {0: "a", 1: "b"}, "a dict (a mapping), not a dataset"),
+        (lambda: {"a": 1}, "a dict (a mapping) whose keys are not the indices 0, 1, 2..."),
+        (lambda: {1: "a", 2: "b"}, "a dict (a mapping) whose keys are not the indices"),
         (lambda: {1, 2}, "a set {1, 2}, not a dataset"),
         (lambda: DataLoader(CountingDataset(2)), "already a DataLoader: use it as it is"),
         (lambda: Words, "the class Words, not a dataset: give an instance of it"),
@@ -436,6 +436,9 @@ def test_what_a_dataloader_reads_by_index_is_taken_though_no_sequence() -> None:
     numbers = make_dataloader(torch.arange(6), batch_size=3)  # type: ignore[arg-type]  # idem
     assert as_lists(list(numbers)) == [[0, 1, 2], [3, 4, 5]]
     assert len(make_dataloader(np.arange(4), batch_size=2)) == 2  # type: ignore[arg-type]  # idem
+    # A mapping keyed by the positions 0, 1, 2... reads as a sequence does.
+    by_position = make_dataloader({0: 10, 1: 11, 2: 12}, batch_size=3)  # type: ignore[arg-type]  # idem
+    assert as_lists(list(by_position)) == [[10, 11, 12]]
 
 
 def test_a_seed_that_is_not_an_int_is_rejected() -> None:

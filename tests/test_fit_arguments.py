@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Unpack
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from tests.helpers import (
     Batch,
@@ -17,7 +19,7 @@ from tests.helpers import (
     sgd,
     unsized_loader,
 )
-from typedbrain import ConfigurationError, Phase, Stage
+from typedbrain import ConfigurationError, LoaderKwargs, Phase, Stage
 
 
 @pytest.mark.parametrize("text", ["data/train.csv", b"data/train.csv", bytearray(b"data")])
@@ -57,7 +59,7 @@ def _generator() -> Iterator[Batch]:
 NOT_DATASETS: list[tuple[Callable[[], object], str]] = [
     (lambda: "data/valid.csv", "the str 'data/valid.csv', not a dataset: load the data it names"),
     (lambda: 5, "an int 5, not a dataset: give a DataLoader or a dataset"),
-    (lambda: {"x": 1}, "a dict (a mapping), not a dataset: a DataLoader reads a dataset by the"),
+    (lambda: {"x": 1}, "a dict (a mapping) whose keys are not the indices 0, 1, 2..."),
     (_generator, "a generator <generator object"),
     (lambda: ReadyBatches, "the class ReadyBatches, not a dataset: give an instance of it"),
 ]
@@ -130,3 +132,29 @@ def test_fit_refuses_a_str_epoch_counter_by_name(counter: str | bytes) -> None:
     )
     assert stages == []
     assert brain.phase is Phase.INIT
+
+
+class ReadsFilesBrain(RegressionBrain):
+    """Its make_dataloader reads sources of its own: a file name, as SpeechBrain recipes do."""
+
+    read: list[object]
+
+    def make_dataloader(
+        self,
+        dataset: object,
+        stage: Stage,
+        ckpt_prefix: str | None = "dataloader-",
+        **loader_kwargs: Unpack[LoaderKwargs],
+    ) -> DataLoader[object]:
+        self.read.append(dataset)
+        if isinstance(dataset, str):  # "the file" holds 4 examples
+            dataset = examples(4)
+        return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)  # type: ignore[arg-type]  # narrowed above
+
+
+def test_a_make_dataloader_override_is_given_its_own_kind_of_source_unchecked() -> None:
+    brain = ReadsFilesBrain({"model": torch.nn.Linear(4, 2)}, opt_class=sgd())
+    brain.read = []
+    brain.fit(range(1, 2), "train.csv", valid_set="valid.csv", progressbar=False)
+    brain.evaluate("test.csv", progressbar=False)
+    assert brain.read == ["train.csv", "valid.csv", "test.csv"]

@@ -329,3 +329,17 @@ def test_a_brain_declaring_a_hparams_class_refuses_an_object_of_another_type(
         "TypedBrain declares its hparams type as AttrsHparams, but was given "
         f"{with_article(type(hparams).__name__)}: pass hparams=AttrsHparams(...)"
     )
+
+
+def test_an_instance_of_a_twin_hparams_class_is_named_with_its_module() -> None:
+    """The defining module imported twice (as __main__ and by name) makes two classes."""
+    twin = attrs.define(type("AttrsHparams", (), {"__annotations__": {"lr": float}}))
+    twin.__module__ = "__main__"
+    with pytest.raises(ConfigurationError) as caught:
+        TypedBrain(hparams=twin(lr=0.1))
+    assert str(caught.value) == (
+        f"TypedBrain declares its hparams type as {__name__}.AttrsHparams, but was given an "
+        "instance of __main__.AttrsHparams, another class of the same name: the module that "
+        "defines it was imported twice (a script run as __main__ whose recipe names it by its "
+        "module, say); define the class in a module the script imports"
+    )

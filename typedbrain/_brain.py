@@ -473,30 +473,40 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         register them with the checkpointer) so ``optimizers_step`` steps them all.
 
         Raises:
-            ConfigurationError: ``opt_class`` is given but the modules have no parameters, or
-                it returned something other than a ``torch.optim.Optimizer``.
+            ConfigurationError: ``opt_class`` refused the modules' parameters because there
+                are none (torch's "empty parameter list"), or returned something that is not
+                an optimizer (no ``step``, ``zero_grad``, ``state_dict``, ``load_state_dict``).
         """
         if self.opt_class is None:
             return
-        if next(self.modules.parameters(), None) is None:
+        parameters = (
+            vector_weight_decay_groups(self.modules)
+            if self.remove_vector_weight_decay
+            else self.modules.parameters()
+        )
+        try:
+            built: object = self.opt_class(parameters)
+        except ValueError as error:
+            if next(self.modules.parameters(), None) is not None:
+                raise
             modules = (
                 f"its modules ({', '.join(self.modules)}) have none"
                 if self.modules
                 else "it has no modules"
             )
             raise ConfigurationError(
-                f"opt_class was given, but the brain has no parameters for it to optimize: "
-                f"{modules}; pass the trainable modules to Brain(), or leave opt_class out"
-            )
-        if self.remove_vector_weight_decay:
-            optimizer = self.opt_class(vector_weight_decay_groups(self.modules))
-        else:
-            optimizer = self.opt_class(self.modules.parameters())
-        if not isinstance(optimizer, torch.optim.Optimizer):
+                f"opt_class refused the brain's parameters: {modules} ({error}); pass the "
+                "trainable modules to Brain(), or leave opt_class out"
+            ) from error
+        if not all(
+            callable(getattr(built, name, None))
+            for name in ("step", "zero_grad", "state_dict", "load_state_dict")
+        ):
             raise ConfigurationError(
-                "opt_class must return a torch.optim.Optimizer (built over the parameters it is "
-                f"given), but it returned {type(optimizer).__name__} {optimizer!r:.80}"
+                "opt_class must return an optimizer (a torch.optim.Optimizer, built over the "
+                f"parameters it is given), but it returned {type(built).__name__} {built!r:.80}"
             )
+        optimizer = cast(torch.optim.Optimizer, built)  # one in all but its class, if not one
         self.optimizer = optimizer
         self.optimizers_dict = {"opt_class": self.optimizer}
         if self.checkpointer is not None:
@@ -513,6 +523,15 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             self.checkpointer.recover_if_possible(
                 max_key=max_key, min_key=min_key, device=self._device
             )
+
+    def _reads_sources_itself(self) -> bool:
+        """Whether this brain's loaders come from :meth:`make_dataloader` as typedbrain wrote it.
+
+        Then ``fit`` and ``evaluate`` check their data sets before anything runs. A
+        ``make_dataloader`` override may read sources of its own (a CSV file's path, say):
+        what it is given is left to it.
+        """
+        return type(self).make_dataloader is Brain.make_dataloader
 
     def make_dataloader(
         self,
@@ -936,9 +955,10 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             ReentrantCallError: called while ``fit`` or ``evaluate`` is running.
             ConfigurationError: before anything runs, ``epoch_counter`` is not an iterable of
                 epoch numbers (a str, say), or ``train_set`` or ``valid_set`` is not a data set
-                (``None`` for ``train_set``, a str, a mapping, a generator, a number); when
-                ``init_optimizers`` runs, ``opt_class`` is given for modules without parameters
-                or returns no optimizer.
+                (``None`` for ``train_set``, a str, a mapping, a generator, a number; not
+                checked when ``make_dataloader`` is overridden); when ``init_optimizers`` runs,
+                ``opt_class`` refuses the modules' parameters (there are none) or returns no
+                optimizer.
             NonFiniteLossError: an epoch saw more than ``nonfinite_patience`` non-finite losses.
             TrainingInterruptedError: SIGTERM or SIGINT arrived; the run stopped after a batch
                 (and saved an intra-epoch checkpoint during training, with a checkpointer).
@@ -947,7 +967,11 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             logger.info("test_only is set: fit() returns without training")
             return
         self._check_can_start("fit", Phase.FIT_START)
-        _check_fit_arguments(epoch_counter, train_set, valid_set)
+        _check_fit_arguments(epoch_counter)
+        if self._reads_sources_itself():
+            _check_data_set(train_set, "fit(): train_set")
+            if valid_set is not None:
+                _check_data_set(valid_set, "fit(): valid_set")
         open_epoch: EpochCounter | None = None  # drawn from the counter, not yet finished
         try:
             with StopRequest(enabled=self.stop_on_signals) as self._stop:
@@ -1067,10 +1091,12 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         Raises:
             ReentrantCallError: called while ``fit`` or ``evaluate`` is running.
             ConfigurationError: ``test_set`` is not a data set (``None``, a str, a mapping, a
-                generator, a number); nothing has run then.
+                generator, a number; not checked when ``make_dataloader`` is overridden);
+                nothing has run then.
         """
         self._check_can_start("evaluate", Phase.TEST)
-        _check_data_set(test_set, "evaluate(): test_set")
+        if self._reads_sources_itself():
+            _check_data_set(test_set, "evaluate(): test_set")
         self._use_current_weights = use_current_weights
         try:
             self._machine.move(Phase.TEST)
@@ -2226,12 +2252,8 @@ def _check_checkpointer(checkpointer: object) -> None:
         )
 
 
-def _check_fit_arguments(epoch_counter: object, train_set: object, valid_set: object) -> None:
-    """Refuse ``fit`` arguments of the wrong kind before anything runs.
-
-    A bad ``valid_set`` would otherwise fail only when its loader is first read: after a whole
-    training epoch.
-    """
+def _check_fit_arguments(epoch_counter: object) -> None:
+    """Refuse an ``epoch_counter`` of the wrong kind before anything runs."""
     # A str is iterable (its characters), so "10" would fail only at its first epoch number.
     if isinstance(epoch_counter, str | bytes | bytearray) or not isinstance(
         epoch_counter, Iterable
@@ -2240,16 +2262,15 @@ def _check_fit_arguments(epoch_counter: object, train_set: object, valid_set: ob
             "fit(): epoch_counter must yield the epoch numbers (range(1, 11), or an "
             f"EpochCounter), not {type(epoch_counter).__name__} {epoch_counter!r:.80}"
         )
-    _check_data_set(train_set, "fit(): train_set")
-    if valid_set is not None:
-        _check_data_set(valid_set, "fit(): valid_set")
 
 
 def _check_data_set(data: object, name: str) -> None:
     """Refuse a data set that neither a ``DataLoader`` nor ``make_dataloader`` can read.
 
-    A str is a Sequence, so a file name type-checks as a dataset (of characters); a dict, a
-    generator or a number would fail only when the loader is first read.
+    Checked before anything runs: a bad validation set would otherwise fail only when its
+    loader is first read, after a whole training epoch. A str is a Sequence, so a file name
+    type-checks as a dataset (of characters); a dict, a generator or a number would fail only
+    when the loader is first read.
     """
     if not isinstance(data, DataLoader):
         check_data_source(data, name, loader_too=True)

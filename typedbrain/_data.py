@@ -236,8 +236,8 @@ def check_data_source(data: object, name: str, *, loader_too: bool) -> None:
 
     Raises:
         ConfigurationError: ``data`` is ``None``, a str or bytes (a file name, say), a mapping
-            (``DataLoader`` would read it by the keys 0, 1, ...), a class, or an object not read
-            by index (a number, a generator, a set).
+            whose keys are not 0, 1, 2... (``DataLoader`` reads a dataset by those), a class,
+            or an object not read by index (a number, a generator, a set).
     """
     if isinstance(data, Dataset):
         return
@@ -256,11 +256,12 @@ def check_data_source(data: object, name: str, *, loader_too: bool) -> None:
         raise ConfigurationError(
             f"{name} is the class {data.__qualname__}, not a dataset: give an instance of it"
         )
-    if isinstance(data, Mapping):
+    if isinstance(data, Mapping) and set(data) != set(range(len(data))):
+        # One keyed by the positions 0, 1, 2... reads as a sequence would.
         raise ConfigurationError(
-            f"{name} is {with_article(type(data).__name__)} (a mapping), not a dataset: a "
-            "DataLoader reads a dataset by the indices 0, 1, 2..., not by key; give a list of "
-            "its examples (list(mapping.values())) or a Dataset"
+            f"{name} is {with_article(type(data).__name__)} (a mapping) whose keys are not the "
+            "indices 0, 1, 2... a DataLoader reads a dataset by; give a list of its examples "
+            "(list(mapping.values())) or a Dataset"
         )
     if hasattr(type(data), "__getitem__") or hasattr(type(data), "__getitems__"):
         return

@@ -148,10 +148,28 @@ def resolve_hparams(hparams: object, declared: object, owner: str) -> object:
         return _kept_object(hparams)  # a declared type no isinstance check can test
     given = "no hparams" if hparams is None else with_article(type(hparams).__name__)
     hint = " or ".join(f"hparams={_type_name(arm)}(...)" for arm in arms if arm is not type(None))
+    twin = next(
+        (arm for arm in arms if isinstance(arm, type) and arm.__name__ == type(hparams).__name__),
+        None,
+    )
+    if twin is not None:
+        # One class, imported twice (the script run as __main__, and by name from a recipe's
+        # !new: tag, say): the short names read as a contradiction.
+        raise ConfigurationError(
+            f"{owner} declares its hparams type as {_full_name(twin)}, but was given an "
+            f"instance of {_full_name(type(hparams))}, another class of the same name: the "
+            "module that defines it was imported twice (a script run as __main__ whose "
+            "recipe names it by its module, say); define the class in a module the script "
+            "imports"
+        )
     raise ConfigurationError(
         f"{owner} declares its hparams type as {_type_name(declared)}, but was given {given}: "
         f"pass {hint}"
     )
+
+
+def _full_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _untyped(hparams: object) -> object:
