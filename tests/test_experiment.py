@@ -600,7 +600,7 @@ def test_a_link_made_after_the_check_is_still_not_written_through(
     folder.mkdir()
     for name in ("log.txt", "hyperparams.yaml", "env.json", "train.py"):
         (folder / name).symlink_to(sentinel)
-    monkeypatch.setattr("typedbrain._experiment._check_no_links", lambda folder, names: None)
+    monkeypatch.setattr("typedbrain._experiment._check_own_files", lambda folder, names: None)
     with pytest.raises(ConfigurationError, match=r"log\.txt is a symbolic link"):
         create_experiment_directory(folder, script_file=script)
     (folder / "log.txt").unlink()
@@ -644,3 +644,56 @@ def test_replace_file_follows_a_link_unless_told_not_to(tmp_path: Path) -> None:
     assert not link.is_symlink()
     assert link.read_bytes() == b"replaced\n"
     assert target.read_bytes() == b"followed\n"
+
+
+@pytest.mark.parametrize("name", ["log.txt", "hyperparams.yaml", "env.json", "train.py"])
+@pytest.mark.parametrize("kind", ["a FIFO", "a folder"])
+def test_a_fifo_or_folder_at_a_file_it_writes_is_refused_before_anything_is_written(
+    tmp_path: Path, hparams_file: Path, name: str, kind: str
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("print('train')\n", encoding="utf-8")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    if kind == "a FIFO":
+        os.mkfifo(folder / name)
+    else:
+        (folder / name).mkdir()
+    handlers = list(logging.getLogger().handlers)
+    with pytest.raises(ConfigurationError) as caught:
+        create_experiment_directory(folder, hyperparams_to_save=hparams_file, script_file=script)
+    assert f"{folder / name} is {kind}, not a regular file" in str(caught.value)
+    assert [path.name for path in folder.iterdir()] == [name]  # nothing written
+    assert logging.getLogger().handlers == handlers  # nor a handler attached
+
+
+def test_a_fifo_made_at_log_txt_after_the_check_is_refused_and_logging_left_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The FIFO appears between the check and the open (a race): the open refuses it, naming it,
+    # although opening a FIFO nobody reads for writing fails with ENXIO before any check.
+    from typedbrain._files import NotAFileError
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.mkfifo(folder / "log.txt")
+    monkeypatch.setattr("typedbrain._experiment._check_own_files", lambda folder, names: None)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    with pytest.raises(NotAFileError, match=r"a FIFO, not a regular file") as caught:
+        create_experiment_directory(folder, save_env_desc=False)
+    assert caught.value.filename == str(folder / "log.txt")
+    assert logging.getLogger().handlers == []  # no console handler left behind
+
+
+def test_open_file_names_a_fifo_opened_for_writing_that_nobody_reads(tmp_path: Path) -> None:
+    from typedbrain._files import NotAFileError, open_file
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for follow_links in (False, True):
+        with pytest.raises(NotAFileError, match=r"a FIFO, not a regular file") as caught:
+            open_file(fifo, os.O_WRONLY, follow_links=follow_links)
+        assert caught.value.filename == str(fifo)
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError):
+        open_file(missing, os.O_WRONLY, follow_links=False)

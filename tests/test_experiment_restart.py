@@ -99,18 +99,48 @@ def test_an_unchanged_restart_neither_warns_nor_copies(tmp_path: Path, recipe: P
     assert _names(folder) == ["hyperparams.yaml", "log.txt"]
 
 
-def test_a_header_that_differs_with_the_same_values_is_kept_without_a_warning(
+def test_a_header_that_differs_with_the_same_values_is_replaced_without_a_copy_or_warning(
     tmp_path: Path, recipe: Path
 ) -> None:
     folder = tmp_path / "run"
     _start(folder, recipe)
-    first = (folder / "hyperparams.yaml").read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _start(folder, recipe, {"lr": 0.1})  # the value the file has: only the header changes
-    assert (folder / "hyperparams.1.yaml").read_bytes() == first
-    log = (folder / "log.txt").read_text(encoding="utf-8")
-    assert "as hyperparams.1.yaml: its header or layout differs, not its values" in log
+    assert _names(folder) == ["hyperparams.yaml", "log.txt"]
+    assert '#   {"lr": 0.1}' in (folder / "hyperparams.yaml").read_text(encoding="utf-8")
+
+
+def test_a_run_from_the_saved_hyperparams_yaml_keeps_no_copy_and_writes_one_header(
+    tmp_path: Path, recipe: Path
+) -> None:
+    # Reproducing a run from its folder's own file (train.py results/run/hyperparams.yaml).
+    folder = tmp_path / "run"
+    _start(folder, recipe, "lr: 0.05")
+    saved = folder / "hyperparams.yaml"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            _start(folder, saved)
+    assert _names(folder) == ["hyperparams.yaml", "log.txt"]
+    text = saved.read_text(encoding="utf-8")
+    assert text.startswith(
+        f"# Resolved from {saved} by typedbrain.create_experiment_directory.\nseed: 3\n"
+    )
+    assert text.count("# Resolved from") == 1
+    assert "Overrides applied" not in text
+    assert "\nlr: 0.05\n" in text
+    with pytest.warns(ResumeWarning, match=r"kept as hyperparams\.1\.yaml; changed: lr\."):
+        _start(folder, saved, "lr: 0.5")  # a changed value from the saved file is still kept
+    assert (folder / "hyperparams.1.yaml").read_text(encoding="utf-8") == text
+
+
+def test_a_comment_written_by_the_user_at_the_top_is_kept(tmp_path: Path, recipe: Path) -> None:
+    recipe.write_text("# Resolved from my notes\n" + HPARAMS, encoding="utf-8")
+    folder = tmp_path / "run"
+    _start(folder, recipe)
+    text = (folder / "hyperparams.yaml").read_text(encoding="utf-8")
+    assert "\n# Resolved from my notes\n" in text
 
 
 def test_an_earlier_file_that_is_not_yaml_is_kept_and_the_warning_says_so(
@@ -119,7 +149,9 @@ def test_an_earlier_file_that_is_not_yaml_is_kept_and_the_warning_says_so(
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "hyperparams.yaml").write_text("[not: a mapping\n", encoding="utf-8")
-    with pytest.warns(ResumeWarning, match="not a YAML mapping it can compare"):
+    with pytest.warns(
+        ResumeWarning, match=r"cannot be compared \(it is not a YAML mapping, or too large\)"
+    ):
         _start(folder, recipe)
     assert (folder / "hyperparams.1.yaml").read_text(encoding="utf-8") == "[not: a mapping\n"
 
@@ -180,3 +212,28 @@ def test_other_ranks_neither_copy_nor_warn(
         _start(folder, recipe, {"lr": 0.5})
     assert _names(folder) == ["hyperparams.yaml", "log.txt"]
     assert (folder / "hyperparams.yaml").read_bytes() == first
+
+
+def test_aliases_of_empty_mappings_are_counted_against_the_comparison_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each level names the one below twice: 2**12 key paths from 13 lines. Every mapping
+    # walked counts, the empty ones included, so the walk stops at the budget.
+    from typedbrain import _hyperparams_file
+
+    lines = ["l0: &l0 {}"] + [f"l{i}: &l{i} {{p: *l{i - 1}, q: *l{i - 1}}}" for i in range(1, 13)]
+    bomb = "\n".join(lines) + "\n"
+    grown = bomb.replace("l0: &l0 {}", "l0: &l0 {}\nextra: 1")
+    assert _hyperparams_file._changed_keys(bomb, grown) == ["extra"]
+    monkeypatch.setattr(_hyperparams_file, "_MAX_COMPARED_NODES", 2_000)
+    assert _hyperparams_file._changed_keys(bomb, grown) is None
+    assert _hyperparams_file._changed_keys("a: {b: 1}\n", "a: {b: 2}\n") == ["a.b"]
+
+
+def test_a_mapping_replaced_by_a_value_is_named_once() -> None:
+    from typedbrain._hyperparams_file import _changed_keys
+
+    assert _changed_keys("a: {b: 1, c: 2}\nd: 1\n", "a: 3\nd: 1\n") == ["a"]
+    assert _changed_keys("a: !tag {b: 1}\n", "a: !other {b: 1}\n") == ["a"]
+    assert _changed_keys("a: [1, 2]\n", "a: [1, 3]\n") == ["a"]
+    assert _changed_keys("a: 1 # one\n", "# header\na: 1\n") == []

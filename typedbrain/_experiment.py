@@ -12,7 +12,9 @@ import logging.config
 import math
 import os
 import platform
+import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -26,7 +28,7 @@ import torch
 from typedbrain._checks import check_bool
 from typedbrain._distributed import if_main_process
 from typedbrain._errors import ConfigurationError
-from typedbrain._files import open_file, replace_file
+from typedbrain._files import file_kind, open_file, replace_file
 from typedbrain._hyperparams_file import save_hyperparams
 from typedbrain._version import __version__
 
@@ -41,6 +43,14 @@ _GIT_TIMEOUT_S: Final = 10.0
 _PACKAGE_DIR: Final = Path(__file__).resolve().parent
 _LOG_NAME: Final = "log.txt"
 _HYPERPARAMS_NAME: Final = "hyperparams.yaml"
+_HEADER_START: Final = "# Resolved from "
+_HEADER_END: Final = " by typedbrain.create_experiment_directory."
+# The header an earlier create_experiment_directory wrote (a file resolved from a saved
+# hyperparams.yaml starts with it): its first line, then the overrides it lists, if any.
+_EARLIER_HEADER: Final = re.compile(
+    re.escape(_HEADER_START) + r".*" + re.escape(_HEADER_END) + r"\n"
+    r"(?:# Overrides applied:\n(?:#   .*\n)*)?"
+)
 
 
 class _ExperimentLogHandler(logging.FileHandler):
@@ -56,7 +66,7 @@ class _ExperimentLogHandler(logging.FileHandler):
     def _open(self) -> TextIOWrapper:
         path = Path(self.baseFilename)
         try:
-            descriptor = open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            descriptor = open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, follow_links=False)
         except OSError as error:
             if error.errno == errno.ELOOP and path.is_symlink():
                 raise _planted_link(path) from error
@@ -117,16 +127,19 @@ def create_experiment_directory(
     folder is removed. On other processes nothing is written and no handler is added;
     run it with :func:`~typedbrain.run_on_main` if they must wait for the folder.
 
-    A ``hyperparams.yaml`` an earlier start wrote that differs from the new one is kept, under
-    the next free name ``hyperparams.<n>.yaml`` (1, 2...; never overwritten), before the new
-    one is written. If their values differ (not only the header's comments), a
+    A ``hyperparams.yaml`` an earlier start wrote whose values differ from the new one's (or
+    cannot be compared) is kept, under the next free name ``hyperparams.<n>.yaml`` (1, 2...;
+    never overwritten), before the new one is written, and a
     :class:`~typedbrain.ResumeWarning` names the keys changed (``lr``, ``model.hidden_size``)
     and says that a run resumed from a checkpoint keeps the checkpoint's optimizer, scheduler
-    and other saved state. An identical file is replaced with no copy and no warning.
+    and other saved state. A file that differs only in its comments (the header) or layout is
+    replaced with no copy and no warning. ``hyperparams_to_save`` may be such a saved file: the
+    header an earlier call wrote at its top is replaced by the new one, not kept under it.
 
     typedbrain never writes through a symbolic link at the names of its own files in the
     folder (``log.txt``, ``hyperparams.yaml``, ``env.json``, the script's copy): a link there,
-    which typedbrain does not make, is refused before anything is written.
+    which typedbrain does not make, is refused before anything is written, as is anything else
+    there that is not a regular file (a folder, a FIFO).
 
     Args:
         experiment_directory: the folder (``results/<experiment>/<seed>`` by convention).
@@ -152,12 +165,14 @@ def create_experiment_directory(
             or ``log_config`` not a mapping, ``save_env_desc`` not a bool), ``log_config``'s
             ``version`` is not 1, or ``experiment_directory`` is a file or lies under one: the
             message names it, and nothing is written. Or one of the files it writes is a
-            symbolic link in the folder: the message names the link and its target, and
-            nothing is written. Or ``logging.config.dictConfig`` refuses ``log_config``; the
+            symbolic link in the folder (the message names the link and its target) or
+            something else that is not a regular file (the message names it and says what it
+            is); nothing is written. Or ``logging.config.dictConfig`` refuses ``log_config``; the
             folders made are removed.
         OSError: a file cannot be written (a full disk), or the earlier ``hyperparams.yaml``
-            cannot be read (or is not a regular file); the error names it, and the file's
-            previous content, if any, is kept.
+            cannot be read; the error names it, and the file's previous content, if any, is
+            kept. A FIFO made at ``log.txt`` after the check is a
+            :class:`~typedbrain._files.NotAFileError`, and logging is left as it was.
 
     Warns:
         ResumeWarning: the earlier ``hyperparams.yaml`` holds other values than the new one.
@@ -196,7 +211,7 @@ def create_experiment_directory(
         *([script.name] if script is not None and _copied(script, folder) else []),
         *(["env.json"] if save_env_desc else []),
     ]
-    _check_no_links(folder, written)
+    _check_own_files(folder, written)
     made = _make_folder(folder)
     if log_config is not None:
         try:
@@ -303,11 +318,29 @@ def _planted_link(path: Path) -> ConfigurationError:
     )
 
 
-def _check_no_links(folder: Path, names: list[str]) -> None:
-    """Refuse a symbolic link at any of ``names`` in ``folder`` (missing names are fine)."""
+def _check_own_files(folder: Path, names: list[str]) -> None:
+    """Refuse anything but a regular file at any of ``names`` in ``folder`` (missing is fine).
+
+    A symbolic link (see :func:`_planted_link`), a folder, a FIFO, a device or a socket at the
+    name of a file typedbrain writes is refused before anything is written or configured.
+
+    Raises:
+        ConfigurationError: one is, naming it and what it is.
+    """
     for name in names:
-        if (folder / name).is_symlink():
-            raise _planted_link(folder / name)
+        path = folder / name
+        try:
+            mode = path.lstat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if stat.S_ISLNK(mode):
+            raise _planted_link(path)
+        if not stat.S_ISREG(mode):
+            raise ConfigurationError(
+                f"{path} is {file_kind(mode)}, not a regular file: create_experiment_directory "
+                "writes its own file at that name. Remove it or choose another folder; nothing "
+                "was written"
+            )
 
 
 def _make_folder(folder: Path) -> list[Path]:
@@ -367,10 +400,8 @@ def _calling_script() -> Path | None:
 
 def _attach_log_file(log_file: Path) -> None:
     root = logging.getLogger()
-    if not root.handlers:
-        console = _ConsoleHandler()  # standard error, as the last-resort handler writes
-        console.setLevel(logging.WARNING)
-        root.addHandler(console)
+    # Added once the log file is open: a log file that cannot be opened leaves logging as it was.
+    add_console = not root.handlers
     # The folder's links are followed (the user chose the path), the file's name is not.
     target = os.path.join(log_file.parent.resolve(), log_file.name)
     present = False
@@ -390,6 +421,10 @@ def _attach_log_file(log_file: Path) -> None:
         handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
+    if add_console:
+        console = _ConsoleHandler()  # standard error, as the last-resort handler writes
+        console.setLevel(logging.WARNING)
+        root.addHandler(console)
     if root.getEffectiveLevel() > logging.INFO:
         root.setLevel(logging.INFO)
 
@@ -419,7 +454,11 @@ def _resolved_hyperparams(source: Path, overrides: str | Mapping[str, object] | 
         raise ConfigurationError(
             f"cannot resolve the hyperparameters {source} with the overrides given: {error}"
         ) from error
-    header = [f"# Resolved from {source} by typedbrain.create_experiment_directory."]
+    # A file an earlier start resolved (a saved hyperparams.yaml run again) starts with the
+    # header written then, which the YAML round trip keeps: the new header replaces it.
+    while match := _EARLIER_HEADER.match(resolved):
+        resolved = resolved[match.end() :]
+    header = [f"{_HEADER_START}{source}{_HEADER_END}"]
     if overrides:
         header.append("# Overrides applied:")
         if isinstance(overrides, str):

@@ -1,7 +1,14 @@
-"""Writing files that survive failures: a file replaced whole, and OSErrors that name their file.
+"""Opening and replacing the files typedbrain keeps in folders it may be handed.
 
-A write, a flush at close and ``os.fsync`` report a full disk (ENOSPC) or an I/O error without
-a file name; the helpers here name it, keeping the error's type and errno.
+- :func:`open_file` and :func:`open_regular` open a path only if it is a regular file
+  (checked on the opened descriptor; a FIFO, a device or a socket raises
+  :class:`NotAFileError`), without blocking on a FIFO, and through a symbolic link only when
+  the caller says so (``follow_links`` has no default);
+- :func:`replace_file` replaces a file whole, through a temporary file renamed over it, so a
+  failure (a full disk) leaves its previous content;
+- :func:`naming` and :func:`naming_file` make an ``OSError`` name its file: a write, a flush
+  at close and ``os.fsync`` report a full disk (ENOSPC) or an I/O error without one. The
+  error keeps its type and errno.
 """
 
 from __future__ import annotations
@@ -17,7 +24,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Final
 
-__all__ = ["NotAFileError", "naming", "naming_file", "open_file", "open_regular", "replace_file"]
+__all__ = [
+    "NotAFileError",
+    "file_kind",
+    "naming",
+    "naming_file",
+    "open_file",
+    "open_regular",
+    "replace_file",
+]
 
 
 class NotAFileError(OSError):
@@ -28,6 +43,9 @@ class NotAFileError(OSError):
 
 
 _KINDS: Final = (
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISLNK, "a symbolic link"),
     (stat.S_ISFIFO, "a FIFO"),
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
@@ -35,7 +53,7 @@ _KINDS: Final = (
 )
 
 
-def open_file(path: Path, flags: int, *, follow_links: bool = False) -> int:
+def open_file(path: Path, flags: int, *, follow_links: bool) -> int:
     """``os.open(path, flags)``, if ``path`` is a regular file: its descriptor.
 
     For the files typedbrain reads or writes in folders it may be handed (checkpoints, logs,
@@ -46,21 +64,27 @@ def open_file(path: Path, flags: int, *, follow_links: bool = False) -> int:
 
     Raises:
         IsADirectoryError: ``path`` is a folder.
-        NotAFileError: ``path`` is a FIFO, a device or a socket (the message says which).
+        NotAFileError: ``path`` is a FIFO, a device or a socket (the message says which),
+            including a FIFO opened for writing that nobody reads, which ``os.open`` refuses
+            with ``ENXIO`` before it can be checked.
         OSError: ``path`` cannot be opened: missing, or (``ELOOP``) a symbolic link while
             ``follow_links`` is false.
     """
     flags |= os.O_NONBLOCK | os.O_CLOEXEC
     if not follow_links:
         flags |= os.O_NOFOLLOW
-    descriptor = os.open(path, flags, 0o666)
+    try:
+        descriptor = os.open(path, flags, 0o666)
+    except OSError as error:
+        if error.errno == errno.ENXIO:
+            _refuse_other_kind(path, follow_links)
+        raise
     try:
         mode = os.fstat(descriptor).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
         if not stat.S_ISREG(mode):
-            kind = next((name for test, name in _KINDS if test(mode)), "of another kind")
-            raise NotAFileError(errno.EINVAL, f"{kind}, not a regular file", os.fspath(path))
+            raise _not_a_file(path, mode)
         os.set_blocking(descriptor, True)
     except BaseException:
         os.close(descriptor)
@@ -68,9 +92,34 @@ def open_file(path: Path, flags: int, *, follow_links: bool = False) -> int:
     return descriptor
 
 
-def open_regular(path: Path, *, follow_links: bool = True) -> io.FileIO:
+def open_regular(path: Path, *, follow_links: bool) -> io.FileIO:
     """Open ``path`` for reading, unbuffered, if it is a regular file (see :func:`open_file`)."""
     return io.FileIO(open_file(path, os.O_RDONLY, follow_links=follow_links), "rb", closefd=True)
+
+
+def file_kind(mode: int) -> str:
+    """What a file whose ``st_mode`` is ``mode`` is, in words: ``"a FIFO"``, ``"a folder"``..."""
+    return next((name for test, name in _KINDS if test(mode)), "a file of another kind")
+
+
+def _not_a_file(path: Path, mode: int) -> NotAFileError:
+    """The error refusing ``path``, whose ``st_mode`` is ``mode``: not a regular file."""
+    return NotAFileError(errno.EINVAL, f"{file_kind(mode)}, not a regular file", os.fspath(path))
+
+
+def _refuse_other_kind(path: Path, follow_links: bool) -> None:
+    """Raise :class:`NotAFileError` if ``path`` is a FIFO, a device or a socket.
+
+    For an open that failed with ``ENXIO`` (a FIFO opened for writing without a reader, a
+    device without its driver): the error then says what ``path`` is. Returns when ``path``
+    cannot be examined or is not such a thing.
+    """
+    try:
+        mode = (os.stat(path) if follow_links else os.lstat(path)).st_mode
+    except OSError:
+        return
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
+        raise _not_a_file(path, mode)
 
 
 @contextlib.contextmanager

@@ -207,7 +207,7 @@ def _open_lock_file(path: Path, flags: int) -> int:
     try:
         # The umask decides the permissions, so a group-shared folder's lock file is writable
         # by the group.
-        return open_file(path, flags)
+        return open_file(path, flags, follow_links=False)
     except NotAFileError:
         raise _not_a_lock_file(path, "not a regular file") from None
     except OSError as error:

@@ -1,8 +1,9 @@
-"""An experiment's ``hyperparams.yaml``: an earlier one that differs is kept, and its changes named.
+"""An experiment's ``hyperparams.yaml``: an earlier one whose values differ is kept, and named.
 
 A job restarted with other overrides resumes from its checkpoint, whose optimizer and scheduler
 state do not follow the recipe's new values: the folder keeps the earlier file beside the new
-one, and a :class:`~typedbrain.ResumeWarning` names the keys that changed.
+one, and a :class:`~typedbrain.ResumeWarning` names the keys that changed. An earlier file that
+differs only in its comments (the header) is replaced.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -38,9 +38,11 @@ _RESUMED_STATE_NOTE: Final = (
 
 
 def save_hyperparams(target: Path, hyperparams: str) -> None:
-    """Write ``hyperparams`` to ``target``, keeping (and comparing) an earlier file that differs.
+    """Write ``hyperparams`` to ``target``, keeping an earlier file whose values differ.
 
-    The earlier file goes to the next free ``hyperparams.<n>.yaml`` beside it; see
+    The earlier file goes to the next free ``hyperparams.<n>.yaml`` beside it when its values
+    differ from the new ones, or cannot be compared (it is not a YAML mapping, or too large);
+    one that differs only in its comments (the header) or layout is replaced. See
     :func:`~typedbrain.create_experiment_directory`, which calls this on the main process.
 
     Raises:
@@ -48,14 +50,18 @@ def save_hyperparams(target: Path, hyperparams: str) -> None:
             a symbolic link is not followed (``ELOOP``).
 
     Warns:
-        ResumeWarning: the earlier file holds other values than the new one (the warning points
-            at the caller of the caller: the recipe that called create_experiment_directory).
+        ResumeWarning: the earlier file holds other values than the new one, or they cannot be
+            compared (the warning points at the caller of the caller: the recipe that called
+            create_experiment_directory).
     """
     folder = target.parent
     # A path that is not valid UTF-8 (in the header) is written with backslash escapes.
     data = hyperparams.encode("utf-8", errors="backslashreplace")
     earlier = _read_earlier(target)
-    kept = None if earlier is None or earlier[0] == data else _keep_earlier(folder, *earlier)
+    changed: list[str] | None = []
+    if earlier is not None and earlier[0] != data:
+        changed = _changed_keys(earlier[0].decode("utf-8", errors="replace"), hyperparams)
+    kept = None if earlier is None or changed == [] else _keep_earlier(folder, *earlier)
     try:
         replace_file(target, lambda stream: stream.write(data), follow_links=False)
     except BaseException:
@@ -63,18 +69,10 @@ def save_hyperparams(target: Path, hyperparams: str) -> None:
             with contextlib.suppress(OSError):
                 kept.unlink()
         raise
-    if earlier is None or kept is None:
-        return
-    changed = _changed_keys(earlier[0].decode("utf-8", errors="replace"), hyperparams)
-    if changed == []:
-        logger.info(
-            "kept the earlier %s as %s: its header or layout differs, not its values",
-            target,
-            kept.name,
-        )
+    if kept is None:
         return
     what = (
-        "the earlier file is not a YAML mapping it can compare"
+        "the earlier file cannot be compared (it is not a YAML mapping, or too large)"
         if changed is None
         else "changed: " + ", ".join(changed)
     )
@@ -133,9 +131,10 @@ def _keep_earlier(folder: Path, content: bytes, mode: int) -> Path:
 def _changed_keys(earlier: str, new: str) -> list[str] | None:
     """The key paths whose values differ between two YAML texts (``model.hidden_size``).
 
-    Keys added or removed count as changed. Only the node trees are compared (tags, scalars as
-    written): no tag is run. ``None`` when either text is not a YAML mapping or holds too many
-    nodes to compare.
+    Keys added or removed count as changed; comments do not. Only the node trees are compared
+    (tags, scalars as written): no tag is run. ``None`` when either text is not a YAML mapping
+    or the two hold more than :data:`_MAX_COMPARED_NODES` nodes (counted as walked: a node an
+    alias reaches twice counts twice).
     """
     # Imported here, as in _resolved_hyperparams: importing ruamel.yaml adds warning filters.
     from ruamel.yaml import YAML
@@ -149,48 +148,77 @@ def _changed_keys(earlier: str, new: str) -> list[str] | None:
         return None
     budget = [_MAX_COMPARED_NODES]
     try:
-        return list(_node_changes(roots[0], roots[1], "", budget))
+        olds, news = (_flattened(root, budget) for root in roots)
     except _TooLargeError:
         return None
+    differing = [
+        path
+        for path in [*olds, *(path for path in news if path not in olds)]
+        if olds.get(path, _ABSENT) != news.get(path, _ABSENT)
+    ]
+    # A key whose mapping became something else is named, not each key under it as well.
+    named: set[tuple[str, ...]] = set()
+    changed = []
+    for path in differing:
+        if not any(path[:length] in named for length in range(len(path))):
+            named.add(path)
+            changed.append(".".join(path) or "(the top level)")
+    return changed
 
 
 class _TooLargeError(Exception):
     """The YAML trees compared hold more nodes than :data:`_MAX_COMPARED_NODES`."""
 
 
-def _node_changes(old: Node, new: Node, path: str, budget: list[int]) -> Iterator[str]:
-    """The key paths under ``path`` where the trees ``old`` and ``new`` differ."""
-    from ruamel.yaml.nodes import MappingNode
-
-    if isinstance(old, MappingNode) and isinstance(new, MappingNode) and old.tag == new.tag:
-        olds, news = _mapping_items(old), _mapping_items(new)
-        for key in [*olds, *(key for key in news if key not in olds)]:
-            inner = f"{path}.{key}" if path else key
-            if key in olds and key in news:
-                yield from _node_changes(olds[key], news[key], inner, budget)
-            else:
-                yield inner
-    elif _node_value(old, budget) != _node_value(new, budget):
-        yield path
+_ABSENT: Final = object()
+"""The value of a key path one of the trees compared lacks."""
 
 
-def _mapping_items(node: Node) -> dict[str, Node]:
-    """A mapping node's values by their keys' text."""
-    from ruamel.yaml.nodes import ScalarNode
+def _flattened(root: Node, budget: list[int]) -> dict[tuple[str, ...], object]:
+    """The tree ``root`` as {key path: comparable value}, mappings walked into.
 
-    return {
-        str(key.value) if isinstance(key, ScalarNode) else repr(_node_value(key, [1_000])): value
-        for key, value in node.value
-    }
+    A mapping's own entry is its tag; its keys' paths extend its path. Any other node's entry
+    is its whole comparable form (see :func:`_node_value`). Every node walked, keys included,
+    is charged to ``budget``.
+
+    Raises:
+        _TooLargeError: ``budget`` ran out.
+    """
+    from ruamel.yaml.nodes import MappingNode, ScalarNode
+
+    flat: dict[tuple[str, ...], object] = {}
+    pending: list[tuple[tuple[str, ...], Node]] = [((), root)]
+    while pending:
+        path, node = pending.pop()
+        if not isinstance(node, MappingNode):
+            flat[path] = _node_value(node, budget)
+            continue
+        _charge(budget)
+        flat[path] = ("mapping", str(node.tag))
+        children = []
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, ScalarNode) else repr(_node_value(key, budget))
+            children.append(((*path, name), value))
+        pending.extend(reversed(children))  # walked in the file's order
+    return flat
+
+
+def _charge(budget: list[int]) -> None:
+    """Count one node against ``budget``.
+
+    Raises:
+        _TooLargeError: ``budget`` ran out.
+    """
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLargeError
 
 
 def _node_value(node: Node, budget: list[int]) -> object:
     """A comparable form of the tree ``node``: tags and scalars as written."""
     from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise _TooLargeError
+    _charge(budget)
     if isinstance(node, ScalarNode):
         return (str(node.tag), str(node.value))
     if isinstance(node, SequenceNode):

@@ -75,10 +75,10 @@ _SHA256_HEX_LENGTH: Final = 64
 MAX_SEQUENCE: Final = 1 << 63
 """Sequence numbers are below this (a float holds them, for ranking by recency)."""
 _SHOWN_MAX: Final = 80
+"""A rejected manifest value is quoted up to this many characters in the reason."""
 MAX_MANIFEST_BYTES: Final = 64 << 20
 """A manifest larger than this is not read (one lists a SHA-256 per 16 MiB of its files, about
 4 KiB per GiB, and the user's meta): a file of endless bytes (``/dev/zero``) is not one."""
-"""A rejected manifest value is quoted up to this many characters in the reason."""
 
 
 @final
@@ -650,7 +650,7 @@ def read_manifest(folder: Path) -> Checkpoint:
     """
     manifest = folder / MANIFEST_NAME
     try:
-        with io.BufferedReader(open_regular(manifest)) as stream:
+        with io.BufferedReader(open_regular(manifest, follow_links=True)) as stream:
             content = stream.read(MAX_MANIFEST_BYTES + 1)
         if len(content) > MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(
@@ -842,7 +842,7 @@ def open_present(checkpoint: Checkpoint, name: str) -> IO[bytes]:
     """
     record = checkpoint.files[name]
     with _reading(checkpoint, name):
-        stream = io.BufferedReader(open_regular(checkpoint.path / record.file))
+        stream = io.BufferedReader(open_regular(checkpoint.path / record.file, follow_links=True))
         try:
             _check_size(checkpoint, name, record, os.fstat(stream.fileno()).st_size)
         except BaseException:
@@ -871,7 +871,7 @@ def verify_piece(
     record = checkpoint.files[name]
     offset, length = piece_span(record.size, record.piece_bytes, index)
     path = checkpoint.path / record.file
-    with _reading(checkpoint, name), open_regular(path) as stream:
+    with _reading(checkpoint, name), open_regular(path, follow_links=True) as stream:
         status = os.fstat(stream.fileno())
         if read_as is not None and not os.path.samestat(read_as, status):
             raise CorruptCheckpointError(

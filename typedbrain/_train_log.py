@@ -309,7 +309,7 @@ def _open_unlinked(path: Path, flags: int) -> int:
             :func:`~typedbrain._files.open_file`).
     """
     try:
-        return open_file(path, flags)
+        return open_file(path, flags, follow_links=False)
     except OSError as error:
         if error.errno == errno.ELOOP and path.is_symlink():
             raise _linked_log(path) from error
