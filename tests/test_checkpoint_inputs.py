@@ -206,7 +206,7 @@ def test_an_importance_key_failing_after_the_save_says_the_checkpoint_stays_and_
     ("arguments", "message"),
     [
         ({"checkpoints_dir": None}, r"checkpoints_dir must be a path .* got None"),
-        ({"checkpoints_dir": 3}, r"checkpoints_dir must be a path .* got 3"),
+        ({"checkpoints_dir": 3}, r"checkpoints_dir must be a path .* got int 3"),
         ({"allow_partial_load": "no"}, r"allow_partial_load must be a bool, got 'no'"),
         (
             {"recoverables": [("counter", EpochCounter(3))]},

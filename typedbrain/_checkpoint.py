@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.serialization import default_restore_location
 
 from typedbrain._background import PendingRecords, work_for
-from typedbrain._checks import check_bool, real_number
+from typedbrain._checks import check_bool, check_makeable_folder, check_path, real_number
 from typedbrain._ckpt_hooks import (
     LoadHook,
     SaveHook,
@@ -213,19 +213,14 @@ class Checkpointer:
         allow_partial_load: bool = False,
         commit_in_background: bool = False,
     ) -> None:
-        if not isinstance(checkpoints_dir, str | os.PathLike):
-            raise ConfigurationError(
-                f"checkpoints_dir must be a path (a str or os.PathLike), got {checkpoints_dir!r}"
-            )
-        if os.fspath(checkpoints_dir) == "":
-            # Path("") is the working folder: checkpoints and the writer lock would land there.
-            raise ConfigurationError(
-                "checkpoints_dir is an empty path; name the folder, such as 'save' "
-                "('.' for the working folder)"
-            )
+        folder = check_path(
+            "checkpoints_dir",
+            checkpoints_dir,
+            empty="name the folder, such as 'save' ('.' for the working folder)",
+        )
         check_bool("allow_partial_load", allow_partial_load)
         check_bool("commit_in_background", commit_in_background)
-        self.checkpoints_dir = Path(checkpoints_dir)
+        self.checkpoints_dir = folder
         self._check_folder()
         self.allow_partial_load = allow_partial_load
         self.commit_in_background = commit_in_background
@@ -632,14 +627,7 @@ class Checkpointer:
                     f"checkpoints_dir: {path} is a symbolic link to {os.readlink(path)}, which "
                     f"does not exist{inside}; mount or create the target, or fix the link"
                 )
-        if folder.exists() and not folder.is_dir():
-            raise ConfigurationError(f"checkpoints_dir {folder} exists and is not a folder")
-        above = next((path for path in folder.parents if path.exists()), None)
-        if above is not None and not above.is_dir():
-            raise ConfigurationError(
-                f"checkpoints_dir {folder} lies under {above}, which is not a folder, so it "
-                "cannot be made"
-            )
+        check_makeable_folder("checkpoints_dir", folder)
 
     def _claim(self) -> None:
         """Hold the writer lock of ``checkpoints_dir`` (which exists), shared in this process.

@@ -25,7 +25,7 @@ from typing import Final, TextIO
 
 import torch
 
-from typedbrain._checks import check_bool
+from typedbrain._checks import check_bool, check_makeable_folder, check_path
 from typedbrain._distributed import if_main_process
 from typedbrain._errors import ConfigurationError
 from typedbrain._files import file_kind, open_file, replace_file
@@ -40,6 +40,7 @@ LOG_FORMAT: Final = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 """The format of the records ``log.txt`` receives."""
 
 _GIT_TIMEOUT_S: Final = 10.0
+_NAME_IT: Final = "name a file or folder"
 _PACKAGE_DIR: Final = Path(__file__).resolve().parent
 _LOG_NAME: Final = "log.txt"
 _HYPERPARAMS_NAME: Final = "hyperparams.yaml"
@@ -178,11 +179,11 @@ def create_experiment_directory(
         ResumeWarning: the earlier ``hyperparams.yaml`` holds other values than the new one.
     """
     # Every argument is checked first, on every process: a wrong one leaves nothing behind.
-    folder = Path(_checked_path("experiment_directory", experiment_directory))
+    folder = check_path("experiment_directory", experiment_directory, empty=_NAME_IT)
     if hyperparams_to_save is not None:
-        _checked_path("hyperparams_to_save", hyperparams_to_save)
+        check_path("hyperparams_to_save", hyperparams_to_save, empty=_NAME_IT)
     if script_file is not None:
-        _checked_path("script_file", script_file)
+        check_path("script_file", script_file, empty=_NAME_IT)
     if overrides is not None and not isinstance(overrides, str | Mapping):
         raise ConfigurationError(
             "overrides must be a mapping or a YAML string holding one, got "
@@ -197,7 +198,7 @@ def create_experiment_directory(
         )
     if not if_main_process():
         return folder
-    _check_folder(folder)
+    check_makeable_folder("experiment_directory", folder)
     script = Path(script_file) if script_file is not None else _calling_script()
     # Resolved first: hyperparameters or overrides that do not fit leave nothing behind.
     hyperparams = (
@@ -255,22 +256,6 @@ def create_experiment_directory(
     return folder
 
 
-def _checked_path(argument: str, value: object) -> str | os.PathLike[str]:
-    """``value`` if it is a non-empty path (a str or os.PathLike).
-
-    Raises:
-        ConfigurationError: it is not, naming ``argument`` and the value.
-    """
-    if not isinstance(value, str | os.PathLike):
-        raise ConfigurationError(
-            f"{argument} must be a path (a str or os.PathLike), got {type(value).__name__} "
-            f"{value!r}"
-        )
-    if os.fspath(value) == "":
-        raise ConfigurationError(f"{argument} is an empty path; name a file or folder")
-    return value
-
-
 def _check_log_config(log_config: object) -> None:
     """Refuse a ``log_config`` that :func:`logging.config.dictConfig` would refuse outright."""
     if log_config is None:
@@ -284,18 +269,6 @@ def _check_log_config(log_config: object) -> None:
     if isinstance(version, bool) or version != 1:
         raise ConfigurationError(
             f"log_config: 'version' must be 1 (the only dictConfig schema), got {version!r}"
-        )
-
-
-def _check_folder(folder: Path) -> None:
-    """Refuse an ``experiment_directory`` that is a file, or lies under one."""
-    if folder.exists() and not folder.is_dir():
-        raise ConfigurationError(f"experiment_directory {folder} exists and is not a folder")
-    above = next((path for path in folder.parents if path.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ConfigurationError(
-            f"experiment_directory {folder} lies under {above}, which is not a folder, so it "
-            "cannot be made"
         )
 
 

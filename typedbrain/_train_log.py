@@ -36,6 +36,7 @@ import attrs
 import numpy as np
 import torch
 
+from typedbrain._checks import check_path
 from typedbrain._distributed import if_main_process
 from typedbrain._errors import ConfigurationError, ResumeWarning, TrainLogError
 from typedbrain._files import naming_file, open_file, replace_file
@@ -560,16 +561,9 @@ class _FileLoggerBase:
 
     def __init__(self, save_file: str | os.PathLike[str]) -> None:
         # Checked here, not at the first entry, which comes an epoch later.
-        if not isinstance(save_file, str | os.PathLike):
-            raise ConfigurationError(
-                f"save_file must be a path (a str or os.PathLike), got "
-                f"{type(save_file).__name__} {save_file!r}"
-            )
-        if os.fspath(save_file) == "":
-            raise ConfigurationError(
-                f"save_file is an empty path; name the log file, such as {self._usual_name!r}"
-            )
-        self.save_file = Path(save_file)
+        self.save_file = check_path(
+            "save_file", save_file, empty=f"name the log file, such as {self._usual_name!r}"
+        )
         _refuse_link(self.save_file)
         if self.save_file.is_dir():
             raise ConfigurationError(
