@@ -271,10 +271,12 @@ def test_an_experiment_directory_that_is_no_path_is_refused(
     assert _experiment_handlers() == []
 
 
+@pytest.mark.parametrize("rank", ["0", "1"], ids=["main process", "another process"])
 @pytest.mark.parametrize("under", ["", "run"], ids=["the file", "under the file"])
 def test_an_experiment_directory_that_is_or_lies_under_a_file_is_refused_naming_it(
-    hparams_file: Path, under: str
+    hparams_file: Path, under: str, rank: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("RANK", rank)  # every process checks: a path is the same for all
     file = hparams_file.parent / "exp"
     file.write_text("not a folder", encoding="utf-8")
     folder = file / under if under else file

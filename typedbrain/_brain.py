@@ -552,7 +552,8 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         Args:
             dataset: a torch ``Dataset`` or any sequence of examples; a ``DataLoader`` is
                 returned as it is. Anything a ``DataLoader`` cannot read (``None``, a str, a
-                mapping, a generator, a number) is refused with a ``ConfigurationError``.
+                mapping not keyed 0, 1, 2..., a generator, a number) is refused with a
+                ``ConfigurationError``.
             stage: the stage the loader is for.
             ckpt_prefix: kept for SpeechBrain compatibility; the brain saves the training
                 sampler's state in its own run state.
@@ -955,7 +956,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
             ReentrantCallError: called while ``fit`` or ``evaluate`` is running.
             ConfigurationError: before anything runs, ``epoch_counter`` is not an iterable of
                 epoch numbers (a str, say), or ``train_set`` or ``valid_set`` is not a data set
-                (``None`` for ``train_set``, a str, a mapping, a generator, a number; not
+                (``None`` for ``train_set``, a str, another mapping, a generator, a number; not
                 checked when ``make_dataloader`` is overridden); when ``init_optimizers`` runs,
                 ``opt_class`` refuses the modules' parameters (there are none) or returns no
                 optimizer.
@@ -1090,7 +1091,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
 
         Raises:
             ReentrantCallError: called while ``fit`` or ``evaluate`` is running.
-            ConfigurationError: ``test_set`` is not a data set (``None``, a str, a mapping, a
+            ConfigurationError: ``test_set`` is not a data set (``None``, a str, another mapping, a
                 generator, a number; not checked when ``make_dataloader`` is overridden);
                 nothing has run then.
         """

@@ -196,9 +196,9 @@ def create_experiment_directory(
             "run_opts must be a mapping of run option names to values (attrs.asdict(options) "
             f"for a RunOptions), got {type(run_opts).__name__} {run_opts!r}"
         )
+    check_makeable_folder("experiment_directory", folder)
     if not if_main_process():
         return folder
-    check_makeable_folder("experiment_directory", folder)
     script = Path(script_file) if script_file is not None else _calling_script()
     # Resolved first: hyperparameters or overrides that do not fit leave nothing behind.
     hyperparams = (
