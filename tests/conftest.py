@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 
 # The tests compare CPU runs bit for bit and are written for CI's CPU-only machines; a brain's
 # default device is the GPU where there is one. So the GPUs are hidden from the tests (and the
@@ -11,6 +13,7 @@ import os
 if os.environ.get("TYPEDBRAIN_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -26,3 +29,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Small tensors run fastest on one thread, and two test processes share two cores.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def restore_root_logging() -> Iterator[None]:
+    """Take away the handlers a test added to the root logger, and put its level back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +37,8 @@ HPARAMS = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True)
-def restore_root_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
+# create_experiment_directory adds handlers to the root logger: each test's are taken away.
+pytestmark = pytest.mark.usefixtures("restore_root_logging")
 
 
 def _experiment_handlers() -> list[logging.FileHandler]:
