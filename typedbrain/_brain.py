@@ -506,8 +506,7 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
                 "opt_class must return an optimizer (a torch.optim.Optimizer, built over the "
                 f"parameters it is given), but it returned {type(built).__name__} {built!r:.80}"
             )
-        optimizer = cast(torch.optim.Optimizer, built)  # one in all but its class, if not one
-        self.optimizer = optimizer
+        self.optimizer = cast(torch.optim.Optimizer, built)  # (a duck-typed one is taken too)
         self.optimizers_dict = {"opt_class": self.optimizer}
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("optimizer", self.optimizer)
@@ -1841,14 +1840,11 @@ class Brain(RunOptionAttributes, Generic[BatchT, PredT, HparamsT]):
         if restored is None or not isinstance(counter, EpochCounter):
             return
         state = restored.state
+        if state.epoch is None or counter.current >= state.epoch or self._counter_name():
+            return
         recoverables = getattr(self.checkpointer, "recoverables", None)
-        registered = recoverables if isinstance(recoverables, Mapping) else {}
-        if state.epoch is None or self._counter_name() is not None:
-            return
-        if state.counter is not None and state.counter in registered:
+        if isinstance(recoverables, Mapping) and state.counter in recoverables:
             return  # another fit's counter (a recipe's other training stage): its own business
-        if counter.current >= state.epoch:
-            return
         warn(
             f"fit()'s epoch counter is not registered with the checkpointer: it starts at epoch "
             f"{counter.current + 1}, while the checkpoint it recovered was saved in epoch "
