@@ -623,20 +623,17 @@ def test_a_link_at_the_scripts_name_to_the_script_itself_is_left_alone(tmp_path:
     assert script.read_text(encoding="utf-8") == "print('train')\n"
 
 
-def test_replace_file_follows_a_link_unless_told_not_to(tmp_path: Path) -> None:
+def test_replace_file_replaces_a_link_itself_and_leaves_its_target(tmp_path: Path) -> None:
     from typedbrain._files import replace_file
 
     target = tmp_path / "target.txt"
     target.write_bytes(b"old\n")
     link = tmp_path / "link.txt"
     link.symlink_to(target)
-    replace_file(link, lambda stream: stream.write(b"followed\n"))
-    assert link.is_symlink()
-    assert target.read_bytes() == b"followed\n"
-    replace_file(link, lambda stream: stream.write(b"replaced\n"), follow_links=False)
+    replace_file(link, lambda stream: stream.write(b"replaced\n"))
     assert not link.is_symlink()
     assert link.read_bytes() == b"replaced\n"
-    assert target.read_bytes() == b"followed\n"
+    assert target.read_bytes() == b"old\n"
 
 
 @pytest.mark.parametrize("name", ["log.txt", "hyperparams.yaml", "env.json", "train.py"])

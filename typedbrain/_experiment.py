@@ -238,11 +238,7 @@ def create_experiment_directory(
         environment = describe_environment(script, run_opts)
         document = json_safe(environment)
         text = json.dumps(document, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
-        replace_file(
-            folder / "env.json",
-            lambda stream: stream.write(text.encode("utf-8")),
-            follow_links=False,
-        )
+        replace_file(folder / "env.json", lambda stream: stream.write(text.encode("utf-8")))
         logger.info(
             "experiment %s: typedbrain %s, torch %s, Python %s, git commit %s",
             folder,
@@ -333,7 +329,6 @@ def _copy_script(script: Path, destination: Path) -> None:
             destination,
             lambda stream: shutil.copyfileobj(source, stream),
             stat_from=script,
-            follow_links=False,
         )
 
 

@@ -148,14 +148,14 @@ def replace_file(
     *,
     sync: bool = False,
     stat_from: Path | None = None,
-    follow_links: bool = True,
 ) -> None:
     """Replace the file ``path`` by the bytes ``fill`` writes, through a temporary file.
 
-    ``fill`` writes to a new file in the folder of ``path`` (of its target, if ``path`` is a
-    symbolic link followed), which is then renamed over it (:func:`os.replace`). Whatever fails
-    in between, ``path`` holds either its previous content or the whole new one, and two
-    processes replacing it at once leave one of their files, not a mix.
+    ``fill`` writes to a new file in the folder of ``path``, which is then renamed over it
+    (:func:`os.replace`). Whatever fails in between, ``path`` holds either its previous content
+    or the whole new one, and two processes replacing it at once leave one of their files, not a
+    mix. A symbolic link at ``path`` is replaced itself, never written through (the rename does
+    not follow it, so there is no check-then-write race): its target is left as it is.
 
     Args:
         path: the file to replace (or create).
@@ -163,21 +163,16 @@ def replace_file(
         sync: whether to sync the new content to disk before the rename.
         stat_from: a file whose permission bits and times the new file takes (as
             :func:`shutil.copy2` copies them); by default it keeps the permission bits of
-            ``path``, or gets those of a new file where ``path`` does not exist.
-        follow_links: whether a symbolic link at ``path`` is followed: its target is replaced
-            and the link kept. If not, the new file replaces the link itself (the rename does
-            not follow it, so no check-then-write race exists) and the link's target is left
-            as it is; the new file then gets the permission bits of a new file.
+            ``path``, or gets those of a new file where ``path`` does not exist (or is a link).
 
     Raises:
         OSError: creating, writing, closing or renaming the file failed; the same type and
             errno, naming ``path`` (see :func:`naming_file`). The temporary file is removed.
     """
-    target = path.resolve() if follow_links else path
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         try:
-            status = target.stat() if follow_links else target.lstat()
+            status = path.lstat()
         except FileNotFoundError:
             mode: int | None = None
         else:
@@ -193,7 +188,7 @@ def replace_file(
             shutil.copystat(stat_from, temp)
         elif mode is not None:
             os.chmod(temp, mode)
-        os.replace(temp, target)
+        os.replace(temp, path)
     except BaseException as error:
         with contextlib.suppress(OSError):
             temp.unlink()

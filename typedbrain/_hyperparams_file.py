@@ -63,7 +63,7 @@ def save_hyperparams(target: Path, hyperparams: str) -> None:
         changed = _changed_keys(earlier[0].decode("utf-8", errors="replace"), hyperparams)
     kept = None if earlier is None or changed == [] else _keep_earlier(folder, *earlier)
     try:
-        replace_file(target, lambda stream: stream.write(data), follow_links=False)
+        replace_file(target, lambda stream: stream.write(data))
     except BaseException:
         if kept is not None:  # hyperparams.yaml still holds it
             with contextlib.suppress(OSError):

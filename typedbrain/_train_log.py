@@ -496,7 +496,7 @@ class _LineLog:
         # Checked again for the message; a link planted after the check is replaced itself,
         # never its target.
         _refuse_link(self.path)
-        replace_file(self.path, rewrite, sync=True, follow_links=False)
+        replace_file(self.path, rewrite, sync=True)
         removed = len(lines) - len(kept)
         logger.info(
             "removed %s logged after the checkpoint from %s (%d bytes; %s logged again)%s",
