@@ -551,15 +551,21 @@ def _sentinel(tmp_path: Path) -> Path:
     return sentinel
 
 
+def _script_and_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A recipe script, and an experiment folder that exists (empty) for things to be planted in."""
+    script = tmp_path / "train.py"
+    script.write_text("print('train')\n", encoding="utf-8")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    return script, folder
+
+
 @pytest.mark.parametrize("name", ["log.txt", "hyperparams.yaml", "env.json", "train.py"])
 def test_a_link_at_a_file_it_writes_is_refused_naming_it_and_its_target_is_untouched(
     tmp_path: Path, hparams_file: Path, name: str
 ) -> None:
     sentinel = _sentinel(tmp_path)
-    script = tmp_path / "train.py"
-    script.write_text("print('train')\n", encoding="utf-8")
-    folder = tmp_path / "run"
-    folder.mkdir()
+    script, folder = _script_and_folder(tmp_path)
     (folder / name).symlink_to(sentinel)
     with pytest.raises(ConfigurationError) as caught:
         create_experiment_directory(folder, hyperparams_to_save=hparams_file, script_file=script)
@@ -587,10 +593,7 @@ def test_a_link_made_after_the_check_is_still_not_written_through(
     # follow them. log.txt's open and the read of the earlier hyperparams.yaml refuse theirs;
     # env.json and the script's copy replace theirs.
     sentinel = _sentinel(tmp_path)
-    script = tmp_path / "train.py"
-    script.write_text("print('train')\n", encoding="utf-8")
-    folder = tmp_path / "run"
-    folder.mkdir()
+    script, folder = _script_and_folder(tmp_path)
     for name in ("log.txt", "hyperparams.yaml", "env.json", "train.py"):
         (folder / name).symlink_to(sentinel)
     monkeypatch.setattr("typedbrain._experiment._check_own_files", lambda folder, names: None)
@@ -613,10 +616,7 @@ def test_a_link_made_after_the_check_is_still_not_written_through(
 
 
 def test_a_link_at_the_scripts_name_to_the_script_itself_is_left_alone(tmp_path: Path) -> None:
-    script = tmp_path / "train.py"
-    script.write_text("print('train')\n", encoding="utf-8")
-    folder = tmp_path / "run"
-    folder.mkdir()
+    script, folder = _script_and_folder(tmp_path)
     (folder / "train.py").symlink_to(script)  # nothing is copied over it: no write through it
     create_experiment_directory(folder, script_file=script, save_env_desc=False)
     assert (folder / "train.py").is_symlink()
@@ -641,10 +641,7 @@ def test_replace_file_replaces_a_link_itself_and_leaves_its_target(tmp_path: Pat
 def test_a_fifo_or_folder_at_a_file_it_writes_is_refused_before_anything_is_written(
     tmp_path: Path, hparams_file: Path, name: str, kind: str
 ) -> None:
-    script = tmp_path / "train.py"
-    script.write_text("print('train')\n", encoding="utf-8")
-    folder = tmp_path / "run"
-    folder.mkdir()
+    script, folder = _script_and_folder(tmp_path)
     if kind == "a FIFO":
         os.mkfifo(folder / name)
     else:
